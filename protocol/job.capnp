@@ -1,0 +1,135 @@
+@0xe936ed4ca2d8a0d2;
+# The job channel: one TCP connection per job between its deputy (home node) and its supervisor
+# (remote node). It carries framed Cap'n Proto messages (capnp::writeMessage, unpacked), not RPC:
+# each forwarded syscall is exactly one ToDeputy message and one ToRemote message, which is the
+# floor the design brief sets (docs/design.md, "the job channel").
+#
+# A connection to mosd starts with an 8-byte hello that selects the service:
+#   "UMOSRPC1"  Cap'n Proto two-party RPC, bootstrap interface Node (node.capnp)
+#   "UMOSJOB1"  a job channel: the deputy then sends one JobStart, and the supervisor answers
+#               with ToDeputy messages from then on.
+# Ordinals are append-only.
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("mos::proto");
+
+using Image = import "image.capnp";
+
+using Errno = UInt16;  # 0 on success; guest-visible failures travel here, never as exceptions
+using Fd = Int32;      # a descriptor number in the job's home fd table
+
+struct Ids {
+  # Identity that the supervisor answers from this cache without a round trip (design
+  # decision 4). Every id is a home id.
+  pid @0 :Int32;
+  tid @1 :Int32;
+  uid @2 :UInt32;
+  euid @3 :UInt32;
+  gid @4 :UInt32;
+  egid @5 :UInt32;
+}
+
+struct JobStart {
+  # First message deputy → supervisor, after the "UMOSJOB1" hello.
+  homeNode @0 :UInt32;
+  ids @1 :Ids;
+  image @2 :Image.MigrationImage;
+  command @3 :Text;        # for logs and mps
+}
+
+struct Buffer {
+  # An input buffer: argument `arg` points at home to a copy of `data`.
+  arg @0 :UInt8;
+  data @1 :Data;
+}
+
+struct OutBuf {
+  # An output buffer: argument `arg` points at home to `size` bytes, zero filled, or to the
+  # `data` of the in-buffer with the same `arg` when there is one (in/out arguments), extended
+  # with zeros to `size`. The reply returns its bytes.
+  arg @0 :UInt8;
+  size @1 :UInt32;
+}
+
+struct SyscallRequest {
+  # A forwarded syscall: the deputy executes `nr` with `args`, after replacing every argument
+  # named by a Buffer or OutBuf with a pointer to its home copy.
+  seq @0 :UInt64;          # the seccomp notification id; echoed in the reply
+  nr @1 :Int32;            # x86-64 __NR_*
+  args @2 :List(UInt64);   # exactly 6
+  in @3 :List(Buffer);
+  out @4 :List(OutBuf);
+}
+
+struct ExecRequest {
+  # execve(2)/execveat(2) of the guest: performed at home by the deputy (design decision 2).
+  # Success replaces the deputy, so the only reply is a SyscallReply on failure.
+  seq @0 :UInt64;
+  dirfd @1 :Fd;            # AT_FDCWD for execve
+  path @2 :Data;
+  argv @3 :List(Data);
+  envp @4 :List(Data);
+  flags @5 :Int32;         # execveat flags
+  sigIgnored @6 :UInt64;   # the guest's SIG_IGN set, bit (n-1) for signal n: kept across exec
+  sigBlocked @7 :UInt64;   # the guest's blocked mask: kept across exec
+}
+
+struct FetchFile {
+  # Ask the deputy for a file's identity and, if wanted, its bytes (the remote content cache,
+  # design decision 6). Exactly one of fd >= 0 or a non-empty path is used.
+  id @0 :UInt64;
+  fd @1 :Fd;               # -1 when `path` is used
+  path @2 :Data;
+  wantData @3 :Bool;
+}
+
+struct GuestExit {
+  # The guest ended. The deputy ends the same way: exit(status) or death by `signal`.
+  status @0 :Int32;        # exit status when signal == 0
+  signal @1 :Int32;
+  coreDumped @2 :Bool;
+}
+
+struct ToDeputy {
+  union {
+    syscall @0 :SyscallRequest;
+    exec @1 :ExecRequest;
+    fetchFile @2 :FetchFile;
+    exit @3 :GuestExit;
+    started @4 :Int32;     # the guest runs; value: its pid on the remote node (for mps, tests)
+    failed @5 :Text;       # the supervisor could not start or continue the guest; ends the job
+    stopped @6 :Int32;     # the guest entered a group stop by this signal (job control)
+    continued @7 :Void;    # the guest left a group stop
+  }
+}
+
+struct SyscallReply {
+  seq @0 :UInt64;
+  ret @1 :Int64;           # the raw syscall result: >= 0, or -errno
+  out @2 :List(Data);      # the OutBufs, same order as the request; trimmed to what the call wrote
+                           # when the row says so, else full size
+  interrupted @3 :Bool;    # a signal interrupted the deputy's call (ret is -EINTR); the
+                           # supervisor decides whether the guest sees EINTR or a restart
+}
+
+struct FileInfo {
+  id @0 :UInt64;
+  err @1 :Errno;
+  ref @2 :Image.FileRef;
+}
+
+struct FileData {
+  id @0 :UInt64;
+  offset @1 :UInt64;
+  data @2 :Data;           # at most 1 MiB per message
+  last @3 :Bool;
+}
+
+struct ToRemote {
+  union {
+    reply @0 :SyscallReply;
+    signal @1 :Int32;      # a signal reached the job's home process: deliver it to the guest
+    fileInfo @2 :FileInfo;
+    fileData @3 :FileData;
+  }
+}

@@ -1,0 +1,33 @@
+@0xc35f9ae36e908632;
+# The node service: control-plane Cap'n Proto RPC served by every mosd (bootstrap interface of a
+# connection that starts with the "UMOSRPC1" hello, see job.capnp). Tools (mps, mosrun's node
+# check) and peers use it. Ordinals are append-only.
+
+using Cxx = import "/capnp/c++.capnp";
+$Cxx.namespace("mos::proto");
+
+struct NodeStatus {
+  nodeId @0 :UInt32;
+  version @1 :Text;
+  load @2 :Float64;        # 1-minute load average of the node
+  guests @3 :UInt32;       # guests supervised on this node now
+  cpus @4 :UInt32;
+}
+
+struct JobInfo {
+  homePid @0 :Int32;       # the job's pid on its home node
+  command @1 :Text;
+  node @2 :UInt32;         # where the user part runs now (the home node id when at home)
+  state @3 :Text;          # "home", "migrating", "remote", "exited"
+  syscalls @4 :UInt64;     # forwarded syscalls so far
+  remotePid @5 :Int32;     # the guest's pid on `node`, 0 when at home
+  homeNode @6 :UInt32;     # the job's home node
+}
+
+interface Node {
+  status @0 () -> (status :NodeStatus);
+  listJobs @1 () -> (jobs :List(JobInfo));
+  # Jobs whose home is this node.
+  listGuests @2 () -> (jobs :List(JobInfo));
+  # Guests whose user part runs on this node now.
+}

@@ -1,0 +1,62 @@
+#pragma once
+// The job channel's framing: Cap'n Proto messages (standard stream framing, unpacked) over one
+// blocking stream socket. One send() is one writev(2); receive() reads through a 64 KiB buffer, so
+// a small message costs one read(2). See protocol/job.capnp for what travels on it.
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/io.h>
+#include <kj/vector.h>
+
+#include <cstdint>
+
+namespace mos {
+
+// The 8-byte hellos that select a service on a mosd connection (protocol/job.capnp).
+inline constexpr char HELLO_RPC[8] = {'U', 'M', 'O', 'S', 'R', 'P', 'C', '1'};
+inline constexpr char HELLO_JOB[8] = {'U', 'M', 'O', 'S', 'J', 'O', 'B', '1'};
+
+// Reader limits for the job channel: images and file chunks are large, so the traversal limit
+// is 1 GiB worth of words.
+capnp::ReaderOptions channelReaderOptions();
+
+// A framed-message connection. Owns its descriptor. Not thread safe.
+class Channel {
+ public:
+  explicit Channel(kj::AutoCloseFd fd);
+  KJ_DISALLOW_COPY(Channel);
+
+  int fd() const { return fd_.get(); }
+
+  // Sends one message. Throws kj::Exception of type DISCONNECTED when the peer is gone
+  // (EPIPE, ECONNRESET); FAILED for any other write error. Blocks until written.
+  void send(capnp::MessageBuilder& message);
+
+  // Receives one message, blocking. Returns nullptr at a clean end of stream (the peer closed
+  // between messages). Throws DISCONNECTED on a reset or an end of stream inside a message, and
+  // FAILED when the bytes do not parse as a message. The reader must be destroyed before the next
+  // receive() (it may read lazily from the shared buffer).
+  kj::Maybe<kj::Own<capnp::MessageReader>> receive();
+
+  // True when bytes of a next message are already buffered, so receive() will not wait for the
+  // socket to become readable first (poll(2) on fd() would miss them).
+  bool hasBuffered();
+
+ private:
+  // Reads at least `min` bytes into `dst` from the buffer, then the socket. Returns the bytes
+  // read, less than `min` only at end of stream.
+  size_t readAtLeast(kj::byte* dst, size_t min);
+
+  kj::AutoCloseFd fd_;
+  kj::FdOutputStream out_;
+  kj::Array<kj::byte> buffer_;  // 64 KiB
+  size_t begin_ = 0;            // unread bytes are [begin_, end_)
+  size_t end_ = 0;
+};
+
+// Sets TCP_NODELAY and short keepalive probes (idle 2 s, interval 1 s, 3 probes) plus
+// TCP_USER_TIMEOUT of 5 s on a connected TCP socket, so a dead peer node is noticed within
+// about 5 s even while we wait in read(2). Errors are ignored (a Unix socket has none of these).
+void tuneJobSocket(int fd);
+
+}  // namespace mos

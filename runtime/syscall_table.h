@@ -1,0 +1,99 @@
+#pragma once
+// The syscall table: the single source of truth (design decision 5) for the seccomp filter
+// (seccomp_filter.h), the supervisor's dispatch (remote/), the generic marshalling (marshal.h),
+// docs/syscalls.md (tools/gen_syscall_docs) and the conformance test list.
+//
+// One constexpr row per x86-64 syscall number, sorted by number. A row with route FORWARD and
+// handler NONE is *regular* (rr's term): its argument kinds say everything, and the generic
+// marshaller forwards it. Irregular calls name a HandlerId that the supervisor implements.
+// A syscall without a row is denied with ENOSYS and reported once per job by name.
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+namespace mos {
+
+enum class Route : uint8_t {
+  LOCAL,    // run by the remote kernel; the seccomp filter returns ALLOW (design decision 4)
+  FORWARD,  // executed by the deputy at home; the result is written back into the guest
+  EMULATE,  // answered by the supervisor without a round trip (ids from the cache)
+  DENY,     // fails with `err`; the supervisor logs the name once per job
+};
+
+// What one syscall argument is, for marshalling. Buffer sizes are bytes.
+enum class ArgKind : uint8_t {
+  NONE,          // unused argument slot
+  VAL,           // a plain value: flags, sizes, offsets, pids, modes
+  FD,            // a descriptor of the job's home fd table
+  PATH,          // NUL-terminated path, in; at most PATH_MAX bytes
+  PATH_OR_NULL,  // like PATH, NULL allowed (utimensat)
+  IN_BUF,        // bytes in; length is argument `lenArg`
+  OUT_BUF,       // bytes out; capacity is argument `lenArg`; the reply is trimmed to ret bytes
+  IN_STRUCT,     // `size` bytes in; NULL passes NULL
+  OUT_STRUCT,    // `size` bytes out, written back in full when ret >= 0; NULL passes NULL
+  INOUT_STRUCT,  // `size` bytes in and out; NULL passes NULL
+  INOUT_ARRAY,   // argument `lenArg` elements of `size` bytes, in and out (poll's fds)
+  INOUT_BITS,    // an fd_set: ((argument `lenArg` + 63) / 64) * 8 bytes, in and out; NULL ok
+  OUT_BUF_LENPTR,  // bytes out whose capacity is the socklen_t that argument `lenArg` points to
+                   // (accept, getsockname, recvfrom); trimmed to the capacity
+  IGNORED_PTR,   // a pointer the deputy does not need (ppoll's sigmask): passed as NULL
+};
+
+struct ArgSpec {
+  ArgKind kind = ArgKind::NONE;
+  uint8_t lenArg = 0;  // index of the argument that holds the length or count
+  uint16_t size = 0;   // bytes, for *_STRUCT and INOUT_ARRAY
+};
+
+// strace-like classes, for docs and tracing filters (bit set).
+enum SyscallClass : uint32_t {
+  DESC = 1 << 0,     // takes or returns a descriptor
+  FILE = 1 << 1,     // takes a path
+  PROC = 1 << 2,     // process management and ids
+  SIGNAL = 1 << 3,
+  MEMORY = 1 << 4,
+  NETWORK = 1 << 5,
+  TIME = 1 << 6,
+  IPC = 1 << 7,
+  OTHER = 1 << 8,
+};
+
+// Irregular handlers, implemented by the supervisor (remote/). The table names them by id so
+// runtime/ does not depend on remote/.
+enum class HandlerId : uint8_t {
+  NONE,         // regular: generic marshalling
+  IDS,          // getpid, gettid, getuid, ...: answered from the job's Ids cache
+  MMAP,         // file-backed mmap: mapped from the remote content cache
+  EXEC,         // execve, execveat: performed at home (design decision 2)
+  IOV,          // readv, writev, preadv, pwritev (2): flattened into one buffer
+  KILL,         // kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo: self-signals stay local
+  SET_TID_ADDRESS,  // answers the home tid
+  IOCTL,        // argument layout depends on the request
+  FCNTL,        // argument layout depends on the command
+  PSELECT,      // pselect6's sigmask argument is a pointer to a pointer
+  SOCKMSG,      // sendmsg, recvmsg: msghdr with iovecs
+};
+
+struct SyscallEntry {
+  int nr;               // x86-64 __NR_*
+  const char* name;     // as in the man page, e.g. "openat"
+  Route route;
+  uint32_t classes;     // SyscallClass bits
+  ArgSpec args[6];
+  HandlerId handler;    // NONE for regular rows
+  int err;              // DENY: the errno the guest sees
+  const char* why;      // DENY: one line for docs and logs
+};
+
+// Every row, sorted by nr, no duplicates.
+std::span<const SyscallEntry> syscallTable();
+
+// The row for `nr`, or nullptr when the syscall has no row (denied with ENOSYS).
+const SyscallEntry* findSyscall(int nr);
+
+// The largest buffer a single forwarded call moves, bytes (8 MiB). Larger reads and writes are
+// cut to this (a short read or write, which callers must handle anyway).
+inline constexpr size_t MAX_FORWARD_BYTES = 8u << 20;
+
+}  // namespace mos
