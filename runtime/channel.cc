@@ -3,7 +3,10 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
+
+#include <climits>
 
 #include <cerrno>
 #include <cstring>
@@ -25,7 +28,7 @@ capnp::ReaderOptions channelReaderOptions() {
 }
 
 Channel::Channel(kj::AutoCloseFd fd)
-    : fd_(kj::mv(fd)), out_(fd_.get()), buffer_(kj::heapArray<kj::byte>(BUFFER_BYTES)) {}
+    : fd_(kj::mv(fd)), buffer_(kj::heapArray<kj::byte>(BUFFER_BYTES)) {}
 
 void Channel::send(capnp::MessageBuilder& message) {
   auto segments = message.getSegmentsForOutput();
@@ -39,21 +42,37 @@ void Channel::send(capnp::MessageBuilder& message) {
   if (segments.size() % 2 == 0) {
     table[segments.size() + 1] = 0;
   }
-  kj::Vector<kj::ArrayPtr<const kj::byte>> pieces(segments.size() + 1);
-  pieces.add(table.asBytes());
+  kj::Vector<struct iovec> iov(segments.size() + 1);
+  iov.add(iovec{table.begin(), table.size() * sizeof(uint32_t)});
   for (auto segment : segments) {
-    pieces.add(segment.asBytes());
+    iov.add(iovec{const_cast<capnp::word*>(segment.begin()), segment.size() * sizeof(capnp::word)});
   }
-  try {
-    out_.write(pieces);
-  } catch (kj::Exception& e) {
-    if (e.getType() == kj::Exception::Type::FAILED &&
-        (strstr(e.getDescription().cStr(), "Broken pipe") ||
-         strstr(e.getDescription().cStr(), "reset") ||
-         strstr(e.getDescription().cStr(), "timed out"))) {
-      e.setType(kj::Exception::Type::DISCONNECTED);
+  size_t first = 0;
+  while (first < iov.size()) {
+    // sendmsg with MSG_NOSIGNAL: a vanished peer is an EPIPE here, never a SIGPIPE that the
+    // deputy would mistake for one of the job's signals.
+    struct msghdr msg = {};
+    msg.msg_iov = iov.begin() + first;
+    msg.msg_iovlen = kj::min(iov.size() - first, size_t(IOV_MAX));
+    ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      if (errno == EPIPE || errno == ECONNRESET || errno == ETIMEDOUT) {
+        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "job channel lost", strerror(errno)));
+      }
+      KJ_FAIL_SYSCALL("sendmsg", errno);
     }
-    throw;
+    size_t left = n;
+    while (first < iov.size() && left >= iov[first].iov_len) {
+      left -= iov[first].iov_len;
+      first++;
+    }
+    if (left > 0) {
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
   }
 }
 

@@ -1,6 +1,6 @@
 #pragma once
 // The job channel's framing: Cap'n Proto messages (standard stream framing, unpacked) over one
-// blocking stream socket. One send() is one writev(2); receive() reads through a 64 KiB buffer, so
+// blocking stream socket. One send() is one sendmsg(2); receive() reads through a 64 KiB buffer, so
 // a small message costs one read(2). See protocol/job.capnp for what travels on it.
 
 #include <capnp/message.h>
@@ -48,7 +48,6 @@ class Channel {
   size_t readAtLeast(kj::byte* dst, size_t min);
 
   kj::AutoCloseFd fd_;
-  kj::FdOutputStream out_;
   kj::Array<kj::byte> buffer_;  // 64 KiB
   size_t begin_ = 0;            // unread bytes are [begin_, end_)
   size_t end_ = 0;

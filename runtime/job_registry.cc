@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include <kj/debug.h>
+#include <kj/io.h>
 
 namespace mos {
 
