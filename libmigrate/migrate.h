@@ -1,0 +1,91 @@
+#pragma once
+// libmigrate: capture and restore of a process's user part (design decision 9). The contract the
+// rest of umosix uses; the implementation lives beside this header.
+//
+// Sources: CRIU's compel (infect.c: seize, syscall injection), CRIU restorer stages, rr's
+// AutoRemoteSyscalls; ptrace(2), proc(5) (maps, pagemap, auxv, stat), prctl(2) PR_SET_MM_MAP,
+// arch_prctl(2) ARCH_MAP_VDSO_64. See ../shared/notes/migration.md §4.
+
+#include <linux/filter.h>
+#include <sys/types.h>
+
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <kj/io.h>
+
+#include "image.capnp.h"
+
+namespace mos::migrate {
+
+// Captures the user part of `pid` into `image`.
+// Preconditions: the caller is pid's ptracer and pid is in a ptrace stop (for example the
+// PTRACE_EVENT_EXEC stop); pid has exactly one thread.
+// Captures mappings (/proc/PID/maps), the bytes of private pages that differ from their file
+// (pagemap) and of all anonymous pages, registers (NT_PRSTATUS, including fs_base) and xsave
+// state (NT_X86_XSTATE), auxv, the mm layout, signal mask and SIG_IGN set, exe identity.
+// Throws kj::Exception (FAILED) with a readable description on any error (a second thread,
+// unreadable memory, a shared writable file mapping).
+void capture(pid_t pid, proto::MigrationImage::Builder image);
+
+// Resolves a file of the image to a local path whose content equals the source file's (the
+// remote content cache). Called once per distinct file, before the stub is touched.
+using FileResolver = std::function<std::string(proto::FileRef::Reader ref)>;
+
+struct RestoreOptions {
+  // Credentials the guest runs with on this node (the sandbox never runs a guest as root).
+  uid_t uid = 65534;
+  gid_t gid = 65534;
+  bool dropPrivileges = true;
+  // The seccomp program to install (seccomp_filter.h); empty: none (tests of restore alone).
+  std::span<const sock_filter> seccompFilter;
+};
+
+struct RestoredGuest {
+  pid_t pid = -1;                // a child of the caller, running the image, not traced
+  kj::AutoCloseFd listener;      // the seccomp user-notification fd; absent without a filter
+};
+
+// Forks a stub (a child of the caller, killed if the caller dies: PR_SET_PDEATHSIG), rebuilds
+// the image in it by ptrace syscall injection (mappings, page contents, mm layout, vDSO at the
+// image's address, registers, xsave, signal mask and SIG_IGN set), drops privileges, installs
+// the seccomp filter and takes its listener, then detaches and lets it run. The stub starts with
+// an empty fd table.
+// Throws kj::Exception (FAILED) when the image cannot be restored here (vDSO layout differs,
+// xsave features missing, a file cannot be resolved); the stub is killed and reaped first.
+RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& files,
+                      const RestoreOptions& options);
+
+// A migration agent: a helper process (double-forked, so never a child the job could wait for)
+// that seizes the calling process, waits for its next successful execve, captures it at the
+// PTRACE_EVENT_EXEC stop, writes the image to `imagePath` (mode 0600), and turns the process into
+// its deputy by injecting execve(deputyPath, deputyArgv) (decision 1). If capture fails it
+// detaches and lets the new program run at home, and says so on stderr.
+struct AgentConfig {
+  std::string deputyPath;                // absolute path of mos-deputy
+  std::vector<std::string> deputyArgv;   // argv[0..] of the deputy; "--image PATH" is appended
+  std::string imagePath;
+};
+
+class Agent {
+ public:
+  // Starts the agent and returns once it has seized the caller. Throws kj::Exception (FAILED)
+  // if it cannot (ptrace refused).
+  static Agent start(const AgentConfig& config);
+  Agent() = default;
+  Agent(Agent&&) noexcept;
+  Agent& operator=(Agent&&) noexcept;
+  ~Agent();
+
+  // The caller's execve failed: the agent exits without touching the caller (ptrace detaches
+  // on the tracer's exit).
+  void cancel();
+
+ private:
+  pid_t pid_ = -1;                 // the agent
+  kj::AutoCloseFd control_;        // CLOEXEC write end; a byte means cancel
+};
+
+}  // namespace mos::migrate
