@@ -1,0 +1,71 @@
+#include "file_cache.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include <fmt/format.h>
+#include <kj/debug.h>
+#include <kj/io.h>
+
+namespace mos::remote {
+
+namespace {
+void makeDirs(const std::string& path) {
+  for (size_t i = 1; i <= path.size(); i++) {
+    if (i == path.size() || path[i] == '/') {
+      std::string prefix = path.substr(0, i);
+      if (mkdir(prefix.c_str(), 0755) < 0 && errno != EEXIST) {
+        KJ_FAIL_SYSCALL("mkdir", errno, prefix);
+      }
+    }
+  }
+}
+}  // namespace
+
+FileCache::FileCache(std::string dir, uint32_t homeNode) : dir_(std::move(dir)), homeNode_(homeNode) {
+  makeDirs(dir_);
+}
+
+std::string FileCache::keyOf(proto::FileRef::Reader ref) const {
+  return fmt::format("n{}-{:x}-{}-{}-{}", homeNode_, ref.getDev(), ref.getIno(), ref.getSize(),
+                     ref.getMtimeNs());
+}
+
+kj::Maybe<std::string> FileCache::lookup(proto::FileRef::Reader ref) {
+  std::string path = dir_ + "/" + keyOf(ref);
+  struct stat st;
+  if (stat(path.c_str(), &st) < 0) {
+    return nullptr;
+  }
+  if (static_cast<uint64_t>(st.st_size) != ref.getSize()) {
+    unlink(path.c_str());
+    return nullptr;
+  }
+  return path;
+}
+
+std::string FileCache::store(proto::FileRef::Reader ref, const std::function<void(int fd)>& fill) {
+  std::string path = dir_ + "/" + keyOf(ref);
+  std::string temp = fmt::format("{}.tmp.{}", path, getpid());
+  int fd;
+  KJ_SYSCALL(fd = open(temp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644), temp);
+  kj::AutoCloseFd owned(fd);
+  try {
+    fill(fd);
+    struct stat st;
+    KJ_SYSCALL(fstat(fd, &st));
+    KJ_REQUIRE(static_cast<uint64_t>(st.st_size) == ref.getSize(),
+               "fetched file size differs from its identity", st.st_size, ref.getSize());
+    KJ_SYSCALL(fchmod(fd, 0555));
+    KJ_SYSCALL(rename(temp.c_str(), path.c_str()));
+  } catch (...) {
+    unlink(temp.c_str());
+    throw;
+  }
+  return path;
+}
+
+}  // namespace mos::remote

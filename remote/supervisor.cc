@@ -1,0 +1,474 @@
+#include "supervisor.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/signalfd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include <capnp/message.h>
+#include <kj/debug.h>
+#include <spdlog/spdlog.h>
+
+#include "migrate.h"
+#include "seccomp_filter.h"
+
+namespace mos::remote {
+
+namespace {
+
+// Signals whose default action is to ignore them (signal(7)); SIGCONT continues a stopped task
+// but never interrupts a running call.
+bool ignoredByDefault(int sig) {
+  return sig == SIGCHLD || sig == SIGURG || sig == SIGWINCH || sig == SIGCONT;
+}
+
+// Reads a hex signal set line ("SigBlk:\t0000000000010000") of /proc/PID/status.
+uint64_t statusMask(const std::string& status, const char* key) {
+  size_t at = status.find(key);
+  if (at == std::string::npos) {
+    return 0;
+  }
+  return strtoull(status.c_str() + at + strlen(key), nullptr, 16);
+}
+
+std::string readStatus(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+}  // namespace
+
+Supervisor::Supervisor(SupervisorOptions options)
+    : options_(std::move(options)), channel_(kj::AutoCloseFd(options_.fd)) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGCHLD);
+  KJ_SYSCALL(sigprocmask(SIG_BLOCK, &set, nullptr));
+  int fd;
+  KJ_SYSCALL(fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+  signalFd_ = kj::AutoCloseFd(fd);
+  signal(SIGPIPE, SIG_IGN);
+  struct seccomp_notif_sizes sizes;
+  KJ_SYSCALL(syscall(__NR_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes));
+  notifSize_ = kj::max(sizes.seccomp_notif, sizeof(seccomp_notif));
+  respSize_ = kj::max(sizes.seccomp_notif_resp, sizeof(seccomp_notif_resp));
+}
+
+int Supervisor::run() {
+  try {
+    receiveJobStart();
+  } catch (kj::Exception& e) {
+    spdlog::error("job start failed: {}", e.getDescription().cStr());
+    return 1;
+  }
+  try {
+    startGuest();
+  } catch (kj::Exception& e) {
+    spdlog::error("cannot start the guest of job {}: {}", start_.getIds().getPid(),
+                  e.getDescription().cStr());
+    try {
+      capnp::MallocMessageBuilder message;
+      message.initRoot<proto::ToDeputy>().setFailed(
+          std::string("node " + std::to_string(options_.node) + " could not start the job: ") +
+          e.getDescription().cStr());
+      channel_.send(message);
+    } catch (kj::Exception&) {
+    }
+    return 1;
+  }
+  for (;;) {
+    if (channel_.hasBuffered()) {
+      onIdleMessage();
+      continue;
+    }
+    struct pollfd fds[3] = {{listener_.get(), POLLIN, 0},
+                            {channel_.fd(), POLLIN, 0},
+                            {signalFd_.get(), POLLIN, 0}};
+    int n = poll(fds, 3, -1);
+    if (n < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      KJ_FAIL_SYSCALL("poll", errno);
+    }
+    if (fds[2].revents & POLLIN) {
+      onChildEvent();
+    }
+    if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
+      onIdleMessage();
+    }
+    if (fds[0].revents & POLLIN) {
+      serveNotification();
+    }
+  }
+}
+
+void Supervisor::receiveJobStart() {
+  struct pollfd pfd = {channel_.fd(), POLLIN, 0};
+  int n;
+  KJ_SYSCALL(n = poll(&pfd, 1, 10000));
+  KJ_REQUIRE(n == 1, "no JobStart within 10 s");
+  KJ_IF_MAYBE(message, channel_.receive()) {
+    jobStart_ = kj::mv(*message);
+  } else {
+    KJ_FAIL_REQUIRE("the deputy closed the channel before JobStart");
+  }
+  start_ = jobStart_->getRoot<proto::JobStart>();
+  KJ_REQUIRE(start_.getHomeNode() == options_.peerNode, "JobStart names another home node",
+             start_.getHomeNode(), options_.peerNode);
+  KJ_REQUIRE(start_.getImage().getArch() == "x86_64", "image of another architecture",
+             start_.getImage().getArch());
+  ownedCache_ = kj::heap<FileCache>(options_.cacheDir, options_.peerNode);
+  cache_ = ownedCache_.get();
+}
+
+std::string Supervisor::resolveImageFile(proto::FileRef::Reader ref) {
+  KJ_IF_MAYBE(path, cache_->lookup(ref)) {
+    return *path;
+  }
+  capnp::MallocMessageBuilder expectedMessage;
+  auto expected = expectedMessage.initRoot<proto::FileRef>();
+  expected.setDev(ref.getDev());
+  expected.setIno(ref.getIno());
+  expected.setSize(ref.getSize());
+  expected.setMtimeNs(ref.getMtimeNs());
+  int err = 0;
+  KJ_IF_MAYBE(path, fetchIntoCache(-1, ref.getPath(), err, expected, true)) {
+    return *path;
+  }
+  KJ_FAIL_REQUIRE("cannot fetch a file of the image from home",
+                  kj::str(ref.getPath().asChars()), strerror(err));
+}
+
+void Supervisor::startGuest() {
+  auto filter = buildGuestFilter();
+  migrate::RestoreOptions options;
+  options.seccompFilter = std::span<const sock_filter>(filter.data(), filter.size());
+  auto guest = migrate::restore(
+      start_.getImage(),
+      [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); }, options);
+  guest_ = guest.pid;
+  listener_ = kj::mv(guest.listener);
+  record_ = OwnedJobRecord::create(options_.runDir, "guests", getpid(), start_.getIds().getPid(),
+                                   options_.peerNode, start_.getCommand());
+  record_.get()->node = options_.node;
+  record_.get()->remotePid = guest_;
+  record_.get()->state = static_cast<uint32_t>(JobState::REMOTE);
+  spdlog::info("job {} of node {} runs here as pid {}", start_.getIds().getPid(),
+               options_.peerNode, guest_);
+  capnp::MallocMessageBuilder message;
+  message.initRoot<proto::ToDeputy>().setStarted(guest_);
+  channel_.send(message);
+}
+
+void Supervisor::serveNotification() {
+  alignas(seccomp_notif) kj::byte buffer[512];
+  KJ_ASSERT(notifSize_ <= sizeof(buffer));
+  memset(buffer, 0, notifSize_);
+  auto& notif = *reinterpret_cast<seccomp_notif*>(buffer);
+  if (ioctl(listener_.get(), SECCOMP_IOCTL_NOTIF_RECV, &notif) < 0) {
+    // ENOENT: the guest left the wait (signal, death) between poll and receive.
+    if (errno == EINTR || errno == ENOENT) {
+      return;
+    }
+    KJ_FAIL_SYSCALL("SECCOMP_IOCTL_NOTIF_RECV", errno);
+  }
+  Answer answer = dispatch(notif);
+  respond(notif.id, answer);
+}
+
+void Supervisor::respond(uint64_t id, const Answer& answer) {
+  if (answer.kind == Answer::DROP) {
+    return;
+  }
+  alignas(seccomp_notif_resp) kj::byte buffer[128];
+  memset(buffer, 0, respSize_);
+  auto& resp = *reinterpret_cast<seccomp_notif_resp*>(buffer);
+  resp.id = id;
+  if (answer.kind == Answer::CONTINUE) {
+    resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+  } else if (answer.value < 0 && answer.value >= -4095) {
+    resp.error = static_cast<int32_t>(answer.value);
+  } else {
+    resp.val = answer.value;
+  }
+  if (ioctl(listener_.get(), SECCOMP_IOCTL_NOTIF_SEND, &resp) < 0) {
+    // ENOENT: the notification was cancelled (the guest got a signal, or died). Routine.
+    if (errno != ENOENT) {
+      KJ_FAIL_SYSCALL("SECCOMP_IOCTL_NOTIF_SEND", errno);
+    }
+    spdlog::debug("notification {} vanished before its answer", id);
+  }
+}
+
+bool Supervisor::idValid(uint64_t id) {
+  return ioctl(listener_.get(), SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0;
+}
+
+Answer Supervisor::dispatch(const seccomp_notif& notif) {
+  int nr = notif.data.nr;
+  const SyscallEntry* entry = (notif.data.arch == AUDIT_ARCH_X86_64 && nr >= 0)
+                                  ? findSyscall(nr)
+                                  : nullptr;
+  if (entry == nullptr) {
+    return handleUnsupported(notif, ENOSYS, "no row in the syscall table");
+  }
+  if (entry->handler == HandlerId::MMAP) {
+    return handleMmap(notif);
+  }
+  switch (entry->route) {
+    case Route::LOCAL:
+      // The filter allows these; a notification means an argument-dependent rule sent it here.
+      return Answer::cont();
+    case Route::DENY:
+      return handleUnsupported(notif, entry->err, entry->why);
+    case Route::EMULATE:
+    case Route::FORWARD:
+      break;
+  }
+  switch (entry->handler) {
+    case HandlerId::NONE:
+      return forwardRegular(notif, entry->args);
+    case HandlerId::IDS:
+      return handleIds(notif);
+    case HandlerId::EXEC:
+      return handleExec(notif);
+    case HandlerId::IOV:
+      return handleIov(notif);
+    case HandlerId::KILL:
+      return handleKill(notif);
+    case HandlerId::SET_TID_ADDRESS:
+      // set_tid_address(2) answers the caller's tid: the home tid. The clear-child-tid address
+      // only matters for threads, which a guest cannot create yet.
+      return Answer::of(start_.getIds().getTid());
+    case HandlerId::IOCTL:
+    case HandlerId::FCNTL:
+    case HandlerId::PSELECT: {
+      ArgSpec specs[6];
+      uint64_t args[6];
+      for (int i = 0; i < 6; i++) {
+        args[i] = notif.data.args[i];
+      }
+      if (!dynamicArgSpecs(*entry, args, specs)) {
+        return Answer::of(entry->handler == HandlerId::IOCTL ? -ENOTTY : -EINVAL);
+      }
+      return forwardRegular(notif, specs);
+    }
+    case HandlerId::SOCKMSG:
+      return handleUnsupported(notif, ENOSYS, "sendmsg/recvmsg are not forwarded yet");
+    case HandlerId::MMAP:
+      break;
+  }
+  return handleUnsupported(notif, ENOSYS, "no handler");
+}
+
+Answer Supervisor::handleUnsupported(const seccomp_notif& notif, int err, const char* why) {
+  int nr = notif.data.nr;
+  if (reported_.insert(nr).second) {
+    const SyscallEntry* entry = findSyscall(nr);
+    spdlog::warn("job {}: syscall {} ({}) is not supported on a remote node: {}; it fails with {}",
+                 start_.getIds().getPid(), entry != nullptr ? entry->name : "unknown", nr, why,
+                 strerrorname_np(err));
+  }
+  return Answer::of(-err);
+}
+
+kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
+    const std::function<bool(proto::ToRemote::Reader)>& isMine) {
+  for (;;) {
+    // Blocking read: the deputy answers every request, and a dead peer surfaces through the
+    // socket's keepalive and user timeout (tuneJobSocket).
+    KJ_IF_MAYBE(message, channel_.receive()) {
+      auto root = (*message)->getRoot<proto::ToRemote>();
+      if (root.isSignal()) {
+        deliverSignal(root.getSignal());
+        continue;
+      }
+      if (isMine(root)) {
+        return kj::mv(*message);
+      }
+      spdlog::debug("unexpected message from the deputy, ignored");
+    } else {
+      return nullptr;
+    }
+  }
+}
+
+kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
+    capnp::MallocMessageBuilder& request, uint64_t seq, bool* dropped) {
+  *dropped = false;
+  for (;;) {
+    interruptedGuest_ = false;
+    channel_.send(request);
+    auto reply = awaitMessage([seq](proto::ToRemote::Reader m) {
+      return m.isReply() && m.getReply().getSeq() == seq;
+    });
+    KJ_IF_MAYBE(r, reply) {
+      if (!(*r)->getRoot<proto::ToRemote>().getReply().getInterrupted()) {
+        if (record_.get() != nullptr) {
+          record_.get()->syscalls.fetch_add(1, std::memory_order_relaxed);
+        }
+        return kj::mv(*r);
+      }
+      if (interruptedGuest_) {
+        // The signal also interrupted the guest: the kernel dropped the notification and the
+        // guest restarts the call or sees EINTR, as its handler's SA_RESTART says.
+        *dropped = true;
+        return kj::mv(*r);
+      }
+      // The guest blocks or ignores that signal: a native call would not have been
+      // interrupted, so run it again at home.
+      continue;
+    }
+    return nullptr;
+  }
+}
+
+Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&specs)[6]) {
+  uint64_t args[6];
+  for (int i = 0; i < 6; i++) {
+    args[i] = notif.data.args[i];
+  }
+  ProcessMemory memory(guest_);
+  capnp::MallocMessageBuilder message;
+  auto request = message.initRoot<proto::ToDeputy>().initSyscall();
+  request.setSeq(notif.id);
+  int err = marshalRequest(notif.data.nr, specs, args, memory, request);
+  if (err != 0) {
+    return Answer::of(-err);
+  }
+  bool readMemory = request.getIn().size() > 0;
+  if (readMemory && !idValid(notif.id)) {
+    // The memory we read may belong to a task that is no longer the one that trapped.
+    return Answer::drop();
+  }
+  bool dropped;
+  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &dropped)) {
+    if (dropped) {
+      return Answer::drop();
+    }
+    auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
+    if (r.getOut().size() > 0 && !idValid(notif.id)) {
+      return Answer::drop();
+    }
+    return Answer::of(unmarshalReply(notif.data.nr, specs, args, r, memory));
+  }
+  endJob(0);
+}
+
+void Supervisor::onIdleMessage() {
+  kj::Maybe<kj::Own<capnp::MessageReader>> message;
+  try {
+    message = channel_.receive();
+  } catch (kj::Exception& e) {
+    spdlog::warn("job {}: channel to the deputy failed: {}", start_.getIds().getPid(),
+                 e.getDescription().cStr());
+    endJob(0);
+  }
+  KJ_IF_MAYBE(m, message) {
+    auto root = (*m)->getRoot<proto::ToRemote>();
+    if (root.isSignal()) {
+      deliverSignal(root.getSignal());
+    } else {
+      spdlog::debug("message from the deputy outside a call, ignored");
+    }
+  } else {
+    // The deputy is gone (killed, or its home node died): the guest must not outlive it.
+    spdlog::info("job {}: the deputy closed the channel; ending the guest",
+                 start_.getIds().getPid());
+    endJob(0);
+  }
+}
+
+void Supervisor::deliverSignal(int sig) {
+  if (sig <= 0 || sig >= 65 || guest_ <= 0) {
+    return;
+  }
+  std::string status = readStatus(guest_);
+  uint64_t bit = uint64_t{1} << (sig - 1);
+  bool blocked = statusMask(status, "SigBlk:") & bit;
+  bool ignored = statusMask(status, "SigIgn:") & bit;
+  bool caught = statusMask(status, "SigCgt:") & bit;
+  bool interrupts = !blocked && !ignored && (caught || !ignoredByDefault(sig));
+  if (interrupts) {
+    interruptedGuest_ = true;
+  }
+  spdlog::debug("signal {} to guest {} (interrupts: {})", sig, guest_, interrupts);
+  syscall(SYS_tgkill, guest_, guest_, sig);
+}
+
+void Supervisor::onChildEvent() {
+  struct signalfd_siginfo info;
+  while (read(signalFd_.get(), &info, sizeof(info)) == sizeof(info)) {
+  }
+  for (;;) {
+    int status;
+    pid_t pid = waitpid(-1, &status, WNOHANG | WUNTRACED | WCONTINUED | __WALL);
+    if (pid <= 0) {
+      return;
+    }
+    if (pid != guest_) {
+      continue;
+    }
+    capnp::MallocMessageBuilder message;
+    auto root = message.initRoot<proto::ToDeputy>();
+    if (WIFSTOPPED(status)) {
+      root.setStopped(WSTOPSIG(status));
+      channel_.send(message);
+      continue;
+    }
+    if (WIFCONTINUED(status)) {
+      root.setContinued();
+      channel_.send(message);
+      continue;
+    }
+    auto exit = root.initExit();
+    if (WIFSIGNALED(status)) {
+      exit.setSignal(WTERMSIG(status));
+      exit.setCoreDumped(WCOREDUMP(status));
+    } else {
+      exit.setStatus(WEXITSTATUS(status));
+    }
+    guest_ = -1;
+    try {
+      channel_.send(message);
+      // Wait for the deputy to act on it and close, so a reply it is still sending never
+      // meets a closed socket (which it would take for a node death).
+      struct pollfd pfd = {channel_.fd(), POLLIN, 0};
+      for (int i = 0; i < 100; i++) {
+        if (!channel_.hasBuffered() && poll(&pfd, 1, 100) <= 0) {
+          continue;
+        }
+        if (channel_.receive() == nullptr) {
+          break;
+        }
+      }
+    } catch (kj::Exception& e) {
+      spdlog::debug("deputy gone after exit: {}", e.getDescription().cStr());
+    }
+    endJob(0);
+  }
+}
+
+void Supervisor::endJob(int status) {
+  if (guest_ > 0) {
+    kill(guest_, SIGKILL);
+    int ignored;
+    waitpid(guest_, &ignored, __WALL);
+  }
+  record_.unlink();
+  _exit(status);
+}
+
+}  // namespace mos::remote

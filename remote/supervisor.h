@@ -1,0 +1,123 @@
+#pragma once
+// The supervisor: one process per guest on the remote node (started by mosd with the job
+// channel as a descriptor). It restores the migration image into a fresh stub (libmigrate), then
+// serves the guest's seccomp user notifications: local answers from the Ids cache, forwarded
+// calls over the job channel to the deputy, file-backed mmap from the content cache, execve sent
+// home (design decision 2). It is the guest's parent and reports its exit, stop and continue to
+// the deputy; it forwards the deputy's signals to the guest.
+//
+// The notification loop, and only it, does receive → look up → route → handler → respond
+// (STYLE.md). Routine races — the guest died (ENOENT from NOTIF_SEND), a notification was
+// cancelled by a signal (NOTIF_ID_VALID fails) — are logged at debug level and skipped.
+//
+// State machine of one forwarded call (essay in docs/design.md, "signals"):
+//   RECV ─► marshal (reads guest memory) ─► ID_VALID ─► send request ─► wait for the reply
+//      ▲                                                     │  signal messages from the deputy
+//      │                                                     │  are delivered to the guest while
+//      └─ restart (reply interrupted, signal did not         │  waiting; a signal that interrupts
+//         interrupt the guest)  ◄────────────────────────────┘  the guest makes the kernel drop
+//                                                              the notification (no SEND)
+
+#include <linux/seccomp.h>
+#include <sys/types.h>
+
+#include <cstdint>
+#include <set>
+#include <string>
+
+#include <capnp/message.h>
+#include <kj/io.h>
+
+#include "channel.h"
+#include "file_cache.h"
+#include "job.capnp.h"
+#include "job_registry.h"
+#include "syscall_table.h"
+
+namespace mos::remote {
+
+struct SupervisorOptions {
+  int fd = 3;               // the job channel (a connected TCP socket), owned from now on
+  uint32_t node = 0;        // this node's id
+  uint32_t peerNode = 0;    // the job's home node
+  std::string runDir;       // for the guest's job record
+  std::string cacheDir;     // the content cache
+};
+
+// What the notification loop answers a notification with.
+struct Answer {
+  enum Kind { VALUE, CONTINUE, DROP };
+  Kind kind = VALUE;
+  int64_t value = 0;        // VALUE: >= 0 is the result, < 0 is -errno
+  static Answer of(int64_t v) { return Answer{VALUE, v}; }
+  static Answer cont() { return Answer{CONTINUE, 0}; }
+  static Answer drop() { return Answer{DROP, 0}; }
+};
+
+class Supervisor {
+ public:
+  explicit Supervisor(SupervisorOptions options);
+  KJ_DISALLOW_COPY(Supervisor);
+
+  // Runs the whole job on this node: receive JobStart, restore, serve until the guest exits, the
+  // deputy goes away or the guest execs at home. Returns the supervisor's exit status (0 when
+  // the job ended in a defined way, 1 when the start failed; the deputy was told why).
+  int run();
+
+ private:
+  // --- startup (supervisor.cc)
+  void receiveJobStart();
+  void startGuest();
+  std::string resolveImageFile(proto::FileRef::Reader ref);
+
+  // --- the loop (supervisor.cc)
+  void serveNotification();
+  void respond(uint64_t id, const Answer& answer);
+  bool idValid(uint64_t id);
+  Answer dispatch(const seccomp_notif& notif);
+  void onIdleMessage();
+  void onChildEvent();
+  void deliverSignal(int sig);
+  [[noreturn]] void endJob(int status);
+
+  // Waits for the next ToRemote message that `isMine` accepts, delivering signal messages that
+  // arrive meanwhile. Returns nullptr when the deputy closed the channel.
+  kj::Maybe<kj::Own<capnp::MessageReader>> awaitMessage(
+      const std::function<bool(proto::ToRemote::Reader)>& isMine);
+  // Sends `request` (a ToDeputy with a syscall) and waits for its reply, restarting it when the
+  // deputy was interrupted by a signal that did not interrupt the guest. nullptr: deputy gone.
+  kj::Maybe<kj::Own<capnp::MessageReader>> roundTrip(capnp::MallocMessageBuilder& request,
+                                                     uint64_t seq, bool* dropped);
+
+  // --- handlers (sys_*.cc), one per irregular HandlerId; regular rows use forwardRegular
+  Answer forwardRegular(const seccomp_notif& notif, const ArgSpec (&specs)[6]);
+  Answer handleIds(const seccomp_notif& notif);
+  Answer handleMmap(const seccomp_notif& notif);
+  Answer handleExec(const seccomp_notif& notif);
+  Answer handleIov(const seccomp_notif& notif);
+  Answer handleKill(const seccomp_notif& notif);
+  Answer handleUnsupported(const seccomp_notif& notif, int err, const char* why);
+
+  // Fetches a home file's identity (and bytes into the cache when missing). Returns the local
+  // cache path, or -errno from the deputy in `err`.
+  kj::Maybe<std::string> fetchIntoCache(int fd, kj::ArrayPtr<const kj::byte> path, int& err,
+                                        proto::FileRef::Builder expected, bool checkExpected);
+
+  SupervisorOptions options_;
+  Channel channel_;
+  kj::AutoCloseFd signalFd_;       // SIGCHLD, for the guest's exit, stop and continue
+  kj::Own<capnp::MessageReader> jobStart_;
+  proto::JobStart::Reader start_;
+  FileCache* cache_ = nullptr;
+  kj::Own<FileCache> ownedCache_;
+  pid_t guest_ = -1;
+  kj::AutoCloseFd listener_;
+  OwnedJobRecord record_;
+  std::set<int> reported_;         // syscalls already logged as unsupported for this job
+  uint64_t nextFetchId_ = 1;
+  bool interruptedGuest_ = false;  // a delivered signal interrupted the guest's current call
+  size_t notifSize_ = 0;
+  size_t respSize_ = 0;
+};
+
+}  // namespace mos::remote

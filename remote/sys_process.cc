@@ -1,0 +1,171 @@
+// Process-family handlers of the supervisor: ids from the cache, signals to self, execve at home.
+
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <fstream>
+#include <sstream>
+
+#include <kj/debug.h>
+#include <spdlog/spdlog.h>
+
+#include "marshal.h"
+#include "supervisor.h"
+
+namespace mos::remote {
+
+namespace {
+
+constexpr size_t MAX_EXEC_STRINGS = 8192;          // argv + envp entries
+constexpr size_t MAX_EXEC_BYTES = 4u << 20;        // bytes of argv + envp strings
+
+}  // namespace
+
+// getpid(2), gettid(2), getuid(2), geteuid(2), getgid(2), getegid(2): home ids from the cache
+// (design decision 4), no round trip.
+Answer Supervisor::handleIds(const seccomp_notif& notif) {
+  auto ids = start_.getIds();
+  switch (notif.data.nr) {
+    case __NR_getpid:
+      return Answer::of(ids.getPid());
+    case __NR_gettid:
+      return Answer::of(ids.getTid());
+    case __NR_getuid:
+      return Answer::of(ids.getUid());
+    case __NR_geteuid:
+      return Answer::of(ids.getEuid());
+    case __NR_getgid:
+      return Answer::of(ids.getGid());
+    case __NR_getegid:
+      return Answer::of(ids.getEgid());
+  }
+  return handleUnsupported(notif, ENOSYS, "no cached id for this call");
+}
+
+// kill(2), tkill(2), tgkill(2), rt_sigqueueinfo(2), rt_tgsigqueueinfo(2). A signal the job sends
+// to itself (raise, abort, os.kill(os.getpid())) names its home pid; it is delivered here to the
+// guest. Every other target lives at home: forwarded, executed by the home kernel.
+Answer Supervisor::handleKill(const seccomp_notif& notif) {
+  auto ids = start_.getIds();
+  int64_t a0 = static_cast<int32_t>(notif.data.args[0]);
+  int64_t a1 = static_cast<int32_t>(notif.data.args[1]);
+  bool self = false;
+  int sig = 0;
+  switch (notif.data.nr) {
+    case __NR_kill:
+    case __NR_rt_sigqueueinfo:
+      self = a0 == ids.getPid();
+      sig = static_cast<int>(a1);
+      break;
+    case __NR_tkill:
+      self = a0 == ids.getTid();
+      sig = static_cast<int>(a1);
+      break;
+    case __NR_tgkill:
+    case __NR_rt_tgsigqueueinfo:
+      self = a0 == ids.getPid() && a1 == ids.getTid();
+      sig = static_cast<int>(notif.data.args[2]);
+      break;
+  }
+  if (!self) {
+    const SyscallEntry* entry = findSyscall(notif.data.nr);
+    ArgSpec specs[6];
+    for (int i = 0; i < 6; i++) {
+      specs[i] = entry->args[i];
+    }
+    return forwardRegular(notif, specs);
+  }
+  if (sig < 0 || sig >= 65) {
+    return Answer::of(-EINVAL);
+  }
+  if (sig == 0) {
+    return Answer::of(0);
+  }
+  // Answer first, then signal: the signal must arrive after the call returns, as it would when
+  // a process signals itself (the kernel delivers it on the way back to user space).
+  respond(notif.id, Answer::of(0));
+  syscall(SYS_tgkill, guest_, guest_, sig);
+  return Answer::drop();
+}
+
+// execve(2), execveat(2): performed at home by the deputy (design decision 2). On success the
+// deputy becomes the new program, which a migration agent sends back to this node as a new job;
+// this guest ends without an exit report. On failure the guest sees the deputy's errno.
+Answer Supervisor::handleExec(const seccomp_notif& notif) {
+  bool at = notif.data.nr == __NR_execveat;
+  uint64_t pathArg = notif.data.args[at ? 1 : 0];
+  uint64_t argvArg = notif.data.args[at ? 2 : 1];
+  uint64_t envpArg = notif.data.args[at ? 3 : 2];
+  ProcessMemory memory(guest_);
+  capnp::MallocMessageBuilder message;
+  auto exec = message.initRoot<proto::ToDeputy>().initExec();
+  exec.setSeq(notif.id);
+  exec.setDirfd(at ? static_cast<int32_t>(notif.data.args[0]) : AT_FDCWD);
+  exec.setFlags(at ? static_cast<int32_t>(notif.data.args[4]) : 0);
+  int err = 0;
+  KJ_IF_MAYBE(path, memory.readString(RemotePtr<char>(pathArg), PATH_MAX, err)) {
+    exec.setPath(path->asPtr());
+  } else {
+    return Answer::of(-err);
+  }
+  size_t budget = MAX_EXEC_BYTES;
+  for (int which = 0; which < 2; which++) {
+    uint64_t array = which == 0 ? argvArg : envpArg;
+    std::vector<kj::Array<kj::byte>> strings;
+    for (size_t i = 0; array != 0; i++) {
+      if (i >= MAX_EXEC_STRINGS) {
+        return Answer::of(-E2BIG);
+      }
+      uint64_t ptr;
+      if (!memory.read(RemotePtr<void>(array + i * 8),
+                       kj::arrayPtr(reinterpret_cast<kj::byte*>(&ptr), sizeof(ptr)))) {
+        return Answer::of(-EFAULT);
+      }
+      if (ptr == 0) {
+        break;
+      }
+      KJ_IF_MAYBE(s, memory.readString(RemotePtr<char>(ptr), kj::min(budget, size_t(128 << 10)),
+                                       err)) {
+        budget -= kj::min(budget, s->size() + 1);
+        strings.push_back(kj::mv(*s));
+      } else {
+        return Answer::of(err == ENAMETOOLONG ? -E2BIG : -err);
+      }
+    }
+    auto list = which == 0 ? exec.initArgv(strings.size()) : exec.initEnvp(strings.size());
+    for (size_t i = 0; i < strings.size(); i++) {
+      list.set(i, strings[i].asPtr());
+    }
+  }
+  std::string status;
+  {
+    std::ifstream in("/proc/" + std::to_string(guest_) + "/status");
+    std::stringstream s;
+    s << in.rdbuf();
+    status = s.str();
+  }
+  auto mask = [&](const char* key) -> uint64_t {
+    size_t pos = status.find(key);
+    return pos == std::string::npos ? 0 : strtoull(status.c_str() + pos + strlen(key), nullptr, 16);
+  };
+  exec.setSigIgnored(mask("SigIgn:"));
+  exec.setSigBlocked(mask("SigBlk:"));
+  if (!idValid(notif.id)) {
+    return Answer::drop();
+  }
+  bool dropped;
+  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &dropped)) {
+    if (dropped) {
+      return Answer::drop();
+    }
+    return Answer::of((*reply)->getRoot<proto::ToRemote>().getReply().getRet());
+  }
+  // The channel closed: the exec succeeded at home and the old image is gone there too.
+  spdlog::info("job {} exec'd at home; its old guest {} ends", start_.getIds().getPid(), guest_);
+  endJob(0);
+}
+
+}  // namespace mos::remote
