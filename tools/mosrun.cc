@@ -1,0 +1,195 @@
+// mosrun: start a program as a umosix job (docs/mosrun.1.md).
+//
+//   mosrun [-r NODE] PROGRAM [ARGS...]
+//
+// The process the shell waits on is the job itself (design decision 1): mosrun checks its
+// arguments and the target node, starts a migration agent, and execs PROGRAM in place. At the
+// exec event the agent captures the new program's user part, sends it to NODE and turns this
+// very process into the job's deputy. Without -r, or with -r naming this node, the job simply
+// runs at home.
+//
+// Exit status: the job's own (or death by the same signal). mosrun's own failures before the
+// job starts: 125 (bad arguments, unknown or unreachable node, malformed map file), 126 (PROGRAM
+// not executable), 127 (PROGRAM not found). 112: the remote node died while the job ran.
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <kj/debug.h>
+
+#include "config.h"
+#include "log.h"
+#include "map_file.h"
+#include "migrate.h"
+#include "node_client.h"
+#include "programs.h"
+
+namespace {
+
+constexpr int EXIT_MOSRUN_FAILED = 125;
+constexpr int EXIT_NOT_EXECUTABLE = 126;
+constexpr int EXIT_NOT_FOUND = 127;
+constexpr int NODE_CHECK_TIMEOUT_MS = 3000;
+
+[[noreturn]] void fail(int status, const std::string& message) {
+  fmt::print(stderr, "mosrun: {}\n", message);
+  fflush(stderr);
+  _exit(status);
+}
+
+// The path execvp(3) would run for `name`, or an errno (ENOENT, EACCES).
+std::string resolveProgram(const std::string& name, int& err) {
+  auto usable = [&](const std::string& path) {
+    struct stat st;
+    if (stat(path.c_str(), &st) < 0) {
+      err = errno;
+      return false;
+    }
+    if (S_ISDIR(st.st_mode) || access(path.c_str(), X_OK) < 0) {
+      err = EACCES;
+      return false;
+    }
+    return true;
+  };
+  err = ENOENT;
+  if (name.find('/') != std::string::npos) {
+    return usable(name) ? name : std::string();
+  }
+  const char* pathEnv = getenv("PATH");
+  std::string path = pathEnv != nullptr ? pathEnv : "/usr/local/bin:/usr/bin:/bin";
+  int firstErr = ENOENT;
+  size_t start = 0;
+  for (;;) {
+    size_t end = path.find(':', start);
+    std::string dir = path.substr(start, end == std::string::npos ? end : end - start);
+    std::string candidate = (dir.empty() ? "." : dir) + "/" + name;
+    if (usable(candidate)) {
+      return candidate;
+    }
+    if (err == EACCES) {
+      firstErr = EACCES;
+    }
+    if (end == std::string::npos) {
+      break;
+    }
+    start = end + 1;
+  }
+  err = firstErr;
+  return std::string();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "mosrun: run PROGRAM as a umosix job. Its user part (memory and registers) may run on "
+      "another node of the cluster while its system calls are served at home by its deputy, so "
+      "it sees its home files, pid, terminal and signals."};
+  app.usage("mosrun [-r NODE] PROGRAM [ARGS...]");
+  std::optional<uint32_t> remote;
+  app.add_option("-r,--remote", remote,
+                 "run the user part on node NODE (a node id of the cluster map); without it the "
+                 "job runs at home");
+  app.prefix_command();
+  app.footer(
+      "Environment: UMOSIX_MAP (cluster map, openMosix format), UMOSIX_NODE (this node's id), "
+      "UMOSIX_RUN_DIR, UMOSIX_PORT, UMOSIX_LOG.\n"
+      "Exit status: the job's own; 125 mosrun failed before the job started (unknown or "
+      "unreachable node, malformed map); 126 PROGRAM not executable; 127 PROGRAM not found; "
+      "112 the remote node died while the job ran.");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int code = app.exit(e);
+    return code == 0 ? 0 : EXIT_MOSRUN_FAILED;
+  }
+  std::vector<std::string> command = app.remaining();
+  if (!command.empty() && command[0] == "--") {
+    command.erase(command.begin());
+  }
+  if (command.empty()) {
+    fail(EXIT_MOSRUN_FAILED, "no PROGRAM given (see mosrun --help)");
+  }
+  mos::initLogging("mosrun", spdlog::level::warn);
+
+  std::vector<char*> execArgv;
+  for (auto& arg : command) {
+    execArgv.push_back(arg.data());
+  }
+  execArgv.push_back(nullptr);
+  int err;
+  std::string program = resolveProgram(command[0], err);
+
+  bool away = false;
+  mos::migrate::Agent agent;
+  if (remote.has_value()) {
+    mos::NodeConfig config;
+    mos::MapFile map;
+    try {
+      config = mos::loadNodeConfig();
+      map = mos::MapFile::fromPath(config.mapPath);
+    } catch (const std::exception& e) {
+      fail(EXIT_MOSRUN_FAILED, e.what());
+    } catch (kj::Exception& e) {
+      fail(EXIT_MOSRUN_FAILED, e.getDescription().cStr());
+    }
+    if (*remote != config.nodeId) {
+      mos::Ipv4 address;
+      KJ_IF_MAYBE(a, map.lookup(*remote)) {
+        address = *a;
+      } else {
+        fail(EXIT_MOSRUN_FAILED,
+             fmt::format("node {} is not in the cluster map {}", *remote, config.mapPath));
+      }
+      try {
+        mos::queryStatus(address.toString(), config.port, NODE_CHECK_TIMEOUT_MS);
+      } catch (kj::Exception& e) {
+        fail(EXIT_MOSRUN_FAILED,
+             fmt::format("node {} ({}:{}) is unreachable: {}", *remote, address.toString(),
+                         config.port, e.getDescription().cStr()));
+      }
+      if (program.empty()) {
+        fail(err == ENOENT ? EXIT_NOT_FOUND : EXIT_NOT_EXECUTABLE,
+             fmt::format("{}: {}", command[0], err == ENOENT ? "command not found" : strerror(err)));
+      }
+      mos::migrate::AgentConfig agentConfig;
+      try {
+        agentConfig.deputyPath = mos::programPath("mos-deputy");
+      } catch (kj::Exception& e) {
+        fail(EXIT_MOSRUN_FAILED, e.getDescription().cStr());
+      }
+      agentConfig.deputyArgv = {agentConfig.deputyPath, "--node", std::to_string(*remote),
+                                "--address", address.toString(), "--port",
+                                std::to_string(config.port), "--home-node",
+                                std::to_string(config.nodeId), "--run-dir", config.runDir};
+      agentConfig.imagePath = fmt::format("{}/images/{}.img", config.runDir, getpid());
+      try {
+        agent = mos::migrate::Agent::start(agentConfig);
+      } catch (kj::Exception& e) {
+        fail(EXIT_MOSRUN_FAILED,
+             fmt::format("cannot start the migration agent: {}", e.getDescription().cStr()));
+      }
+      away = true;
+    }
+  }
+  if (program.empty()) {
+    fail(err == ENOENT ? EXIT_NOT_FOUND : EXIT_NOT_EXECUTABLE,
+         fmt::format("{}: {}", command[0], err == ENOENT ? "command not found" : strerror(err)));
+  }
+  execv(program.c_str(), execArgv.data());
+  err = errno;
+  if (away) {
+    agent.cancel();
+  }
+  fail(err == ENOENT ? EXIT_NOT_FOUND : EXIT_NOT_EXECUTABLE,
+       fmt::format("{}: {}", command[0], strerror(err)));
+}
