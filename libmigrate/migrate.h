@@ -12,6 +12,7 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <kj/io.h>
@@ -40,7 +41,15 @@ struct RestoreOptions {
   gid_t gid = 65534;
   bool dropPrivileges = true;
   // The seccomp program to install (seccomp_filter.h); empty: none (tests of restore alone).
+  // It must let the stub's own close(2) and munmap(2) through (allow, or notify: restore()
+  // answers notifications for its injected calls with SECCOMP_USER_NOTIF_FLAG_CONTINUE).
   std::span<const sock_filter> seccompFilter;
+  // The stub inherits the caller's whole fd table (local restores: checkpoint files, tests).
+  // Default: it starts with an empty fd table, apart from fdMap.
+  bool keepAllFds = false;
+  // (caller fd, stub fd) pairs dup2'd into the stub before exec, e.g. {{pipeWriteEnd, 1}}.
+  // At most 64 pairs.
+  std::vector<std::pair<int, int>> fdMap;
 };
 
 struct RestoredGuest {
@@ -82,6 +91,9 @@ class Agent {
   // The caller's execve failed: the agent exits without touching the caller (ptrace detaches
   // on the tracer's exit).
   void cancel();
+
+  // The agent's pid (not a child of the caller: it is reparented to init or a subreaper).
+  pid_t pid() const { return pid_; }
 
  private:
   pid_t pid_ = -1;                 // the agent
