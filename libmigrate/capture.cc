@@ -2,6 +2,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/ptrace.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -108,6 +109,35 @@ void capture(pid_t pid, proto::MigrationImage::Builder image) {
       regs.rax = static_cast<uint64_t>(-EINTR);
     }
   }
+  // rseq (CRIU cr-dump.c fixup_thread_rseq): a task stopped inside a restartable sequence's
+  // critical section resumes at its abort handler, as the kernel would do on preemption.
+  struct {
+    uint64_t abiPointer;
+    uint32_t abiSize;
+    uint32_t signature;
+    uint32_t flags;
+    uint32_t pad;
+  } rseq{};
+  if (::ptrace(static_cast<__ptrace_request>(0x420f /* PTRACE_GET_RSEQ_CONFIGURATION */), pid,
+               sizeof(rseq), &rseq) < 0) {
+    rseq = {};
+  }
+  if (rseq.abiPointer != 0) {
+    uint64_t csPtr = 0;
+    task.readMem(RemotePtr<uint8_t>(rseq.abiPointer + 8),
+                 std::span<uint8_t>(reinterpret_cast<uint8_t*>(&csPtr), 8));
+    if (csPtr != 0) {
+      struct {
+        uint32_t version, flags;
+        uint64_t startIp, postCommitOffset, abortIp;
+      } cs{};
+      task.readMem(RemotePtr<uint8_t>(csPtr),
+                   std::span<uint8_t>(reinterpret_cast<uint8_t*>(&cs), sizeof(cs)));
+      if (regs.rip >= cs.startIp && regs.rip < cs.startIp + cs.postCommitOffset) {
+        regs.rip = cs.abortIp;
+      }
+    }
+  }
   std::vector<uint8_t> xstate = task.getXstate();
   uint64_t sigmask = task.getSigmask();
 
@@ -117,6 +147,9 @@ void capture(pid_t pid, proto::MigrationImage::Builder image) {
   thread.setRegs(kj::arrayPtr(reinterpret_cast<const kj::byte*>(&regs), sizeof(regs)));
   thread.setXstate(kj::arrayPtr(xstate.data(), xstate.size()));
   thread.setSigBlocked(sigmask);
+  thread.setRseqAddr(rseq.abiPointer);
+  thread.setRseqSize(rseq.abiSize);
+  thread.setRseqSignature(rseq.signature);
 
   image.setArch("x86_64");
   struct utsname uts;

@@ -5,7 +5,7 @@
 //   3. unmap everything of the stub but its own text and scratch (stack, vDSO, vvars);
 //   4. map every image mapping at its address, write the captured pages through /proc/PID/mem;
 //   5. ARCH_MAP_VDSO_64 so this kernel's vDSO lands where the image had it, and check it did;
-//   6. PR_SET_MM_MAP (mm layout, auxv), SIG_IGN dispositions;
+//   6. PR_SET_MM_MAP (mm layout, auxv), rseq registration, SIG_IGN dispositions;
 //   7. drop privileges, re-arm PR_SET_PDEATHSIG (a credential change clears it), dumpable;
 //   8. no_new_privs + seccomp filter with a listener, fetched with pidfd_getfd; the injected
 //      close() of the stub's copy may itself be trapped, so its notification is answered;
@@ -377,6 +377,12 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
       r = task.syscall(__NR_prctl, {PR_SET_MM, PR_SET_MM_MAP, scratch, sizeof(map), 0});
     }
     KJ_REQUIRE(r == 0, "restore: PR_SET_MM_MAP failed", strerror(static_cast<int>(-r)));
+  }
+  if (thread.getRseqAddr() != 0) {
+    // rseq(2) registration is per thread and kernel-side: register the image's area again.
+    task.syscallOrThrow("rseq", __NR_rseq,
+                        {thread.getRseqAddr(), thread.getRseqSize(), 0,
+                         thread.getRseqSignature()});
   }
   uint64_t ignored = image.getSigIgnored();
   if (ignored != 0) {
