@@ -122,6 +122,13 @@ void capture(pid_t pid, proto::MigrationImage::Builder image) {
                sizeof(rseq), &rseq) < 0) {
     rseq = {};
   }
+  siginfo_t stopInfo{};
+  if (::ptrace(PTRACE_GETSIGINFO, pid, 0, &stopInfo) == 0 &&
+      stopInfo.si_code == (SIGTRAP | (PTRACE_EVENT_EXEC << 8))) {
+    // At the exec event stop the old program's registration is still there: execve drops it
+    // (rseq_execve) only after this stop. The new program has none.
+    rseq = {};
+  }
   if (rseq.abiPointer != 0) {
     uint64_t csPtr = 0;
     task.readMem(RemotePtr<uint8_t>(rseq.abiPointer + 8),
