@@ -215,7 +215,9 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
   bool detached = false;
   KJ_DEFER(if (!detached) {
     ::kill(pid, SIGKILL);
-    waitTask(pid);
+    int ignored;
+    while (::waitpid(pid, &ignored, __WALL) < 0 && errno == EINTR) {
+    }
   });
 
   int status = waitTask(pid);

@@ -107,10 +107,13 @@ Outcome runRestored(mos::proto::MigrationImage::Reader image, RestoreOptions opt
   return outcome;
 }
 
-std::vector<sock_filter> notifyOnGetppid() {
+// Notifies on getppid and on close (the real filter forwards close too, so restore's own
+// injected close of the listener is trapped and must be answered by restore itself).
+std::vector<sock_filter> notifyOnGetppidAndClose() {
   scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
   REQUIRE(ctx != nullptr);
   REQUIRE(seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(getppid), 0) == 0);
+  REQUIRE(seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(close), 0) == 0);
   int fd = memfd_create("bpf", MFD_CLOEXEC);
   REQUIRE(seccomp_export_bpf(ctx, fd) == 0);
   seccomp_release(ctx);
@@ -195,28 +198,46 @@ TEST_CASE("restored program sees its own pid from getpid", "[migrate][restore]")
 }
 
 TEST_CASE("seccomp listener of a restored guest answers its getppid", "[migrate][restore]") {
-  auto filter = notifyOnGetppid();
+  auto filter = notifyOnGetppidAndClose();
   auto message = captureAtExec({MIGRATE_TEST_GETPPID});
   RestoreOptions options;
   options.dropPrivileges = true;  // uid/gid 65534
   options.seccompFilter = filter;
-  int answered = 0;
-  Outcome o = runRestored(message->getRoot<mos::proto::MigrationImage>(), options,
-                          [&](mos::migrate::RestoredGuest& guest) {
-                            REQUIRE(guest.listener.get() >= 0);
-                            pollfd p{guest.listener.get(), POLLIN, 0};
-                            REQUIRE(poll(&p, 1, 10000) == 1);
-                            seccomp_notif req{};
-                            REQUIRE(ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_RECV, &req) == 0);
-                            CHECK(req.data.nr == __NR_getppid);
-                            CHECK(static_cast<pid_t>(req.pid) == guest.pid);
-                            seccomp_notif_resp resp{};
-                            resp.id = req.id;
-                            resp.val = 4242;
-                            REQUIRE(ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_SEND, &resp) == 0);
-                            ++answered;
-                          });
-  CHECK(answered == 1);
+  int getppids = 0, closes = 0, others = 0;
+  Outcome o = runRestored(
+      message->getRoot<mos::proto::MigrationImage>(), options,
+      [&](mos::migrate::RestoredGuest& guest) {
+        REQUIRE(guest.listener.get() >= 0);
+        // Serve until the guest is gone (POLLHUP: no task uses the filter any more).
+        for (;;) {
+          pollfd p{guest.listener.get(), POLLIN, 0};
+          REQUIRE(poll(&p, 1, 10000) == 1);
+          if (!(p.revents & POLLIN)) {
+            break;
+          }
+          seccomp_notif req{};
+          if (ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_RECV, &req) != 0) {
+            continue;  // the task died meanwhile
+          }
+          CHECK(static_cast<pid_t>(req.pid) == guest.pid);
+          seccomp_notif_resp resp{};
+          resp.id = req.id;
+          if (req.data.nr == __NR_getppid) {
+            resp.val = 4242;
+            ++getppids;
+          } else if (req.data.nr == __NR_close) {
+            resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+            ++closes;
+          } else {
+            ++others;
+            resp.error = -ENOSYS;
+          }
+          ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_SEND, &resp);
+        }
+      });
+  CHECK(getppids == 1);
+  CHECK(closes >= 1);  // ld.so closes the libraries it mapped
+  CHECK(others == 0);
   REQUIRE(WIFEXITED(o.status));
   CHECK(WEXITSTATUS(o.status) == 0);
   int ppid = 0, pid = 0, uid = -1;
