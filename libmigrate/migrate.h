@@ -47,6 +47,8 @@ struct RestoreOptions {
   // It must let the stub's own close(2) and munmap(2) through (allow, or notify: restore()
   // answers notifications for its injected calls with SECCOMP_USER_NOTIF_FLAG_CONTINUE).
   std::span<const sock_filter> seccompFilter;
+  // Flags OR'd into SECCOMP_FILTER_FLAG_NEW_LISTENER (e.g. SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV).
+  unsigned seccompExtraFlags = 0;
   // The stub inherits the caller's whole fd table (local restores: checkpoint files, tests).
   // Default: it starts with an empty fd table, apart from fdMap.
   bool keepAllFds = false;

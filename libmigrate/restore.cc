@@ -426,7 +426,9 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
     task.writeValue(scratchPtr.cast<decltype(fprog)>(), fprog);
     uint64_t remoteListener = task.syscallOrThrow(
         "seccomp(SECCOMP_SET_MODE_FILTER)", __NR_seccomp,
-        {SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, scratch});
+        {SECCOMP_SET_MODE_FILTER,
+         SECCOMP_FILTER_FLAG_NEW_LISTENER | static_cast<uint64_t>(options.seccompExtraFlags),
+         scratch});
     int pidfd;
     KJ_SYSCALL(pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)), pid);
     kj::AutoCloseFd pidfdOwner(pidfd);
