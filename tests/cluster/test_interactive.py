@@ -1,0 +1,54 @@
+"""An interactive python3 REPL under `mosrun -r 2`, driven through a tmux terminal in node 1."""
+
+import time
+
+import pytest
+
+from conftest import PYTHON, run_host, wait_until, LOCAL_CLUSTER
+
+SOCKET = "umosix-test"
+
+
+class Tmux:
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+    def __call__(self, *args, timeout=20):
+        cp = self.cluster.run(1, ["tmux", "-L", SOCKET] + list(args), timeout=timeout)
+        assert cp.returncode == 0, (args, cp.stderr)
+        return cp.stdout.decode(errors="replace")
+
+    def screen(self):
+        return self("capture-pane", "-p", "-t", "repl")
+
+    def lines(self):
+        return [l.rstrip() for l in self.screen().splitlines() if l.strip()]
+
+    def wait_screen(self, predicate, what, timeout=30):
+        try:
+            return wait_until(lambda: predicate(self.lines()), timeout, interval=0.1, what=what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; screen:\n{self.screen()}") from None
+
+
+def test_python_repl_in_a_terminal(cluster, home):
+    tmux = Tmux(cluster)
+    try:
+        tmux("new-session", "-d", "-s", "repl", "-x", "100", "-y", "30", "-c", str(home),
+             f"mosrun -r 2 {PYTHON} -q; echo EXIT=$?; sleep 300")
+        tmux.wait_screen(lambda l: l and l[-1] == ">>>", "the first prompt", timeout=60)
+        rec = wait_until(lambda: [r for r in cluster.mps() if r.get("state") == "remote"],
+                         20, interval=0.1, what="the REPL remote")[0]
+        assert rec["node"] == 2
+
+        tmux("send-keys", "-t", "repl", "print(6*7)", "Enter")
+        tmux.wait_screen(lambda l: l[-2:] == ["42", ">>>"], "42 and a new prompt")
+
+        tmux("send-keys", "-t", "repl", "C-c")
+        tmux.wait_screen(lambda l: l[-2:] == ["KeyboardInterrupt", ">>>"],
+                         "KeyboardInterrupt and a new prompt")
+
+        tmux("send-keys", "-t", "repl", "C-d")
+        tmux.wait_screen(lambda l: "EXIT=0" in l, "the REPL to exit with status 0")
+    finally:
+        cluster.run(1, ["tmux", "-L", SOCKET, "kill-server"], timeout=20)
