@@ -16,6 +16,7 @@ struct FileRef {
   ino @2 :UInt64;      # st_ino
   size @3 :UInt64;     # st_size, bytes
   mtimeNs @4 :Int64;   # st_mtim in nanoseconds since the epoch
+  mode @5 :UInt32;     # st_mode (file type and permission bits)
 }
 
 struct Mapping {
