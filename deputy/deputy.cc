@@ -35,7 +35,7 @@ std::string bytesToString(capnp::Data::Reader data) {
   return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
 }
 
-void makeDirs(const std::string& path) {
+[[maybe_unused]] void makeDirs(const std::string& path) {
   for (size_t i = 1; i <= path.size(); i++) {
     if (i == path.size() || path[i] == '/') {
       mkdir(path.substr(0, i).c_str(), 0755);
@@ -269,6 +269,7 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
     r->node = options_.homeNode;
     r->remotePid = 0;
   }
+#if MOS_DEPUTY_HAVE_AGENT
   migrate::Agent agent;
   bool haveAgent = false;
   if (!options_.runDir.empty() && !options_.selfExe.empty()) {
@@ -286,6 +287,9 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
                    getpid(), e.getDescription().cStr());
     }
   }
+#else
+  spdlog::warn("job {}: built without libmigrate's agent; the new program stays home", getpid());
+#endif
   sigset_t mask;
   sigemptyset(&mask);
   uint64_t blocked = request.getSigBlocked();
@@ -306,9 +310,11 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
       sigaction(sig, &saved[sig], nullptr);
     }
   }
+#if MOS_DEPUTY_HAVE_AGENT
   if (haveAgent) {
     agent.cancel();
   }
+#endif
   if (r != nullptr) {
     r->state = static_cast<uint32_t>(JobState::REMOTE);
     r->node = options_.node;

@@ -138,24 +138,6 @@ struct HomeBuffer {
   bool present = false;
 };
 
-bool isPointerKind(ArgKind kind) {
-  switch (kind) {
-    case ArgKind::PATH:
-    case ArgKind::IN_BUF:
-    case ArgKind::OUT_BUF:
-    case ArgKind::IN_STRUCT:
-    case ArgKind::OUT_STRUCT:
-    case ArgKind::INOUT_STRUCT:
-    case ArgKind::INOUT_ARRAY:
-    case ArgKind::INOUT_BITS:
-    case ArgKind::OUT_BUF_LENPTR:
-    case ArgKind::PATH_OR_NULL:
-      return true;
-    default:
-      return false;
-  }
-}
-
 // The buffers of the call being executed (one call at a time per deputy thread).
 thread_local HomeBuffer currentBuffers[6];
 
@@ -230,9 +212,18 @@ void Executor::execute(proto::SyscallRequest::Reader request,
   for (uint i = 0; i < outList.size(); i++) {
     uint8_t arg = outList[i].getArg();
     size_t size = out[i].size();
-    bool trimmed = row != nullptr && row->args[arg].kind == ArgKind::OUT_BUF;
-    if (trimmed) {
-      size_t keep = ret > 0 ? kj::min(static_cast<size_t>(ret), size) : 0;
+    // What the supervisor writes back (marshal.h, unmarshalReply): nothing on failure,
+    // ret bytes of an OUT_BUF, ret elements of an OUT_ARRAY, the rest in full.
+    ArgKind kind = row != nullptr ? row->args[arg].kind : ArgKind::NONE;
+    size_t keep = size;
+    if (ret < 0) {
+      keep = 0;
+    } else if (kind == ArgKind::OUT_BUF) {
+      keep = kj::min(static_cast<size_t>(ret), size);
+    } else if (kind == ArgKind::OUT_ARRAY && row->args[arg].size > 0) {
+      keep = kj::min(static_cast<size_t>(ret) * row->args[arg].size, size);
+    }
+    {
       if (keep < size) {
         auto orphan = out.disown(i);
         orphan.truncate(keep);

@@ -6,9 +6,9 @@
 // ones copied with a terminating NUL, so a path without its NUL is still a C string), out-buffers
 // are allocated inside the reply message itself (zero filled; in/out arguments start from the
 // in-data), the pointers are substituted into their arguments, and the raw call runs through
-// interruptibleSyscall() (signals.h). Out-buffers of kind OUT_BUF are trimmed to max(ret, 0)
-// bytes; every other out-buffer travels in full, also on failure (nanosleep's remaining time on
-// EINTR).
+// interruptibleSyscall() (signals.h). Out-buffers are trimmed to what the supervisor writes back
+// (runtime/marshal.h unmarshalReply): all of them to nothing when ret < 0, OUT_BUF to ret bytes,
+// OUT_ARRAY to ret elements; the others travel in full.
 //
 // Deputy-side special cases, because the fd table and /proc/self are shared with the job:
 //   - an FD argument naming a reserved descriptor (fds.h): EBADF, as if it were not open;
@@ -32,6 +32,7 @@
 
 #include "fds.h"
 #include "job.capnp.h"
+#include "syscall_table.h"
 
 namespace mos::deputy {
 
@@ -55,7 +56,7 @@ class Executor {
   const std::string& jobExe() const { return jobExe_; }
 
  private:
-  int64_t run(int nr, uint64_t (&args)[6], const struct SyscallEntry* row);
+  int64_t run(int nr, uint64_t (&args)[6], const SyscallEntry* row);
   int64_t closeRange(uint64_t (&args)[6]);
   int64_t pollAroundReserved(int nr, uint64_t (&args)[6]);
   bool setsNameReserved(uint64_t (&args)[6]);
