@@ -12,6 +12,7 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <kj/io.h>
@@ -25,7 +26,10 @@ namespace mos::migrate {
 // PTRACE_EVENT_EXEC stop); pid has exactly one thread.
 // Captures mappings (/proc/PID/maps), the bytes of private pages that differ from their file
 // (pagemap) and of all anonymous pages, registers (NT_PRSTATUS, including fs_base) and xsave
-// state (NT_X86_XSTATE), auxv, the mm layout, signal mask and SIG_IGN set, exe identity.
+// state (NT_X86_XSTATE), auxv, the mm layout, signal mask and SIG_IGN set, exe identity, rseq
+// registration. Mappings of deleted files and memfds travel as anonymous copies of every page.
+// A task stopped on its way out of an interrupted syscall gets CRIU's restart fixup (rax =
+// orig_rax, rip -= 2); one inside an rseq critical section resumes at its abort handler.
 // Throws kj::Exception (FAILED) with a readable description on any error (a second thread,
 // unreadable memory, a shared writable file mapping).
 void capture(pid_t pid, proto::MigrationImage::Builder image);
@@ -40,7 +44,17 @@ struct RestoreOptions {
   gid_t gid = 65534;
   bool dropPrivileges = true;
   // The seccomp program to install (seccomp_filter.h); empty: none (tests of restore alone).
+  // It must let the stub's own close(2) and munmap(2) through (allow, or notify: restore()
+  // answers notifications for its injected calls with SECCOMP_USER_NOTIF_FLAG_CONTINUE).
   std::span<const sock_filter> seccompFilter;
+  // Flags OR'd into SECCOMP_FILTER_FLAG_NEW_LISTENER (e.g. SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV).
+  unsigned seccompExtraFlags = 0;
+  // The stub inherits the caller's whole fd table (local restores: checkpoint files, tests).
+  // Default: it starts with an empty fd table, apart from fdMap.
+  bool keepAllFds = false;
+  // (caller fd, stub fd) pairs dup2'd into the stub before exec, e.g. {{pipeWriteEnd, 1}}.
+  // At most 64 pairs.
+  std::vector<std::pair<int, int>> fdMap;
 };
 
 struct RestoredGuest {
@@ -55,6 +69,22 @@ struct RestoredGuest {
 // an empty fd table.
 // Throws kj::Exception (FAILED) when the image cannot be restored here (vDSO layout differs,
 // xsave features missing, a file cannot be resolved); the stub is killed and reaped first.
+// Exceptions thrown by `files` propagate unchanged (nothing is forked before all files resolve).
+//
+// What the caller must know:
+// - restore() is synchronous (a few ms) and waitpid()s the stub by pid with __WALL while it
+//   works: no other code of the caller may reap with waitpid(-1) meanwhile.
+// - The guest is the caller's child: reap it. Its PR_SET_PDEATHSIG(SIGKILL) fires when the
+//   *thread* that called restore() exits, so call it from a thread that lives as long as the
+//   guest should (the main thread).
+// - Restored: mappings, page contents, registers incl. fs_base/gs_base, xsave, signal mask, SIG_IGN
+//   set, mm layout (PR_SET_MM_MAP incl. auxv), rseq registration, vDSO address. Not restored yet:
+//   sigaltstack, set_tid_address, robust list, itimers, rlimits, pending signals, and
+//   /proc/PID/exe (it names the stub's memfd: the stub stays mapped until the last injected call).
+// - With a filter, restore's own injected close(2) of the stub's listener copy and the final
+//   munmap(2) pass through the filter; notifications for them are answered by restore() itself
+//   with SECCOMP_USER_NOTIF_FLAG_CONTINUE. The first notification the caller receives is the
+//   guest's own.
 RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& files,
                       const RestoreOptions& options);
 
@@ -62,7 +92,10 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
 // that seizes the calling process, waits for its next successful execve, captures it at the
 // PTRACE_EVENT_EXEC stop, writes the image to `imagePath` (mode 0600), and turns the process into
 // its deputy by injecting execve(deputyPath, deputyArgv) (decision 1). If capture fails it
-// detaches and lets the new program run at home, and says so on stderr.
+// detaches and lets the new program run at home, and says so on stderr. If the execve of the
+// deputy fails, it says so on stderr, removes the image and makes the process exit_group(125).
+// The deputy runs with an empty environment. Call start() while the caller is single-threaded:
+// the agent is a fork of it that runs C++ code.
 struct AgentConfig {
   std::string deputyPath;                // absolute path of mos-deputy
   std::vector<std::string> deputyArgv;   // argv[0..] of the deputy; "--image PATH" is appended
@@ -82,6 +115,9 @@ class Agent {
   // The caller's execve failed: the agent exits without touching the caller (ptrace detaches
   // on the tracer's exit).
   void cancel();
+
+  // The agent's pid (not a child of the caller: it is reparented to init or a subreaper).
+  pid_t pid() const { return pid_; }
 
  private:
   pid_t pid_ = -1;                 // the agent

@@ -55,6 +55,10 @@ struct ThreadState {
                          # (includes fs_base and gs_base)
   xstate @2 :Data;       # the NT_X86_XSTATE buffer (XSAVE layout of the source CPU)
   sigBlocked @3 :UInt64; # blocked mask, bit (n-1) for signal n
+  rseqAddr @4 :UInt64;   # registered struct rseq (rseq(2)), 0 if none
+                         # (PTRACE_GET_RSEQ_CONFIGURATION); restore re-registers it
+  rseqSize @5 :UInt32;   # its registered length, bytes
+  rseqSignature @6 :UInt32;  # the abort signature it was registered with
 }
 
 struct MmLayout {

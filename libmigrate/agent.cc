@@ -1,0 +1,328 @@
+// Agent: the home side of the first migration (design decision 1). The agent is a grandchild of
+// the caller (double fork: never a child the job could wait for) in its own session (terminal
+// signals are the job's, not the agent's). It PTRACE_SEIZEs the caller, lets it run (signals are
+// re-injected, group stops kept with PTRACE_LISTEN) until PTRACE_EVENT_EXEC, captures the new
+// program there, writes the image, and injects execve(deputy) into the same process. Success is
+// a second PTRACE_EVENT_EXEC; failure is the syscall-exit stop with -errno, after which the agent
+// injects exit_group(125).
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/ptrace.h>
+#include <sys/signalfd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+
+#include <capnp/message.h>
+#include <kj/debug.h>
+
+#include "image_io.h"
+#include "migrate.h"
+#include "ptrace_task.h"
+
+namespace mos::migrate {
+
+namespace {
+
+constexpr int EXEC_FAILED_STATUS = 125;
+
+struct ReadyMessage {
+  int error;  // 0, or the errno of PTRACE_SEIZE
+  pid_t agent;
+};
+
+void closeAllExcept(std::vector<int> keep) {
+  std::sort(keep.begin(), keep.end());
+  unsigned next = 3;
+  for (int fd : keep) {
+    if (fd >= static_cast<int>(next)) {
+      if (static_cast<unsigned>(fd) > next) {
+        ::syscall(SYS_close_range, next, static_cast<unsigned>(fd) - 1, 0);
+      }
+      next = fd + 1;
+    }
+  }
+  ::syscall(SYS_close_range, next, ~0u, 0);
+}
+
+bool isGroupStopSignal(int sig) {
+  return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
+}
+
+// Resumes `pid` from a stop that is not ours to handle: signal-delivery stops get their signal
+// back, group stops stay stopped (PTRACE_LISTEN). Returns the signal that a stop suppressed when
+// `suppress` is set (injection phases), else 0.
+int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
+  int sig = WSTOPSIG(status);
+  if (ptraceEvent(status) == PTRACE_EVENT_STOP) {
+    if (isGroupStopSignal(sig) && !suppress) {
+      ::ptrace(PTRACE_LISTEN, pid, 0, 0);
+    } else {
+      ::ptrace(resume, pid, 0, 0);
+    }
+    return 0;
+  }
+  if (ptraceEvent(status) != 0) {
+    ::ptrace(resume, pid, 0, 0);
+    return 0;
+  }
+  if (suppress) {
+    ::ptrace(resume, pid, 0, 0);
+    return sig;
+  }
+  ::ptrace(resume, pid, 0, sig);
+  return 0;
+}
+
+// At the PTRACE_EVENT_EXEC stop of the job's program: capture, write, turn into the deputy.
+[[noreturn]] void migrateAtExec(pid_t pid, const AgentConfig& config) {
+  try {
+    capnp::MallocMessageBuilder message;
+    capture(pid, message.initRoot<proto::MigrationImage>());
+    writeImageFile(config.imagePath, message);
+  } catch (kj::Exception& e) {
+    fprintf(stderr, "mos-agent: cannot migrate pid %d, it runs at home: %s\n", pid,
+            e.getDescription().cStr());
+    ::ptrace(PTRACE_DETACH, pid, 0, 0);
+    ::_exit(1);
+  }
+
+  std::vector<int> pending;  // signals that arrived during the injection, delivered after it
+  try {
+    PtraceTask task(pid);
+    // The program's own execve has not returned yet: step to its syscall-exit stop.
+    KJ_SYSCALL(::ptrace(PTRACE_SYSCALL, pid, 0, 0));
+    for (;;) {
+      int status = waitTask(pid);
+      KJ_REQUIRE(WIFSTOPPED(status), "job process ended", describeStatus(status));
+      if (isSyscallStop(status)) {
+        break;
+      }
+      if (int sig = passStop(pid, status, PTRACE_SYSCALL, true)) {
+        pending.push_back(sig);
+      }
+    }
+
+    user_regs_struct regs = task.getRegs();
+    // Strings and pointer arrays go below rsp: the image is captured, this memory is ours.
+    std::vector<std::string> args = config.deputyArgv;
+    if (args.empty()) {
+      args.push_back(config.deputyPath);
+    }
+    args.push_back("--image");
+    args.push_back(config.imagePath);
+    size_t bytes = config.deputyPath.size() + 1;
+    for (auto& a : args) {
+      bytes += a.size() + 1;
+    }
+    size_t pointers = (args.size() + 2) * 8;
+    KJ_REQUIRE(bytes + pointers < 60000, "deputy arguments too long");
+    uint64_t base = (regs.rsp - 4096 - bytes - pointers) & ~15ull;
+    RemotePtr<char> strings(base + pointers);
+    RemotePtr<char> path = strings;
+    strings = task.writeString(strings, config.deputyPath);
+    std::vector<uint64_t> argvPtrs;
+    for (auto& a : args) {
+      argvPtrs.push_back(strings.addr());
+      strings = task.writeString(strings, a);
+    }
+    argvPtrs.push_back(0);  // argv terminator
+    argvPtrs.push_back(0);  // envp = {NULL}
+    task.writeMem(RemotePtr<uint8_t>(base),
+                  std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(argvPtrs.data()),
+                                           argvPtrs.size() * 8));
+    uint64_t argvAt = base, envpAt = base + (argvPtrs.size() - 1) * 8;
+
+    // `syscall` at rip (the new program's entry, never to run now).
+    errno = 0;
+    long word = ::ptrace(PTRACE_PEEKTEXT, pid, regs.rip, 0);
+    KJ_REQUIRE(errno == 0, "PTRACE_PEEKTEXT", strerror(errno));
+    word = (word & ~0xffffl) | 0x050f;
+    KJ_SYSCALL(::ptrace(PTRACE_POKETEXT, pid, regs.rip, word));
+    uint64_t insn = regs.rip;
+
+    regs.rax = __NR_execve;
+    regs.orig_rax = static_cast<uint64_t>(-1);
+    regs.rdi = path.addr();
+    regs.rsi = argvAt;
+    regs.rdx = envpAt;
+    task.setRegs(regs);
+    KJ_SYSCALL(::ptrace(PTRACE_SYSCALL, pid, 0, 0));
+    bool entered = false;
+    for (;;) {
+      int status = waitTask(pid);
+      KJ_REQUIRE(WIFSTOPPED(status), "job process ended", describeStatus(status));
+      if (ptraceEvent(status) == PTRACE_EVENT_EXEC) {
+        ::ptrace(PTRACE_DETACH, pid, 0, 0);
+        for (int sig : pending) {
+          ::kill(pid, sig);
+        }
+        ::_exit(0);
+      }
+      if (isSyscallStop(status) && !entered) {
+        entered = true;
+        KJ_SYSCALL(::ptrace(PTRACE_SYSCALL, pid, 0, 0));
+        continue;
+      }
+      if (isSyscallStop(status)) {
+        long rval = static_cast<long>(task.getRegs().rax);
+        fprintf(stderr, "mos-agent: execve(%s) of the deputy failed in pid %d: %s; "
+                "the process exits with status %d\n", config.deputyPath.c_str(), pid,
+                strerror(static_cast<int>(-rval)), EXEC_FAILED_STATUS);
+        ::unlink(config.imagePath.c_str());
+        user_regs_struct r = task.getRegs();
+        r.rax = __NR_exit_group;
+        r.orig_rax = static_cast<uint64_t>(-1);
+        r.rdi = EXEC_FAILED_STATUS;
+        r.rip = insn;
+        task.setRegs(r);
+        ::ptrace(PTRACE_DETACH, pid, 0, 0);
+        ::_exit(1);
+      }
+      if (int sig = passStop(pid, status, PTRACE_SYSCALL, true)) {
+        pending.push_back(sig);
+      }
+    }
+  } catch (kj::Exception& e) {
+    fprintf(stderr, "mos-agent: turning pid %d into its deputy failed: %s; killing it\n", pid,
+            e.getDescription().cStr());
+    ::kill(pid, SIGKILL);
+    ::_exit(1);
+  }
+}
+
+[[noreturn]] void runAgent(pid_t caller, const AgentConfig& config, int readyFd,
+                           int controlFd) {
+  ::setsid();
+  int devnull = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+  if (devnull >= 0) {
+    ::dup2(devnull, 0);
+    ::dup2(devnull, 1);
+  }
+  closeAllExcept({readyFd, controlFd});
+
+  ReadyMessage ready{0, ::getpid()};
+  if (::ptrace(PTRACE_SEIZE, caller, 0, PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD) != 0) {
+    ready.error = errno;
+    (void)!::write(readyFd, &ready, sizeof(ready));
+    ::_exit(1);
+  }
+  sigset_t chld;
+  sigemptyset(&chld);
+  sigaddset(&chld, SIGCHLD);
+  ::sigprocmask(SIG_BLOCK, &chld, nullptr);
+  int sfd = ::signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+  (void)!::write(readyFd, &ready, sizeof(ready));
+  ::close(readyFd);
+
+  bool controlOpen = true;
+  for (;;) {
+    signalfd_siginfo info;
+    while (::read(sfd, &info, sizeof(info)) > 0) {
+    }
+    for (;;) {
+      int status = 0;
+      pid_t r = ::waitpid(caller, &status, WNOHANG | __WALL);
+      if (r < 0 && errno == EINTR) {
+        continue;
+      }
+      if (r < 0) {
+        ::_exit(0);  // no longer traced: nothing left to do
+      }
+      if (r == 0) {
+        break;
+      }
+      if (WIFEXITED(status) || WIFSIGNALED(status)) {
+        ::_exit(0);
+      }
+      if (ptraceEvent(status) == PTRACE_EVENT_EXEC) {
+        migrateAtExec(caller, config);
+      }
+      passStop(caller, status, PTRACE_CONT, false);
+    }
+    pollfd fds[2] = {{sfd, POLLIN, 0}, {controlOpen ? controlFd : -1, POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) {
+      continue;
+    }
+    if (controlOpen && (fds[1].revents & (POLLIN | POLLHUP))) {
+      char c;
+      ssize_t n = ::read(controlFd, &c, 1);
+      if (n > 0) {
+        ::_exit(0);  // cancel(): the exit detaches us from the caller
+      }
+      if (n == 0) {
+        // The caller's exec closed it (CLOEXEC) or the Agent was dropped: the exec event, or
+        // the caller's exit, is what we wait for now.
+        controlOpen = false;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Agent Agent::start(const AgentConfig& config) {
+  pid_t caller = ::getpid();
+  int ready[2], control[2];
+  KJ_SYSCALL(::pipe2(ready, O_CLOEXEC));
+  kj::AutoCloseFd readyRead(ready[0]), readyWrite(ready[1]);
+  KJ_SYSCALL(::pipe2(control, O_CLOEXEC));
+  kj::AutoCloseFd controlRead(control[0]), controlWrite(control[1]);
+
+  pid_t middle;
+  KJ_SYSCALL(middle = ::fork());
+  if (middle == 0) {
+    pid_t agent = ::fork();
+    if (agent != 0) {
+      ::_exit(agent > 0 ? 0 : 1);
+    }
+    try {
+      runAgent(caller, config, ready[1], control[0]);
+    } catch (...) {
+    }
+    ::_exit(1);
+  }
+  readyWrite = nullptr;
+  controlRead = nullptr;
+  waitTask(middle);
+
+  ReadyMessage msg{};
+  ssize_t n;
+  KJ_SYSCALL(n = ::read(readyRead.get(), &msg, sizeof(msg)));
+  KJ_REQUIRE(n == sizeof(msg), "migration agent died before seizing the caller");
+  if (msg.error != 0) {
+    KJ_FAIL_REQUIRE("migration agent cannot ptrace the caller", strerror(msg.error));
+  }
+  Agent agent;
+  agent.pid_ = msg.agent;
+  agent.control_ = kj::mv(controlWrite);
+  return agent;
+}
+
+Agent::Agent(Agent&& other) noexcept : pid_(other.pid_), control_(kj::mv(other.control_)) {
+  other.pid_ = -1;
+}
+
+Agent& Agent::operator=(Agent&& other) noexcept {
+  pid_ = other.pid_;
+  control_ = kj::mv(other.control_);
+  other.pid_ = -1;
+  return *this;
+}
+
+Agent::~Agent() {}
+
+void Agent::cancel() {
+  if (control_.get() >= 0) {
+    char c = 'c';
+    (void)!::write(control_.get(), &c, 1);
+    control_ = nullptr;
+  }
+}
+
+}  // namespace mos::migrate
