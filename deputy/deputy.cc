@@ -193,12 +193,12 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
   if (reply.getRet() == -EINTR && signalsPending()) {
     reply.setInterrupted(true);
   }
-  // Signals first: the supervisor must deliver them before it decides what the guest sees.
-  flushSignals();
-  channel_->send(replyMessage);
   if (auto* r = record_.get()) {
     r->syscalls.store(r->syscalls.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   }
+  // Signals first: the supervisor must deliver them before it decides what the guest sees.
+  flushSignals();
+  channel_->send(replyMessage);
 }
 
 // execve(2)/execveat(2) of the guest, performed here (design decision 2). The new program starts
