@@ -42,6 +42,11 @@ class Channel {
   // socket to become readable first (poll(2) on fd() would miss them).
   bool hasBuffered();
 
+  // Replaces the descriptor by `fd`, another descriptor of the same connection (the deputy moves
+  // its socket out of the job's way when the job dup2()s onto its number); closes the old one.
+  // Buffered bytes are kept.
+  void replaceFd(kj::AutoCloseFd fd) { fd_ = kj::mv(fd); }
+
  private:
   // Reads at least `min` bytes into `dst` from the buffer, then the socket. Returns the bytes
   // read, less than `min` only at end of stream.

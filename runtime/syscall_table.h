@@ -38,7 +38,14 @@ enum class ArgKind : uint8_t {
   OUT_BUF_LENPTR,  // bytes out whose capacity is the socklen_t that argument `lenArg` points to
                    // (accept, getsockname, recvfrom); trimmed to the capacity
   IGNORED_PTR,   // a pointer the deputy does not need (ppoll's sigmask): passed as NULL
+  OUT_ARRAY,     // argument `lenArg` elements of `size` bytes out (epoll_wait's events,
+                 // getgroups); the reply is trimmed to ret elements
 };
+
+// True for the kinds whose argument is a guest address.
+constexpr bool isPointerKind(ArgKind kind) {
+  return kind != ArgKind::NONE && kind != ArgKind::VAL && kind != ArgKind::FD;
+}
 
 struct ArgSpec {
   ArgKind kind = ArgKind::NONE;
@@ -64,7 +71,8 @@ enum SyscallClass : uint32_t {
 enum class HandlerId : uint8_t {
   NONE,         // regular: generic marshalling
   IDS,          // getpid, gettid, getuid, ...: answered from the job's Ids cache
-  MMAP,         // file-backed mmap: mapped from the remote content cache
+  MMAP,         // file-backed mmap: mapped from the remote content cache. The mmap row is LOCAL
+                // with this handler: the filter ALLOWs MAP_ANONYMOUS, the rest is notified
   EXEC,         // execve, execveat: performed at home (design decision 2)
   IOV,          // readv, writev, preadv, pwritev (2): flattened into one buffer
   KILL,         // kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo: self-signals stay local
@@ -81,7 +89,8 @@ struct SyscallEntry {
   Route route;
   uint32_t classes;     // SyscallClass bits
   ArgSpec args[6];
-  HandlerId handler;    // NONE for regular rows
+  HandlerId handler;    // NONE for regular rows; a LOCAL row with a handler is local only under
+                        // the handler's condition (MMAP: MAP_ANONYMOUS) and irregular otherwise
   int err;              // DENY: the errno the guest sees
   const char* why;      // DENY: one line for docs and logs
 };
@@ -91,6 +100,11 @@ std::span<const SyscallEntry> syscallTable();
 
 // The row for `nr`, or nullptr when the syscall has no row (denied with ENOSYS).
 const SyscallEntry* findSyscall(int nr);
+
+// Names for logs and docs: "LOCAL", "OUT_BUF", "IOCTL", ...
+const char* routeName(Route route);
+const char* argKindName(ArgKind kind);
+const char* handlerName(HandlerId handler);
 
 // The largest buffer a single forwarded call moves, bytes (8 MiB). Larger reads and writes are
 // cut to this (a short read or write, which callers must handle anyway).

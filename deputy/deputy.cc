@@ -1,0 +1,467 @@
+#include "deputy.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <capnp/message.h>
+#include <kj/debug.h>
+#include <spdlog/spdlog.h>
+
+#include "migrate.h"
+#include "signals.h"
+
+namespace mos::deputy {
+
+namespace {
+
+constexpr size_t FILE_CHUNK_BYTES = 1u << 20;  // FileData.data is at most 1 MiB
+
+std::string readLink(const std::string& path) {
+  char buffer[PATH_MAX + 1];
+  ssize_t n = readlink(path.c_str(), buffer, PATH_MAX);
+  return n < 0 ? std::string() : std::string(buffer, n);
+}
+
+std::string bytesToString(capnp::Data::Reader data) {
+  return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
+}
+
+[[maybe_unused]] void makeDirs(const std::string& path) {
+  for (size_t i = 1; i <= path.size(); i++) {
+    if (i == path.size() || path[i] == '/') {
+      mkdir(path.substr(0, i).c_str(), 0755);
+    }
+  }
+}
+
+}  // namespace
+
+void printMosrunMessage(const std::string& text) {
+  std::string line = "mosrun: " + text + "\n";
+  size_t done = 0;
+  while (done < line.size()) {
+    ssize_t n = write(STDERR_FILENO, line.data() + done, line.size() - done);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n <= 0) {
+      return;
+    }
+    done += n;
+  }
+}
+
+Deputy::Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel)
+    : options_(std::move(options)),
+      fds_(fds),
+      channel_(kj::mv(channel)),
+      executor_(fds, options_.jobExe, getpid()) {
+  // The channel's socket moves when the job dup2()s onto its number (executor.h).
+  fds_.add(channel_->fd(), [this](int, int newFd) {
+    channel_->replaceFd(kj::AutoCloseFd(newFd));
+  });
+  if (!options_.runDir.empty()) {
+    try {
+      record_ = OwnedJobRecord::create(options_.runDir, "jobs", getpid(), getpid(),
+                                       options_.homeNode, options_.command);
+      record_.get()->node = options_.node;
+      record_.get()->state = static_cast<uint32_t>(JobState::MIGRATING);
+    } catch (kj::Exception& e) {
+      spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
+    }
+  }
+}
+
+void Deputy::run() {
+  for (;;) {
+    kj::Maybe<kj::Own<capnp::MessageReader>> message;
+    try {
+      waitForMessage();
+      message = channel_->receive();
+    } catch (kj::Exception& e) {
+      if (e.getType() != kj::Exception::Type::DISCONNECTED) {
+        spdlog::error("job channel: {}", e.getDescription().cStr());
+      }
+      nodeDied();
+    }
+    KJ_IF_MAYBE(m, message) {
+      try {
+        handle((*m)->getRoot<proto::ToDeputy>());
+      } catch (kj::Exception& e) {
+        if (e.getType() == kj::Exception::Type::DISCONNECTED) {
+          nodeDied();
+        }
+        spdlog::error("deputy of job {}: {}", getpid(), e.getDescription().cStr());
+        fail(std::string("the deputy of job ") + std::to_string(getpid()) +
+                 " failed: " + e.getDescription().cStr(),
+             EXIT_NODE_DIED);
+      }
+    } else {
+      nodeDied();
+    }
+  }
+}
+
+void Deputy::waitForMessage() {
+  for (;;) {
+    flushSignals();
+    if (channel_->hasBuffered()) {
+      return;
+    }
+    struct pollfd pfd = {channel_->fd(), POLLIN, 0};
+    // The only place besides a forwarded call where signals are open.
+    int n = ppoll(&pfd, 1, nullptr, &openSignalMask());
+    if (n < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      KJ_FAIL_SYSCALL("ppoll", errno);
+    }
+    flushSignals();
+    return;
+  }
+}
+
+void Deputy::flushSignals() {
+  for (int sig : takePendingSignals()) {
+    capnp::MallocMessageBuilder message(16);
+    message.initRoot<proto::ToRemote>().setSignal(sig);
+    channel_->send(message);
+  }
+}
+
+void Deputy::handle(proto::ToDeputy::Reader message) {
+  switch (message.which()) {
+    case proto::ToDeputy::SYSCALL:
+      handleSyscall(message.getSyscall());
+      return;
+    case proto::ToDeputy::EXEC:
+      handleExec(message.getExec());
+      return;
+    case proto::ToDeputy::FETCH_FILE:
+      handleFetchFile(message.getFetchFile());
+      return;
+    case proto::ToDeputy::EXIT:
+      handleExit(message.getExit());
+    case proto::ToDeputy::STARTED:
+      if (auto* r = record_.get()) {
+        r->remotePid = message.getStarted();
+        r->node = options_.node;
+        r->state = static_cast<uint32_t>(JobState::REMOTE);
+      }
+      spdlog::debug("job {} runs on node {} as pid {}", getpid(), options_.node,
+                    message.getStarted());
+      return;
+    case proto::ToDeputy::FAILED:
+      fail(message.getFailed().cStr(), EXIT_CANNOT_RUN);
+    case proto::ToDeputy::STOPPED:
+      // Job control: the guest is in a group stop, so the job's home process stops too and the
+      // shell sees the job stopped. SIGCONT (from fg/bg) continues us and is forwarded.
+      kill(getpid(), SIGSTOP);
+      return;
+    case proto::ToDeputy::CONTINUED:
+      return;
+  }
+  spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
+               static_cast<int>(message.which()));
+}
+
+void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
+  capnp::MallocMessageBuilder replyMessage;
+  try {
+    executor_.execute(request, replyMessage);
+  } catch (kj::Exception& e) {
+    if (e.getType() == kj::Exception::Type::DISCONNECTED) {
+      throw;
+    }
+    spdlog::error("malformed syscall request {} (nr {}): {}", request.getSeq(), request.getNr(),
+                  e.getDescription().cStr());
+    auto reply = replyMessage.initRoot<proto::ToRemote>().initReply();
+    reply.setSeq(request.getSeq());
+    reply.setRet(-EINVAL);
+  }
+  auto reply = replyMessage.getRoot<proto::ToRemote>().getReply();
+  if (reply.getRet() == -EINTR && signalsPending()) {
+    reply.setInterrupted(true);
+  }
+  if (auto* r = record_.get()) {
+    r->syscalls.store(r->syscalls.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
+  // Signals first: the supervisor must deliver them before it decides what the guest sees.
+  flushSignals();
+  channel_->send(replyMessage);
+}
+
+// execve(2)/execveat(2) of the guest, performed here (design decision 2). The new program starts
+// natively in P with the job's fds; a fresh migration agent, seized before the exec, captures it
+// at its exec stop and sends it away again. Success never returns: our descriptors are all
+// close-on-exec, so the supervisor sees the channel close and ends the old guest.
+void Deputy::handleExec(proto::ExecRequest::Reader request) {
+  auto replyWith = [&](int64_t ret) {
+    capnp::MallocMessageBuilder message;
+    auto reply = message.initRoot<proto::ToRemote>().initReply();
+    reply.setSeq(request.getSeq());
+    reply.setRet(ret);
+    flushSignals();
+    channel_->send(message);
+  };
+  int dirfd = request.getDirfd();
+  if (dirfd != AT_FDCWD && fds_.contains(dirfd)) {
+    replyWith(-EBADF);
+    return;
+  }
+  std::string path = bytesToString(request.getPath());
+  switch (executor_.classifyPath(dirfd, path.c_str())) {
+    case Executor::ProcPath::RESERVED_FD:
+      replyWith(-ENOENT);
+      return;
+    case Executor::ProcPath::EXE:
+      if (!options_.jobExe.empty()) {
+        path = options_.jobExe;  // re-exec of /proc/self/exe means the job's program
+      }
+      break;
+    case Executor::ProcPath::OTHER:
+      break;
+  }
+  std::vector<std::string> argvStrings, envpStrings;
+  for (auto a : request.getArgv()) {
+    argvStrings.push_back(bytesToString(a));
+  }
+  for (auto e : request.getEnvp()) {
+    envpStrings.push_back(bytesToString(e));
+  }
+  std::vector<char*> argv, envp;
+  for (auto& s : argvStrings) {
+    argv.push_back(s.data());
+  }
+  argv.push_back(nullptr);
+  for (auto& s : envpStrings) {
+    envp.push_back(s.data());
+  }
+  envp.push_back(nullptr);
+
+  // Dispositions as the guest had them: SIG_IGN survives exec, handlers become SIG_DFL.
+  struct sigaction saved[65];
+  bool haveSaved[65] = {};
+  uint64_t ignored = request.getSigIgnored();
+  for (int sig = 1; sig <= 64; sig++) {
+    if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, nullptr, &saved[sig]) < 0) {
+      continue;
+    }
+    haveSaved[sig] = true;
+    struct sigaction next = {};
+    next.sa_handler = (ignored & (uint64_t{1} << (sig - 1))) ? SIG_IGN : SIG_DFL;
+    sigaction(sig, &next, nullptr);
+  }
+  JobRecord* r = record_.get();
+  if (r != nullptr) {
+    // The new program runs at home until its agent migrates it; the next deputy rewrites this.
+    r->state = static_cast<uint32_t>(JobState::HOME);
+    r->node = options_.homeNode;
+    r->remotePid = 0;
+  }
+#if MOS_DEPUTY_HAVE_AGENT
+  migrate::Agent agent;
+  bool haveAgent = false;
+  if (!options_.runDir.empty() && !options_.selfExe.empty()) {
+    try {
+      migrate::AgentConfig config;
+      config.deputyPath = options_.selfExe;
+      config.deputyArgv = options_.selfArgv;
+      makeDirs(options_.runDir + "/images");
+      config.imagePath =
+          options_.runDir + "/images/" + std::to_string(getpid()) + ".img";
+      agent = migrate::Agent::start(config);
+      haveAgent = true;
+    } catch (kj::Exception& e) {
+      spdlog::warn("job {}: no migration agent for the exec ({}); the new program stays home",
+                   getpid(), e.getDescription().cStr());
+    }
+  }
+#else
+  spdlog::warn("job {}: built without libmigrate's agent; the new program stays home", getpid());
+#endif
+  sigset_t mask;
+  sigemptyset(&mask);
+  uint64_t blocked = request.getSigBlocked();
+  for (int sig = 1; sig <= 64; sig++) {
+    if (blocked & (uint64_t{1} << (sig - 1))) {
+      sigaddset(&mask, sig);
+    }
+  }
+  sigprocmask(SIG_SETMASK, &mask, nullptr);
+  ::syscall(__NR_execveat, dirfd, path.c_str(), argv.data(), envp.data(),
+            request.getFlags());
+  int err = errno;
+
+  // Still here: the exec failed. Back to the deputy's state, and the guest sees the errno.
+  blockAllSignals();
+  for (int sig = 1; sig <= 64; sig++) {
+    if (haveSaved[sig]) {
+      sigaction(sig, &saved[sig], nullptr);
+    }
+  }
+#if MOS_DEPUTY_HAVE_AGENT
+  if (haveAgent) {
+    agent.cancel();
+  }
+#endif
+  if (r != nullptr) {
+    r->state = static_cast<uint32_t>(JobState::REMOTE);
+    r->node = options_.node;
+  }
+  replyWith(-err);
+}
+
+// Identity (and bytes) of a home file for the remote content cache (design decision 6).
+void Deputy::handleFetchFile(proto::FetchFile::Reader request) {
+  capnp::MallocMessageBuilder infoMessage;
+  auto info = infoMessage.initRoot<proto::ToRemote>().initFileInfo();
+  info.setId(request.getId());
+  int fd = request.getFd();
+  kj::AutoCloseFd owned;
+  std::string path;
+  int err = 0;
+  if (fd >= 0) {
+    if (fds_.contains(fd)) {
+      err = EBADF;
+    } else {
+      path = readLink("/proc/self/fd/" + std::to_string(fd));
+    }
+  } else {
+    path = bytesToString(request.getPath());
+    switch (executor_.classifyPath(AT_FDCWD, path.c_str())) {
+      case Executor::ProcPath::RESERVED_FD:
+        err = ENOENT;
+        break;
+      case Executor::ProcPath::EXE:
+        if (!options_.jobExe.empty()) {
+          path = options_.jobExe;
+        }
+        break;
+      case Executor::ProcPath::OTHER:
+        break;
+    }
+    if (err == 0) {
+      // O_NONBLOCK: a FIFO must not hang the deputy; regular files ignore it.
+      fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+      if (fd < 0) {
+        err = errno;
+      } else {
+        owned = kj::AutoCloseFd(fd);
+      }
+    }
+  }
+  struct stat st = {};
+  if (err == 0 && fstat(fd, &st) < 0) {
+    err = errno;
+  }
+  bool wantData = request.getWantData();
+  if (err == 0 && wantData && !S_ISREG(st.st_mode)) {
+    err = S_ISDIR(st.st_mode) ? EISDIR : ENODEV;
+  }
+  info.setErr(static_cast<uint16_t>(err));
+  if (err == 0) {
+    auto ref = info.initRef();
+    ref.setPath(kj::arrayPtr(reinterpret_cast<const kj::byte*>(path.data()), path.size()));
+    ref.setDev(st.st_dev);
+    ref.setIno(st.st_ino);
+    ref.setSize(st.st_size);
+    ref.setMtimeNs(static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec);
+    ref.setMode(st.st_mode);
+  }
+  channel_->send(infoMessage);
+  if (err != 0 || !wantData) {
+    return;
+  }
+  uint64_t size = st.st_size;
+  uint64_t offset = 0;
+  for (;;) {
+    size_t want = static_cast<size_t>(kj::min(uint64_t{FILE_CHUNK_BYTES}, size - offset));
+    capnp::MallocMessageBuilder message(want / sizeof(capnp::word) + 64);
+    auto chunk = message.initRoot<proto::ToRemote>().initFileData();
+    chunk.setId(request.getId());
+    chunk.setOffset(offset);
+    auto data = chunk.initData(want);
+    size_t got = 0;
+    while (got < want) {
+      ssize_t n = pread(fd, data.begin() + got, want - got, offset + got);
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n <= 0) {
+        if (n < 0) {
+          spdlog::warn("fetch of {} stopped at {}: {}", path, offset + got, strerror(errno));
+        }
+        break;
+      }
+      got += n;
+    }
+    bool last = got < want || offset + got >= size;
+    if (got < want) {
+      auto orphan = chunk.disownData();
+      orphan.truncate(got);
+      chunk.adoptData(kj::mv(orphan));
+    }
+    chunk.setLast(last);
+    channel_->send(message);
+    offset += got;
+    if (last) {
+      return;
+    }
+  }
+}
+
+// The guest ended: end the same way, so the shell sees the same status or the same death.
+void Deputy::handleExit(proto::GuestExit::Reader exit) {
+  if (auto* r = record_.get()) {
+    r->state = static_cast<uint32_t>(JobState::EXITED);
+  }
+  record_.unlink();
+  int sig = exit.getSignal();
+  if (sig <= 0 || sig > 64) {
+    _exit(exit.getStatus() & 0xff);
+  }
+  if (!exit.getCoreDumped()) {
+    // No core at home either: the status word's core bit matches the guest's.
+    struct rlimit none = {0, 0};
+    struct rlimit current;
+    if (getrlimit(RLIMIT_CORE, &current) == 0) {
+      none.rlim_max = current.rlim_max;
+    }
+    setrlimit(RLIMIT_CORE, &none);
+  }
+  struct sigaction dfl = {};
+  dfl.sa_handler = SIG_DFL;
+  sigaction(sig, &dfl, nullptr);
+  sigset_t one;
+  sigemptyset(&one);
+  sigaddset(&one, sig);
+  ::syscall(SYS_tgkill, getpid(), static_cast<pid_t>(::syscall(SYS_gettid)), sig);
+  sigprocmask(SIG_UNBLOCK, &one, nullptr);
+  // A signal whose default action does not kill (SIGCHLD, or a stop signal after SIGCONT).
+  _exit(128 + sig);
+}
+
+void Deputy::nodeDied() {
+  fail("node " + std::to_string(options_.node) + " died; job " + std::to_string(getpid()) +
+           " lost",
+       EXIT_NODE_DIED);
+}
+
+void Deputy::fail(const std::string& text, int status) {
+  printMosrunMessage(text);
+  record_.unlink();
+  _exit(status);
+}
+
+}  // namespace mos::deputy

@@ -1,0 +1,87 @@
+#pragma once
+// The deputy (DESIGN.md decision 1): the job's home process P after the migration agent injected
+// execve(mos-deputy) into it. Same pid, fd table, cwd, credentials, session and terminal; it
+// executes the calls its guest forwards over the job channel, relays the signals that reach P,
+// performs the guest's execve at home (decision 2), serves file fetches for the remote content
+// cache (decision 6), and finally ends exactly as its guest ended.
+//
+// Exit statuses of its own (docs/mos-deputy.8.md): 125 the job could not start or continue
+// remotely (unreachable node, unreadable image, `failed` from the supervisor); 112 the remote
+// node died (the channel closed without a GuestExit).
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <kj/memory.h>
+
+#include "channel.h"
+#include "executor.h"
+#include "fds.h"
+#include "job.capnp.h"
+#include "job_registry.h"
+
+namespace mos::deputy {
+
+inline constexpr int EXIT_CANNOT_RUN = 125;   // mosrun's "could not run the job" status
+inline constexpr int EXIT_NODE_DIED = 112;    // the remote node died, the job is lost
+
+struct DeputyOptions {
+  uint32_t node = 0;          // the remote node running the guest
+  std::string address;        // its address, for messages
+  uint16_t port = 0;
+  uint32_t homeNode = 0;
+  std::string runDir;         // job records (jobs/<pid>) and images (images/<pid>.img)
+  std::string jobExe;         // the job's executable path (the image's exe.path)
+  std::string command;        // for the job record
+  std::string selfExe;        // our own executable, for the next migration agent
+  std::vector<std::string> selfArgv;  // our argv without "--image PATH", for the next agent
+};
+
+class Deputy {
+ public:
+  // Takes over `channel` (already connected, HELLO and JobStart sent) and `fds` (the reserved
+  // set, which must already hold the channel's descriptor). Creates the job record when
+  // options.runDir is not empty.
+  Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel);
+  KJ_DISALLOW_COPY(Deputy);
+
+  // The loop: wait (signals open only inside ppoll), receive, dispatch, until the job ends.
+  // Never returns: the process exits or dies as the guest did.
+  // Preconditions: installSignalHandlers() and blockAllSignals() were called.
+  [[noreturn]] void run();
+
+  // Handles one message from the supervisor (run()'s body; also for tests). Exits the process
+  // for `exit`, `failed` and successful execs.
+  void handle(proto::ToDeputy::Reader message);
+
+  // Sends one ToRemote.signal per recorded signal (signals.h).
+  void flushSignals();
+
+  Channel& channel() { return *channel_; }
+  Executor& executor() { return executor_; }
+  JobRecord* record() { return record_.get(); }
+
+ private:
+  void handleSyscall(proto::SyscallRequest::Reader request);
+  void handleExec(proto::ExecRequest::Reader request);
+  void handleFetchFile(proto::FetchFile::Reader request);
+  [[noreturn]] void handleExit(proto::GuestExit::Reader exit);
+  [[noreturn]] void nodeDied();
+  [[noreturn]] void fail(const std::string& text, int status);
+  // Blocks until the channel is readable, forwarding signals that arrive meanwhile.
+  void waitForMessage();
+
+  DeputyOptions options_;
+  ReservedFds& fds_;
+  kj::Own<Channel> channel_;
+  Executor executor_;
+  OwnedJobRecord record_;
+};
+
+// Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.
+void printMosrunMessage(const std::string& text);
+
+}  // namespace mos::deputy

@@ -1,0 +1,71 @@
+#pragma once
+// The deputy's generic executor: one forwarded syscall (protocol/job.capnp SyscallRequest) run in
+// the job's home process, and its SyscallReply.
+//
+// Generic path (regular rows of runtime/syscall_table.h): in-buffers are used in place (small
+// ones copied with a terminating NUL, so a path without its NUL is still a C string), out-buffers
+// are allocated inside the reply message itself (zero filled; in/out arguments start from the
+// in-data), the pointers are substituted into their arguments, and the raw call runs through
+// interruptibleSyscall() (signals.h). Out-buffers are trimmed to what the supervisor writes back
+// (runtime/marshal.h unmarshalReply): all of them to nothing when ret < 0, OUT_BUF to ret bytes,
+// OUT_ARRAY to ret elements; the others travel in full.
+//
+// Deputy-side special cases, because the fd table and /proc/self are shared with the job:
+//   - an FD argument naming a reserved descriptor (fds.h): EBADF, as if it were not open;
+//   - dup2/dup3 onto a reserved descriptor: ours moves elsewhere first, then the call runs;
+//   - close_range over reserved descriptors: split into the ranges around them;
+//   - poll/ppoll entries naming one: POLLNVAL; select/pselect6 sets naming one: EBADF;
+//   - getdents64 of /proc/<P>/fd, /proc/<P>/fdinfo, /proc/<P>/task/<T>/fd|fdinfo (also reached
+//     through /proc/self, /proc/thread-self, /dev/fd): entries of reserved descriptors removed;
+//   - a path that resolves to /proc/<P>/{fd,fdinfo}/<reserved>: ENOENT;
+//   - readlink(at) of /proc/<P>/exe (self, thread-self, task/<T>): the job's executable path;
+//     other calls on that path use the job's executable path instead of the deputy's;
+//   - calls that would change the deputy itself (fork, exec, exit, memory mappings, signal
+//     dispositions and masks, rseq, ...): ENOSYS, logged; the supervisor never forwards them.
+
+#include <sys/types.h>
+
+#include <capnp/message.h>
+
+#include <cstdint>
+#include <string>
+
+#include "fds.h"
+#include "job.capnp.h"
+#include "syscall_table.h"
+
+namespace mos::deputy {
+
+class Executor {
+ public:
+  // `fds`: the deputy's reserved descriptors (borrowed). `jobExe`: what /proc/self/exe shows the
+  // job (the image's exe.path). `pid`: the job's pid (ours).
+  Executor(ReservedFds& fds, std::string jobExe, pid_t pid);
+
+  // Executes `request` and builds the reply into `replyMessage` as a ToRemote.reply. The
+  // `interrupted` flag is left false: the caller knows whether a signal is pending.
+  // Never throws for guest-visible failures (they are the reply's -errno); throws
+  // kj::Exception (FAILED) only when the request is malformed.
+  void execute(proto::SyscallRequest::Reader request, capnp::MessageBuilder& replyMessage);
+
+  // What a path names, as far as the deputy cares.
+  enum class ProcPath { OTHER, EXE, RESERVED_FD };
+  // Classifies `path` (relative paths against `dirfd`, AT_FDCWD for the cwd) lexically.
+  ProcPath classifyPath(int dirfd, const char* path);
+
+  const std::string& jobExe() const { return jobExe_; }
+
+ private:
+  int64_t run(int nr, uint64_t (&args)[6], const SyscallEntry* row);
+  int64_t closeRange(uint64_t (&args)[6]);
+  int64_t pollAroundReserved(int nr, uint64_t (&args)[6]);
+  bool setsNameReserved(uint64_t (&args)[6]);
+  int64_t filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret);
+  bool isOwnFdDirectory(int fd);
+
+  ReservedFds& fds_;
+  std::string jobExe_;
+  pid_t pid_;
+};
+
+}  // namespace mos::deputy

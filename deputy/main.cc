@@ -1,0 +1,180 @@
+// mos-deputy(8): the home side of a migrated job. Started only by the migration agent, which
+// injects execve(mos-deputy, argv) into the job's home process P (design decision 1); see
+// docs/mos-deputy.8.md.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <kj/debug.h>
+#include <spdlog/sinks/base_sink.h>
+#include <spdlog/spdlog.h>
+
+#include "channel.h"
+#include "deputy.h"
+#include "fds.h"
+#include "signals.h"
+#include "startup.h"
+
+namespace mos::deputy {
+namespace {
+
+// The deputy logs to a reserved duplicate of the stderr it started with, so its log never lands
+// in a file the job later opens as fd 2.
+std::atomic<int> logFd{-1};
+
+class ReservedFdSink : public spdlog::sinks::base_sink<std::mutex> {
+ protected:
+  void sink_it_(const spdlog::details::log_msg& msg) override {
+    spdlog::memory_buf_t formatted;
+    formatter_->format(msg, formatted);
+    int fd = logFd.load();
+    size_t done = 0;
+    while (fd >= 0 && done < formatted.size()) {
+      ssize_t n = write(fd, formatted.data() + done, formatted.size() - done);
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n <= 0) {
+        return;
+      }
+      done += n;
+    }
+  }
+  void flush_() override {}
+};
+
+void setUpLogging(ReservedFds& fds) {
+  int copy = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 0);
+  if (copy >= 0) {
+    try {
+      logFd = fds.moveHigh(copy, [](int oldFd, int newFd) {
+        logFd = newFd;
+        close(oldFd);
+      });
+    } catch (kj::Exception&) {
+      logFd = -1;
+    }
+  }
+  auto logger = std::make_shared<spdlog::logger>("mos-deputy", std::make_shared<ReservedFdSink>());
+  logger->set_pattern("[mos-deputy %P] %l: %v");
+  auto level = spdlog::level::warn;
+  if (const char* env = getenv("UMOSIX_LOG")) {
+    level = spdlog::level::from_str(env);
+  }
+  logger->set_level(level);
+  logger->flush_on(spdlog::level::trace);
+  spdlog::set_default_logger(logger);
+}
+
+std::string readLink(const char* path) {
+  char buffer[PATH_MAX + 1];
+  ssize_t n = readlink(path, buffer, PATH_MAX);
+  return n < 0 ? std::string() : std::string(buffer, n);
+}
+
+// Our argv without "--image PATH" / "--image=PATH": the next agent appends its own.
+std::vector<std::string> argvWithoutImage(int argc, char** argv) {
+  std::vector<std::string> result;
+  for (int i = 0; i < argc; i++) {
+    std::string arg = argv[i];
+    if (arg == "--image") {
+      i++;
+      continue;
+    }
+    if (arg.rfind("--image=", 0) == 0) {
+      continue;
+    }
+    result.push_back(arg);
+  }
+  return result;
+}
+
+int deputyMain(int argc, char** argv) {
+  // Every signal stays pending until the loop opens them (signals.h): one that arrives during
+  // startup is forwarded to the guest once it runs.
+  blockAllSignals();
+  ReservedFds fds;
+  setUpLogging(fds);
+
+  CLI::App app{"mos-deputy: the home side of a migrated umosix job"};
+  DeputyOptions options;
+  std::string imagePath;
+  app.add_option("--node", options.node, "the remote node running the guest")->required();
+  app.add_option("--address", options.address, "its address")->required();
+  app.add_option("--port", options.port, "its mosd port")->required();
+  app.add_option("--home-node", options.homeNode, "this node's id")->required();
+  app.add_option("--run-dir", options.runDir, "mosd's run directory")->required();
+  app.add_option("--image", imagePath, "the migration image (unlinked once read)")->required();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int status = app.exit(e);
+    return status == 0 ? 0 : EXIT_CANNOT_RUN;
+  }
+  options.selfExe = readLink("/proc/self/exe");
+  options.selfArgv = argvWithoutImage(argc, argv);
+
+  kj::Own<ImageFile> image;
+  try {
+    image = kj::heap<ImageFile>(imagePath);
+  } catch (kj::Exception& e) {
+    unlink(imagePath.c_str());
+    printMosrunMessage("cannot read the migration image " + imagePath + ": " +
+                       e.getDescription().cStr());
+    return EXIT_CANNOT_RUN;
+  }
+  unlink(imagePath.c_str());
+  auto root = image->root();
+  options.jobExe = std::string(reinterpret_cast<const char*>(root.getExe().getPath().begin()),
+                               root.getExe().getPath().size());
+  options.command = imageCommand(root);
+
+  std::string where = "node " + std::to_string(options.node) + " (" + options.address + ":" +
+                      std::to_string(options.port) + ")";
+  int fd = connectJobSocket(options.address, options.port, 5000, fds);
+  if (fd >= 0) {
+    int err = sendHello(fd);
+    if (err < 0) {
+      fds.remove(fd);
+      close(fd);
+      fd = err;
+    }
+  }
+  if (fd < 0) {
+    printMosrunMessage("cannot reach " + where + ": " + strerror(-fd));
+    return EXIT_CANNOT_RUN;
+  }
+  auto channel = kj::heap<Channel>(kj::AutoCloseFd(fd));
+  try {
+    capnp::MallocMessageBuilder start;
+    fillJobStart(options.homeNode, root, options.command, start);
+    channel->send(start);
+  } catch (kj::Exception& e) {
+    printMosrunMessage("cannot reach " + where + ": " + e.getDescription().cStr());
+    return EXIT_CANNOT_RUN;
+  }
+  image = nullptr;
+  spdlog::info("job {} ({}) sent to {}", getpid(), options.command, where);
+
+  installSignalHandlers();
+  Deputy deputy(std::move(options), fds, kj::mv(channel));
+  deputy.run();
+}
+
+}  // namespace
+}  // namespace mos::deputy
+
+int main(int argc, char** argv) {
+  int status = mos::deputy::deputyMain(argc, argv);
+  _exit(status);
+}

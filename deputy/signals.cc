@@ -1,0 +1,138 @@
+#include "signals.h"
+
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+
+#include <kj/debug.h>
+
+extern "C" {
+__attribute__((visibility("hidden"))) extern char deputy_syscall_check[];
+__attribute__((visibility("hidden"))) extern char deputy_syscall_insn[];
+__attribute__((visibility("hidden"))) extern char deputy_syscall_cancelled[];
+}
+
+namespace mos::deputy {
+
+namespace {
+
+constexpr int MAX_SIGNAL = 64;
+
+// Arrivals per signal number, written only by the handler (which runs with every signal
+// blocked) and read with every signal blocked.
+std::atomic<uint32_t> arrivals[MAX_SIGNAL + 1];
+
+bool isFault(int sig) {
+  return sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGSYS;
+}
+
+void onSignal(int sig, siginfo_t* info, void* context) {
+  if (isFault(sig) && info != nullptr && info->si_code > 0) {
+    // The deputy's own fault, not a signal sent to the job: die of it (returning re-executes
+    // the faulting instruction under SIG_DFL).
+    struct sigaction dfl = {};
+    dfl.sa_handler = SIG_DFL;
+    sigaction(sig, &dfl, nullptr);
+    return;
+  }
+  if (sig < 1 || sig > MAX_SIGNAL) {
+    return;
+  }
+  arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+  __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
+  auto* uc = static_cast<ucontext_t*>(context);
+  auto rip = static_cast<uintptr_t>(uc->uc_mcontext.gregs[REG_RIP]);
+  if (rip >= reinterpret_cast<uintptr_t>(deputy_syscall_check) &&
+      rip <= reinterpret_cast<uintptr_t>(deputy_syscall_insn)) {
+    // Checked "nothing pending" (or about to) but not yet in the kernel: the call must not
+    // start, or it would block with this signal already consumed.
+    uc->uc_mcontext.gregs[REG_RIP] = static_cast<greg_t>(
+        reinterpret_cast<uintptr_t>(deputy_syscall_cancelled));
+  }
+}
+
+sigset_t makeEmptySet() {
+  sigset_t set;
+  sigemptyset(&set);
+  return set;
+}
+
+}  // namespace
+
+void installSignalHandlers() {
+  struct sigaction action = {};
+  action.sa_sigaction = onSignal;
+  action.sa_flags = SA_SIGINFO;  // no SA_RESTART: a signal must interrupt a forwarded call
+  sigfillset(&action.sa_mask);
+  for (int sig = 1; sig <= MAX_SIGNAL; sig++) {
+    if (sig == SIGKILL || sig == SIGSTOP) {
+      continue;
+    }
+    struct sigaction old;
+    if (sigaction(sig, nullptr, &old) < 0) {
+      continue;  // glibc's reserved real-time signals (32, 33)
+    }
+    if (old.sa_handler == SIG_IGN && !(old.sa_flags & SA_SIGINFO)) {
+      continue;  // the job ignores it: the home kernel discards it, as it would natively
+    }
+    if (sigaction(sig, &action, nullptr) < 0 && sig < SIGRTMIN) {
+      KJ_FAIL_SYSCALL("sigaction", errno, sig);
+    }
+  }
+}
+
+void blockAllSignals() {
+  sigset_t all;
+  sigfillset(&all);
+  KJ_SYSCALL(sigprocmask(SIG_SETMASK, &all, nullptr));
+}
+
+const sigset_t& openSignalMask() {
+  static const sigset_t empty = makeEmptySet();
+  return empty;
+}
+
+std::vector<int> takePendingSignals() {
+  std::vector<int> result;
+  if (!signalsPending()) {
+    return result;
+  }
+  __atomic_store_n(&deputy_signals_pending, 0, __ATOMIC_SEQ_CST);
+  for (int sig = 1; sig <= MAX_SIGNAL; sig++) {
+    uint32_t n = arrivals[sig].exchange(0, std::memory_order_relaxed);
+    if (n == 0) {
+      continue;
+    }
+    // Standard signals do not queue (signal(7)); real-time ones do.
+    if (sig < 32) {
+      n = 1;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+      result.push_back(sig);
+    }
+  }
+  return result;
+}
+
+void recordSignal(int sig) {
+  if (sig < 1 || sig > MAX_SIGNAL) {
+    return;
+  }
+  arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+  __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
+}
+
+long interruptibleSyscall(long nr, const uint64_t (&args)[6]) {
+  sigset_t saved;
+  sigprocmask(SIG_SETMASK, &openSignalMask(), &saved);
+  long ret = deputy_syscall(nr, static_cast<long>(args[0]), static_cast<long>(args[1]),
+                            static_cast<long>(args[2]), static_cast<long>(args[3]),
+                            static_cast<long>(args[4]), static_cast<long>(args[5]));
+  sigprocmask(SIG_SETMASK, &saved, nullptr);
+  return ret;
+}
+
+}  // namespace mos::deputy

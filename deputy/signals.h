@@ -1,0 +1,66 @@
+#pragma once
+// Signals of the job's home process while it is a deputy (DESIGN.md, "the hard parts").
+//
+// Every signal that reaches P at home belongs to the job: it is recorded by one handler and sent
+// to the guest as a ToRemote.signal message (protocol/job.capnp). The deputy keeps every signal
+// blocked except in two windows: inside ppoll(2) while it waits for the next message, and around
+// the raw system call of a forwarded call, so that a signal interrupts a blocked forwarded call
+// (read on an empty pipe, wait4, nanosleep) exactly as it would interrupt the job natively.
+//
+// The race in the second window: signals are unblocked, the wrapper checks "nothing pending" and
+// is about to execute `syscall` when a signal arrives. Its handler runs and returns, and the call
+// then blocks with the signal already consumed. The wrapper (syscall_x86_64.S) has labels around
+// the check and the instruction; the handler looks at the interrupted rip (ucontext REG_RIP) and,
+// when it lies in [deputy_syscall_check, deputy_syscall_insn], moves it to a stub that returns
+// -EINTR without entering the kernel (the classic fix; musl's pthread cancellation points).
+// A signal that arrives once the kernel is entered interrupts the call itself (the handler has
+// no SA_RESTART), which also returns -EINTR.
+//
+// Not thread safe across deputy threads yet: one pending set per process.
+
+#include <signal.h>
+
+#include <cstdint>
+#include <vector>
+
+extern "C" {
+// One raw system call; returns the kernel's result (>= 0, or -errno). Hidden symbols of
+// syscall_x86_64.S.
+__attribute__((visibility("hidden"))) long deputy_syscall(long nr, long a1, long a2, long a3,
+                                                          long a4, long a5, long a6);
+// Nonzero while a recorded signal has not been taken by takePendingSignals().
+__attribute__((visibility("hidden"))) extern volatile uint64_t deputy_signals_pending;
+}
+
+namespace mos::deputy {
+
+// Installs the recording handler (SA_SIGINFO, no SA_RESTART, every signal blocked while it runs)
+// for every catchable signal except those whose disposition is SIG_IGN now (the job's choice,
+// inherited across the deputy's execve: SIG_IGN of SIGCHLD keeps auto-reaping the job's
+// children). A fault of the deputy's own code (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS with
+// si_code > 0) is not recorded: the handler restores SIG_DFL and the fault kills the deputy.
+// Idempotent. Throws kj::Exception (FAILED) if sigaction(2) fails on a standard signal.
+void installSignalHandlers();
+
+// Blocks every signal (sigprocmask(2)); the deputy's state outside its two windows.
+void blockAllSignals();
+
+// The empty set, for ppoll(2)'s sigmask argument.
+const sigset_t& openSignalMask();
+
+// True when a signal was recorded and not yet taken.
+inline bool signalsPending() { return __atomic_load_n(&deputy_signals_pending, __ATOMIC_SEQ_CST) != 0; }
+
+// Takes the recorded signals in delivery order (ascending numbers; a real-time signal as many
+// times as it arrived, a standard one once). Call with signals blocked.
+std::vector<int> takePendingSignals();
+
+// Records `sig` as if it had arrived (tests, and re-recording after a failed exec).
+void recordSignal(int sig);
+
+// Runs system call `nr` with `args` through deputy_syscall with every signal unblocked, then
+// restores the caller's mask. Returns the kernel's result; -EINTR when a signal arrived before
+// or during the call (a signal recorded before the call cancels it without entering the kernel).
+long interruptibleSyscall(long nr, const uint64_t (&args)[6]);
+
+}  // namespace mos::deputy

@@ -1,0 +1,186 @@
+#include "startup.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <capnp/serialize.h>
+#include <kj/debug.h>
+
+#include "channel.h"
+#include "job.capnp.h"
+
+namespace mos::deputy {
+
+ImageFile::ImageFile(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    KJ_FAIL_SYSCALL("open", errno, path);
+  }
+  kj::AutoCloseFd owned(fd);
+  struct stat st;
+  KJ_SYSCALL(fstat(fd, &st), path);
+  size_ = st.st_size;
+  KJ_REQUIRE(size_ >= sizeof(capnp::word) && size_ % sizeof(capnp::word) == 0,
+             "not a migration image (size)", path, size_);
+  map_ = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (map_ == MAP_FAILED) {
+    map_ = nullptr;
+    KJ_FAIL_SYSCALL("mmap", errno, path);
+  }
+  auto words = kj::arrayPtr(static_cast<const capnp::word*>(map_), size_ / sizeof(capnp::word));
+  reader_ = kj::heap<capnp::FlatArrayMessageReader>(words, channelReaderOptions());
+  root().getArch();  // validates the root pointer now rather than in the middle of JobStart
+}
+
+ImageFile::~ImageFile() {
+  reader_ = nullptr;
+  if (map_ != nullptr) {
+    munmap(map_, size_);
+  }
+}
+
+namespace {
+
+// Resolves address:port into `storage`. Returns 0 or -errno.
+int resolve(const std::string& address, uint16_t port, sockaddr_storage& storage,
+            socklen_t& length) {
+  memset(&storage, 0, sizeof(storage));
+  auto* v4 = reinterpret_cast<sockaddr_in*>(&storage);
+  auto* v6 = reinterpret_cast<sockaddr_in6*>(&storage);
+  if (inet_pton(AF_INET, address.c_str(), &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+    v4->sin_port = htons(port);
+    length = sizeof(*v4);
+    return 0;
+  }
+  if (inet_pton(AF_INET6, address.c_str(), &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+    v6->sin6_port = htons(port);
+    length = sizeof(*v6);
+    return 0;
+  }
+  struct addrinfo hints = {};
+  hints.ai_socktype = SOCK_STREAM;
+  struct addrinfo* found = nullptr;
+  if (getaddrinfo(address.c_str(), nullptr, &hints, &found) != 0 || found == nullptr) {
+    return -EHOSTUNREACH;
+  }
+  memcpy(&storage, found->ai_addr, found->ai_addrlen);
+  length = found->ai_addrlen;
+  if (storage.ss_family == AF_INET) {
+    v4->sin_port = htons(port);
+  } else {
+    v6->sin6_port = htons(port);
+  }
+  freeaddrinfo(found);
+  return 0;
+}
+
+}  // namespace
+
+int connectJobSocket(const std::string& address, uint16_t port, int timeoutMs, ReservedFds& fds) {
+  sockaddr_storage storage;
+  socklen_t length;
+  int err = resolve(address, port, storage, length);
+  if (err != 0) {
+    return err;
+  }
+  int fd = socket(storage.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) {
+    return -errno;
+  }
+  try {
+    fd = fds.moveHigh(fd);
+  } catch (kj::Exception&) {
+    close(fd);
+    return -EMFILE;
+  }
+  auto failWith = [&](int e) {
+    fds.remove(fd);
+    close(fd);
+    return -e;
+  };
+  if (connect(fd, reinterpret_cast<sockaddr*>(&storage), length) < 0) {
+    if (errno != EINPROGRESS) {
+      return failWith(errno);
+    }
+    struct pollfd pfd = {fd, POLLOUT, 0};
+    int n;
+    do {
+      n = poll(&pfd, 1, timeoutMs);
+    } while (n < 0 && errno == EINTR);
+    if (n == 0) {
+      return failWith(ETIMEDOUT);
+    }
+    if (n < 0) {
+      return failWith(errno);
+    }
+    int soError = 0;
+    socklen_t soLength = sizeof(soError);
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &soLength);
+    if (soError != 0) {
+      return failWith(soError);
+    }
+  }
+  int flags = fcntl(fd, F_GETFL);
+  fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  tuneJobSocket(fd);
+  return fd;
+}
+
+int sendHello(int fd) {
+  size_t done = 0;
+  while (done < sizeof(HELLO_JOB)) {
+    ssize_t n = send(fd, HELLO_JOB + done, sizeof(HELLO_JOB) - done, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      return -errno;
+    }
+    done += n;
+  }
+  return 0;
+}
+
+std::string imageCommand(proto::MigrationImage::Reader image) {
+  std::string command;
+  for (auto arg : image.getArgv()) {
+    if (!command.empty()) {
+      command += ' ';
+    }
+    command.append(reinterpret_cast<const char*>(arg.begin()), arg.size());
+  }
+  if (command.empty()) {
+    command = image.getCommand();
+  }
+  return command;
+}
+
+void fillJobStart(uint32_t homeNode, proto::MigrationImage::Reader image,
+                  const std::string& command, capnp::MessageBuilder& message) {
+  auto start = message.initRoot<proto::JobStart>();
+  start.setHomeNode(homeNode);
+  auto ids = start.initIds();
+  ids.setPid(getpid());
+  ids.setTid(static_cast<int32_t>(::syscall(SYS_gettid)));
+  ids.setUid(getuid());
+  ids.setEuid(geteuid());
+  ids.setGid(getgid());
+  ids.setEgid(getegid());
+  start.setImage(image);
+  start.setCommand(command);
+}
+
+}  // namespace mos::deputy
