@@ -1,0 +1,94 @@
+// /proc/self: readlink of /proc/self/fd/N names the file that N is open on, and /proc/self/fd
+// lists exactly 0, 1, 2 (those that are open) and the descriptors this program opened. Under
+// mosrun this proves the deputy's own descriptors stay out of the job's fd table.
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/stat.h>
+
+#include <set>
+
+#include "check.h"
+
+static std::set<int> listFds() {
+  std::set<int> fds;
+  int dfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  DIR* d = fdopendir(dfd);
+  if (d == nullptr) {
+    return fds;
+  }
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] != '.') {
+      fds.insert(atoi(e->d_name));
+    }
+  }
+  fds.erase(dirfd(d));  // the listing's own descriptor
+  closedir(d);
+  return fds;
+}
+
+static std::string linkOf(int fd) {
+  char buf[PATH_MAX];
+  ssize_t n = readlink(("/proc/self/fd/" + std::to_string(fd)).c_str(), buf, sizeof buf);
+  return n < 0 ? "" : std::string(buf, n);
+}
+
+int main() {
+  // Nothing but the standard descriptors may be open when the program starts.
+  std::set<int> expected;
+  for (int fd = 0; fd < 1024; ++fd) {
+    if (fcntl(fd, F_GETFD) != -1) {
+      if (fd > 2) {
+        printf("fd %d is open at start (%s)\n", fd, linkOf(fd).c_str());
+        ++conf::failures;
+      }
+      expected.insert(fd);
+    }
+  }
+  CHECK(listFds() == expected);
+
+  char real[PATH_MAX];
+  CHECK(realpath(conf::tmpDir().c_str(), real) != nullptr);
+  std::string dir = real;
+  int a = open((dir + "/a").c_str(), O_CREAT | O_RDWR, 0600);
+  int b = open((dir + "/b").c_str(), O_CREAT | O_RDWR, 0600);
+  int p[2];
+  CHECK(pipe(p) == 0);
+  int high = dup2(a, 100);
+  CHECK(a >= 0 && b >= 0 && high == 100);
+  expected.insert({a, b, p[0], p[1], high});
+  CHECK(listFds() == expected);
+
+  CHECK(linkOf(a) == dir + "/a");
+  CHECK(linkOf(b) == dir + "/b");
+  CHECK(linkOf(100) == dir + "/a");
+  CHECK(linkOf(p[0]).rfind("pipe:[", 0) == 0);
+  CHECK(linkOf(p[0]) == linkOf(p[1]));
+  int viaProc = open(("/proc/self/fd/" + std::to_string(b)).c_str(), O_RDONLY);
+  CHECK(viaProc >= 0);
+  struct stat s1, s2;
+  CHECK(fstat(viaProc, &s1) == 0 && fstat(b, &s2) == 0 && s1.st_ino == s2.st_ino);
+  close(viaProc);
+
+  // /dev/fd is /proc/self/fd.
+  char buf[PATH_MAX];
+  ssize_t n = readlink(("/dev/fd/" + std::to_string(a)).c_str(), buf, sizeof buf);
+  CHECK(n > 0 && std::string(buf, n) == dir + "/a");
+
+  close(100);
+  close(p[0]);
+  close(p[1]);
+  expected.erase(100);
+  expected.erase(p[0]);
+  expected.erase(p[1]);
+  CHECK(listFds() == expected);
+  CHECK(linkOf(100) == "");
+
+  // /proc/self/exe names this program.
+  n = readlink("/proc/self/exe", buf, sizeof buf);
+  CHECK(n > 0 && std::string(buf, n).find("proc_self") != std::string::npos);
+  close(a);
+  close(b);
+  return conf::finish();
+}

@@ -1,0 +1,126 @@
+// rt_sigaction(2), rt_sigprocmask, rt_sigpending, rt_sigtimedwait, rt_sigsuspend, sigaltstack,
+// kill, tgkill, alarm, pause, setitimer, and a blocking read interrupted by a signal with and
+// without SA_RESTART.
+
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+
+#include <atomic>
+
+#include "check.h"
+
+static volatile sig_atomic_t hits[65];
+static volatile sig_atomic_t lastCode;
+static char* altBase;
+static size_t altSize;
+static volatile sig_atomic_t onAltStack;
+static int wakeFd = -1;  // the handler writes here to end a restarted read
+
+static void handler(int sig, siginfo_t* info, void*) {
+  hits[sig] = hits[sig] + 1;
+  lastCode = info->si_code;
+  char here;
+  if (altBase != nullptr && &here >= altBase && &here < altBase + altSize) {
+    onAltStack = 1;
+  }
+  if (wakeFd >= 0) {
+    (void)!write(wakeFd, "w", 1);
+  }
+}
+
+static void install(int sig, int flags) {
+  struct sigaction sa = {};
+  sa.sa_sigaction = handler;
+  sa.sa_flags = SA_SIGINFO | flags;
+  sigemptyset(&sa.sa_mask);
+  CHECK(sigaction(sig, &sa, nullptr) == 0);
+}
+
+int main() {
+  install(SIGUSR1, 0);
+  install(SIGUSR2, 0);
+
+  // A signal to oneself is delivered before kill returns.
+  CHECK(kill(getpid(), SIGUSR1) == 0);
+  CHECK(hits[SIGUSR1] == 1 && lastCode == SI_USER);
+  CHECK(syscall(SYS_tgkill, getpid(), syscall(SYS_gettid), SIGUSR2) == 0);
+  CHECK(hits[SIGUSR2] == 1 && lastCode == SI_TKILL);
+  CHECK(raise(SIGUSR2) == 0 && hits[SIGUSR2] == 2);
+  CHECK_FAILS(kill(getpid(), 12345), EINVAL);
+  CHECK(kill(getpid(), 0) == 0);
+
+  // Blocked signals wait in the pending set.
+  sigset_t block, old, pending;
+  sigemptyset(&block);
+  sigaddset(&block, SIGUSR1);
+  CHECK(sigprocmask(SIG_BLOCK, &block, &old) == 0);
+  CHECK(kill(getpid(), SIGUSR1) == 0);
+  CHECK(hits[SIGUSR1] == 1);
+  CHECK(sigpending(&pending) == 0 && sigismember(&pending, SIGUSR1));
+  CHECK(sigprocmask(SIG_SETMASK, &old, nullptr) == 0);
+  CHECK(hits[SIGUSR1] == 2);
+
+  // sigtimedwait takes a blocked signal without running the handler.
+  CHECK(sigprocmask(SIG_BLOCK, &block, nullptr) == 0);
+  CHECK(kill(getpid(), SIGUSR1) == 0);
+  siginfo_t si;
+  timespec tmo = {1, 0};
+  CHECK(sigtimedwait(&block, &si, &tmo) == SIGUSR1 && si.si_pid == getpid());
+  CHECK(hits[SIGUSR1] == 2);
+  timespec zero = {0, 0};
+  CHECK_FAILS(sigtimedwait(&block, &si, &zero), EAGAIN);
+  CHECK(sigprocmask(SIG_SETMASK, &old, nullptr) == 0);
+
+  // Ignored signals vanish.
+  signal(SIGUSR2, SIG_IGN);
+  CHECK(kill(getpid(), SIGUSR2) == 0);
+  CHECK(hits[SIGUSR2] == 2);
+  install(SIGUSR2, SA_ONSTACK);
+
+  // A handler can run on an alternate stack.
+  altSize = 64 * 1024;
+  altBase = static_cast<char*>(malloc(altSize));
+  stack_t ss = {};
+  ss.ss_sp = altBase;
+  ss.ss_size = altSize;
+  CHECK(sigaltstack(&ss, nullptr) == 0);
+  CHECK(kill(getpid(), SIGUSR2) == 0);
+  CHECK(hits[SIGUSR2] == 3 && onAltStack == 1);
+  stack_t cur;
+  CHECK(sigaltstack(nullptr, &cur) == 0 && cur.ss_sp == altBase && cur.ss_flags == 0);
+
+  // SIGALRM from alarm interrupts pause.
+  install(SIGALRM, 0);
+  CHECK(alarm(1) == 0);
+  CHECK_FAILS(pause(), EINTR);
+  CHECK(hits[SIGALRM] == 1);
+
+  // rt_sigsuspend waits with a temporary mask and returns EINTR after the handler.
+  CHECK(sigprocmask(SIG_BLOCK, &block, nullptr) == 0);
+  CHECK(kill(getpid(), SIGUSR1) == 0);
+  sigset_t none;
+  sigemptyset(&none);
+  CHECK_FAILS(sigsuspend(&none), EINTR);
+  CHECK(hits[SIGUSR1] == 3);
+  CHECK(sigprocmask(SIG_SETMASK, &old, nullptr) == 0);
+
+  // A blocking read interrupted by a handler without SA_RESTART fails EINTR...
+  int p[2];
+  CHECK(pipe(p) == 0);
+  itimerval soon = {{0, 0}, {0, 100 * 1000}};
+  CHECK(setitimer(ITIMER_REAL, &soon, nullptr) == 0);
+  char c;
+  CHECK_FAILS(read(p[0], &c, 1), EINTR);
+  CHECK(hits[SIGALRM] == 2);
+  // ...and with SA_RESTART it resumes and sees what the handler wrote.
+  install(SIGALRM, SA_RESTART);
+  wakeFd = p[1];
+  CHECK(setitimer(ITIMER_REAL, &soon, nullptr) == 0);
+  CHECK(read(p[0], &c, 1) == 1 && c == 'w');
+  CHECK(hits[SIGALRM] == 3);
+  wakeFd = -1;
+  close(p[0]);
+  close(p[1]);
+  return conf::finish();
+}
