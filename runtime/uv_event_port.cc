@@ -466,9 +466,13 @@ kj::AutoCloseFd bindListening(const sockaddr_in& address, int backlog) {
   KJ_SYSCALL(setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)));
   char text[INET_ADDRSTRLEN];
   inet_ntop(AF_INET, &address.sin_addr, text, sizeof(text));
-  KJ_SYSCALL(bind(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)), text,
-             ntohs(address.sin_port));
-  KJ_SYSCALL(listen(fd.get(), backlog));
+  if (bind(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) < 0 ||
+      listen(fd.get(), backlog) < 0) {
+    int error = errno;
+    kj::throwFatalException(kj::Exception(
+        kj::Exception::Type::FAILED, __FILE__, __LINE__,
+        kj::str("cannot listen on ", text, ":", ntohs(address.sin_port), ": ", strerror(error))));
+  }
   return fd;
 }
 }  // namespace
@@ -510,6 +514,11 @@ kj::Promise<UvTcpListener::Accepted> UvTcpListener::accept() {
 }
 
 namespace {
+kj::Exception connectFailed(const kj::String& where, int error) {
+  return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__,
+                       kj::str("connect to ", where, ": ", strerror(error)));
+}
+
 kj::Promise<kj::Own<UvFdStream>> startConnect(UvEventPort& port, const sockaddr_in& address,
                                               const sockaddr_in* source) {
   auto fd = makeTcpSocket();
@@ -524,7 +533,7 @@ kj::Promise<kj::Own<UvFdStream>> startConnect(UvEventPort& port, const sockaddr_
     return kj::heap<UvFdStream>(port, kj::mv(fd));
   }
   if (errno != EINPROGRESS) {
-    KJ_FAIL_SYSCALL("connect", errno, where);
+    return connectFailed(where, errno);
   }
   auto watcher = kj::heap<UvFdWatcher>(port, fd.get());
   auto writable = watcher->whenWritable();
@@ -535,7 +544,7 @@ kj::Promise<kj::Own<UvFdStream>> startConnect(UvEventPort& port, const sockaddr_
     socklen_t len = sizeof(error);
     KJ_SYSCALL(::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &error, &len));
     if (error != 0) {
-      KJ_FAIL_SYSCALL("connect", error, where);
+      kj::throwFatalException(connectFailed(where, error));
     }
     return kj::heap<UvFdStream>(port, kj::mv(fd));
   });

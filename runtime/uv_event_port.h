@@ -161,7 +161,7 @@ class UvTcpListener {
   };
 
   // Binds `address` (port 0: the kernel picks one, see port()) and listens. Throws kj::Exception
-  // from KJ_SYSCALL (EADDRINUSE, EADDRNOTAVAIL, ...).
+  // (FAILED) described "cannot listen on A:P: strerror" (EADDRINUSE, EADDRNOTAVAIL, ...).
   UvTcpListener(UvEventPort& port, const sockaddr_in& address, int backlog = 128);
   KJ_DISALLOW_COPY(UvTcpListener);
 
@@ -180,8 +180,9 @@ class UvTcpListener {
 };
 
 // Connects a non-blocking TCP socket to `address`; with `source`, binds it there first (to pick
-// the source address). Rejects with a DISCONNECTED kj::Exception (ECONNREFUSED, ENETUNREACH,
-// ...). No timeout: use UvEventPort::timeoutAfter().
+// the source address). Rejects with a DISCONNECTED kj::Exception whose description is
+// "connect to ADDRESS:PORT: strerror" (ECONNREFUSED, ENETUNREACH, ...). No timeout: use
+// UvEventPort::timeoutAfter().
 kj::Promise<kj::Own<UvFdStream>> connectTcp(UvEventPort& port, const sockaddr_in& address,
                                             const sockaddr_in* source = nullptr);
 
