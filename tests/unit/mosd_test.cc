@@ -18,6 +18,7 @@
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 #include <kj/debug.h>
+#include <nlohmann/json.hpp>
 
 #include "job_registry.h"
 #include "map_file.h"
@@ -429,4 +430,59 @@ TEST_CASE("queryStatus reports a node without mosd clearly", "[node][mosd]") {
   }
   CHECK(std::chrono::steady_clock::now() - begin < 2s);
   close(fd);
+}
+
+namespace {
+// Runs `command`, returning its exit status and standard output.
+std::pair<int, std::string> runCapture(const std::string& command) {
+  FILE* p = popen(command.c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) {
+    out.append(buf, n);
+  }
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+}  // namespace
+
+TEST_CASE("mps prints the jobs of the local mosd as a table and as JSON", "[node][mosd][mps]") {
+  MosdFixture mosd;
+  auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 4242, 4242, 1, "sleep 100");
+  job.get()->node = 2;
+  job.get()->state = uint32_t(mos::JobState::REMOTE);
+  job.get()->syscalls = 10523;
+  job.get()->remotePid = 31337;
+  auto home = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 77, 77, 1, "make -j4");
+
+  std::string base = std::string(MPS_PATH) + " --map " + mosd.dir + "/map --node 1 --port " +
+                     std::to_string(mosd.port);
+  auto [status, table] = runCapture(base);
+  CHECK(status == 0);
+  CHECK(table ==
+        "    PID  WHERE   STATE       SYSCALLS  COMMAND\n"
+        "     77  home    home               0  make -j4\n"
+        "   4242  2       remote         10523  sleep 100\n");
+
+  auto [jsonStatus, json] = runCapture(base + " --json");
+  CHECK(jsonStatus == 0);
+  auto parsed = nlohmann::json::parse(json);
+  REQUIRE(parsed.is_array());
+  REQUIRE(parsed.size() == 2);
+  CHECK(parsed[1] == nlohmann::json({{"pid", 4242},
+                                     {"node", 2},
+                                     {"state", "remote"},
+                                     {"syscalls", 10523},
+                                     {"remotePid", 31337},
+                                     {"command", "sleep 100"}}));
+  CHECK(parsed[0]["node"] == 1);
+
+  // mosd gone: one clear line, exit 1.
+  mosd.stop();
+  auto [downStatus, downOut] = runCapture(base + " 2>&1");
+  CHECK(downStatus == 1);
+  CHECK(downOut == fmt::format("mps: cannot reach mosd at 127.0.0.1:{}: Connection refused\n",
+                               mosd.port));
 }
