@@ -1,0 +1,136 @@
+#include "node_client.h"
+
+#include <kj/debug.h>
+
+#include "channel.h"
+
+namespace mos {
+
+namespace {
+
+kj::Exception disconnected(kj::String description) {
+  return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__,
+                       kj::mv(description));
+}
+
+// Runs `body(connection)` against mosd at address:port on a private loop, bounded by timeoutMs.
+template <typename T, typename Body>
+T runSync(Ipv4 address, uint16_t port, uint32_t timeoutMs, Body&& body) {
+  uv_loop_t loop;
+  KJ_REQUIRE(uv_loop_init(&loop) == 0);
+  KJ_DEFER({
+    uv_run(&loop, UV_RUN_NOWAIT);
+    uv_loop_close(&loop);
+  });
+  kj::String where = kj::str(address.toString().c_str(), ":", port);
+  kj::Maybe<T> result;
+  kj::Maybe<kj::Exception> error;
+  {
+    UvEventPort eventPort(&loop);
+    kj::WaitScope waitScope(eventPort.kjLoop());
+    auto promise =
+        NodeConnection::connect(eventPort, address, port, timeoutMs)
+            .then([&body](kj::Own<NodeConnection> connection) {
+              auto node = connection->node();
+              return body(node).attach(kj::mv(connection));
+            });
+    auto bounded = eventPort.timeoutAfter(
+        timeoutMs, kj::str("mosd at ", where, " did not answer within ", timeoutMs, " ms"),
+        kj::mv(promise));
+    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { result = bounded.wait(waitScope); })) {
+      error = kj::mv(*e);
+    }
+  }
+  KJ_IF_MAYBE(e, error) {
+    kj::StringPtr description = e->getDescription();
+    if (description.startsWith("mosd at ") || description.startsWith("cannot reach mosd")) {
+      kj::throwFatalException(disconnected(kj::str(description)));
+    }
+    kj::throwFatalException(disconnected(kj::str("mosd at ", where, ": ", description)));
+  }
+  KJ_IF_MAYBE(r, result) {
+    return kj::mv(*r);
+  }
+  KJ_UNREACHABLE;
+}
+
+}  // namespace
+
+NodeConnection::NodeConnection(kj::Own<UvFdStream> stream, kj::String where)
+    : stream_(kj::mv(stream)),
+      where_(kj::mv(where)),
+      client_(*stream_),
+      node_(client_.bootstrap().castAs<proto::Node>()) {}
+
+kj::Promise<kj::Own<NodeConnection>> NodeConnection::connect(UvEventPort& loop, Ipv4 address,
+                                                             uint16_t port, uint32_t timeoutMs) {
+  auto where = kj::str(address.toString().c_str(), ":", port);
+  auto message = kj::str("mosd at ", where, " did not answer within ", timeoutMs, " ms");
+  auto connected =
+      connectTcp(loop, makeSockaddr(address.value, port))
+          .catch_([where = kj::str(where)](kj::Exception&& e) -> kj::Own<UvFdStream> {
+            // "connect to A:P: Connection refused" -> "cannot reach mosd at A:P: Connection ..."
+            kj::StringPtr d = e.getDescription();
+            KJ_IF_MAYBE(colon, d.findLast(':')) {
+              d = d.slice(*colon + 2);
+            }
+            kj::throwFatalException(disconnected(kj::str("cannot reach mosd at ", where, ": ", d)));
+          })
+          .then([where = kj::mv(where)](kj::Own<UvFdStream> stream) mutable {
+            auto& s = *stream;
+            return s.write(HELLO_RPC, sizeof(HELLO_RPC))
+                .then([stream = kj::mv(stream), where = kj::mv(where)]() mutable {
+                  return kj::heap<NodeConnection>(kj::mv(stream), kj::mv(where));
+                });
+          });
+  return loop.timeoutAfter(timeoutMs, kj::mv(message), kj::mv(connected));
+}
+
+NodeStatus toNodeStatus(proto::NodeStatus::Reader status) {
+  NodeStatus result;
+  result.nodeId = status.getNodeId();
+  result.version = status.getVersion();
+  result.load = status.getLoad();
+  result.guests = status.getGuests();
+  result.cpus = status.getCpus();
+  return result;
+}
+
+std::vector<JobInfo> toJobInfos(capnp::List<proto::JobInfo>::Reader jobs) {
+  std::vector<JobInfo> result;
+  for (auto job : jobs) {
+    JobInfo info;
+    info.homePid = job.getHomePid();
+    info.command = job.getCommand();
+    info.node = job.getNode();
+    info.state = job.getState();
+    info.syscalls = job.getSyscalls();
+    info.remotePid = job.getRemotePid();
+    info.homeNode = job.getHomeNode();
+    result.push_back(kj::mv(info));
+  }
+  return result;
+}
+
+NodeStatus queryStatus(Ipv4 address, uint16_t port, uint32_t timeoutMs) {
+  return runSync<NodeStatus>(address, port, timeoutMs, [](proto::Node::Client& node) {
+    return node.statusRequest().send().then(
+        [](auto response) { return toNodeStatus(response.getStatus()); });
+  });
+}
+
+std::vector<JobInfo> listJobs(Ipv4 address, uint16_t port, uint32_t timeoutMs) {
+  return runSync<std::vector<JobInfo>>(address, port, timeoutMs, [](proto::Node::Client& node) {
+    return node.listJobsRequest().send().then(
+        [](auto response) { return toJobInfos(response.getJobs()); });
+  });
+}
+
+std::vector<JobInfo> listGuests(Ipv4 address, uint16_t port, uint32_t timeoutMs) {
+  return runSync<std::vector<JobInfo>>(address, port, timeoutMs, [](proto::Node::Client& node) {
+    return node.listGuestsRequest().send().then(
+        [](auto response) { return toJobInfos(response.getJobs()); });
+  });
+}
+
+}  // namespace mos

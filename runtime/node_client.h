@@ -1,0 +1,75 @@
+#pragma once
+// The client side of a node's mosd control service (protocol/node.capnp): connect, say
+// "UMOSRPC1", bootstrap Node. Used by mps, and by mosrun to check a node before migrating.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <capnp/rpc-twoparty.h>
+#include <kj/async.h>
+
+#include "map_file.h"
+#include "node.capnp.h"
+#include "uv_event_port.h"
+
+namespace mos {
+
+// A node's answer to status(), as plain data.
+struct NodeStatus {
+  uint32_t nodeId = 0;
+  std::string version;
+  double load = 0;  // 1-minute load average
+  uint32_t guests = 0;
+  uint32_t cpus = 0;
+};
+
+// One job as listed by listJobs()/listGuests(), as plain data (see proto::JobInfo).
+struct JobInfo {
+  int32_t homePid = 0;
+  std::string command;
+  uint32_t node = 0;     // where the user part runs now
+  std::string state;     // "home", "migrating", "remote", "exited"
+  uint64_t syscalls = 0;
+  int32_t remotePid = 0;
+  uint32_t homeNode = 0;
+};
+
+// An open RPC connection to one mosd.
+class NodeConnection {
+ public:
+  // Connects to mosd at address:port on `loop`, sends the RPC hello and bootstraps Node. Rejects
+  // with a DISCONNECTED kj::Exception, "cannot reach mosd at A:P: Connection refused" or
+  // "mosd at A:P did not answer within N ms", when the connection is refused, the node is
+  // unreachable or the connect and hello take longer than `timeoutMs`.
+  static kj::Promise<kj::Own<NodeConnection>> connect(UvEventPort& loop, Ipv4 address,
+                                                      uint16_t port, uint32_t timeoutMs);
+
+  NodeConnection(kj::Own<UvFdStream> stream, kj::String where);
+  KJ_DISALLOW_COPY(NodeConnection);
+
+  proto::Node::Client node() { return node_; }
+  // "10.0.0.2:7151", for messages.
+  kj::StringPtr where() const { return where_; }
+
+ private:
+  kj::Own<UvFdStream> stream_;
+  kj::String where_;
+  capnp::TwoPartyClient client_;  // after stream_: destroyed first
+  proto::Node::Client node_;
+};
+
+// Converters from the wire.
+NodeStatus toNodeStatus(proto::NodeStatus::Reader status);
+std::vector<JobInfo> toJobInfos(capnp::List<proto::JobInfo>::Reader jobs);
+
+// Synchronous conveniences: each runs its own private libuv loop (so it must not be called on a
+// thread whose KJ event loop is active), and the whole exchange (connect, hello, call) is bounded
+// by `timeoutMs`. Every failure is a kj::Exception of type DISCONNECTED whose description names
+// the node: "cannot reach mosd at 127.0.0.1:7151: Connection refused", "mosd at 10.0.0.2:7151
+// did not answer within 500 ms", "mosd at ...: <what went wrong>".
+NodeStatus queryStatus(Ipv4 address, uint16_t port, uint32_t timeoutMs);
+std::vector<JobInfo> listJobs(Ipv4 address, uint16_t port, uint32_t timeoutMs);
+std::vector<JobInfo> listGuests(Ipv4 address, uint16_t port, uint32_t timeoutMs);
+
+}  // namespace mos

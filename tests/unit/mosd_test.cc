@@ -1,0 +1,488 @@
+// Starts the real mosd on 127.0.0.1 with a one-node map and a fake mos-supervisor, and talks to
+// it as mps, mosrun and a deputy would.
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <kj/debug.h>
+#include <nlohmann/json.hpp>
+
+#include "job_registry.h"
+#include "map_file.h"
+#include "node_client.h"
+
+#ifndef MOSD_PATH
+#error "MOSD_PATH must name the mosd executable"
+#endif
+
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr uint32_t LOCALHOST = 0x7f000001;
+
+// A fake mos-supervisor: reports what it got over fd 3 (one line), then waits for the peer to
+// close and exits with status 3 (so mosd has an abnormal end to log).
+constexpr const char* FAKE_SUPERVISOR = R"(#!/usr/bin/python3 -S
+import os, signal, sys
+fds = []
+for fd in range(0, 256):
+    try:
+        os.fstat(fd)
+        fds.append(str(fd))
+    except OSError:
+        pass
+import socket
+kind = socket.socket(fileno=os.dup(3)).type == socket.SOCK_STREAM
+blocked = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+report = "pid=%d ppid=%d fds=%s blocking=%s stream=%s blocked=%s argv=%s\n" % (
+    os.getpid(), os.getppid(), ",".join(fds), os.get_blocking(3), kind, len(blocked),
+    " ".join(sys.argv[1:]))
+os.write(3, report.encode())
+while os.read(3, 4096):
+    pass
+sys.exit(3)
+)";
+
+std::string readFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+size_t countOf(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) {
+    n++;
+  }
+  return n;
+}
+
+uint16_t freePort() {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_addr.s_addr = htonl(LOCALHOST);
+  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&sin), sizeof(sin)) == 0);
+  socklen_t len = sizeof(sin);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&sin), &len);
+  close(fd);
+  return ntohs(sin.sin_port);
+}
+
+// A blocking TCP connection to mosd, optionally from another loopback source address. Reads
+// time out after 10 s so a broken daemon fails the test instead of hanging it.
+kj::AutoCloseFd connectRaw(uint16_t port, uint32_t source = 0) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(fd >= 0);
+  kj::AutoCloseFd owned(fd);
+  if (source != 0) {
+    sockaddr_in src{};
+    src.sin_family = AF_INET;
+    src.sin_addr.s_addr = htonl(source);
+    REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&src), sizeof(src)) == 0);
+  }
+  timeval tv{10, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_addr.s_addr = htonl(LOCALHOST);
+  sin.sin_port = htons(port);
+  REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&sin), sizeof(sin)) == 0);
+  return owned;
+}
+
+void sendAll(int fd, const void* data, size_t size) {
+  REQUIRE(send(fd, data, size, MSG_NOSIGNAL) == ssize_t(size));
+}
+
+// Reads until end of stream (true) or until the 10 s receive timeout (false). A reset counts
+// as an end.
+bool readsToEnd(int fd) {
+  char buf[256];
+  for (;;) {
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n == 0 || (n < 0 && errno == ECONNRESET)) {
+      return true;
+    }
+    if (n < 0) {
+      return false;
+    }
+  }
+}
+
+std::string readLine(int fd) {
+  std::string line;
+  char c;
+  while (recv(fd, &c, 1, 0) == 1 && c != '\n') {
+    line += c;
+  }
+  return line;
+}
+
+// A temp dir with map, run dir, cache dir and fake libexec, and mosd running on it.
+class MosdFixture {
+ public:
+  std::string dir;
+  std::string runDir, cacheDir, log;
+  uint16_t port;
+  pid_t pid = -1;
+
+  MosdFixture() {
+    char tmpl[] = "/tmp/umosix-mosd-test-XXXXXX";
+    REQUIRE(mkdtemp(tmpl) != nullptr);
+    dir = tmpl;
+    runDir = dir + "/run";
+    cacheDir = dir + "/cache";
+    log = dir + "/mosd.log";
+    REQUIRE(mkdir((dir + "/libexec").c_str(), 0755) == 0);
+    {
+      std::ofstream map(dir + "/map");
+      map << "# test cluster\n1 127.0.0.1 1\n";
+      std::ofstream fake(dir + "/libexec/mos-supervisor");
+      fake << FAKE_SUPERVISOR;
+    }
+    REQUIRE(chmod((dir + "/libexec/mos-supervisor").c_str(), 0755) == 0);
+    port = freePort();
+    start();
+  }
+
+  ~MosdFixture() {
+    if (pid > 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+    std::string cmd = "rm -rf '" + dir + "'";
+    CHECK(system(cmd.c_str()) == 0);
+  }
+
+  void start() {
+    std::string portText = std::to_string(port);
+    std::string map = dir + "/map";
+    std::string libexec = dir + "/libexec";
+    pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      int devnull = open("/dev/null", O_RDONLY);
+      dup2(devnull, 0);
+      int out = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+      dup2(out, 1);
+      dup2(out, 2);
+      setenv("UMOSIX_LIBEXEC", libexec.c_str(), 1);
+      setenv("UMOSIX_LOG", "debug", 1);
+      execl(MOSD_PATH, "mosd", "--map", map.c_str(), "--node", "1", "--port", portText.c_str(),
+            "--run-dir", runDir.c_str(), "--cache-dir", cacheDir.c_str(), nullptr);
+      _exit(127);
+    }
+    // Ready when it answers.
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    for (;;) {
+      auto error = kj::runCatchingExceptions(
+          [&]() { mos::queryStatus(mos::Ipv4{LOCALHOST}, port, 1000); });
+      if (error == nullptr) {
+        break;
+      }
+      int status;
+      if (waitpid(pid, &status, WNOHANG) == pid) {
+        pid = -1;
+        FAIL("mosd exited early: " << readFile(log));
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        FAIL("mosd did not answer within 10 s: " << readFile(log));
+      }
+      std::this_thread::sleep_for(20ms);
+    }
+  }
+
+  // SIGTERM, then the exit status (as from waitpid).
+  int stop() {
+    REQUIRE(kill(pid, SIGTERM) == 0);
+    int status = 0;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    pid = -1;
+    return status;
+  }
+
+  mos::NodeStatus status() { return mos::queryStatus(mos::Ipv4{LOCALHOST}, port, 3000); }
+
+  // Waits up to 10 s for `text` to appear in the log.
+  bool logShows(const std::string& text) {
+    auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (readFile(log).find(text) != std::string::npos) {
+        return true;
+      }
+      std::this_thread::sleep_for(20ms);
+    }
+    return false;
+  }
+};
+
+bool processGone(pid_t pid) { return kill(pid, 0) < 0 && errno == ESRCH; }
+
+}  // namespace
+
+TEST_CASE("mosd reports its status and the jobs of its run dir", "[node][mosd]") {
+  MosdFixture mosd;
+  auto status = mosd.status();
+  CHECK(status.nodeId == 1);
+  CHECK(status.version == UMOSIX_VERSION);
+  CHECK(status.cpus == uint32_t(sysconf(_SC_NPROCESSORS_ONLN)));
+  CHECK(status.guests == 0);
+  CHECK(status.load >= 0);
+
+  CHECK(mos::listJobs(mos::Ipv4{LOCALHOST}, mosd.port, 3000).empty());
+
+  auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 4242, 4242, 1, "sleep 100");
+  job.get()->node = 2;
+  job.get()->state = uint32_t(mos::JobState::REMOTE);
+  job.get()->syscalls = 17;
+  job.get()->remotePid = 999;
+  auto home = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 77, 77, 1, "make");
+  auto guest = mos::OwnedJobRecord::create(mosd.runDir, "guests", 555, 31, 3, "cc1");
+  guest.get()->node = 1;
+  guest.get()->state = uint32_t(mos::JobState::REMOTE);
+
+  auto jobs = mos::listJobs(mos::Ipv4{LOCALHOST}, mosd.port, 3000);
+  REQUIRE(jobs.size() == 2);
+  CHECK(jobs[0].homePid == 77);  // sorted by home pid
+  CHECK(jobs[0].state == "home");
+  CHECK(jobs[0].node == 1);
+  CHECK(jobs[0].command == "make");
+  CHECK(jobs[1].homePid == 4242);
+  CHECK(jobs[1].command == "sleep 100");
+  CHECK(jobs[1].node == 2);
+  CHECK(jobs[1].homeNode == 1);
+  CHECK(jobs[1].state == "remote");
+  CHECK(jobs[1].syscalls == 17);
+  CHECK(jobs[1].remotePid == 999);
+
+  auto guests = mos::listGuests(mos::Ipv4{LOCALHOST}, mosd.port, 3000);
+  REQUIRE(guests.size() == 1);
+  CHECK(guests[0].homePid == 31);
+  CHECK(guests[0].homeNode == 3);
+  CHECK(mosd.status().guests == 1);
+
+  int exit = mosd.stop();
+  CHECK(WIFEXITED(exit));
+  CHECK(WEXITSTATUS(exit) == 0);
+  CHECK(access((mosd.runDir + "/mosd.pid").c_str(), F_OK) != 0);  // pid file removed
+}
+
+TEST_CASE("mosd closes bad connections and keeps serving", "[node][mosd]") {
+  MosdFixture mosd;
+
+  SECTION("a garbage hello") {
+    auto fd = connectRaw(mosd.port);
+    sendAll(fd.get(), "GARBAGE!", 8);
+    CHECK(readsToEnd(fd.get()));
+    CHECK(mosd.logShows("bad hello from node 1"));
+  }
+  SECTION("a connection closed in the middle of its hello") {
+    auto fd = connectRaw(mosd.port);
+    sendAll(fd.get(), "UMOS", 4);
+    fd = nullptr;
+  }
+  SECTION("an RPC hello followed by bytes that are no Cap'n Proto message") {
+    auto fd = connectRaw(mosd.port);
+    sendAll(fd.get(), "UMOSRPC1", 8);
+    unsigned char junk[64];
+    memset(junk, 0xff, sizeof(junk));  // segment count 2^32: rejected by the reader
+    sendAll(fd.get(), junk, sizeof(junk));
+    CHECK(readsToEnd(fd.get()));
+  }
+  SECTION("a peer that is not in the map, twice") {
+    for (int i = 0; i < 2; i++) {
+      auto fd = connectRaw(mosd.port, 0x7f000002);
+      sendAll(fd.get(), "UMOSRPC1", 8);
+      CHECK(readsToEnd(fd.get()));
+    }
+    CHECK(mosd.logShows("refusing connections from 127.0.0.2"));
+    CHECK(countOf(readFile(mosd.log), "refusing connections from 127.0.0.2") == 1);
+  }
+  SECTION("a peer that never says hello is dropped after 5 s") {
+    auto fd = connectRaw(mosd.port);
+    auto begin = std::chrono::steady_clock::now();
+    CHECK(readsToEnd(fd.get()));
+    auto waited = std::chrono::steady_clock::now() - begin;
+    CHECK(waited >= 4500ms);
+    CHECK(waited < 8000ms);
+  }
+
+  // The daemon is still there and answers.
+  CHECK(mosd.status().nodeId == 1);
+  int exit = mosd.stop();
+  CHECK(WIFEXITED(exit));
+  CHECK(WEXITSTATUS(exit) == 0);
+}
+
+TEST_CASE("mosd hands a job connection to mos-supervisor as fd 3 and reaps it",
+          "[node][mosd]") {
+  MosdFixture mosd;
+  auto fd = connectRaw(mosd.port);
+  sendAll(fd.get(), "UMOSJOB1", 8);
+  std::string report = readLine(fd.get());
+  INFO(report << "\nlog:\n" << readFile(mosd.log));
+  std::string argv = report.substr(report.find("argv=") + 5);
+  CHECK(argv == "--fd 3 --node 1 --peer-node 1 --run-dir " + mosd.runDir + " --cache-dir " +
+                    mosd.cacheDir);
+  CHECK(report.find("ppid=" + std::to_string(mosd.pid) + " ") != std::string::npos);
+  CHECK(report.find(" fds=0,1,2,3 ") != std::string::npos);  // nothing of mosd's leaked
+  CHECK(report.find(" blocking=True ") != std::string::npos);
+  CHECK(report.find(" stream=True ") != std::string::npos);
+  CHECK(report.find(" blocked=0 ") != std::string::npos);
+  pid_t supervisor = std::stoi(report.substr(4));
+  CHECK(!processGone(supervisor));
+
+  // The connection is the supervisor's now: it sees our bytes, then our end of stream.
+  sendAll(fd.get(), "JobStart", 8);
+  fd = nullptr;
+  CHECK(mosd.logShows(fmt::format("supervisor {} (job from node 1 at 127.0.0.1", supervisor)));
+  CHECK(mosd.logShows("exited with status 3"));
+  CHECK(processGone(supervisor));  // reaped, not a zombie
+
+  CHECK(mosd.status().nodeId == 1);
+}
+
+TEST_CASE("stopping mosd kills its supervisors", "[node][mosd]") {
+  MosdFixture mosd;
+  auto first = connectRaw(mosd.port);
+  auto second = connectRaw(mosd.port);
+  sendAll(first.get(), "UMOSJOB1", 8);
+  sendAll(second.get(), "UMOSJOB1", 8);
+  std::string a = readLine(first.get());
+  std::string b = readLine(second.get());
+  REQUIRE(a.rfind("pid=", 0) == 0);
+  REQUIRE(b.rfind("pid=", 0) == 0);
+  pid_t pidA = std::stoi(a.substr(4));
+  pid_t pidB = std::stoi(b.substr(4));
+  CHECK(!processGone(pidA));
+
+  int exit = mosd.stop();
+  CHECK(WIFEXITED(exit));
+  CHECK(WEXITSTATUS(exit) == 0);
+  CHECK(processGone(pidA));
+  CHECK(processGone(pidB));
+  CHECK(readsToEnd(first.get()));  // the job connection died with its supervisor
+  CHECK(access((mosd.runDir + "/mosd.pid").c_str(), F_OK) != 0);
+}
+
+TEST_CASE("mosd exits 2 naming the line of a bad map", "[node][mosd]") {
+  char tmpl[] = "/tmp/umosix-mosd-map-XXXXXX";
+  REQUIRE(mkdtemp(tmpl) != nullptr);
+  std::string dir = tmpl;
+  {
+    std::ofstream map(dir + "/map");
+    map << "1 127.0.0.1 1\n2 127.0.0.x\n";
+  }
+  std::string cmd = std::string(MOSD_PATH) + " --map " + dir + "/map --port 1 2>" + dir + "/err";
+  int status = system(cmd.c_str());
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 2);
+  std::string err = readFile(dir + "/err");
+  CHECK(err.find(dir + "/map:2: bad address \"127.0.0.x\"") != std::string::npos);
+  CHECK(countOf(err, "\n") == 1);  // one message
+  system(("rm -rf '" + dir + "'").c_str());
+}
+
+TEST_CASE("queryStatus reports a node without mosd clearly", "[node][mosd]") {
+  uint16_t port = freePort();  // nobody listens there
+  try {
+    mos::queryStatus(mos::Ipv4{LOCALHOST}, port, 1000);
+    FAIL("no exception");
+  } catch (kj::Exception& e) {
+    CHECK(e.getType() == kj::Exception::Type::DISCONNECTED);
+    CHECK(std::string(e.getDescription().cStr()) ==
+          fmt::format("cannot reach mosd at 127.0.0.1:{}: Connection refused", port));
+  }
+
+  // A listener that never answers: the timeout.
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_addr.s_addr = htonl(LOCALHOST);
+  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&sin), sizeof(sin)) == 0);
+  REQUIRE(listen(fd, 4) == 0);
+  socklen_t len = sizeof(sin);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&sin), &len);
+  auto begin = std::chrono::steady_clock::now();
+  try {
+    mos::queryStatus(mos::Ipv4{LOCALHOST}, ntohs(sin.sin_port), 300);
+    FAIL("no exception");
+  } catch (kj::Exception& e) {
+    CHECK(e.getType() == kj::Exception::Type::DISCONNECTED);
+    CHECK(std::string(e.getDescription().cStr()) ==
+          fmt::format("mosd at 127.0.0.1:{} did not answer within 300 ms", ntohs(sin.sin_port)));
+  }
+  CHECK(std::chrono::steady_clock::now() - begin < 2s);
+  close(fd);
+}
+
+namespace {
+// Runs `command`, returning its exit status and standard output.
+std::pair<int, std::string> runCapture(const std::string& command) {
+  FILE* p = popen(command.c_str(), "r");
+  REQUIRE(p != nullptr);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) {
+    out.append(buf, n);
+  }
+  int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+}  // namespace
+
+TEST_CASE("mps prints the jobs of the local mosd as a table and as JSON", "[node][mosd][mps]") {
+  MosdFixture mosd;
+  auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 4242, 4242, 1, "sleep 100");
+  job.get()->node = 2;
+  job.get()->state = uint32_t(mos::JobState::REMOTE);
+  job.get()->syscalls = 10523;
+  job.get()->remotePid = 31337;
+  auto home = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 77, 77, 1, "make -j4");
+
+  std::string base = std::string(MPS_PATH) + " --map " + mosd.dir + "/map --node 1 --port " +
+                     std::to_string(mosd.port);
+  auto [status, table] = runCapture(base);
+  CHECK(status == 0);
+  CHECK(table ==
+        "    PID  WHERE   STATE       SYSCALLS  COMMAND\n"
+        "     77  home    home               0  make -j4\n"
+        "   4242  2       remote         10523  sleep 100\n");
+
+  auto [jsonStatus, json] = runCapture(base + " --json");
+  CHECK(jsonStatus == 0);
+  auto parsed = nlohmann::json::parse(json);
+  REQUIRE(parsed.is_array());
+  REQUIRE(parsed.size() == 2);
+  CHECK(parsed[1] == nlohmann::json({{"pid", 4242},
+                                     {"node", 2},
+                                     {"state", "remote"},
+                                     {"syscalls", 10523},
+                                     {"remotePid", 31337},
+                                     {"command", "sleep 100"}}));
+  CHECK(parsed[0]["node"] == 1);
+
+  // mosd gone: one clear line, exit 1.
+  mosd.stop();
+  auto [downStatus, downOut] = runCapture(base + " 2>&1");
+  CHECK(downStatus == 1);
+  CHECK(downOut == fmt::format("mps: cannot reach mosd at 127.0.0.1:{}: Connection refused\n",
+                               mosd.port));
+}

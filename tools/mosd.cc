@@ -1,0 +1,415 @@
+// mosd: the umosix node daemon (docs/mosd.8.md). Listens on this node's map address, accepts
+// connections from cluster members only, and dispatches on the 8-byte hello:
+//   "UMOSRPC1"  serve the Node control interface (protocol/node.capnp) on the connection;
+//   "UMOSJOB1"  hand the connection to a new mos-supervisor as its fd 3 (protocol/job.capnp).
+// Supervisors are mosd's only children; mosd reaps them and kills them when it is stopped.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <capnp/rpc-twoparty.h>
+#include <kj/debug.h>
+
+#include "channel.h"
+#include "config.h"
+#include "job_registry.h"
+#include "log.h"
+#include "map_file.h"
+#include "node.capnp.h"
+#include "programs.h"
+#include "uv_event_port.h"
+
+#ifndef UMOSIX_VERSION
+#define UMOSIX_VERSION "unknown"
+#endif
+
+namespace mos {
+namespace {
+
+constexpr uint64_t HELLO_TIMEOUT_MS = 5000;
+
+void fillJobs(capnp::List<proto::JobInfo>::Builder out, const std::vector<JobSnapshot>& jobs) {
+  for (size_t i = 0; i < jobs.size(); i++) {
+    const JobSnapshot& job = jobs[i];
+    auto info = out[i];
+    info.setHomePid(job.homePid);
+    info.setCommand(job.command);
+    info.setNode(job.node);
+    info.setState(jobStateName(job.state));
+    info.setSyscalls(job.syscalls);
+    info.setRemotePid(job.remotePid);
+    info.setHomeNode(job.homeNode);
+  }
+}
+
+// The Node interface of protocol/node.capnp, answered from the job registry of RUN_DIR.
+class NodeService final : public proto::Node::Server {
+ public:
+  NodeService(uint32_t nodeId, std::string runDir) : nodeId_(nodeId), runDir_(kj::mv(runDir)) {}
+
+ protected:
+  kj::Promise<void> status(StatusContext context) override {
+    auto status = context.getResults().initStatus();
+    status.setNodeId(nodeId_);
+    status.setVersion(UMOSIX_VERSION);
+    double load[1] = {0};
+    if (getloadavg(load, 1) == 1) {
+      status.setLoad(load[0]);
+    }
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    status.setCpus(cpus > 0 ? uint32_t(cpus) : 1);
+    status.setGuests(readJobRecords(runDir_, "guests").size());
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> listJobs(ListJobsContext context) override {
+    auto jobs = readJobRecords(runDir_, "jobs");
+    fillJobs(context.getResults().initJobs(jobs.size()), jobs);
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> listGuests(ListGuestsContext context) override {
+    auto jobs = readJobRecords(runDir_, "guests");
+    fillJobs(context.getResults().initJobs(jobs.size()), jobs);
+    return kj::READY_NOW;
+  }
+
+ private:
+  uint32_t nodeId_;
+  std::string runDir_;
+};
+
+struct Supervisor {
+  uint32_t peerNode;
+  std::string peer;
+};
+
+class Daemon final : private kj::TaskSet::ErrorHandler {
+ public:
+  Daemon(UvEventPort& port, NodeConfig config, MapFile map, Ipv4 address)
+      : port_(port),
+        config_(kj::mv(config)),
+        map_(kj::mv(map)),
+        rpcServer_(kj::heap<NodeService>(config_.nodeId, config_.runDir)),
+        listener_(port, makeSockaddr(address.value, config_.port)),
+        tasks_(*this) {
+    spdlog::info("node {} listening on {}:{} (map {}, {} nodes)", config_.nodeId,
+                 address.toString(), config_.port, config_.mapPath, map_.size());
+  }
+
+  // Accepts connections until an unrecoverable accept error (then rejects).
+  kj::Promise<void> acceptLoop() {
+    return listener_.accept().then([this](UvTcpListener::Accepted accepted) {
+      handleConnection(kj::mv(accepted));
+      return acceptLoop();
+    });
+  }
+
+  // Reaps every exited supervisor (SIGCHLD). Supervisors are mosd's only children.
+  void reap() {
+    for (;;) {
+      int status;
+      pid_t pid = waitpid(-1, &status, WNOHANG);
+      if (pid <= 0) {
+        return;
+      }
+      auto it = supervisors_.find(pid);
+      std::string who = it == supervisors_.end()
+                            ? fmt::format("child {}", pid)
+                            : fmt::format("supervisor {} (job from node {} at {})", pid,
+                                          it->second.peerNode, it->second.peer);
+      if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+        spdlog::info("{} exited", who);
+      } else if (WIFEXITED(status)) {
+        spdlog::warn("{} exited with status {}", who, WEXITSTATUS(status));
+      } else if (WIFSIGNALED(status)) {
+        spdlog::warn("{} killed by signal {} ({})", who, WTERMSIG(status),
+                     strsignal(WTERMSIG(status)));
+      }
+      if (it != supervisors_.end()) {
+        supervisors_.erase(it);
+      }
+    }
+  }
+
+  // SIGKILLs every supervisor (their guests die with them: a guest is the supervisor's child
+  // and dies with its seccomp listener) and reaps them.
+  void killSupervisors() {
+    for (auto& [pid, info] : supervisors_) {
+      kill(pid, SIGKILL);
+    }
+    for (auto& [pid, info] : supervisors_) {
+      int status;
+      while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+    }
+    if (!supervisors_.empty()) {
+      spdlog::info("killed {} supervisor(s)", supervisors_.size());
+    }
+    supervisors_.clear();
+  }
+
+ private:
+  void taskFailed(kj::Exception&& exception) override {
+    spdlog::warn("connection closed: {}", exception.getDescription().cStr());
+  }
+
+  void handleConnection(UvTcpListener::Accepted accepted) {
+    Ipv4 peer{ntohl(accepted.peer.sin_addr.s_addr)};
+    std::string peerText = fmt::format("{}:{}", peer.toString(), ntohs(accepted.peer.sin_port));
+    uint32_t peerNode;
+    KJ_IF_MAYBE(node, map_.nodeOf(peer)) {
+      peerNode = *node;
+    } else {
+      if (rejected_.insert(peer.value).second) {
+        spdlog::warn("refusing connections from {}: not in the cluster map {}",
+                     peer.toString(), config_.mapPath);
+      }
+      return;  // the descriptor closes here
+    }
+    auto stream = kj::heap<UvFdStream>(port_, kj::mv(accepted.fd));
+    auto hello = kj::heapArray<char>(sizeof(HELLO_RPC));
+    auto read = stream->tryRead(hello.begin(), hello.size(), hello.size());
+    auto promise =
+        port_.timeoutAfter(HELLO_TIMEOUT_MS, kj::str("no hello from ", peerText.c_str(),
+                                                     " within ", HELLO_TIMEOUT_MS, " ms"),
+                           kj::mv(read))
+            .then([this, stream = kj::mv(stream), hello = kj::mv(hello), peerNode,
+                   peerText](size_t n) mutable -> kj::Promise<void> {
+              if (n < hello.size()) {
+                spdlog::debug("{} closed before its hello", peerText);
+                return kj::READY_NOW;
+              }
+              if (memcmp(hello.begin(), HELLO_RPC, hello.size()) == 0) {
+                spdlog::debug("control connection from node {} ({})", peerNode, peerText);
+                return rpcServer_.accept(*stream).attach(kj::mv(stream));
+              }
+              if (memcmp(hello.begin(), HELLO_JOB, hello.size()) == 0) {
+                startSupervisor(kj::mv(stream), peerNode, peerText);
+                return kj::READY_NOW;
+              }
+              spdlog::warn("bad hello from node {} ({}); closing the connection", peerNode,
+                           peerText);
+              return kj::READY_NOW;
+            });
+    tasks_.add(kj::mv(promise));
+  }
+
+  // fork+exec mos-supervisor with the job connection as fd 3 (blocking, as the job channel
+  // expects), nothing else inherited but 0-2, default signal handling.
+  void startSupervisor(kj::Own<UvFdStream> stream, uint32_t peerNode, const std::string& peer) {
+    std::string path;
+    try {
+      path = programPath("mos-supervisor");
+    } catch (kj::Exception& e) {
+      spdlog::error("cannot start a supervisor for a job from node {} ({}): {}", peerNode, peer,
+                    e.getDescription().cStr());
+      return;
+    }
+    kj::AutoCloseFd fd = stream->releaseFd();
+    stream = nullptr;
+    tuneJobSocket(fd.get());
+    std::vector<std::string> args = {path,
+                                     "--fd",
+                                     "3",
+                                     "--node",
+                                     std::to_string(config_.nodeId),
+                                     "--peer-node",
+                                     std::to_string(peerNode),
+                                     "--run-dir",
+                                     config_.runDir,
+                                     "--cache-dir",
+                                     config_.cacheDir};
+    std::vector<char*> argv;
+    for (auto& a : args) {
+      argv.push_back(a.data());
+    }
+    argv.push_back(nullptr);
+
+    pid_t pid = fork();
+    if (pid < 0) {
+      spdlog::error("fork for a supervisor failed: {}", strerror(errno));
+      return;
+    }
+    if (pid == 0) {
+      // Child: only async-signal-safe calls from here to exec.
+      int from = fd.get();
+      if (from == 3) {
+        fcntl(3, F_SETFD, 0);
+      } else if (dup2(from, 3) < 0) {
+        _exit(127);
+      }
+      int flags = fcntl(3, F_GETFL);
+      fcntl(3, F_SETFL, flags & ~O_NONBLOCK);
+      close_range(4, ~0U, 0);
+      struct sigaction dfl {};
+      dfl.sa_handler = SIG_DFL;
+      for (int sig = 1; sig < NSIG; sig++) {
+        sigaction(sig, &dfl, nullptr);  // fails harmlessly for SIGKILL, SIGSTOP, 32, 33
+      }
+      sigset_t none;
+      sigemptyset(&none);
+      sigprocmask(SIG_SETMASK, &none, nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    supervisors_[pid] = Supervisor{peerNode, peer};
+    spdlog::info("supervisor {} started for a job from node {} ({})", pid, peerNode, peer);
+  }
+
+  UvEventPort& port_;
+  NodeConfig config_;
+  MapFile map_;
+  capnp::TwoPartyServer rpcServer_;
+  UvTcpListener listener_;
+  std::map<pid_t, Supervisor> supervisors_;
+  std::set<uint32_t> rejected_;  // peers already logged as non-members
+  kj::TaskSet tasks_;            // last: connections die before what they use
+};
+
+// Writes RUN_DIR/mosd.pid; returns its path ("" when it could not be written).
+std::string writePidFile(const std::string& runDir) {
+  std::string path = runDir + "/mosd.pid";
+  mkdir(runDir.c_str(), 0755);
+  std::ofstream out(path);
+  out << getpid() << "\n";
+  out.close();
+  if (!out) {
+    spdlog::warn("cannot write {}", path);
+    return "";
+  }
+  return path;
+}
+
+void removePidFile(const std::string& path) {
+  if (path.empty()) {
+    return;
+  }
+  std::ifstream in(path);
+  pid_t pid = 0;
+  in >> pid;
+  if (pid == getpid()) {
+    unlink(path.c_str());
+  }
+}
+
+int run(int argc, char** argv) {
+  CLI::App app("umosix node daemon: serves this node's control interface and supervises the "
+               "guests of jobs migrated here",
+               "mosd");
+  std::string mapPath, runDir, cacheDir, nodeText, portText;
+  bool foreground = false;
+  app.add_option("--map", mapPath, "cluster map file (default $UMOSIX_MAP or /etc/umosix/map)");
+  app.add_option("--node", nodeText, "this node's id (default $UMOSIX_NODE or the local address)");
+  app.add_option("--port", portText, "TCP port (default $UMOSIX_PORT or 7151)");
+  app.add_option("--run-dir", runDir, "job records and pid file (default /run/umosix)");
+  app.add_option("--cache-dir", cacheDir, "file cache of guests (default /var/cache/umosix)");
+  app.add_flag("--foreground,-f", foreground, "stay in the foreground (always the case)");
+  app.set_version_flag("--version", UMOSIX_VERSION);
+  CLI11_PARSE(app, argc, argv);
+
+  initLogging("mosd", spdlog::level::info);
+
+  NodeConfig config;
+  kj::Maybe<MapFile> maybeMap;
+  Ipv4 address;
+  try {
+    config = configFromEnvironment();
+    if (!mapPath.empty()) config.mapPath = mapPath;
+    if (!runDir.empty()) config.runDir = runDir;
+    if (!cacheDir.empty()) config.cacheDir = cacheDir;
+    if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
+    if (!portText.empty()) config.port = parsePort(portText, "--port");
+    auto map = MapFile::fromPath(config.mapPath);
+    address = resolveNodeId(config, map);
+    maybeMap = kj::mv(map);
+  } catch (std::exception& e) {
+    spdlog::error("{}", e.what());
+    return 2;
+  }
+  MapFile& map = KJ_ASSERT_NONNULL(maybeMap);
+
+  signal(SIGPIPE, SIG_IGN);
+  uv_loop_t* loop = uv_default_loop();
+  int exitCode = 0;
+  std::string pidFile;
+  {
+    UvEventPort port(loop);
+    kj::WaitScope waitScope(port.kjLoop());
+
+    kj::Maybe<kj::Own<Daemon>> maybeDaemon;
+    try {
+      maybeDaemon = kj::heap<Daemon>(port, config, kj::mv(map), address);
+    } catch (kj::Exception& e) {
+      spdlog::error("{}", e.getDescription().cStr());
+      return 1;
+    }
+    Daemon& daemon = *KJ_ASSERT_NONNULL(maybeDaemon);
+    pidFile = writePidFile(config.runDir);
+
+    auto stop = kj::newPromiseAndFulfiller<int>();
+    struct Signals {
+      uv_signal_t term, interrupt, child;
+    } signals;
+    struct Context {
+      Daemon* daemon;
+      kj::PromiseFulfiller<int>* stop;
+    } context{&daemon, stop.fulfiller.get()};
+    for (uv_signal_t* s : {&signals.term, &signals.interrupt, &signals.child}) {
+      uv_signal_init(loop, s);
+      s->data = &context;
+    }
+    auto onStop = [](uv_signal_t* s, int signum) {
+      auto* c = static_cast<Context*>(s->data);
+      if (c->stop->isWaiting()) {
+        c->stop->fulfill(kj::cp(signum));
+      }
+    };
+    uv_signal_start(&signals.term, onStop, SIGTERM);
+    uv_signal_start(&signals.interrupt, onStop, SIGINT);
+    uv_signal_start(
+        &signals.child,
+        [](uv_signal_t* s, int) { static_cast<Context*>(s->data)->daemon->reap(); }, SIGCHLD);
+
+    auto accepting = daemon.acceptLoop().then(
+        []() { return 1; },
+        [](kj::Exception&& e) {
+          spdlog::error("accepting connections failed: {}", e.getDescription().cStr());
+          return 1;
+        });
+    int result = stop.promise.exclusiveJoin(kj::mv(accepting)).wait(waitScope);
+    if (result == SIGTERM || result == SIGINT) {
+      spdlog::info("{}: stopping", strsignal(result));
+    } else {
+      exitCode = 1;
+    }
+    daemon.killSupervisors();
+    maybeDaemon = nullptr;
+    for (uv_signal_t* s : {&signals.term, &signals.interrupt, &signals.child}) {
+      uv_close(reinterpret_cast<uv_handle_t*>(s), nullptr);
+    }
+    uv_run(loop, UV_RUN_NOWAIT);
+  }
+  removePidFile(pidFile);
+  uv_loop_close(loop);
+  return exitCode;
+}
+
+}  // namespace
+}  // namespace mos
+
+int main(int argc, char** argv) { return mos::run(argc, argv); }
