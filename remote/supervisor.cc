@@ -1,6 +1,7 @@
 #include "supervisor.h"
 
 #include <fcntl.h>
+#include <linux/audit.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -18,6 +19,7 @@
 #include <kj/debug.h>
 #include <spdlog/spdlog.h>
 
+#include "marshal.h"
 #include "migrate.h"
 #include "seccomp_filter.h"
 

@@ -188,9 +188,9 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
   }
   ProcessMemory memory(guest_);
   std::vector<struct iovec> iov(count);
-  if (count > 0 && !memory.read(RemotePtr<void>(iovAddr),
-                                kj::arrayPtr(reinterpret_cast<kj::byte*>(iov.data()),
-                                             count * sizeof(struct iovec)))) {
+  if (count > 0 && memory.read(RemotePtr<void>(iovAddr),
+                               std::span<uint8_t>(reinterpret_cast<uint8_t*>(iov.data()),
+                                                  count * sizeof(struct iovec))) != 0) {
     return Answer::of(-EFAULT);
   }
   size_t total = 0;
@@ -221,8 +221,8 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
     size_t done = 0;
     for (auto& v : iov) {
       size_t take = kj::min(v.iov_len, total - done);
-      if (take > 0 && !memory.read(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
-                                   data.slice(done, done + take))) {
+      if (take > 0 && memory.read(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
+                                  std::span<uint8_t>(data.begin() + done, take)) != 0) {
         return Answer::of(-EFAULT);
       }
       done += take;
@@ -250,8 +250,8 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
           break;
         }
         size_t take = kj::min(v.iov_len, have - done);
-        if (!memory.write(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
-                          bytes.slice(done, done + take))) {
+        if (memory.write(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
+                         std::span<const uint8_t>(bytes.begin() + done, take)) != 0) {
           return Answer::of(-EFAULT);
         }
         done += take;

@@ -1,5 +1,7 @@
 // Process-family handlers of the supervisor: ids from the cache, signals to self, execve at home.
 
+#include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -105,39 +107,39 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
   exec.setSeq(notif.id);
   exec.setDirfd(at ? static_cast<int32_t>(notif.data.args[0]) : AT_FDCWD);
   exec.setFlags(at ? static_cast<int32_t>(notif.data.args[4]) : 0);
-  int err = 0;
-  KJ_IF_MAYBE(path, memory.readString(RemotePtr<char>(pathArg), PATH_MAX, err)) {
-    exec.setPath(path->asPtr());
-  } else {
+  std::string path;
+  if (int err = memory.readString(RemotePtr<char>(pathArg), PATH_MAX, path); err != 0) {
     return Answer::of(-err);
   }
+  exec.setPath(kj::arrayPtr(reinterpret_cast<const kj::byte*>(path.data()), path.size()));
   size_t budget = MAX_EXEC_BYTES;
   for (int which = 0; which < 2; which++) {
     uint64_t array = which == 0 ? argvArg : envpArg;
-    std::vector<kj::Array<kj::byte>> strings;
+    std::vector<std::string> strings;
     for (size_t i = 0; array != 0; i++) {
       if (i >= MAX_EXEC_STRINGS) {
         return Answer::of(-E2BIG);
       }
       uint64_t ptr;
-      if (!memory.read(RemotePtr<void>(array + i * 8),
-                       kj::arrayPtr(reinterpret_cast<kj::byte*>(&ptr), sizeof(ptr)))) {
+      if (memory.read(RemotePtr<void>(array + i * 8),
+                      std::span<uint8_t>(reinterpret_cast<uint8_t*>(&ptr), sizeof(ptr))) != 0) {
         return Answer::of(-EFAULT);
       }
       if (ptr == 0) {
         break;
       }
-      KJ_IF_MAYBE(s, memory.readString(RemotePtr<char>(ptr), kj::min(budget, size_t(128 << 10)),
-                                       err)) {
-        budget -= kj::min(budget, s->size() + 1);
-        strings.push_back(kj::mv(*s));
-      } else {
+      std::string s;
+      if (int err = memory.readString(RemotePtr<char>(ptr), kj::min(budget, size_t(128 << 10)), s);
+          err != 0) {
         return Answer::of(err == ENAMETOOLONG ? -E2BIG : -err);
       }
+      budget -= kj::min(budget, s.size() + 1);
+      strings.push_back(std::move(s));
     }
     auto list = which == 0 ? exec.initArgv(strings.size()) : exec.initEnvp(strings.size());
     for (size_t i = 0; i < strings.size(); i++) {
-      list.set(i, strings[i].asPtr());
+      list.set(i, kj::arrayPtr(reinterpret_cast<const kj::byte*>(strings[i].data()),
+                               strings[i].size()));
     }
   }
   std::string status;

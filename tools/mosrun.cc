@@ -94,7 +94,6 @@ int main(int argc, char** argv) {
       "mosrun: run PROGRAM as a umosix job. Its user part (memory and registers) may run on "
       "another node of the cluster while its system calls are served at home by its deputy, so "
       "it sees its home files, pid, terminal and signals."};
-  app.usage("mosrun [-r NODE] PROGRAM [ARGS...]");
   std::optional<uint32_t> remote;
   app.add_option("-r,--remote", remote,
                  "run the user part on node NODE (a node id of the cluster map); without it the "
@@ -135,8 +134,9 @@ int main(int argc, char** argv) {
     mos::NodeConfig config;
     mos::MapFile map;
     try {
-      config = mos::loadNodeConfig();
+      config = mos::configFromEnvironment();
       map = mos::MapFile::fromPath(config.mapPath);
+      mos::resolveNodeId(config, map);
     } catch (const std::exception& e) {
       fail(EXIT_MOSRUN_FAILED, e.what());
     } catch (kj::Exception& e) {
@@ -151,7 +151,7 @@ int main(int argc, char** argv) {
              fmt::format("node {} is not in the cluster map {}", *remote, config.mapPath));
       }
       try {
-        mos::queryStatus(address.toString(), config.port, NODE_CHECK_TIMEOUT_MS);
+        mos::queryStatus(address, config.port, NODE_CHECK_TIMEOUT_MS);
       } catch (kj::Exception& e) {
         fail(EXIT_MOSRUN_FAILED,
              fmt::format("node {} ({}:{}) is unreachable: {}", *remote, address.toString(),
