@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <vector>
@@ -172,6 +173,12 @@ int main(int argc, char** argv) {
                                 std::to_string(config.port), "--home-node",
                                 std::to_string(config.nodeId), "--run-dir", config.runDir};
       agentConfig.imagePath = fmt::format("{}/images/{}.img", config.runDir, getpid());
+      std::error_code ec;
+      std::filesystem::create_directories(config.runDir + "/images", ec);
+      if (ec) {
+        fail(EXIT_MOSRUN_FAILED, fmt::format("cannot create {}/images: {}", config.runDir,
+                                             ec.message()));
+      }
       try {
         agent = mos::migrate::Agent::start(agentConfig);
       } catch (kj::Exception& e) {
