@@ -17,6 +17,9 @@
 // libuv yourself with uv_run(): while the KJ queue is non-empty the port keeps an idle handle
 // active whose callback runs the KJ queue, so promise continuations also run under uv_run().
 //
+// libuv is not reentrant: never call Promise::wait() (or anything that runs uv_run) from inside
+// a libuv callback. A KJ continuation is fine: it runs from wait() or from the idle handle.
+//
 // Every libuv handle allocated here is freed by its close callback, so after destroying these
 // objects run the loop once more (the UvEventPort destructor does a UV_RUN_NOWAIT turn) before
 // uv_loop_close(). Not thread safe, except UvEventPort::wake().
