@@ -1,14 +1,13 @@
 #include "config.h"
 
 #include <arpa/inet.h>
+#include <fmt/format.h>
 #include <ifaddrs.h>
+#include <kj/debug.h>
 #include <netinet/in.h>
 
 #include <charconv>
 #include <cstdlib>
-
-#include <fmt/format.h>
-#include <kj/debug.h>
 
 namespace mos {
 
@@ -32,8 +31,8 @@ bool parseUnsigned(const std::string& text, uint64_t max, uint64_t& out) {
 uint32_t parseNodeId(const std::string& text, const std::string& what) {
   uint64_t value;
   if (!parseUnsigned(text, UINT32_MAX, value) || value == 0) {
-    throw ConfigError(fmt::format("{}: expected a node id (1..{}), got \"{}\"", what, UINT32_MAX,
-                                  text));
+    throw ConfigError(
+        fmt::format("{}: expected a node id (1..{}), got \"{}\"", what, UINT32_MAX, text));
   }
   return uint32_t(value);
 }
@@ -84,8 +83,8 @@ kj::Maybe<uint32_t> localNodeId(const MapFile& map, const std::vector<Ipv4>& add
   kj::Maybe<uint32_t> found;
   Ipv4 foundAddress;
   for (Ipv4 address : addresses) {
-    KJ_IF_MAYBE(id, map.nodeOf(address)) {
-      KJ_IF_MAYBE(previous, found) {
+    KJ_IF_MAYBE (id, map.nodeOf(address)) {
+      KJ_IF_MAYBE (previous, found) {
         if (*previous != *id) {
           throw ConfigError(fmt::format(
               "this host has the addresses of nodes {} ({}) and {} ({}); set UMOSIX_NODE or "
@@ -103,14 +102,14 @@ kj::Maybe<uint32_t> localNodeId(const MapFile& map, const std::vector<Ipv4>& add
 
 Ipv4 resolveNodeId(NodeConfig& config, const MapFile& map) {
   if (config.nodeId == 0) {
-    KJ_IF_MAYBE(id, localNodeId(map, localAddresses())) {
+    KJ_IF_MAYBE (id, localNodeId(map, localAddresses())) {
       config.nodeId = *id;
     } else {
-      throw ConfigError(fmt::format(
-          "no address of this host is in {}; set UMOSIX_NODE or --node", config.mapPath));
+      throw ConfigError(fmt::format("no address of this host is in {}; set UMOSIX_NODE or --node",
+                                    config.mapPath));
     }
   }
-  KJ_IF_MAYBE(address, map.lookup(config.nodeId)) {
+  KJ_IF_MAYBE (address, map.lookup(config.nodeId)) {
     return *address;
   }
   throw ConfigError(fmt::format("node {} is not in {}", config.nodeId, config.mapPath));

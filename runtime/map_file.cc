@@ -1,6 +1,7 @@
 #include "map_file.h"
 
 #include <arpa/inet.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -8,8 +9,6 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
-
-#include <fmt/format.h>
 
 namespace mos {
 
@@ -99,8 +98,8 @@ MapFile MapFile::fromString(const std::string& text, const std::string& name) {
     }
     Ipv4 address;
     if (!Ipv4::parse(tokens[1], address)) {
-      throw fail(fmt::format("bad address \"{}\" (expected an IPv4 address like 10.0.0.1)",
-                             tokens[1]));
+      throw fail(
+          fmt::format("bad address \"{}\" (expected an IPv4 address like 10.0.0.1)", tokens[1]));
     }
     if (id == 0) {
       throw fail("node ids start at 1, got 0");
@@ -109,12 +108,12 @@ MapFile MapFile::fromString(const std::string& text, const std::string& name) {
       throw fail("count must be at least 1, got 0");
     }
     if (id > UINT32_MAX || count > UINT32_MAX || id + count - 1 > UINT32_MAX) {
-      throw fail(fmt::format("{} overflow the node id range (at most {})",
-                             describeIds(id, count), UINT32_MAX));
+      throw fail(fmt::format("{} overflow the node id range (at most {})", describeIds(id, count),
+                             UINT32_MAX));
     }
     if (address.value + count - 1 > UINT32_MAX) {
-      throw fail(fmt::format("{} addresses from {} overflow the IPv4 range", count,
-                             address.toString()));
+      throw fail(
+          fmt::format("{} addresses from {} overflow the IPv4 range", count, address.toString()));
     }
     for (const MapRange& other : map.ranges_) {
       uint64_t otherEnd = uint64_t(other.firstId) + other.count;
@@ -130,8 +129,7 @@ MapFile MapFile::fromString(const std::string& text, const std::string& name) {
                                other.firstId + (shared - other.firstAddress.value), other.line));
       }
     }
-    map.ranges_.push_back(
-        MapRange{uint32_t(id), address, uint32_t(count), lineNo});
+    map.ranges_.push_back(MapRange{uint32_t(id), address, uint32_t(count), lineNo});
   }
   std::sort(map.ranges_.begin(), map.ranges_.end(),
             [](const MapRange& a, const MapRange& b) { return a.firstId < b.firstId; });

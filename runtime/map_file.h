@@ -8,12 +8,12 @@
 // COUNT defaults to 1. Blank lines and `#` comments (whole-line or trailing) are ignored.
 // Node ids are 1..2^32-1 (0 means "no node" everywhere in umosix).
 
+#include <kj/common.h>
+
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <kj/common.h>
 
 namespace mos {
 

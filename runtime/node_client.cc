@@ -9,8 +9,7 @@ namespace mos {
 namespace {
 
 kj::Exception disconnected(kj::String description) {
-  return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__,
-                       kj::mv(description));
+  return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__, kj::mv(description));
 }
 
 // Runs `body(connection)` against mosd at address:port on a private loop, bounded by timeoutMs.
@@ -28,27 +27,26 @@ T runSync(Ipv4 address, uint16_t port, uint32_t timeoutMs, Body&& body) {
   {
     UvEventPort eventPort(&loop);
     kj::WaitScope waitScope(eventPort.kjLoop());
-    auto promise =
-        NodeConnection::connect(eventPort, address, port, timeoutMs)
-            .then([&body](kj::Own<NodeConnection> connection) {
-              auto node = connection->node();
-              return body(node).attach(kj::mv(connection));
-            });
+    auto promise = NodeConnection::connect(eventPort, address, port, timeoutMs)
+                       .then([&body](kj::Own<NodeConnection> connection) {
+                         auto node = connection->node();
+                         return body(node).attach(kj::mv(connection));
+                       });
     auto bounded = eventPort.timeoutAfter(
         timeoutMs, kj::str("mosd at ", where, " did not answer within ", timeoutMs, " ms"),
         kj::mv(promise));
-    KJ_IF_MAYBE(e, kj::runCatchingExceptions([&]() { result = bounded.wait(waitScope); })) {
+    KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() { result = bounded.wait(waitScope); })) {
       error = kj::mv(*e);
     }
   }
-  KJ_IF_MAYBE(e, error) {
+  KJ_IF_MAYBE (e, error) {
     kj::StringPtr description = e->getDescription();
     if (description.startsWith("mosd at ") || description.startsWith("cannot reach mosd")) {
       kj::throwFatalException(disconnected(kj::str(description)));
     }
     kj::throwFatalException(disconnected(kj::str("mosd at ", where, ": ", description)));
   }
-  KJ_IF_MAYBE(r, result) {
+  KJ_IF_MAYBE (r, result) {
     return kj::mv(*r);
   }
   KJ_UNREACHABLE;
@@ -71,7 +69,7 @@ kj::Promise<kj::Own<NodeConnection>> NodeConnection::connect(UvEventPort& loop, 
           .catch_([where = kj::str(where)](kj::Exception&& e) -> kj::Own<UvFdStream> {
             // "connect to A:P: Connection refused" -> "cannot reach mosd at A:P: Connection ..."
             kj::StringPtr d = e.getDescription();
-            KJ_IF_MAYBE(colon, d.findLast(':')) {
+            KJ_IF_MAYBE (colon, d.findLast(':')) {
               d = d.slice(*colon + 2);
             }
             kj::throwFatalException(disconnected(kj::str("cannot reach mosd at ", where, ": ", d)));
@@ -131,6 +129,25 @@ std::vector<JobInfo> listGuests(Ipv4 address, uint16_t port, uint32_t timeoutMs)
     return node.listGuestsRequest().send().then(
         [](auto response) { return toJobInfos(response.getJobs()); });
   });
+}
+
+namespace {
+Ipv4 addressOf(const MapFile& map, uint32_t nodeId) {
+  KJ_IF_MAYBE(address, map.lookup(nodeId)) {
+    return *address;
+  }
+  kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                                        kj::str("node ", nodeId, " is not in the cluster map")));
+}
+}  // namespace
+
+NodeStatus queryStatus(const MapFile& map, uint32_t nodeId, uint16_t port, uint32_t timeoutMs) {
+  return queryStatus(addressOf(map, nodeId), port, timeoutMs);
+}
+
+std::vector<JobInfo> listJobs(const MapFile& map, uint32_t nodeId, uint16_t port,
+                              uint32_t timeoutMs) {
+  return listJobs(addressOf(map, nodeId), port, timeoutMs);
 }
 
 }  // namespace mos

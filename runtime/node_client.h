@@ -2,12 +2,12 @@
 // The client side of a node's mosd control service (protocol/node.capnp): connect, say
 // "UMOSRPC1", bootstrap Node. Used by mps, and by mosrun to check a node before migrating.
 
+#include <capnp/rpc-twoparty.h>
+#include <kj/async.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <capnp/rpc-twoparty.h>
-#include <kj/async.h>
 
 #include "map_file.h"
 #include "node.capnp.h"
@@ -28,8 +28,8 @@ struct NodeStatus {
 struct JobInfo {
   int32_t homePid = 0;
   std::string command;
-  uint32_t node = 0;     // where the user part runs now
-  std::string state;     // "home", "migrating", "remote", "exited"
+  uint32_t node = 0;  // where the user part runs now
+  std::string state;  // "home", "migrating", "remote", "exited"
   uint64_t syscalls = 0;
   int32_t remotePid = 0;
   uint32_t homeNode = 0;
@@ -71,5 +71,11 @@ std::vector<JobInfo> toJobInfos(capnp::List<proto::JobInfo>::Reader jobs);
 NodeStatus queryStatus(Ipv4 address, uint16_t port, uint32_t timeoutMs);
 std::vector<JobInfo> listJobs(Ipv4 address, uint16_t port, uint32_t timeoutMs);
 std::vector<JobInfo> listGuests(Ipv4 address, uint16_t port, uint32_t timeoutMs);
+
+// The same, addressing node `nodeId` of `map`. A node that is not in the map throws
+// kj::Exception (FAILED) "node N is not in the cluster map" before any connection is tried.
+NodeStatus queryStatus(const MapFile& map, uint32_t nodeId, uint16_t port, uint32_t timeoutMs);
+std::vector<JobInfo> listJobs(const MapFile& map, uint32_t nodeId, uint16_t port,
+                              uint32_t timeoutMs);
 
 }  // namespace mos

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <kj/debug.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -9,8 +10,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-
-#include <kj/debug.h>
 
 namespace mos {
 
@@ -203,7 +202,7 @@ void UvFdWatcher::update() {
     return;
   }
   auto waiting = [](kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>>& slot) {
-    KJ_IF_MAYBE(f, slot) {
+    KJ_IF_MAYBE (f, slot) {
       if ((*f)->isWaiting()) {
         return true;
       }
@@ -237,7 +236,7 @@ void UvFdWatcher::update() {
 }
 
 void UvFdWatcher::fire(kj::Maybe<kj::Own<kj::PromiseFulfiller<void>>>& slot) {
-  KJ_IF_MAYBE(f, slot) {
+  KJ_IF_MAYBE (f, slot) {
     auto fulfiller = kj::mv(*f);
     slot = nullptr;
     fulfiller->fulfill();

@@ -17,19 +17,21 @@
 // libuv yourself with uv_run(): while the KJ queue is non-empty the port keeps an idle handle
 // active whose callback runs the KJ queue, so promise continuations also run under uv_run().
 //
+// libuv is not reentrant: never call Promise::wait() (or anything that runs uv_run) from inside
+// a libuv callback. A KJ continuation is fine: it runs from wait() or from the idle handle.
+//
 // Every libuv handle allocated here is freed by its close callback, so after destroying these
 // objects run the loop once more (the UvEventPort destructor does a UV_RUN_NOWAIT turn) before
 // uv_loop_close(). Not thread safe, except UvEventPort::wake().
 
+#include <kj/async-io.h>
+#include <kj/async.h>
+#include <kj/io.h>
 #include <netinet/in.h>
 #include <uv.h>
 
 #include <atomic>
 #include <cstdint>
-
-#include <kj/async-io.h>
-#include <kj/async.h>
-#include <kj/io.h>
 
 namespace mos {
 
@@ -60,11 +62,10 @@ class UvEventPort final : public kj::EventPort {
   // within `ms` milliseconds (then `promise` is cancelled).
   template <typename T>
   kj::Promise<T> timeoutAfter(uint64_t ms, kj::String message, kj::Promise<T> promise) {
-    return promise.exclusiveJoin(afterDelay(ms).then(
-        [message = kj::mv(message)]() -> kj::Promise<T> {
-          return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__,
-                               kj::str(message));
-        }));
+    return promise.exclusiveJoin(afterDelay(ms).then([message =
+                                                          kj::mv(message)]() -> kj::Promise<T> {
+      return kj::Exception(kj::Exception::Type::DISCONNECTED, __FILE__, __LINE__, kj::str(message));
+    }));
   }
 
  private:

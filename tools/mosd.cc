@@ -4,13 +4,16 @@
 //   "UMOSJOB1"  hand the connection to a new mos-supervisor as its fd 3 (protocol/job.capnp).
 // Supervisors are mosd's only children; mosd reaps them and kills them when it is stopped.
 
+#include <capnp/rpc-twoparty.h>
 #include <fcntl.h>
+#include <kj/debug.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -19,10 +22,6 @@
 #include <set>
 #include <string>
 #include <vector>
-
-#include <CLI/CLI.hpp>
-#include <capnp/rpc-twoparty.h>
-#include <kj/debug.h>
 
 #include "channel.h"
 #include "config.h"
@@ -172,12 +171,12 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
     Ipv4 peer{ntohl(accepted.peer.sin_addr.s_addr)};
     std::string peerText = fmt::format("{}:{}", peer.toString(), ntohs(accepted.peer.sin_port));
     uint32_t peerNode;
-    KJ_IF_MAYBE(node, map_.nodeOf(peer)) {
+    KJ_IF_MAYBE (node, map_.nodeOf(peer)) {
       peerNode = *node;
     } else {
       if (rejected_.insert(peer.value).second) {
-        spdlog::warn("refusing connections from {}: not in the cluster map {}",
-                     peer.toString(), config_.mapPath);
+        spdlog::warn("refusing connections from {}: not in the cluster map {}", peer.toString(),
+                     config_.mapPath);
       }
       return;  // the descriptor closes here
     }
@@ -185,9 +184,11 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
     auto hello = kj::heapArray<char>(sizeof(HELLO_RPC));
     auto read = stream->tryRead(hello.begin(), hello.size(), hello.size());
     auto promise =
-        port_.timeoutAfter(HELLO_TIMEOUT_MS, kj::str("no hello from ", peerText.c_str(),
-                                                     " within ", HELLO_TIMEOUT_MS, " ms"),
-                           kj::mv(read))
+        port_
+            .timeoutAfter(
+                HELLO_TIMEOUT_MS,
+                kj::str("no hello from ", peerText.c_str(), " within ", HELLO_TIMEOUT_MS, " ms"),
+                kj::mv(read))
             .then([this, stream = kj::mv(stream), hello = kj::mv(hello), peerNode,
                    peerText](size_t n) mutable -> kj::Promise<void> {
               if (n < hello.size()) {
@@ -308,9 +309,10 @@ void removePidFile(const std::string& path) {
 }
 
 int run(int argc, char** argv) {
-  CLI::App app("umosix node daemon: serves this node's control interface and supervises the "
-               "guests of jobs migrated here",
-               "mosd");
+  CLI::App app(
+      "umosix node daemon: serves this node's control interface and supervises the "
+      "guests of jobs migrated here",
+      "mosd");
   std::string mapPath, runDir, cacheDir, nodeText, portText;
   bool foreground = false;
   app.add_option("--map", mapPath, "cluster map file (default $UMOSIX_MAP or /etc/umosix/map)");
@@ -382,15 +384,15 @@ int run(int argc, char** argv) {
     uv_signal_start(&signals.term, onStop, SIGTERM);
     uv_signal_start(&signals.interrupt, onStop, SIGINT);
     uv_signal_start(
-        &signals.child,
-        [](uv_signal_t* s, int) { static_cast<Context*>(s->data)->daemon->reap(); }, SIGCHLD);
+        &signals.child, [](uv_signal_t* s, int) { static_cast<Context*>(s->data)->daemon->reap(); },
+        SIGCHLD);
 
-    auto accepting = daemon.acceptLoop().then(
-        []() { return 1; },
-        [](kj::Exception&& e) {
-          spdlog::error("accepting connections failed: {}", e.getDescription().cStr());
-          return 1;
-        });
+    auto accepting = daemon.acceptLoop().then([]() { return 1; },
+                                              [](kj::Exception&& e) {
+                                                spdlog::error("accepting connections failed: {}",
+                                                              e.getDescription().cStr());
+                                                return 1;
+                                              });
     int result = stop.promise.exclusiveJoin(kj::mv(accepting)).wait(waitScope);
     if (result == SIGTERM || result == SIGINT) {
       spdlog::info("{}: stopping", strsignal(result));

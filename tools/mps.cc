@@ -1,12 +1,12 @@
 // mps: lists the jobs whose home is this node, as the local mosd reports them (docs/mps.1.md).
 
-#include <cstdio>
-#include <string>
-
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <kj/debug.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "config.h"
 #include "log.h"
@@ -27,8 +27,8 @@ std::string where(const JobInfo& job) {
 void printTable(const std::vector<JobInfo>& jobs) {
   fmt::print("{:>7}  {:<6}  {:<9}  {:>9}  {}\n", "PID", "WHERE", "STATE", "SYSCALLS", "COMMAND");
   for (const JobInfo& job : jobs) {
-    fmt::print("{:>7}  {:<6}  {:<9}  {:>9}  {}\n", job.homePid, where(job), job.state,
-               job.syscalls, job.command);
+    fmt::print("{:>7}  {:<6}  {:<9}  {:>9}  {}\n", job.homePid, where(job), job.state, job.syscalls,
+               job.command);
   }
 }
 
@@ -74,8 +74,8 @@ int run(int argc, char** argv) {
   }
 
   std::vector<JobInfo> jobs;
-  KJ_IF_MAYBE(e, kj::runCatchingExceptions(
-                     [&]() { jobs = listJobs(address, config.port, timeoutMs); })) {
+  KJ_IF_MAYBE (e, kj::runCatchingExceptions(
+                      [&]() { jobs = listJobs(address, config.port, timeoutMs); })) {
     fmt::print(stderr, "mps: {}\n", e->getDescription().cStr());
     return 1;
   }

@@ -1,12 +1,11 @@
 #include "config.h"
 
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdlib>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 using mos::ConfigError;
 using mos::Ipv4;
@@ -91,7 +90,7 @@ TEST_CASE("config rejects bad node ids and ports, naming the variable", "[node][
 
 TEST_CASE("the local node is the one whose map address is on an interface", "[node][config]") {
   auto map = MapFile::fromString("1 10.1.0.1 2\n7 127.0.0.7\n");
-  KJ_IF_MAYBE(id, mos::localNodeId(map, {ip("192.168.0.5"), ip("127.0.0.7")})) {
+  KJ_IF_MAYBE (id, mos::localNodeId(map, {ip("192.168.0.5"), ip("127.0.0.7")})) {
     CHECK(*id == 7);
   } else {
     FAIL("no local node");

@@ -2,10 +2,9 @@
 
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cstdio>
 #include <fstream>
-
-#include <catch2/catch.hpp>
 
 using mos::Ipv4;
 using mos::MapFile;
@@ -30,12 +29,12 @@ TEST_CASE("map file ranges expand to consecutive ids and addresses", "[node][map
   REQUIRE(map.ranges().size() == 3);
   CHECK(map.ranges()[1].line == 4);
 
-  KJ_IF_MAYBE(a, map.lookup(3)) {
+  KJ_IF_MAYBE (a, map.lookup(3)) {
     CHECK(a->toString() == "10.0.0.3");
   } else {
     FAIL("node 3 missing");
   }
-  KJ_IF_MAYBE(a, map.lookup(21)) {
+  KJ_IF_MAYBE (a, map.lookup(21)) {
     CHECK(a->toString() == "172.16.0.10");
   } else {
     FAIL("node 21 missing");
@@ -44,12 +43,12 @@ TEST_CASE("map file ranges expand to consecutive ids and addresses", "[node][map
   CHECK(map.lookup(0) == nullptr);
   CHECK(map.lookup(22) == nullptr);
 
-  KJ_IF_MAYBE(id, map.nodeOf(ip("10.0.0.2"))) {
+  KJ_IF_MAYBE (id, map.nodeOf(ip("10.0.0.2"))) {
     CHECK(*id == 2);
   } else {
     FAIL("10.0.0.2 not found");
   }
-  KJ_IF_MAYBE(id, map.nodeOf(ip("192.168.1.250"))) {
+  KJ_IF_MAYBE (id, map.nodeOf(ip("192.168.1.250"))) {
     CHECK(*id == 10);
   } else {
     FAIL("192.168.1.250 not found");
@@ -70,7 +69,7 @@ TEST_CASE("map file ranges are sorted by id whatever the line order", "[node][ma
   REQUIRE(map.ranges().size() == 2);
   CHECK(map.ranges()[0].firstId == 1);
   CHECK(map.ranges()[0].line == 2);
-  KJ_IF_MAYBE(a, map.lookup(5)) {
+  KJ_IF_MAYBE (a, map.lookup(5)) {
     CHECK(a->toString() == "10.0.0.5");
   } else {
     FAIL("node 5 missing");
@@ -134,8 +133,9 @@ TEST_CASE("map file from a path names the path in errors", "[node][map]") {
     std::ofstream out(path);
     out << "1 127.0.0.1 2\nbogus\n";
   }
-  CHECK_THROWS_WITH(MapFile::fromPath(path), path + ":2: expected \"ID ADDRESS COUNT\", got "
-                                                    "\"bogus\"");
+  CHECK_THROWS_WITH(MapFile::fromPath(path), path +
+                                                 ":2: expected \"ID ADDRESS COUNT\", got "
+                                                 "\"bogus\"");
   {
     std::ofstream out(path);
     out << "1 127.0.0.1 2\n";

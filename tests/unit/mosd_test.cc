@@ -3,22 +3,21 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <kj/debug.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <thread>
-
-#include <catch2/catch.hpp>
-#include <fmt/format.h>
-#include <kj/debug.h>
-#include <nlohmann/json.hpp>
 
 #include "job_registry.h"
 #include "map_file.h"
@@ -191,8 +190,8 @@ class MosdFixture {
     // Ready when it answers.
     auto deadline = std::chrono::steady_clock::now() + 10s;
     for (;;) {
-      auto error = kj::runCatchingExceptions(
-          [&]() { mos::queryStatus(mos::Ipv4{LOCALHOST}, port, 1000); });
+      auto error =
+          kj::runCatchingExceptions([&]() { mos::queryStatus(mos::Ipv4{LOCALHOST}, port, 1000); });
       if (error == nullptr) {
         break;
       }
@@ -246,6 +245,10 @@ TEST_CASE("mosd reports its status and the jobs of its run dir", "[node][mosd]")
   CHECK(status.load >= 0);
 
   CHECK(mos::listJobs(mos::Ipv4{LOCALHOST}, mosd.port, 3000).empty());
+  auto map = mos::MapFile::fromPath(mosd.dir + "/map");
+  CHECK(mos::queryStatus(map, 1, mosd.port, 3000).nodeId == 1);
+  CHECK_THROWS_WITH(mos::queryStatus(map, 2, mosd.port, 3000),
+                    Catch::Contains("node 2 is not in the cluster map"));
 
   auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 4242, 4242, 1, "sleep 100");
   job.get()->node = 2;
@@ -330,16 +333,15 @@ TEST_CASE("mosd closes bad connections and keeps serving", "[node][mosd]") {
   CHECK(WEXITSTATUS(exit) == 0);
 }
 
-TEST_CASE("mosd hands a job connection to mos-supervisor as fd 3 and reaps it",
-          "[node][mosd]") {
+TEST_CASE("mosd hands a job connection to mos-supervisor as fd 3 and reaps it", "[node][mosd]") {
   MosdFixture mosd;
   auto fd = connectRaw(mosd.port);
   sendAll(fd.get(), "UMOSJOB1", 8);
   std::string report = readLine(fd.get());
   INFO(report << "\nlog:\n" << readFile(mosd.log));
   std::string argv = report.substr(report.find("argv=") + 5);
-  CHECK(argv == "--fd 3 --node 1 --peer-node 1 --run-dir " + mosd.runDir + " --cache-dir " +
-                    mosd.cacheDir);
+  CHECK(argv ==
+        "--fd 3 --node 1 --peer-node 1 --run-dir " + mosd.runDir + " --cache-dir " + mosd.cacheDir);
   CHECK(report.find("ppid=" + std::to_string(mosd.pid) + " ") != std::string::npos);
   CHECK(report.find(" fds=0,1,2,3 ") != std::string::npos);  // nothing of mosd's leaked
   CHECK(report.find(" blocking=True ") != std::string::npos);
@@ -483,6 +485,6 @@ TEST_CASE("mps prints the jobs of the local mosd as a table and as JSON", "[node
   mosd.stop();
   auto [downStatus, downOut] = runCapture(base + " 2>&1");
   CHECK(downStatus == 1);
-  CHECK(downOut == fmt::format("mps: cannot reach mosd at 127.0.0.1:{}: Connection refused\n",
-                               mosd.port));
+  CHECK(downOut ==
+        fmt::format("mps: cannot reach mosd at 127.0.0.1:{}: Connection refused\n", mosd.port));
 }

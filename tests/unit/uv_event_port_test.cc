@@ -1,14 +1,13 @@
 #include "uv_event_port.h"
 
+#include <capnp/rpc-twoparty.h>
+#include <kj/debug.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <thread>
-
-#include <capnp/rpc-twoparty.h>
-#include <catch2/catch.hpp>
-#include <kj/debug.h>
 
 #include "node.capnp.h"
 
@@ -66,8 +65,7 @@ class TestNode final : public mos::proto::Node::Server {
 
 }  // namespace
 
-TEST_CASE("capnp RPC round trip over a socketpair with the uv adapter on both ends",
-          "[node][uv]") {
+TEST_CASE("capnp RPC round trip over a socketpair with the uv adapter on both ends", "[node][uv]") {
   LoopFixture f;
   auto [a, b] = socketPair();
   auto serverStream = kj::heap<mos::UvFdStream>(*f.port, kj::mv(a));
@@ -123,8 +121,7 @@ TEST_CASE("uv stream moves a large buffer both ways and sees end of stream", "[n
   CHECK(right.tryRead(&extra, 1, 1).wait(*f.waitScope) == 0);  // end of stream
 }
 
-TEST_CASE("uv stream reports a closed peer to whenWriteDisconnected and to write",
-          "[node][uv]") {
+TEST_CASE("uv stream reports a closed peer to whenWriteDisconnected and to write", "[node][uv]") {
   LoopFixture f;
   auto [a, b] = socketPair();
   mos::UvFdStream stream(*f.port, kj::mv(a));
@@ -135,11 +132,9 @@ TEST_CASE("uv stream reports a closed peer to whenWriteDisconnected and to write
   disconnected.wait(*f.waitScope);
   second.wait(*f.waitScope);
 
-  auto result = stream.write("x", 1).then([]() { return false; },
-                                           [](kj::Exception&& e) {
-                                             return e.getType() ==
-                                                    kj::Exception::Type::DISCONNECTED;
-                                           });
+  auto result = stream.write("x", 1).then(
+      []() { return false; },
+      [](kj::Exception&& e) { return e.getType() == kj::Exception::Type::DISCONNECTED; });
   CHECK(result.wait(*f.waitScope));
 }
 
@@ -149,7 +144,8 @@ TEST_CASE("uv timers resolve in order and cancel cleanly", "[node][uv]") {
   std::vector<int> order;
   // eagerlyEvaluate: a join runs lazy continuations in array order, not in firing order.
   auto later = f.port->afterDelay(60).then([&]() { order.push_back(60); }).eagerlyEvaluate(nullptr);
-  auto sooner = f.port->afterDelay(20).then([&]() { order.push_back(20); }).eagerlyEvaluate(nullptr);
+  auto sooner =
+      f.port->afterDelay(20).then([&]() { order.push_back(20); }).eagerlyEvaluate(nullptr);
   auto cancelled = f.port->afterDelay(10).then([&]() { order.push_back(10); });
   cancelled = nullptr;
   kj::joinPromises(kj::arr(kj::mv(later), kj::mv(sooner))).wait(*f.waitScope);
@@ -177,7 +173,8 @@ TEST_CASE("KJ continuations run under a plain uv_run", "[node][uv]") {
                   .eagerlyEvaluate(nullptr);
   uv_timer_t guard;  // keeps uv_run from returning early for want of handles
   uv_timer_init(&f.loop, &guard);
-  uv_timer_start(&guard, [](uv_timer_t* t) { uv_stop(t->loop); }, 5000, 0);
+  uv_timer_start(
+      &guard, [](uv_timer_t* t) { uv_stop(t->loop); }, 5000, 0);
   uv_run(&f.loop, UV_RUN_DEFAULT);
   uv_close(reinterpret_cast<uv_handle_t*>(&guard), nullptr);
   uv_run(&f.loop, UV_RUN_NOWAIT);
@@ -202,9 +199,8 @@ TEST_CASE("uv listener accepts TCP connections on 127.0.0.1", "[node][uv]") {
   REQUIRE(listener.port() != 0);
   auto accepted = listener.accept();
   auto source = mos::makeSockaddr(0x7f000002, 0);
-  auto client =
-      mos::connectTcp(*f.port, mos::makeSockaddr(0x7f000001, listener.port()), &source)
-          .wait(*f.waitScope);
+  auto client = mos::connectTcp(*f.port, mos::makeSockaddr(0x7f000001, listener.port()), &source)
+                    .wait(*f.waitScope);
   auto conn = accepted.wait(*f.waitScope);
   CHECK(ntohl(conn.peer.sin_addr.s_addr) == 0x7f000002);
   mos::UvFdStream server(*f.port, kj::mv(conn.fd));
