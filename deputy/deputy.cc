@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -132,6 +133,11 @@ void Deputy::waitForMessage() {
 }
 
 void Deputy::flushSignals() {
+  if (takeCancel()) {
+    // A cancel that arrived after its call had finished: just consume the urgent byte.
+    char oob;
+    recv(channel_->fd(), &oob, 1, MSG_OOB | MSG_DONTWAIT);
+  }
   for (int sig : takePendingSignals()) {
     capnp::MallocMessageBuilder message(16);
     message.initRoot<proto::ToRemote>().setSignal(sig);
@@ -192,6 +198,12 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
   auto reply = replyMessage.getRoot<proto::ToRemote>().getReply();
   if (reply.getRet() == -EINTR && signalsPending()) {
     reply.setInterrupted(true);
+  }
+  if (takeCancel()) {
+    // Consume the urgent byte that carried the cancel; a call that finished anyway still
+    // answers normally (the supervisor drops answers for calls the guest left).
+    char oob;
+    recv(channel_->fd(), &oob, 1, MSG_OOB | MSG_DONTWAIT);
   }
   if (auto* r = record_.get()) {
     r->syscalls.store(r->syscalls.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);

@@ -25,6 +25,9 @@ constexpr int MAX_SIGNAL = 64;
 // blocked) and read with every signal blocked.
 std::atomic<uint32_t> arrivals[MAX_SIGNAL + 1];
 
+// Set when the supervisor asked to cancel the call in progress (see requestCancelSignals).
+std::atomic<bool> cancelRequested{false};
+
 bool isFault(int sig) {
   return sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGSYS;
 }
@@ -41,7 +44,13 @@ void onSignal(int sig, siginfo_t* info, void* context) {
   if (sig < 1 || sig > MAX_SIGNAL) {
     return;
   }
-  arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+  if (sig == SIGURG && info != nullptr && info->si_code == SI_KERNEL) {
+    // Urgent data on the job channel (the socket's owner is our thread): the supervisor cancels
+    // the forwarded call in progress, because the guest left it. Not a signal of the job.
+    cancelRequested.store(true, std::memory_order_relaxed);
+  } else {
+    arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+  }
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
   auto* uc = static_cast<ucontext_t*>(context);
   auto rip = static_cast<uintptr_t>(uc->uc_mcontext.gregs[REG_RIP]);
@@ -75,7 +84,7 @@ void installSignalHandlers() {
     if (sigaction(sig, nullptr, &old) < 0) {
       continue;  // glibc's reserved real-time signals (32, 33)
     }
-    if (old.sa_handler == SIG_IGN && !(old.sa_flags & SA_SIGINFO)) {
+    if (old.sa_handler == SIG_IGN && !(old.sa_flags & SA_SIGINFO) && sig != SIGURG) {
       continue;  // the job ignores it: the home kernel discards it, as it would natively
     }
     if (sigaction(sig, &action, nullptr) < 0 && sig < SIGRTMIN) {
@@ -116,6 +125,8 @@ std::vector<int> takePendingSignals() {
   }
   return result;
 }
+
+bool takeCancel() { return cancelRequested.exchange(false, std::memory_order_relaxed); }
 
 void recordSignal(int sig) {
   if (sig < 1 || sig > MAX_SIGNAL) {

@@ -58,6 +58,12 @@ std::vector<int> takePendingSignals();
 // Records `sig` as if it had arrived (tests, and re-recording after a failed exec).
 void recordSignal(int sig);
 
+// True (once) when the supervisor cancelled the forwarded call in progress: it sends one byte of
+// TCP urgent data on the job channel, whose owner (F_SETOWN_EX) is the deputy's thread, and the
+// kernel's SIGURG (si_code SI_KERNEL) interrupts the call like a job signal would, without being
+// forwarded as one. SIGURG therefore always has our handler, even when the job ignores it.
+bool takeCancel();
+
 // Runs system call `nr` with `args` through deputy_syscall with every signal unblocked, then
 // restores the caller's mask. Returns the kernel's result; -EINTR when a signal arrived before
 // or during the call (a signal recorded before the call cancels it without entering the kernel).

@@ -136,6 +136,9 @@ int connectJobSocket(const std::string& address, uint16_t port, int timeoutMs, R
   int flags = fcntl(fd, F_GETFL);
   fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
   tuneJobSocket(fd);
+  // Urgent data from the supervisor (a cancel) raises SIGURG in this thread.
+  struct f_owner_ex owner = {F_OWNER_TID, static_cast<pid_t>(gettid())};
+  fcntl(fd, F_SETOWN_EX, &owner);
   return fd;
 }
 

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -33,6 +34,8 @@ bool ignoredByDefault(int sig) {
   return sig == SIGCHLD || sig == SIGURG || sig == SIGWINCH || sig == SIGCONT;
 }
 
+}  // namespace
+
 // Reads a hex signal set line ("SigBlk:\t0000000000010000") of /proc/PID/status.
 uint64_t statusMask(const std::string& status, const char* key) {
   size_t at = status.find(key);
@@ -48,8 +51,6 @@ std::string readStatus(pid_t pid) {
   s << in.rdbuf();
   return s.str();
 }
-
-}  // namespace
 
 Supervisor::Supervisor(SupervisorOptions options)
     : options_(std::move(options)), channel_(kj::AutoCloseFd(options_.fd)) {
@@ -157,6 +158,10 @@ void Supervisor::startGuest() {
   auto filter = buildGuestFilter();
   migrate::RestoreOptions options;
   options.seccompFilter = std::span<const sock_filter>(filter.data(), filter.size());
+  // Once the supervisor has received a notification, only SIGKILL ends the guest's wait: a
+  // signal is then handled by the supervisor's answer (see roundTrip), which is what makes a
+  // signal the job sends itself arrive before kill(2) returns.
+  options.seccompExtraFlags = SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
   auto guest = migrate::restore(
       start_.getImage(),
       [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); }, options);
@@ -287,10 +292,29 @@ Answer Supervisor::handleUnsupported(const seccomp_notif& notif, int err, const 
 }
 
 kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
-    const std::function<bool(proto::ToRemote::Reader)>& isMine) {
+    const std::function<bool(proto::ToRemote::Reader)>& isMine, uint64_t seq) {
+  bool watchGuest = seq != 0;
   for (;;) {
-    // Blocking read: the deputy answers every request, and a dead peer surfaces through the
-    // socket's keepalive and user timeout (tuneJobSocket).
+    // The deputy answers every request, and a dead peer surfaces through the socket's keepalive
+    // and user timeout (tuneJobSocket). While a call blocks at home, look every 50 ms whether
+    // the guest has a signal to take (a timer of this node): then cancel the call at home.
+    while (watchGuest && !channel_.hasBuffered()) {
+      struct pollfd pfd = {channel_.fd(), POLLIN, 0};
+      int n = poll(&pfd, 1, CANCEL_CHECK_MS);
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      KJ_REQUIRE(n >= 0, "poll", strerror(errno));
+      if (n > 0) {
+        break;
+      }
+      if (guestHasSignalToTake()) {
+        spdlog::debug("guest has a signal pending during call {}; cancelling it at home", seq);
+        char cancel = 'c';
+        send(channel_.fd(), &cancel, 1, MSG_OOB | MSG_NOSIGNAL);
+        watchGuest = false;
+      }
+    }
     KJ_IF_MAYBE(message, channel_.receive()) {
       auto root = (*message)->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
@@ -308,14 +332,13 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
 }
 
 kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
-    capnp::MallocMessageBuilder& request, uint64_t seq, bool* dropped) {
-  *dropped = false;
+    capnp::MallocMessageBuilder& request, uint64_t seq, bool* interrupted) {
+  *interrupted = false;
   for (;;) {
-    interruptedGuest_ = false;
     channel_.send(request);
-    auto reply = awaitMessage([seq](proto::ToRemote::Reader m) {
-      return m.isReply() && m.getReply().getSeq() == seq;
-    });
+    auto reply = awaitMessage(
+        [seq](proto::ToRemote::Reader m) { return m.isReply() && m.getReply().getSeq() == seq; },
+        seq);
     KJ_IF_MAYBE(r, reply) {
       if (!(*r)->getRoot<proto::ToRemote>().getReply().getInterrupted()) {
         if (record_.get() != nullptr) {
@@ -323,10 +346,11 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
         }
         return kj::mv(*r);
       }
-      if (interruptedGuest_) {
-        // The signal also interrupted the guest: the kernel dropped the notification and the
-        // guest restarts the call or sees EINTR, as its handler's SA_RESTART says.
-        *dropped = true;
+      if (guestHasSignalToTake()) {
+        // Answer -ERESTARTSYS with the signal pending: on its way out of the syscall the guest's
+        // kernel runs the handler and then restarts the call or returns EINTR as SA_RESTART says,
+        // or stops, or dies: exactly what a native blocking call does (signal(7)).
+        *interrupted = true;
         return kj::mv(*r);
       }
       // The guest blocks or ignores that signal: a native call would not have been
@@ -355,10 +379,10 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
     // The memory we read may belong to a task that is no longer the one that trapped.
     return Answer::drop();
   }
-  bool dropped;
-  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &dropped)) {
-    if (dropped) {
-      return Answer::drop();
+  bool interrupted;
+  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
+    if (interrupted) {
+      return Answer::of(-ERESTARTSYS);
     }
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     if (r.getOut().size() > 0 && !idValid(notif.id)) {
@@ -397,17 +421,16 @@ void Supervisor::deliverSignal(int sig) {
   if (sig <= 0 || sig >= 65 || guest_ <= 0) {
     return;
   }
-  std::string status = readStatus(guest_);
-  uint64_t bit = uint64_t{1} << (sig - 1);
-  bool blocked = statusMask(status, "SigBlk:") & bit;
-  bool ignored = statusMask(status, "SigIgn:") & bit;
-  bool caught = statusMask(status, "SigCgt:") & bit;
-  bool interrupts = !blocked && !ignored && (caught || !ignoredByDefault(sig));
-  if (interrupts) {
-    interruptedGuest_ = true;
-  }
-  spdlog::debug("signal {} to guest {} (interrupts: {})", sig, guest_, interrupts);
+  // Queued only: a guest inside a received notification waits killably, so the signal acts when
+  // that call is answered (roundTrip), or at once if the guest is computing.
+  spdlog::debug("signal {} to guest {}", sig, guest_);
   syscall(SYS_tgkill, guest_, guest_, sig);
+}
+
+bool Supervisor::guestHasSignalToTake() {
+  std::string status = readStatus(guest_);
+  uint64_t pending = statusMask(status, "SigPnd:") | statusMask(status, "ShdPnd:");
+  return (pending & ~statusMask(status, "SigBlk:")) != 0;
 }
 
 void Supervisor::onChildEvent() {

@@ -54,6 +54,20 @@ struct Answer {
   static Answer drop() { return Answer{DROP, 0}; }
 };
 
+// /proc/PID/status of `pid` ("" when it is gone), and one of its hex signal-set lines
+// ("SigBlk:") as a mask, bit (n-1) for signal n.
+std::string readStatus(pid_t pid);
+uint64_t statusMask(const std::string& status, const char* key);
+
+// While a forwarded call blocks at home, how often the supervisor checks whether the guest has a
+// signal of this node to take (milliseconds).
+inline constexpr int CANCEL_CHECK_MS = 50;
+
+// The kernel's "restart this syscall unless a handler without SA_RESTART runs" code
+// (include/linux/errno.h; not exported to user space). A notification answered with it while a
+// signal is pending makes the guest's kernel apply the native restart rules (signal(7)).
+inline constexpr int ERESTARTSYS = 512;
+
 class Supervisor {
  public:
   explicit Supervisor(SupervisorOptions options);
@@ -78,16 +92,24 @@ class Supervisor {
   void onIdleMessage();
   void onChildEvent();
   void deliverSignal(int sig);
+  // True when the guest has a pending signal it does not block (it will act on it as soon as
+  // its current syscall returns).
+  bool guestHasSignalToTake();
   [[noreturn]] void endJob(int status);
 
   // Waits for the next ToRemote message that `isMine` accepts, delivering signal messages that
-  // arrive meanwhile. Returns nullptr when the deputy closed the channel.
+  // arrive meanwhile. Returns nullptr when the deputy closed the channel. While it waits for the
+  // reply to notification `seq` (0: not a syscall), a new notification of the guest means the
+  // guest left that call (a signal raised on this node interrupted it): the deputy's call is
+  // then cancelled with one byte of TCP urgent data (it raises SIGURG in the deputy).
   kj::Maybe<kj::Own<capnp::MessageReader>> awaitMessage(
-      const std::function<bool(proto::ToRemote::Reader)>& isMine);
-  // Sends `request` (a ToDeputy with a syscall) and waits for its reply, restarting it when the
-  // deputy was interrupted by a signal that did not interrupt the guest. nullptr: deputy gone.
+      const std::function<bool(proto::ToRemote::Reader)>& isMine, uint64_t seq = 0);
+  // Sends `request` (a ToDeputy with a syscall) and waits for its reply. When a signal
+  // interrupted the deputy's call: if the guest has a signal to take, sets *interrupted (the
+  // caller answers -ERESTARTSYS); otherwise (the guest blocks it) runs the call again at home.
+  // nullptr: the deputy is gone.
   kj::Maybe<kj::Own<capnp::MessageReader>> roundTrip(capnp::MallocMessageBuilder& request,
-                                                     uint64_t seq, bool* dropped);
+                                                     uint64_t seq, bool* interrupted);
 
   // --- handlers (sys_*.cc), one per irregular HandlerId; regular rows use forwardRegular
   Answer forwardRegular(const seccomp_notif& notif, const ArgSpec (&specs)[6]);
@@ -115,7 +137,6 @@ class Supervisor {
   OwnedJobRecord record_;
   std::set<int> reported_;         // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
-  bool interruptedGuest_ = false;  // a delivered signal interrupted the guest's current call
   size_t notifSize_ = 0;
   size_t respSize_ = 0;
 };

@@ -231,10 +231,10 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
       return Answer::drop();
     }
   }
-  bool dropped;
-  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &dropped)) {
-    if (dropped) {
-      return Answer::drop();
+  bool interrupted;
+  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
+    if (interrupted) {
+      return Answer::of(-ERESTARTSYS);
     }
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     int64_t ret = r.getRet();

@@ -86,11 +86,30 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
   if (sig == 0) {
     return Answer::of(0);
   }
-  // Answer first, then signal: the signal must arrive after the call returns, as it would when
-  // a process signals itself (the kernel delivers it on the way back to user space).
-  respond(notif.id, Answer::of(0));
-  syscall(SYS_tgkill, guest_, guest_, sig);
-  return Answer::drop();
+  // The signal must be pending when the call returns, as when a process signals itself: queue
+  // it, then answer (the guest waits killably, so the signal cannot cut this call short).
+  // The sender is the job itself: si_pid and si_uid are its home ids. The kernel lets only a
+  // process itself queue SI_USER/SI_TKILL, so the guest sees si_code SI_QUEUE.
+  siginfo_t info = {};
+  info.si_signo = sig;
+  info.si_code = SI_QUEUE;
+  info.si_pid = ids.getPid();
+  info.si_uid = ids.getUid();
+  if (notif.data.nr == __NR_rt_sigqueueinfo || notif.data.nr == __NR_rt_tgsigqueueinfo) {
+    // The caller's own siginfo (si_code must be negative for a queued signal).
+    uint64_t infoArg = notif.data.args[notif.data.nr == __NR_rt_sigqueueinfo ? 2 : 3];
+    ProcessMemory memory(guest_);
+    if (memory.read(RemotePtr<void>(infoArg),
+                    std::span<uint8_t>(reinterpret_cast<uint8_t*>(&info), sizeof(info))) != 0) {
+      return Answer::of(-EFAULT);
+    }
+    if (info.si_code >= 0 || info.si_code == SI_TKILL) {
+      return Answer::of(-EPERM);
+    }
+    info.si_signo = sig;
+  }
+  syscall(SYS_rt_tgsigqueueinfo, guest_, guest_, sig, &info);
+  return Answer::of(0);
 }
 
 // execve(2), execveat(2): performed at home by the deputy (design decision 2). On success the
@@ -142,26 +161,17 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
                                strings[i].size()));
     }
   }
-  std::string status;
-  {
-    std::ifstream in("/proc/" + std::to_string(guest_) + "/status");
-    std::stringstream s;
-    s << in.rdbuf();
-    status = s.str();
-  }
-  auto mask = [&](const char* key) -> uint64_t {
-    size_t pos = status.find(key);
-    return pos == std::string::npos ? 0 : strtoull(status.c_str() + pos + strlen(key), nullptr, 16);
-  };
+  std::string status = readStatus(guest_);
+  auto mask = [&](const char* key) { return statusMask(status, key); };
   exec.setSigIgnored(mask("SigIgn:"));
   exec.setSigBlocked(mask("SigBlk:"));
   if (!idValid(notif.id)) {
     return Answer::drop();
   }
-  bool dropped;
-  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &dropped)) {
-    if (dropped) {
-      return Answer::drop();
+  bool interrupted;
+  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
+    if (interrupted) {
+      return Answer::of(-ERESTARTSYS);
     }
     return Answer::of((*reply)->getRoot<proto::ToRemote>().getReply().getRet());
   }
