@@ -98,9 +98,11 @@ int main(int argc, char** argv) {
   std::optional<uint32_t> remote;
   app.add_option("-r,--remote", remote,
                  "run the user part on node NODE (a node id of the cluster map); without it the "
-                 "job runs at home");
+                 "job runs at home")
+      ->type_name("NODE");
   app.prefix_command();
   app.footer(
+      "PROGRAM [ARGS...] follow the options; everything from PROGRAM on is the program's own.\n"
       "Environment: UMOSIX_MAP (cluster map, openMosix format), UMOSIX_NODE (this node's id), "
       "UMOSIX_RUN_DIR, UMOSIX_PORT, UMOSIX_LOG.\n"
       "Exit status: the job's own; 125 mosrun failed before the job started (unknown or "
