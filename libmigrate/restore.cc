@@ -121,6 +121,10 @@ uint64_t xfeatures(std::span<const uint8_t> xstate) {
   if (::getppid() != parent) {
     ::_exit(127);
   }
+  // A process group of its own whose parent (the caller) is in another group of the session:
+  // the group is not orphaned, so the kernel does not discard SIGTSTP/SIGTTIN/SIGTTOU sent to
+  // it (job control of a guest works, signal(7), credentials(7) "orphaned process group").
+  ::setpgid(0, 0);
   // Only SIG_IGN survives exec; the image sets its own SIG_IGN set later.
   struct sigaction dfl {};
   dfl.sa_handler = SIG_DFL;
