@@ -52,3 +52,32 @@ def test_python_repl_in_a_terminal(cluster, home):
         tmux.wait_screen(lambda l: "EXIT=0" in l, "the REPL to exit with status 0")
     finally:
         cluster.run(1, ["tmux", "-L", SOCKET, "kill-server"], timeout=20)
+
+
+def test_job_control_stops_and_resumes_a_remote_repl(cluster, home):
+    """Ctrl-Z stops the job as the shell sees it (the guest stops on node 2 too); fg resumes."""
+    tmux = Tmux(cluster)
+    try:
+        tmux("new-session", "-d", "-s", "repl", "-x", "100", "-y", "30", "-c", str(home),
+             "bash --norc -i")
+        tmux("send-keys", "-t", "repl", f"PS1='$ '; mosrun -r 2 {PYTHON} -q", "Enter")
+        tmux.wait_screen(lambda l: l and l[-1] == ">>>", "the first prompt", timeout=60)
+        rec = wait_until(lambda: [r for r in cluster.mps() if r.get("state") == "remote"],
+                         20, interval=0.1, what="the REPL remote")[0]
+        guest = rec["remotePid"]
+
+        tmux("send-keys", "-t", "repl", "C-z")
+        tmux.wait_screen(lambda l: any("Stopped" in x for x in l) and l[-1] == "$",
+                         "the shell to report the job stopped")
+        with open(f"/proc/{guest}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        assert state == "T", f"the guest on node 2 is in state {state}, not stopped"
+
+        tmux("send-keys", "-t", "repl", "fg", "Enter")
+        tmux("send-keys", "-t", "repl", "print(6*7)", "Enter")
+        tmux.wait_screen(lambda l: l[-2:] == ["42", ">>>"], "42 after fg")
+        tmux("send-keys", "-t", "repl", "C-d")
+        tmux("send-keys", "-t", "repl", "echo EXIT=$?", "Enter")
+        tmux.wait_screen(lambda l: "EXIT=0" in l, "the REPL to exit with status 0 after fg")
+    finally:
+        cluster.run(1, ["tmux", "-L", SOCKET, "kill-server"], timeout=20)
