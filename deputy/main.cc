@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -138,6 +139,10 @@ int deputyMain(int argc, char** argv) {
   options.jobExe = std::string(reinterpret_cast<const char*>(root.getExe().getPath().begin()),
                                root.getExe().getPath().size());
   options.command = imageCommand(root);
+  // ps and top at home show the job's name, as for the native process (openMosix did the same).
+  if (root.hasCommand()) {
+    prctl(PR_SET_NAME, root.getCommand().cStr(), 0, 0, 0);
+  }
 
   std::string where = "node " + std::to_string(options.node) + " (" + options.address + ":" +
                       std::to_string(options.port) + ")";

@@ -390,6 +390,13 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
                         {thread.getRseqAddr(), thread.getRseqSize(), 0,
                          thread.getRseqSignature()});
   }
+  // The task name (/proc/PID/comm, ps, top on this node): the image's, not the stub's.
+  if (image.hasCommand() && image.getCommand().size() > 0) {
+    std::string comm(image.getCommand().cStr());
+    comm.resize(kj::min(comm.size(), size_t(15)));
+    task.writeString(scratchPtr.cast<char>(), comm);
+    task.syscallOrThrow("prctl(PR_SET_NAME)", __NR_prctl, {PR_SET_NAME, scratch, 0, 0, 0});
+  }
   uint64_t ignored = image.getSigIgnored();
   if (ignored != 0) {
     struct KernelSigaction {
