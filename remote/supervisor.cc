@@ -136,8 +136,15 @@ void Supervisor::receiveJobStart() {
   cache_ = ownedCache_.get();
 }
 
+void Supervisor::rememberHomePath(const std::string& cachePath,
+                                  kj::ArrayPtr<const kj::byte> homePath) {
+  homePaths_[cachePath] = std::string(reinterpret_cast<const char*>(homePath.begin()),
+                                      homePath.size());
+}
+
 std::string Supervisor::resolveImageFile(proto::FileRef::Reader ref) {
   KJ_IF_MAYBE(path, cache_->lookup(ref)) {
+    rememberHomePath(*path, ref.getPath());
     return *path;
   }
   capnp::MallocMessageBuilder expectedMessage;
@@ -148,6 +155,7 @@ std::string Supervisor::resolveImageFile(proto::FileRef::Reader ref) {
   expected.setMtimeNs(ref.getMtimeNs());
   int err = 0;
   KJ_IF_MAYBE(path, fetchIntoCache(-1, ref.getPath(), err, expected, true)) {
+    rememberHomePath(*path, ref.getPath());
     return *path;
   }
   KJ_FAIL_REQUIRE("cannot fetch a file of the image from home",
@@ -246,6 +254,11 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
   }
   switch (entry->handler) {
     case HandlerId::NONE:
+      if (nr == __NR_open || nr == __NR_openat) {
+        KJ_IF_MAYBE(answer, serveJobProcFile(notif)) {
+          return *answer;
+        }
+      }
       return forwardRegular(notif, entry->args);
     case HandlerId::IDS:
       return handleIds(notif);

@@ -22,6 +22,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <set>
 #include <string>
 
@@ -83,6 +84,8 @@ class Supervisor {
   void receiveJobStart();
   void startGuest();
   std::string resolveImageFile(proto::FileRef::Reader ref);
+  // Notes that the cache file `cachePath` holds the home file `homePath` (for /proc/self/maps).
+  void rememberHomePath(const std::string& cachePath, kj::ArrayPtr<const kj::byte> homePath);
 
   // --- the loop (supervisor.cc)
   void serveNotification();
@@ -118,6 +121,12 @@ class Supervisor {
   Answer handleExec(const seccomp_notif& notif);
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);
+  // open/openat of the job's own /proc files that describe its user part (sys_proc.cc);
+  // nullptr: not such a file, forward as usual.
+  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif);
+  // Runs a syscall with plain value arguments at home; returns its result (-EINTR if a signal
+  // cut it short).
+  int64_t forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args);
   Answer handleUnsupported(const seccomp_notif& notif, int err, const char* why);
 
   // Fetches a home file's identity (and bytes into the cache when missing). Returns the local
@@ -135,6 +144,7 @@ class Supervisor {
   pid_t guest_ = -1;
   kj::AutoCloseFd listener_;
   OwnedJobRecord record_;
+  std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
   std::set<int> reported_;         // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
   size_t notifSize_ = 0;

@@ -61,6 +61,7 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
         return nullptr;
       }
       KJ_IF_MAYBE(hit, cache_->lookup(expected.asReader())) {
+        rememberHomePath(*hit, expected.getPath());
         return *hit;
       }
     } else {
@@ -91,7 +92,7 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
       }
       return nullptr;
     }
-    return cache_->store(fi.getRef(), [&](int out) {
+    std::string stored = cache_->store(fi.getRef(), [&](int out) {
       for (;;) {
         KJ_IF_MAYBE(chunk, awaitMessage([id](proto::ToRemote::Reader m) {
                       return m.isFileData() && m.getFileData().getId() == id;
@@ -113,6 +114,8 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
         }
       }
     });
+    rememberHomePath(stored, fi.getRef().getPath());
+    return stored;
   }
   endJob(0);
 }

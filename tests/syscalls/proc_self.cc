@@ -88,7 +88,40 @@ int main() {
   // /proc/self/exe names this program.
   n = readlink("/proc/self/exe", buf, sizeof buf);
   CHECK(n > 0 && std::string(buf, n).find("proc_self") != std::string::npos);
+  std::string exe(buf, n > 0 ? n : 0);
   close(a);
   close(b);
+
+  // The files that describe the user part describe this program: its memory map names its
+  // executable, its status and stat show its own pid and parent, its cmdline is its argv.
+  auto slurp = [](const char* path) {
+    std::string s;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    char chunk[4096];
+    for (ssize_t r; fd >= 0 && (r = read(fd, chunk, sizeof chunk)) > 0;) {
+      s.append(chunk, r);
+    }
+    if (fd >= 0) {
+      close(fd);
+    }
+    return s;
+  };
+  CHECK(slurp("/proc/self/maps").find(exe) != std::string::npos);
+  std::string pidLine = "\nPid:\t" + std::to_string(getpid()) + "\n";
+  std::string ppidLine = "\nPPid:\t" + std::to_string(getppid()) + "\n";
+  std::string status = slurp("/proc/self/status");
+  CHECK(status.find(pidLine) != std::string::npos && status.find(ppidLine) != std::string::npos);
+  std::string stat = slurp(("/proc/" + std::to_string(getpid()) + "/stat").c_str());
+  CHECK(stat.rfind(std::to_string(getpid()) + " (", 0) == 0);
+  std::string afterComm = stat.substr(stat.rfind(')') + 2);
+  CHECK(afterComm.find(" " + std::to_string(getppid()) + " ") == 1);
+  std::string cmdline = slurp("/proc/self/cmdline");
+  CHECK(cmdline.find("proc_self") != std::string::npos);
+  // Fds are what open would give: the lowest free one.
+  int maps = open("/proc/self/maps", O_RDONLY);
+  int next = dup(0);
+  CHECK(maps >= 0 && next == maps + 1);
+  close(next);
+  close(maps);
   return conf::finish();
 }

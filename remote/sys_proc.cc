@@ -1,0 +1,197 @@
+// /proc/self views of the job: the files of /proc that describe a process's *user part* (its
+// memory map, its command line, its environment) must describe the guest, not the deputy whose
+// process holds the home pid (design brief, "the hard parts"). The supervisor reads them from
+// the guest's own /proc entry on this node, puts home ids where the file shows ids, and hands
+// the job a read-only snapshot: a memfd created at home in the job's fd table (so the descriptor
+// number and close-on-exec are what open(2) would give).
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <kj/debug.h>
+#include <spdlog/spdlog.h>
+
+#include "marshal.h"
+#include "supervisor.h"
+
+namespace mos::remote {
+
+namespace {
+
+// Per-process files whose content belongs to the user part.
+const std::set<std::string> GUEST_FILES = {"maps",   "smaps", "smaps_rollup", "statm", "status",
+                                           "stat",   "cmdline", "comm",       "environ", "auxv",
+                                           "numa_maps"};
+
+// The part of `path` after a /proc prefix that names the job itself, or "" when it does not.
+std::string jobProcFile(const std::string& path, int32_t homePid) {
+  std::string pid = std::to_string(homePid);
+  for (std::string prefix : {std::string("/proc/self/"), std::string("/proc/thread-self/"),
+                             "/proc/" + pid + "/task/" + pid + "/", "/proc/self/task/" + pid + "/",
+                             "/proc/" + pid + "/"}) {
+    if (path.compare(0, prefix.size(), prefix) == 0) {
+      std::string rest = path.substr(prefix.size());
+      return GUEST_FILES.count(rest) ? rest : std::string();
+    }
+  }
+  return std::string();
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+}  // namespace
+
+int64_t Supervisor::forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args) {
+  capnp::MallocMessageBuilder message;
+  auto request = message.initRoot<proto::ToDeputy>().initSyscall();
+  request.setSeq(seq);
+  request.setNr(nr);
+  auto list = request.initArgs(6);
+  size_t i = 0;
+  for (uint64_t a : args) {
+    list.set(i++, a);
+  }
+  bool interrupted;
+  KJ_IF_MAYBE(reply, roundTrip(message, seq, &interrupted)) {
+    return interrupted ? -EINTR : (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
+  }
+  endJob(0);
+}
+
+kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif) {
+  bool at = notif.data.nr == __NR_openat;
+  int dirfd = at ? static_cast<int32_t>(notif.data.args[0]) : AT_FDCWD;
+  int flags = static_cast<int32_t>(notif.data.args[at ? 2 : 1]);
+  if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_DIRECTORY | O_PATH | O_CREAT))) {
+    return nullptr;
+  }
+  ProcessMemory memory(guest_);
+  std::string path;
+  if (memory.readString(RemotePtr<char>(notif.data.args[at ? 1 : 0]), PATH_MAX, path) != 0 ||
+      path.compare(0, 6, "/proc/") != 0 || (dirfd != AT_FDCWD && path[0] != '/')) {
+    return nullptr;  // the regular path reports EFAULT and friends
+  }
+  auto ids = start_.getIds();
+  std::string file = jobProcFile(path, ids.getPid());
+  if (file.empty()) {
+    return nullptr;
+  }
+  std::string content = slurp("/proc/" + std::to_string(guest_) + "/" + file);
+  std::string guestPid = std::to_string(guest_);
+  if (file == "maps" || file == "smaps" || file == "numa_maps") {
+    // Mapped files show their home paths, not this node's cache files.
+    for (auto& [cachePath, homePath] : homePaths_) {
+      for (size_t at = content.find(cachePath); at != std::string::npos;
+           at = content.find(cachePath, at + homePath.size())) {
+        content.replace(at, cachePath.size(), homePath);
+      }
+    }
+  } else if (file == "status") {
+    // Ids are the job's home ids; the guest's tracer is none of the job's business.
+    int64_t ppid = forwardPlain(notif.id, __NR_getppid, {});
+    std::stringstream in(content), out;
+    std::string line;
+    while (std::getline(in, line)) {
+      auto key = line.substr(0, line.find(':'));
+      if (key == "Tgid" || key == "Pid" || key == "NStgid" || key == "NSpid") {
+        line = fmt::format("{}:\t{}", key, ids.getPid());
+      } else if (key == "PPid") {
+        line = fmt::format("PPid:\t{}", ppid);
+      } else if (key == "TracerPid") {
+        line = "TracerPid:\t0";
+      } else if (key == "Uid") {
+        line = fmt::format("Uid:\t{}\t{}\t{}\t{}", ids.getUid(), ids.getEuid(), ids.getEuid(),
+                           ids.getEuid());
+      } else if (key == "Gid") {
+        line = fmt::format("Gid:\t{}\t{}\t{}\t{}", ids.getGid(), ids.getEgid(), ids.getEgid(),
+                           ids.getEgid());
+      }
+      out << line << '\n';
+    }
+    content = out.str();
+  } else if (file == "stat") {
+    // "pid (comm) state ppid pgrp session ...": pid and the ids after the comm are home ids.
+    size_t close = content.rfind(')');
+    if (close != std::string::npos) {
+      std::stringstream rest(content.substr(close + 2));
+      std::vector<std::string> fields;
+      std::string f;
+      while (rest >> f) {
+        fields.push_back(f);
+      }
+      if (fields.size() > 3) {
+        fields[1] = std::to_string(forwardPlain(notif.id, __NR_getppid, {}));
+        fields[2] = std::to_string(forwardPlain(notif.id, __NR_getpgid, {0}));
+        fields[3] = std::to_string(forwardPlain(notif.id, __NR_getsid, {0}));
+      }
+      std::string head = std::to_string(ids.getPid()) + content.substr(content.find(' '), close + 1 - content.find(' '));
+      content = head;
+      for (auto& field : fields) {
+        content += " " + field;
+      }
+      content += "\n";
+    }
+  }
+  // memfd_create + pwrite at home: the descriptor is the lowest free one of the job's table,
+  // exactly as open(2) would have chosen.
+  capnp::MallocMessageBuilder message;
+  auto request = message.initRoot<proto::ToDeputy>().initSyscall();
+  request.setSeq(notif.id);
+  request.setNr(__NR_memfd_create);
+  auto args = request.initArgs(6);
+  args.set(1, (flags & O_CLOEXEC) ? MFD_CLOEXEC : 0);
+  auto in = request.initIn(1);
+  in[0].setArg(0);
+  std::string name = file + '\0';
+  in[0].setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(name.data()), name.size()));
+  int64_t fd;
+  bool interrupted;
+  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
+    if (interrupted) {
+      return Answer::of(-ERESTARTSYS);
+    }
+    fd = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
+  } else {
+    endJob(0);
+  }
+  if (fd < 0) {
+    return Answer::of(fd);
+  }
+  capnp::MallocMessageBuilder writeMessage;
+  auto write = writeMessage.initRoot<proto::ToDeputy>().initSyscall();
+  write.setSeq(notif.id);
+  write.setNr(__NR_pwrite64);
+  auto wargs = write.initArgs(6);
+  wargs.set(0, static_cast<uint64_t>(fd));
+  wargs.set(2, content.size());
+  auto win = write.initIn(1);
+  win[0].setArg(1);
+  win[0].setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(content.data()), content.size()));
+  KJ_IF_MAYBE(reply, roundTrip(writeMessage, notif.id, &interrupted)) {
+    int64_t n = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
+    if (n != static_cast<int64_t>(content.size())) {
+      spdlog::warn("job {}: writing the /proc/self/{} snapshot failed ({})", ids.getPid(), file, n);
+    }
+  } else {
+    endJob(0);
+  }
+  spdlog::debug("job {}: {} served from guest {}", ids.getPid(), path, guestPid);
+  return Answer::of(fd);
+}
+
+}  // namespace mos::remote
