@@ -10,23 +10,12 @@
 #include <kj/debug.h>
 #include <kj/io.h>
 
+#include "job_registry.h"
+
 namespace mos::remote {
 
-namespace {
-void makeDirs(const std::string& path) {
-  for (size_t i = 1; i <= path.size(); i++) {
-    if (i == path.size() || path[i] == '/') {
-      std::string prefix = path.substr(0, i);
-      if (mkdir(prefix.c_str(), 0755) < 0 && errno != EEXIST) {
-        KJ_FAIL_SYSCALL("mkdir", errno, prefix);
-      }
-    }
-  }
-}
-}  // namespace
-
 FileCache::FileCache(std::string dir, uint32_t homeNode) : dir_(std::move(dir)), homeNode_(homeNode) {
-  makeDirs(dir_);
+  makeDirectories(dir_);
 }
 
 std::string FileCache::keyOf(proto::FileRef::Reader ref) const {

@@ -140,24 +140,12 @@ Answer Supervisor::handleMmap(const seccomp_notif& notif) {
   int mapType = flags & MAP_TYPE;
   if ((mapType == MAP_SHARED || mapType == MAP_SHARED_VALIDATE) && (prot & PROT_WRITE)) {
     // The kernel's own checks come first (mmap(2)): a descriptor not open for writing is EACCES.
-    capnp::MallocMessageBuilder message;
-    auto request = message.initRoot<proto::ToDeputy>().initSyscall();
-    request.setSeq(notif.id);
-    request.setNr(__NR_fcntl);
-    auto args = request.initArgs(6);
-    args.set(0, static_cast<uint64_t>(fd));
-    args.set(1, F_GETFL);
-    bool interrupted;
-    KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
-      int64_t flags = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
-      if (flags < 0) {
-        return Answer::of(flags);
-      }
-      if ((flags & O_ACCMODE) != O_RDWR) {
-        return Answer::of(-EACCES);
-      }
-    } else {
-      endJob(0);
+    int64_t openFlags = forwardPlain(notif.id, __NR_fcntl, {static_cast<uint64_t>(fd), F_GETFL});
+    if (openFlags < 0) {
+      return Answer::of(openFlags == -EINTR ? -ERESTARTSYS : openFlags);
+    }
+    if ((openFlags & O_ACCMODE) != O_RDWR) {
+      return Answer::of(-EACCES);
     }
     return handleUnsupported(notif, ENODEV, "shared writable file mappings stay at home");
   }

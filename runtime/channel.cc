@@ -76,6 +76,17 @@ void Channel::send(capnp::MessageBuilder& message) {
   }
 }
 
+ssize_t Channel::readSome(kj::byte* dst, size_t max) {
+  ssize_t n = ::read(fd_.get(), dst, max);
+  if (n < 0 && errno != EINTR) {
+    if (errno == ECONNRESET || errno == ETIMEDOUT || errno == EPIPE) {
+      kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "job channel lost", strerror(errno)));
+    }
+    KJ_FAIL_SYSCALL("read", errno);
+  }
+  return n;
+}
+
 size_t Channel::readAtLeast(kj::byte* dst, size_t min) {
   size_t got = 0;
   while (got < min) {
@@ -83,15 +94,9 @@ size_t Channel::readAtLeast(kj::byte* dst, size_t min) {
       size_t want = min - got;
       if (want >= buffer_.size()) {
         // Large payloads go straight to their destination, skipping the buffer copy.
-        ssize_t n = ::read(fd_.get(), dst + got, want);
+        ssize_t n = readSome(dst + got, want);
         if (n < 0) {
-          if (errno == EINTR) {
-            continue;
-          }
-          if (errno == ECONNRESET || errno == ETIMEDOUT || errno == EPIPE) {
-            kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "job channel lost", strerror(errno)));
-          }
-          KJ_FAIL_SYSCALL("read", errno);
+          continue;  // EINTR
         }
         if (n == 0) {
           return got;
@@ -99,15 +104,9 @@ size_t Channel::readAtLeast(kj::byte* dst, size_t min) {
         got += n;
         continue;
       }
-      ssize_t n = ::read(fd_.get(), buffer_.begin(), buffer_.size());
+      ssize_t n = readSome(buffer_.begin(), buffer_.size());
       if (n < 0) {
-        if (errno == EINTR) {
-          continue;
-        }
-        if (errno == ECONNRESET || errno == ETIMEDOUT || errno == EPIPE) {
-          kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "job channel lost", strerror(errno)));
-        }
-        KJ_FAIL_SYSCALL("read", errno);
+        continue;  // EINTR
       }
       if (n == 0) {
         return got;

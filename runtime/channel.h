@@ -8,6 +8,8 @@
 #include <kj/io.h>
 #include <kj/vector.h>
 
+#include <sys/types.h>
+
 #include <cstdint>
 
 namespace mos {
@@ -51,6 +53,9 @@ class Channel {
   // Reads at least `min` bytes into `dst` from the buffer, then the socket. Returns the bytes
   // read, less than `min` only at end of stream.
   size_t readAtLeast(kj::byte* dst, size_t min);
+  // One read(2): bytes read, 0 at end of stream, -1 on EINTR. Throws DISCONNECTED on a reset or
+  // timeout, FAILED on other errors.
+  ssize_t readSome(kj::byte* dst, size_t max);
 
   kj::AutoCloseFd fd_;
   kj::Array<kj::byte> buffer_;  // 64 KiB

@@ -20,7 +20,9 @@ namespace {
 constexpr size_t RECORD_BYTES = 4096;
 static_assert(sizeof(JobRecord) <= RECORD_BYTES);
 
-void makeDirs(const std::string& path) {
+}  // namespace
+
+void makeDirectories(const std::string& path) {
   for (size_t i = 1; i <= path.size(); i++) {
     if (i == path.size() || path[i] == '/') {
       std::string prefix = path.substr(0, i);
@@ -30,7 +32,6 @@ void makeDirs(const std::string& path) {
     }
   }
 }
-}  // namespace
 
 const char* jobStateName(JobState state) {
   switch (state) {
@@ -50,7 +51,7 @@ OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kin
                                       int32_t homePid, uint32_t homeNode,
                                       const std::string& command) {
   std::string dir = runDir + "/" + kind;
-  makeDirs(dir);
+  makeDirectories(dir);
   OwnedJobRecord result;
   result.path_ = dir + "/" + std::to_string(name);
   int fd;

@@ -58,6 +58,10 @@ class OwnedJobRecord {
   std::string path_;
 };
 
+// mkdir -p: creates `path` and its missing parents (mode 0755). Throws kj::Exception (FAILED)
+// naming the directory that could not be made.
+void makeDirectories(const std::string& path);
+
 // A copy of a record as read by mosd.
 struct JobSnapshot {
   int32_t ownerPid;
