@@ -7,8 +7,14 @@
 // are allocated inside the reply message itself (zero filled; in/out arguments start from the
 // in-data), the pointers are substituted into their arguments, and the raw call runs through
 // interruptibleSyscall() (signals.h). Out-buffers are trimmed to what the supervisor writes back
-// (runtime/marshal.h unmarshalReply): all of them to nothing when ret < 0, OUT_BUF to ret bytes,
-// OUT_ARRAY to ret elements; the others travel in full.
+// (runtime/marshal.h unmarshalReply): all of them to nothing when ret < 0, OUT_BUF and buffers
+// marked trimToRet to ret bytes, OUT_ARRAY to ret elements; the others travel in full.
+//
+// Slots 6..15 are auxiliary buffers that replace no argument (a msghdr's name, iovec, data and
+// control). After every buffer exists, each Pointer of the request writes the home address of
+// its target buffer into its container (job.capnp, struct Pointer); containers and targets are
+// always private copies. A pointer outside its buffer, or naming a missing buffer, is a malformed
+// request.
 //
 // Deputy-side special cases, because the fd table and /proc/self are shared with the job:
 //   - an FD argument naming a reserved descriptor (fds.h): EBADF, as if it were not open;
