@@ -4,6 +4,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -356,6 +357,18 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row) {
         return -EBADF;
       }
       break;
+    case __NR_sendmsg:
+    case __NR_recvmsg:
+    case __NR_sendmmsg:
+    case __NR_recvmmsg:
+      // The msghdr holds pointers: only a home copy (with its fixups) may reach the kernel.
+      if (!buffers[1].present) {
+        return -EFAULT;
+      }
+      if (nr == __NR_sendmsg && rightsNameReserved()) {
+        return -EBADF;
+      }
+      break;
     default:
       break;
   }
@@ -453,6 +466,46 @@ bool Executor::setsNameReserved(uint64_t (&args)[6]) {
         continue;
       }
       if (set.ptr[fd / 8] & (1u << (fd % 8))) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// sendmsg(2) whose SCM_RIGHTS control data names one of our descriptors: EBADF, as for a
+// closed one (the job must never obtain the channel). Only control data in a home buffer of this
+// request is read.
+bool Executor::rightsNameReserved() {
+  const HomeBuffer& header = currentBuffers[1];
+  if (fds_.empty() || header.size < sizeof(struct msghdr)) {
+    return false;
+  }
+  struct msghdr msg;
+  memcpy(&msg, header.ptr, sizeof(msg));
+  if (msg.msg_control == nullptr || msg.msg_controllen == 0) {
+    return false;
+  }
+  bool inBuffer = false;
+  for (auto& b : currentBuffers) {
+    if (b.present && b.ptr == msg.msg_control && msg.msg_controllen <= b.size) {
+      inBuffer = true;
+    }
+  }
+  if (!inBuffer) {
+    return false;  // the kernel will find nothing of ours to send there
+  }
+  for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) {
+      continue;
+    }
+    size_t room = static_cast<size_t>(static_cast<kj::byte*>(msg.msg_control) +
+                                      msg.msg_controllen - reinterpret_cast<kj::byte*>(c));
+    size_t count = (kj::min(static_cast<size_t>(c->cmsg_len), room) - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < count; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(fd));
+      if (fds_.contains(fd)) {
         return true;
       }
     }

@@ -21,6 +21,7 @@
 //   - dup2/dup3 onto a reserved descriptor: ours moves elsewhere first, then the call runs;
 //   - close_range over reserved descriptors: split into the ranges around them;
 //   - poll/ppoll entries naming one: POLLNVAL; select/pselect6 sets naming one: EBADF;
+//   - sendmsg with SCM_RIGHTS naming one: EBADF; sendmsg/recvmsg without a home msghdr: EFAULT;
 //   - getdents64 of /proc/<P>/fd, /proc/<P>/fdinfo, /proc/<P>/task/<T>/fd|fdinfo (also reached
 //     through /proc/self, /proc/thread-self, /dev/fd): entries of reserved descriptors removed;
 //   - a path that resolves to /proc/<P>/{fd,fdinfo}/<reserved>: ENOENT;
@@ -66,6 +67,7 @@ class Executor {
   int64_t closeRange(uint64_t (&args)[6]);
   int64_t pollAroundReserved(int nr, uint64_t (&args)[6]);
   bool setsNameReserved(uint64_t (&args)[6]);
+  bool rightsNameReserved();
   int64_t filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret);
   bool isOwnFdDirectory(int fd);
 

@@ -118,6 +118,7 @@ class Supervisor {
   Answer handleExec(const seccomp_notif& notif);
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);
+  Answer handleSockmsg(const seccomp_notif& notif);  // sys_socket.cc
   Answer handleUnsupported(const seccomp_notif& notif, int err, const char* why);
 
   // Fetches a home file's identity (and bytes into the cache when missing). Returns the local

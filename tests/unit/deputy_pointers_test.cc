@@ -321,3 +321,35 @@ TEST_CASE("deputy rejects malformed pointers with EINVAL and runs nothing",
   close(sv[0]);
   close(sv[1]);
 }
+
+TEST_CASE("deputy sendmsg passing a reserved descriptor fails with EBADF",
+          "[deputy][pointers][fds]") {
+  Harness h;
+  int sv[2];
+  REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
+  int ours = h.deputy->channel().fd();
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  auto* cm = reinterpret_cast<cmsghdr*>(control);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(cm), &ours, sizeof(int));
+  auto m = h.run({__NR_sendmsg, {uint64_t(sv[0]), 0, 0},
+                  {{MSGHDR, bytesOf(remoteMsghdr(0, sizeof control))},
+                   {IOVEC, iovecOf(1)},
+                   {DATA, "x"},
+                   {CONTROL, std::string(control, sizeof control)}},
+                  {},
+                  {{MSGHDR, offsetof(msghdr, msg_iov), IOVEC},
+                   {MSGHDR, offsetof(msghdr, msg_control), CONTROL},
+                   {IOVEC, offsetof(iovec, iov_base), DATA}}});
+  CHECK(replyOf(m).getRet() == -EBADF);
+  char c;
+  CHECK(recv(sv[1], &c, 1, MSG_DONTWAIT) == -1);
+  // Without a msghdr buffer the guest's address never reaches the kernel.
+  uint64_t guestAddress = reinterpret_cast<uint64_t>(&h);
+  auto bare = h.run({__NR_sendmsg, {uint64_t(sv[0]), guestAddress, 0}, {}, {}, {}});
+  CHECK(replyOf(bare).getRet() == -EFAULT);
+  close(sv[0]);
+  close(sv[1]);
+}
