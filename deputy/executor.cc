@@ -4,6 +4,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -131,15 +132,19 @@ Executor::Executor(ReservedFds& fds, std::string jobExe, pid_t pid)
 
 namespace {
 
-// One argument's home buffer, when the request supplied one.
+// One slot's home buffer, when the request supplied one (slots 0..5 are the arguments, 6..15
+// auxiliary buffers reached through Pointers).
 struct HomeBuffer {
   kj::byte* ptr = nullptr;
   size_t size = 0;
   bool present = false;
 };
 
+constexpr uint SLOTS = 16;
+constexpr uint ARG_SLOTS = 6;
+
 // The buffers of the call being executed (one call at a time per deputy thread).
-thread_local HomeBuffer currentBuffers[6];
+thread_local HomeBuffer currentBuffers[SLOTS];
 
 }  // namespace
 
@@ -158,16 +163,29 @@ void Executor::execute(proto::SyscallRequest::Reader request,
   for (auto& b : currentBuffers) {
     b = HomeBuffer{};
   }
+  KJ_DEFER(for (auto& b : currentBuffers) { b = HomeBuffer{}; });
   auto inList = request.getIn();
   auto outList = request.getOut();
+  auto pointers = request.getPointers();
 
-  // In-buffers: small ones (paths) copied with a NUL after them, large ones used in place.
+  // Slots a Pointer writes into or names: their in-data must be a private, writable copy.
+  bool pointerSlot[SLOTS] = {};
+  for (auto p : pointers) {
+    KJ_REQUIRE(p.getInto() < SLOTS && p.getTarget() < SLOTS, "pointer names no slot",
+               p.getInto(), p.getTarget());
+    pointerSlot[p.getInto()] = true;
+    pointerSlot[p.getTarget()] = true;
+  }
+
+  // In-buffers: small ones (paths) and pointer slots copied with a NUL after them, large ones
+  // used in place.
   std::vector<kj::Array<kj::byte>> copies;
   for (auto in : inList) {
-    KJ_REQUIRE(in.getArg() < 6, "in-buffer names no argument", in.getArg());
+    uint8_t slot = in.getArg();
+    KJ_REQUIRE(slot < SLOTS, "in-buffer names no slot", slot);
     auto data = in.getData();
     kj::byte* ptr;
-    if (data.size() <= PATH_MAX + 1) {
+    if (data.size() <= PATH_MAX + 1 || pointerSlot[slot]) {
       auto copy = kj::heapArray<kj::byte>(data.size() + 1);
       memcpy(copy.begin(), data.begin(), data.size());
       copy[data.size()] = 0;
@@ -177,16 +195,18 @@ void Executor::execute(proto::SyscallRequest::Reader request,
       // The kernel only reads it.
       ptr = const_cast<kj::byte*>(data.begin());
     }
-    args[in.getArg()] = reinterpret_cast<uint64_t>(ptr);
-    buffers[in.getArg()] = HomeBuffer{ptr, data.size(), true};
+    if (slot < ARG_SLOTS) {
+      args[slot] = reinterpret_cast<uint64_t>(ptr);
+    }
+    buffers[slot] = HomeBuffer{ptr, data.size(), true};
   }
 
   // Out-buffers live in the reply itself: no copy after the call.
   auto out = reply.initOut(outList.size());
   bool tooLarge = false;
   for (uint i = 0; i < outList.size(); i++) {
-    uint8_t arg = outList[i].getArg();
-    KJ_REQUIRE(arg < 6, "out-buffer names no argument", arg);
+    uint8_t slot = outList[i].getArg();
+    KJ_REQUIRE(slot < SLOTS, "out-buffer names no slot", slot);
     size_t size = outList[i].getSize();
     if (size > MAX_OUT_BYTES) {
       tooLarge = true;
@@ -194,12 +214,28 @@ void Executor::execute(proto::SyscallRequest::Reader request,
     }
     auto blob = out.init(i, size);
     for (auto in : inList) {
-      if (in.getArg() == arg) {
+      if (in.getArg() == slot) {
         memcpy(blob.begin(), in.getData().begin(), kj::min(size, in.getData().size()));
       }
     }
-    args[arg] = reinterpret_cast<uint64_t>(blob.begin());
-    buffers[arg] = HomeBuffer{blob.begin(), size, true};
+    if (slot < ARG_SLOTS) {
+      args[slot] = reinterpret_cast<uint64_t>(blob.begin());
+    }
+    buffers[slot] = HomeBuffer{blob.begin(), size, true};
+  }
+
+  // Pointer fixups, now that every buffer has its home address.
+  if (!tooLarge) {
+    for (auto p : pointers) {
+      const HomeBuffer& into = buffers[p.getInto()];
+      const HomeBuffer& target = buffers[p.getTarget()];
+      KJ_REQUIRE(into.present && target.present, "pointer names a slot without a buffer",
+                 p.getInto(), p.getTarget());
+      KJ_REQUIRE(into.size >= sizeof(uint64_t) && p.getOffset() <= into.size - sizeof(uint64_t),
+                 "pointer outside its buffer", p.getInto(), p.getOffset(), into.size);
+      uint64_t address = reinterpret_cast<uint64_t>(target.ptr);
+      memcpy(into.ptr + p.getOffset(), &address, sizeof(address));
+    }
   }
 
   int64_t ret;
@@ -210,31 +246,27 @@ void Executor::execute(proto::SyscallRequest::Reader request,
   }
 
   for (uint i = 0; i < outList.size(); i++) {
-    uint8_t arg = outList[i].getArg();
+    uint8_t slot = outList[i].getArg();
     size_t size = out[i].size();
     // What the supervisor writes back (marshal.h, unmarshalReply): nothing on failure,
-    // ret bytes of an OUT_BUF, ret elements of an OUT_ARRAY, the rest in full.
-    ArgKind kind = row != nullptr ? row->args[arg].kind : ArgKind::NONE;
+    // ret bytes of an OUT_BUF or a trimToRet buffer, ret elements of an OUT_ARRAY, the rest in
+    // full.
+    ArgKind kind = row != nullptr && slot < ARG_SLOTS ? row->args[slot].kind : ArgKind::NONE;
     size_t keep = size;
     if (ret < 0) {
       keep = 0;
-    } else if (kind == ArgKind::OUT_BUF) {
+    } else if (kind == ArgKind::OUT_BUF || outList[i].getTrimToRet()) {
       keep = kj::min(static_cast<size_t>(ret), size);
-    } else if (kind == ArgKind::OUT_ARRAY && row->args[arg].size > 0) {
-      keep = kj::min(static_cast<size_t>(ret) * row->args[arg].size, size);
+    } else if (kind == ArgKind::OUT_ARRAY && row->args[slot].size > 0) {
+      keep = kj::min(static_cast<size_t>(ret) * row->args[slot].size, size);
     }
-    {
-      if (keep < size) {
-        auto orphan = out.disown(i);
-        orphan.truncate(keep);
-        out.adopt(i, kj::mv(orphan));
-      }
+    if (keep < size) {
+      auto orphan = out.disown(i);
+      orphan.truncate(keep);
+      out.adopt(i, kj::mv(orphan));
     }
   }
   reply.setRet(ret);
-  for (auto& b : currentBuffers) {
-    b = HomeBuffer{};
-  }
 }
 
 int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row) {
@@ -322,6 +354,18 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row) {
     case __NR_select:
     case __NR_pselect6:
       if (setsNameReserved(args)) {
+        return -EBADF;
+      }
+      break;
+    case __NR_sendmsg:
+    case __NR_recvmsg:
+    case __NR_sendmmsg:
+    case __NR_recvmmsg:
+      // The msghdr holds pointers: only a home copy (with its fixups) may reach the kernel.
+      if (!buffers[1].present) {
+        return -EFAULT;
+      }
+      if (nr == __NR_sendmsg && rightsNameReserved()) {
         return -EBADF;
       }
       break;
@@ -422,6 +466,46 @@ bool Executor::setsNameReserved(uint64_t (&args)[6]) {
         continue;
       }
       if (set.ptr[fd / 8] & (1u << (fd % 8))) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// sendmsg(2) whose SCM_RIGHTS control data names one of our descriptors: EBADF, as for a
+// closed one (the job must never obtain the channel). Only control data in a home buffer of this
+// request is read.
+bool Executor::rightsNameReserved() {
+  const HomeBuffer& header = currentBuffers[1];
+  if (fds_.empty() || header.size < sizeof(struct msghdr)) {
+    return false;
+  }
+  struct msghdr msg;
+  memcpy(&msg, header.ptr, sizeof(msg));
+  if (msg.msg_control == nullptr || msg.msg_controllen == 0) {
+    return false;
+  }
+  bool inBuffer = false;
+  for (auto& b : currentBuffers) {
+    if (b.present && b.ptr == msg.msg_control && msg.msg_controllen <= b.size) {
+      inBuffer = true;
+    }
+  }
+  if (!inBuffer) {
+    return false;  // the kernel will find nothing of ours to send there
+  }
+  for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) {
+      continue;
+    }
+    size_t room = static_cast<size_t>(static_cast<kj::byte*>(msg.msg_control) +
+                                      msg.msg_controllen - reinterpret_cast<kj::byte*>(c));
+    size_t count = (kj::min(static_cast<size_t>(c->cmsg_len), room) - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < count; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(fd));
+      if (fds_.contains(fd)) {
         return true;
       }
     }

@@ -7,14 +7,21 @@
 // are allocated inside the reply message itself (zero filled; in/out arguments start from the
 // in-data), the pointers are substituted into their arguments, and the raw call runs through
 // interruptibleSyscall() (signals.h). Out-buffers are trimmed to what the supervisor writes back
-// (runtime/marshal.h unmarshalReply): all of them to nothing when ret < 0, OUT_BUF to ret bytes,
-// OUT_ARRAY to ret elements; the others travel in full.
+// (runtime/marshal.h unmarshalReply): all of them to nothing when ret < 0, OUT_BUF and buffers
+// marked trimToRet to ret bytes, OUT_ARRAY to ret elements; the others travel in full.
+//
+// Slots 6..15 are auxiliary buffers that replace no argument (a msghdr's name, iovec, data and
+// control). After every buffer exists, each Pointer of the request writes the home address of
+// its target buffer into its container (job.capnp, struct Pointer); containers and targets are
+// always private copies. A pointer outside its buffer, or naming a missing buffer, is a malformed
+// request.
 //
 // Deputy-side special cases, because the fd table and /proc/self are shared with the job:
 //   - an FD argument naming a reserved descriptor (fds.h): EBADF, as if it were not open;
 //   - dup2/dup3 onto a reserved descriptor: ours moves elsewhere first, then the call runs;
 //   - close_range over reserved descriptors: split into the ranges around them;
 //   - poll/ppoll entries naming one: POLLNVAL; select/pselect6 sets naming one: EBADF;
+//   - sendmsg with SCM_RIGHTS naming one: EBADF; sendmsg/recvmsg without a home msghdr: EFAULT;
 //   - getdents64 of /proc/<P>/fd, /proc/<P>/fdinfo, /proc/<P>/task/<T>/fd|fdinfo (also reached
 //     through /proc/self, /proc/thread-self, /dev/fd): entries of reserved descriptors removed;
 //   - a path that resolves to /proc/<P>/{fd,fdinfo}/<reserved>: ENOENT;
@@ -60,6 +67,7 @@ class Executor {
   int64_t closeRange(uint64_t (&args)[6]);
   int64_t pollAroundReserved(int nr, uint64_t (&args)[6]);
   bool setsNameReserved(uint64_t (&args)[6]);
+  bool rightsNameReserved();
   int64_t filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret);
   bool isOwnFdDirectory(int fd);
 

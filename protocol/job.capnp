@@ -39,6 +39,8 @@ struct JobStart {
 
 struct Buffer {
   # An input buffer: argument `arg` points at home to a copy of `data`.
+  # Slots: `arg` 0..5 is a syscall argument; 6..15 is an auxiliary buffer that no argument names,
+  # reached only through a Pointer (the iovecs, name and control data of a msghdr).
   arg @0 :UInt8;
   data @1 :Data;
 }
@@ -47,8 +49,22 @@ struct OutBuf {
   # An output buffer: argument `arg` points at home to `size` bytes, zero filled, or to the
   # `data` of the in-buffer with the same `arg` when there is one (in/out arguments), extended
   # with zeros to `size`. The reply returns its bytes.
+  # `arg` is a slot as in Buffer (0..5 an argument, 6..15 auxiliary).
   arg @0 :UInt8;
   size @1 :UInt32;
+  trimToRet @2 :Bool;      # the reply carries only the first max(ret, 0) bytes (the data a
+                           # recvmsg received); otherwise the row's kind decides (SyscallReply)
+}
+
+struct Pointer {
+  # A pointer inside a buffer: before the call, the deputy writes the home address of buffer
+  # `target` (its OutBuf blob when it has one, else its in copy) as a 64-bit value at byte
+  # `offset` of buffer `into` (the one the kernel sees: its OutBuf blob, else its in copy).
+  # A pointer outside `into`, or naming a slot without a buffer, makes the request malformed
+  # (the reply is -EINVAL). Used for msghdr (sendmsg, recvmsg); meant for ioctls with pointers.
+  into @0 :UInt8;          # slot of the buffer written into
+  offset @1 :UInt32;       # bytes; offset + 8 <= that buffer's size
+  target @2 :UInt8;        # slot of the buffer whose home address is written
 }
 
 struct SyscallRequest {
@@ -59,6 +75,7 @@ struct SyscallRequest {
   args @2 :List(UInt64);   # exactly 6
   in @3 :List(Buffer);
   out @4 :List(OutBuf);
+  pointers @5 :List(Pointer);  # applied after every buffer exists, in order
 }
 
 struct ExecRequest {

@@ -286,7 +286,7 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
       return forwardRegular(notif, specs);
     }
     case HandlerId::SOCKMSG:
-      return handleUnsupported(notif, ENOSYS, "sendmsg/recvmsg are not forwarded yet");
+      return handleSockmsg(notif);
     case HandlerId::MMAP:
       break;
   }

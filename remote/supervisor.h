@@ -121,6 +121,7 @@ class Supervisor {
   Answer handleExec(const seccomp_notif& notif);
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);
+  Answer handleSockmsg(const seccomp_notif& notif);  // sys_socket.cc
   // open/openat of the job's own /proc files that describe its user part (sys_proc.cc);
   // nullptr: not such a file, forward as usual.
   kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif);
