@@ -26,15 +26,22 @@
 
 namespace mos::remote {
 
-namespace {
-
-// Signals whose default action is to ignore them (signal(7)); SIGCONT continues a stopped task
-// but never interrupts a running call.
-bool ignoredByDefault(int sig) {
-  return sig == SIGCHLD || sig == SIGURG || sig == SIGWINCH || sig == SIGCONT;
+int restartCode(int nr) {
+  switch (nr) {
+    case __NR_poll:
+    case __NR_ppoll:
+    case __NR_select:
+    case __NR_pselect6:
+    case __NR_epoll_wait:
+    case __NR_epoll_pwait:
+    case __NR_epoll_pwait2:
+      return ERESTARTNOHAND;
+    default:
+      return ERESTARTSYS;
+  }
 }
 
-}  // namespace
+Answer Answer::interrupted(int nr) { return Answer::of(-restartCode(nr)); }
 
 // Reads a hex signal set line ("SigBlk:\t0000000000010000") of /proc/PID/status.
 uint64_t statusMask(const std::string& status, const char* key) {
@@ -395,7 +402,7 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
   bool interrupted;
   KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
     if (interrupted) {
-      return Answer::of(-ERESTARTSYS);
+      return Answer::interrupted(notif.data.nr);
     }
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     if (r.getOut().size() > 0 && !idValid(notif.id)) {

@@ -53,6 +53,9 @@ struct Answer {
   static Answer of(int64_t v) { return Answer{VALUE, v}; }
   static Answer cont() { return Answer{CONTINUE, 0}; }
   static Answer drop() { return Answer{DROP, 0}; }
+  // The answer for a call of syscall `nr` cut short at home by a signal the guest will now take:
+  // the kernel's restart code that a native call of `nr` returns (see restartCode).
+  static Answer interrupted(int nr);
 };
 
 // /proc/PID/status of `pid` ("" when it is gone), and one of its hex signal-set lines
@@ -68,6 +71,12 @@ inline constexpr int CANCEL_CHECK_MS = 50;
 // (include/linux/errno.h; not exported to user space). A notification answered with it while a
 // signal is pending makes the guest's kernel apply the native restart rules (signal(7)).
 inline constexpr int ERESTARTSYS = 512;
+// "Restart only if no handler ran" (poll, select and epoll_wait: signal(7) lists them among the
+// calls that fail with EINTR after a handler regardless of SA_RESTART, yet resume after a stop).
+inline constexpr int ERESTARTNOHAND = 514;
+
+// The restart code a native blocking call of syscall `nr` returns when a signal interrupts it.
+int restartCode(int nr);
 
 class Supervisor {
  public:

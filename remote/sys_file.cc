@@ -245,7 +245,7 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
   bool interrupted;
   KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
     if (interrupted) {
-      return Answer::of(-ERESTARTSYS);
+      return Answer::interrupted(notif.data.nr);
     }
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     int64_t ret = r.getRet();

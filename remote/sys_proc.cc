@@ -163,7 +163,7 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif) {
   bool interrupted;
   KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
     if (interrupted) {
-      return Answer::of(-ERESTARTSYS);
+      return Answer::interrupted(notif.data.nr);
     }
     fd = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
   } else {

@@ -171,7 +171,7 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
   bool interrupted;
   KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
     if (interrupted) {
-      return Answer::of(-ERESTARTSYS);
+      return Answer::interrupted(notif.data.nr);
     }
     return Answer::of((*reply)->getRoot<proto::ToRemote>().getReply().getRet());
   }

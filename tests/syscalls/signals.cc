@@ -2,6 +2,7 @@
 // kill, tgkill, alarm, pause, setitimer, and a blocking read interrupted by a signal with and
 // without SA_RESTART.
 
+#include <poll.h>
 #include <signal.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -122,6 +123,11 @@ int main() {
   CHECK(read(p[0], &c, 1) == 1 && c == 'w');
   CHECK(hits[SIGALRM] == 3);
   wakeFd = -1;
+  // poll(2) is never restarted after a handler, even with SA_RESTART (signal(7)).
+  CHECK(setitimer(ITIMER_REAL, &soon, nullptr) == 0);
+  struct pollfd pfd = {p[0], POLLIN, 0};
+  CHECK_FAILS(poll(&pfd, 1, -1), EINTR);
+  CHECK(hits[SIGALRM] == 4);
   close(p[0]);
   close(p[1]);
   return conf::finish();
