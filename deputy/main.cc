@@ -116,14 +116,32 @@ int deputyMain(int argc, char** argv) {
   app.add_option("--home-node", options.homeNode, "this node's id")->required();
   app.add_option("--run-dir", options.runDir, "mosd's run directory")->required();
   app.add_option("--image", imagePath, "the migration image (unlinked once read)")->required();
+  // A migration agent passes our arguments in UMOSIX_DEPUTY_ARGS (one per line) and leaves
+  // argv to be the job's own, which is what ps shows for the job at home.
+  std::vector<std::string> args;
+  if (const char* packed = getenv("UMOSIX_DEPUTY_ARGS")) {
+    args.push_back(argv[0]);
+    std::string rest(packed);
+    for (size_t start = 0; start < rest.size();) {
+      size_t end = rest.find('\n', start);
+      args.push_back(rest.substr(start, end == std::string::npos ? end : end - start));
+      start = end == std::string::npos ? rest.size() : end + 1;
+    }
+  } else {
+    args.assign(argv, argv + argc);
+  }
+  std::vector<char*> parsed;
+  for (auto& a : args) {
+    parsed.push_back(a.data());
+  }
   try {
-    app.parse(argc, argv);
+    app.parse(static_cast<int>(parsed.size()), parsed.data());
   } catch (const CLI::ParseError& e) {
     int status = app.exit(e);
     return status == 0 ? 0 : EXIT_CANNOT_RUN;
   }
   options.selfExe = readLink("/proc/self/exe");
-  options.selfArgv = argvWithoutImage(argc, argv);
+  options.selfArgv = argvWithoutImage(static_cast<int>(parsed.size()), parsed.data());
 
   kj::Own<ImageFile> image;
   try {

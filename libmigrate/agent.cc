@@ -81,9 +81,14 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
 
 // At the PTRACE_EVENT_EXEC stop of the job's program: capture, write, turn into the deputy.
 [[noreturn]] void migrateAtExec(pid_t pid, const AgentConfig& config) {
+  std::vector<std::string> jobArgv;  // the program's own argv, shown by ps for the deputy
   try {
     capnp::MallocMessageBuilder message;
-    capture(pid, message.initRoot<proto::MigrationImage>());
+    auto image = message.initRoot<proto::MigrationImage>();
+    capture(pid, image);
+    for (auto arg : image.getArgv()) {
+      jobArgv.emplace_back(reinterpret_cast<const char*>(arg.begin()), arg.size());
+    }
     writeImageFile(config.imagePath, message);
   } catch (kj::Exception& e) {
     fprintf(stderr, "mos-agent: cannot migrate pid %d, it runs at home: %s\n", pid,
@@ -110,18 +115,30 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
 
     user_regs_struct regs = task.getRegs();
     // Strings and pointer arrays go below rsp: the image is captured, this memory is ours.
-    std::vector<std::string> args = config.deputyArgv;
-    if (args.empty()) {
-      args.push_back(config.deputyPath);
+    // The deputy's own arguments travel in its environment (UMOSIX_DEPUTY_ARGS, one per line),
+    // so that its argv, which ps and /proc/PID/cmdline show at home, stays the job's own.
+    std::vector<std::string> deputyArgs = config.deputyArgv;
+    if (deputyArgs.empty()) {
+      deputyArgs.push_back(config.deputyPath);
     }
-    args.push_back("--image");
-    args.push_back(config.imagePath);
+    deputyArgs.push_back("--image");
+    deputyArgs.push_back(config.imagePath);
+    std::string env = "UMOSIX_DEPUTY_ARGS=";
+    for (size_t i = 1; i < deputyArgs.size(); i++) {
+      env += deputyArgs[i];
+      env += '\n';
+    }
+    std::vector<std::string> args = jobArgv.empty() ? deputyArgs : jobArgv;
+    std::vector<std::string> envs = {env};
     size_t bytes = config.deputyPath.size() + 1;
     for (auto& a : args) {
       bytes += a.size() + 1;
     }
-    size_t pointers = (args.size() + 2) * 8;
-    KJ_REQUIRE(bytes + pointers < 60000, "deputy arguments too long");
+    for (auto& e : envs) {
+      bytes += e.size() + 1;
+    }
+    size_t pointers = (args.size() + envs.size() + 2) * 8;
+    KJ_REQUIRE(bytes + pointers < 120000, "deputy arguments too long");
     uint64_t base = (regs.rsp - 4096 - bytes - pointers) & ~15ull;
     RemotePtr<char> strings(base + pointers);
     RemotePtr<char> path = strings;
@@ -132,11 +149,16 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
       strings = task.writeString(strings, a);
     }
     argvPtrs.push_back(0);  // argv terminator
-    argvPtrs.push_back(0);  // envp = {NULL}
+    size_t envpIndex = argvPtrs.size();
+    for (auto& e : envs) {
+      argvPtrs.push_back(strings.addr());
+      strings = task.writeString(strings, e);
+    }
+    argvPtrs.push_back(0);  // envp terminator
     task.writeMem(RemotePtr<uint8_t>(base),
                   std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(argvPtrs.data()),
                                            argvPtrs.size() * 8));
-    uint64_t argvAt = base, envpAt = base + (argvPtrs.size() - 1) * 8;
+    uint64_t argvAt = base, envpAt = base + envpIndex * 8;
 
     // `syscall` at rip (the new program's entry, never to run now).
     errno = 0;

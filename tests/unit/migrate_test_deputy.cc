@@ -12,6 +12,9 @@
 #include <kj/exception.h>
 
 #include "image_io.h"
+#include <cstdlib>
+#include <string>
+
 #include "migrate.h"
 
 int main(int argc, char** argv) {
@@ -21,6 +24,16 @@ int main(int argc, char** argv) {
       image = argv[i + 1];
     }
   }
+  // The agent passes the deputy's own arguments in UMOSIX_DEPUTY_ARGS, one per line; argv is
+  // the job's own.
+  if (const char* packed = std::getenv("UMOSIX_DEPUTY_ARGS")) {
+    std::string args(packed);
+    size_t at = args.find("--image\n");
+    if (at != std::string::npos) {
+      size_t start = at + 8;
+      image = args.substr(start, args.find('\n', start) - start);
+    }
+  }
   if (image.empty()) {
     std::fprintf(stderr, "usage: migrate_test_deputy --image PATH\n");
     return 2;
@@ -28,6 +41,19 @@ int main(int argc, char** argv) {
   try {
     auto reader = mos::migrate::readImageFile(image.c_str());
     ::unlink(image.c_str());
+    // Started by an agent, the deputy's argv is the job's own (ps at home shows the job).
+    auto jobArgv = reader->getRoot<mos::proto::MigrationImage>().getArgv();
+    if (std::getenv("UMOSIX_DEPUTY_ARGS") != nullptr) {
+      bool same = jobArgv.size() == static_cast<unsigned>(argc);
+      for (int i = 0; same && i < argc; ++i) {
+        same = std::string(reinterpret_cast<const char*>(jobArgv[i].begin()), jobArgv[i].size()) ==
+               argv[i];
+      }
+      if (!same) {
+        std::fprintf(stderr, "migrate_test_deputy: argv is not the job's\n");
+        return 98;
+      }
+    }
     mos::migrate::RestoreOptions options;
     options.dropPrivileges = false;
     options.keepAllFds = true;
