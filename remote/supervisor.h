@@ -58,6 +58,11 @@ struct Answer {
   static Answer interrupted(int nr);
 };
 
+// For a path the job opens: the file name after a /proc prefix that names the job itself
+// (/proc/self/, /proc/thread-self/, /proc/<homePid>/, /proc/<homePid>/task/<homePid>/) when that
+// file describes the user part (maps, status, cmdline, ...); "" otherwise.
+std::string jobProcFile(const std::string& path, int32_t homePid);
+
 // /proc/PID/status of `pid` ("" when it is gone), and one of its hex signal-set lines
 // ("SigBlk:") as a mask, bit (n-1) for signal n.
 std::string readStatus(pid_t pid);

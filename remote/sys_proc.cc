@@ -33,20 +33,6 @@ const std::set<std::string> GUEST_FILES = {"maps",   "smaps", "smaps_rollup", "s
                                            "stat",   "cmdline", "comm",       "environ", "auxv",
                                            "numa_maps"};
 
-// The part of `path` after a /proc prefix that names the job itself, or "" when it does not.
-std::string jobProcFile(const std::string& path, int32_t homePid) {
-  std::string pid = std::to_string(homePid);
-  for (std::string prefix : {std::string("/proc/self/"), std::string("/proc/thread-self/"),
-                             "/proc/" + pid + "/task/" + pid + "/", "/proc/self/task/" + pid + "/",
-                             "/proc/" + pid + "/"}) {
-    if (path.compare(0, prefix.size(), prefix) == 0) {
-      std::string rest = path.substr(prefix.size());
-      return GUEST_FILES.count(rest) ? rest : std::string();
-    }
-  }
-  return std::string();
-}
-
 std::string slurp(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::stringstream s;
@@ -55,6 +41,20 @@ std::string slurp(const std::string& path) {
 }
 
 }  // namespace
+
+std::string jobProcFile(const std::string& path, int32_t homePid) {
+  std::string pid = std::to_string(homePid);
+  // Longest first: /proc/self/ is a prefix of /proc/self/task/<pid>/.
+  for (std::string prefix : {"/proc/self/task/" + pid + "/", "/proc/" + pid + "/task/" + pid + "/",
+                             std::string("/proc/thread-self/"), std::string("/proc/self/"),
+                             "/proc/" + pid + "/"}) {
+    if (path.compare(0, prefix.size(), prefix) == 0) {
+      std::string rest = path.substr(prefix.size());
+      return GUEST_FILES.count(rest) ? rest : std::string();
+    }
+  }
+  return std::string();
+}
 
 int64_t Supervisor::forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args) {
   capnp::MallocMessageBuilder message;
