@@ -182,7 +182,8 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
 }
 
 void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
-  capnp::MallocMessageBuilder replyMessage;
+  // A small first segment: most replies are a few words; out-buffers get their own segment.
+  capnp::MallocMessageBuilder replyMessage(128);
   try {
     executor_.execute(request, replyMessage);
   } catch (kj::Exception& e) {

@@ -387,7 +387,8 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
     args[i] = notif.data.args[i];
   }
   ProcessMemory memory(guest_);
-  capnp::MallocMessageBuilder message;
+  // A small first segment: most requests are a few words; bulk data gets its own segment.
+  capnp::MallocMessageBuilder message(128);
   auto request = message.initRoot<proto::ToDeputy>().initSyscall();
   request.setSeq(notif.id);
   int err = marshalRequest(notif.data.nr, specs, args, memory, request);
