@@ -199,8 +199,8 @@ int sendHello(int fd, const ClusterCredentials& credentials, int timeoutMs) {
     err = receiveAll(fd, nonce.data(), nonce.size(), timeoutMs);
   }
   if (err == 0) {
-    AuthProof proof =
-        credentials.key.prove(kj::arrayPtr(HELLO_JOB, sizeof(HELLO_JOB)), nonce, credentials.nodeId);
+    AuthProof proof = credentials.key.prove(kj::arrayPtr(HELLO_JOB, sizeof(HELLO_JOB)), nonce,
+                                            credentials.nodeId);
     err = sendAll(fd, proof.data(), proof.size());
   }
   uint8_t accepted = 0;

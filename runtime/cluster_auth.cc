@@ -82,8 +82,8 @@ ClusterKey ClusterKey::load(const std::string& path) {
   }
   if (size < CLUSTER_KEY_MIN_BYTES) {
     sodium_memzero(bytes.data(), bytes.size());
-    throw fail(fmt::format("too short ({} bytes, at least {} needed)", size,
-                           CLUSTER_KEY_MIN_BYTES));
+    throw fail(
+        fmt::format("too short ({} bytes, at least {} needed)", size, CLUSTER_KEY_MIN_BYTES));
   }
   ClusterKey key = fromBytes(kj::arrayPtr(bytes.data(), size), path);
   sodium_memzero(bytes.data(), bytes.size());
@@ -109,8 +109,7 @@ ClusterKey::~ClusterKey() {
 }
 
 std::array<uint8_t, AUTH_MAC_BYTES> ClusterKey::mac(kj::ArrayPtr<const char> hello,
-                                                    const AuthNonce& nonce,
-                                                    uint32_t nodeId) const {
+                                                    const AuthNonce& nonce, uint32_t nodeId) const {
   static_assert(AUTH_MAC_BYTES == crypto_auth_hmacsha256_BYTES);
   uint8_t id[4];
   putBigEndian(id, nodeId);

@@ -16,13 +16,13 @@
 // Only mosd is authenticated to, not the other way round: a client does not learn whether the
 // server holds the key. The bytes that follow the handshake are neither encrypted nor MACed.
 
+#include <kj/common.h>
+
 #include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <kj/common.h>
 
 namespace mos {
 
@@ -69,8 +69,7 @@ class ClusterKey {
   // True when `proof` is mac(hello, nonce, id) || id for the id it carries (compared in constant
   // time with sodium_memcmp). The caller checks separately that the id may connect from where
   // the connection comes (proofNodeId()).
-  bool verify(kj::ArrayPtr<const char> hello, const AuthNonce& nonce,
-              const AuthProof& proof) const;
+  bool verify(kj::ArrayPtr<const char> hello, const AuthNonce& nonce, const AuthProof& proof) const;
 
   // Where the key came from ("/etc/umosix/cluster.key"), for messages.
   const std::string& origin() const { return origin_; }

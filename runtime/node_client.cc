@@ -64,12 +64,13 @@ kj::Promise<void> authenticate(UvFdStream& stream, const ClusterCredentials& cre
   auto state = kj::heap<State>();
   auto& st = *state;
   auto refused = [&credentials, where = std::string(where.cStr())]() {
-    return disconnected(kj::str("mosd at ", where.c_str(), " refused node ", credentials.nodeId, " (is ",
-                                credentials.key.origin().c_str(), " the cluster's key?)"));
+    return disconnected(kj::str("mosd at ", where.c_str(), " refused node ", credentials.nodeId,
+                                " (is ", credentials.key.origin().c_str(), " the cluster's key?)"));
   };
   return stream.write(HELLO_RPC, sizeof(HELLO_RPC))
-      .then([&stream, &st]() { return stream.tryRead(st.nonce.data(), st.nonce.size(),
-                                                     st.nonce.size()); })
+      .then([&stream, &st]() {
+        return stream.tryRead(st.nonce.data(), st.nonce.size(), st.nonce.size());
+      })
       .then([&stream, &st, &credentials, refused](size_t n) {
         if (n < st.nonce.size()) {
           kj::throwFatalException(refused());
@@ -95,9 +96,10 @@ NodeConnection::NodeConnection(kj::Own<UvFdStream> stream, kj::String where)
       client_(*stream_),
       node_(client_.bootstrap().castAs<proto::Node>()) {}
 
-kj::Promise<kj::Own<NodeConnection>> NodeConnection::connect(
-    UvEventPort& loop, const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
-    uint32_t timeoutMs) {
+kj::Promise<kj::Own<NodeConnection>> NodeConnection::connect(UvEventPort& loop,
+                                                             const ClusterCredentials& credentials,
+                                                             Ipv4 address, uint16_t port,
+                                                             uint32_t timeoutMs) {
   auto where = kj::str(address.toString().c_str(), ":", port);
   auto message = kj::str("mosd at ", where, " did not answer within ", timeoutMs, " ms");
   auto connected =
@@ -156,18 +158,20 @@ NodeStatus queryStatus(const ClusterCredentials& credentials, Ipv4 address, uint
 
 std::vector<JobInfo> listJobs(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
                               uint32_t timeoutMs) {
-  return runSync<std::vector<JobInfo>>(credentials, address, port, timeoutMs, [](proto::Node::Client& node) {
-    return node.listJobsRequest().send().then(
-        [](auto response) { return toJobInfos(response.getJobs()); });
-  });
+  return runSync<std::vector<JobInfo>>(
+      credentials, address, port, timeoutMs, [](proto::Node::Client& node) {
+        return node.listJobsRequest().send().then(
+            [](auto response) { return toJobInfos(response.getJobs()); });
+      });
 }
 
-std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 address,
-                                uint16_t port, uint32_t timeoutMs) {
-  return runSync<std::vector<JobInfo>>(credentials, address, port, timeoutMs, [](proto::Node::Client& node) {
-    return node.listGuestsRequest().send().then(
-        [](auto response) { return toJobInfos(response.getJobs()); });
-  });
+std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
+                                uint32_t timeoutMs) {
+  return runSync<std::vector<JobInfo>>(
+      credentials, address, port, timeoutMs, [](proto::Node::Client& node) {
+        return node.listGuestsRequest().send().then(
+            [](auto response) { return toJobInfos(response.getJobs()); });
+      });
 }
 
 namespace {

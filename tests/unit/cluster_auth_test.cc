@@ -149,8 +149,8 @@ TEST_CASE("the key file: loaded whole, refused with a message naming it", "[node
             "/none: missing (every node needs the same key file; create one with `head -c 32 "
             "/dev/urandom > FILE; chmod 600 FILE` and copy it)");
   std::string open = dir.write("open.key", bytes, 0644);
-  CHECK(loadError(open) == "cluster key " + open +
-                               ": accessible to other users (mode 0644); chmod 600 " + open);
+  CHECK(loadError(open) ==
+        "cluster key " + open + ": accessible to other users (mode 0644); chmod 600 " + open);
   std::string writable = dir.write("writable.key", bytes, 0602);
   CHECK(loadError(writable).find("accessible to other users (mode 0602)") != std::string::npos);
   std::string shortKey = dir.write("short.key", countingBytes(31), 0600);

@@ -230,8 +230,8 @@ class MosdFixture {
     // Ready when it answers.
     auto deadline = std::chrono::steady_clock::now() + 10s;
     for (;;) {
-      auto error =
-          kj::runCatchingExceptions([&]() { mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 1000); });
+      auto error = kj::runCatchingExceptions(
+          [&]() { mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 1000); });
       if (error == nullptr) {
         break;
       }
@@ -521,7 +521,8 @@ TEST_CASE("mosd exits 2 naming a cluster key it cannot use", "[node][mosd][auth]
   };
   CHECK(run(dir + "/none").find("cluster key " + dir + "/none: missing") != std::string::npos);
   writeKey(dir + "/open.key", 1, 0604);
-  CHECK(run(dir + "/open.key").find("cluster key " + dir + "/open.key: accessible to other users") !=
+  CHECK(run(dir + "/open.key")
+            .find("cluster key " + dir + "/open.key: accessible to other users") !=
         std::string::npos);
   {
     std::ofstream out(dir + "/short.key");
