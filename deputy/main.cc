@@ -12,6 +12,7 @@
 #include <climits>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -110,12 +111,14 @@ int deputyMain(int argc, char** argv) {
   CLI::App app{"mos-deputy: the home side of a migrated umosix job"};
   DeputyOptions options;
   std::string imagePath;
+  std::string keyPath = DEFAULT_KEY_PATH;
   app.add_option("--node", options.node, "the remote node running the guest")->required();
   app.add_option("--address", options.address, "its address")->required();
   app.add_option("--port", options.port, "its mosd port")->required();
   app.add_option("--home-node", options.homeNode, "this node's id")->required();
   app.add_option("--run-dir", options.runDir, "mosd's run directory")->required();
   app.add_option("--image", imagePath, "the migration image (unlinked once read)")->required();
+  app.add_option("--key", keyPath, "the cluster key file (default /etc/umosix/cluster.key)");
   // A migration agent passes our arguments in UMOSIX_DEPUTY_ARGS (one per line) and leaves
   // argv to be the job's own, which is what ps shows for the job at home.
   std::vector<std::string> args;
@@ -162,16 +165,32 @@ int deputyMain(int argc, char** argv) {
     prctl(PR_SET_NAME, root.getCommand().cStr(), 0, 0, 0);
   }
 
+  std::optional<ClusterCredentials> credentials;
+  try {
+    credentials.emplace(ClusterCredentials{options.homeNode, ClusterKey::load(keyPath)});
+  } catch (const std::exception& e) {
+    printMosrunMessage(e.what());
+    return EXIT_CANNOT_RUN;
+  }
+
   std::string where = "node " + std::to_string(options.node) + " (" + options.address + ":" +
                       std::to_string(options.port) + ")";
   int fd = connectJobSocket(options.address, options.port, 5000, fds);
+  bool refused = false;
   if (fd >= 0) {
-    int err = sendHello(fd);
+    int err = sendHello(fd, *credentials, 5000);
     if (err < 0) {
       fds.remove(fd);
       close(fd);
       fd = err;
+      refused = err == -EACCES;
     }
+  }
+  credentials.reset();
+  if (refused) {
+    printMosrunMessage(where + " refused node " + std::to_string(options.homeNode) + " (is " +
+                       keyPath + " the cluster's key?)");
+    return EXIT_CANNOT_RUN;
   }
   if (fd < 0) {
     printMosrunMessage("cannot reach " + where + ": " + strerror(-fd));

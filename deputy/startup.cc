@@ -142,10 +142,12 @@ int connectJobSocket(const std::string& address, uint16_t port, int timeoutMs, R
   return fd;
 }
 
-int sendHello(int fd) {
+namespace {
+
+int sendAll(int fd, const void* data, size_t size) {
   size_t done = 0;
-  while (done < sizeof(HELLO_JOB)) {
-    ssize_t n = send(fd, HELLO_JOB + done, sizeof(HELLO_JOB) - done, MSG_NOSIGNAL);
+  while (done < size) {
+    ssize_t n = send(fd, static_cast<const char*>(data) + done, size - done, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) {
         continue;
@@ -155,6 +157,60 @@ int sendHello(int fd) {
     done += n;
   }
   return 0;
+}
+
+// Reads exactly `size` bytes, each wait bounded by timeoutMs. Returns 0, -EACCES at end of
+// stream (the peer refused us), -ETIMEDOUT or -errno.
+int receiveAll(int fd, void* data, size_t size, int timeoutMs) {
+  size_t done = 0;
+  while (done < size) {
+    struct pollfd pfd = {fd, POLLIN, 0};
+    int ready = poll(&pfd, 1, timeoutMs);
+    if (ready < 0 && errno == EINTR) {
+      continue;
+    }
+    if (ready < 0) {
+      return -errno;
+    }
+    if (ready == 0) {
+      return -ETIMEDOUT;
+    }
+    ssize_t n = recv(fd, static_cast<char*>(data) + done, size - done, MSG_DONTWAIT);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) {
+      continue;
+    }
+    if (n < 0) {
+      return errno == ECONNRESET ? -EACCES : -errno;
+    }
+    if (n == 0) {
+      return -EACCES;
+    }
+    done += n;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int sendHello(int fd, const ClusterCredentials& credentials, int timeoutMs) {
+  int err = sendAll(fd, HELLO_JOB, sizeof(HELLO_JOB));
+  AuthNonce nonce;
+  if (err == 0) {
+    err = receiveAll(fd, nonce.data(), nonce.size(), timeoutMs);
+  }
+  if (err == 0) {
+    AuthProof proof = credentials.key.prove(kj::arrayPtr(HELLO_JOB, sizeof(HELLO_JOB)), nonce,
+                                            credentials.nodeId);
+    err = sendAll(fd, proof.data(), proof.size());
+  }
+  uint8_t accepted = 0;
+  if (err == 0) {
+    err = receiveAll(fd, &accepted, 1, timeoutMs);
+  }
+  if (err == 0 && accepted != AUTH_ACCEPTED) {
+    err = -EACCES;
+  }
+  return err;
 }
 
 std::string imageCommand(proto::MigrationImage::Reader image) {

@@ -7,6 +7,7 @@
 #include <capnp/message.h>
 #include <kj/io.h>
 
+#include "cluster_auth.h"
 #include "fds.h"
 #include "image.capnp.h"
 
@@ -36,8 +37,11 @@ class ImageFile {
 // when the timeout passed, EHOSTUNREACH when the name does not resolve).
 int connectJobSocket(const std::string& address, uint16_t port, int timeoutMs, ReservedFds& fds);
 
-// Sends HELLO_JOB on a connected socket (MSG_NOSIGNAL). Returns 0 or -errno.
-int sendHello(int fd);
+// The client half of the handshake of cluster_auth.h on a connected blocking socket: sends
+// HELLO_JOB, reads mosd's nonce, sends the proof for `credentials`, reads the accept byte
+// (MSG_NOSIGNAL; each read waits at most `timeoutMs`). Returns 0, -EACCES when mosd closed the
+// connection instead of accepting (a wrong key or node id), -ETIMEDOUT, or another -errno.
+int sendHello(int fd, const ClusterCredentials& credentials, int timeoutMs);
 
 // Fills `start` from this process's ids, the image and `command`.
 void fillJobStart(uint32_t homeNode, proto::MigrationImage::Reader image,

@@ -8,6 +8,13 @@
 #   "UMOSRPC1"  Cap'n Proto two-party RPC, bootstrap interface Node (node.capnp)
 #   "UMOSJOB1"  a job channel: the deputy then sends one JobStart, and the supervisor answers
 #               with ToDeputy messages from then on.
+# Between the hello and the service, the client proves cluster membership (runtime/cluster_auth.h,
+# DESIGN.md decision 10); raw bytes, not Cap'n Proto:
+#   mosd -> client  nonce   32 random bytes
+#   client -> mosd  proof   HMAC-SHA256(cluster key, hello || nonce || id) (32 bytes) || id, where
+#                           id is the client's node id, 4 bytes big-endian
+#   mosd -> client  accept  1 byte 0x01; on refusal mosd closes the connection instead
+# mosd checks that id is a map node whose address is the peer's, and the MAC. 5 s for it all.
 # Ordinals are append-only.
 
 using Cxx = import "/capnp/c++.capnp";

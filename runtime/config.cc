@@ -62,6 +62,9 @@ NodeConfig configFromEnvironment() {
   if (const char* v = env("UMOSIX_PORT")) {
     config.port = parsePort(v, "UMOSIX_PORT");
   }
+  if (const char* v = env("UMOSIX_KEY")) {
+    config.keyPath = v;
+  }
   return config;
 }
 

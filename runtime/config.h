@@ -9,6 +9,7 @@
 //   UMOSIX_RUN_DIR     /run/umosix           job records, pid files
 //   UMOSIX_CACHE_DIR   /var/cache/umosix     the remote node's file cache
 //   UMOSIX_PORT        7151                  mosd's TCP port (the same on every node)
+//   UMOSIX_KEY         /etc/umosix/cluster.key   the cluster key file (cluster_auth.h)
 
 #include <cstdint>
 #include <stdexcept>
@@ -34,6 +35,7 @@ struct NodeConfig {
   std::string runDir = "/run/umosix";
   std::string cacheDir = "/var/cache/umosix";
   uint16_t port = DEFAULT_PORT;
+  std::string keyPath = "/etc/umosix/cluster.key";  // read with ClusterKey::load
 };
 
 // The defaults overridden by the UMOSIX_* variables (empty variables count as unset). Throws

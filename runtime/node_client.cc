@@ -14,7 +14,8 @@ kj::Exception disconnected(kj::String description) {
 
 // Runs `body(connection)` against mosd at address:port on a private loop, bounded by timeoutMs.
 template <typename T, typename Body>
-T runSync(Ipv4 address, uint16_t port, uint32_t timeoutMs, Body&& body) {
+T runSync(const ClusterCredentials& credentials, Ipv4 address, uint16_t port, uint32_t timeoutMs,
+          Body&& body) {
   uv_loop_t loop;
   KJ_REQUIRE(uv_loop_init(&loop) == 0);
   KJ_DEFER({
@@ -27,7 +28,7 @@ T runSync(Ipv4 address, uint16_t port, uint32_t timeoutMs, Body&& body) {
   {
     UvEventPort eventPort(&loop);
     kj::WaitScope waitScope(eventPort.kjLoop());
-    auto promise = NodeConnection::connect(eventPort, address, port, timeoutMs)
+    auto promise = NodeConnection::connect(eventPort, credentials, address, port, timeoutMs)
                        .then([&body](kj::Own<NodeConnection> connection) {
                          auto node = connection->node();
                          return body(node).attach(kj::mv(connection));
@@ -52,6 +53,41 @@ T runSync(Ipv4 address, uint16_t port, uint32_t timeoutMs, Body&& body) {
   KJ_UNREACHABLE;
 }
 
+// The client half of the handshake of cluster_auth.h on `stream`: hello, nonce, proof, accept.
+kj::Promise<void> authenticate(UvFdStream& stream, const ClusterCredentials& credentials,
+                               kj::StringPtr where) {
+  struct State {
+    AuthNonce nonce;
+    AuthProof proof;
+    uint8_t accepted = 0;
+  };
+  auto state = kj::heap<State>();
+  auto& st = *state;
+  auto refused = [&credentials, where = std::string(where.cStr())]() {
+    return disconnected(kj::str("mosd at ", where.c_str(), " refused node ", credentials.nodeId,
+                                " (is ", credentials.key.origin().c_str(), " the cluster's key?)"));
+  };
+  return stream.write(HELLO_RPC, sizeof(HELLO_RPC))
+      .then([&stream, &st]() {
+        return stream.tryRead(st.nonce.data(), st.nonce.size(), st.nonce.size());
+      })
+      .then([&stream, &st, &credentials, refused](size_t n) {
+        if (n < st.nonce.size()) {
+          kj::throwFatalException(refused());
+        }
+        st.proof = credentials.key.prove(kj::arrayPtr(HELLO_RPC, sizeof(HELLO_RPC)), st.nonce,
+                                         credentials.nodeId);
+        return stream.write(st.proof.data(), st.proof.size());
+      })
+      .then([&stream, &st]() { return stream.tryRead(&st.accepted, 1, 1); })
+      .then([&st, refused](size_t n) {
+        if (n < 1 || st.accepted != AUTH_ACCEPTED) {
+          kj::throwFatalException(refused());
+        }
+      })
+      .attach(kj::mv(state));
+}
+
 }  // namespace
 
 NodeConnection::NodeConnection(kj::Own<UvFdStream> stream, kj::String where)
@@ -60,8 +96,10 @@ NodeConnection::NodeConnection(kj::Own<UvFdStream> stream, kj::String where)
       client_(*stream_),
       node_(client_.bootstrap().castAs<proto::Node>()) {}
 
-kj::Promise<kj::Own<NodeConnection>> NodeConnection::connect(UvEventPort& loop, Ipv4 address,
-                                                             uint16_t port, uint32_t timeoutMs) {
+kj::Promise<kj::Own<NodeConnection>> NodeConnection::connect(UvEventPort& loop,
+                                                             const ClusterCredentials& credentials,
+                                                             Ipv4 address, uint16_t port,
+                                                             uint32_t timeoutMs) {
   auto where = kj::str(address.toString().c_str(), ":", port);
   auto message = kj::str("mosd at ", where, " did not answer within ", timeoutMs, " ms");
   auto connected =
@@ -74,9 +112,9 @@ kj::Promise<kj::Own<NodeConnection>> NodeConnection::connect(UvEventPort& loop, 
             }
             kj::throwFatalException(disconnected(kj::str("cannot reach mosd at ", where, ": ", d)));
           })
-          .then([where = kj::mv(where)](kj::Own<UvFdStream> stream) mutable {
+          .then([&credentials, where = kj::mv(where)](kj::Own<UvFdStream> stream) mutable {
             auto& s = *stream;
-            return s.write(HELLO_RPC, sizeof(HELLO_RPC))
+            return authenticate(s, credentials, where)
                 .then([stream = kj::mv(stream), where = kj::mv(where)]() mutable {
                   return kj::heap<NodeConnection>(kj::mv(stream), kj::mv(where));
                 });
@@ -110,25 +148,30 @@ std::vector<JobInfo> toJobInfos(capnp::List<proto::JobInfo>::Reader jobs) {
   return result;
 }
 
-NodeStatus queryStatus(Ipv4 address, uint16_t port, uint32_t timeoutMs) {
-  return runSync<NodeStatus>(address, port, timeoutMs, [](proto::Node::Client& node) {
+NodeStatus queryStatus(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
+                       uint32_t timeoutMs) {
+  return runSync<NodeStatus>(credentials, address, port, timeoutMs, [](proto::Node::Client& node) {
     return node.statusRequest().send().then(
         [](auto response) { return toNodeStatus(response.getStatus()); });
   });
 }
 
-std::vector<JobInfo> listJobs(Ipv4 address, uint16_t port, uint32_t timeoutMs) {
-  return runSync<std::vector<JobInfo>>(address, port, timeoutMs, [](proto::Node::Client& node) {
-    return node.listJobsRequest().send().then(
-        [](auto response) { return toJobInfos(response.getJobs()); });
-  });
+std::vector<JobInfo> listJobs(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
+                              uint32_t timeoutMs) {
+  return runSync<std::vector<JobInfo>>(
+      credentials, address, port, timeoutMs, [](proto::Node::Client& node) {
+        return node.listJobsRequest().send().then(
+            [](auto response) { return toJobInfos(response.getJobs()); });
+      });
 }
 
-std::vector<JobInfo> listGuests(Ipv4 address, uint16_t port, uint32_t timeoutMs) {
-  return runSync<std::vector<JobInfo>>(address, port, timeoutMs, [](proto::Node::Client& node) {
-    return node.listGuestsRequest().send().then(
-        [](auto response) { return toJobInfos(response.getJobs()); });
-  });
+std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
+                                uint32_t timeoutMs) {
+  return runSync<std::vector<JobInfo>>(
+      credentials, address, port, timeoutMs, [](proto::Node::Client& node) {
+        return node.listGuestsRequest().send().then(
+            [](auto response) { return toJobInfos(response.getJobs()); });
+      });
 }
 
 namespace {
@@ -141,13 +184,14 @@ Ipv4 addressOf(const MapFile& map, uint32_t nodeId) {
 }
 }  // namespace
 
-NodeStatus queryStatus(const MapFile& map, uint32_t nodeId, uint16_t port, uint32_t timeoutMs) {
-  return queryStatus(addressOf(map, nodeId), port, timeoutMs);
+NodeStatus queryStatus(const ClusterCredentials& credentials, const MapFile& map, uint32_t nodeId,
+                       uint16_t port, uint32_t timeoutMs) {
+  return queryStatus(credentials, addressOf(map, nodeId), port, timeoutMs);
 }
 
-std::vector<JobInfo> listJobs(const MapFile& map, uint32_t nodeId, uint16_t port,
-                              uint32_t timeoutMs) {
-  return listJobs(addressOf(map, nodeId), port, timeoutMs);
+std::vector<JobInfo> listJobs(const ClusterCredentials& credentials, const MapFile& map,
+                              uint32_t nodeId, uint16_t port, uint32_t timeoutMs) {
+  return listJobs(credentials, addressOf(map, nodeId), port, timeoutMs);
 }
 
 }  // namespace mos

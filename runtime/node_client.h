@@ -1,6 +1,7 @@
 #pragma once
 // The client side of a node's mosd control service (protocol/node.capnp): connect, say
-// "UMOSRPC1", bootstrap Node. Used by mps, and by mosrun to check a node before migrating.
+// "UMOSRPC1", prove cluster membership (cluster_auth.h), bootstrap Node. Used by mps, and by
+// mosrun to check a node before migrating.
 
 #include <capnp/rpc-twoparty.h>
 #include <kj/async.h>
@@ -9,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cluster_auth.h"
 #include "map_file.h"
 #include "node.capnp.h"
 #include "uv_event_port.h"
@@ -38,12 +40,17 @@ struct JobInfo {
 // An open RPC connection to one mosd.
 class NodeConnection {
  public:
-  // Connects to mosd at address:port on `loop`, sends the RPC hello and bootstraps Node. Rejects
-  // with a DISCONNECTED kj::Exception, "cannot reach mosd at A:P: Connection refused" or
-  // "mosd at A:P did not answer within N ms", when the connection is refused, the node is
-  // unreachable or the connect and hello take longer than `timeoutMs`.
-  static kj::Promise<kj::Own<NodeConnection>> connect(UvEventPort& loop, Ipv4 address,
-                                                      uint16_t port, uint32_t timeoutMs);
+  // Connects to mosd at address:port on `loop`, sends the RPC hello, answers its challenge with
+  // `credentials` (cluster_auth.h) and bootstraps Node. Rejects with a DISCONNECTED
+  // kj::Exception, "cannot reach mosd at A:P: Connection refused", "mosd at A:P did not answer
+  // within N ms" or "mosd at A:P refused node N (is KEYFILE the cluster's key?)", when the
+  // connection is refused, the node is unreachable, the connect and handshake take longer than
+  // `timeoutMs`, or mosd closes the connection instead of accepting the proof.
+  // `credentials` is only used before the returned promise resolves.
+  static kj::Promise<kj::Own<NodeConnection>> connect(UvEventPort& loop,
+                                                      const ClusterCredentials& credentials,
+                                                      Ipv4 address, uint16_t port,
+                                                      uint32_t timeoutMs);
 
   NodeConnection(kj::Own<UvFdStream> stream, kj::String where);
   KJ_DISALLOW_COPY(NodeConnection);
@@ -64,18 +71,22 @@ NodeStatus toNodeStatus(proto::NodeStatus::Reader status);
 std::vector<JobInfo> toJobInfos(capnp::List<proto::JobInfo>::Reader jobs);
 
 // Synchronous conveniences: each runs its own private libuv loop (so it must not be called on a
-// thread whose KJ event loop is active), and the whole exchange (connect, hello, call) is bounded
-// by `timeoutMs`. Every failure is a kj::Exception of type DISCONNECTED whose description names
-// the node: "cannot reach mosd at 127.0.0.1:7151: Connection refused", "mosd at 10.0.0.2:7151
-// did not answer within 500 ms", "mosd at ...: <what went wrong>".
-NodeStatus queryStatus(Ipv4 address, uint16_t port, uint32_t timeoutMs);
-std::vector<JobInfo> listJobs(Ipv4 address, uint16_t port, uint32_t timeoutMs);
-std::vector<JobInfo> listGuests(Ipv4 address, uint16_t port, uint32_t timeoutMs);
+// thread whose KJ event loop is active), and the whole exchange (connect, handshake, call) is
+// bounded by `timeoutMs`. Every failure is a kj::Exception of type DISCONNECTED whose
+// description names the node: "cannot reach mosd at 127.0.0.1:7151: Connection refused", "mosd
+// at 10.0.0.2:7151 did not answer within 500 ms", "mosd at ...: <what went wrong>".
+NodeStatus queryStatus(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
+                       uint32_t timeoutMs);
+std::vector<JobInfo> listJobs(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
+                              uint32_t timeoutMs);
+std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 address,
+                                uint16_t port, uint32_t timeoutMs);
 
 // The same, addressing node `nodeId` of `map`. A node that is not in the map throws
 // kj::Exception (FAILED) "node N is not in the cluster map" before any connection is tried.
-NodeStatus queryStatus(const MapFile& map, uint32_t nodeId, uint16_t port, uint32_t timeoutMs);
-std::vector<JobInfo> listJobs(const MapFile& map, uint32_t nodeId, uint16_t port,
-                              uint32_t timeoutMs);
+NodeStatus queryStatus(const ClusterCredentials& credentials, const MapFile& map, uint32_t nodeId,
+                       uint16_t port, uint32_t timeoutMs);
+std::vector<JobInfo> listJobs(const ClusterCredentials& credentials, const MapFile& map,
+                              uint32_t nodeId, uint16_t port, uint32_t timeoutMs);
 
 }  // namespace mos

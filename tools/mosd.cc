@@ -2,6 +2,8 @@
 // connections from cluster members only, and dispatches on the 8-byte hello:
 //   "UMOSRPC1"  serve the Node control interface (protocol/node.capnp) on the connection;
 //   "UMOSJOB1"  hand the connection to a new mos-supervisor as its fd 3 (protocol/job.capnp).
+// Before either, the peer proves that it is a cluster member: the challenge-response of
+// runtime/cluster_auth.h (nonce, HMAC over the cluster key and its node id, accept byte).
 // Supervisors are mosd's only children; mosd reaps them and kills them when it is stopped.
 
 #include <capnp/rpc-twoparty.h>
@@ -24,6 +26,7 @@
 #include <vector>
 
 #include "channel.h"
+#include "cluster_auth.h"
 #include "config.h"
 #include "job_registry.h"
 #include "log.h"
@@ -99,15 +102,17 @@ struct Supervisor {
 
 class Daemon final : private kj::TaskSet::ErrorHandler {
  public:
-  Daemon(UvEventPort& port, NodeConfig config, MapFile map, Ipv4 address)
+  Daemon(UvEventPort& port, NodeConfig config, MapFile map, Ipv4 address, ClusterKey key)
       : port_(port),
         config_(kj::mv(config)),
         map_(kj::mv(map)),
+        key_(kj::mv(key)),
         rpcServer_(kj::heap<NodeService>(config_.nodeId, config_.runDir)),
         listener_(port, makeSockaddr(address.value, config_.port)),
         tasks_(*this) {
-    spdlog::info("node {} listening on {}:{} (map {}, {} nodes)", config_.nodeId,
-                 address.toString(), config_.port, config_.mapPath, map_.size());
+    spdlog::info("node {} listening on {}:{} (map {}, {} nodes, key {})", config_.nodeId,
+                 address.toString(), config_.port, config_.mapPath, map_.size(),
+                 config_.keyPath);
   }
 
   // Accepts connections until an unrecoverable accept error (then rejects).
@@ -167,6 +172,17 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
     spdlog::warn("connection closed: {}", exception.getDescription().cStr());
   }
 
+  // One connection's handshake state (cluster_auth.h): hello, nonce, proof.
+  struct Handshake {
+    kj::Own<UvFdStream> stream;
+    Ipv4 peer;
+    std::string peerText;
+    uint32_t peerNode;  // the map's node for the peer's address
+    char hello[AUTH_HELLO_BYTES];
+    AuthNonce nonce;
+    AuthProof proof;
+  };
+
   void handleConnection(UvTcpListener::Accepted accepted) {
     Ipv4 peer{ntohl(accepted.peer.sin_addr.s_addr)};
     std::string peerText = fmt::format("{}:{}", peer.toString(), ntohs(accepted.peer.sin_port));
@@ -180,34 +196,97 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
       }
       return;  // the descriptor closes here
     }
-    auto stream = kj::heap<UvFdStream>(port_, kj::mv(accepted.fd));
-    auto hello = kj::heapArray<char>(sizeof(HELLO_RPC));
-    auto read = stream->tryRead(hello.begin(), hello.size(), hello.size());
+    auto handshake = kj::heap<Handshake>();
+    handshake->stream = kj::heap<UvFdStream>(port_, kj::mv(accepted.fd));
+    handshake->peer = peer;
+    handshake->peerText = kj::mv(peerText);
+    handshake->peerNode = peerNode;
+    Handshake& h = *handshake;
     auto promise =
         port_
-            .timeoutAfter(
-                HELLO_TIMEOUT_MS,
-                kj::str("no hello from ", peerText.c_str(), " within ", HELLO_TIMEOUT_MS, " ms"),
-                kj::mv(read))
-            .then([this, stream = kj::mv(stream), hello = kj::mv(hello), peerNode,
-                   peerText](size_t n) mutable -> kj::Promise<void> {
-              if (n < hello.size()) {
-                spdlog::debug("{} closed before its hello", peerText);
-                return kj::READY_NOW;
+            .timeoutAfter(HELLO_TIMEOUT_MS,
+                          kj::str("no complete handshake from ", h.peerText.c_str(), " within ",
+                                  HELLO_TIMEOUT_MS, " ms"),
+                          authenticate(h))
+            .then([this, handshake = kj::mv(handshake)](
+                      kj::Maybe<uint32_t> node) mutable -> kj::Promise<void> {
+              KJ_IF_MAYBE (id, node) {
+                return serve(kj::mv(handshake), *id);
               }
-              if (memcmp(hello.begin(), HELLO_RPC, hello.size()) == 0) {
-                spdlog::debug("control connection from node {} ({})", peerNode, peerText);
-                return rpcServer_.accept(*stream).attach(kj::mv(stream));
-              }
-              if (memcmp(hello.begin(), HELLO_JOB, hello.size()) == 0) {
-                startSupervisor(kj::mv(stream), peerNode, peerText);
-                return kj::READY_NOW;
-              }
-              spdlog::warn("bad hello from node {} ({}); closing the connection", peerNode,
-                           peerText);
               return kj::READY_NOW;
             });
     tasks_.add(kj::mv(promise));
+  }
+
+  // Reads the hello, sends a nonce, reads and checks the proof, accepts. Resolves to the
+  // authenticated node id, or to nullptr when the connection is to be closed (already logged).
+  kj::Promise<kj::Maybe<uint32_t>> authenticate(Handshake& h) {
+    return h.stream->tryRead(h.hello, sizeof(h.hello), sizeof(h.hello))
+        .then([this, &h](size_t n) -> kj::Promise<kj::Maybe<uint32_t>> {
+          if (n < sizeof(h.hello)) {
+            spdlog::debug("{} closed before its hello", h.peerText);
+            return kj::Maybe<uint32_t>(nullptr);
+          }
+          if (memcmp(h.hello, HELLO_RPC, sizeof(h.hello)) != 0 &&
+              memcmp(h.hello, HELLO_JOB, sizeof(h.hello)) != 0) {
+            spdlog::warn("bad hello from node {} ({}); closing the connection", h.peerNode,
+                         h.peerText);
+            return kj::Maybe<uint32_t>(nullptr);
+          }
+          h.nonce = makeNonce();
+          return h.stream->write(h.nonce.data(), h.nonce.size())
+              .then([&h]() {
+                return h.stream->tryRead(h.proof.data(), h.proof.size(), h.proof.size());
+              })
+              .then([this, &h](size_t n) -> kj::Promise<kj::Maybe<uint32_t>> {
+                if (n < h.proof.size()) {
+                  spdlog::debug("{} closed during the handshake", h.peerText);
+                  return kj::Maybe<uint32_t>(nullptr);
+                }
+                uint32_t claimed = proofNodeId(h.proof);
+                KJ_IF_MAYBE (why, checkProof(h, claimed)) {
+                  if (authFailed_.insert(h.peer.value).second) {
+                    spdlog::warn("refusing a connection from {} claiming node {}: {}", h.peerText,
+                                 claimed, *why);
+                  } else {
+                    spdlog::debug("refused again: a connection from {} claiming node {}: {}",
+                                  h.peerText, claimed, *why);
+                  }
+                  return kj::Maybe<uint32_t>(nullptr);
+                }
+                authFailed_.erase(h.peer.value);  // a later failure is news again
+                static const uint8_t accepted = AUTH_ACCEPTED;
+                return h.stream->write(&accepted, 1).then(
+                    [claimed]() { return kj::Maybe<uint32_t>(claimed); });
+              });
+        });
+  }
+
+  // Why the proof of `h` for node `claimed` is refused, or nullptr when it is good.
+  kj::Maybe<std::string> checkProof(const Handshake& h, uint32_t claimed) {
+    KJ_IF_MAYBE (address, map_.lookup(claimed)) {
+      if (address->value != h.peer.value) {
+        return fmt::format("node {} has the address {} in {}", claimed, address->toString(),
+                           config_.mapPath);
+      }
+    } else {
+      return fmt::format("node {} is not in {}", claimed, config_.mapPath);
+    }
+    if (!key_.verify(kj::arrayPtr(h.hello, sizeof(h.hello)), h.nonce, h.proof)) {
+      return fmt::format("wrong proof (its cluster key differs from {})", key_.origin());
+    }
+    return nullptr;
+  }
+
+  // Serves an authenticated connection by its hello.
+  kj::Promise<void> serve(kj::Own<Handshake> h, uint32_t node) {
+    if (memcmp(h->hello, HELLO_RPC, sizeof(h->hello)) == 0) {
+      spdlog::debug("control connection from node {} ({})", node, h->peerText);
+      auto& stream = *h->stream;
+      return rpcServer_.accept(stream).attach(kj::mv(h));
+    }
+    startSupervisor(kj::mv(h->stream), node, h->peerText);
+    return kj::READY_NOW;
   }
 
   // fork+exec mos-supervisor with the job connection as fd 3 (blocking, as the job channel
@@ -275,10 +354,12 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
   UvEventPort& port_;
   NodeConfig config_;
   MapFile map_;
+  ClusterKey key_;
   capnp::TwoPartyServer rpcServer_;
   UvTcpListener listener_;
   std::map<pid_t, Supervisor> supervisors_;
-  std::set<uint32_t> rejected_;  // peers already logged as non-members
+  std::set<uint32_t> rejected_;    // peers already logged as non-members
+  std::set<uint32_t> authFailed_;  // peers already logged as failing the handshake
   kj::TaskSet tasks_;            // last: connections die before what they use
 };
 
@@ -313,11 +394,13 @@ int run(int argc, char** argv) {
       "umosix node daemon: serves this node's control interface and supervises the "
       "guests of jobs migrated here",
       "mosd");
-  std::string mapPath, runDir, cacheDir, nodeText, portText;
+  std::string mapPath, runDir, cacheDir, nodeText, portText, keyPath;
   bool foreground = false;
   app.add_option("--map", mapPath, "cluster map file (default $UMOSIX_MAP or /etc/umosix/map)");
   app.add_option("--node", nodeText, "this node's id (default $UMOSIX_NODE or the local address)");
   app.add_option("--port", portText, "TCP port (default $UMOSIX_PORT or 7151)");
+  app.add_option("--key", keyPath,
+                 "cluster key file (default $UMOSIX_KEY or /etc/umosix/cluster.key)");
   app.add_option("--run-dir", runDir, "job records and pid file (default /run/umosix)");
   app.add_option("--cache-dir", cacheDir, "file cache of guests (default /var/cache/umosix)");
   app.add_flag("--foreground,-f", foreground, "stay in the foreground (always the case)");
@@ -328,6 +411,7 @@ int run(int argc, char** argv) {
 
   NodeConfig config;
   kj::Maybe<MapFile> maybeMap;
+  kj::Maybe<ClusterKey> maybeKey;
   Ipv4 address;
   try {
     config = configFromEnvironment();
@@ -336,14 +420,17 @@ int run(int argc, char** argv) {
     if (!cacheDir.empty()) config.cacheDir = cacheDir;
     if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
     if (!portText.empty()) config.port = parsePort(portText, "--port");
+    if (!keyPath.empty()) config.keyPath = keyPath;
     auto map = MapFile::fromPath(config.mapPath);
     address = resolveNodeId(config, map);
     maybeMap = kj::mv(map);
+    maybeKey = ClusterKey::load(config.keyPath);
   } catch (std::exception& e) {
     spdlog::error("{}", e.what());
     return 2;
   }
   MapFile& map = KJ_ASSERT_NONNULL(maybeMap);
+  ClusterKey& key = KJ_ASSERT_NONNULL(maybeKey);
 
   signal(SIGPIPE, SIG_IGN);
   uv_loop_t* loop = uv_default_loop();
@@ -355,7 +442,7 @@ int run(int argc, char** argv) {
 
     kj::Maybe<kj::Own<Daemon>> maybeDaemon;
     try {
-      maybeDaemon = kj::heap<Daemon>(port, config, kj::mv(map), address);
+      maybeDaemon = kj::heap<Daemon>(port, config, kj::mv(map), address, kj::mv(key));
     } catch (kj::Exception& e) {
       spdlog::error("{}", e.getDescription().cStr());
       return 1;

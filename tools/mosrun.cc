@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
   app.footer(
       "PROGRAM [ARGS...] follow the options; everything from PROGRAM on is the program's own.\n"
       "Environment: UMOSIX_MAP (cluster map, openMosix format), UMOSIX_NODE (this node's id), "
-      "UMOSIX_RUN_DIR, UMOSIX_PORT, UMOSIX_LOG.\n"
+      "UMOSIX_RUN_DIR, UMOSIX_PORT, UMOSIX_KEY (the cluster key file), UMOSIX_LOG.\n"
       "Exit status: the job's own; 125 mosrun failed before the job started (unknown or "
       "unreachable node, malformed map); 126 PROGRAM not executable; 127 PROGRAM not found; "
       "112 the remote node died while the job ran.");
@@ -153,8 +153,17 @@ int main(int argc, char** argv) {
         fail(EXIT_MOSRUN_FAILED,
              fmt::format("node {} is not in the cluster map {}", *remote, config.mapPath));
       }
+      // The cluster key proves this node to the remote mosd, here for the check and in the
+      // deputy for the job channel (cluster_auth.h).
+      std::string keyPath = std::filesystem::absolute(config.keyPath).string();
+      std::optional<mos::ClusterCredentials> credentials;
       try {
-        mos::queryStatus(address, config.port, NODE_CHECK_TIMEOUT_MS);
+        credentials.emplace(mos::ClusterCredentials{config.nodeId, mos::ClusterKey::load(keyPath)});
+      } catch (const std::exception& e) {
+        fail(EXIT_MOSRUN_FAILED, e.what());
+      }
+      try {
+        mos::queryStatus(*credentials, address, config.port, NODE_CHECK_TIMEOUT_MS);
       } catch (kj::Exception& e) {
         fail(EXIT_MOSRUN_FAILED,
              fmt::format("node {} ({}:{}) is unreachable: {}", *remote, address.toString(),
@@ -173,7 +182,8 @@ int main(int argc, char** argv) {
       agentConfig.deputyArgv = {agentConfig.deputyPath, "--node", std::to_string(*remote),
                                 "--address", address.toString(), "--port",
                                 std::to_string(config.port), "--home-node",
-                                std::to_string(config.nodeId), "--run-dir", config.runDir};
+                                std::to_string(config.nodeId), "--run-dir", config.runDir,
+                                "--key", keyPath};
       agentConfig.imagePath = fmt::format("{}/images/{}.img", config.runDir, getpid());
       std::error_code ec;
       std::filesystem::create_directories(config.runDir + "/images", ec);

@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "config.h"
@@ -49,12 +50,14 @@ int run(int argc, char** argv) {
   CLI::App app("lists the umosix jobs whose home is this node, with where each one runs now",
                "mps");
   bool json = false;
-  std::string mapPath, nodeText, portText;
+  std::string mapPath, nodeText, portText, keyPath;
   uint32_t timeoutMs = 3000;
   app.add_flag("--json", json, "print a JSON array instead of a table");
   app.add_option("--map", mapPath, "cluster map file (default $UMOSIX_MAP or /etc/umosix/map)");
   app.add_option("--node", nodeText, "this node's id (default $UMOSIX_NODE or the local address)");
   app.add_option("--port", portText, "mosd's TCP port (default $UMOSIX_PORT or 7151)");
+  app.add_option("--key", keyPath,
+                 "cluster key file (default $UMOSIX_KEY or /etc/umosix/cluster.key)");
   app.add_option("--timeout", timeoutMs, "how long to wait for mosd, in milliseconds (3000)");
   app.set_version_flag("--version", UMOSIX_VERSION);
   CLI11_PARSE(app, argc, argv);
@@ -62,12 +65,15 @@ int run(int argc, char** argv) {
 
   NodeConfig config;
   Ipv4 address;
+  std::optional<ClusterCredentials> credentials;
   try {
     config = configFromEnvironment();
     if (!mapPath.empty()) config.mapPath = mapPath;
     if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
     if (!portText.empty()) config.port = parsePort(portText, "--port");
+    if (!keyPath.empty()) config.keyPath = keyPath;
     address = resolveNodeId(config, MapFile::fromPath(config.mapPath));
+    credentials.emplace(ClusterCredentials{config.nodeId, ClusterKey::load(config.keyPath)});
   } catch (std::exception& e) {
     fmt::print(stderr, "mps: {}\n", e.what());
     return 2;
@@ -75,7 +81,7 @@ int run(int argc, char** argv) {
 
   std::vector<JobInfo> jobs;
   KJ_IF_MAYBE (e, kj::runCatchingExceptions(
-                      [&]() { jobs = listJobs(address, config.port, timeoutMs); })) {
+                      [&]() { jobs = listJobs(*credentials, address, config.port, timeoutMs); })) {
     fmt::print(stderr, "mps: {}\n", e->getDescription().cStr());
     return 1;
   }

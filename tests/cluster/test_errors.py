@@ -1,11 +1,12 @@
 """Bad input: mosrun fails before the job starts with 125 (node problems, bad map), 126/127 for
 a program that cannot be executed; none leaves a process behind (checked by the fixture)."""
 
+import os
 import re
 
 import pytest
 
-from conftest import MOSRUN_FAILED, NOT_EXECUTABLE, NOT_FOUND, PYTHON
+from conftest import MOSRUN_FAILED, NOT_EXECUTABLE, NOT_FOUND, PYTHON, STATE
 
 OK = [PYTHON, "-c", "print('should not run')"]
 
@@ -59,3 +60,20 @@ def test_malformed_map_names_the_line(cluster, home, bad):
     assert cp.returncode == MOSRUN_FAILED, cp.stderr
     assert re.search(rb"line\s*2\b|:2\b", cp.stderr), cp.stderr
     assert b"should not run" not in cp.stdout
+
+
+def test_another_cluster_key_is_refused(cluster, home):
+    """A node that cannot prove the cluster key gets nothing from mosd, which keeps serving."""
+    key = home / "other.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    cp = cluster.run(1, ["env", f"UMOSIX_KEY={key}", "mosrun", "-r", "2"] + OK, cwd=home,
+                     timeout=60)
+    assert cp.returncode == MOSRUN_FAILED, cp.stderr
+    assert b"refused node 1" in cp.stderr, cp.stderr
+    assert b"should not run" not in cp.stdout
+    log = (STATE / "node-2" / "mosd.log").read_text(errors="replace")
+    assert "claiming node 1: wrong proof" in log
+    cp = cluster.mosrun([PYTHON, "-c", "print('ran')"], cwd=home, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == b"ran\n"

@@ -37,7 +37,7 @@ class EnvGuard {
 
  private:
   static constexpr const char* NAMES[] = {"UMOSIX_MAP", "UMOSIX_NODE", "UMOSIX_RUN_DIR",
-                                          "UMOSIX_CACHE_DIR", "UMOSIX_PORT"};
+                                          "UMOSIX_CACHE_DIR", "UMOSIX_PORT", "UMOSIX_KEY"};
   std::vector<std::pair<const char*, std::optional<std::string>>> saved_;
 };
 
@@ -57,6 +57,7 @@ TEST_CASE("config defaults apply when no variable is set", "[node][config]") {
   CHECK(c.runDir == "/run/umosix");
   CHECK(c.cacheDir == "/var/cache/umosix");
   CHECK(c.port == 7151);
+  CHECK(c.keyPath == "/etc/umosix/cluster.key");
 }
 
 TEST_CASE("config variables override the defaults", "[node][config]") {
@@ -66,12 +67,14 @@ TEST_CASE("config variables override the defaults", "[node][config]") {
   env.set("UMOSIX_RUN_DIR", "/tmp/run");
   env.set("UMOSIX_CACHE_DIR", "/tmp/cache");
   env.set("UMOSIX_PORT", "9000");
+  env.set("UMOSIX_KEY", "/tmp/key");
   NodeConfig c = mos::configFromEnvironment();
   CHECK(c.mapPath == "/tmp/m");
   CHECK(c.nodeId == 4);
   CHECK(c.runDir == "/tmp/run");
   CHECK(c.cacheDir == "/tmp/cache");
   CHECK(c.port == 9000);
+  CHECK(c.keyPath == "/tmp/key");
 }
 
 TEST_CASE("config rejects bad node ids and ports, naming the variable", "[node][config]") {

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cluster_auth.h"
 #include "deputy.h"
 #include "signals.h"
 
@@ -473,8 +474,25 @@ int listenLoopback(uint16_t& port) {
   return fd;
 }
 
+// A cluster key file of 32 bytes all equal to `fill`, mode 0600; removed by the destructor.
+struct KeyFile {
+  std::string path;
+  explicit KeyFile(uint8_t fill) {
+    char tmpl[] = "/tmp/deputy-key-XXXXXX";
+    int fd = mkstemp(tmpl);
+    REQUIRE(fd >= 0);
+    uint8_t bytes[32];
+    memset(bytes, fill, sizeof(bytes));
+    REQUIRE(write(fd, bytes, sizeof(bytes)) == 32);
+    close(fd);
+    path = tmpl;
+  }
+  ~KeyFile() { unlink(path.c_str()); }
+  ClusterKey key() const { return ClusterKey::load(path); }
+};
+
 pid_t spawnDeputy(uint16_t port, const std::string& image, const std::string& runDir,
-                  int stderrFd) {
+                  int stderrFd, const std::string& keyPath) {
   pid_t pid = fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
@@ -482,10 +500,41 @@ pid_t spawnDeputy(uint16_t port, const std::string& image, const std::string& ru
     std::string portText = std::to_string(port);
     execl(MOS_DEPUTY_PATH, "mos-deputy", "--node", "2", "--address", "127.0.0.1", "--port",
           portText.c_str(), "--home-node", "1", "--run-dir", runDir.c_str(), "--image",
-          image.c_str(), nullptr);
+          image.c_str(), "--key", keyPath.c_str(), nullptr);
     _exit(99);
   }
   return pid;
+}
+
+// mosd's half of the handshake (cluster_auth.h) on an accepted connection: reads the hello,
+// sends a nonce, reads the proof; accepts (one byte) when it verifies with `key`, else closes
+// the descriptor. Returns whether it accepted; `claimed` gets the proof's node id.
+bool serveHandshake(int conn, const ClusterKey& key, uint32_t& claimed) {
+  char hello[8];
+  REQUIRE(recv(conn, hello, 8, MSG_WAITALL) == 8);
+  CHECK(memcmp(hello, HELLO_JOB, 8) == 0);
+  AuthNonce nonce = makeNonce();
+  REQUIRE(send(conn, nonce.data(), nonce.size(), MSG_NOSIGNAL) == 32);
+  AuthProof proof;
+  REQUIRE(recv(conn, proof.data(), proof.size(), MSG_WAITALL) == 36);
+  claimed = proofNodeId(proof);
+  if (!key.verify(kj::arrayPtr(hello, 8), nonce, proof)) {
+    close(conn);
+    return false;
+  }
+  uint8_t accepted = AUTH_ACCEPTED;
+  REQUIRE(send(conn, &accepted, 1, MSG_NOSIGNAL) == 1);
+  return true;
+}
+
+std::string readAll(int fd) {
+  std::string out;
+  char buffer[512];
+  ssize_t n;
+  while ((n = read(fd, buffer, sizeof(buffer))) > 0) {
+    out.append(buffer, n);
+  }
+  return out;
 }
 
 }  // namespace
@@ -495,9 +544,10 @@ TEST_CASE("mos-deputy cannot reach its node: message and status 125", "[deputy][
   int listener = listenLoopback(port);
   close(listener);  // nothing listens there now
   std::string image = writeImage("/bin/true");
+  KeyFile keyFile(7);
   int err[2];
   REQUIRE(pipe2(err, O_CLOEXEC) == 0);
-  pid_t pid = spawnDeputy(port, image, "/tmp", err[1]);
+  pid_t pid = spawnDeputy(port, image, "/tmp", err[1], keyFile.path);
   close(err[1]);
   int status;
   REQUIRE(waitpid(pid, &status, 0) == pid);
@@ -512,6 +562,54 @@ TEST_CASE("mos-deputy cannot reach its node: message and status 125", "[deputy][
   close(err[0]);
 }
 
+TEST_CASE("mos-deputy refused by mosd (another key): message and status 125",
+          "[deputy][startup][auth]") {
+  uint16_t port;
+  int listener = listenLoopback(port);
+  std::string image = writeImage("/bin/true");
+  KeyFile ours(7), theirs(8);
+  int err[2];
+  REQUIRE(pipe2(err, O_CLOEXEC) == 0);
+  pid_t pid = spawnDeputy(port, image, "/tmp", err[1], ours.path);
+  close(err[1]);
+  struct pollfd pfd = {listener, POLLIN, 0};
+  if (poll(&pfd, 1, 10000) != 1) {
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    FAIL("the deputy did not connect: " << readAll(err[0]));
+  }
+  int conn = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+  REQUIRE(conn >= 0);
+  close(listener);
+  uint32_t claimed = 0;
+  CHECK_FALSE(serveHandshake(conn, theirs.key(), claimed));  // closes conn
+  int status;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 125);
+  CHECK(readAll(err[0]) == "mosrun: node 2 (127.0.0.1:" + std::to_string(port) +
+                               ") refused node 1 (is " + ours.path + " the cluster's key?)\n");
+  close(err[0]);
+}
+
+TEST_CASE("mos-deputy without a usable key: message and status 125", "[deputy][startup][auth]") {
+  uint16_t port;
+  int listener = listenLoopback(port);
+  std::string image = writeImage("/bin/true");
+  int err[2];
+  REQUIRE(pipe2(err, O_CLOEXEC) == 0);
+  pid_t pid = spawnDeputy(port, image, "/tmp", err[1], "/nonexistent/cluster.key");
+  close(err[1]);
+  int status;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 125);
+  CHECK(readAll(err[0]).rfind("mosrun: cluster key /nonexistent/cluster.key: missing", 0) == 0);
+  CHECK(access(image.c_str(), F_OK) != 0);  // the image was unlinked all the same
+  close(err[0]);
+  close(listener);
+}
+
 TEST_CASE("mos-deputy starts the job: HELLO, JobStart, record, syscalls, exit status",
           "[deputy][startup]") {
   uint16_t port;
@@ -519,16 +617,17 @@ TEST_CASE("mos-deputy starts the job: HELLO, JobStart, record, syscalls, exit st
   std::string image = writeImage("/usr/bin/the-job");
   char runDir[] = "/tmp/deputy-run-XXXXXX";
   REQUIRE(mkdtemp(runDir) != nullptr);
+  KeyFile keyFile(7);
   int err[2];
   REQUIRE(pipe2(err, O_CLOEXEC) == 0);
-  pid_t pid = spawnDeputy(port, image, runDir, err[1]);
+  pid_t pid = spawnDeputy(port, image, runDir, err[1], keyFile.path);
   close(err[1]);
   int conn = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
   REQUIRE(conn >= 0);
   close(listener);
-  char hello[8];
-  REQUIRE(recv(conn, hello, 8, MSG_WAITALL) == 8);
-  CHECK(memcmp(hello, HELLO_JOB, 8) == 0);
+  uint32_t claimed = 0;
+  REQUIRE(serveHandshake(conn, keyFile.key(), claimed));
+  CHECK(claimed == 1);  // --home-node
   Channel channel{kj::AutoCloseFd(conn)};
   auto startMessage = channel.receive();
   KJ_IF_MAYBE(m, startMessage) {

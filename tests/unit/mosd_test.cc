@@ -1,5 +1,5 @@
-// Starts the real mosd on 127.0.0.1 with a one-node map and a fake mos-supervisor, and talks to
-// it as mps, mosrun and a deputy would.
+// Starts the real mosd on 127.0.0.1 with a map of nodes 1 (127.0.0.1) and 3 (127.0.0.3), a cluster
+// key and a fake mos-supervisor, and talks to it as mps, mosrun and a deputy would.
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -19,6 +19,8 @@
 #include <string>
 #include <thread>
 
+#include "channel.h"
+#include "cluster_auth.h"
 #include "job_registry.h"
 #include "map_file.h"
 #include "node_client.h"
@@ -133,13 +135,49 @@ std::string readLine(int fd) {
   return line;
 }
 
-// A temp dir with map, run dir, cache dir and fake libexec, and mosd running on it.
+// Writes a key file of 32 bytes equal to `fill` with `mode`.
+void writeKey(const std::string& path, uint8_t fill, mode_t mode = 0600) {
+  {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out << std::string(32, char(fill));
+  }
+  REQUIRE(chmod(path.c_str(), mode) == 0);
+}
+
+mos::ClusterKey keyOf(uint8_t fill) {
+  std::string bytes(32, char(fill));
+  return mos::ClusterKey::fromBytes(
+      kj::arrayPtr(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()), "test");
+}
+
+// The client half of the handshake on a raw connection: hello, nonce, proof for (key, nodeId).
+// Returns whether mosd accepted (sent AUTH_ACCEPTED) rather than closing.
+bool handshake(int fd, const char* hello, const mos::ClusterKey& key, uint32_t nodeId) {
+  sendAll(fd, hello, 8);
+  mos::AuthNonce nonce;
+  REQUIRE(recv(fd, nonce.data(), nonce.size(), MSG_WAITALL) == ssize_t(nonce.size()));
+  mos::AuthProof proof = key.prove(kj::arrayPtr(hello, 8), nonce, nodeId);
+  sendAll(fd, proof.data(), proof.size());
+  uint8_t accepted = 0;
+  ssize_t n = recv(fd, &accepted, 1, 0);
+  if (n == 1) {
+    CHECK(accepted == mos::AUTH_ACCEPTED);
+    return true;
+  }
+  CHECK((n == 0 || errno == ECONNRESET));  // closed, not timed out
+  return false;
+}
+
+constexpr uint8_t KEY_FILL = 0x5a;
+
+// A temp dir with map, key, run dir, cache dir and fake libexec, and mosd running on it.
 class MosdFixture {
  public:
   std::string dir;
   std::string runDir, cacheDir, log;
   uint16_t port;
   pid_t pid = -1;
+  mos::ClusterCredentials node1{1, keyOf(KEY_FILL)};  // what mps or a deputy of node 1 shows
 
   MosdFixture() {
     char tmpl[] = "/tmp/umosix-mosd-test-XXXXXX";
@@ -151,11 +189,12 @@ class MosdFixture {
     REQUIRE(mkdir((dir + "/libexec").c_str(), 0755) == 0);
     {
       std::ofstream map(dir + "/map");
-      map << "# test cluster\n1 127.0.0.1 1\n";
+      map << "# test cluster\n1 127.0.0.1 1\n3 127.0.0.3 1\n";
       std::ofstream fake(dir + "/libexec/mos-supervisor");
       fake << FAKE_SUPERVISOR;
     }
     REQUIRE(chmod((dir + "/libexec/mos-supervisor").c_str(), 0755) == 0);
+    writeKey(dir + "/cluster.key", KEY_FILL);
     port = freePort();
     start();
   }
@@ -183,6 +222,7 @@ class MosdFixture {
       dup2(out, 2);
       setenv("UMOSIX_LIBEXEC", libexec.c_str(), 1);
       setenv("UMOSIX_LOG", "debug", 1);
+      setenv("UMOSIX_KEY", (dir + "/cluster.key").c_str(), 1);
       execl(MOSD_PATH, "mosd", "--map", map.c_str(), "--node", "1", "--port", portText.c_str(),
             "--run-dir", runDir.c_str(), "--cache-dir", cacheDir.c_str(), nullptr);
       _exit(127);
@@ -190,8 +230,8 @@ class MosdFixture {
     // Ready when it answers.
     auto deadline = std::chrono::steady_clock::now() + 10s;
     for (;;) {
-      auto error =
-          kj::runCatchingExceptions([&]() { mos::queryStatus(mos::Ipv4{LOCALHOST}, port, 1000); });
+      auto error = kj::runCatchingExceptions(
+          [&]() { mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 1000); });
       if (error == nullptr) {
         break;
       }
@@ -216,7 +256,7 @@ class MosdFixture {
     return status;
   }
 
-  mos::NodeStatus status() { return mos::queryStatus(mos::Ipv4{LOCALHOST}, port, 3000); }
+  mos::NodeStatus status() { return mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 3000); }
 
   // Waits up to 10 s for `text` to appear in the log.
   bool logShows(const std::string& text) {
@@ -244,10 +284,10 @@ TEST_CASE("mosd reports its status and the jobs of its run dir", "[node][mosd]")
   CHECK(status.guests == 0);
   CHECK(status.load >= 0);
 
-  CHECK(mos::listJobs(mos::Ipv4{LOCALHOST}, mosd.port, 3000).empty());
+  CHECK(mos::listJobs(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 3000).empty());
   auto map = mos::MapFile::fromPath(mosd.dir + "/map");
-  CHECK(mos::queryStatus(map, 1, mosd.port, 3000).nodeId == 1);
-  CHECK_THROWS_WITH(mos::queryStatus(map, 2, mosd.port, 3000),
+  CHECK(mos::queryStatus(mosd.node1, map, 1, mosd.port, 3000).nodeId == 1);
+  CHECK_THROWS_WITH(mos::queryStatus(mosd.node1, map, 2, mosd.port, 3000),
                     Catch::Contains("node 2 is not in the cluster map"));
 
   auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 4242, 4242, 1, "sleep 100");
@@ -260,7 +300,7 @@ TEST_CASE("mosd reports its status and the jobs of its run dir", "[node][mosd]")
   guest.get()->node = 1;
   guest.get()->state = uint32_t(mos::JobState::REMOTE);
 
-  auto jobs = mos::listJobs(mos::Ipv4{LOCALHOST}, mosd.port, 3000);
+  auto jobs = mos::listJobs(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 3000);
   REQUIRE(jobs.size() == 2);
   CHECK(jobs[0].homePid == 77);  // sorted by home pid
   CHECK(jobs[0].state == "home");
@@ -274,7 +314,7 @@ TEST_CASE("mosd reports its status and the jobs of its run dir", "[node][mosd]")
   CHECK(jobs[1].syscalls == 17);
   CHECK(jobs[1].remotePid == 999);
 
-  auto guests = mos::listGuests(mos::Ipv4{LOCALHOST}, mosd.port, 3000);
+  auto guests = mos::listGuests(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 3000);
   REQUIRE(guests.size() == 1);
   CHECK(guests[0].homePid == 31);
   CHECK(guests[0].homeNode == 3);
@@ -300,9 +340,9 @@ TEST_CASE("mosd closes bad connections and keeps serving", "[node][mosd]") {
     sendAll(fd.get(), "UMOS", 4);
     fd = nullptr;
   }
-  SECTION("an RPC hello followed by bytes that are no Cap'n Proto message") {
+  SECTION("an authenticated RPC connection followed by bytes that are no Cap'n Proto message") {
     auto fd = connectRaw(mosd.port);
-    sendAll(fd.get(), "UMOSRPC1", 8);
+    REQUIRE(handshake(fd.get(), "UMOSRPC1", keyOf(KEY_FILL), 1));
     unsigned char junk[64];
     memset(junk, 0xff, sizeof(junk));  // segment count 2^32: rejected by the reader
     sendAll(fd.get(), junk, sizeof(junk));
@@ -336,7 +376,7 @@ TEST_CASE("mosd closes bad connections and keeps serving", "[node][mosd]") {
 TEST_CASE("mosd hands a job connection to mos-supervisor as fd 3 and reaps it", "[node][mosd]") {
   MosdFixture mosd;
   auto fd = connectRaw(mosd.port);
-  sendAll(fd.get(), "UMOSJOB1", 8);
+  REQUIRE(handshake(fd.get(), "UMOSJOB1", keyOf(KEY_FILL), 1));
   std::string report = readLine(fd.get());
   INFO(report << "\nlog:\n" << readFile(mosd.log));
   std::string argv = report.substr(report.find("argv=") + 5);
@@ -364,8 +404,8 @@ TEST_CASE("stopping mosd kills its supervisors", "[node][mosd]") {
   MosdFixture mosd;
   auto first = connectRaw(mosd.port);
   auto second = connectRaw(mosd.port);
-  sendAll(first.get(), "UMOSJOB1", 8);
-  sendAll(second.get(), "UMOSJOB1", 8);
+  REQUIRE(handshake(first.get(), "UMOSJOB1", keyOf(KEY_FILL), 1));
+  REQUIRE(handshake(second.get(), "UMOSJOB1", keyOf(KEY_FILL), 1));
   std::string a = readLine(first.get());
   std::string b = readLine(second.get());
   REQUIRE(a.rfind("pid=", 0) == 0);
@@ -381,6 +421,117 @@ TEST_CASE("stopping mosd kills its supervisors", "[node][mosd]") {
   CHECK(processGone(pidB));
   CHECK(readsToEnd(first.get()));  // the job connection died with its supervisor
   CHECK(access((mosd.runDir + "/mosd.pid").c_str(), F_OK) != 0);
+}
+
+TEST_CASE("mosd accepts only members that prove the cluster key from their own address",
+          "[node][mosd][auth]") {
+  MosdFixture mosd;
+  const auto good = keyOf(KEY_FILL);
+  const auto wrong = keyOf(0x33);
+
+  SECTION("the wrong key, on both services, twice: refused, logged once") {
+    for (const char* hello : {"UMOSRPC1", "UMOSJOB1"}) {
+      auto fd = connectRaw(mosd.port);
+      CHECK_FALSE(handshake(fd.get(), hello, wrong, 1));
+    }
+    CHECK(mosd.logShows("refused again: a connection from 127.0.0.1"));
+    std::string log = readFile(mosd.log);
+    CHECK(countOf(log, "refusing a connection from 127.0.0.1") == 1);
+    CHECK(countOf(log, "claiming node 1: wrong proof (its cluster key differs from " + mosd.dir +
+                           "/cluster.key)") == 2);
+    CHECK(log.find("supervisor") == std::string::npos);  // no job got through
+    try {
+      mos::queryStatus({1, keyOf(0x33)}, mos::Ipv4{LOCALHOST}, mosd.port, 3000);
+      FAIL("no exception");
+    } catch (kj::Exception& e) {
+      CHECK(e.getType() == kj::Exception::Type::DISCONNECTED);
+      CHECK(std::string(e.getDescription().cStr()) ==
+            fmt::format("mosd at 127.0.0.1:{} refused node 1 (is test the cluster's key?)",
+                        mosd.port));
+    }
+  }
+  SECTION("the right key, claiming the id of another member: refused") {
+    auto fd = connectRaw(mosd.port);
+    CHECK_FALSE(handshake(fd.get(), "UMOSJOB1", good, 3));
+    CHECK(mosd.logShows("claiming node 3: node 3 has the address 127.0.0.3 in " + mosd.dir +
+                        "/map"));
+  }
+  SECTION("the right key, claiming a node that is not in the map: refused") {
+    auto fd = connectRaw(mosd.port);
+    CHECK_FALSE(handshake(fd.get(), "UMOSRPC1", good, 9));
+    CHECK(mosd.logShows("claiming node 9: node 9 is not in " + mosd.dir + "/map"));
+  }
+  SECTION("a proof made for another hello or nonce: refused") {
+    auto fd = connectRaw(mosd.port);
+    sendAll(fd.get(), "UMOSJOB1", 8);
+    mos::AuthNonce nonce;
+    REQUIRE(recv(fd.get(), nonce.data(), nonce.size(), MSG_WAITALL) == 32);
+    auto proof = good.prove(kj::arrayPtr(mos::HELLO_RPC, 8), nonce, 1);  // for the other service
+    sendAll(fd.get(), proof.data(), proof.size());
+    CHECK(readsToEnd(fd.get()));
+    auto second = connectRaw(mosd.port);
+    sendAll(second.get(), "UMOSJOB1", 8);
+    mos::AuthNonce other;
+    REQUIRE(recv(second.get(), other.data(), other.size(), MSG_WAITALL) == 32);
+    CHECK(other != nonce);  // fresh per connection: a replayed proof cannot match
+    sendAll(second.get(), proof.data(), proof.size());
+    CHECK(readsToEnd(second.get()));
+    CHECK(mosd.logShows("refused again: a connection from 127.0.0.1"));
+  }
+  SECTION("a hello and no proof: dropped after 5 s") {
+    auto fd = connectRaw(mosd.port);
+    sendAll(fd.get(), "UMOSRPC1", 8);
+    auto begin = std::chrono::steady_clock::now();
+    CHECK(readsToEnd(fd.get()));
+    auto waited = std::chrono::steady_clock::now() - begin;
+    CHECK(waited >= 4500ms);
+    CHECK(waited < 8000ms);
+  }
+  SECTION("node 3 from its own address: accepted, its job goes to a supervisor") {
+    auto fd = connectRaw(mosd.port, 0x7f000003);
+    REQUIRE(handshake(fd.get(), "UMOSJOB1", good, 3));
+    std::string report = readLine(fd.get());
+    CHECK(report.find("--peer-node 3 ") != std::string::npos);
+  }
+
+  // mosd keeps serving the members that prove themselves.
+  CHECK(mosd.status().nodeId == 1);
+  int exit = mosd.stop();
+  CHECK(WIFEXITED(exit));
+  CHECK(WEXITSTATUS(exit) == 0);
+}
+
+TEST_CASE("mosd exits 2 naming a cluster key it cannot use", "[node][mosd][auth]") {
+  char tmpl[] = "/tmp/umosix-mosd-key-XXXXXX";
+  REQUIRE(mkdtemp(tmpl) != nullptr);
+  std::string dir = tmpl;
+  {
+    std::ofstream map(dir + "/map");
+    map << "1 127.0.0.1 1\n";
+  }
+  auto run = [&](const std::string& key) {
+    std::string cmd = std::string(MOSD_PATH) + " --map " + dir + "/map --node 1 --port 1 --key " +
+                      key + " 2>" + dir + "/err";
+    int status = system(cmd.c_str());
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 2);
+    std::string err = readFile(dir + "/err");
+    CHECK(countOf(err, "\n") == 1);  // one message
+    return err;
+  };
+  CHECK(run(dir + "/none").find("cluster key " + dir + "/none: missing") != std::string::npos);
+  writeKey(dir + "/open.key", 1, 0604);
+  CHECK(run(dir + "/open.key")
+            .find("cluster key " + dir + "/open.key: accessible to other users") !=
+        std::string::npos);
+  {
+    std::ofstream out(dir + "/short.key");
+    out << "0123456789";
+  }
+  chmod((dir + "/short.key").c_str(), 0600);
+  CHECK(run(dir + "/short.key").find("cluster key " + dir + "/short.key: too short (10 bytes") !=
+        std::string::npos);
+  system(("rm -rf '" + dir + "'").c_str());
 }
 
 TEST_CASE("mosd exits 2 naming the line of a bad map", "[node][mosd]") {
@@ -404,7 +555,7 @@ TEST_CASE("mosd exits 2 naming the line of a bad map", "[node][mosd]") {
 TEST_CASE("queryStatus reports a node without mosd clearly", "[node][mosd]") {
   uint16_t port = freePort();  // nobody listens there
   try {
-    mos::queryStatus(mos::Ipv4{LOCALHOST}, port, 1000);
+    mos::queryStatus({1, keyOf(KEY_FILL)}, mos::Ipv4{LOCALHOST}, port, 1000);
     FAIL("no exception");
   } catch (kj::Exception& e) {
     CHECK(e.getType() == kj::Exception::Type::DISCONNECTED);
@@ -423,7 +574,7 @@ TEST_CASE("queryStatus reports a node without mosd clearly", "[node][mosd]") {
   getsockname(fd, reinterpret_cast<sockaddr*>(&sin), &len);
   auto begin = std::chrono::steady_clock::now();
   try {
-    mos::queryStatus(mos::Ipv4{LOCALHOST}, ntohs(sin.sin_port), 300);
+    mos::queryStatus({1, keyOf(KEY_FILL)}, mos::Ipv4{LOCALHOST}, ntohs(sin.sin_port), 300);
     FAIL("no exception");
   } catch (kj::Exception& e) {
     CHECK(e.getType() == kj::Exception::Type::DISCONNECTED);
@@ -459,7 +610,8 @@ TEST_CASE("mps prints the jobs of the local mosd as a table and as JSON", "[node
   job.get()->remotePid = 31337;
   auto home = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 77, 77, 1, "make -j4");
 
-  std::string base = std::string(MPS_PATH) + " --map " + mosd.dir + "/map --node 1 --port " +
+  std::string base = std::string(MPS_PATH) + " --map " + mosd.dir + "/map --key " + mosd.dir +
+                     "/cluster.key --node 1 --port " +
                      std::to_string(mosd.port);
   auto [status, table] = runCapture(base);
   CHECK(status == 0);
@@ -480,6 +632,24 @@ TEST_CASE("mps prints the jobs of the local mosd as a table and as JSON", "[node
                                      {"remotePid", 31337},
                                      {"command", "sleep 100"}}));
   CHECK(parsed[0]["node"] == 1);
+
+  // Another key: refused, one clear line, exit 1; mosd keeps serving.
+  writeKey(mosd.dir + "/other.key", 0x33);
+  std::string otherKey = base;
+  otherKey.replace(otherKey.find("/cluster.key"), 12, "/other.key");
+  auto [refusedStatus, refusedOut] = runCapture(otherKey + " 2>&1");
+  CHECK(refusedStatus == 1);
+  CHECK(refusedOut == fmt::format("mps: mosd at 127.0.0.1:{} refused node 1 (is {}/other.key the "
+                                  "cluster's key?)\n",
+                                  mosd.port, mosd.dir));
+  // A key file others can read: refused before any connection, exit 2.
+  REQUIRE(chmod((mosd.dir + "/other.key").c_str(), 0644) == 0);
+  auto [modeStatus, modeOut] = runCapture(otherKey + " 2>&1");
+  CHECK(modeStatus == 2);
+  CHECK(modeOut == fmt::format("mps: cluster key {0}/other.key: accessible to other users (mode "
+                               "0644); chmod 600 {0}/other.key\n",
+                               mosd.dir));
+  CHECK(runCapture(base).first == 0);
 
   // mosd gone: one clear line, exit 1.
   mosd.stop();
