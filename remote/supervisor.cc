@@ -381,6 +381,18 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
   }
 }
 
+kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(
+    capnp::MallocMessageBuilder& request, uint64_t seq) {
+  bool interrupted;
+  KJ_IF_MAYBE(reply, roundTrip(request, seq, &interrupted)) {
+    if (interrupted) {
+      return nullptr;
+    }
+    return kj::mv(*reply);
+  }
+  endJob(0);
+}
+
 Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&specs)[6]) {
   uint64_t args[6];
   for (int i = 0; i < 6; i++) {
@@ -400,18 +412,14 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
     // The memory we read may belong to a task that is no longer the one that trapped.
     return Answer::drop();
   }
-  bool interrupted;
-  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
-    if (interrupted) {
-      return Answer::interrupted(notif.data.nr);
-    }
+  KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     if (r.getOut().size() > 0 && !idValid(notif.id)) {
       return Answer::drop();
     }
     return Answer::of(unmarshalReply(notif.data.nr, specs, args, r, memory));
   }
-  endJob(0);
+  return Answer::interrupted(notif.data.nr);
 }
 
 void Supervisor::onIdleMessage() {

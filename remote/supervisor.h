@@ -127,6 +127,10 @@ class Supervisor {
   // nullptr: the deputy is gone.
   kj::Maybe<kj::Own<capnp::MessageReader>> roundTrip(capnp::MallocMessageBuilder& request,
                                                      uint64_t seq, bool* interrupted);
+  // roundTrip for a handler: the reply message, or nullptr when the guest must see the
+  // interruption instead (answer Answer::interrupted(nr)). Ends the job if the deputy is gone.
+  kj::Maybe<kj::Own<capnp::MessageReader>> callHome(capnp::MallocMessageBuilder& request,
+                                                    uint64_t seq);
 
   // --- handlers (sys_*.cc), one per irregular HandlerId; regular rows use forwardRegular
   Answer forwardRegular(const seccomp_notif& notif, const ArgSpec (&specs)[6]);

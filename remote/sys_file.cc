@@ -242,11 +242,7 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
       return Answer::drop();
     }
   }
-  bool interrupted;
-  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
-    if (interrupted) {
-      return Answer::interrupted(notif.data.nr);
-    }
+  KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     int64_t ret = r.getRet();
     if (isRead && ret > 0 && r.getOut().size() == 1) {
@@ -270,7 +266,7 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
     }
     return Answer::of(ret);
   }
-  endJob(0);
+  return Answer::interrupted(notif.data.nr);
 }
 
 }  // namespace mos::remote

@@ -66,11 +66,10 @@ int64_t Supervisor::forwardPlain(uint64_t seq, int nr, std::initializer_list<uin
   for (uint64_t a : args) {
     list.set(i++, a);
   }
-  bool interrupted;
-  KJ_IF_MAYBE(reply, roundTrip(message, seq, &interrupted)) {
-    return interrupted ? -EINTR : (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
+  KJ_IF_MAYBE(reply, callHome(message, seq)) {
+    return (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
   }
-  endJob(0);
+  return -EINTR;
 }
 
 kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif) {
@@ -160,14 +159,10 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif) {
   std::string name = file + '\0';
   in[0].setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(name.data()), name.size()));
   int64_t fd;
-  bool interrupted;
-  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
-    if (interrupted) {
-      return Answer::interrupted(notif.data.nr);
-    }
+  KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
     fd = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
   } else {
-    endJob(0);
+    return Answer::interrupted(notif.data.nr);
   }
   if (fd < 0) {
     return Answer::of(fd);
@@ -182,13 +177,11 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif) {
   auto win = write.initIn(1);
   win[0].setArg(1);
   win[0].setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(content.data()), content.size()));
-  KJ_IF_MAYBE(reply, roundTrip(writeMessage, notif.id, &interrupted)) {
+  KJ_IF_MAYBE(reply, callHome(writeMessage, notif.id)) {
     int64_t n = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
     if (n != static_cast<int64_t>(content.size())) {
       spdlog::warn("job {}: writing the /proc/self/{} snapshot failed ({})", ids.getPid(), file, n);
     }
-  } else {
-    endJob(0);
   }
   spdlog::debug("job {}: {} served from guest {}", ids.getPid(), path, guestPid);
   return Answer::of(fd);

@@ -210,11 +210,7 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
     // The memory we read may belong to a task that is no longer the one that trapped.
     return Answer::drop();
   }
-  bool interrupted;
-  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
-    if (interrupted) {
-      return Answer::interrupted(notif.data.nr);
-    }
+  KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     int64_t ret = r.getRet();
     if (!isRecv || ret < 0) {
@@ -281,7 +277,7 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
     }
     return Answer::of(ret);
   }
-  endJob(0);
+  return Answer::interrupted(notif.data.nr);
 }
 
 }  // namespace mos::remote
