@@ -20,11 +20,13 @@
 
 #include <linux/seccomp.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include <cstdint>
 #include <map>
 #include <set>
 #include <string>
+#include <vector>
 
 #include <capnp/message.h>
 #include <kj/io.h>
@@ -33,6 +35,7 @@
 #include "file_cache.h"
 #include "job.capnp.h"
 #include "job_registry.h"
+#include "marshal.h"
 #include "syscall_table.h"
 
 namespace mos::remote {
@@ -62,6 +65,11 @@ struct Answer {
 // (/proc/self/, /proc/thread-self/, /proc/<homePid>/, /proc/<homePid>/task/<homePid>/) when that
 // file describes the user part (maps, status, cmdline, ...); "" otherwise.
 std::string jobProcFile(const std::string& path, int32_t homePid);
+
+// Writes `bytes` over the guest buffers `iov` in order (what readv(2) does with the bytes it
+// read). Returns 0 or the errno of the first write that failed (EFAULT).
+int scatterToGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
+                   kj::ArrayPtr<const kj::byte> bytes);
 
 // /proc/PID/status of `pid` ("" when it is gone), and one of its hex signal-set lines
 // ("SigBlk:") as a mask, bit (n-1) for signal n.

@@ -22,6 +22,24 @@
 
 namespace mos::remote {
 
+int scatterToGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
+                   kj::ArrayPtr<const kj::byte> bytes) {
+  size_t done = 0;
+  for (auto& v : iov) {
+    if (done >= bytes.size()) {
+      break;
+    }
+    size_t take = kj::min(v.iov_len, bytes.size() - done);
+    if (int err = memory.write(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
+                               std::span<const uint8_t>(bytes.begin() + done, take));
+        err != 0) {
+      return err;
+    }
+    done += take;
+  }
+  return 0;
+}
+
 kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj::byte> path,
                                                   int& err, proto::FileRef::Builder expected,
                                                   bool checkExpected) {
@@ -251,17 +269,8 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
       if (!idValid(notif.id)) {
         return Answer::drop();
       }
-      size_t done = 0;
-      for (auto& v : iov) {
-        if (done >= have) {
-          break;
-        }
-        size_t take = kj::min(v.iov_len, have - done);
-        if (memory.write(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
-                         std::span<const uint8_t>(bytes.begin() + done, take)) != 0) {
-          return Answer::of(-EFAULT);
-        }
-        done += take;
+      if (scatterToGuest(memory, iov, bytes.slice(0, have)) != 0) {
+        return Answer::of(-EFAULT);
       }
     }
     return Answer::of(ret);

@@ -225,17 +225,8 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
     // The data, scattered over the guest's iovecs.
     auto bytes = out[outData];
     size_t have = kj::min(static_cast<size_t>(ret), bytes.size());
-    size_t done = 0;
-    for (auto& v : iov) {
-      if (done >= have) {
-        break;
-      }
-      size_t take = kj::min(v.iov_len, have - done);
-      if (memory.write(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
-                       std::span<const uint8_t>(bytes.begin() + done, take)) != 0) {
-        return Answer::of(-EFAULT);
-      }
-      done += take;
+    if (scatterToGuest(memory, iov, bytes.slice(0, have)) != 0) {
+      return Answer::of(-EFAULT);
     }
     struct msghdr result = {};
     auto resultBytes = out[outMsghdr];
