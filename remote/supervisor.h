@@ -66,6 +66,12 @@ struct Answer {
 // file describes the user part (maps, status, cmdline, ...); "" otherwise.
 std::string jobProcFile(const std::string& path, int32_t homePid);
 
+// Reads `count` iovecs at guest address `at` into `iov` and their total length, capped at
+// MAX_FORWARD_BYTES, into `total`. Returns 0, EFAULT (unreadable) or EINVAL (the lengths
+// overflow ssize_t), as readv(2) would.
+int readGuestIovecs(GuestMemory& memory, uint64_t at, size_t count,
+                    std::vector<struct iovec>& iov, size_t& total);
+
 // Writes `bytes` over the guest buffers `iov` in order (what readv(2) does with the bytes it
 // read). Returns 0 or the errno of the first write that failed (EFAULT).
 int scatterToGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,

@@ -22,6 +22,25 @@
 
 namespace mos::remote {
 
+int readGuestIovecs(GuestMemory& memory, uint64_t at, size_t count,
+                    std::vector<struct iovec>& iov, size_t& total) {
+  iov.resize(count);
+  if (count > 0 && memory.read(RemotePtr<void>(at),
+                               std::span<uint8_t>(reinterpret_cast<uint8_t*>(iov.data()),
+                                                  count * sizeof(struct iovec))) != 0) {
+    return EFAULT;
+  }
+  total = 0;
+  for (auto& v : iov) {
+    if (v.iov_len > SSIZE_MAX - total) {
+      return EINVAL;
+    }
+    total += v.iov_len;
+  }
+  total = kj::min(total, MAX_FORWARD_BYTES);
+  return 0;
+}
+
 int scatterToGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
                    kj::ArrayPtr<const kj::byte> bytes) {
   size_t done = 0;
@@ -216,20 +235,11 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
     return Answer::of(-EINVAL);
   }
   ProcessMemory memory(guest_);
-  std::vector<struct iovec> iov(count);
-  if (count > 0 && memory.read(RemotePtr<void>(iovAddr),
-                               std::span<uint8_t>(reinterpret_cast<uint8_t*>(iov.data()),
-                                                  count * sizeof(struct iovec))) != 0) {
-    return Answer::of(-EFAULT);
+  std::vector<struct iovec> iov;
+  size_t total;
+  if (int err = readGuestIovecs(memory, iovAddr, count, iov, total); err != 0) {
+    return Answer::of(-err);
   }
-  size_t total = 0;
-  for (auto& v : iov) {
-    if (v.iov_len > SSIZE_MAX - total) {
-      return Answer::of(-EINVAL);
-    }
-    total += v.iov_len;
-  }
-  total = kj::min(total, MAX_FORWARD_BYTES);
   capnp::MallocMessageBuilder message;
   auto request = message.initRoot<proto::ToDeputy>().initSyscall();
   request.setSeq(notif.id);

@@ -86,21 +86,13 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
   if (guestMsg.msg_iovlen > MAX_IOV) {
     return Answer::of(-EMSGSIZE);
   }
-  std::vector<struct iovec> iov(guestMsg.msg_iovlen);
-  if (!iov.empty() &&
-      memory.read(RemotePtr<void>(reinterpret_cast<uint64_t>(guestMsg.msg_iov)),
-                  std::span<uint8_t>(reinterpret_cast<uint8_t*>(iov.data()),
-                                     iov.size() * sizeof(struct iovec))) != 0) {
-    return Answer::of(-EFAULT);
+  std::vector<struct iovec> iov;
+  size_t total;
+  if (int err = readGuestIovecs(memory, reinterpret_cast<uint64_t>(guestMsg.msg_iov),
+                                guestMsg.msg_iovlen, iov, total);
+      err != 0) {
+    return Answer::of(-err);
   }
-  size_t total = 0;
-  for (auto& v : iov) {
-    if (v.iov_len > SSIZE_MAX - total) {
-      return Answer::of(-EINVAL);
-    }
-    total += v.iov_len;
-  }
-  total = kj::min(total, MAX_FORWARD_BYTES);
   size_t controllen = guestMsg.msg_controllen;
   if (!isRecv && controllen > MAX_CONTROL) {
     return Answer::of(-ENOBUFS);
