@@ -21,86 +21,19 @@
 #include <vector>
 
 #include "deputy.h"
+#include "deputy_harness.h"
 
 using namespace mos;
 using namespace mos::deputy;
+using namespace mos::deputy::testing;
 
 namespace {
 
-constexpr const char* JOB_EXE = "/usr/local/bin/the-job";
 
-struct Call {
-  int nr;
-  std::vector<uint64_t> args;
-  std::vector<std::pair<int, std::string>> in;
-  std::vector<std::pair<int, uint32_t>> out;
-};
+using Call = Request;
 
 std::string withNul(const std::string& s) { return s + std::string(1, '\0'); }
 
-// A deputy over one end of a socketpair, driven in this process.
-struct Harness {
-  ReservedFds fds;
-  kj::Own<Deputy> deputy;
-  kj::Own<Channel> peer;
-  uint64_t seq = 1;
-
-  Harness() {
-    int sv[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
-    int high = fds.moveHigh(sv[0]);
-    DeputyOptions options;
-    options.node = 2;
-    options.homeNode = 1;
-    options.jobExe = JOB_EXE;
-    deputy = kj::heap<Deputy>(options, fds, kj::heap<Channel>(kj::AutoCloseFd(high)));
-    peer = kj::heap<Channel>(kj::AutoCloseFd(sv[1]));
-  }
-
-  int reservedFd() { return deputy->channel().fd(); }
-
-  // Sends `call` through the deputy and returns the reply message.
-  kj::Own<capnp::MessageReader> run(const Call& call) {
-    capnp::MallocMessageBuilder message;
-    auto request = message.initRoot<proto::ToDeputy>().initSyscall();
-    request.setSeq(seq);
-    request.setNr(call.nr);
-    auto args = request.initArgs(6);
-    for (size_t i = 0; i < call.args.size(); i++) {
-      args.set(i, call.args[i]);
-    }
-    auto in = request.initIn(call.in.size());
-    for (size_t i = 0; i < call.in.size(); i++) {
-      in[i].setArg(call.in[i].first);
-      in[i].setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(call.in[i].second.data()),
-                                 call.in[i].second.size()));
-    }
-    auto out = request.initOut(call.out.size());
-    for (size_t i = 0; i < call.out.size(); i++) {
-      out[i].setArg(call.out[i].first);
-      out[i].setSize(call.out[i].second);
-    }
-    deputy->handle(message.getRoot<proto::ToDeputy>().asReader());
-    auto reply = peer->receive();
-    KJ_IF_MAYBE(r, reply) {
-      auto root = (*r)->getRoot<proto::ToRemote>();
-      REQUIRE(root.isReply());
-      REQUIRE(root.getReply().getSeq() == seq);
-      seq++;
-      return kj::mv(*r);
-    }
-    FAIL("no reply");
-    return {};
-  }
-
-  int64_t ret(const Call& call) {
-    return run(call)->getRoot<proto::ToRemote>().getReply().getRet();
-  }
-};
-
-proto::SyscallReply::Reader replyOf(kj::Own<capnp::MessageReader>& m) {
-  return m->getRoot<proto::ToRemote>().getReply();
-}
 
 std::string tempFileWith(const std::string& content) {
   char path[] = "/tmp/deputy-test-XXXXXX";

@@ -16,26 +16,20 @@
 #include <cstddef>
 #include <cstring>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "deputy.h"
+#include "deputy_harness.h"
 
 using namespace mos;
 using namespace mos::deputy;
+using namespace mos::deputy::testing;
 
 namespace {
 
 // Slots as the supervisor's sendmsg/recvmsg handler lays them out.
 constexpr int MSGHDR = 1, NAME = 6, IOVEC = 7, DATA = 8, CONTROL = 9;
 
-struct Request {
-  int nr = 0;
-  std::vector<uint64_t> args;
-  std::vector<std::pair<int, std::string>> in;
-  std::vector<std::tuple<int, uint32_t, bool>> out;       // slot, size, trimToRet
-  std::vector<std::tuple<int, uint32_t, int>> pointers;   // into, offset, target
-};
 
 template <typename T>
 std::string bytesOf(const T& value) {
@@ -54,69 +48,6 @@ std::string textOf(capnp::Data::Reader bytes) {
   return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
 }
 
-// A deputy over one end of a socketpair, driven in this process.
-struct Harness {
-  ReservedFds fds;
-  kj::Own<Deputy> deputy;
-  kj::Own<Channel> peer;
-  uint64_t seq = 1;
-
-  Harness() {
-    int sv[2];
-    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
-    int high = fds.moveHigh(sv[0]);
-    DeputyOptions options;
-    options.node = 2;
-    options.homeNode = 1;
-    options.jobExe = "/usr/local/bin/the-job";
-    deputy = kj::heap<Deputy>(options, fds, kj::heap<Channel>(kj::AutoCloseFd(high)));
-    peer = kj::heap<Channel>(kj::AutoCloseFd(sv[1]));
-  }
-
-  kj::Own<capnp::MessageReader> run(const Request& call) {
-    capnp::MallocMessageBuilder message;
-    auto request = message.initRoot<proto::ToDeputy>().initSyscall();
-    request.setSeq(seq);
-    request.setNr(call.nr);
-    auto args = request.initArgs(6);
-    for (size_t i = 0; i < call.args.size(); i++) {
-      args.set(i, call.args[i]);
-    }
-    auto in = request.initIn(call.in.size());
-    for (size_t i = 0; i < call.in.size(); i++) {
-      in[i].setArg(call.in[i].first);
-      in[i].setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(call.in[i].second.data()),
-                                 call.in[i].second.size()));
-    }
-    auto out = request.initOut(call.out.size());
-    for (size_t i = 0; i < call.out.size(); i++) {
-      out[i].setArg(std::get<0>(call.out[i]));
-      out[i].setSize(std::get<1>(call.out[i]));
-      out[i].setTrimToRet(std::get<2>(call.out[i]));
-    }
-    auto pointers = request.initPointers(call.pointers.size());
-    for (size_t i = 0; i < call.pointers.size(); i++) {
-      pointers[i].setInto(std::get<0>(call.pointers[i]));
-      pointers[i].setOffset(std::get<1>(call.pointers[i]));
-      pointers[i].setTarget(std::get<2>(call.pointers[i]));
-    }
-    deputy->handle(message.getRoot<proto::ToDeputy>().asReader());
-    auto reply = peer->receive();
-    KJ_IF_MAYBE(r, reply) {
-      auto root = (*r)->getRoot<proto::ToRemote>();
-      REQUIRE(root.isReply());
-      REQUIRE(root.getReply().getSeq() == seq);
-      seq++;
-      return kj::mv(*r);
-    }
-    FAIL("no reply");
-    return {};
-  }
-};
-
-proto::SyscallReply::Reader replyOf(kj::Own<capnp::MessageReader>& m) {
-  return m->getRoot<proto::ToRemote>().getReply();
-}
 
 // A msghdr as the supervisor sends it: guest pointers replaced by the fixups (here: garbage that
 // must never reach the kernel), one iovec.
@@ -296,7 +227,7 @@ TEST_CASE("deputy rejects malformed pointers with EINVAL and runs nothing",
   Harness h;
   int sv[2];
   REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
-  auto sendWith = [&](std::vector<std::tuple<int, uint32_t, int>> pointers) {
+  auto sendWith = [&](std::vector<PointerSpec> pointers) {
     Request call{__NR_sendmsg, {uint64_t(sv[0]), 0, 0},
                  {{MSGHDR, bytesOf(remoteMsghdr(0, 0))}, {IOVEC, iovecOf(3)}, {DATA, "abc"}},
                  {},
