@@ -261,11 +261,6 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
   }
   switch (entry->handler) {
     case HandlerId::NONE:
-      if (nr == __NR_open || nr == __NR_openat) {
-        KJ_IF_MAYBE(answer, serveJobProcFile(notif)) {
-          return *answer;
-        }
-      }
       return forwardRegular(notif, entry->args);
     case HandlerId::IDS:
       return handleIds(notif);
@@ -411,6 +406,20 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
   if (readMemory && !idValid(notif.id)) {
     // The memory we read may belong to a task that is no longer the one that trapped.
     return Answer::drop();
+  }
+  if (notif.data.nr == __NR_open || notif.data.nr == __NR_openat) {
+    // The path is already in the request: an open of the job's own /proc files is served here.
+    uint8_t pathArg = notif.data.nr == __NR_openat ? 1 : 0;
+    for (auto in : request.getIn()) {
+      if (in.getArg() == pathArg) {
+        auto bytes = in.getData();
+        std::string path(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+        path.resize(strnlen(path.c_str(), path.size()));  // PATH buffers carry their NUL
+        KJ_IF_MAYBE(answer, serveJobProcFile(notif, path)) {
+          return *answer;
+        }
+      }
+    }
   }
   KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();

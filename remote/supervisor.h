@@ -72,6 +72,11 @@ std::string jobProcFile(const std::string& path, int32_t homePid);
 int readGuestIovecs(GuestMemory& memory, uint64_t at, size_t count,
                     std::vector<struct iovec>& iov, size_t& total);
 
+// Reads the guest buffers `iov` in order into `bytes` (what writev(2) sends), up to its size.
+// Returns 0 or EFAULT.
+int gatherFromGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
+                    kj::ArrayPtr<kj::byte> bytes);
+
 // Writes `bytes` over the guest buffers `iov` in order (what readv(2) does with the bytes it
 // read). Returns 0 or the errno of the first write that failed (EFAULT).
 int scatterToGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
@@ -154,9 +159,9 @@ class Supervisor {
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);
   Answer handleSockmsg(const seccomp_notif& notif);  // sys_socket.cc
-  // open/openat of the job's own /proc files that describe its user part (sys_proc.cc);
-  // nullptr: not such a file, forward as usual.
-  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif);
+  // open/openat of `path`, one of the job's own /proc files that describe its user part
+  // (sys_proc.cc); nullptr: not such a file, forward as usual.
+  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif, const std::string& path);
   // Runs a syscall with plain value arguments at home; returns its result (-EINTR if a signal
   // cut it short).
   int64_t forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args);

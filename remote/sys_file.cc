@@ -41,6 +41,20 @@ int readGuestIovecs(GuestMemory& memory, uint64_t at, size_t count,
   return 0;
 }
 
+int gatherFromGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
+                    kj::ArrayPtr<kj::byte> bytes) {
+  size_t done = 0;
+  for (auto& v : iov) {
+    size_t take = kj::min(v.iov_len, bytes.size() - done);
+    if (take > 0 && memory.read(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
+                                std::span<uint8_t>(bytes.begin() + done, take)) != 0) {
+      return EFAULT;
+    }
+    done += take;
+  }
+  return 0;
+}
+
 int scatterToGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
                    kj::ArrayPtr<const kj::byte> bytes) {
   size_t done = 0;
@@ -256,15 +270,8 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
     request.setNr(positioned ? __NR_pwrite64 : __NR_write);
     auto in = request.initIn(1);
     in[0].setArg(1);
-    auto data = in[0].initData(total);
-    size_t done = 0;
-    for (auto& v : iov) {
-      size_t take = kj::min(v.iov_len, total - done);
-      if (take > 0 && memory.read(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
-                                  std::span<uint8_t>(data.begin() + done, take)) != 0) {
-        return Answer::of(-EFAULT);
-      }
-      done += take;
+    if (gatherFromGuest(memory, iov, in[0].initData(total)) != 0) {
+      return Answer::of(-EFAULT);
     }
     if (!idValid(notif.id)) {
       return Answer::drop();

@@ -72,18 +72,14 @@ int64_t Supervisor::forwardPlain(uint64_t seq, int nr, std::initializer_list<uin
   return -EINTR;
 }
 
-kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif) {
+kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
+                                                const std::string& path) {
   bool at = notif.data.nr == __NR_openat;
   int dirfd = at ? static_cast<int32_t>(notif.data.args[0]) : AT_FDCWD;
   int flags = static_cast<int32_t>(notif.data.args[at ? 2 : 1]);
-  if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_DIRECTORY | O_PATH | O_CREAT))) {
-    return nullptr;
-  }
-  ProcessMemory memory(guest_);
-  std::string path;
-  if (memory.readString(RemotePtr<char>(notif.data.args[at ? 1 : 0]), PATH_MAX, path) != 0 ||
+  if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_DIRECTORY | O_PATH | O_CREAT)) ||
       path.compare(0, 6, "/proc/") != 0 || (dirfd != AT_FDCWD && path[0] != '/')) {
-    return nullptr;  // the regular path reports EFAULT and friends
+    return nullptr;
   }
   auto ids = start_.getIds();
   std::string file = jobProcFile(path, ids.getPid());

@@ -74,11 +74,7 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
   }
   if (!self) {
     const SyscallEntry* entry = findSyscall(notif.data.nr);
-    ArgSpec specs[6];
-    for (int i = 0; i < 6; i++) {
-      specs[i] = entry->args[i];
-    }
-    return forwardRegular(notif, specs);
+    return forwardRegular(notif, entry->args);
   }
   if (sig < 0 || sig >= 65) {
     return Answer::of(-EINVAL);

@@ -138,15 +138,8 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
         return Answer::of(-EFAULT);
       }
     }
-    auto data = initIn(SLOT_DATA, total);
-    size_t done = 0;
-    for (auto& v : iov) {
-      size_t take = kj::min(v.iov_len, total - done);
-      if (take > 0 && memory.read(RemotePtr<void>(reinterpret_cast<uint64_t>(v.iov_base)),
-                                  std::span<uint8_t>(data.begin() + done, take)) != 0) {
-        return Answer::of(-EFAULT);
-      }
-      done += take;
+    if (gatherFromGuest(memory, iov, initIn(SLOT_DATA, total)) != 0) {
+      return Answer::of(-EFAULT);
     }
     if (hasControl) {
       auto control = initIn(SLOT_CONTROL, controllen);
