@@ -57,11 +57,20 @@ UvEventPort::UvEventPort(uv_loop_t* loop) : loop_(loop) {
   idle_ = new uv_idle_t;
   checkUv(uv_idle_init(loop_, idle_), "uv_idle_init");
   idle_->data = this;
+  // Always active but unreferenced: it runs in every loop iteration without keeping the loop
+  // alive, and decides there whether the iteration may block (onPrepare).
+  prepare_ = new uv_prepare_t;
+  checkUv(uv_prepare_init(loop_, prepare_), "uv_prepare_init");
+  prepare_->data = this;
+  checkUv(uv_prepare_start(prepare_, &UvEventPort::onPrepare), "uv_prepare_start");
+  uv_unref(reinterpret_cast<uv_handle_t*>(prepare_));
   kjLoop_ = kj::heap<kj::EventLoop>(*this);
 }
 
 UvEventPort::~UvEventPort() noexcept(false) {
   kjLoop_ = nullptr;
+  uv_prepare_stop(prepare_);
+  closeAndFree(prepare_);
   uv_idle_stop(idle_);
   closeAndFree(idle_);
   closeAndFree(async_);
@@ -73,7 +82,9 @@ bool UvEventPort::wait() {
   inKjWait_ = true;
   KJ_DEFER(inKjWait_ = false);
   uv_ref(reinterpret_cast<uv_handle_t*>(async_));
-  uv_run(loop_, UV_RUN_ONCE);
+  // KJ calls wait() when its queue is empty, so this normally blocks until the next libuv event
+  // or timer; onPrepare() makes the final decision right before libuv polls.
+  uv_run(loop_, kjLoop_->isRunnable() ? UV_RUN_NOWAIT : UV_RUN_ONCE);
   uv_unref(reinterpret_cast<uv_handle_t*>(async_));
   return woken_.exchange(false);
 }
@@ -86,6 +97,12 @@ bool UvEventPort::poll() {
 }
 
 void UvEventPort::setRunnable(bool runnable) {
+  // Only a hint. KJ reports transitions, and not all of them: inside one Promise::wait() it calls
+  // setRunnable(true) when the first event is queued but never setRunnable(false) when the queue
+  // drains, so an idle handle left in step with this flag would make every later uv_run() poll
+  // with a zero timeout (100% CPU while idle). Starting the idle handle here keeps a foreign
+  // uv_run() alive and awake for the queued work; onPrepare() has the last word in every
+  // iteration, from the KJ queue itself.
   if (runnable) {
     uv_idle_start(idle_, &UvEventPort::onIdle);
   } else {
@@ -102,13 +119,29 @@ void UvEventPort::onAsync(uv_async_t*) {
   // Nothing to do: wait() returns after this turn and reports woken_.
 }
 
-void UvEventPort::onIdle(uv_idle_t* handle) {
+void UvEventPort::onPrepare(uv_prepare_t* handle) {
+  // libuv runs prepare callbacks right before it computes the poll timeout (zero while an idle
+  // handle is active, else until the next timer or forever) and blocks in epoll_wait(2).
   auto* self = static_cast<UvEventPort*>(handle->data);
-  if (!self->inKjWait_ && self->kjLoop_.get() != nullptr) {
-    // Under a foreign uv_run(): run what KJ has queued. run() calls setRunnable(false) when the
-    // queue drains, which stops this idle handle.
+  if (self->kjLoop_.get() == nullptr) {
+    return;
+  }
+  if (!self->inKjWait_) {
+    // Under a foreign uv_run(): nobody else will run what KJ has queued, so run it now.
     self->kjLoop_->run();
   }
+  // Block only if KJ has nothing queued (a callback of this iteration, e.g. a timer, may have
+  // queued something even inside wait()).
+  if (self->kjLoop_->isRunnable()) {
+    uv_idle_start(self->idle_, &UvEventPort::onIdle);
+  } else {
+    uv_idle_stop(self->idle_);
+  }
+}
+
+void UvEventPort::onIdle(uv_idle_t*) {
+  // Nothing to do: an active idle handle only keeps libuv from blocking; the next onPrepare()
+  // (or KJ's own loop, inside wait()) runs the queued work.
 }
 
 namespace {

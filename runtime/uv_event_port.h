@@ -14,11 +14,16 @@
 //   uv_loop_close(&loop);
 //
 // Either drive everything with Promise::wait() (KJ calls wait()/poll(), which run libuv), or run
-// libuv yourself with uv_run(): while the KJ queue is non-empty the port keeps an idle handle
-// active whose callback runs the KJ queue, so promise continuations also run under uv_run().
+// libuv yourself with uv_run(): a prepare handle runs what KJ has queued in every loop iteration,
+// so promise continuations also run under uv_run().
+//
+// The loop sleeps when there is nothing to do (as KJ's UnixEventPort does): right before libuv
+// blocks, the port asks the KJ loop whether it has work queued and lets libuv block until the
+// next descriptor event or timer only when it has none. It never relies on the flag passed to
+// setRunnable(), which KJ does not keep up to date inside Promise::wait().
 //
 // libuv is not reentrant: never call Promise::wait() (or anything that runs uv_run) from inside
-// a libuv callback. A KJ continuation is fine: it runs from wait() or from the idle handle.
+// a libuv callback. A KJ continuation is fine: it runs from wait() or from the prepare handle.
 //
 // Every libuv handle allocated here is freed by its close callback, so after destroying these
 // objects run the loop once more (the UvEventPort destructor does a UV_RUN_NOWAIT turn) before
@@ -45,11 +50,12 @@ class UvEventPort final : public kj::EventPort {
   uv_loop_t* uvLoop() const { return loop_; }
   kj::EventLoop& kjLoop() { return *kjLoop_; }
 
-  // kj::EventPort: wait() is one uv_run(UV_RUN_ONCE) (blocks until some libuv event), poll() is
-  // one uv_run(UV_RUN_NOWAIT). Both return true when wake() was called since the last return of
-  // true.
+  // kj::EventPort: wait() is one uv_run(UV_RUN_ONCE) (blocks until some libuv event, or does not
+  // block if KJ has work queued), poll() is one uv_run(UV_RUN_NOWAIT). Both return true when
+  // wake() was called since the last return of true.
   bool wait() override;
   bool poll() override;
+  // A hint only: whether libuv may block is decided from KJ's queue itself right before it blocks.
   void setRunnable(bool runnable) override;
   // Thread safe: uv_async_send(3).
   void wake() const override;
@@ -71,10 +77,12 @@ class UvEventPort final : public kj::EventPort {
  private:
   static void onAsync(uv_async_t* handle);
   static void onIdle(uv_idle_t* handle);
+  static void onPrepare(uv_prepare_t* handle);
 
   uv_loop_t* loop_;
-  uv_async_t* async_;  // heap, freed by its close callback
-  uv_idle_t* idle_;    // active while KJ is runnable, runs it under a foreign uv_run()
+  uv_async_t* async_;      // heap, freed by its close callback
+  uv_idle_t* idle_;        // active only while KJ has work queued: libuv must not block
+  uv_prepare_t* prepare_;  // always active, unreferenced: decides whether an iteration may block
   mutable std::atomic<bool> woken_{false};
   bool inKjWait_ = false;  // inside wait()/poll(): KJ is already running its own loop
   kj::Own<kj::EventLoop> kjLoop_;

@@ -3,9 +3,11 @@
 #include <capnp/rpc-twoparty.h>
 #include <kj/debug.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cstring>
 #include <thread>
 
@@ -31,6 +33,37 @@ struct LoopFixture {
     CHECK(uv_loop_close(&loop) == 0);  // UV_EBUSY: a handle was leaked
   }
 };
+
+// Counts the libuv loop's iterations: a prepare callback runs once per iteration, right before
+// libuv computes its poll timeout and blocks (or not). Unreferenced, so it keeps nothing alive.
+struct IterationCounter {
+  uv_prepare_t handle;
+  uint64_t count = 0;
+
+  explicit IterationCounter(uv_loop_t* loop) {
+    REQUIRE(uv_prepare_init(loop, &handle) == 0);
+    handle.data = this;
+    REQUIRE(uv_prepare_start(&handle, [](uv_prepare_t* h) {
+              static_cast<IterationCounter*>(h->data)->count++;
+            }) == 0);
+    uv_unref(reinterpret_cast<uv_handle_t*>(&handle));
+  }
+  ~IterationCounter() {
+    uv_close(reinterpret_cast<uv_handle_t*>(&handle), nullptr);
+    uv_run(handle.loop, UV_RUN_NOWAIT);
+  }
+};
+
+// CPU time (user + system) of the whole process so far, in milliseconds.
+double processCpuMs() {
+  timespec ts;
+  KJ_SYSCALL(clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts));
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+double elapsedMs(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - since).count();
+}
 
 std::pair<kj::AutoCloseFd, kj::AutoCloseFd> socketPair() {
   int fds[2];
@@ -179,6 +212,70 @@ TEST_CASE("KJ continuations run under a plain uv_run", "[node][uv]") {
   uv_close(reinterpret_cast<uv_handle_t*>(&guard), nullptr);
   uv_run(&f.loop, UV_RUN_NOWAIT);
   CHECK(steps == 2);
+}
+
+TEST_CASE("a wait on a timer after queued work sleeps instead of spinning", "[node][uv]") {
+  LoopFixture f;
+  IterationCounter iterations(&f.loop);
+  int ran = 0;
+  auto start = std::chrono::steady_clock::now();
+  double cpuBefore = processCpuMs();
+  // The queued event makes KJ call setRunnable(true) inside this one wait(); the queue then
+  // drains while the timer runs, with no setRunnable(false) until the wait() returns.
+  kj::evalLater([&]() {
+    ran++;
+    return f.port->afterDelay(300);
+  }).wait(*f.waitScope);
+  double cpuMs = processCpuMs() - cpuBefore;
+  double wallMs = elapsedMs(start);
+  CHECK(ran == 1);
+  CHECK(wallMs >= 299);
+  INFO("CPU used while waiting: " << cpuMs << " ms in " << wallMs << " ms; loop iterations: "
+                                  << iterations.count);
+  CHECK(cpuMs <= 20);
+  CHECK(iterations.count <= 10);
+}
+
+TEST_CASE("a plain uv_run waiting on a KJ timer sleeps instead of spinning", "[node][uv]") {
+  LoopFixture f;
+  IterationCounter iterations(&f.loop);
+  auto start = std::chrono::steady_clock::now();
+  double cpuBefore = processCpuMs();
+  auto task = kj::evalLater([&]() { return f.port->afterDelay(300); })
+                  .then([&]() { uv_stop(&f.loop); })
+                  .eagerlyEvaluate(nullptr);
+  uv_timer_t guard;  // keeps uv_run from returning early for want of handles
+  uv_timer_init(&f.loop, &guard);
+  uv_timer_start(
+      &guard, [](uv_timer_t* t) { uv_stop(t->loop); }, 5000, 0);
+  uv_run(&f.loop, UV_RUN_DEFAULT);
+  double cpuMs = processCpuMs() - cpuBefore;
+  double wallMs = elapsedMs(start);
+  uv_close(reinterpret_cast<uv_handle_t*>(&guard), nullptr);
+  uv_run(&f.loop, UV_RUN_NOWAIT);
+  CHECK(wallMs >= 299);
+  CHECK(wallMs < 4000);  // stopped by the KJ timer, not the guard
+  INFO("CPU used while waiting: " << cpuMs << " ms; loop iterations: " << iterations.count);
+  CHECK(cpuMs <= 20);
+  CHECK(iterations.count <= 10);
+}
+
+TEST_CASE("a timer that falls due while KJ is busy resolves without another event", "[node][uv]") {
+  LoopFixture f;
+  uv_timer_t guard;  // would end libuv's block after 5 s if the port blocked with work queued
+  uv_timer_init(&f.loop, &guard);
+  uv_timer_start(
+      &guard, [](uv_timer_t*) {}, 5000, 0);
+  auto start = std::chrono::steady_clock::now();
+  auto timer = f.port->afterDelay(1);
+  // Busy past the timer's deadline, so libuv fires it at the top of the next wait()'s uv_run,
+  // queueing KJ work just before it would block.
+  kj::evalLater([]() { usleep(20000); })
+      .then([&]() { return kj::mv(timer); })
+      .wait(*f.waitScope);
+  CHECK(elapsedMs(start) < 2000);
+  uv_close(reinterpret_cast<uv_handle_t*>(&guard), nullptr);
+  uv_run(&f.loop, UV_RUN_NOWAIT);
 }
 
 TEST_CASE("another thread wakes the loop through the executor", "[node][uv]") {
