@@ -168,8 +168,8 @@ int deputyMain(int argc, char** argv) {
   std::optional<ClusterCredentials> credentials;
   try {
     credentials.emplace(ClusterCredentials{options.homeNode, ClusterKey::load(keyPath)});
-  } catch (const std::exception& e) {
-    printMosrunMessage(e.what());
+  } catch (kj::Exception& e) {
+    printMosrunMessage(e.getDescription().cStr());
     return EXIT_CANNOT_RUN;
   }
 

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <kj/debug.h>
 #include <sodium.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -18,7 +19,7 @@ namespace {
 void initSodium() {
   static const bool ready = sodium_init() >= 0;  // idempotent and thread safe
   if (!ready) {
-    throw std::runtime_error("libsodium failed to initialize");
+    KJ_FAIL_REQUIRE("libsodium failed to initialize");
   }
 }
 
@@ -33,12 +34,12 @@ void putBigEndian(uint8_t* out, uint32_t value) {
 
 ClusterKey ClusterKey::load(const std::string& path) {
   auto fail = [&](const std::string& why) {
-    return ConfigError(fmt::format("cluster key {}: {}", path, why));
+    throwConfigError(fmt::format("cluster key {}: {}", path, why));
   };
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
   if (fd < 0) {
     int err = errno;
-    throw fail(err == ENOENT ? "missing (every node needs the same key file; create one with "
+    fail(err == ENOENT ? "missing (every node needs the same key file; create one with "
                                "`head -c 32 /dev/urandom > FILE; chmod 600 FILE` and copy it)"
                              : std::string("cannot open: ") + strerror(err));
   }
@@ -46,15 +47,15 @@ ClusterKey ClusterKey::load(const std::string& path) {
   if (fstat(fd, &st) < 0) {
     int err = errno;
     close(fd);
-    throw fail(std::string("cannot stat: ") + strerror(err));
+    fail(std::string("cannot stat: ") + strerror(err));
   }
   if (!S_ISREG(st.st_mode)) {
     close(fd);
-    throw fail("not a regular file");
+    fail("not a regular file");
   }
   if ((st.st_mode & 0006) != 0) {
     close(fd);
-    throw fail(fmt::format("accessible to other users (mode {:04o}); chmod 600 {}",
+    fail(fmt::format("accessible to other users (mode {:04o}); chmod 600 {}",
                            st.st_mode & 07777, path));
   }
   std::vector<uint8_t> bytes(CLUSTER_KEY_MAX_BYTES + 1);
@@ -68,7 +69,7 @@ ClusterKey ClusterKey::load(const std::string& path) {
       int err = errno;
       sodium_memzero(bytes.data(), bytes.size());
       close(fd);
-      throw fail(std::string("cannot read: ") + strerror(err));
+      fail(std::string("cannot read: ") + strerror(err));
     }
     if (n == 0) {
       break;
@@ -78,11 +79,11 @@ ClusterKey ClusterKey::load(const std::string& path) {
   close(fd);
   if (size > CLUSTER_KEY_MAX_BYTES) {
     sodium_memzero(bytes.data(), bytes.size());
-    throw fail(fmt::format("longer than {} bytes", CLUSTER_KEY_MAX_BYTES));
+    fail(fmt::format("longer than {} bytes", CLUSTER_KEY_MAX_BYTES));
   }
   if (size < CLUSTER_KEY_MIN_BYTES) {
     sodium_memzero(bytes.data(), bytes.size());
-    throw fail(
+    fail(
         fmt::format("too short ({} bytes, at least {} needed)", size, CLUSTER_KEY_MIN_BYTES));
   }
   ClusterKey key = fromBytes(kj::arrayPtr(bytes.data(), size), path);
@@ -92,7 +93,7 @@ ClusterKey ClusterKey::load(const std::string& path) {
 
 ClusterKey ClusterKey::fromBytes(kj::ArrayPtr<const uint8_t> bytes, const std::string& origin) {
   if (bytes.size() < CLUSTER_KEY_MIN_BYTES) {
-    throw ConfigError(fmt::format("cluster key {}: too short ({} bytes, at least {} needed)",
+    throwConfigError(fmt::format("cluster key {}: too short ({} bytes, at least {} needed)",
                                   origin, bytes.size(), CLUSTER_KEY_MIN_BYTES));
   }
   initSodium();

@@ -44,13 +44,14 @@ using AuthProof = std::array<uint8_t, AUTH_PROOF_BYTES>;
 // Copies wipe nothing; the bytes are zeroed (sodium_memzero) when the object is destroyed.
 class ClusterKey {
  public:
-  // Reads the key file at `path`. Throws ConfigError (config.h), one line naming the file, when
-  // it is missing or unreadable (with strerror), is not a regular file, is readable or writable
-  // by others (mode & 0006: "chmod 600 PATH"), is shorter than CLUSTER_KEY_MIN_BYTES or longer
-  // than CLUSTER_KEY_MAX_BYTES.
+  // Reads the key file at `path`. Throws a configuration error (throwConfigError, map_file.h),
+  // one line naming the file, when it is missing or unreadable (with strerror), is not a regular
+  // file, is readable or writable by others (mode & 0006: "chmod 600 PATH"), is shorter than
+  // CLUSTER_KEY_MIN_BYTES or longer than CLUSTER_KEY_MAX_BYTES.
   static ClusterKey load(const std::string& path);
 
-  // A key from bytes (tests). Throws ConfigError when shorter than CLUSTER_KEY_MIN_BYTES.
+  // A key from bytes (tests). Throws a configuration error when shorter than
+  // CLUSTER_KEY_MIN_BYTES.
   static ClusterKey fromBytes(kj::ArrayPtr<const uint8_t> bytes, const std::string& origin = "");
 
   ClusterKey(const ClusterKey&) = default;

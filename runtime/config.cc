@@ -31,7 +31,7 @@ bool parseUnsigned(const std::string& text, uint64_t max, uint64_t& out) {
 uint32_t parseNodeId(const std::string& text, const std::string& what) {
   uint64_t value;
   if (!parseUnsigned(text, UINT32_MAX, value) || value == 0) {
-    throw ConfigError(
+    throwConfigError(
         fmt::format("{}: expected a node id (1..{}), got \"{}\"", what, UINT32_MAX, text));
   }
   return uint32_t(value);
@@ -40,7 +40,7 @@ uint32_t parseNodeId(const std::string& text, const std::string& what) {
 uint16_t parsePort(const std::string& text, const std::string& what) {
   uint64_t value;
   if (!parseUnsigned(text, 65535, value) || value == 0) {
-    throw ConfigError(fmt::format("{}: expected a TCP port (1..65535), got \"{}\"", what, text));
+    throwConfigError(fmt::format("{}: expected a TCP port (1..65535), got \"{}\"", what, text));
   }
   return uint16_t(value);
 }
@@ -89,7 +89,7 @@ kj::Maybe<uint32_t> localNodeId(const MapFile& map, const std::vector<Ipv4>& add
     KJ_IF_MAYBE (id, map.nodeOf(address)) {
       KJ_IF_MAYBE (previous, found) {
         if (*previous != *id) {
-          throw ConfigError(fmt::format(
+          throwConfigError(fmt::format(
               "this host has the addresses of nodes {} ({}) and {} ({}); set UMOSIX_NODE or "
               "--node",
               *previous, foundAddress.toString(), *id, address.toString()));
@@ -108,14 +108,14 @@ Ipv4 resolveNodeId(NodeConfig& config, const MapFile& map) {
     KJ_IF_MAYBE (id, localNodeId(map, localAddresses())) {
       config.nodeId = *id;
     } else {
-      throw ConfigError(fmt::format("no address of this host is in {}; set UMOSIX_NODE or --node",
+      throwConfigError(fmt::format("no address of this host is in {}; set UMOSIX_NODE or --node",
                                     config.mapPath));
     }
   }
   KJ_IF_MAYBE (address, map.lookup(config.nodeId)) {
     return *address;
   }
-  throw ConfigError(fmt::format("node {} is not in {}", config.nodeId, config.mapPath));
+  throwConfigError(fmt::format("node {} is not in {}", config.nodeId, config.mapPath));
 }
 
 }  // namespace mos

@@ -12,7 +12,6 @@
 //   UMOSIX_KEY         /etc/umosix/cluster.key   the cluster key file (cluster_auth.h)
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -22,12 +21,9 @@ namespace mos {
 
 inline constexpr uint16_t DEFAULT_PORT = 7151;
 
-// A configuration error (bad variable or flag value, node not found). what() is one line for the
-// user, naming the variable or flag.
-class ConfigError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+// Configuration errors (a bad variable or flag value, a node not found) are kj::Exceptions of type
+// FAILED whose description is one line for the user, naming the variable or flag
+// (throwConfigError, map_file.h).
 
 struct NodeConfig {
   std::string mapPath = "/etc/umosix/map";
@@ -38,13 +34,13 @@ struct NodeConfig {
   std::string keyPath = "/etc/umosix/cluster.key";  // read with ClusterKey::load
 };
 
-// The defaults overridden by the UMOSIX_* variables (empty variables count as unset). Throws
-// ConfigError for a UMOSIX_NODE or UMOSIX_PORT that is not a number in range (node 1..2^32-1,
-// port 1..65535).
+// The defaults overridden by the UMOSIX_* variables (empty variables count as unset). Throws a
+// configuration error for a UMOSIX_NODE or UMOSIX_PORT that is not a number in range
+// (node 1..2^32-1, port 1..65535).
 NodeConfig configFromEnvironment();
 
-// Parses a node id ("3") or a port ("7151") as given in a flag or variable named `what`; throws
-// ConfigError naming `what` otherwise.
+// Parses a node id ("3") or a port ("7151") as given in a flag or variable named `what`; throws a
+// configuration error naming `what` otherwise.
 uint32_t parseNodeId(const std::string& text, const std::string& what);
 uint16_t parsePort(const std::string& text, const std::string& what);
 
@@ -52,14 +48,14 @@ uint16_t parsePort(const std::string& text, const std::string& what);
 // interface order. Throws kj::Exception if getifaddrs fails.
 std::vector<Ipv4> localAddresses();
 
-// The node of `map` whose address is one of `addresses`: nullptr if none. Throws ConfigError
-// when several nodes match (the host is ambiguous; the user must set UMOSIX_NODE or --node).
+// The node of `map` whose address is one of `addresses`: nullptr if none. Throws a configuration
+// error when several nodes match (the host is ambiguous; the user must set UMOSIX_NODE or --node).
 kj::Maybe<uint32_t> localNodeId(const MapFile& map, const std::vector<Ipv4>& addresses);
 
 // Completes config.nodeId: keeps a given id (checking that the map has it), or finds the node
-// whose map address is assigned to a local interface. Returns the node's map address. Throws
-// ConfigError ("node 7 is not in /etc/umosix/map", "no address of this host is in MAP; set
-// UMOSIX_NODE or --node") otherwise.
+// whose map address is assigned to a local interface. Returns the node's map address. Throws a
+// configuration error ("node 7 is not in /etc/umosix/map", "no address of this host is in MAP;
+// set UMOSIX_NODE or --node") otherwise.
 Ipv4 resolveNodeId(NodeConfig& config, const MapFile& map);
 
 }  // namespace mos

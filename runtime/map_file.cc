@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <fmt/format.h>
+#include <kj/exception.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -11,6 +12,11 @@
 #include <sstream>
 
 namespace mos {
+
+void throwConfigError(std::string message) {
+  kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                                        kj::heapString(message.data(), message.size())));
+}
 
 namespace {
 
@@ -57,12 +63,12 @@ std::string Ipv4::toString() const {
 MapFile MapFile::fromPath(const std::string& path) {
   std::ifstream in(path);
   if (!in) {
-    throw MapFileError(fmt::format("{}: cannot read: {}", path, strerror(errno)));
+    throwConfigError(fmt::format("{}: cannot read: {}", path, strerror(errno)));
   }
   std::stringstream text;
   text << in.rdbuf();
   if (in.bad()) {
-    throw MapFileError(fmt::format("{}: cannot read: {}", path, strerror(errno)));
+    throwConfigError(fmt::format("{}: cannot read: {}", path, strerror(errno)));
   }
   return fromString(text.str(), path);
 }
@@ -82,8 +88,8 @@ MapFile MapFile::fromString(const std::string& text, const std::string& name) {
     if (line.empty()) {
       continue;
     }
-    auto fail = [&](const std::string& what) -> MapFileError {
-      return MapFileError(fmt::format("{}:{}: {}", name, lineNo, what));
+    auto fail = [&](const std::string& what) {
+      throwConfigError(fmt::format("{}:{}: {}", name, lineNo, what));
     };
     std::istringstream fields(line);
     std::vector<std::string> tokens;
@@ -94,37 +100,37 @@ MapFile MapFile::fromString(const std::string& text, const std::string& name) {
     uint64_t count = 1;
     if (tokens.size() < 2 || tokens.size() > 3 || !parseNumber(tokens[0], id) ||
         (tokens.size() == 3 && !parseNumber(tokens[2], count))) {
-      throw fail(fmt::format("expected \"ID ADDRESS COUNT\", got \"{}\"", line));
+      fail(fmt::format("expected \"ID ADDRESS COUNT\", got \"{}\"", line));
     }
     Ipv4 address;
     if (!Ipv4::parse(tokens[1], address)) {
-      throw fail(
+      fail(
           fmt::format("bad address \"{}\" (expected an IPv4 address like 10.0.0.1)", tokens[1]));
     }
     if (id == 0) {
-      throw fail("node ids start at 1, got 0");
+      fail("node ids start at 1, got 0");
     }
     if (count == 0) {
-      throw fail("count must be at least 1, got 0");
+      fail("count must be at least 1, got 0");
     }
     if (id > UINT32_MAX || count > UINT32_MAX || id + count - 1 > UINT32_MAX) {
-      throw fail(fmt::format("{} overflow the node id range (at most {})", describeIds(id, count),
+      fail(fmt::format("{} overflow the node id range (at most {})", describeIds(id, count),
                              UINT32_MAX));
     }
     if (address.value + count - 1 > UINT32_MAX) {
-      throw fail(
+      fail(
           fmt::format("{} addresses from {} overflow the IPv4 range", count, address.toString()));
     }
     for (const MapRange& other : map.ranges_) {
       uint64_t otherEnd = uint64_t(other.firstId) + other.count;
       if (id < otherEnd && other.firstId < id + count) {
-        throw fail(fmt::format("{} overlap {} of line {}", describeIds(id, count),
+        fail(fmt::format("{} overlap {} of line {}", describeIds(id, count),
                                describeIds(other.firstId, other.count), other.line));
       }
       uint64_t otherAddrEnd = uint64_t(other.firstAddress.value) + other.count;
       if (address.value < otherAddrEnd && other.firstAddress.value < address.value + count) {
         uint64_t shared = std::max<uint64_t>(address.value, other.firstAddress.value);
-        throw fail(fmt::format("address {} already belongs to node {} (line {})",
+        fail(fmt::format("address {} already belongs to node {} (line {})",
                                Ipv4{uint32_t(shared)}.toString(),
                                other.firstId + (shared - other.firstAddress.value), other.line));
       }

@@ -11,18 +11,16 @@
 #include <kj/common.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace mos {
 
-// A parse error. what() is one line for the user: `FILE:LINE: problem`, for example
-// `map:3: expected "ID ADDRESS COUNT", got "1 2 3 4"`.
-class MapFileError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+// Throws a kj::Exception of type FAILED whose description is `message`: one line for the user
+// that names the file, variable or flag at fault. Every configuration error (a bad map file,
+// UMOSIX_* variable, flag or cluster key; map_file.h, config.h, cluster_auth.h) is one of these:
+// tools print its getDescription() and exit.
+[[noreturn]] void throwConfigError(std::string message);
 
 // An IPv4 address in host byte order.
 struct Ipv4 {
@@ -54,8 +52,9 @@ struct MapNode {
 // A parsed map file. Immutable after parsing; cheap lookups (ranges sorted by id).
 class MapFile {
  public:
-  // Reads and parses `path`. Throws MapFileError naming the path (and the line for syntax
-  // errors; "PATH: cannot read: strerror" when it cannot be opened).
+  // Reads and parses `path`. Throws a configuration error (throwConfigError) naming the path and
+  // the line, e.g. `map:3: expected "ID ADDRESS COUNT", got "1 2 3 4"`, or "PATH: cannot read:
+  // strerror" when it cannot be opened.
   static MapFile fromPath(const std::string& path);
   // Parses `text`; `name` is used in error messages in place of a file name.
   static MapFile fromString(const std::string& text, const std::string& name = "map");

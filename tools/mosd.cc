@@ -115,10 +115,13 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
                  config_.keyPath);
   }
 
-  // Accepts connections until an unrecoverable accept error (then rejects).
+  // Accepts connections until an unrecoverable accept error (then rejects). A connection that
+  // cannot be set up is closed and logged; it never ends the loop.
   kj::Promise<void> acceptLoop() {
     return listener_.accept().then([this](UvTcpListener::Accepted accepted) {
-      handleConnection(kj::mv(accepted));
+      KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() { handleConnection(kj::mv(accepted)); })) {
+        spdlog::warn("connection closed: {}", e->getDescription().cStr());
+      }
       return acceptLoop();
     });
   }
@@ -293,11 +296,9 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
   // expects), nothing else inherited but 0-2, default signal handling.
   void startSupervisor(kj::Own<UvFdStream> stream, uint32_t peerNode, const std::string& peer) {
     std::string path;
-    try {
-      path = programPath("mos-supervisor");
-    } catch (kj::Exception& e) {
+    KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() { path = programPath("mos-supervisor"); })) {
       spdlog::error("cannot start a supervisor for a job from node {} ({}): {}", peerNode, peer,
-                    e.getDescription().cStr());
+                    e->getDescription().cStr());
       return;
     }
     kj::AutoCloseFd fd = stream->releaseFd();
@@ -413,20 +414,21 @@ int run(int argc, char** argv) {
   kj::Maybe<MapFile> maybeMap;
   kj::Maybe<ClusterKey> maybeKey;
   Ipv4 address;
-  try {
-    config = configFromEnvironment();
-    if (!mapPath.empty()) config.mapPath = mapPath;
-    if (!runDir.empty()) config.runDir = runDir;
-    if (!cacheDir.empty()) config.cacheDir = cacheDir;
-    if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
-    if (!portText.empty()) config.port = parsePort(portText, "--port");
-    if (!keyPath.empty()) config.keyPath = keyPath;
-    auto map = MapFile::fromPath(config.mapPath);
-    address = resolveNodeId(config, map);
-    maybeMap = kj::mv(map);
-    maybeKey = ClusterKey::load(config.keyPath);
-  } catch (std::exception& e) {
-    spdlog::error("{}", e.what());
+  // Configuration errors are kj::Exceptions with a one-line description for the user (config.h).
+  KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
+                  config = configFromEnvironment();
+                  if (!mapPath.empty()) config.mapPath = mapPath;
+                  if (!runDir.empty()) config.runDir = runDir;
+                  if (!cacheDir.empty()) config.cacheDir = cacheDir;
+                  if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
+                  if (!portText.empty()) config.port = parsePort(portText, "--port");
+                  if (!keyPath.empty()) config.keyPath = keyPath;
+                  auto map = MapFile::fromPath(config.mapPath);
+                  address = resolveNodeId(config, map);
+                  maybeMap = kj::mv(map);
+                  maybeKey = ClusterKey::load(config.keyPath);
+                })) {
+    spdlog::error("{}", e->getDescription().cStr());
     return 2;
   }
   MapFile& map = KJ_ASSERT_NONNULL(maybeMap);
@@ -441,10 +443,10 @@ int run(int argc, char** argv) {
     kj::WaitScope waitScope(port.kjLoop());
 
     kj::Maybe<kj::Own<Daemon>> maybeDaemon;
-    try {
-      maybeDaemon = kj::heap<Daemon>(port, config, kj::mv(map), address, kj::mv(key));
-    } catch (kj::Exception& e) {
-      spdlog::error("{}", e.getDescription().cStr());
+    KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
+                    maybeDaemon = kj::heap<Daemon>(port, config, kj::mv(map), address, kj::mv(key));
+                  })) {
+      spdlog::error("{}", e->getDescription().cStr());  // "cannot listen on A:P: strerror"
       return 1;
     }
     Daemon& daemon = *KJ_ASSERT_NONNULL(maybeDaemon);

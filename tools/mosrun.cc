@@ -140,8 +140,6 @@ int main(int argc, char** argv) {
       config = mos::configFromEnvironment();
       map = mos::MapFile::fromPath(config.mapPath);
       mos::resolveNodeId(config, map);
-    } catch (const std::exception& e) {
-      fail(EXIT_MOSRUN_FAILED, e.what());
     } catch (kj::Exception& e) {
       fail(EXIT_MOSRUN_FAILED, e.getDescription().cStr());
     }
@@ -159,8 +157,8 @@ int main(int argc, char** argv) {
       std::optional<mos::ClusterCredentials> credentials;
       try {
         credentials.emplace(mos::ClusterCredentials{config.nodeId, mos::ClusterKey::load(keyPath)});
-      } catch (const std::exception& e) {
-        fail(EXIT_MOSRUN_FAILED, e.what());
+      } catch (kj::Exception& e) {
+        fail(EXIT_MOSRUN_FAILED, e.getDescription().cStr());
       }
       try {
         mos::queryStatus(*credentials, address, config.port, NODE_CHECK_TIMEOUT_MS);

@@ -1,5 +1,6 @@
 #include "map_file.h"
 
+#include <kj/exception.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -8,7 +9,9 @@
 
 using mos::Ipv4;
 using mos::MapFile;
-using mos::MapFileError;
+
+// Configuration errors are kj::Exceptions whose description is the user's message (config.h).
+CATCH_TRANSLATE_EXCEPTION(kj::Exception& e) { return std::string(e.getDescription().cStr()); }
 
 namespace {
 Ipv4 ip(const char* text) {
