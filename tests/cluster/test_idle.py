@@ -38,6 +38,7 @@ def test_idle_mosds_use_almost_no_cpu_after_a_job(cluster):
         "a mosd died during the measurement"
     used = {k: (after[k] - before[k]) / TICKS for k in pids}
     share = sum(used.values()) / elapsed
+    print(f"idle mosds: {share:.2%} of a CPU over {elapsed:.1f} s (CPU seconds per node: {used})")
     assert share <= 0.01, (f"idle mosds used {share:.1%} of a CPU over {elapsed:.1f} s "
                            f"(seconds per node: {used})")
 
@@ -93,6 +94,7 @@ def test_mps_waiting_for_a_silent_mosd_sleeps(tmp_path):
         status, err, cpu, wall = run_measured(
             [BUILD / "tools" / "mps", "--map", map_path, "--node", "1", "--port", port, "--key",
              key, "--timeout", "2000"], clean_env(), timeout=60)
+    print(f"mps: {cpu * 1000:.1f} ms of CPU in {wall:.2f} s")
     assert status == 1, err
     assert "did not answer within 2000 ms" in err
     assert wall >= 1.9
@@ -108,6 +110,7 @@ def test_mosrun_node_check_of_a_silent_mosd_sleeps(tmp_path):
                         UMOSIX_KEY=str(key), UMOSIX_RUN_DIR=str(tmp_path / "run"))
         status, err, cpu, wall = run_measured(
             [BUILD / "tools" / "mosrun", "-r", "2", "/bin/true"], env, timeout=60)
+    print(f"mosrun: {cpu * 1000:.1f} ms of CPU in {wall:.2f} s")
     assert status == 125, err
     assert "unreachable" in err
     assert wall >= 2.9  # mosrun's node check waits 3 s
