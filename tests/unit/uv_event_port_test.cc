@@ -62,7 +62,8 @@ double processCpuMs() {
 }
 
 double elapsedMs(std::chrono::steady_clock::time_point since) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - since).count();
+  auto elapsed = std::chrono::steady_clock::now() - since;
+  return std::chrono::duration<double, std::milli>(elapsed).count();
 }
 
 std::pair<kj::AutoCloseFd, kj::AutoCloseFd> socketPair() {
