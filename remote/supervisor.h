@@ -9,6 +9,8 @@
 // The notification loop, and only it, does receive → look up → route → handler → respond
 // (STYLE.md). Routine races — the guest died (ENOENT from NOTIF_SEND), a notification was
 // cancelled by a signal (NOTIF_ID_VALID fails) — are logged at debug level and skipped.
+// Every kernel call on the guest goes through SeccompUnotify and GuestProcess
+// (seccomp_unotify.h), so the loop runs over fakes in tests/unit/notify_loop_test.cc.
 //
 // State machine of one forwarded call (essay in docs/design.md, "signals"):
 //   RECV ─► marshal (reads guest memory) ─► ID_VALID ─► send request ─► wait for the reply
