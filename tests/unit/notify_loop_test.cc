@@ -353,7 +353,8 @@ class ScriptedDeputy {
             return;  // the supervisor closed the channel
           }
           if (n < 0) {
-            if ((pfd.revents & POLLPRI) && recv(channel_.fd(), &byte, 1, MSG_OOB | MSG_DONTWAIT) == 1) {
+            if ((pfd.revents & POLLPRI) &&
+                recv(channel_.fd(), &byte, 1, MSG_OOB | MSG_DONTWAIT) == 1) {
               {
                 std::lock_guard<std::mutex> lock(mutex_);
                 urgent_++;
@@ -449,8 +450,9 @@ struct Loop {
     auto fakeGuest = kj::heap<FakeGuest>(kernel);
     unotify = fakeUnotify.get();
     guest = fakeGuest.get();
+    auto exit = [](int status) { throw JobEnded{status}; };
     supervisor = kj::heap<Supervisor>(kj::mv(options), kj::mv(reader), kj::mv(fakeUnotify),
-                                      kj::mv(fakeGuest), [](int status) { throw JobEnded{status}; });
+                                      kj::mv(fakeGuest), kj::mv(exit));
     deputy = kj::heap<ScriptedDeputy>(sv[1], kj::mv(onMessage), kj::mv(onUrgent));
   }
 
