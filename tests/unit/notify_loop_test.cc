@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -35,7 +36,9 @@
 #include <thread>
 #include <vector>
 
+#include "deputy.h"
 #include "fake_guest_memory.h"
+#include "signals.h"
 
 using namespace mos;
 using namespace mos::remote;
@@ -228,6 +231,9 @@ class FakeGuest final : public GuestProcess {
     if (name != "status") {
       return "";
     }
+    if (onStatusRead) {
+      onStatusRead();
+    }
     std::lock_guard<std::mutex> lock(kernel_.mutex);
     return fmt::format(
         "Name:\tjob\nPid:\t{}\nSigQ:\t0/63229\nSigPnd:\t{:016x}\nShdPnd:\t{:016x}\n"
@@ -251,6 +257,7 @@ class FakeGuest final : public GuestProcess {
   void kill() override { kernel_.note("kill"); }
 
   FakeMemory space;  // its address space: 64 bytes at BUF
+  std::function<void()> onStatusRead;  // runs when the loop looks at the guest's signals
 
  private:
   FakeKernel& kernel_;
@@ -404,7 +411,11 @@ proto::ToDeputy::Reader rootOf(const kj::Array<capnp::word>& words,
   return keep->getRoot<proto::ToDeputy>();
 }
 
-// One job's supervisor loop over the fakes, with the deputy played by a script.
+// The deputy side is mos-deputy's own loop (Deputy::run) in a forked child, executing the
+// forwarded calls in its process, with its signal handlers.
+struct WithRealDeputy {};
+
+// One job's supervisor loop over the fakes, with the deputy played by a script or the real one.
 struct Loop {
   FakeKernel& kernel;
   FakeUnotify* unotify = nullptr;  // owned by the supervisor
@@ -412,10 +423,36 @@ struct Loop {
   std::string cacheDir;
   kj::Own<Supervisor> supervisor;
   kj::Own<ScriptedDeputy> deputy;
+  pid_t deputyPid = -1;  // WithRealDeputy
 
   Loop(FakeKernel& kernel, ScriptedDeputy::OnMessage onMessage,
        ScriptedDeputy::OnUrgent onUrgent = nullptr)
       : kernel(kernel) {
+    int home = start();
+    deputy = kj::heap<ScriptedDeputy>(home, kj::mv(onMessage), kj::mv(onUrgent));
+  }
+
+  Loop(FakeKernel& kernel, WithRealDeputy) : kernel(kernel) {
+    int home = start();
+    deputyPid = fork();
+    REQUIRE(deputyPid >= 0);
+    if (deputyPid == 0) {
+      deputy::blockAllSignals();
+      deputy::installSignalHandlers();
+      static deputy::ReservedFds fds;
+      int high = fds.moveHigh(home);
+      deputy::DeputyOptions options;
+      options.node = 2;
+      options.homeNode = 1;
+      options.jobExe = "/bin/true";
+      deputy::Deputy real(options, fds, kj::heap<Channel>(kj::AutoCloseFd(high)));
+      real.run();
+    }
+    close(home);
+  }
+
+  // Creates the supervisor over the fakes; returns the deputy's end of the job channel.
+  int start() {
     signal(SIGPIPE, SIG_IGN);
     int sv[2];
     REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
@@ -453,11 +490,15 @@ struct Loop {
     auto exit = [](int status) { throw JobEnded{status}; };
     supervisor = kj::heap<Supervisor>(kj::mv(options), kj::mv(reader), kj::mv(fakeUnotify),
                                       kj::mv(fakeGuest), kj::mv(exit));
-    deputy = kj::heap<ScriptedDeputy>(sv[1], kj::mv(onMessage), kj::mv(onUrgent));
+    return sv[1];
   }
 
   ~Loop() {
     deputy = nullptr;
+    if (deputyPid > 0) {
+      kill(deputyPid, SIGKILL);
+      waitpid(deputyPid, nullptr, 0);
+    }
     supervisor = nullptr;
     std::filesystem::remove_all(cacheDir);
   }
@@ -826,4 +867,34 @@ TEST_CASE("the deputy going away mid-call ends the job and kills the guest", "[r
   loop.unotify->trap(__NR_read, {0, BUF, 16});
   CHECK(loop.serveUntilTheEnd() == 0);
   CHECK(kernel.events() == std::vector<std::string>{"kill"});
+}
+
+TEST_CASE("with the real deputy: a read gets the pipe's bytes; a signal at home interrupts it",
+          "[remote][notify][signal][deputy]") {
+  int p[2];
+  REQUIRE(pipe2(p, 0) == 0);  // inherited by the deputy: a descriptor of the job
+  REQUIRE(write(p[1], "hello", 5) == 5);
+  FakeKernel kernel;
+  Loop loop(kernel, WithRealDeputy{});
+  uint64_t first = loop.unotify->trap(__NR_read, {static_cast<uint64_t>(p[0]), BUF, 16});
+  loop.serve();
+  CHECK(kernel.events() == std::vector<std::string>{answer(first, 5)});
+  CHECK(loop.memoryAt(BUF, 6) == "hello\xee");
+
+  // The pipe is empty now: the deputy blocks in read(2) until SIGUSR1 reaches P. It is sent
+  // once the loop waits for the reply (its first look at the guest's signals).
+  bool sent = false;
+  loop.guest->onStatusRead = [&] {
+    if (!sent) {
+      sent = true;
+      kill(loop.deputyPid, SIGUSR1);
+    }
+  };
+  uint64_t second = loop.unotify->trap(__NR_read, {static_cast<uint64_t>(p[0]), BUF, 16});
+  loop.serve();
+  CHECK(sent);
+  CHECK(kernel.events() ==
+        std::vector<std::string>{answer(first, 5), "signal 10", answer(second, -ERESTARTSYS)});
+  close(p[0]);
+  close(p[1]);
 }
