@@ -9,6 +9,8 @@
 // The notification loop, and only it, does receive → look up → route → handler → respond
 // (STYLE.md). Routine races — the guest died (ENOENT from NOTIF_SEND), a notification was
 // cancelled by a signal (NOTIF_ID_VALID fails) — are logged at debug level and skipped.
+// Every kernel call on the guest goes through SeccompUnotify and GuestProcess
+// (seccomp_unotify.h), so the loop runs over fakes in tests/unit/notify_loop_test.cc.
 //
 // State machine of one forwarded call (essay in docs/design.md, "signals"):
 //   RECV ─► marshal (reads guest memory) ─► ID_VALID ─► send request ─► wait for the reply
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include <capnp/message.h>
+#include <kj/function.h>
 #include <kj/io.h>
 
 #include "channel.h"
@@ -36,6 +39,7 @@
 #include "job.capnp.h"
 #include "job_registry.h"
 #include "marshal.h"
+#include "seccomp_unotify.h"
 #include "syscall_table.h"
 
 namespace mos::remote {
@@ -83,7 +87,7 @@ int scatterToGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
                    kj::ArrayPtr<const kj::byte> bytes);
 
 // /proc/PID/status of `pid` ("" when it is gone), and one of its hex signal-set lines
-// ("SigBlk:") as a mask, bit (n-1) for signal n.
+// ("SigBlk:") as a mask, bit (n-1) for signal n (0 when the line is missing).
 std::string readStatus(pid_t pid);
 uint64_t statusMask(const std::string& status, const char* key);
 
@@ -104,13 +108,29 @@ int restartCode(int nr);
 
 class Supervisor {
  public:
+  // Blocks SIGCHLD (read through a signalfd from then on) and ignores SIGPIPE.
   explicit Supervisor(SupervisorOptions options);
+
+  // The loop alone, over a guest that already runs: `jobStart` is the job's JobStart (its ids;
+  // the image is not used), `unotify` the guest's listener, `guest` the guest. `options.fd` is
+  // the job channel; the content cache is `options.cacheDir`. Where the job ends, the supervisor
+  // calls `exit` with its status instead of _exit(2) (it must not return). For tests, with fakes
+  // of the kernel; changes no signal disposition.
+  Supervisor(SupervisorOptions options, kj::Own<capnp::MessageReader> jobStart,
+             kj::Own<SeccompUnotify> unotify, kj::Own<GuestProcess> guest,
+             kj::Function<void(int)> exit);
   KJ_DISALLOW_COPY(Supervisor);
 
   // Runs the whole job on this node: receive JobStart, restore, serve until the guest exits, the
   // deputy goes away or the guest execs at home. Returns the supervisor's exit status (0 when
   // the job ended in a defined way, 1 when the start failed; the deputy was told why).
   int run();
+
+  // One pass of the notification loop: waits up to `timeoutMs` (-1: without limit) for a
+  // notification, a message of the deputy or a change of the guest's state, and handles what is
+  // ready. Returns false when nothing was ready. Ends the job (see the constructors) when the
+  // guest ended or the deputy went away.
+  bool turn(int timeoutMs);
 
  private:
   // --- startup (supervisor.cc)
@@ -123,7 +143,7 @@ class Supervisor {
   // --- the loop (supervisor.cc)
   void serveNotification();
   void respond(uint64_t id, const Answer& answer);
-  bool idValid(uint64_t id);
+  bool idValid(uint64_t id) { return unotify_->idValid(id); }
   Answer dispatch(const seccomp_notif& notif);
   void onIdleMessage();
   void onChildEvent();
@@ -174,19 +194,19 @@ class Supervisor {
 
   SupervisorOptions options_;
   Channel channel_;
-  kj::AutoCloseFd signalFd_;       // SIGCHLD, for the guest's exit, stop and continue
+  kj::AutoCloseFd signalFd_;       // SIGCHLD, until the guest (ChildGuest) takes it over
+  kj::Function<void(int)> exit_;   // ends the process with a status
   kj::Own<capnp::MessageReader> jobStart_;
   proto::JobStart::Reader start_;
   FileCache* cache_ = nullptr;
   kj::Own<FileCache> ownedCache_;
-  pid_t guest_ = -1;
-  kj::AutoCloseFd listener_;
+  pid_t guest_ = -1;               // the guest's pid on this node; -1 once it ended
+  kj::Own<GuestProcess> guestProcess_;  // the guest's memory, signals, /proc and wait status
+  kj::Own<SeccompUnotify> unotify_;     // the guest's notification listener
   OwnedJobRecord record_;
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
   std::set<int> reported_;         // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
-  size_t notifSize_ = 0;
-  size_t respSize_ = 0;
 };
 
 }  // namespace mos::remote

@@ -33,13 +33,6 @@ const std::set<std::string> GUEST_FILES = {"maps",   "smaps", "smaps_rollup", "s
                                            "stat",   "cmdline", "comm",       "environ", "auxv",
                                            "numa_maps"};
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 }  // namespace
 
 std::string jobProcFile(const std::string& path, int32_t homePid) {
@@ -86,7 +79,7 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
   if (file.empty()) {
     return nullptr;
   }
-  std::string content = slurp("/proc/" + std::to_string(guest_) + "/" + file);
+  std::string content = guestProcess_->procFile(file);
   std::string guestPid = std::to_string(guest_);
   if (file == "maps" || file == "smaps" || file == "numa_maps") {
     // Mapped files show their home paths, not this node's cache files.

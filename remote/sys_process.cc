@@ -94,7 +94,7 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
   if (notif.data.nr == __NR_rt_sigqueueinfo || notif.data.nr == __NR_rt_tgsigqueueinfo) {
     // The caller's own siginfo (si_code must be negative for a queued signal).
     uint64_t infoArg = notif.data.args[notif.data.nr == __NR_rt_sigqueueinfo ? 2 : 3];
-    ProcessMemory memory(guest_);
+    GuestMemory& memory = guestProcess_->memory();
     if (memory.read(RemotePtr<void>(infoArg),
                     std::span<uint8_t>(reinterpret_cast<uint8_t*>(&info), sizeof(info))) != 0) {
       return Answer::of(-EFAULT);
@@ -104,7 +104,7 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
     }
     info.si_signo = sig;
   }
-  syscall(SYS_rt_tgsigqueueinfo, guest_, guest_, sig, &info);
+  guestProcess_->queueSignal(sig, &info);
   return Answer::of(0);
 }
 
@@ -116,7 +116,7 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
   uint64_t pathArg = notif.data.args[at ? 1 : 0];
   uint64_t argvArg = notif.data.args[at ? 2 : 1];
   uint64_t envpArg = notif.data.args[at ? 3 : 2];
-  ProcessMemory memory(guest_);
+  GuestMemory& memory = guestProcess_->memory();
   capnp::MallocMessageBuilder message;
   auto exec = message.initRoot<proto::ToDeputy>().initExec();
   exec.setSeq(notif.id);
@@ -157,7 +157,7 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
                                strings[i].size()));
     }
   }
-  std::string status = readStatus(guest_);
+  std::string status = guestProcess_->procFile("status");
   auto mask = [&](const char* key) { return statusMask(status, key); };
   exec.setSigIgnored(mask("SigIgn:"));
   exec.setSigBlocked(mask("SigBlk:"));

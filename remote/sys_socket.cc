@@ -69,7 +69,7 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
   }
   bool isRecv = nr == __NR_recvmsg;
   uint64_t msgAddr = notif.data.args[1];
-  ProcessMemory memory(guest_);
+  GuestMemory& memory = guestProcess_->memory();
 
   struct msghdr guestMsg;
   if (memory.read(RemotePtr<void>(msgAddr), bytesOf(guestMsg)) != 0) {
