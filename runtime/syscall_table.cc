@@ -62,6 +62,7 @@ constexpr uint16_t TIMESPEC_PAIR_BYTES = 2 * TIMESPEC_BYTES;  // utimensat
 constexpr ArgSpec HANDLED{};
 constexpr ArgSpec VAL{ArgKind::VAL};
 constexpr ArgSpec FD{ArgKind::FD};
+constexpr ArgSpec NEW_FD{ArgKind::NEW_FD};
 constexpr ArgSpec PATH{ArgKind::PATH};
 constexpr ArgSpec PATH_OR_NULL{ArgKind::PATH_OR_NULL};
 constexpr ArgSpec IGNORED{ArgKind::IGNORED_PTR};
@@ -88,10 +89,27 @@ constexpr ArgSpec SOCKLEN_PTR = inoutStruct(INT_BYTES);
 
 // ---- Row constructors: one per route, so each row reads as a sentence.
 
+// What the deputy executes of a row, from its route and handler (AtHome).
+constexpr AtHome atHomeOf(Route route, HandlerId handler) {
+  if (route != Route::FORWARD) {
+    return AtHome::NEVER;
+  }
+  switch (handler) {
+    case HandlerId::IOV:   // sent home as read, write, pread64 or pwrite64
+    case HandlerId::EXEC:  // sent home as an ExecRequest
+      return AtHome::NEVER;
+    case HandlerId::SOCKMSG:
+      return AtHome::MSGHDR;
+    default:
+      return AtHome::ARGS;
+  }
+}
+
 constexpr SyscallEntry row(int nr, const char* name, Route route, uint32_t classes,
                            std::initializer_list<ArgSpec> args, HandlerId handler, int err,
                            const char* why) {
-  SyscallEntry e{nr, name, route, classes, {}, handler, err, why};
+  SyscallEntry e{nr,      name, route, classes, {}, handler, err, why, atHomeOf(route, handler),
+                 ERESTARTSYS};
   size_t i = 0;
   for (const ArgSpec& a : args) {
     e.args[i++] = a;
@@ -125,10 +143,26 @@ constexpr SyscallEntry forward(int nr, const char* name, uint32_t classes,
   return row(nr, name, Route::FORWARD, classes, args, handler, 0, nullptr);
 }
 
+// A forwarded call that a signal interrupts with ERESTARTNOHAND, as the kernel's poll, select
+// and epoll_wait do (fs/select.c, fs/eventpoll.c).
+constexpr SyscallEntry noRestartAfterHandler(SyscallEntry e) {
+  e.restart = ERESTARTNOHAND;
+  return e;
+}
+
 // Fails with `err`; `why` goes into docs and the job's log.
 constexpr SyscallEntry deny(int nr, const char* name, uint32_t classes, int err,
                             const char* why) {
   return row(nr, name, Route::DENY, classes, {}, HandlerId::NONE, err, why);
+}
+
+// Denied to the guest like deny(), but executed at home, with the argument kinds `args`, when
+// the supervisor sends it as a step of one of its own handlers (AtHome::HELPER).
+constexpr SyscallEntry denyButHomeHelper(int nr, const char* name, uint32_t classes, int err,
+                                         const char* why, std::initializer_list<ArgSpec> args) {
+  SyscallEntry e = row(nr, name, Route::DENY, classes, args, HandlerId::NONE, err, why);
+  e.atHome = AtHome::HELPER;
+  return e;
 }
 
 constexpr const char* FORK_LATER = "fork and threads in a guest come in a later issue";
@@ -145,18 +179,22 @@ constexpr const char* SIGNALFD =
     "signals are delivered to the guest on the remote node, not to a descriptor at home";
 constexpr const char* OTHER_MEMORY = "another process's memory is not reachable from a guest";
 constexpr const char* NAMESPACES = "namespaces of a guest are those of its home process";
+constexpr const char* MMSG =
+    "a vector of msghdrs is not forwarded yet (sendmsg and recvmsg are; glibc does not fall "
+    "back, so callers see ENOSYS)";
 
 using enum HandlerId;
 
 constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_read, "read", DESC, {FD, outBuf(2), VAL}),
     forward(__NR_write, "write", DESC, {FD, inBuf(2), VAL}),
-    forward(__NR_open, "open", DESC | FILE, {PATH, VAL, VAL}),
+    forward(__NR_open, "open", DESC | FILE, {PATH, VAL, VAL}, OPEN),
     forward(__NR_close, "close", DESC, {FD}),
     forward(__NR_stat, "stat", FILE, {PATH, outStruct(STAT_BYTES)}),
     forward(__NR_fstat, "fstat", DESC, {FD, outStruct(STAT_BYTES)}),
     forward(__NR_lstat, "lstat", FILE, {PATH, outStruct(STAT_BYTES)}),
-    forward(__NR_poll, "poll", DESC, {inoutArray(1, POLLFD_BYTES), VAL, VAL}),
+    noRestartAfterHandler(
+        forward(__NR_poll, "poll", DESC, {inoutArray(1, POLLFD_BYTES), VAL, VAL})),
     forward(__NR_lseek, "lseek", DESC, {FD, VAL, VAL}),
     localUnlessFileBacked(__NR_mmap, "mmap", MEMORY | DESC, {VAL, VAL, VAL, VAL, FD, VAL}, MMAP),
     local(__NR_mprotect, "mprotect", MEMORY),
@@ -172,8 +210,9 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_writev, "writev", DESC, {FD, HANDLED, VAL}, IOV),
     forward(__NR_access, "access", FILE, {PATH, VAL}),
     forward(__NR_pipe, "pipe", DESC | IPC, {outStruct(FD_PAIR_BYTES)}),
-    forward(__NR_select, "select", DESC,
-            {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMEVAL_BYTES)}),
+    noRestartAfterHandler(forward(
+        __NR_select, "select", DESC,
+        {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMEVAL_BYTES)})),
     local(__NR_sched_yield, "sched_yield", PROC),
     local(__NR_mremap, "mremap", MEMORY),
     local(__NR_msync, "msync", MEMORY),
@@ -183,7 +222,7 @@ constexpr SyscallEntry SYSCALLS[] = {
     deny(__NR_shmat, "shmat", IPC | MEMORY, ENOSYS, SYSV_SHM),
     deny(__NR_shmctl, "shmctl", IPC | MEMORY, ENOSYS, SYSV_SHM),
     forward(__NR_dup, "dup", DESC, {FD}),
-    forward(__NR_dup2, "dup2", DESC, {FD, FD}),
+    forward(__NR_dup2, "dup2", DESC, {FD, NEW_FD}),
     local(__NR_pause, "pause", SIGNAL),
     local(__NR_nanosleep, "nanosleep", TIME),
     local(__NR_getitimer, "getitimer", TIME),
@@ -340,7 +379,8 @@ constexpr SyscallEntry SYSCALLS[] = {
     local(__NR_clock_getres, "clock_getres", TIME),
     local(__NR_clock_nanosleep, "clock_nanosleep", TIME),
     local(__NR_exit_group, "exit_group", PROC),
-    forward(__NR_epoll_wait, "epoll_wait", DESC, {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL}),
+    noRestartAfterHandler(forward(__NR_epoll_wait, "epoll_wait", DESC,
+                                  {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL})),
     forward(__NR_epoll_ctl, "epoll_ctl", DESC, {FD, VAL, FD, inStruct(EPOLL_EVENT_BYTES)}),
     forward(__NR_tgkill, "tgkill", SIGNAL | PROC, {VAL, VAL, VAL}, KILL),
     forward(__NR_utimes, "utimes", FILE, {PATH, inStruct(TIMEVAL_PAIR_BYTES)}),
@@ -350,7 +390,7 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_inotify_init, "inotify_init", DESC, {}),
     forward(__NR_inotify_add_watch, "inotify_add_watch", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_inotify_rm_watch, "inotify_rm_watch", DESC, {FD, VAL}),
-    forward(__NR_openat, "openat", DESC | FILE, {FD, PATH, VAL, VAL}),
+    forward(__NR_openat, "openat", DESC | FILE, {FD, PATH, VAL, VAL}, OPEN),
     forward(__NR_mkdirat, "mkdirat", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_mknodat, "mknodat", DESC | FILE, {FD, PATH, VAL, VAL}),
     forward(__NR_fchownat, "fchownat", DESC | FILE, {FD, PATH, VAL, VAL, VAL}),
@@ -363,11 +403,13 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_readlinkat, "readlinkat", DESC | FILE, {FD, PATH, outBuf(3), VAL}),
     forward(__NR_fchmodat, "fchmodat", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_faccessat, "faccessat", DESC | FILE, {FD, PATH, VAL}),
-    forward(__NR_pselect6, "pselect6", DESC,
-            {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMESPEC_BYTES), IGNORED},
-            PSELECT),
-    forward(__NR_ppoll, "ppoll", DESC,
-            {inoutArray(1, POLLFD_BYTES), VAL, inoutStruct(TIMESPEC_BYTES), IGNORED, VAL}),
+    noRestartAfterHandler(forward(
+        __NR_pselect6, "pselect6", DESC,
+        {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMESPEC_BYTES), IGNORED},
+        PSELECT)),
+    noRestartAfterHandler(forward(
+        __NR_ppoll, "ppoll", DESC,
+        {inoutArray(1, POLLFD_BYTES), VAL, inoutStruct(TIMESPEC_BYTES), IGNORED, VAL})),
     deny(__NR_unshare, "unshare", PROC, EPERM, NAMESPACES),
     local(__NR_set_robust_list, "set_robust_list", PROC | MEMORY),
     local(__NR_get_robust_list, "get_robust_list", PROC | MEMORY),
@@ -379,8 +421,8 @@ constexpr SyscallEntry SYSCALLS[] = {
          "it moves guest pages into a pipe that lives at home"),
     forward(__NR_utimensat, "utimensat", DESC | FILE,
             {FD, PATH_OR_NULL, inStruct(TIMESPEC_PAIR_BYTES), VAL}),
-    forward(__NR_epoll_pwait, "epoll_pwait", DESC,
-            {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL, IGNORED, VAL}),
+    noRestartAfterHandler(forward(__NR_epoll_pwait, "epoll_pwait", DESC,
+                                  {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL, IGNORED, VAL})),
     deny(__NR_signalfd, "signalfd", DESC | SIGNAL, ENOSYS, SIGNALFD),
     forward(__NR_timerfd_create, "timerfd_create", DESC | TIME, {VAL, VAL}),
     forward(__NR_eventfd, "eventfd", DESC | IPC, {VAL}),
@@ -393,7 +435,7 @@ constexpr SyscallEntry SYSCALLS[] = {
     deny(__NR_signalfd4, "signalfd4", DESC | SIGNAL, ENOSYS, SIGNALFD),
     forward(__NR_eventfd2, "eventfd2", DESC | IPC, {VAL, VAL}),
     forward(__NR_epoll_create1, "epoll_create1", DESC, {VAL}),
-    forward(__NR_dup3, "dup3", DESC, {FD, FD, VAL}),
+    forward(__NR_dup3, "dup3", DESC, {FD, NEW_FD, VAL}),
     forward(__NR_pipe2, "pipe2", DESC | IPC, {outStruct(FD_PAIR_BYTES), VAL}),
     forward(__NR_inotify_init1, "inotify_init1", DESC, {VAL}),
     forward(__NR_preadv, "preadv", DESC, {FD, HANDLED, VAL, VAL, VAL}, IOV),
@@ -402,12 +444,12 @@ constexpr SyscallEntry SYSCALLS[] = {
             {VAL, VAL, VAL, inStruct(SIGINFO_BYTES)}, KILL),
     deny(__NR_perf_event_open, "perf_event_open", OTHER, ENOSYS,
          "performance counters of the remote node are not the job's"),
-    forward(__NR_recvmmsg, "recvmmsg", NETWORK | DESC, {FD, HANDLED, VAL, VAL, HANDLED}, SOCKMSG),
+    deny(__NR_recvmmsg, "recvmmsg", NETWORK | DESC, ENOSYS, MMSG),
     forward(__NR_prlimit64, "prlimit64", PROC,
             {VAL, VAL, inStruct(RLIMIT_BYTES), outStruct(RLIMIT_BYTES)}),
     deny(__NR_clock_adjtime, "clock_adjtime", TIME, EPERM, CLOCK_SET),
     forward(__NR_syncfs, "syncfs", DESC, {FD}),
-    forward(__NR_sendmmsg, "sendmmsg", NETWORK | DESC, {FD, HANDLED, VAL, VAL}, SOCKMSG),
+    deny(__NR_sendmmsg, "sendmmsg", NETWORK | DESC, ENOSYS, MMSG),
     deny(__NR_setns, "setns", PROC, EPERM, NAMESPACES),
     local(__NR_getcpu, "getcpu", PROC),
     deny(__NR_process_vm_readv, "process_vm_readv", PROC | MEMORY, EPERM, OTHER_MEMORY),
@@ -417,8 +459,10 @@ constexpr SyscallEntry SYSCALLS[] = {
     deny(__NR_seccomp, "seccomp", PROC, EPERM,
          "the guest's seccomp chain already holds the sandbox's listener"),
     local(__NR_getrandom, "getrandom", OTHER),
-    deny(__NR_memfd_create, "memfd_create", DESC | MEMORY, ENOSYS,
-         "its descriptor would live at home but its mappings on the remote node"),
+    // The supervisor's /proc/self snapshots are memfds created at home (remote/sys_proc.cc).
+    denyButHomeHelper(__NR_memfd_create, "memfd_create", DESC | MEMORY, ENOSYS,
+                      "its descriptor would live at home but its mappings on the remote node",
+                      {STRING, VAL}),
     deny(__NR_kexec_file_load, "kexec_file_load", OTHER, EPERM, HOST_ADMIN),
     deny(__NR_bpf, "bpf", OTHER, EPERM, "BPF programs would run in the remote node's kernel"),
     forward(__NR_execveat, "execveat", PROC | FILE | DESC, {FD, PATH, HANDLED, HANDLED, VAL}, EXEC),
@@ -443,12 +487,13 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_pidfd_open, "pidfd_open", PROC | DESC, {VAL, VAL}),
     deny(__NR_clone3, "clone3", PROC, ENOSYS, FORK_LATER),
     forward(__NR_close_range, "close_range", DESC, {FD, FD, VAL}),
-    forward(__NR_openat2, "openat2", DESC | FILE, {FD, PATH, inBuf(3), VAL}),
+    forward(__NR_openat2, "openat2", DESC | FILE, {FD, PATH, inBuf(3), VAL}, OPEN),
     deny(__NR_pidfd_getfd, "pidfd_getfd", PROC | DESC, EPERM,
          "it would take a descriptor from another process's home fd table"),
     forward(__NR_faccessat2, "faccessat2", DESC | FILE, {FD, PATH, VAL, VAL}),
-    forward(__NR_epoll_pwait2, "epoll_pwait2", DESC,
-            {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), IGNORED, VAL}),
+    noRestartAfterHandler(forward(
+        __NR_epoll_pwait2, "epoll_pwait2", DESC,
+        {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), IGNORED, VAL})),
     deny(__NR_mount_setattr, "mount_setattr", FILE, EPERM, MOUNTS),
     deny(__NR_memfd_secret, "memfd_secret", DESC | MEMORY, ENOSYS,
          "its descriptor would live at home but its mappings on the remote node"),
@@ -508,11 +553,33 @@ constexpr bool takesPath(const SyscallEntry& e) {
   return false;
 }
 
+// open, openat, openat2: the path, then the flags as a value or an open_how in-buffer.
+constexpr bool opensAPath(const SyscallEntry& e) {
+  for (int i = 0; i < 5; i++) {
+    if (e.args[i].kind == ArgKind::PATH) {
+      return e.args[i + 1].kind == ArgKind::VAL || e.args[i + 1].kind == ArgKind::IN_BUF;
+    }
+  }
+  return false;
+}
+
 constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
   if (e.name == nullptr || e.name[0] == '\0' || e.nr < 0) {
     return false;
   }
   if (!argsAreWellFormed(e)) {
+    return false;
+  }
+  // What the deputy executes follows from the route and handler; only a DENY row may be a
+  // helper the supervisor sends home. Only forwarded calls can be interrupted at home.
+  if (e.atHome != atHomeOf(e.route, e.handler) &&
+      !(e.route == Route::DENY && e.atHome == AtHome::HELPER)) {
+    return false;
+  }
+  if (e.restart != ERESTARTSYS && !(e.restart == ERESTARTNOHAND && e.route == Route::FORWARD)) {
+    return false;
+  }
+  if (e.handler == HandlerId::OPEN && !opensAPath(e)) {
     return false;
   }
   switch (e.route) {
@@ -574,6 +641,7 @@ const char* argKindName(ArgKind kind) {
     case ArgKind::NONE: return "NONE";
     case ArgKind::VAL: return "VAL";
     case ArgKind::FD: return "FD";
+    case ArgKind::NEW_FD: return "NEW_FD";
     case ArgKind::PATH: return "PATH";
     case ArgKind::PATH_OR_NULL: return "PATH_OR_NULL";
     case ArgKind::IN_BUF: return "IN_BUF";
@@ -603,8 +671,24 @@ const char* handlerName(HandlerId handler) {
     case HandlerId::FCNTL: return "FCNTL";
     case HandlerId::PSELECT: return "PSELECT";
     case HandlerId::SOCKMSG: return "SOCKMSG";
+    case HandlerId::OPEN: return "OPEN";
   }
   return "?";
+}
+
+const char* atHomeName(AtHome atHome) {
+  switch (atHome) {
+    case AtHome::NEVER: return "NEVER";
+    case AtHome::ARGS: return "ARGS";
+    case AtHome::MSGHDR: return "MSGHDR";
+    case AtHome::HELPER: return "HELPER";
+  }
+  return "?";
+}
+
+int restartCode(int nr) {
+  const SyscallEntry* e = findSyscall(nr);
+  return e != nullptr ? e->restart : ERESTARTSYS;
 }
 
 }  // namespace mos

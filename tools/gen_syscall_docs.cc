@@ -81,16 +81,28 @@ std::string handlerNote(const SyscallEntry& e) {
     case HandlerId::FCNTL: return "argument kind by command (struct flock for locks)";
     case HandlerId::PSELECT: return "fd_sets and timeout forwarded; the sigmask applies locally";
     case HandlerId::SOCKMSG: return "msghdr, its iovecs and control data are marshalled";
+    case HandlerId::OPEN:
+      return "the job's own /proc files (maps, status, ...) are snapshots of the guest's";
   }
   return "";
 }
 
 std::string notes(const SyscallEntry& e) {
+  std::string out;
   if (e.route == Route::DENY) {
     const char* name = strerrorname_np(e.err);
-    return fmt::format("**{}**: {}", name ? name : std::to_string(e.err).c_str(), e.why);
+    out = fmt::format("**{}**: {}", name ? name : std::to_string(e.err).c_str(), e.why);
+  } else {
+    out = handlerNote(e);
   }
-  return handlerNote(e);
+  if (e.atHome == AtHome::HELPER) {
+    out += "; the supervisor sends it home itself, with these arguments";
+  }
+  if (e.restart == ERESTARTNOHAND) {
+    out += std::string(out.empty() ? "" : "; ") +
+           "interrupted by a signal: ERESTARTNOHAND (EINTR after a handler, even with SA_RESTART)";
+  }
+  return out;
 }
 
 std::string render() {
@@ -115,12 +127,20 @@ std::string render() {
     << "| EMULATE | the supervisor | answered without a round trip (ids from the job's cache) |\n"
     << "| DENY | nowhere | fails with the errno shown; the supervisor logs the name once per job |\n"
     << "\n"
+    << "The deputy executes a request only when the row's *at home* column allows it: `ARGS` "
+       "with the row's argument kinds (a buffer only where a kind is a pointer, large enough for "
+       "what the call touches), `MSGHDR` a msghdr whose pointers all name buffers of the "
+       "request, `HELPER` a call the supervisor sends home as a step of its own handler; every "
+       "other request (`NEVER`, no row, a buffer the row does not declare) is refused with the "
+       "row's errno, or ENOSYS, and logged once. A forwarded call that a signal interrupts at "
+       "home answers ERESTARTSYS (the kernel then restarts it or returns EINTR as SA_RESTART "
+       "says), or ERESTARTNOHAND where the notes say so.\n\n"
     << "A number without a row is denied with ENOSYS and logged once per job. x32 numbers "
        "(`__X32_SYSCALL_BIT`) reach the supervisor and are denied with ENOSYS; a call through "
        "the i386 entry (`int 0x80`) kills the guest.\n\n"
     << "A FORWARD row without a handler is *regular*: its argument kinds say everything and one "
        "generic marshaller forwards it. Argument kinds: `FD` a descriptor of the job's home fd "
-       "table; `VAL` a plain value; `PATH` a NUL-terminated string (at most PATH_MAX); "
+       "table; `NEW_FD` a descriptor number the call assigns; `VAL` a plain value; `PATH` a NUL-terminated string (at most PATH_MAX); "
        "`IN_BUF[aN]`/`OUT_BUF[aN]` bytes whose length is argument N (out-buffers are trimmed "
        "to the result); `*_STRUCT(n)` n bytes, NULL stays NULL; `*_ARRAY[aN×n]` argument N "
        "elements of n bytes; `INOUT_BITS[aN]` an fd_set of argument N descriptors; "
@@ -133,11 +153,12 @@ std::string render() {
                    counts[static_cast<int>(Route::FORWARD)],
                    counts[static_cast<int>(Route::EMULATE)],
                    counts[static_cast<int>(Route::DENY)])
-    << "| nr | name | route | handler | classes | arguments | notes |\n"
-    << "|---:|---|---|---|---|---|---|\n";
+    << "| nr | name | route | handler | at home | classes | arguments | notes |\n"
+    << "|---:|---|---|---|---|---|---|---|\n";
   for (const SyscallEntry& e : table) {
-    o << fmt::format("| {} | {} | {} | {} | {} | {} | {} |\n", e.nr, e.name, routeName(e.route),
-                     e.handler == HandlerId::NONE ? "" : handlerName(e.handler),
+    o << fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} |\n", e.nr, e.name,
+                     routeName(e.route), e.handler == HandlerId::NONE ? "" : handlerName(e.handler),
+                     e.atHome == AtHome::NEVER ? "" : atHomeName(e.atHome),
                      classNames(e.classes), argsText(e), notes(e));
   }
   return o.str();
