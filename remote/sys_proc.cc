@@ -144,6 +144,9 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
   } else if (file == "status") {
     // Ids are the job's home ids; the guest's tracer is none of the job's business.
     int64_t ppid = forwardPlain(notif.id, __NR_getppid, {});
+    if (ppid == -EINTR) {
+      return Answer::interrupted(notif.data.nr);
+    }
     std::stringstream in(content), out;
     std::string line;
     while (std::getline(in, line)) {
@@ -175,9 +178,15 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
         fields.push_back(f);
       }
       if (fields.size() > 3) {
-        fields[1] = std::to_string(forwardPlain(notif.id, __NR_getppid, {}));
-        fields[2] = std::to_string(forwardPlain(notif.id, __NR_getpgid, {0}));
-        fields[3] = std::to_string(forwardPlain(notif.id, __NR_getsid, {0}));
+        int64_t ids[3] = {forwardPlain(notif.id, __NR_getppid, {}),
+                          forwardPlain(notif.id, __NR_getpgid, {0}),
+                          forwardPlain(notif.id, __NR_getsid, {0})};
+        for (int i = 0; i < 3; i++) {
+          if (ids[i] == -EINTR) {
+            return Answer::interrupted(notif.data.nr);
+          }
+          fields[i + 1] = std::to_string(ids[i]);
+        }
       }
       std::string head = std::to_string(ids.getPid()) + content.substr(content.find(' '), close + 1 - content.find(' '));
       content = head;
