@@ -15,7 +15,10 @@
 #include <time.h>
 
 #include <algorithm>
+#include <array>
 #include <initializer_list>
+#include <string_view>
+#include <vector>
 
 namespace mos {
 namespace {
@@ -185,7 +188,7 @@ constexpr const char* MMSG =
 
 using enum HandlerId;
 
-constexpr SyscallEntry SYSCALLS[] = {
+constexpr SyscallEntry ROWS[] = {
     forward(__NR_read, "read", DESC, {FD, outBuf(2), VAL}),
     forward(__NR_write, "write", DESC, {FD, inBuf(2), VAL}),
     forward(__NR_open, "open", DESC | FILE, {PATH, VAL, VAL}, OPEN),
@@ -500,6 +503,109 @@ constexpr SyscallEntry SYSCALLS[] = {
     local(__NR_futex_waitv, "futex_waitv", IPC | MEMORY),
 };
 
+// ---- The conformance programs (tests/syscalls/<program>.cc) and the rows each one checks; the
+// `test` column is derived from this list. A program checks a row when it makes that syscall
+// and checks its outcome, natively and under mosrun on a remote node; each row is named once, by
+// the program that is about it (several programs read, write and close).
+
+struct Conformance {
+  const char* program;
+  int nrs[24];
+  size_t count;
+};
+
+constexpr Conformance checks(const char* program, std::initializer_list<int> nrs) {
+  Conformance c{program, {}, 0};
+  for (int nr : nrs) {
+    c.nrs[c.count++] = nr;
+  }
+  return c;
+}
+
+constexpr Conformance CONFORMANCE[] = {
+    checks("dirents", {__NR_chdir, __NR_fchdir, __NR_getcwd, __NR_getdents64, __NR_link,
+                       __NR_linkat, __NR_mkdir, __NR_mkdirat, __NR_rename, __NR_renameat,
+                       __NR_renameat2, __NR_rmdir, __NR_symlinkat, __NR_unlink, __NR_unlinkat}),
+    checks("dup_fcntl", {__NR_close_range, __NR_dup, __NR_dup2, __NR_dup3, __NR_fcntl, __NR_flock}),
+    checks("exec", {__NR_arch_prctl, __NR_execve, __NR_exit_group, __NR_rseq,
+                    __NR_set_robust_list}),
+    checks("file_io", {__NR_close, __NR_copy_file_range, __NR_creat, __NR_fallocate, __NR_fdatasync,
+                       __NR_fsync, __NR_ftruncate, __NR_lseek, __NR_openat, __NR_pread64,
+                       __NR_preadv, __NR_pwrite64, __NR_read, __NR_readv, __NR_sendfile, __NR_umask,
+                       __NR_write, __NR_writev}),
+    checks("identity", {__NR_futex, __NR_getegid, __NR_geteuid, __NR_getgid, __NR_getgroups,
+                        __NR_getpgid, __NR_getpgrp, __NR_getpid, __NR_getppid, __NR_getresgid,
+                        __NR_getresuid, __NR_getsid, __NR_gettid, __NR_getuid,
+                        __NR_set_tid_address}),
+    checks("misc", {__NR_fgetxattr, __NR_flistxattr, __NR_fremovexattr, __NR_fsetxattr,
+                    __NR_getrandom, __NR_getxattr, __NR_inotify_add_watch, __NR_inotify_init1,
+                    __NR_inotify_rm_watch, __NR_listxattr, __NR_prctl, __NR_removexattr,
+                    __NR_sched_getaffinity, __NR_sched_yield, __NR_setxattr}),
+    checks("mmap_file", {__NR_brk, __NR_madvise, __NR_mincore, __NR_mmap, __NR_mprotect,
+                         __NR_mremap, __NR_msync, __NR_munmap}),
+    checks("pipe_poll", {__NR_epoll_create1, __NR_epoll_ctl, __NR_epoll_pwait, __NR_epoll_wait,
+                         __NR_eventfd2, __NR_pipe2, __NR_poll, __NR_ppoll, __NR_pselect6,
+                         __NR_splice, __NR_tee, __NR_timerfd_create, __NR_timerfd_gettime,
+                         __NR_timerfd_settime}),
+    checks("proc_self", {__NR_openat2, __NR_readlink}),
+    checks("rlimit_uname", {__NR_getpriority, __NR_prlimit64, __NR_setpriority, __NR_sysinfo,
+                            __NR_uname}),
+    checks("signals", {__NR_alarm, __NR_kill, __NR_pause, __NR_rt_sigaction, __NR_rt_sigpending,
+                       __NR_rt_sigprocmask, __NR_rt_sigreturn, __NR_rt_sigsuspend,
+                       __NR_rt_sigtimedwait, __NR_sigaltstack, __NR_tgkill}),
+    checks("socket", {__NR_accept, __NR_accept4, __NR_bind, __NR_connect, __NR_getpeername,
+                      __NR_getsockname, __NR_getsockopt, __NR_listen, __NR_recvfrom, __NR_sendto,
+                      __NR_setsockopt, __NR_shutdown, __NR_socket}),
+    checks("sockmsg", {__NR_recvmsg, __NR_sendmsg, __NR_socketpair}),
+    checks("stat", {__NR_access, __NR_chmod, __NR_faccessat2, __NR_fchmod, __NR_fchmodat,
+                    __NR_fstatfs, __NR_newfstatat, __NR_readlinkat, __NR_statfs, __NR_statx,
+                    __NR_symlink, __NR_truncate, __NR_utimensat}),
+    checks("time", {__NR_clock_getres, __NR_clock_gettime, __NR_clock_nanosleep, __NR_getitimer,
+                    __NR_getrusage, __NR_gettimeofday, __NR_setitimer, __NR_time, __NR_times}),
+    checks("tty_ioctl", {__NR_ioctl}),
+};
+
+constexpr size_t rowIndex(int nr) {
+  for (size_t i = 0; i < std::size(ROWS); i++) {
+    if (ROWS[i].nr == nr) {
+      return i;
+    }
+  }
+  return std::size(ROWS);
+}
+
+// Every row the list names exists, and is named once.
+constexpr bool conformanceNamesRowsOnce() {
+  bool named[std::size(ROWS)] = {};
+  for (const Conformance& c : CONFORMANCE) {
+    for (size_t k = 0; k < c.count; k++) {
+      size_t i = rowIndex(c.nrs[k]);
+      if (i == std::size(ROWS) || named[i]) {
+        return false;
+      }
+      named[i] = true;
+    }
+  }
+  return true;
+}
+static_assert(conformanceNamesRowsOnce(),
+              "CONFORMANCE names a syscall without a row, or one row twice");
+
+constexpr std::array<SyscallEntry, std::size(ROWS)> withConformance() {
+  std::array<SyscallEntry, std::size(ROWS)> rows{};
+  for (size_t i = 0; i < std::size(ROWS); i++) {
+    rows[i] = ROWS[i];
+  }
+  for (const Conformance& c : CONFORMANCE) {
+    for (size_t k = 0; k < c.count; k++) {
+      rows[rowIndex(c.nrs[k])].test = c.program;
+    }
+  }
+  return rows;
+}
+
+constexpr std::array<SyscallEntry, std::size(ROWS)> SYSCALLS = withConformance();
+
 // ---- Compile-time checks (sandbox2's policy builder, gVisor's linux64_test.go).
 
 constexpr bool isSortedAndUnique(std::span<const SyscallEntry> rows) {
@@ -616,6 +722,19 @@ static_assert(everyRowHasWhatItsRouteNeeds(SYSCALLS),
 }  // namespace
 
 std::span<const SyscallEntry> syscallTable() { return SYSCALLS; }
+
+std::span<const char* const> conformancePrograms() {
+  static const std::vector<const char*> programs = [] {
+    std::vector<const char*> out;
+    for (const Conformance& c : CONFORMANCE) {
+      out.push_back(c.program);
+    }
+    std::sort(out.begin(), out.end(),
+              [](const char* a, const char* b) { return std::string_view(a) < b; });
+    return out;
+  }();
+  return programs;
+}
 
 const SyscallEntry* findSyscall(int nr) {
   auto it = std::lower_bound(std::begin(SYSCALLS), std::end(SYSCALLS), nr,

@@ -126,7 +126,13 @@ struct SyscallEntry {
   int restart;          // FORWARD: what a native call returns when a signal cuts it short,
                         // ERESTARTSYS or ERESTARTNOHAND (the guest sees it when a signal
                         // interrupts the call at home)
+  const char* test = nullptr;  // the conformance program that checks it, natively and on a
+                               // remote node (tests/syscalls/<test>.cc); nullptr: none yet
 };
+
+// The conformance programs the table names (the `test` column), sorted, without duplicates:
+// tests/syscalls/meson.build must build exactly these (a unit test compares the lists).
+std::span<const char* const> conformancePrograms();
 
 // Every row, sorted by nr, no duplicates.
 std::span<const SyscallEntry> syscallTable();

@@ -9,8 +9,10 @@
 #include <fmt/core.h>
 #include <fstream>
 #include <iostream>
+#include <set>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "syscall_table.h"
 
@@ -153,13 +155,17 @@ std::string render() {
                    counts[static_cast<int>(Route::FORWARD)],
                    counts[static_cast<int>(Route::EMULATE)],
                    counts[static_cast<int>(Route::DENY)])
-    << "| nr | name | route | handler | at home | classes | arguments | notes |\n"
-    << "|---:|---|---|---|---|---|---|---|\n";
+    << "The *tested by* column names the conformance program (`tests/syscalls/NAME.cc`) that "
+       "checks the row, natively and under mosrun on a remote node; the programs Meson builds "
+       "are exactly the ones named here (a unit test compares the lists).\n\n"
+    << "| nr | name | route | handler | at home | classes | arguments | tested by | notes |\n"
+    << "|---:|---|---|---|---|---|---|---|---|\n";
   for (const SyscallEntry& e : table) {
-    o << fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} |\n", e.nr, e.name,
+    o << fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", e.nr, e.name,
                      routeName(e.route), e.handler == HandlerId::NONE ? "" : handlerName(e.handler),
                      e.atHome == AtHome::NEVER ? "" : atHomeName(e.atHome),
-                     classNames(e.classes), argsText(e), notes(e));
+                     classNames(e.classes), argsText(e), e.test != nullptr ? e.test : "",
+                     notes(e));
   }
   return o.str();
 }
@@ -170,9 +176,31 @@ std::string render() {
 int main(int argc, char** argv) {
   CLI::App app{"Prints docs/syscalls.md from the syscall table"};
   std::string output, check;
+  std::vector<std::string> built;
   app.add_option("-o,--output", output, "write to this file instead of stdout");
   app.add_option("--check", check, "exit 1 if this file differs from the generated page");
+  app.add_option("--check-conformance", built,
+                 "exit 1 unless these conformance programs are exactly the ones the table names");
   CLI11_PARSE(app, argc, argv);
+  if (!built.empty()) {
+    std::set<std::string> named, have(built.begin(), built.end());
+    for (const char* program : mos::conformancePrograms()) {
+      named.insert(program);
+    }
+    for (auto& p : named) {
+      if (!have.count(p)) {
+        std::cerr << "the syscall table names conformance program " << p
+                  << ", which tests/syscalls/meson.build does not build\n";
+      }
+    }
+    for (auto& p : have) {
+      if (!named.count(p)) {
+        std::cerr << "tests/syscalls/meson.build builds " << p
+                  << ", which no row of the syscall table names (the `test` column)\n";
+      }
+    }
+    return named == have ? 0 : 1;
+  }
   std::string page = mos::render();
   if (!check.empty()) {
     std::ifstream in(check);
