@@ -107,6 +107,7 @@ bool readsThrough(ArgKind kind) {
   switch (kind) {
     case ArgKind::PATH:
     case ArgKind::PATH_OR_NULL:
+    case ArgKind::STRING:
     case ArgKind::IN_BUF:
     case ArgKind::IN_STRUCT:
     case ArgKind::INOUT_STRUCT:
@@ -142,6 +143,7 @@ bool bufferFits(const ArgSpec& spec, const uint64_t (&args)[6], size_t size,
   switch (spec.kind) {
     case ArgKind::PATH:
     case ArgKind::PATH_OR_NULL:
+    case ArgKind::STRING:
       return size <= PATH_MAX + 1;  // copied with a NUL after it (execute)
     case ArgKind::IN_BUF:
     case ArgKind::OUT_BUF:
@@ -408,10 +410,7 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
   for (int i = 0; i < 6; i++) {
     ArgKind kind = specs[i].kind;
     if ((kind != ArgKind::PATH && kind != ArgKind::PATH_OR_NULL) || !buffers[i].present) {
-      continue;
-    }
-    if ((nr == __NR_symlink || nr == __NR_symlinkat) && i == 0) {
-      continue;  // the link's content, not a path looked up now
+      continue;  // STRING arguments (a symlink's content, an xattr name) are not looked up
     }
     int dirfd = (i > 0 && specs[i - 1].kind == ArgKind::FD) ? fdArg(args[i - 1]) : AT_FDCWD;
     switch (classifyPath(dirfd, reinterpret_cast<const char*>(buffers[i].ptr))) {
@@ -423,8 +422,8 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
         if (jobExe_.empty()) {
           break;
         }
-        if (nr == __NR_readlink || nr == __NR_readlinkat) {
-          int bufArg = nr == __NR_readlink ? 1 : 2;
+        if (row->view == HomeView::EXE_LINK) {
+          int bufArg = i + 1;  // the OUT_BUF after the PATH (the table checks the layout)
           int64_t size = static_cast<int64_t>(args[bufArg + 1]);
           if (size <= 0) {
             return -EINVAL;
@@ -442,29 +441,29 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
       }
     }
   }
-  switch (nr) {
-    case __NR_close_range:
+  switch (row->view) {
+    case HomeView::CLOSE_RANGE:
       return closeRange(args);
-    case __NR_poll:
-    case __NR_ppoll:
-      return pollAroundReserved(nr, args);
-    case __NR_select:
-    case __NR_pselect6:
+    case HomeView::POLL:
+      return pollAroundReserved(nr, args, specs[2].kind == ArgKind::VAL);
+    case HomeView::SELECT:
       if (setsNameReserved(args)) {
         return -EBADF;
       }
       break;
-    case __NR_sendmsg:
+    case HomeView::SCM_RIGHTS:
       if (rightsNameReserved()) {
         return -EBADF;
       }
       break;
-    default:
+    case HomeView::NONE:
+    case HomeView::FD_LISTING:
+    case HomeView::EXE_LINK:
       break;
   }
   int64_t ret = interruptibleSyscall(nr, args);
-  if (nr == __NR_getdents64 && ret > 0) {
-    ret = filterProcFdListing(fdArg(args[0]), args, ret);
+  if (row->view == HomeView::FD_LISTING && ret > 0) {
+    ret = filterProcFdListing(nr, fdArg(args[0]), args, ret);
   }
   return ret;
 }
@@ -507,7 +506,7 @@ int64_t Executor::closeRange(uint64_t (&args)[6]) {
 
 // poll(2), ppoll(2): an entry naming one of our descriptors reports POLLNVAL, as for a closed
 // descriptor, and (like the kernel) makes the call return at once.
-int64_t Executor::pollAroundReserved(int nr, uint64_t (&args)[6]) {
+int64_t Executor::pollAroundReserved(int nr, uint64_t (&args)[6], bool timeoutIsValue) {
   HomeBuffer& fdsBuf = currentBuffers[0];
   size_t count = static_cast<size_t>(args[1]);
   std::vector<std::pair<size_t, int>> hidden;
@@ -523,7 +522,7 @@ int64_t Executor::pollAroundReserved(int nr, uint64_t (&args)[6]) {
   }
   static const struct timespec zero = {0, 0};
   if (!hidden.empty()) {
-    if (nr == __NR_poll) {
+    if (timeoutIsValue) {
       args[2] = 0;
     } else {
       args[2] = reinterpret_cast<uint64_t>(&zero);
@@ -666,7 +665,7 @@ bool Executor::isOwnFdDirectory(int fd) {
 
 // getdents64(2) of one of the job's fd directories: our entries removed. A buffer that held only
 // ours is refilled, so the job never mistakes it for the end of the directory.
-int64_t Executor::filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret) {
+int64_t Executor::filterProcFdListing(int nr, int fd, uint64_t (&args)[6], int64_t ret) {
   HomeBuffer& buf = currentBuffers[1];
   if (!buf.present || fds_.empty()) {
     return ret;
@@ -716,7 +715,7 @@ int64_t Executor::filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret) 
     if (kept > 0) {
       return kept;
     }
-    ret = interruptibleSyscall(__NR_getdents64, args);
+    ret = interruptibleSyscall(nr, args);
     if (ret <= 0) {
       return ret;
     }

@@ -16,7 +16,8 @@
 // always private copies. A pointer outside its buffer, or naming a missing buffer, is a malformed
 // request.
 //
-// Deputy-side special cases, because the fd table and /proc/self are shared with the job:
+// Deputy-side special cases, because the fd table and /proc/self are shared with the job (the
+// row's argument kinds and its `view` column, runtime/syscall_table.h HomeView, select them):
 //   - an FD argument naming a reserved descriptor (fds.h): EBADF, as if it were not open;
 //   - dup2/dup3 onto a reserved descriptor: ours moves elsewhere first, then the call runs;
 //   - close_range over reserved descriptors: split into the ranges around them;
@@ -82,10 +83,11 @@ class Executor {
   int64_t run(int nr, uint64_t (&args)[6], const SyscallEntry* row, const ArgSpec (&specs)[6]);
   bool msghdrIsHome();
   int64_t closeRange(uint64_t (&args)[6]);
-  int64_t pollAroundReserved(int nr, uint64_t (&args)[6]);
+  // `timeoutIsValue`: poll's milliseconds (else ppoll's timespec).
+  int64_t pollAroundReserved(int nr, uint64_t (&args)[6], bool timeoutIsValue);
   bool setsNameReserved(uint64_t (&args)[6]);
   bool rightsNameReserved();
-  int64_t filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret);
+  int64_t filterProcFdListing(int nr, int fd, uint64_t (&args)[6], int64_t ret);
   bool isOwnFdDirectory(int fd);
 
   ReservedFds& fds_;

@@ -69,9 +69,9 @@ constexpr ArgSpec NEW_FD{ArgKind::NEW_FD};
 constexpr ArgSpec PATH{ArgKind::PATH};
 constexpr ArgSpec PATH_OR_NULL{ArgKind::PATH_OR_NULL};
 constexpr ArgSpec IGNORED{ArgKind::IGNORED_PTR};
-// Strings that are not paths (xattr names, symlink targets) are read like paths: NUL-terminated,
-// at most PATH_MAX bytes (XATTR_NAME_MAX is 255).
-constexpr ArgSpec STRING = PATH;
+// Strings that are not paths (xattr names, symlink targets) travel like paths: NUL-terminated,
+// at most PATH_MAX bytes (XATTR_NAME_MAX is 255); the deputy does not look them up.
+constexpr ArgSpec STRING{ArgKind::STRING};
 
 constexpr ArgSpec inBuf(uint8_t lenArg) { return {ArgKind::IN_BUF, lenArg, 0}; }
 constexpr ArgSpec outBuf(uint8_t lenArg) { return {ArgKind::OUT_BUF, lenArg, 0}; }
@@ -153,6 +153,12 @@ constexpr SyscallEntry noRestartAfterHandler(SyscallEntry e) {
   return e;
 }
 
+// A forwarded call that the deputy adjusts around its own descriptors or /proc/self/exe.
+constexpr SyscallEntry seenFromHome(HomeView view, SyscallEntry e) {
+  e.view = view;
+  return e;
+}
+
 // Fails with `err`; `why` goes into docs and the job's log.
 constexpr SyscallEntry deny(int nr, const char* name, uint32_t classes, int err,
                             const char* why) {
@@ -196,8 +202,8 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_stat, "stat", FILE, {PATH, outStruct(STAT_BYTES)}),
     forward(__NR_fstat, "fstat", DESC, {FD, outStruct(STAT_BYTES)}),
     forward(__NR_lstat, "lstat", FILE, {PATH, outStruct(STAT_BYTES)}),
-    noRestartAfterHandler(
-        forward(__NR_poll, "poll", DESC, {inoutArray(1, POLLFD_BYTES), VAL, VAL})),
+    noRestartAfterHandler(seenFromHome(
+        HomeView::POLL, forward(__NR_poll, "poll", DESC, {inoutArray(1, POLLFD_BYTES), VAL, VAL}))),
     forward(__NR_lseek, "lseek", DESC, {FD, VAL, VAL}),
     localUnlessFileBacked(__NR_mmap, "mmap", MEMORY | DESC, {VAL, VAL, VAL, VAL, FD, VAL}, MMAP),
     local(__NR_mprotect, "mprotect", MEMORY),
@@ -213,9 +219,10 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_writev, "writev", DESC, {FD, HANDLED, VAL}, IOV),
     forward(__NR_access, "access", FILE, {PATH, VAL}),
     forward(__NR_pipe, "pipe", DESC | IPC, {outStruct(FD_PAIR_BYTES)}),
-    noRestartAfterHandler(forward(
-        __NR_select, "select", DESC,
-        {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMEVAL_BYTES)})),
+    noRestartAfterHandler(seenFromHome(
+        HomeView::SELECT,
+        forward(__NR_select, "select", DESC,
+                {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMEVAL_BYTES)}))),
     local(__NR_sched_yield, "sched_yield", PROC),
     local(__NR_mremap, "mremap", MEMORY),
     local(__NR_msync, "msync", MEMORY),
@@ -239,7 +246,8 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_sendto, "sendto", NETWORK | DESC, {FD, inBuf(2), VAL, VAL, inBuf(5), VAL}),
     forward(__NR_recvfrom, "recvfrom", NETWORK | DESC,
             {FD, outBuf(2), VAL, VAL, outBufLenptr(5), SOCKLEN_PTR}),
-    forward(__NR_sendmsg, "sendmsg", NETWORK | DESC, {FD, HANDLED, VAL}, SOCKMSG),
+    seenFromHome(HomeView::SCM_RIGHTS,
+                 forward(__NR_sendmsg, "sendmsg", NETWORK | DESC, {FD, HANDLED, VAL}, SOCKMSG)),
     forward(__NR_recvmsg, "recvmsg", NETWORK | DESC, {FD, HANDLED, VAL}, SOCKMSG),
     forward(__NR_shutdown, "shutdown", NETWORK | DESC, {FD, VAL}),
     forward(__NR_bind, "bind", NETWORK | DESC, {FD, inBuf(2), VAL}),
@@ -276,7 +284,8 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_link, "link", FILE, {PATH, PATH}),
     forward(__NR_unlink, "unlink", FILE, {PATH}),
     forward(__NR_symlink, "symlink", FILE, {STRING, PATH}),
-    forward(__NR_readlink, "readlink", FILE, {PATH, outBuf(2), VAL}),
+    seenFromHome(HomeView::EXE_LINK,
+                 forward(__NR_readlink, "readlink", FILE, {PATH, outBuf(2), VAL})),
     forward(__NR_chmod, "chmod", FILE, {PATH, VAL}),
     forward(__NR_fchmod, "fchmod", DESC, {FD, VAL}),
     forward(__NR_chown, "chown", FILE, {PATH, VAL, VAL}),
@@ -373,7 +382,8 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_io_submit, "io_submit", DESC, ENOSYS, KERNEL_AIO),
     deny(__NR_io_cancel, "io_cancel", DESC, ENOSYS, KERNEL_AIO),
     forward(__NR_epoll_create, "epoll_create", DESC, {VAL}),
-    forward(__NR_getdents64, "getdents64", DESC, {FD, outBuf(2), VAL}),
+    seenFromHome(HomeView::FD_LISTING,
+                 forward(__NR_getdents64, "getdents64", DESC, {FD, outBuf(2), VAL})),
     emulate(__NR_set_tid_address, "set_tid_address", PROC, SET_TID_ADDRESS),
     local(__NR_restart_syscall, "restart_syscall", SIGNAL),
     forward(__NR_fadvise64, "fadvise64", DESC, {FD, VAL, VAL, VAL}),
@@ -403,16 +413,20 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_renameat, "renameat", DESC | FILE, {FD, PATH, FD, PATH}),
     forward(__NR_linkat, "linkat", DESC | FILE, {FD, PATH, FD, PATH, VAL}),
     forward(__NR_symlinkat, "symlinkat", DESC | FILE, {STRING, FD, PATH}),
-    forward(__NR_readlinkat, "readlinkat", DESC | FILE, {FD, PATH, outBuf(3), VAL}),
+    seenFromHome(HomeView::EXE_LINK,
+                 forward(__NR_readlinkat, "readlinkat", DESC | FILE, {FD, PATH, outBuf(3), VAL})),
     forward(__NR_fchmodat, "fchmodat", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_faccessat, "faccessat", DESC | FILE, {FD, PATH, VAL}),
-    noRestartAfterHandler(forward(
-        __NR_pselect6, "pselect6", DESC,
-        {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMESPEC_BYTES), IGNORED},
-        PSELECT)),
-    noRestartAfterHandler(forward(
-        __NR_ppoll, "ppoll", DESC,
-        {inoutArray(1, POLLFD_BYTES), VAL, inoutStruct(TIMESPEC_BYTES), IGNORED, VAL})),
+    noRestartAfterHandler(seenFromHome(
+        HomeView::SELECT,
+        forward(__NR_pselect6, "pselect6", DESC,
+                {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMESPEC_BYTES),
+                 IGNORED},
+                PSELECT))),
+    noRestartAfterHandler(seenFromHome(
+        HomeView::POLL,
+        forward(__NR_ppoll, "ppoll", DESC,
+                {inoutArray(1, POLLFD_BYTES), VAL, inoutStruct(TIMESPEC_BYTES), IGNORED, VAL}))),
     deny(__NR_unshare, "unshare", PROC, EPERM, NAMESPACES),
     local(__NR_set_robust_list, "set_robust_list", PROC | MEMORY),
     local(__NR_get_robust_list, "get_robust_list", PROC | MEMORY),
@@ -489,7 +503,8 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_fspick, "fspick", FILE, EPERM, MOUNTS),
     forward(__NR_pidfd_open, "pidfd_open", PROC | DESC, {VAL, VAL}),
     deny(__NR_clone3, "clone3", PROC, ENOSYS, FORK_LATER),
-    forward(__NR_close_range, "close_range", DESC, {FD, FD, VAL}),
+    seenFromHome(HomeView::CLOSE_RANGE,
+                 forward(__NR_close_range, "close_range", DESC, {VAL, VAL, VAL})),
     forward(__NR_openat2, "openat2", DESC | FILE, {FD, PATH, inBuf(3), VAL}, OPEN),
     deny(__NR_pidfd_getfd, "pidfd_getfd", PROC | DESC, EPERM,
          "it would take a descriptor from another process's home fd table"),
@@ -669,6 +684,16 @@ constexpr bool opensAPath(const SyscallEntry& e) {
   return false;
 }
 
+// readlink, readlinkat: the PATH, then the OUT_BUF the link's content goes to.
+constexpr bool linksToABuffer(const SyscallEntry& e) {
+  for (int i = 0; i < 5; i++) {
+    if (e.args[i].kind == ArgKind::PATH) {
+      return e.args[i + 1].kind == ArgKind::OUT_BUF;
+    }
+  }
+  return false;
+}
+
 constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
   if (e.name == nullptr || e.name[0] == '\0' || e.nr < 0) {
     return false;
@@ -686,6 +711,12 @@ constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
     return false;
   }
   if (e.handler == HandlerId::OPEN && !opensAPath(e)) {
+    return false;
+  }
+  if (e.view != HomeView::NONE && e.atHome != AtHome::ARGS && e.atHome != AtHome::MSGHDR) {
+    return false;
+  }
+  if (e.view == HomeView::EXE_LINK && !linksToABuffer(e)) {
     return false;
   }
   switch (e.route) {
@@ -763,6 +794,7 @@ const char* argKindName(ArgKind kind) {
     case ArgKind::NEW_FD: return "NEW_FD";
     case ArgKind::PATH: return "PATH";
     case ArgKind::PATH_OR_NULL: return "PATH_OR_NULL";
+    case ArgKind::STRING: return "STRING";
     case ArgKind::IN_BUF: return "IN_BUF";
     case ArgKind::OUT_BUF: return "OUT_BUF";
     case ArgKind::IN_STRUCT: return "IN_STRUCT";
@@ -791,6 +823,19 @@ const char* handlerName(HandlerId handler) {
     case HandlerId::PSELECT: return "PSELECT";
     case HandlerId::SOCKMSG: return "SOCKMSG";
     case HandlerId::OPEN: return "OPEN";
+  }
+  return "?";
+}
+
+const char* homeViewName(HomeView view) {
+  switch (view) {
+    case HomeView::NONE: return "NONE";
+    case HomeView::CLOSE_RANGE: return "CLOSE_RANGE";
+    case HomeView::POLL: return "POLL";
+    case HomeView::SELECT: return "SELECT";
+    case HomeView::SCM_RIGHTS: return "SCM_RIGHTS";
+    case HomeView::FD_LISTING: return "FD_LISTING";
+    case HomeView::EXE_LINK: return "EXE_LINK";
   }
   return "?";
 }

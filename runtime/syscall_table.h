@@ -30,6 +30,8 @@ enum class ArgKind : uint8_t {
                  // not be open, and the deputy moves its own descriptor out of the way
   PATH,          // NUL-terminated path, in; at most PATH_MAX bytes
   PATH_OR_NULL,  // like PATH, NULL allowed (utimensat)
+  STRING,        // a NUL-terminated string that is not looked up as a path now (xattr names,
+                 // symlink targets, memfd names): travels like PATH
   IN_BUF,        // bytes in; length is argument `lenArg`
   OUT_BUF,       // bytes out; capacity is argument `lenArg`; the reply is trimmed to ret bytes
   IN_STRUCT,     // `size` bytes in; NULL passes NULL
@@ -88,6 +90,20 @@ enum class HandlerId : uint8_t {
                 // (maps, status, ...) are served by the supervisor; every other path is regular
 };
 
+// What the deputy does around a call it executes because the job's fd table and /proc/self are
+// shared with the deputy (deputy/executor.h). Independently of it, an FD argument naming one of
+// the deputy's reserved descriptors is EBADF and a NEW_FD argument moves it out of the way.
+enum class HomeView : uint8_t {
+  NONE,
+  CLOSE_RANGE,  // the range minus the deputy's descriptors
+  POLL,         // pollfd entries naming a deputy descriptor report POLLNVAL
+  SELECT,       // fd_sets naming a deputy descriptor: EBADF
+  SCM_RIGHTS,   // SCM_RIGHTS control data naming a deputy descriptor: EBADF
+  FD_LISTING,   // listings of the job's /proc/<pid>/fd and fdinfo without the deputy's entries
+  EXE_LINK,     // readlink of /proc/self/exe answers the job's executable; the buffer is the
+                // OUT_BUF right after the PATH
+};
+
 // What the deputy executes of a syscall when a request for it arrives at home. Derived from the
 // route and the handler by the row constructors (HELPER is the one explicit choice); the deputy
 // refuses every request whose row says NEVER, and checks the others' buffers against the kinds
@@ -126,6 +142,7 @@ struct SyscallEntry {
   int restart;          // FORWARD: what a native call returns when a signal cuts it short,
                         // ERESTARTSYS or ERESTARTNOHAND (the guest sees it when a signal
                         // interrupts the call at home)
+  HomeView view = HomeView::NONE;  // ARGS/MSGHDR: what the deputy does around the call
   const char* test = nullptr;  // the conformance program that checks it, natively and on a
                                // remote node (tests/syscalls/<test>.cc); nullptr: none yet
 };
@@ -145,6 +162,7 @@ const char* routeName(Route route);
 const char* argKindName(ArgKind kind);
 const char* handlerName(HandlerId handler);
 const char* atHomeName(AtHome atHome);
+const char* homeViewName(HomeView view);
 
 // The restart code of syscall `nr` (its row's `restart`; ERESTARTSYS without a row).
 int restartCode(int nr);

@@ -97,6 +97,19 @@ std::string notes(const SyscallEntry& e) {
   } else {
     out = handlerNote(e);
   }
+  const char* view = nullptr;
+  switch (e.view) {
+    case HomeView::NONE: break;
+    case HomeView::CLOSE_RANGE: view = "the deputy's own descriptors stay open"; break;
+    case HomeView::POLL: view = "entries naming a deputy descriptor report POLLNVAL"; break;
+    case HomeView::SELECT: view = "sets naming a deputy descriptor fail with EBADF"; break;
+    case HomeView::SCM_RIGHTS: view = "SCM_RIGHTS naming a deputy descriptor fails with EBADF"; break;
+    case HomeView::FD_LISTING: view = "/proc/self/fd listings omit the deputy's descriptors"; break;
+    case HomeView::EXE_LINK: view = "/proc/self/exe reads the job's executable"; break;
+  }
+  if (view != nullptr) {
+    out += std::string(out.empty() ? "" : "; ") + "at home: " + view;
+  }
   if (e.atHome == AtHome::HELPER) {
     out += "; the supervisor sends it home itself, with these arguments";
   }
@@ -142,7 +155,8 @@ std::string render() {
        "the i386 entry (`int 0x80`) kills the guest.\n\n"
     << "A FORWARD row without a handler is *regular*: its argument kinds say everything and one "
        "generic marshaller forwards it. Argument kinds: `FD` a descriptor of the job's home fd "
-       "table; `NEW_FD` a descriptor number the call assigns; `VAL` a plain value; `PATH` a NUL-terminated string (at most PATH_MAX); "
+       "table; `NEW_FD` a descriptor number the call assigns; `VAL` a plain value; `PATH` a NUL-terminated path (at most PATH_MAX); `STRING` a "
+       "NUL-terminated string that is not a path (xattr names, symlink targets); "
        "`IN_BUF[aN]`/`OUT_BUF[aN]` bytes whose length is argument N (out-buffers are trimmed "
        "to the result); `*_STRUCT(n)` n bytes, NULL stays NULL; `*_ARRAY[aN×n]` argument N "
        "elements of n bytes; `INOUT_BITS[aN]` an fd_set of argument N descriptors; "

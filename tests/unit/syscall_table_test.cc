@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 
 #include <catch2/catch.hpp>
+#include <map>
 #include <set>
 #include <string>
 
@@ -241,7 +242,7 @@ TEST_CASE("what the deputy executes follows from the route and the handler",
     CHECK(row(name).atHome == AtHome::NEVER);
   }
   CHECK(row("memfd_create").route == Route::DENY);
-  CHECK(row("memfd_create").args[0].kind == ArgKind::PATH);
+  CHECK(row("memfd_create").args[0].kind == ArgKind::STRING);
   CHECK(row("memfd_create").args[1].kind == ArgKind::VAL);
 }
 
@@ -280,4 +281,45 @@ TEST_CASE("restart codes are a column: ERESTARTNOHAND for the poll, select and e
                                         "epoll_pwait", "epoll_pwait2"});
   CHECK(restartCode(__NR_read) == ERESTARTSYS);
   CHECK(restartCode(100000) == ERESTARTSYS);
+}
+
+TEST_CASE("the deputy's views around its own descriptors are a column", "[runtime][syscalls]") {
+  std::map<std::string, HomeView> views;
+  for (const SyscallEntry& e : syscallTable()) {
+    if (e.view != HomeView::NONE) {
+      views[e.name] = e.view;
+    }
+  }
+  CHECK(views == std::map<std::string, HomeView>{{"close_range", HomeView::CLOSE_RANGE},
+                                                 {"poll", HomeView::POLL},
+                                                 {"ppoll", HomeView::POLL},
+                                                 {"select", HomeView::SELECT},
+                                                 {"pselect6", HomeView::SELECT},
+                                                 {"sendmsg", HomeView::SCM_RIGHTS},
+                                                 {"getdents64", HomeView::FD_LISTING},
+                                                 {"readlink", HomeView::EXE_LINK},
+                                                 {"readlinkat", HomeView::EXE_LINK}});
+  // Symlink targets and xattr names are strings, not paths the deputy looks up.
+  CHECK(row("symlink").args[0].kind == ArgKind::STRING);
+  CHECK(row("symlinkat").args[0].kind == ArgKind::STRING);
+  CHECK(row("setxattr").args[1].kind == ArgKind::STRING);
+  CHECK(isPointerKind(ArgKind::STRING));
+}
+
+TEST_CASE("every conformance program the table names checks at least one row",
+          "[runtime][syscalls]") {
+  std::map<std::string, int> rows;
+  for (const SyscallEntry& e : syscallTable()) {
+    if (e.test != nullptr) {
+      rows[e.test]++;
+    }
+  }
+  auto programs = conformancePrograms();
+  REQUIRE(programs.size() == rows.size());
+  for (const char* p : programs) {
+    INFO(p);
+    CHECK(rows[p] > 0);
+  }
+  CHECK(std::string(row("openat2").test) == "proc_self");
+  CHECK(std::string(row("sendmsg").test) == "sockmsg");
 }
