@@ -349,9 +349,10 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
         return kj::mv(*r);
       }
       if (guestHasSignalToTake()) {
-        // Answer -ERESTARTSYS with the signal pending: on its way out of the syscall the guest's
-        // kernel runs the handler and then restarts the call or returns EINTR as SA_RESTART says,
-        // or stops, or dies: exactly what a native blocking call does (signal(7)).
+        // Answer the row's restart code (-ERESTARTSYS, -ERESTARTNOHAND) with the signal pending:
+        // on its way out of the syscall the guest's kernel runs the handler and then restarts
+        // the call or returns EINTR as SA_RESTART says, or stops, or dies: exactly what a native
+        // blocking call does (signal(7)).
         *interrupted = true;
         return kj::mv(*r);
       }

@@ -145,8 +145,8 @@ class Supervisor {
       const std::function<bool(proto::ToRemote::Reader)>& isMine, uint64_t seq = 0);
   // Sends `request` (a ToDeputy with a syscall) and waits for its reply. When a signal
   // interrupted the deputy's call: if the guest has a signal to take, sets *interrupted (the
-  // caller answers -ERESTARTSYS); otherwise (the guest blocks it) runs the call again at home.
-  // nullptr: the deputy is gone.
+  // caller answers the row's restart code); otherwise (the guest blocks it) runs the call again
+  // at home. nullptr: the deputy is gone.
   kj::Maybe<kj::Own<capnp::MessageReader>> roundTrip(capnp::MallocMessageBuilder& request,
                                                      uint64_t seq, bool* interrupted);
   // roundTrip for a handler: the reply message, or nullptr when the guest must see the

@@ -103,7 +103,9 @@ std::string notes(const SyscallEntry& e) {
     case HomeView::CLOSE_RANGE: view = "the deputy's own descriptors stay open"; break;
     case HomeView::POLL: view = "entries naming a deputy descriptor report POLLNVAL"; break;
     case HomeView::SELECT: view = "sets naming a deputy descriptor fail with EBADF"; break;
-    case HomeView::SCM_RIGHTS: view = "SCM_RIGHTS naming a deputy descriptor fails with EBADF"; break;
+    case HomeView::SCM_RIGHTS:
+      view = "SCM_RIGHTS naming a deputy descriptor fails with EBADF";
+      break;
     case HomeView::FD_LISTING: view = "/proc/self/fd listings omit the deputy's descriptors"; break;
     case HomeView::EXE_LINK: view = "/proc/self/exe reads the job's executable"; break;
   }
