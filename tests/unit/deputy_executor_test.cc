@@ -423,6 +423,20 @@ TEST_CASE("deputy runs memfd_create, a DENY row, as the supervisor's home helper
   close(static_cast<int>(fd));
 }
 
+TEST_CASE("deputy looks up PATH arguments, not STRING ones, as the job's /proc paths",
+          "[deputy][table]") {
+  Harness h;
+  std::string reserved = "/proc/self/fd/" + std::to_string(h.reservedFd());
+  // The target of symlink(2) is a STRING: a link whose content names a deputy descriptor is
+  // just bytes, and is created.
+  std::string link = uniqueTempPath();
+  CHECK(h.ret({__NR_symlink, {0, 0}, {{0, withNul(reserved)}, {1, withNul(link)}}, {}}) == 0);
+  CHECK(readLinkOf(link) == reserved);
+  unlink(link.c_str());
+  // As a PATH, the same name is a descriptor the job does not have.
+  CHECK(h.ret({__NR_readlink, {0, 0, 256}, {{0, withNul(reserved)}}, {{1, 256}}}) == -ENOENT);
+}
+
 TEST_CASE("deputy logs each refused syscall once and goes on", "[deputy][table]") {
   CapturedLog log;
   Harness h;
