@@ -26,21 +26,6 @@
 
 namespace mos::remote {
 
-int restartCode(int nr) {
-  switch (nr) {
-    case __NR_poll:
-    case __NR_ppoll:
-    case __NR_select:
-    case __NR_pselect6:
-    case __NR_epoll_wait:
-    case __NR_epoll_pwait:
-    case __NR_epoll_pwait2:
-      return ERESTARTNOHAND;
-    default:
-      return ERESTARTSYS;
-  }
-}
-
 Answer Answer::interrupted(int nr) { return Answer::of(-restartCode(nr)); }
 
 // Reads a hex signal set line ("SigBlk:\t0000000000010000") of /proc/PID/status.
@@ -293,6 +278,8 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
     }
     case HandlerId::SOCKMSG:
       return handleSockmsg(notif);
+    case HandlerId::OPEN:
+      return forwardRegular(notif, entry->args);  // it serves the job's /proc files itself
     case HandlerId::MMAP:
       break;
   }
@@ -366,9 +353,10 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
         return kj::mv(*r);
       }
       if (guestHasSignalToTake()) {
-        // Answer -ERESTARTSYS with the signal pending: on its way out of the syscall the guest's
-        // kernel runs the handler and then restarts the call or returns EINTR as SA_RESTART says,
-        // or stops, or dies: exactly what a native blocking call does (signal(7)).
+        // Answer the row's restart code (-ERESTARTSYS, -ERESTARTNOHAND) with the signal pending:
+        // on its way out of the syscall the guest's kernel runs the handler and then restarts
+        // the call or returns EINTR as SA_RESTART says, or stops, or dies: exactly what a native
+        // blocking call does (signal(7)).
         *interrupted = true;
         return kj::mv(*r);
       }
@@ -411,17 +399,12 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
     // The memory we read may belong to a task that is no longer the one that trapped.
     return Answer::drop();
   }
-  if (notif.data.nr == __NR_open || notif.data.nr == __NR_openat) {
+  const SyscallEntry* entry = findSyscall(notif.data.nr);
+  if (entry != nullptr && entry->handler == HandlerId::OPEN) {
     // The path is already in the request: an open of the job's own /proc files is served here.
-    uint8_t pathArg = notif.data.nr == __NR_openat ? 1 : 0;
-    for (auto in : request.getIn()) {
-      if (in.getArg() == pathArg) {
-        auto bytes = in.getData();
-        std::string path(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
-        path.resize(strnlen(path.c_str(), path.size()));  // PATH buffers carry their NUL
-        KJ_IF_MAYBE(answer, serveJobProcFile(notif, path)) {
-          return *answer;
-        }
+    KJ_IF_MAYBE(open, describeOpen(specs, args, request.asReader())) {
+      KJ_IF_MAYBE(answer, serveJobProcFile(notif, open->path, open->dirfd, open->flags)) {
+        return *answer;
       }
     }
   }

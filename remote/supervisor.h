@@ -61,7 +61,7 @@ struct Answer {
   static Answer cont() { return Answer{CONTINUE, 0}; }
   static Answer drop() { return Answer{DROP, 0}; }
   // The answer for a call of syscall `nr` cut short at home by a signal the guest will now take:
-  // the kernel's restart code that a native call of `nr` returns (see restartCode).
+  // the kernel's restart code that a native call of `nr` returns (its row's `restart`).
   static Answer interrupted(int nr);
 };
 
@@ -69,6 +69,20 @@ struct Answer {
 // (/proc/self/, /proc/thread-self/, /proc/<homePid>/, /proc/<homePid>/task/<homePid>/) when that
 // file describes the user part (maps, status, cmdline, ...); "" otherwise.
 std::string jobProcFile(const std::string& path, int32_t homePid);
+
+// What an open (a row with handler OPEN: open, openat, openat2) marshalled into `request`
+// opens, from the row's argument kinds `specs` and the guest's `args`: the first PATH argument
+// (without its NUL), the FD before it (AT_FDCWD for open) and the open(2) flags after it, a value
+// or, for openat2, the open_how in-buffer. nullptr when the path did not travel (NULL), or when
+// the open_how asks for more than flags (a mode, RESOLVE_* other than RESOLVE_NO_MAGICLINKS,
+// flags beyond 32 bits, a size below OPEN_HOW_SIZE_VER0): such a call is forwarded as it is.
+struct OpenCall {
+  std::string path;
+  int dirfd = 0;
+  int flags = 0;
+};
+kj::Maybe<OpenCall> describeOpen(const ArgSpec (&specs)[6], const uint64_t (&args)[6],
+                                 proto::SyscallRequest::Reader request);
 
 // Reads `count` iovecs at guest address `at` into `iov` and their total length, capped at
 // MAX_FORWARD_BYTES, into `total`. Returns 0, EFAULT (unreadable) or EINVAL (the lengths
@@ -94,17 +108,6 @@ uint64_t statusMask(const std::string& status, const char* key);
 // While a forwarded call blocks at home, how often the supervisor checks whether the guest has a
 // signal of this node to take (milliseconds).
 inline constexpr int CANCEL_CHECK_MS = 50;
-
-// The kernel's "restart this syscall unless a handler without SA_RESTART runs" code
-// (include/linux/errno.h; not exported to user space). A notification answered with it while a
-// signal is pending makes the guest's kernel apply the native restart rules (signal(7)).
-inline constexpr int ERESTARTSYS = 512;
-// "Restart only if no handler ran" (poll, select and epoll_wait: signal(7) lists them among the
-// calls that fail with EINTR after a handler regardless of SA_RESTART, yet resume after a stop).
-inline constexpr int ERESTARTNOHAND = 514;
-
-// The restart code a native blocking call of syscall `nr` returns when a signal interrupts it.
-int restartCode(int nr);
 
 class Supervisor {
  public:
@@ -162,8 +165,8 @@ class Supervisor {
       const std::function<bool(proto::ToRemote::Reader)>& isMine, uint64_t seq = 0);
   // Sends `request` (a ToDeputy with a syscall) and waits for its reply. When a signal
   // interrupted the deputy's call: if the guest has a signal to take, sets *interrupted (the
-  // caller answers -ERESTARTSYS); otherwise (the guest blocks it) runs the call again at home.
-  // nullptr: the deputy is gone.
+  // caller answers the row's restart code); otherwise (the guest blocks it) runs the call again
+  // at home. nullptr: the deputy is gone.
   kj::Maybe<kj::Own<capnp::MessageReader>> roundTrip(capnp::MallocMessageBuilder& request,
                                                      uint64_t seq, bool* interrupted);
   // roundTrip for a handler: the reply message, or nullptr when the guest must see the
@@ -179,9 +182,11 @@ class Supervisor {
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);
   Answer handleSockmsg(const seccomp_notif& notif);  // sys_socket.cc
-  // open/openat of `path`, one of the job's own /proc files that describe its user part
+  // An open (handler OPEN: open, openat, openat2) of `path` relative to `dirfd` with open(2)
+  // `flags`, when `path` is one of the job's own /proc files that describe its user part
   // (sys_proc.cc); nullptr: not such a file, forward as usual.
-  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif, const std::string& path);
+  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif, const std::string& path,
+                                     int dirfd, int flags);
   // Runs a syscall with plain value arguments at home; returns its result (-EINTR if a signal
   // cut it short).
   int64_t forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args);

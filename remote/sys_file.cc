@@ -193,7 +193,7 @@ Answer Supervisor::handleMmap(const seccomp_notif& notif) {
     // The kernel's own checks come first (mmap(2)): a descriptor not open for writing is EACCES.
     int64_t openFlags = forwardPlain(notif.id, __NR_fcntl, {static_cast<uint64_t>(fd), F_GETFL});
     if (openFlags < 0) {
-      return Answer::of(openFlags == -EINTR ? -ERESTARTSYS : openFlags);
+      return openFlags == -EINTR ? Answer::interrupted(notif.data.nr) : Answer::of(openFlags);
     }
     if ((openFlags & O_ACCMODE) != O_RDWR) {
       return Answer::of(-EACCES);
