@@ -171,7 +171,10 @@ std::string Supervisor::resolveImageFile(proto::FileRef::Reader ref) {
 
 void Supervisor::startGuest() {
   auto filter = buildGuestFilter();
+  // The guest's kernel pid is its home pid (docs/design.md, "Home ids in the guest's kernel").
+  pidNamespace_ = JobPidNamespace::create();
   migrate::RestoreOptions options;
+  options.pid = start_.getIds().getPid();
   options.seccompFilter = std::span<const sock_filter>(filter.data(), filter.size());
   // Once the supervisor has received a notification, only SIGKILL ends the guest's wait: a
   // signal is then handled by the supervisor's answer (see roundTrip), which is what makes a
@@ -481,6 +484,12 @@ void Supervisor::onChildEvent() {
     if (pid <= 0) {
       return;
     }
+    if (pidNamespace_.isReaper(pid)) {
+      // Killed from outside: the namespace and the guest died with it (reported below).
+      spdlog::warn("job {}: the reaper of its pid namespace died", start_.getIds().getPid());
+      pidNamespace_.reaped();
+      continue;
+    }
     if (pid != guest_) {
       continue;
     }
@@ -529,7 +538,9 @@ void Supervisor::endJob(int status) {
     kill(guest_, SIGKILL);
     int ignored;
     waitpid(guest_, &ignored, __WALL);
+    guest_ = -1;
   }
+  pidNamespace_ = JobPidNamespace();
   record_.unlink();
   _exit(status);
 }

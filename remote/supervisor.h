@@ -36,6 +36,7 @@
 #include "job.capnp.h"
 #include "job_registry.h"
 #include "marshal.h"
+#include "pid_namespace.h"
 #include "syscall_table.h"
 
 namespace mos::remote {
@@ -180,6 +181,7 @@ class Supervisor {
   FileCache* cache_ = nullptr;
   kj::Own<FileCache> ownedCache_;
   pid_t guest_ = -1;
+  JobPidNamespace pidNamespace_;   // the guest's pid namespace; its reaper is our child
   kj::AutoCloseFd listener_;
   OwnedJobRecord record_;
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
