@@ -79,7 +79,7 @@ TEST_CASE("the reaper is pid 1 of a new namespace and children are born in it",
             return 10;
           }
           // setNextPid places the next child exactly.
-          for (int want : {4242, 300, 4243}) {
+          for (int want : {4242, 300, 4243, 100000}) {  // 100000: above a default pid_max
             if (ns.setNextPid(want) != 0) {
               return 11;
             }
