@@ -4,10 +4,12 @@ Home ids in the guest's own kernel: a guest lives in a pid namespace of its job 
 node, at its home pid, so the ids that the remote kernel writes itself are home ids."""
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
-from conftest import PYTHON
+from conftest import PYTHON, REMOTE_DIED, proc_alive, wait_until
 
 IDS = r'''
 import ctypes, json, os, signal, sys
@@ -67,3 +69,22 @@ def test_guest_kernel_pid_is_home_pid(cluster, home):
     status, out, err = job.wait(timeout=60)  # closes the job's stdin: it reads EOF and ends
     assert status == 0, err
     assert out.endswith(b"bye\n")
+
+
+def test_namespace_dies_with_its_supervisor(cluster, home):
+    """A supervisor killed outright (no cleanup of its own) takes its reaper, and with it the
+    whole pid namespace and the guest, along; the job ends as for a dead node."""
+    (home / "wait.py").write_text("import sys\nprint('up', flush=True)\nsys.stdin.read()\n")
+    job = cluster.start(1, ["mosrun", "-r", "2", PYTHON, "wait.py"], cwd=home,
+                        stdin=subprocess.PIPE)
+    job.read_until(b"up\n", timeout=60)
+    guest = cluster.wait_remote(job, "wait.py")["remotePid"]
+    supervisor = int(Path(f"/proc/{guest}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    reaper = next(int(c) for c in children if int(c) != guest)
+    assert ns_pids(reaper)[1:] == [1]
+    os.kill(supervisor, signal.SIGKILL)
+    wait_until(lambda: not proc_alive(reaper) and not proc_alive(guest), timeout=10,
+               what="the reaper and the guest to die with their supervisor")
+    status, out, err = job.wait(timeout=60)
+    assert status == REMOTE_DIED, (status, err)
