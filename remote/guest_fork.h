@@ -14,7 +14,9 @@
 //      pending (rax = -ERESTARTNOINTR, orig_rax = the call);
 //   2. rewriteAsSiblingClone() on its registers; PTRACE_CONT: the kernel restarts the call,
 //      now clone(CLONE_PARENT...), which is notified again;
-//   3. JobPidNamespace::setNextPid(child's home pid) and CONTINUE: the kernel forks, the parent
+//   3. the deputy forks at home (its reply is the child's home pid; asked only now, since a
+//      signal pending at step 1 runs its handler before the call restarts, as natively),
+//      JobPidNamespace::setNextPid(child's home pid) and CONTINUE: the kernel forks, the parent
 //      stops at PTRACE_EVENT_FORK/VFORK/CLONE (the message is the child's node pid), the child
 //      at its first stop;
 //   4. restoreArgumentRegisters() in both (inline syscall wrappers keep values in the argument
