@@ -18,6 +18,7 @@
 #include <string>
 
 #include <kj/common.h>
+#include <kj/function.h>
 #include <kj/io.h>
 
 #include "marshal.h"
@@ -121,7 +122,8 @@ class GuestProcess {
 
 // The real guest: a child of this process (the restored stub), with SIGCHLD blocked and read
 // through a signalfd. The supervisor owns waitpid(-1, __WALL) (design decision 8): nextEvent()
-// reaps every child and reports only the guest's.
+// reaps every child and reports only the guest's; the end of any other child (the reaper of the
+// guest's pid namespace) goes to the handler given to onOtherChild.
 class ChildGuest final : public GuestProcess {
  public:
   // `sigchld` is a signalfd for SIGCHLD (non-blocking), which the caller blocked before the
@@ -137,10 +139,14 @@ class ChildGuest final : public GuestProcess {
   kj::Maybe<int> nextEvent() override;
   void kill() override;
 
+  // Called with the pid and waitpid(2) status of every other child that nextEvent() reaps.
+  void onOtherChild(kj::Function<void(pid_t, int)> handler) { otherChild_ = kj::mv(handler); }
+
  private:
   pid_t pid_;
   ProcessMemory memory_;
   kj::AutoCloseFd sigchld_;
+  kj::Maybe<kj::Function<void(pid_t, int)>> otherChild_;
 };
 
 }  // namespace mos::remote

@@ -174,7 +174,10 @@ std::string Supervisor::resolveImageFile(proto::FileRef::Reader ref) {
 
 void Supervisor::startGuest() {
   auto filter = buildGuestFilter();
+  // The guest's kernel pid is its home pid (docs/design.md, "Home ids in the guest's kernel").
+  pidNamespace_ = JobPidNamespace::create();
   migrate::RestoreOptions options;
+  options.pid = start_.getIds().getPid();
   options.seccompFilter = std::span<const sock_filter>(filter.data(), filter.size());
   // Once the supervisor has received a notification, only SIGKILL ends the guest's wait: a
   // signal is then handled by the supervisor's answer (see roundTrip), which is what makes a
@@ -184,7 +187,16 @@ void Supervisor::startGuest() {
       start_.getImage(),
       [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); }, options);
   guest_ = guest.pid;
-  guestProcess_ = kj::heap<ChildGuest>(guest_, kj::mv(signalFd_));
+  auto child = kj::heap<ChildGuest>(guest_, kj::mv(signalFd_));
+  child->onOtherChild([this](pid_t pid, int) {
+    if (pidNamespace_.isReaper(pid)) {
+      // Killed from outside: the namespace and the guest died with it (reported as the guest's
+      // own end by the next event).
+      spdlog::warn("job {}: the reaper of its pid namespace died", start_.getIds().getPid());
+      pidNamespace_.reaped();
+    }
+  });
+  guestProcess_ = kj::mv(child);
   unotify_ = kj::heap<KernelUnotify>(kj::mv(guest.listener));
   record_ = OwnedJobRecord::create(options_.runDir, "guests", getpid(), start_.getIds().getPid(),
                                    options_.peerNode, start_.getCommand());
@@ -510,6 +522,7 @@ void Supervisor::endJob(int status) {
   if (guest_ > 0) {
     guestProcess_->kill();
   }
+  pidNamespace_ = JobPidNamespace();
   record_.unlink();
   exit_(status);
   abort();  // exit_ does not return

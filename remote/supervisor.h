@@ -40,6 +40,7 @@
 #include "job_registry.h"
 #include "marshal.h"
 #include "seccomp_unotify.h"
+#include "pid_namespace.h"
 #include "syscall_table.h"
 
 namespace mos::remote {
@@ -208,6 +209,7 @@ class Supervisor {
   pid_t guest_ = -1;               // the guest's pid on this node; -1 once it ended
   kj::Own<GuestProcess> guestProcess_;  // the guest's memory, signals, /proc and wait status
   kj::Own<SeccompUnotify> unotify_;     // the guest's notification listener
+  JobPidNamespace pidNamespace_;   // the guest's pid namespace; its reaper is our child
   OwnedJobRecord record_;
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
   std::set<int> reported_;         // syscalls already logged as unsupported for this job
