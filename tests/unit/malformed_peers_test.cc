@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -40,6 +41,7 @@
 #include "job.capnp.h"
 #include "node.capnp.h"
 #include "node_client.h"
+#include "migrate.h"
 #include "signals.h"
 
 #ifndef MOSD_PATH
@@ -340,6 +342,9 @@ class Conn {
     uint8_t accepted = 0;
     return receive(&accepted, 1) && accepted == mos::AUTH_ACCEPTED;
   }
+
+  // The connection, for use as a job channel.
+  kj::AutoCloseFd release() { return kj::mv(fd_); }
 
   // Half-closes and reads until the peer closes (true; a reset counts) or 60 s pass (false).
   bool finish() {
@@ -725,12 +730,12 @@ TEST_CASE("mosd survives 10,000 malformed handshakes and frames and keeps servin
 namespace {
 
 // A deputy running its loop in a forked child, its log thrown away; this process plays the
-// supervisor.
+// supervisor. The job's stdin is `stdinFd` when given.
 struct Deputy {
   pid_t pid = -1;
   kj::AutoCloseFd peer;
 
-  Deputy() {
+  explicit Deputy(int stdinFd = -1) {
     int sv[2];
     REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     pid = fork();
@@ -740,6 +745,9 @@ struct Deputy {
       int devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
       dup2(devnull, STDOUT_FILENO);
       dup2(devnull, STDERR_FILENO);
+      if (stdinFd >= 0) {
+        dup2(stdinFd, STDIN_FILENO);
+      }
       mos::deputy::blockAllSignals();
       mos::deputy::installSignalHandlers();
       static mos::deputy::ReservedFds fds;
@@ -1013,4 +1021,242 @@ TEST_CASE("the deputy answers or ignores ToDeputy messages with wrong fields and
   CHECK(rssAfter <= rssBefore + 4096);
   int status;
   CHECK(waitpid(d.pid, &status, WNOHANG) == 0);  // still running
+}
+
+// --- The supervisor's reader, in a running job ----------------------------------------------
+
+namespace {
+
+constexpr int SUPERVISOR_INPUTS = 60;
+
+// /bin/cat captured at its exec stop (the image mosrun's agent sends).
+std::unique_ptr<capnp::MallocMessageBuilder> catImage() {
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ptrace(PTRACE_TRACEME, 0, 0, 0);
+    execl("/bin/cat", "cat", nullptr);
+    _exit(127);
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFSTOPPED(status));
+  auto message = std::make_unique<capnp::MallocMessageBuilder>();
+  auto error = kj::runCatchingExceptions([&]() {
+    mos::migrate::capture(pid, message->initRoot<mos::proto::MigrationImage>());
+  });
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  REQUIRE(error == nullptr);
+  return message;
+}
+
+template <typename T>
+void forward(capnp::MessageReader& from, mos::Channel& to) {
+  capnp::MallocMessageBuilder copy;
+  copy.setRoot(from.getRoot<T>());
+  to.send(copy);
+}
+
+// Waits until `a` or `b` has a message; 0 for a, 1 for b, -1 after 60 s.
+int nextReadable(mos::Channel& a, mos::Channel& b) {
+  if (a.hasBuffered()) {
+    return 0;
+  }
+  if (b.hasBuffered()) {
+    return 1;
+  }
+  struct pollfd fds[2] = {{a.fd(), POLLIN, 0}, {b.fd(), POLLIN, 0}};
+  if (poll(fds, 2, 60000) <= 0) {
+    return -1;
+  }
+  return (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) ? 0 : 1;
+}
+
+// Relays between the supervisor and the deputy until the guest waits in read(0) at home; true
+// then (the request went to the deputy), false when either side ended first.
+bool relayUntilGuestReadsStdin(mos::Channel& supervisor, mos::Channel& deputy, uint64_t& seq) {
+  for (;;) {
+    int side = nextReadable(supervisor, deputy);
+    if (side < 0) {
+      return false;
+    }
+    if (side == 0) {
+      KJ_IF_MAYBE(m, supervisor.receive()) {
+        forward<mos::proto::ToDeputy>(**m, deputy);
+        auto root = (*m)->getRoot<mos::proto::ToDeputy>();
+        if (root.isSyscall() && root.getSyscall().getNr() == __NR_read &&
+            root.getSyscall().getArgs().size() > 0 && root.getSyscall().getArgs()[0] == 0) {
+          seq = root.getSyscall().getSeq();
+          return true;
+        }
+      } else {
+        return false;
+      }
+    } else {
+      KJ_IF_MAYBE(m, deputy.receive()) {
+        forward<mos::proto::ToRemote>(**m, supervisor);
+      } else {
+        return false;
+      }
+    }
+  }
+}
+
+std::string toRemote(const std::function<void(mos::proto::ToRemote::Builder)>& fill) {
+  capnp::MallocMessageBuilder message;
+  fill(message.initRoot<mos::proto::ToRemote>());
+  return frameOf(message);
+}
+
+// A ToRemote that parses but answers nothing the supervisor asked for.
+std::string strayToRemote(uint64_t pendingSeq) {
+  switch (below(5)) {
+    case 0:
+      return toRemote([&](mos::proto::ToRemote::Builder m) {
+        auto r = m.initReply();
+        r.setSeq(pendingSeq + 1 + below(1000));
+        r.setRet(int64_t(rng()));
+        auto out = r.initOut(below(3));
+        for (uint i = 0; i < out.size(); i++) {
+          out.set(i, bytesOf(randomBytes(below(64))));
+        }
+      });
+    case 1:
+      return toRemote([](mos::proto::ToRemote::Builder m) {
+        m.setSignal(below(2) ? -int32_t(below(100)) : 65 + int32_t(below(100000)));
+      });
+    case 2:
+      return toRemote([](mos::proto::ToRemote::Builder m) {
+        auto f = m.initFileInfo();
+        f.setId(rng());
+        f.setErr(uint16_t(rng()));
+      });
+    case 3:
+      return toRemote([](mos::proto::ToRemote::Builder m) {
+        auto f = m.initFileData();
+        f.setId(rng());
+        f.setOffset(rng());
+        f.setData(bytesOf(randomBytes(below(256))));
+        f.setLast(below(2));
+      });
+    default: {
+      std::string a = toRemote([](mos::proto::ToRemote::Builder m) { m.setSignal(0); });
+      std::string b = toRemote([](mos::proto::ToRemote::Builder m) {
+        m.initReply().setSeq(0);
+      });
+      // The tag sits where the two differ first... unless the pointer differs first; then a
+      // signal with an unknown tag is simply one more stray message.
+      size_t at = 8;
+      while (at < a.size() && at < b.size() && a[at] == b[at]) {
+        at++;
+      }
+      if (at + 1 < a.size() && a.size() == b.size()) {
+        uint16_t tag = uint16_t(4 + below(65530));
+        memcpy(&a[at & ~size_t(1)], &tag, sizeof(tag));
+      }
+      return a;
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("the supervisor ends a job, never itself, on ToRemote messages that do not parse",
+          "[remote][fuzz]") {
+  if (geteuid() != 0) {
+    WARN("needs root (the guest runs as nobody)");
+    return;
+  }
+  auto image = catImage();
+  Mosd mosd;
+  int ended = 0, survived = 0;
+  for (int i = 0; i < SUPERVISOR_INPUTS; i++) {
+    int kind = i % 6;
+    int stdinPipe[2];
+    REQUIRE(pipe2(stdinPipe, O_CLOEXEC) == 0);
+    kj::AutoCloseFd stdinRead(stdinPipe[0]), stdinWrite(stdinPipe[1]);
+    Conn conn(mosd.port);
+    REQUIRE(conn.handshake("UMOSJOB1", keyOf(KEY_FILL), 1));
+    mos::Channel supervisor(conn.release());
+    Deputy d(stdinRead.get());
+    {
+      capnp::MallocMessageBuilder message;
+      auto start = message.initRoot<mos::proto::JobStart>();
+      start.setHomeNode(1);
+      auto ids = start.initIds();
+      ids.setPid(d.pid);
+      ids.setTid(d.pid);
+      start.setCommand("cat");
+      start.setImage(image->getRoot<mos::proto::MigrationImage>());
+      supervisor.send(message);
+    }
+    mos::Channel deputy(kj::AutoCloseFd(dup(d.peer.get())));
+    uint64_t seq = 0;
+    INFO("input " << i << " (kind " << kind << ")\nmosd log:\n" << readFile(mosd.log));
+    REQUIRE(relayUntilGuestReadsStdin(supervisor, deputy, seq));
+
+    std::string garbage;
+    switch (kind) {
+      case 0:
+        garbage = randomBytes(1 + below(512));
+        break;
+      case 1:
+        garbage = oversizedFrame();
+        break;
+      case 2:
+        garbage = mutate(toRemote([&](mos::proto::ToRemote::Builder m) {
+          auto r = m.initReply();
+          r.setSeq(seq);
+          r.setRet(2);
+          r.initOut(1).set(0, bytesOf("x\n"));
+        }));
+        break;
+      case 3:
+        garbage = truncated(toRemote([&](mos::proto::ToRemote::Builder m) {
+          m.initReply().setSeq(seq);
+        }));
+        break;
+      default:
+        for (int k = 0; k < 5; k++) {
+          garbage += strayToRemote(seq);
+        }
+        break;
+    }
+    {
+      int fd = supervisor.fd();
+      REQUIRE(send(fd, garbage.data(), garbage.size(), MSG_NOSIGNAL) == ssize_t(garbage.size()));
+    }
+    if (kind >= 4) {
+      // Stray messages are ignored: the call goes on. Feed the guest a line; it echoes it and
+      // reads stdin again, through the same supervisor.
+      REQUIRE(write(stdinWrite.get(), "x\n", 2) == 2);
+      uint64_t again = 0;
+      if (relayUntilGuestReadsStdin(supervisor, deputy, again)) {
+        CHECK(again != seq);
+        survived++;
+      }
+    }
+    // The end of this job: the deputy and its channel go away.
+    ended++;
+  }
+  // Every supervisor ended with a status; none died of a signal.
+  auto reaped = [&]() {
+    std::string log = readFile(mosd.log);
+    return countOf(log, " exited") + countOf(log, "killed by signal") ==
+           countOf(log, " started for a job");
+  };
+  auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (!reaped() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  std::string log = readFile(mosd.log);
+  INFO("supervisors that died of a signal:\n" << linesWith(log, "killed by signal"));
+  CHECK(countOf(log, " started for a job") == size_t(SUPERVISOR_INPUTS));
+  CHECK(reaped());
+  CHECK(countOf(log, "killed by signal") == 0);
+  CHECK(survived == SUPERVISOR_INPUTS / 6 * 2);
+  WARN("supervisor reader: " << ended << " jobs each sent a malformed or stray ToRemote while a "
+                             << "call waited; " << survived << " went on after stray messages");
+  CHECK(mos::queryStatus(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 30000).nodeId == 1);
 }
