@@ -44,6 +44,8 @@ struct ForkedDeputy {
     REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     int err[2];
     REQUIRE(pipe2(err, O_CLOEXEC) == 0);
+    int ready[2];
+    REQUIRE(pipe2(ready, O_CLOEXEC) == 0);
     pid = fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {
@@ -54,6 +56,8 @@ struct ForkedDeputy {
       if (beforeLoop) {
         beforeLoop();
       }
+      // From here on a signal is the job's (held until the loop forwards it), never fatal.
+      (void)!write(ready[1], "r", 1);
       static ReservedFds fds;
       int high = fds.moveHigh(sv[0]);
       DeputyOptions options;
@@ -67,6 +71,13 @@ struct ForkedDeputy {
     close(err[1]);
     stderrRead = err[0];
     peer = kj::heap<Channel>(kj::AutoCloseFd(sv[1]));
+    // Tests signal the deputy right away: wait (up to 60 s) until its handlers are in place.
+    close(ready[1]);
+    struct pollfd pfd = {ready[0], POLLIN, 0};
+    char byte = 0;
+    bool isReady = poll(&pfd, 1, 60000) == 1 && read(ready[0], &byte, 1) == 1;
+    close(ready[0]);
+    REQUIRE(isReady);
   }
 
   ~ForkedDeputy() {

@@ -61,8 +61,8 @@ constexpr uint8_t KEY_FILL = 0x5a;
 
 // Inputs mosd gets, by family (they add up to 10,000).
 constexpr int HANDSHAKE_INPUTS = 5000;
-constexpr int RPC_INPUTS = 4600;
-constexpr int JOB_INPUTS = 400;
+constexpr int RPC_INPUTS = 4800;
+constexpr int JOB_INPUTS = 200;
 // Inputs the deputy's reader gets: frames that end the job, and wrong fields it must survive.
 constexpr int DEPUTY_FRAME_INPUTS = 300;
 constexpr int DEPUTY_FIELD_INPUTS = 1500;
