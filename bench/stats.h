@@ -33,8 +33,8 @@ inline void report(const char* name, std::vector<uint64_t>& samples) {
   double p10 = quantileNs(samples, 0.10);
   double p90 = quantileNs(samples, 0.90);
   double median = quantileNs(samples, 0.50);
-  std::printf("%s: median_us=%.3f p10_us=%.3f p90_us=%.3f n=%zu\n", name, median / 1000,
-              p10 / 1000, p90 / 1000, samples.size());
+  std::printf("%s: median_us=%.3f p10_us=%.3f p90_us=%.3f n=%zu\n", name, median / 1000, p10 / 1000,
+              p90 / 1000, samples.size());
   std::fflush(stdout);
 }
 

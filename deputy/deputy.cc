@@ -67,9 +67,7 @@ Deputy::Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel
       channel_(kj::mv(channel)),
       executor_(fds, options_.jobExe, getpid()) {
   // The channel's socket moves when the job dup2()s onto its number (executor.h).
-  fds_.add(channel_->fd(), [this](int, int newFd) {
-    channel_->replaceFd(kj::AutoCloseFd(newFd));
-  });
+  fds_.add(channel_->fd(), [this](int, int newFd) { channel_->replaceFd(kj::AutoCloseFd(newFd)); });
   if (!options_.runDir.empty()) {
     try {
       record_ = OwnedJobRecord::create(options_.runDir, "jobs", getpid(), getpid(),
@@ -94,7 +92,7 @@ void Deputy::run() {
       }
       nodeDied();
     }
-    KJ_IF_MAYBE(m, message) {
+    KJ_IF_MAYBE (m, message) {
       try {
         handle((*m)->getRoot<proto::ToDeputy>());
       } catch (kj::Exception& e) {
@@ -147,17 +145,10 @@ void Deputy::flushSignals() {
 
 void Deputy::handle(proto::ToDeputy::Reader message) {
   switch (message.which()) {
-    case proto::ToDeputy::SYSCALL:
-      handleSyscall(message.getSyscall());
-      return;
-    case proto::ToDeputy::EXEC:
-      handleExec(message.getExec());
-      return;
-    case proto::ToDeputy::FETCH_FILE:
-      handleFetchFile(message.getFetchFile());
-      return;
-    case proto::ToDeputy::EXIT:
-      handleExit(message.getExit());
+    case proto::ToDeputy::SYSCALL: handleSyscall(message.getSyscall()); return;
+    case proto::ToDeputy::EXEC: handleExec(message.getExec()); return;
+    case proto::ToDeputy::FETCH_FILE: handleFetchFile(message.getFetchFile()); return;
+    case proto::ToDeputy::EXIT: handleExit(message.getExit());
     case proto::ToDeputy::STARTED:
       if (auto* r = record_.get()) {
         r->remotePid = message.getStarted();
@@ -167,15 +158,13 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
       spdlog::debug("job {} runs on node {} as pid {}", getpid(), options_.node,
                     message.getStarted());
       return;
-    case proto::ToDeputy::FAILED:
-      fail(message.getFailed().cStr(), EXIT_CANNOT_RUN);
+    case proto::ToDeputy::FAILED: fail(message.getFailed().cStr(), EXIT_CANNOT_RUN);
     case proto::ToDeputy::STOPPED:
       // Job control: the guest is in a group stop, so the job's home process stops too and the
       // shell sees the job stopped. SIGCONT (from fg/bg) continues us and is forwarded.
       kill(getpid(), SIGSTOP);
       return;
-    case proto::ToDeputy::CONTINUED:
-      return;
+    case proto::ToDeputy::CONTINUED: return;
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
                static_cast<int>(message.which()));
@@ -234,16 +223,13 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
   }
   std::string path = bytesToString(request.getPath());
   switch (executor_.classifyPath(dirfd, path.c_str())) {
-    case Executor::ProcPath::RESERVED_FD:
-      replyWith(-ENOENT);
-      return;
+    case Executor::ProcPath::RESERVED_FD: replyWith(-ENOENT); return;
     case Executor::ProcPath::EXE:
       if (!options_.jobExe.empty()) {
         path = options_.jobExe;  // re-exec of /proc/self/exe means the job's program
       }
       break;
-    case Executor::ProcPath::OTHER:
-      break;
+    case Executor::ProcPath::OTHER: break;
   }
   std::vector<std::string> argvStrings, envpStrings;
   for (auto a : request.getArgv()) {
@@ -291,8 +277,7 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
       config.deputyPath = options_.selfExe;
       config.deputyArgv = options_.selfArgv;
       makeDirs(options_.runDir + "/images");
-      config.imagePath =
-          options_.runDir + "/images/" + std::to_string(getpid()) + ".img";
+      config.imagePath = options_.runDir + "/images/" + std::to_string(getpid()) + ".img";
       agent = migrate::Agent::start(config);
       haveAgent = true;
     } catch (kj::Exception& e) {
@@ -312,8 +297,7 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
     }
   }
   sigprocmask(SIG_SETMASK, &mask, nullptr);
-  ::syscall(__NR_execveat, dirfd, path.c_str(), argv.data(), envp.data(),
-            request.getFlags());
+  ::syscall(__NR_execveat, dirfd, path.c_str(), argv.data(), envp.data(), request.getFlags());
   int err = errno;
 
   // Still here: the exec failed. Back to the deputy's state, and the guest sees the errno.
@@ -353,16 +337,13 @@ void Deputy::handleFetchFile(proto::FetchFile::Reader request) {
   } else {
     path = bytesToString(request.getPath());
     switch (executor_.classifyPath(AT_FDCWD, path.c_str())) {
-      case Executor::ProcPath::RESERVED_FD:
-        err = ENOENT;
-        break;
+      case Executor::ProcPath::RESERVED_FD: err = ENOENT; break;
       case Executor::ProcPath::EXE:
         if (!options_.jobExe.empty()) {
           path = options_.jobExe;
         }
         break;
-      case Executor::ProcPath::OTHER:
-        break;
+      case Executor::ProcPath::OTHER: break;
     }
     if (err == 0) {
       // O_NONBLOCK: a FIFO must not hang the deputy; regular files ignore it.
@@ -466,8 +447,7 @@ void Deputy::handleExit(proto::GuestExit::Reader exit) {
 }
 
 void Deputy::nodeDied() {
-  fail("node " + std::to_string(options_.node) + " died; job " + std::to_string(getpid()) +
-           " lost",
+  fail("node " + std::to_string(options_.node) + " died; job " + std::to_string(getpid()) + " lost",
        EXIT_NODE_DIED);
 }
 

@@ -25,18 +25,18 @@
 
 namespace mos::deputy {
 
-inline constexpr int EXIT_CANNOT_RUN = 125;   // mosrun's "could not run the job" status
-inline constexpr int EXIT_NODE_DIED = 112;    // the remote node died, the job is lost
+inline constexpr int EXIT_CANNOT_RUN = 125;  // mosrun's "could not run the job" status
+inline constexpr int EXIT_NODE_DIED = 112;   // the remote node died, the job is lost
 
 struct DeputyOptions {
-  uint32_t node = 0;          // the remote node running the guest
-  std::string address;        // its address, for messages
+  uint32_t node = 0;    // the remote node running the guest
+  std::string address;  // its address, for messages
   uint16_t port = 0;
   uint32_t homeNode = 0;
-  std::string runDir;         // job records (jobs/<pid>) and images (images/<pid>.img)
-  std::string jobExe;         // the job's executable path (the image's exe.path)
-  std::string command;        // for the job record
-  std::string selfExe;        // our own executable, for the next migration agent
+  std::string runDir;                 // job records (jobs/<pid>) and images (images/<pid>.img)
+  std::string jobExe;                 // the job's executable path (the image's exe.path)
+  std::string command;                // for the job record
+  std::string selfExe;                // our own executable, for the next migration agent
   std::vector<std::string> selfArgv;  // our argv without "--image PATH", for the next agent
 };
 

@@ -112,10 +112,8 @@ bool readsThrough(ArgKind kind) {
     case ArgKind::IN_STRUCT:
     case ArgKind::INOUT_STRUCT:
     case ArgKind::INOUT_ARRAY:
-    case ArgKind::INOUT_BITS:
-      return true;
-    default:
-      return false;
+    case ArgKind::INOUT_BITS: return true;
+    default: return false;
   }
 }
 
@@ -127,10 +125,8 @@ bool writesThrough(ArgKind kind) {
     case ArgKind::INOUT_ARRAY:
     case ArgKind::INOUT_BITS:
     case ArgKind::OUT_BUF_LENPTR:
-    case ArgKind::OUT_ARRAY:
-      return true;
-    default:
-      return false;
+    case ArgKind::OUT_ARRAY: return true;
+    default: return false;
   }
 }
 
@@ -143,15 +139,12 @@ bool bufferFits(const ArgSpec& spec, const uint64_t (&args)[6], size_t size,
   switch (spec.kind) {
     case ArgKind::PATH:
     case ArgKind::PATH_OR_NULL:
-    case ArgKind::STRING:
-      return size <= PATH_MAX + 1;  // copied with a NUL after it (execute)
+    case ArgKind::STRING: return size <= PATH_MAX + 1;  // copied with a NUL after it (execute)
     case ArgKind::IN_BUF:
-    case ArgKind::OUT_BUF:
-      return len <= size;
+    case ArgKind::OUT_BUF: return len <= size;
     case ArgKind::IN_STRUCT:
     case ArgKind::OUT_STRUCT:
-    case ArgKind::INOUT_STRUCT:
-      return size >= spec.size;
+    case ArgKind::INOUT_STRUCT: return size >= spec.size;
     case ArgKind::INOUT_ARRAY:
       return static_cast<uint64_t>(static_cast<uint32_t>(len)) * spec.size <= size;
     case ArgKind::OUT_ARRAY: {
@@ -172,8 +165,7 @@ bool bufferFits(const ArgSpec& spec, const uint64_t (&args)[6], size_t size,
         }
       }
       return false;
-    default:
-      return false;
+    default: return false;
   }
 }
 
@@ -194,12 +186,10 @@ int Executor::admit(int nr, const SyscallEntry* row, const uint64_t (&args)[6],
     return refuse(nr, row, "the syscall table has no row for it");
   }
   switch (row->atHome) {
-    case AtHome::NEVER:
-      return refuse(nr, row, "the syscall table does not route it home");
+    case AtHome::NEVER: return refuse(nr, row, "the syscall table does not route it home");
     case AtHome::ARGS:
     case AtHome::HELPER:
-    case AtHome::MSGHDR:
-      break;
+    case AtHome::MSGHDR: break;
   }
   if (row->handler == HandlerId::IOCTL || row->handler == HandlerId::FCNTL ||
       row->handler == HandlerId::PSELECT) {
@@ -236,8 +226,7 @@ int Executor::admit(int nr, const SyscallEntry* row, const uint64_t (&args)[6],
   return 0;
 }
 
-void Executor::execute(proto::SyscallRequest::Reader request,
-                       capnp::MessageBuilder& replyMessage) {
+void Executor::execute(proto::SyscallRequest::Reader request, capnp::MessageBuilder& replyMessage) {
   auto reply = replyMessage.initRoot<proto::ToRemote>().initReply();
   reply.setSeq(request.getSeq());
   int nr = request.getNr();
@@ -269,8 +258,8 @@ void Executor::execute(proto::SyscallRequest::Reader request,
   // Slots a Pointer writes into or names: their in-data must be a private, writable copy.
   bool pointerSlot[SLOTS] = {};
   for (auto p : pointers) {
-    KJ_REQUIRE(p.getInto() < SLOTS && p.getTarget() < SLOTS, "pointer names no slot",
-               p.getInto(), p.getTarget());
+    KJ_REQUIRE(p.getInto() < SLOTS && p.getTarget() < SLOTS, "pointer names no slot", p.getInto(),
+               p.getTarget());
     pointerSlot[p.getInto()] = true;
     pointerSlot[p.getTarget()] = true;
   }
@@ -414,10 +403,8 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
     }
     int dirfd = (i > 0 && specs[i - 1].kind == ArgKind::FD) ? fdArg(args[i - 1]) : AT_FDCWD;
     switch (classifyPath(dirfd, reinterpret_cast<const char*>(buffers[i].ptr))) {
-      case ProcPath::OTHER:
-        break;
-      case ProcPath::RESERVED_FD:
-        return -ENOENT;
+      case ProcPath::OTHER: break;
+      case ProcPath::RESERVED_FD: return -ENOENT;
       case ProcPath::EXE: {
         if (jobExe_.empty()) {
           break;
@@ -431,8 +418,8 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
           if (!buffers[bufArg].present) {
             return -EFAULT;
           }
-          size_t n = kj::min(kj::min(static_cast<size_t>(size), buffers[bufArg].size),
-                             jobExe_.size());
+          size_t n =
+              kj::min(kj::min(static_cast<size_t>(size), buffers[bufArg].size), jobExe_.size());
           memcpy(buffers[bufArg].ptr, jobExe_.data(), n);
           return static_cast<int64_t>(n);
         }
@@ -442,10 +429,8 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
     }
   }
   switch (row->view) {
-    case HomeView::CLOSE_RANGE:
-      return closeRange(args);
-    case HomeView::POLL:
-      return pollAroundReserved(nr, args, specs[2].kind == ArgKind::VAL);
+    case HomeView::CLOSE_RANGE: return closeRange(args);
+    case HomeView::POLL: return pollAroundReserved(nr, args, specs[2].kind == ArgKind::VAL);
     case HomeView::SELECT:
       if (setsNameReserved(args)) {
         return -EBADF;
@@ -458,8 +443,7 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
       break;
     case HomeView::NONE:
     case HomeView::FD_LISTING:
-    case HomeView::EXE_LINK:
-      break;
+    case HomeView::EXE_LINK: break;
   }
   int64_t ret = interruptibleSyscall(nr, args);
   if (row->view == HomeView::FD_LISTING && ret > 0) {
@@ -477,8 +461,7 @@ int64_t Executor::closeRange(uint64_t (&args)[6]) {
     return -EINVAL;
   }
   auto closeSome = [&](uint64_t a, uint64_t b) -> int64_t {
-    long r = ::syscall(__NR_close_range, static_cast<unsigned>(a), static_cast<unsigned>(b),
-                       flags);
+    long r = ::syscall(__NR_close_range, static_cast<unsigned>(a), static_cast<unsigned>(b), flags);
     return r < 0 ? -errno : r;
   };
   uint64_t from = first;
@@ -636,8 +619,8 @@ bool Executor::rightsNameReserved() {
     if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) {
       continue;
     }
-    size_t room = static_cast<size_t>(static_cast<kj::byte*>(msg.msg_control) +
-                                      msg.msg_controllen - reinterpret_cast<kj::byte*>(c));
+    size_t room = static_cast<size_t>(static_cast<kj::byte*>(msg.msg_control) + msg.msg_controllen -
+                                      reinterpret_cast<kj::byte*>(c));
     size_t count = (kj::min(static_cast<size_t>(c->cmsg_len), room) - CMSG_LEN(0)) / sizeof(int);
     for (size_t i = 0; i < count; i++) {
       int fd;

@@ -58,8 +58,8 @@ void onSignal(int sig, siginfo_t* info, void* context) {
       rip <= reinterpret_cast<uintptr_t>(deputy_syscall_insn)) {
     // Checked "nothing pending" (or about to) but not yet in the kernel: the call must not
     // start, or it would block with this signal already consumed.
-    uc->uc_mcontext.gregs[REG_RIP] = static_cast<greg_t>(
-        reinterpret_cast<uintptr_t>(deputy_syscall_cancelled));
+    uc->uc_mcontext.gregs[REG_RIP] =
+        static_cast<greg_t>(reinterpret_cast<uintptr_t>(deputy_syscall_cancelled));
   }
 }
 

@@ -49,7 +49,9 @@ void blockAllSignals();
 const sigset_t& openSignalMask();
 
 // True when a signal was recorded and not yet taken.
-inline bool signalsPending() { return __atomic_load_n(&deputy_signals_pending, __ATOMIC_SEQ_CST) != 0; }
+inline bool signalsPending() {
+  return __atomic_load_n(&deputy_signals_pending, __ATOMIC_SEQ_CST) != 0;
+}
 
 // Takes the recorded signals in delivery order (ascending numbers; a real-time signal as many
 // times as it arrived, a standard one once). Call with signals blocked.

@@ -193,9 +193,11 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
       }
       if (isSyscallStop(status)) {
         long rval = static_cast<long>(task.getRegs().rax);
-        fprintf(stderr, "mos-agent: execve(%s) of the deputy failed in pid %d: %s; "
-                "the process exits with status %d\n", config.deputyPath.c_str(), pid,
-                strerror(static_cast<int>(-rval)), EXEC_FAILED_STATUS);
+        fprintf(stderr,
+                "mos-agent: execve(%s) of the deputy failed in pid %d: %s; "
+                "the process exits with status %d\n",
+                config.deputyPath.c_str(), pid, strerror(static_cast<int>(-rval)),
+                EXEC_FAILED_STATUS);
         ::unlink(config.imagePath.c_str());
         user_regs_struct r = task.getRegs();
         r.rax = __NR_exit_group;
@@ -218,8 +220,7 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
   }
 }
 
-[[noreturn]] void runAgent(pid_t caller, const AgentConfig& config, int readyFd,
-                           int controlFd) {
+[[noreturn]] void runAgent(pid_t caller, const AgentConfig& config, int readyFd, int controlFd) {
   ::setsid();
   int devnull = ::open("/dev/null", O_RDWR | O_CLOEXEC);
   if (devnull >= 0) {

@@ -93,8 +93,7 @@ struct Run {
 
 void capture(pid_t pid, proto::MigrationImage::Builder image) {
   int threads = countThreads(pid);
-  KJ_REQUIRE(threads == 1, "capture: only single-threaded processes can be captured", pid,
-             threads);
+  KJ_REQUIRE(threads == 1, "capture: only single-threaded processes can be captured", pid, threads);
   PtraceTask task(pid);
 
   // Registers, with CRIU's syscall-restart fixup (compel/arch/x86/src/lib/infect.c): a task
@@ -252,9 +251,9 @@ void capture(pid_t pid, proto::MigrationImage::Builder image) {
       KJ_REQUIRE(static_cast<size_t>(n) == pages * 8, "short pagemap read", pid, a);
       for (size_t p = 0; p < pages; ++p) {
         uint64_t pm = entries[p];
-        bool take = copy == ALL_PRESENT ? (pm & (PM_PRESENT | PM_SWAP)) != 0
-                                        : ((pm & PM_PRESENT) && !(pm & PM_FILE_OR_SHARED)) ||
-                                              (pm & PM_SWAP);
+        bool take = copy == ALL_PRESENT
+                        ? (pm & (PM_PRESENT | PM_SWAP)) != 0
+                        : ((pm & PM_PRESENT) && !(pm & PM_FILE_OR_SHARED)) || (pm & PM_SWAP);
         if (take) {
           addPage(a + p * PAGE);
         }

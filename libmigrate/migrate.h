@@ -62,8 +62,8 @@ struct RestoreOptions {
 };
 
 struct RestoredGuest {
-  pid_t pid = -1;                // a child of the caller, running the image, not traced
-  kj::AutoCloseFd listener;      // the seccomp user-notification fd; absent without a filter
+  pid_t pid = -1;            // a child of the caller, running the image, not traced
+  kj::AutoCloseFd listener;  // the seccomp user-notification fd; absent without a filter
 };
 
 // Forks a stub (a child of the caller, killed if the caller dies: PR_SET_PDEATHSIG), rebuilds
@@ -101,8 +101,8 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
 // The deputy runs with an empty environment. Call start() while the caller is single-threaded:
 // the agent is a fork of it that runs C++ code.
 struct AgentConfig {
-  std::string deputyPath;                // absolute path of mos-deputy
-  std::vector<std::string> deputyArgv;   // argv[0..] of the deputy; "--image PATH" is appended
+  std::string deputyPath;               // absolute path of mos-deputy
+  std::vector<std::string> deputyArgv;  // argv[0..] of the deputy; "--image PATH" is appended
   std::string imagePath;
 };
 
@@ -124,8 +124,8 @@ class Agent {
   pid_t pid() const { return pid_; }
 
  private:
-  pid_t pid_ = -1;                 // the agent
-  kj::AutoCloseFd control_;        // CLOEXEC write end; a byte means cancel
+  pid_t pid_ = -1;           // the agent
+  kj::AutoCloseFd control_;  // CLOEXEC write end; a byte means cancel
 };
 
 }  // namespace mos::migrate

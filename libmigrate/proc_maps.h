@@ -11,14 +11,14 @@ namespace mos::migrate {
 
 struct MapsEntry {
   uint64_t start = 0;
-  uint64_t end = 0;      // exclusive
-  uint32_t prot = 0;     // PROT_READ | PROT_WRITE | PROT_EXEC
-  bool shared = false;   // 's' in the perms column
+  uint64_t end = 0;     // exclusive
+  uint32_t prot = 0;    // PROT_READ | PROT_WRITE | PROT_EXEC
+  bool shared = false;  // 's' in the perms column
   uint64_t offset = 0;
   uint32_t devMajor = 0;
   uint32_t devMinor = 0;
   uint64_t inode = 0;
-  std::string path;      // the pathname column, possibly empty or "[stack]", " (deleted)" kept
+  std::string path;  // the pathname column, possibly empty or "[stack]", " (deleted)" kept
 };
 
 // Reads /proc/PID/maps. Throws kj::Exception (FAILED) if it cannot be read or parsed.

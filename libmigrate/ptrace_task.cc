@@ -190,8 +190,8 @@ long PtraceTask::syscall(long nr, std::initializer_list<uint64_t> args) {
   KJ_SYSCALL(::ptrace(PTRACE_SYSCALL, pid_, 0, 0), pid_);
   waitSyscallStop(false);
   KJ_SYSCALL(::ptrace(PTRACE_GET_SYSCALL_INFO, pid_, sizeof(info), &info), pid_);
-  KJ_REQUIRE(info.op == PTRACE_SYSCALL_INFO_EXIT, "injected syscall: not at its exit stop",
-             pid_, info.op, nr);
+  KJ_REQUIRE(info.op == PTRACE_SYSCALL_INFO_EXIT, "injected syscall: not at its exit stop", pid_,
+             info.op, nr);
   return static_cast<long>(info.exit.rval);
 }
 

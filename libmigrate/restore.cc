@@ -264,8 +264,8 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
   KJ_REQUIRE(imageXstate.size() == localXstate.size(),
              "restore: xsave area size differs from this CPU's", imageXstate.size(),
              localXstate.size());
-  uint64_t imageFeatures = xfeatures(std::span<const uint8_t>(imageXstate.begin(),
-                                                              imageXstate.size()));
+  uint64_t imageFeatures =
+      xfeatures(std::span<const uint8_t>(imageXstate.begin(), imageXstate.size()));
   uint64_t localFeatures = xfeatures(localXstate);
   KJ_REQUIRE((imageFeatures & ~localFeatures) == 0, "restore: xsave features missing here",
              imageFeatures, localFeatures);
@@ -311,8 +311,8 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
       auto it = remoteFds.find(path);
       if (it == remoteFds.end()) {
         task.writeString(scratchPtr.cast<char>(), path);
-        long r = task.syscall(__NR_openat, {static_cast<uint64_t>(AT_FDCWD), scratch,
-                                            O_RDONLY | O_CLOEXEC, 0});
+        long r = task.syscall(__NR_openat,
+                              {static_cast<uint64_t>(AT_FDCWD), scratch, O_RDONLY | O_CLOEXEC, 0});
         KJ_REQUIRE(r >= 0, "restore: cannot open mapped file in the stub", path,
                    strerror(static_cast<int>(-r)));
         it = remoteFds.emplace(path, r).first;
@@ -332,8 +332,7 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
       }
     }
     uint64_t at = task.syscallOrThrow("mmap(image mapping)", __NR_mmap,
-                                      {start, len, prot, flags, static_cast<uint64_t>(fd),
-                                       offset});
+                                      {start, len, prot, flags, static_cast<uint64_t>(fd), offset});
     KJ_REQUIRE(at == start, "restore: mapping landed elsewhere", start, at);
   }
   for (auto run : image.getPages()) {
@@ -342,8 +341,7 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
                   std::span<const uint8_t>(data.begin(), data.size()));
   }
   for (auto& [prot, m] : reprotect) {
-    task.syscallOrThrow("mprotect", __NR_mprotect,
-                        {m.getStart(), m.getEnd() - m.getStart(), prot});
+    task.syscallOrThrow("mprotect", __NR_mprotect, {m.getStart(), m.getEnd() - m.getStart(), prot});
   }
   for (auto& [path, fd] : remoteFds) {
     task.syscallOrThrow("close(mapped file)", __NR_close, {static_cast<uint64_t>(fd)});
@@ -401,8 +399,7 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
   if (thread.getRseqAddr() != 0) {
     // rseq(2) registration is per thread and kernel-side: register the image's area again.
     task.syscallOrThrow("rseq", __NR_rseq,
-                        {thread.getRseqAddr(), thread.getRseqSize(), 0,
-                         thread.getRseqSignature()});
+                        {thread.getRseqAddr(), thread.getRseqSize(), 0, thread.getRseqSignature()});
   }
   // The task name (/proc/PID/comm, ps, top on this node): the image's, not the stub's.
   if (image.hasCommand() && image.getCommand().size() > 0) {
@@ -437,12 +434,12 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
   // 8. The sandbox, last of all the calls that the filter might refuse.
   kj::AutoCloseFd listener;
   if (!options.seccompFilter.empty()) {
-    task.syscallOrThrow("prctl(PR_SET_NO_NEW_PRIVS)", __NR_prctl, {PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0});
+    task.syscallOrThrow("prctl(PR_SET_NO_NEW_PRIVS)", __NR_prctl,
+                        {PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0});
     RemotePtr<uint8_t> progAt = scratchPtr + 4096;
-    task.writeMem(progAt,
-                  std::span<const uint8_t>(
-                      reinterpret_cast<const uint8_t*>(options.seccompFilter.data()),
-                      options.seccompFilter.size() * sizeof(sock_filter)));
+    task.writeMem(progAt, std::span<const uint8_t>(
+                              reinterpret_cast<const uint8_t*>(options.seccompFilter.data()),
+                              options.seccompFilter.size() * sizeof(sock_filter)));
     struct {
       uint16_t len;
       uint16_t pad[3];

@@ -14,7 +14,8 @@
 
 namespace mos::remote {
 
-FileCache::FileCache(std::string dir, uint32_t homeNode) : dir_(std::move(dir)), homeNode_(homeNode) {
+FileCache::FileCache(std::string dir, uint32_t homeNode)
+    : dir_(std::move(dir)), homeNode_(homeNode) {
   makeDirectories(dir_);
 }
 

@@ -18,12 +18,8 @@ constexpr unsigned long REFUSED = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS |
 ForkKind rewriteAsSiblingClone(user_regs_struct& regs) {
   unsigned long flags;
   switch (regs.orig_rax) {
-    case __NR_fork:
-      flags = SIGCHLD;
-      break;
-    case __NR_vfork:
-      flags = CLONE_VM | CLONE_VFORK | SIGCHLD;
-      break;
+    case __NR_fork: flags = SIGCHLD; break;
+    case __NR_vfork: flags = CLONE_VM | CLONE_VFORK | SIGCHLD; break;
     case __NR_clone:
       flags = regs.rdi;
       if (flags & CLONE_THREAD) {
@@ -33,8 +29,7 @@ ForkKind rewriteAsSiblingClone(user_regs_struct& regs) {
         return ForkKind::UNSUPPORTED;
       }
       break;
-    default:
-      return ForkKind::UNSUPPORTED;
+    default: return ForkKind::UNSUPPORTED;
   }
   if (regs.orig_rax != __NR_clone) {
     regs.rsi = 0;  // no new stack: the child returns on the parent's (vfork: the same) stack

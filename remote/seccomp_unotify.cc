@@ -95,7 +95,7 @@ kj::Maybe<int> ChildGuest::nextEvent() {
     if (pid == pid_) {
       return status;
     }
-    KJ_IF_MAYBE(handler, otherChild_) {
+    KJ_IF_MAYBE (handler, otherChild_) {
       (*handler)(pid, status);
     }
   }

@@ -161,7 +161,7 @@ void Supervisor::receiveJobStart() {
   int n;
   KJ_SYSCALL(n = poll(&pfd, 1, 10000));
   KJ_REQUIRE(n == 1, "no JobStart within 10 s");
-  KJ_IF_MAYBE(message, channel_.receive()) {
+  KJ_IF_MAYBE (message, channel_.receive()) {
     jobStart_ = kj::mv(*message);
   } else {
     KJ_FAIL_REQUIRE("the deputy closed the channel before JobStart");
@@ -183,12 +183,12 @@ void Supervisor::receiveJobStart() {
 
 void Supervisor::rememberHomePath(const std::string& cachePath,
                                   kj::ArrayPtr<const kj::byte> homePath) {
-  homePaths_[cachePath] = std::string(reinterpret_cast<const char*>(homePath.begin()),
-                                      homePath.size());
+  homePaths_[cachePath] =
+      std::string(reinterpret_cast<const char*>(homePath.begin()), homePath.size());
 }
 
 std::string Supervisor::resolveImageFile(proto::FileRef::Reader ref) {
-  KJ_IF_MAYBE(path, cache_->lookup(ref)) {
+  KJ_IF_MAYBE (path, cache_->lookup(ref)) {
     rememberHomePath(*path, ref.getPath());
     return *path;
   }
@@ -199,12 +199,12 @@ std::string Supervisor::resolveImageFile(proto::FileRef::Reader ref) {
   expected.setSize(ref.getSize());
   expected.setMtimeNs(ref.getMtimeNs());
   int err = 0;
-  KJ_IF_MAYBE(path, fetchIntoCache(-1, ref.getPath(), err, expected, true)) {
+  KJ_IF_MAYBE (path, fetchIntoCache(-1, ref.getPath(), err, expected, true)) {
     rememberHomePath(*path, ref.getPath());
     return *path;
   }
-  KJ_FAIL_REQUIRE("cannot fetch a file of the image from home",
-                  kj::str(ref.getPath().asChars()), strerror(err));
+  KJ_FAIL_REQUIRE("cannot fetch a file of the image from home", kj::str(ref.getPath().asChars()),
+                  strerror(err));
 }
 
 void Supervisor::startGuest() {
@@ -219,8 +219,8 @@ void Supervisor::startGuest() {
   // signal the job sends itself arrive before kill(2) returns.
   options.seccompExtraFlags = SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
   auto guest = migrate::restore(
-      start_.getImage(),
-      [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); }, options);
+      start_.getImage(), [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); },
+      options);
   guest_ = guest.pid;
   auto child = kj::heap<ChildGuest>(guest_, kj::mv(signalFd_));
   child->onOtherChild([this](pid_t pid, int) {
@@ -238,8 +238,8 @@ void Supervisor::startGuest() {
   record_.get()->node = options_.node;
   record_.get()->remotePid = guest_;
   record_.get()->state = static_cast<uint32_t>(JobState::REMOTE);
-  spdlog::info("job {} of node {} runs here as pid {}", start_.getIds().getPid(),
-               options_.peerNode, guest_);
+  spdlog::info("job {} of node {} runs here as pid {}", start_.getIds().getPid(), options_.peerNode,
+               guest_);
   capnp::MallocMessageBuilder message;
   message.initRoot<proto::ToDeputy>().setStarted(guest_);
   channel_.send(message);
@@ -276,9 +276,8 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
 
 Answer Supervisor::dispatch(const seccomp_notif& notif) {
   int nr = notif.data.nr;
-  const SyscallEntry* entry = (notif.data.arch == AUDIT_ARCH_X86_64 && nr >= 0)
-                                  ? findSyscall(nr)
-                                  : nullptr;
+  const SyscallEntry* entry =
+      (notif.data.arch == AUDIT_ARCH_X86_64 && nr >= 0) ? findSyscall(nr) : nullptr;
   if (entry == nullptr) {
     return handleUnsupported(notif, ENOSYS, "no row in the syscall table");
   }
@@ -289,23 +288,16 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
     case Route::LOCAL:
       // The filter allows these; a notification means an argument-dependent rule sent it here.
       return Answer::cont();
-    case Route::DENY:
-      return handleUnsupported(notif, entry->err, entry->why);
+    case Route::DENY: return handleUnsupported(notif, entry->err, entry->why);
     case Route::EMULATE:
-    case Route::FORWARD:
-      break;
+    case Route::FORWARD: break;
   }
   switch (entry->handler) {
-    case HandlerId::NONE:
-      return forwardRegular(notif, entry->args);
-    case HandlerId::IDS:
-      return handleIds(notif);
-    case HandlerId::EXEC:
-      return handleExec(notif);
-    case HandlerId::IOV:
-      return handleIov(notif);
-    case HandlerId::KILL:
-      return handleKill(notif);
+    case HandlerId::NONE: return forwardRegular(notif, entry->args);
+    case HandlerId::IDS: return handleIds(notif);
+    case HandlerId::EXEC: return handleExec(notif);
+    case HandlerId::IOV: return handleIov(notif);
+    case HandlerId::KILL: return handleKill(notif);
     case HandlerId::SET_TID_ADDRESS:
       // set_tid_address(2) answers the caller's tid: the home tid. The clear-child-tid address
       // only matters for threads, which a guest cannot create yet.
@@ -323,12 +315,10 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
       }
       return forwardRegular(notif, specs);
     }
-    case HandlerId::SOCKMSG:
-      return handleSockmsg(notif);
+    case HandlerId::SOCKMSG: return handleSockmsg(notif);
     case HandlerId::OPEN:
       return forwardRegular(notif, entry->args);  // it serves the job's /proc files itself
-    case HandlerId::MMAP:
-      break;
+    case HandlerId::MMAP: break;
   }
   return handleUnsupported(notif, ENOSYS, "no handler");
 }
@@ -368,7 +358,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
         watchGuest = false;
       }
     }
-    KJ_IF_MAYBE(message, channel_.receive()) {
+    KJ_IF_MAYBE (message, channel_.receive()) {
       auto root = (*message)->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
         deliverSignal(root.getSignal());
@@ -384,15 +374,15 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
   }
 }
 
-kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
-    capnp::MallocMessageBuilder& request, uint64_t seq, bool* interrupted) {
+kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMessageBuilder& request,
+                                                               uint64_t seq, bool* interrupted) {
   *interrupted = false;
   for (;;) {
     channel_.send(request);
     auto reply = awaitMessage(
         [seq](proto::ToRemote::Reader m) { return m.isReply() && m.getReply().getSeq() == seq; },
         seq);
-    KJ_IF_MAYBE(r, reply) {
+    KJ_IF_MAYBE (r, reply) {
       if (!(*r)->getRoot<proto::ToRemote>().getReply().getInterrupted()) {
         if (record_.get() != nullptr) {
           record_.get()->syscalls.fetch_add(1, std::memory_order_relaxed);
@@ -415,10 +405,10 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
   }
 }
 
-kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(
-    capnp::MallocMessageBuilder& request, uint64_t seq) {
+kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessageBuilder& request,
+                                                              uint64_t seq) {
   bool interrupted;
-  KJ_IF_MAYBE(reply, roundTrip(request, seq, &interrupted)) {
+  KJ_IF_MAYBE (reply, roundTrip(request, seq, &interrupted)) {
     if (interrupted) {
       return nullptr;
     }
@@ -449,13 +439,13 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
   const SyscallEntry* entry = findSyscall(notif.data.nr);
   if (entry != nullptr && entry->handler == HandlerId::OPEN) {
     // The path is already in the request: an open of the job's own /proc files is served here.
-    KJ_IF_MAYBE(open, describeOpen(specs, args, request.asReader())) {
-      KJ_IF_MAYBE(answer, serveJobProcFile(notif, open->path, open->dirfd, open->flags)) {
+    KJ_IF_MAYBE (open, describeOpen(specs, args, request.asReader())) {
+      KJ_IF_MAYBE (answer, serveJobProcFile(notif, open->path, open->dirfd, open->flags)) {
         return *answer;
       }
     }
   }
-  KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
+  KJ_IF_MAYBE (reply, callHome(message, notif.id)) {
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     if (r.getOut().size() > 0 && !idValid(notif.id)) {
       return Answer::drop();
@@ -474,7 +464,7 @@ void Supervisor::onIdleMessage() {
                  e.getDescription().cStr());
     endJob(0);
   }
-  KJ_IF_MAYBE(m, message) {
+  KJ_IF_MAYBE (m, message) {
     auto root = (*m)->getRoot<proto::ToRemote>();
     if (root.isSignal()) {
       deliverSignal(root.getSignal());
@@ -508,7 +498,7 @@ bool Supervisor::guestHasSignalToTake() {
 void Supervisor::onChildEvent() {
   for (;;) {
     int status;
-    KJ_IF_MAYBE(event, guestProcess_->nextEvent()) {
+    KJ_IF_MAYBE (event, guestProcess_->nextEvent()) {
       status = *event;
     } else {
       return;

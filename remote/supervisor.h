@@ -46,18 +46,18 @@
 namespace mos::remote {
 
 struct SupervisorOptions {
-  int fd = 3;               // the job channel (a connected TCP socket), owned from now on
-  uint32_t node = 0;        // this node's id
-  uint32_t peerNode = 0;    // the job's home node
-  std::string runDir;       // for the guest's job record
-  std::string cacheDir;     // the content cache
+  int fd = 3;             // the job channel (a connected TCP socket), owned from now on
+  uint32_t node = 0;      // this node's id
+  uint32_t peerNode = 0;  // the job's home node
+  std::string runDir;     // for the guest's job record
+  std::string cacheDir;   // the content cache
 };
 
 // What the notification loop answers a notification with.
 struct Answer {
   enum Kind { VALUE, CONTINUE, DROP };
   Kind kind = VALUE;
-  int64_t value = 0;        // VALUE: >= 0 is the result, < 0 is -errno
+  int64_t value = 0;  // VALUE: >= 0 is the result, < 0 is -errno
   static Answer of(int64_t v) { return Answer{VALUE, v}; }
   static Answer cont() { return Answer{CONTINUE, 0}; }
   static Answer drop() { return Answer{DROP, 0}; }
@@ -88,8 +88,8 @@ kj::Maybe<OpenCall> describeOpen(const ArgSpec (&specs)[6], const uint64_t (&arg
 // Reads `count` iovecs at guest address `at` into `iov` and their total length, capped at
 // MAX_FORWARD_BYTES, into `total`. Returns 0, EFAULT (unreadable) or EINVAL (the lengths
 // overflow ssize_t), as readv(2) would.
-int readGuestIovecs(GuestMemory& memory, uint64_t at, size_t count,
-                    std::vector<struct iovec>& iov, size_t& total);
+int readGuestIovecs(GuestMemory& memory, uint64_t at, size_t count, std::vector<struct iovec>& iov,
+                    size_t& total);
 
 // Reads the guest buffers `iov` in order into `bytes` (what writev(2) sends), up to its size.
 // Returns 0 or EFAULT.
@@ -192,8 +192,8 @@ class Supervisor {
   // An open (handler OPEN: open, openat, openat2) of `path` relative to `dirfd` with open(2)
   // `flags`, when `path` is one of the job's own /proc files that describe its user part
   // (sys_proc.cc); nullptr: not such a file, forward as usual.
-  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif, const std::string& path,
-                                     int dirfd, int flags);
+  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif, const std::string& path, int dirfd,
+                                     int flags);
   // Runs a syscall with plain value arguments at home; returns its result (-EINTR if a signal
   // cut it short).
   int64_t forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args);
@@ -206,19 +206,19 @@ class Supervisor {
 
   SupervisorOptions options_;
   Channel channel_;
-  kj::AutoCloseFd signalFd_;       // SIGCHLD, until the guest (ChildGuest) takes it over
-  kj::Function<void(int)> exit_;   // ends the process with a status
+  kj::AutoCloseFd signalFd_;      // SIGCHLD, until the guest (ChildGuest) takes it over
+  kj::Function<void(int)> exit_;  // ends the process with a status
   kj::Own<capnp::MessageReader> jobStart_;
   proto::JobStart::Reader start_;
   FileCache* cache_ = nullptr;
   kj::Own<FileCache> ownedCache_;
-  pid_t guest_ = -1;               // the guest's pid on this node; -1 once it ended
+  pid_t guest_ = -1;                    // the guest's pid on this node; -1 once it ended
   kj::Own<GuestProcess> guestProcess_;  // the guest's memory, signals, /proc and wait status
   kj::Own<SeccompUnotify> unotify_;     // the guest's notification listener
-  JobPidNamespace pidNamespace_;   // the guest's pid namespace; its reaper is our child
+  JobPidNamespace pidNamespace_;        // the guest's pid namespace; its reaper is our child
   OwnedJobRecord record_;
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
-  std::set<int> reported_;         // syscalls already logged as unsupported for this job
+  std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
 };
 

@@ -22,12 +22,12 @@
 
 namespace mos::remote {
 
-int readGuestIovecs(GuestMemory& memory, uint64_t at, size_t count,
-                    std::vector<struct iovec>& iov, size_t& total) {
+int readGuestIovecs(GuestMemory& memory, uint64_t at, size_t count, std::vector<struct iovec>& iov,
+                    size_t& total) {
   iov.resize(count);
-  if (count > 0 && memory.read(RemotePtr<void>(at),
-                               std::span<uint8_t>(reinterpret_cast<uint8_t*>(iov.data()),
-                                                  count * sizeof(struct iovec))) != 0) {
+  if (count > 0 &&
+      memory.read(RemotePtr<void>(at), std::span<uint8_t>(reinterpret_cast<uint8_t*>(iov.data()),
+                                                          count * sizeof(struct iovec))) != 0) {
     return EFAULT;
   }
   total = 0;
@@ -95,7 +95,7 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
   };
   if (!checkExpected) {
     // Identity first: a cache hit costs one small round trip and no data.
-    KJ_IF_MAYBE(info, ask(false)) {
+    KJ_IF_MAYBE (info, ask(false)) {
       auto fi = (*info)->getRoot<proto::ToRemote>().getFileInfo();
       if (fi.getErr() != 0) {
         err = fi.getErr();
@@ -111,7 +111,7 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
         err = ENODEV;
         return nullptr;
       }
-      KJ_IF_MAYBE(hit, cache_->lookup(expected.asReader())) {
+      KJ_IF_MAYBE (hit, cache_->lookup(expected.asReader())) {
         rememberHomePath(*hit, expected.getPath());
         return *hit;
       }
@@ -119,7 +119,7 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
       endJob(0);
     }
   }
-  KJ_IF_MAYBE(info, ask(true)) {
+  KJ_IF_MAYBE (info, ask(true)) {
     auto fi = (*info)->getRoot<proto::ToRemote>().getFileInfo();
     if (fi.getErr() != 0) {
       err = fi.getErr();
@@ -131,9 +131,9 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
       err = checkExpected ? ESTALE : EAGAIN;
       // Drain its data.
       for (;;) {
-        KJ_IF_MAYBE(chunk, awaitMessage([id](proto::ToRemote::Reader m) {
-                      return m.isFileData() && m.getFileData().getId() == id;
-                    })) {
+        KJ_IF_MAYBE (chunk, awaitMessage([id](proto::ToRemote::Reader m) {
+                       return m.isFileData() && m.getFileData().getId() == id;
+                     })) {
           if ((*chunk)->getRoot<proto::ToRemote>().getFileData().getLast()) {
             break;
           }
@@ -145,9 +145,9 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
     }
     std::string stored = cache_->store(fi.getRef(), [&](int out) {
       for (;;) {
-        KJ_IF_MAYBE(chunk, awaitMessage([id](proto::ToRemote::Reader m) {
-                      return m.isFileData() && m.getFileData().getId() == id;
-                    })) {
+        KJ_IF_MAYBE (chunk, awaitMessage([id](proto::ToRemote::Reader m) {
+                       return m.isFileData() && m.getFileData().getId() == id;
+                     })) {
           auto data = (*chunk)->getRoot<proto::ToRemote>().getFileData();
           auto bytes = data.getData();
           size_t done = 0;
@@ -204,7 +204,7 @@ Answer Supervisor::handleMmap(const seccomp_notif& notif) {
   capnp::MallocMessageBuilder refMessage;
   auto ref = refMessage.initRoot<proto::FileRef>();
   std::string local;
-  KJ_IF_MAYBE(path, fetchIntoCache(fd, nullptr, err, ref, false)) {
+  KJ_IF_MAYBE (path, fetchIntoCache(fd, nullptr, err, ref, false)) {
     local = *path;
   } else {
     return Answer::of(-err);
@@ -277,7 +277,7 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
       return Answer::drop();
     }
   }
-  KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
+  KJ_IF_MAYBE (reply, callHome(message, notif.id)) {
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     int64_t ret = r.getRet();
     if (isRead && ret > 0 && r.getOut().size() == 1) {

@@ -30,9 +30,9 @@ namespace mos::remote {
 namespace {
 
 // Per-process files whose content belongs to the user part.
-const std::set<std::string> GUEST_FILES = {"maps",   "smaps", "smaps_rollup", "statm", "status",
-                                           "stat",   "cmdline", "comm",       "environ", "auxv",
-                                           "numa_maps"};
+const std::set<std::string> GUEST_FILES = {"maps",    "smaps", "smaps_rollup", "statm",
+                                           "status",  "stat",  "cmdline",      "comm",
+                                           "environ", "auxv",  "numa_maps"};
 
 // The first struct open_how (include/linux/fcntl.h OPEN_HOW_SIZE_VER0, kernel-internal).
 constexpr size_t OPEN_HOW_SIZE_VER0_BYTES = 24;
@@ -43,9 +43,9 @@ static_assert(sizeof(struct open_how) == OPEN_HOW_SIZE_VER0_BYTES);
 std::string jobProcFile(const std::string& path, int32_t homePid) {
   std::string pid = std::to_string(homePid);
   // Longest first: /proc/self/ is a prefix of /proc/self/task/<pid>/.
-  for (std::string prefix : {"/proc/self/task/" + pid + "/", "/proc/" + pid + "/task/" + pid + "/",
-                             std::string("/proc/thread-self/"), std::string("/proc/self/"),
-                             "/proc/" + pid + "/"}) {
+  for (std::string prefix :
+       {"/proc/self/task/" + pid + "/", "/proc/" + pid + "/task/" + pid + "/",
+        std::string("/proc/thread-self/"), std::string("/proc/self/"), "/proc/" + pid + "/"}) {
     if (path.compare(0, prefix.size(), prefix) == 0) {
       std::string rest = path.substr(prefix.size());
       return GUEST_FILES.count(rest) ? rest : std::string();
@@ -107,14 +107,14 @@ int64_t Supervisor::forwardPlain(uint64_t seq, int nr, std::initializer_list<uin
   for (uint64_t a : args) {
     list.set(i++, a);
   }
-  KJ_IF_MAYBE(reply, callHome(message, seq)) {
+  KJ_IF_MAYBE (reply, callHome(message, seq)) {
     return (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
   }
   return -EINTR;
 }
 
-kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
-                                                const std::string& path, int dirfd, int flags) {
+kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif, const std::string& path,
+                                               int dirfd, int flags) {
   if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_DIRECTORY | O_PATH | O_CREAT)) ||
       path.compare(0, 6, "/proc/") != 0 || (dirfd != AT_FDCWD && path[0] != '/')) {
     return nullptr;
@@ -181,7 +181,8 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
           fields[i + 1] = std::to_string(ids[i]);
         }
       }
-      std::string head = std::to_string(ids.getPid()) + content.substr(content.find(' '), close + 1 - content.find(' '));
+      std::string head = std::to_string(ids.getPid()) +
+                         content.substr(content.find(' '), close + 1 - content.find(' '));
       content = head;
       for (auto& field : fields) {
         content += " " + field;
@@ -202,7 +203,7 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
   std::string name = file + '\0';
   in[0].setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(name.data()), name.size()));
   int64_t fd;
-  KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
+  KJ_IF_MAYBE (reply, callHome(message, notif.id)) {
     fd = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
   } else {
     return Answer::interrupted(notif.data.nr);
@@ -220,7 +221,7 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
   auto win = write.initIn(1);
   win[0].setArg(1);
   win[0].setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(content.data()), content.size()));
-  KJ_IF_MAYBE(reply, callHome(writeMessage, notif.id)) {
+  KJ_IF_MAYBE (reply, callHome(writeMessage, notif.id)) {
     int64_t n = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
     if (n != static_cast<int64_t>(content.size())) {
       spdlog::warn("job {}: writing the /proc/self/{} snapshot failed ({})", ids.getPid(), file, n);

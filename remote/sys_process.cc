@@ -21,8 +21,8 @@ namespace mos::remote {
 
 namespace {
 
-constexpr size_t MAX_EXEC_STRINGS = 8192;          // argv + envp entries
-constexpr size_t MAX_EXEC_BYTES = 4u << 20;        // bytes of argv + envp strings
+constexpr size_t MAX_EXEC_STRINGS = 8192;    // argv + envp entries
+constexpr size_t MAX_EXEC_BYTES = 4u << 20;  // bytes of argv + envp strings
 
 }  // namespace
 
@@ -31,18 +31,12 @@ constexpr size_t MAX_EXEC_BYTES = 4u << 20;        // bytes of argv + envp strin
 Answer Supervisor::handleIds(const seccomp_notif& notif) {
   auto ids = start_.getIds();
   switch (notif.data.nr) {
-    case __NR_getpid:
-      return Answer::of(ids.getPid());
-    case __NR_gettid:
-      return Answer::of(ids.getTid());
-    case __NR_getuid:
-      return Answer::of(ids.getUid());
-    case __NR_geteuid:
-      return Answer::of(ids.getEuid());
-    case __NR_getgid:
-      return Answer::of(ids.getGid());
-    case __NR_getegid:
-      return Answer::of(ids.getEgid());
+    case __NR_getpid: return Answer::of(ids.getPid());
+    case __NR_gettid: return Answer::of(ids.getTid());
+    case __NR_getuid: return Answer::of(ids.getUid());
+    case __NR_geteuid: return Answer::of(ids.getEuid());
+    case __NR_getgid: return Answer::of(ids.getGid());
+    case __NR_getegid: return Answer::of(ids.getEgid());
   }
   return handleUnsupported(notif, ENOSYS, "no cached id for this call");
 }
@@ -60,16 +54,10 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
   bool self = false;
   switch (notif.data.nr) {
     case __NR_kill:
-    case __NR_rt_sigqueueinfo:
-      self = a0 == ids.getPid();
-      break;
-    case __NR_tkill:
-      self = a0 == ids.getTid();
-      break;
+    case __NR_rt_sigqueueinfo: self = a0 == ids.getPid(); break;
+    case __NR_tkill: self = a0 == ids.getTid(); break;
     case __NR_tgkill:
-    case __NR_rt_tgsigqueueinfo:
-      self = a0 == ids.getPid() && a1 == ids.getTid();
-      break;
+    case __NR_rt_tgsigqueueinfo: self = a0 == ids.getPid() && a1 == ids.getTid(); break;
   }
   if (!self) {
     const SyscallEntry* entry = findSyscall(notif.data.nr);
@@ -123,8 +111,8 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
     }
     auto list = which == 0 ? exec.initArgv(strings.size()) : exec.initEnvp(strings.size());
     for (size_t i = 0; i < strings.size(); i++) {
-      list.set(i, kj::arrayPtr(reinterpret_cast<const kj::byte*>(strings[i].data()),
-                               strings[i].size()));
+      list.set(
+          i, kj::arrayPtr(reinterpret_cast<const kj::byte*>(strings[i].data()), strings[i].size()));
     }
   }
   std::string status = guestProcess_->procFile("status");
@@ -135,7 +123,7 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
     return Answer::drop();
   }
   bool interrupted;
-  KJ_IF_MAYBE(reply, roundTrip(message, notif.id, &interrupted)) {
+  KJ_IF_MAYBE (reply, roundTrip(message, notif.id, &interrupted)) {
     if (interrupted) {
       return Answer::interrupted(notif.data.nr);
     }

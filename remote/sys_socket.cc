@@ -130,8 +130,7 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
   if (!isRecv) {
     if (hasName) {
       auto name = initIn(SLOT_NAME, namelen);
-      if (namelen > 0 && memory.read(RemotePtr<void>(reinterpret_cast<uint64_t>(
-                                         guestMsg.msg_name)),
+      if (namelen > 0 && memory.read(RemotePtr<void>(reinterpret_cast<uint64_t>(guestMsg.msg_name)),
                                      std::span<uint8_t>(name.begin(), namelen)) != 0) {
         return Answer::of(-EFAULT);
       }
@@ -193,15 +192,15 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
     // The memory we read may belong to a task that is no longer the one that trapped.
     return Answer::drop();
   }
-  KJ_IF_MAYBE(reply, callHome(message, notif.id)) {
+  KJ_IF_MAYBE (reply, callHome(message, notif.id)) {
     auto r = (*reply)->getRoot<proto::ToRemote>().getReply();
     int64_t ret = r.getRet();
     if (!isRecv || ret < 0) {
       return Answer::of(ret);
     }
     auto out = r.getOut();
-    KJ_REQUIRE(out.size() == request.getOut().size(), "recvmsg reply lacks out-buffers",
-               out.size(), request.getOut().size());
+    KJ_REQUIRE(out.size() == request.getOut().size(), "recvmsg reply lacks out-buffers", out.size(),
+               request.getOut().size());
     if (!idValid(notif.id)) {
       return Answer::drop();
     }
@@ -222,9 +221,9 @@ Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
     if (hasName) {
       // move_addr_to_user: min(the caller's length, the address's) bytes, then the real length.
       auto name = out[outName];
-      size_t n = kj::min(kj::min(static_cast<size_t>(result.msg_namelen),
-                                 static_cast<size_t>(guestNamelen)),
-                         name.size());
+      size_t n = kj::min(
+          kj::min(static_cast<size_t>(result.msg_namelen), static_cast<size_t>(guestNamelen)),
+          name.size());
       if (n > 0 && memory.write(RemotePtr<void>(reinterpret_cast<uint64_t>(guestMsg.msg_name)),
                                 std::span<const uint8_t>(name.begin(), n)) != 0) {
         return Answer::of(-EFAULT);

@@ -133,8 +133,8 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Channel::receive() {
   }
   // Compared before adding one: a count of 2^32 - 1 would wrap to no segments at all.
   if (first[0] >= MAX_SEGMENTS) {
-    kj::throwFatalException(KJ_EXCEPTION(FAILED, "malformed frame: too many segments",
-                                         uint64_t(first[0]) + 1));
+    kj::throwFatalException(
+        KJ_EXCEPTION(FAILED, "malformed frame: too many segments", uint64_t(first[0]) + 1));
   }
   uint32_t segmentCount = first[0] + 1;
   // Segment sizes in words: the first is in `first[1]`, the rest follow, padded to a word.
@@ -155,8 +155,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Channel::receive() {
     totalWords += s;
   }
   if (totalWords > channelReaderOptions().traversalLimitInWords) {
-    kj::throwFatalException(KJ_EXCEPTION(FAILED, "malformed frame: message too large",
-                                         totalWords));
+    kj::throwFatalException(KJ_EXCEPTION(FAILED, "malformed frame: message too large", totalWords));
   }
   auto words = kj::heapArray<capnp::word>(totalWords);
   size_t bytes = totalWords * sizeof(capnp::word);
@@ -169,8 +168,8 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Channel::receive() {
     segments[i] = words.slice(offset, offset + sizes[i]);
     offset += sizes[i];
   }
-  auto reader = kj::heap<capnp::SegmentArrayMessageReader>(segments.asPtr(),
-                                                           channelReaderOptions());
+  auto reader =
+      kj::heap<capnp::SegmentArrayMessageReader>(segments.asPtr(), channelReaderOptions());
   return kj::Own<capnp::MessageReader>(kj::mv(reader)).attach(kj::mv(words), kj::mv(segments));
 }
 

@@ -40,8 +40,8 @@ ClusterKey ClusterKey::load(const std::string& path) {
   if (fd < 0) {
     int err = errno;
     fail(err == ENOENT ? "missing (every node needs the same key file; create one with "
-                               "`head -c 32 /dev/urandom > FILE; chmod 600 FILE` and copy it)"
-                             : std::string("cannot open: ") + strerror(err));
+                         "`head -c 32 /dev/urandom > FILE; chmod 600 FILE` and copy it)"
+                       : std::string("cannot open: ") + strerror(err));
   }
   struct stat st;
   if (fstat(fd, &st) < 0) {
@@ -55,8 +55,8 @@ ClusterKey ClusterKey::load(const std::string& path) {
   }
   if ((st.st_mode & 0006) != 0) {
     close(fd);
-    fail(fmt::format("accessible to other users (mode {:04o}); chmod 600 {}",
-                           st.st_mode & 07777, path));
+    fail(fmt::format("accessible to other users (mode {:04o}); chmod 600 {}", st.st_mode & 07777,
+                     path));
   }
   std::vector<uint8_t> bytes(CLUSTER_KEY_MAX_BYTES + 1);
   size_t size = 0;
@@ -83,8 +83,7 @@ ClusterKey ClusterKey::load(const std::string& path) {
   }
   if (size < CLUSTER_KEY_MIN_BYTES) {
     sodium_memzero(bytes.data(), bytes.size());
-    fail(
-        fmt::format("too short ({} bytes, at least {} needed)", size, CLUSTER_KEY_MIN_BYTES));
+    fail(fmt::format("too short ({} bytes, at least {} needed)", size, CLUSTER_KEY_MIN_BYTES));
   }
   ClusterKey key = fromBytes(kj::arrayPtr(bytes.data(), size), path);
   sodium_memzero(bytes.data(), bytes.size());
@@ -93,8 +92,8 @@ ClusterKey ClusterKey::load(const std::string& path) {
 
 ClusterKey ClusterKey::fromBytes(kj::ArrayPtr<const uint8_t> bytes, const std::string& origin) {
   if (bytes.size() < CLUSTER_KEY_MIN_BYTES) {
-    throwConfigError(fmt::format("cluster key {}: too short ({} bytes, at least {} needed)",
-                                  origin, bytes.size(), CLUSTER_KEY_MIN_BYTES));
+    throwConfigError(fmt::format("cluster key {}: too short ({} bytes, at least {} needed)", origin,
+                                 bytes.size(), CLUSTER_KEY_MIN_BYTES));
   }
   initSodium();
   ClusterKey key;

@@ -109,7 +109,7 @@ Ipv4 resolveNodeId(NodeConfig& config, const MapFile& map) {
       config.nodeId = *id;
     } else {
       throwConfigError(fmt::format("no address of this host is in {}; set UMOSIX_NODE or --node",
-                                    config.mapPath));
+                                   config.mapPath));
     }
   }
   KJ_IF_MAYBE (address, map.lookup(config.nodeId)) {

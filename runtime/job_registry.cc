@@ -35,14 +35,10 @@ void makeDirectories(const std::string& path) {
 
 const char* jobStateName(JobState state) {
   switch (state) {
-    case JobState::HOME:
-      return "home";
-    case JobState::MIGRATING:
-      return "migrating";
-    case JobState::REMOTE:
-      return "remote";
-    case JobState::EXITED:
-      return "exited";
+    case JobState::HOME: return "home";
+    case JobState::MIGRATING: return "migrating";
+    case JobState::REMOTE: return "remote";
+    case JobState::EXITED: return "exited";
   }
   return "unknown";
 }

@@ -24,8 +24,8 @@ struct JobRecord {
   static constexpr uint32_t MAGIC = 0x534f4d55;  // "UMOS"
   uint32_t magic;
   uint32_t version;
-  int32_t ownerPid;                // the process that keeps this record alive
-  int32_t homePid;                 // the job's pid on its home node
+  int32_t ownerPid;  // the process that keeps this record alive
+  int32_t homePid;   // the job's pid on its home node
   uint32_t homeNode;
   std::atomic<uint32_t> node;      // where the user part runs now
   std::atomic<uint32_t> state;     // JobState

@@ -104,8 +104,7 @@ MapFile MapFile::fromString(const std::string& text, const std::string& name) {
     }
     Ipv4 address;
     if (!Ipv4::parse(tokens[1], address)) {
-      fail(
-          fmt::format("bad address \"{}\" (expected an IPv4 address like 10.0.0.1)", tokens[1]));
+      fail(fmt::format("bad address \"{}\" (expected an IPv4 address like 10.0.0.1)", tokens[1]));
     }
     if (id == 0) {
       fail("node ids start at 1, got 0");
@@ -115,24 +114,23 @@ MapFile MapFile::fromString(const std::string& text, const std::string& name) {
     }
     if (id > UINT32_MAX || count > UINT32_MAX || id + count - 1 > UINT32_MAX) {
       fail(fmt::format("{} overflow the node id range (at most {})", describeIds(id, count),
-                             UINT32_MAX));
+                       UINT32_MAX));
     }
     if (address.value + count - 1 > UINT32_MAX) {
-      fail(
-          fmt::format("{} addresses from {} overflow the IPv4 range", count, address.toString()));
+      fail(fmt::format("{} addresses from {} overflow the IPv4 range", count, address.toString()));
     }
     for (const MapRange& other : map.ranges_) {
       uint64_t otherEnd = uint64_t(other.firstId) + other.count;
       if (id < otherEnd && other.firstId < id + count) {
         fail(fmt::format("{} overlap {} of line {}", describeIds(id, count),
-                               describeIds(other.firstId, other.count), other.line));
+                         describeIds(other.firstId, other.count), other.line));
       }
       uint64_t otherAddrEnd = uint64_t(other.firstAddress.value) + other.count;
       if (address.value < otherAddrEnd && other.firstAddress.value < address.value + count) {
         uint64_t shared = std::max<uint64_t>(address.value, other.firstAddress.value);
         fail(fmt::format("address {} already belongs to node {} (line {})",
-                               Ipv4{uint32_t(shared)}.toString(),
-                               other.firstId + (shared - other.firstAddress.value), other.line));
+                         Ipv4{uint32_t(shared)}.toString(),
+                         other.firstId + (shared - other.firstAddress.value), other.line));
       }
     }
     map.ranges_.push_back(MapRange{uint32_t(id), address, uint32_t(count), lineNo});

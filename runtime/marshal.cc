@@ -106,16 +106,11 @@ bool hasOut(const ArgSpec (&specs)[6], const uint64_t (&args)[6], int i) {
     case ArgKind::OUT_BUF:
     case ArgKind::OUT_STRUCT:
     case ArgKind::INOUT_STRUCT:
-    case ArgKind::INOUT_ARRAY:
-      return true;
-    case ArgKind::OUT_ARRAY:
-      return countArg(args, s.lenArg) > 0;
-    case ArgKind::INOUT_BITS:
-      return countArg(args, s.lenArg) >= 0;
-    case ArgKind::OUT_BUF_LENPTR:
-      return args[s.lenArg] != 0;
-    default:
-      return false;
+    case ArgKind::INOUT_ARRAY: return true;
+    case ArgKind::OUT_ARRAY: return countArg(args, s.lenArg) > 0;
+    case ArgKind::INOUT_BITS: return countArg(args, s.lenArg) >= 0;
+    case ArgKind::OUT_BUF_LENPTR: return args[s.lenArg] != 0;
+    default: return false;
   }
 }
 
@@ -216,15 +211,14 @@ int planArg(const ArgSpec (&specs)[6], const uint64_t (&args)[6], int i, GuestMe
       p.outBytes = capped(capacity);
       return 0;
     }
-    default:
-      return 0;
+    default: return 0;
   }
 }
 
 }  // namespace
 
-int marshalRequest(int nr, const ArgSpec (&specs)[6], const uint64_t (&args)[6],
-                   GuestMemory& mem, proto::SyscallRequest::Builder req) {
+int marshalRequest(int nr, const ArgSpec (&specs)[6], const uint64_t (&args)[6], GuestMemory& mem,
+                   proto::SyscallRequest::Builder req) {
   ArgPlan plan[6];
   uint64_t wireArgs[6];
   std::copy(std::begin(args), std::end(args), std::begin(wireArgs));
@@ -254,8 +248,8 @@ int marshalRequest(int nr, const ArgSpec (&specs)[6], const uint64_t (&args)[6],
       auto data = b.initData(p.inBytes);
       if (p.string) {
         memcpy(data.begin(), p.str.c_str(), p.inBytes);  // with the NUL
-      } else if (mem.read(RemotePtr<void>(args[i]), std::span<uint8_t>(data.begin(), data.size())) !=
-                 0) {
+      } else if (mem.read(RemotePtr<void>(args[i]),
+                          std::span<uint8_t>(data.begin(), data.size())) != 0) {
         return EFAULT;
       }
     }
@@ -297,15 +291,11 @@ int64_t unmarshalReply(int nr, const ArgSpec (&specs)[6], const uint64_t (&args)
         break;
       }
       case ArgKind::OUT_STRUCT:
-      case ArgKind::INOUT_STRUCT:
-        n = ret >= 0 ? s.size : 0;
-        break;
+      case ArgKind::INOUT_STRUCT: n = ret >= 0 ? s.size : 0; break;
       case ArgKind::INOUT_ARRAY:
         n = ret >= 0 ? static_cast<uint32_t>(args[s.lenArg]) * s.size : 0;
         break;
-      case ArgKind::INOUT_BITS:
-        n = ret >= 0 ? fdSetBytes(countArg(args, s.lenArg)) : 0;
-        break;
+      case ArgKind::INOUT_BITS: n = ret >= 0 ? fdSetBytes(countArg(args, s.lenArg)) : 0; break;
       case ArgKind::OUT_BUF_LENPTR: {
         if (ret < 0) {
           break;
@@ -320,12 +310,11 @@ int64_t unmarshalReply(int nr, const ArgSpec (&specs)[6], const uint64_t (&args)
         n = returned;
         break;
       }
-      default:
-        break;
+      default: break;
     }
     n = std::min(n, data[i].size());
-    if (n > 0 && mem.write(RemotePtr<void>(args[i]), std::span<const uint8_t>(data[i].begin(), n)) !=
-                     0) {
+    if (n > 0 &&
+        mem.write(RemotePtr<void>(args[i]), std::span<const uint8_t>(data[i].begin(), n)) != 0) {
       faulted = true;
     }
   }
@@ -355,26 +344,49 @@ bool ioctlArg(uint32_t request, ArgSpec& arg) {
   switch (request) {
     // ioctl_tty(2). Plain-numbered requests carry no size in their number.
     case TCGETS: out(KERNEL_TERMIOS_BYTES); return true;
-    case TCSETS: case TCSETSW: case TCSETSF: in(KERNEL_TERMIOS_BYTES); return true;
+    case TCSETS:
+    case TCSETSW:
+    case TCSETSF: in(KERNEL_TERMIOS_BYTES); return true;
     case TCGETA: out(KERNEL_TERMIO_BYTES); return true;
-    case TCSETA: case TCSETAW: case TCSETAF: in(KERNEL_TERMIO_BYTES); return true;
+    case TCSETA:
+    case TCSETAW:
+    case TCSETAF: in(KERNEL_TERMIO_BYTES); return true;
     case TIOCGLCKTRMIOS: out(KERNEL_TERMIOS_BYTES); return true;
     case TIOCSLCKTRMIOS: in(KERNEL_TERMIOS_BYTES); return true;
     case TIOCGWINSZ: out(WINSIZE_BYTES); return true;
     case TIOCSWINSZ: in(WINSIZE_BYTES); return true;
-    case TIOCGPGRP: case TIOCGSID: out(sizeof(pid_t)); return true;
+    case TIOCGPGRP:
+    case TIOCGSID: out(sizeof(pid_t)); return true;
     case TIOCSPGRP: in(sizeof(pid_t)); return true;
-    case FIONREAD: case TIOCOUTQ: case TIOCMGET: case TIOCGETD: case TIOCGSOFTCAR:
-      out(sizeof(int)); return true;
-    case FIONBIO: case FIOASYNC: case TIOCMBIS: case TIOCMBIC: case TIOCMSET: case TIOCSETD:
-    case TIOCSSOFTCAR: case TIOCPKT:
-      in(sizeof(int)); return true;
+    case FIONREAD:
+    case TIOCOUTQ:
+    case TIOCMGET:
+    case TIOCGETD:
+    case TIOCGSOFTCAR: out(sizeof(int)); return true;
+    case FIONBIO:
+    case FIOASYNC:
+    case TIOCMBIS:
+    case TIOCMBIC:
+    case TIOCMSET:
+    case TIOCSETD:
+    case TIOCSSOFTCAR:
+    case TIOCPKT: in(sizeof(int)); return true;
     case TIOCSTI: in(1); return true;
     case FIOQSIZE: out(sizeof(loff_t)); return true;
-    case TCSBRK: case TCSBRKP: case TCXONC: case TCFLSH: case TIOCSCTTY: case TIOCNOTTY:
-    case TIOCEXCL: case TIOCNXCL: case TIOCSBRK: case TIOCCBRK: case FIOCLEX: case FIONCLEX:
-    case TIOCCONS: case TIOCVHANGUP:
-      arg = VAL; return true;
+    case TCSBRK:
+    case TCSBRKP:
+    case TCXONC:
+    case TCFLSH:
+    case TIOCSCTTY:
+    case TIOCNOTTY:
+    case TIOCEXCL:
+    case TIOCNXCL:
+    case TIOCSBRK:
+    case TIOCCBRK:
+    case FIOCLEX:
+    case FIONCLEX:
+    case TIOCCONS:
+    case TIOCVHANGUP: arg = VAL; return true;
     // linux/fs.h declares these with `long` but the kernel copies an int.
     case FS_IOC_GETFLAGS: out(sizeof(int)); return true;
     case FS_IOC_SETFLAGS: in(sizeof(int)); return true;
@@ -392,7 +404,8 @@ bool ioctlArg(uint32_t request, ArgSpec& arg) {
     case _IOC_NONE: arg = VAL; return true;
     case _IOC_READ: out(size); return size > 0;
     case _IOC_WRITE: in(size); return size > 0;
-    case _IOC_READ | _IOC_WRITE: arg = {ArgKind::INOUT_STRUCT, 0, static_cast<uint16_t>(size)};
+    case _IOC_READ | _IOC_WRITE:
+      arg = {ArgKind::INOUT_STRUCT, 0, static_cast<uint16_t>(size)};
       return size > 0;
   }
   return false;
@@ -401,20 +414,35 @@ bool ioctlArg(uint32_t request, ArgSpec& arg) {
 // The third fcntl argument for `cmd`, or false for an unknown command.
 bool fcntlArg(int cmd, ArgSpec& arg) {
   switch (cmd) {
-    case F_DUPFD: case F_DUPFD_CLOEXEC: case F_GETFD: case F_SETFD: case F_GETFL: case F_SETFL:
-    case F_SETOWN: case F_GETOWN: case F_SETSIG: case F_GETSIG: case F_SETLEASE: case F_GETLEASE:
-    case F_NOTIFY: case F_SETPIPE_SZ: case F_GETPIPE_SZ: case F_ADD_SEALS: case F_GET_SEALS:
-      arg = VAL; return true;
-    case F_GETLK: case F_OFD_GETLK:
-      arg = {ArgKind::INOUT_STRUCT, 0, FLOCK_BYTES}; return true;
-    case F_SETLK: case F_SETLKW: case F_OFD_SETLK: case F_OFD_SETLKW:
-      arg = {ArgKind::IN_STRUCT, 0, FLOCK_BYTES}; return true;
+    case F_DUPFD:
+    case F_DUPFD_CLOEXEC:
+    case F_GETFD:
+    case F_SETFD:
+    case F_GETFL:
+    case F_SETFL:
+    case F_SETOWN:
+    case F_GETOWN:
+    case F_SETSIG:
+    case F_GETSIG:
+    case F_SETLEASE:
+    case F_GETLEASE:
+    case F_NOTIFY:
+    case F_SETPIPE_SZ:
+    case F_GETPIPE_SZ:
+    case F_ADD_SEALS:
+    case F_GET_SEALS: arg = VAL; return true;
+    case F_GETLK:
+    case F_OFD_GETLK: arg = {ArgKind::INOUT_STRUCT, 0, FLOCK_BYTES}; return true;
+    case F_SETLK:
+    case F_SETLKW:
+    case F_OFD_SETLK:
+    case F_OFD_SETLKW: arg = {ArgKind::IN_STRUCT, 0, FLOCK_BYTES}; return true;
     case F_GETOWN_EX: arg = {ArgKind::OUT_STRUCT, 0, F_OWNER_EX_BYTES}; return true;
     case F_SETOWN_EX: arg = {ArgKind::IN_STRUCT, 0, F_OWNER_EX_BYTES}; return true;
-    case F_GET_RW_HINT: case F_GET_FILE_RW_HINT:
-      arg = {ArgKind::OUT_STRUCT, 0, sizeof(uint64_t)}; return true;
-    case F_SET_RW_HINT: case F_SET_FILE_RW_HINT:
-      arg = {ArgKind::IN_STRUCT, 0, sizeof(uint64_t)}; return true;
+    case F_GET_RW_HINT:
+    case F_GET_FILE_RW_HINT: arg = {ArgKind::OUT_STRUCT, 0, sizeof(uint64_t)}; return true;
+    case F_SET_RW_HINT:
+    case F_SET_FILE_RW_HINT: arg = {ArgKind::IN_STRUCT, 0, sizeof(uint64_t)}; return true;
     default: return false;
   }
 }
@@ -424,8 +452,7 @@ bool fcntlArg(int cmd, ArgSpec& arg) {
 bool dynamicArgSpecs(const SyscallEntry& entry, const uint64_t (&args)[6], ArgSpec (&out)[6]) {
   std::copy(std::begin(entry.args), std::end(entry.args), std::begin(out));
   switch (entry.handler) {
-    case HandlerId::NONE:
-      return true;
+    case HandlerId::NONE: return true;
     case HandlerId::IOCTL:
       // ioctl(2): the request is an unsigned int.
       out[0] = FD;
@@ -443,8 +470,7 @@ bool dynamicArgSpecs(const SyscallEntry& entry, const uint64_t (&args)[6], ArgSp
       out[4] = {ArgKind::INOUT_STRUCT, 0, sizeof(struct timespec)};
       out[5] = {ArgKind::IGNORED_PTR};
       return true;
-    default:
-      return false;
+    default: return false;
   }
 }
 

@@ -176,7 +176,7 @@ std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 addr
 
 namespace {
 Ipv4 addressOf(const MapFile& map, uint32_t nodeId) {
-  KJ_IF_MAYBE(address, map.lookup(nodeId)) {
+  KJ_IF_MAYBE (address, map.lookup(nodeId)) {
     return *address;
   }
   kj::throwFatalException(kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,

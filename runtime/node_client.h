@@ -79,8 +79,8 @@ NodeStatus queryStatus(const ClusterCredentials& credentials, Ipv4 address, uint
                        uint32_t timeoutMs);
 std::vector<JobInfo> listJobs(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
                               uint32_t timeoutMs);
-std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 address,
-                                uint16_t port, uint32_t timeoutMs);
+std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
+                                uint32_t timeoutMs);
 
 // The same, addressing node `nodeId` of `map`. A node that is not in the map throws
 // kj::Exception (FAILED) "node N is not in the cluster map" before any connection is tried.

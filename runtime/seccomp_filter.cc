@@ -68,8 +68,8 @@ std::vector<sock_filter> buildBody() {
   size_t done = 0;
   while (done < static_cast<size_t>(st.st_size)) {
     ssize_t n;
-    KJ_SYSCALL(n = pread(fd.get(), reinterpret_cast<char*>(body.data()) + done,
-                         st.st_size - done, done));
+    KJ_SYSCALL(
+        n = pread(fd.get(), reinterpret_cast<char*>(body.data()) + done, st.st_size - done, done));
     KJ_ASSERT(n > 0, "short read of the exported filter");
     done += n;
   }

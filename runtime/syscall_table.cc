@@ -52,9 +52,9 @@ constexpr uint16_t POLLFD_BYTES = sizeof(struct pollfd);
 static_assert(POLLFD_BYTES == 8);
 constexpr uint16_t EPOLL_EVENT_BYTES = sizeof(struct epoll_event);  // packed on x86-64
 static_assert(EPOLL_EVENT_BYTES == 12);
-constexpr uint16_t INT_BYTES = 4;      // int, socklen_t, uid_t, gid_t, pid_t
-constexpr uint16_t LOFF_BYTES = 8;     // loff_t (sendfile, splice, copy_file_range offsets)
-constexpr uint16_t FD_PAIR_BYTES = 8;  // int[2] (pipe, socketpair)
+constexpr uint16_t INT_BYTES = 4;       // int, socklen_t, uid_t, gid_t, pid_t
+constexpr uint16_t LOFF_BYTES = 8;      // loff_t (sendfile, splice, copy_file_range offsets)
+constexpr uint16_t FD_PAIR_BYTES = 8;   // int[2] (pipe, socketpair)
 constexpr uint16_t UTIMBUF_BYTES = 16;  // struct utimbuf: two longs
 constexpr uint16_t TIMEVAL_PAIR_BYTES = 2 * TIMEVAL_BYTES;    // utimes, futimesat
 constexpr uint16_t TIMESPEC_PAIR_BYTES = 2 * TIMESPEC_BYTES;  // utimensat
@@ -101,17 +101,15 @@ constexpr AtHome atHomeOf(Route route, HandlerId handler) {
     case HandlerId::IOV:   // sent home as read, write, pread64 or pwrite64
     case HandlerId::EXEC:  // sent home as an ExecRequest
       return AtHome::NEVER;
-    case HandlerId::SOCKMSG:
-      return AtHome::MSGHDR;
-    default:
-      return AtHome::ARGS;
+    case HandlerId::SOCKMSG: return AtHome::MSGHDR;
+    default: return AtHome::ARGS;
   }
 }
 
 constexpr SyscallEntry row(int nr, const char* name, Route route, uint32_t classes,
                            std::initializer_list<ArgSpec> args, HandlerId handler, int err,
                            const char* why) {
-  SyscallEntry e{nr,      name, route, classes, {}, handler, err, why, atHomeOf(route, handler),
+  SyscallEntry e{nr,         name, route, classes, {}, handler, err, why, atHomeOf(route, handler),
                  ERESTARTSYS};
   size_t i = 0;
   for (const ArgSpec& a : args) {
@@ -160,8 +158,7 @@ constexpr SyscallEntry seenFromHome(HomeView view, SyscallEntry e) {
 }
 
 // Fails with `err`; `why` goes into docs and the job's log.
-constexpr SyscallEntry deny(int nr, const char* name, uint32_t classes, int err,
-                            const char* why) {
+constexpr SyscallEntry deny(int nr, const char* name, uint32_t classes, int err, const char* why) {
   return row(nr, name, Route::DENY, classes, {}, HandlerId::NONE, err, why);
 }
 
@@ -254,7 +251,8 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_listen, "listen", NETWORK | DESC, {FD, VAL}),
     forward(__NR_getsockname, "getsockname", NETWORK | DESC, {FD, outBufLenptr(2), SOCKLEN_PTR}),
     forward(__NR_getpeername, "getpeername", NETWORK | DESC, {FD, outBufLenptr(2), SOCKLEN_PTR}),
-    forward(__NR_socketpair, "socketpair", NETWORK | DESC, {VAL, VAL, VAL, outStruct(FD_PAIR_BYTES)}),
+    forward(__NR_socketpair, "socketpair", NETWORK | DESC,
+            {VAL, VAL, VAL, outStruct(FD_PAIR_BYTES)}),
     forward(__NR_setsockopt, "setsockopt", NETWORK | DESC, {FD, VAL, VAL, inBuf(4), VAL}),
     forward(__NR_getsockopt, "getsockopt", NETWORK | DESC,
             {FD, VAL, VAL, outBufLenptr(4), SOCKLEN_PTR}),
@@ -417,12 +415,11 @@ constexpr SyscallEntry ROWS[] = {
                  forward(__NR_readlinkat, "readlinkat", DESC | FILE, {FD, PATH, outBuf(3), VAL})),
     forward(__NR_fchmodat, "fchmodat", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_faccessat, "faccessat", DESC | FILE, {FD, PATH, VAL}),
-    noRestartAfterHandler(seenFromHome(
-        HomeView::SELECT,
-        forward(__NR_pselect6, "pselect6", DESC,
-                {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMESPEC_BYTES),
-                 IGNORED},
-                PSELECT))),
+    noRestartAfterHandler(
+        seenFromHome(HomeView::SELECT, forward(__NR_pselect6, "pselect6", DESC,
+                                               {VAL, inoutBits(0), inoutBits(0), inoutBits(0),
+                                                inoutStruct(TIMESPEC_BYTES), IGNORED},
+                                               PSELECT))),
     noRestartAfterHandler(seenFromHome(
         HomeView::POLL,
         forward(__NR_ppoll, "ppoll", DESC,
@@ -509,9 +506,9 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_pidfd_getfd, "pidfd_getfd", PROC | DESC, EPERM,
          "it would take a descriptor from another process's home fd table"),
     forward(__NR_faccessat2, "faccessat2", DESC | FILE, {FD, PATH, VAL, VAL}),
-    noRestartAfterHandler(forward(
-        __NR_epoll_pwait2, "epoll_pwait2", DESC,
-        {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), IGNORED, VAL})),
+    noRestartAfterHandler(
+        forward(__NR_epoll_pwait2, "epoll_pwait2", DESC,
+                {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), IGNORED, VAL})),
     deny(__NR_mount_setattr, "mount_setattr", FILE, EPERM, MOUNTS),
     deny(__NR_memfd_secret, "memfd_secret", DESC | MEMORY, ENOSYS,
          "its descriptor would live at home but its mappings on the remote node"),
@@ -542,8 +539,8 @@ constexpr Conformance CONFORMANCE[] = {
                        __NR_linkat, __NR_mkdir, __NR_mkdirat, __NR_rename, __NR_renameat,
                        __NR_renameat2, __NR_rmdir, __NR_symlinkat, __NR_unlink, __NR_unlinkat}),
     checks("dup_fcntl", {__NR_close_range, __NR_dup, __NR_dup2, __NR_dup3, __NR_fcntl, __NR_flock}),
-    checks("exec", {__NR_arch_prctl, __NR_execve, __NR_exit_group, __NR_rseq,
-                    __NR_set_robust_list}),
+    checks("exec",
+           {__NR_arch_prctl, __NR_execve, __NR_exit_group, __NR_rseq, __NR_set_robust_list}),
     checks("file_io", {__NR_close, __NR_copy_file_range, __NR_creat, __NR_fallocate, __NR_fdatasync,
                        __NR_fsync, __NR_ftruncate, __NR_lseek, __NR_openat, __NR_pread64,
                        __NR_preadv, __NR_pwrite64, __NR_read, __NR_readv, __NR_sendfile, __NR_umask,
@@ -552,10 +549,10 @@ constexpr Conformance CONFORMANCE[] = {
     checks("fork_groups", {__NR_setpgid, __NR_setsid}),
     checks("fork_pipe", {__NR_pipe}),
     checks("fork_wait", {__NR_wait4, __NR_waitid}),
-    checks("identity", {__NR_futex, __NR_getegid, __NR_geteuid, __NR_getgid, __NR_getgroups,
-                        __NR_getpgid, __NR_getpgrp, __NR_getpid, __NR_getppid, __NR_getresgid,
-                        __NR_getresuid, __NR_getsid, __NR_gettid, __NR_getuid,
-                        __NR_set_tid_address}),
+    checks("identity",
+           {__NR_futex, __NR_getegid, __NR_geteuid, __NR_getgid, __NR_getgroups, __NR_getpgid,
+            __NR_getpgrp, __NR_getpid, __NR_getppid, __NR_getresgid, __NR_getresuid, __NR_getsid,
+            __NR_gettid, __NR_getuid, __NR_set_tid_address}),
     checks("kernel_ids", {__NR_tgkill}),
     checks("misc", {__NR_fgetxattr, __NR_flistxattr, __NR_fremovexattr, __NR_fsetxattr,
                     __NR_getrandom, __NR_getxattr, __NR_inotify_add_watch, __NR_inotify_init1,
@@ -563,13 +560,13 @@ constexpr Conformance CONFORMANCE[] = {
                     __NR_sched_getaffinity, __NR_sched_yield, __NR_setxattr}),
     checks("mmap_file", {__NR_brk, __NR_madvise, __NR_mincore, __NR_mmap, __NR_mprotect,
                          __NR_mremap, __NR_msync, __NR_munmap}),
-    checks("pipe_poll", {__NR_epoll_create1, __NR_epoll_ctl, __NR_epoll_pwait, __NR_epoll_wait,
-                         __NR_eventfd2, __NR_pipe2, __NR_poll, __NR_ppoll, __NR_pselect6,
-                         __NR_splice, __NR_tee, __NR_timerfd_create, __NR_timerfd_gettime,
-                         __NR_timerfd_settime}),
+    checks("pipe_poll",
+           {__NR_epoll_create1, __NR_epoll_ctl, __NR_epoll_pwait, __NR_epoll_wait, __NR_eventfd2,
+            __NR_pipe2, __NR_poll, __NR_ppoll, __NR_pselect6, __NR_splice, __NR_tee,
+            __NR_timerfd_create, __NR_timerfd_gettime, __NR_timerfd_settime}),
     checks("proc_self", {__NR_openat2, __NR_readlink}),
-    checks("rlimit_uname", {__NR_getpriority, __NR_prlimit64, __NR_setpriority, __NR_sysinfo,
-                            __NR_uname}),
+    checks("rlimit_uname",
+           {__NR_getpriority, __NR_prlimit64, __NR_setpriority, __NR_sysinfo, __NR_uname}),
     checks("signals", {__NR_alarm, __NR_kill, __NR_pause, __NR_rt_sigaction, __NR_rt_sigpending,
                        __NR_rt_sigprocmask, __NR_rt_sigreturn, __NR_rt_sigsuspend,
                        __NR_rt_sigtimedwait, __NR_sigaltstack}),
@@ -729,10 +726,8 @@ constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
       // Local calls never see the home node, so none may take a path; the only conditional
       // local row is mmap.
       return e.err == 0 && e.why == nullptr && !takesPath(e) &&
-             (e.handler == HandlerId::NONE ||
-              (e.handler == HandlerId::MMAP && e.nr == __NR_mmap));
-    case Route::EMULATE:
-      return e.err == 0 && e.why == nullptr && e.handler != HandlerId::NONE;
+             (e.handler == HandlerId::NONE || (e.handler == HandlerId::MMAP && e.nr == __NR_mmap));
+    case Route::EMULATE: return e.err == 0 && e.why == nullptr && e.handler != HandlerId::NONE;
     case Route::FORWARD:
       return e.err == 0 && e.why == nullptr && e.handler != HandlerId::MMAP &&
              e.handler != HandlerId::IDS;

@@ -23,27 +23,27 @@ enum class Route : uint8_t {
 
 // What one syscall argument is, for marshalling. Buffer sizes are bytes.
 enum class ArgKind : uint8_t {
-  NONE,          // unused argument slot
-  VAL,           // a plain value: flags, sizes, offsets, pids, modes
-  FD,            // a descriptor of the job's home fd table; it must be open
-  NEW_FD,        // a descriptor number the call (re)assigns (dup2's and dup3's target): it need
-                 // not be open, and the deputy moves its own descriptor out of the way
-  PATH,          // NUL-terminated path, in; at most PATH_MAX bytes
-  PATH_OR_NULL,  // like PATH, NULL allowed (utimensat)
-  STRING,        // a NUL-terminated string that is not looked up as a path now (xattr names,
-                 // symlink targets, memfd names): travels like PATH
-  IN_BUF,        // bytes in; length is argument `lenArg`
-  OUT_BUF,       // bytes out; capacity is argument `lenArg`; the reply is trimmed to ret bytes
-  IN_STRUCT,     // `size` bytes in; NULL passes NULL
-  OUT_STRUCT,    // `size` bytes out, written back in full when ret >= 0; NULL passes NULL
-  INOUT_STRUCT,  // `size` bytes in and out; NULL passes NULL
-  INOUT_ARRAY,   // argument `lenArg` elements of `size` bytes, in and out (poll's fds)
-  INOUT_BITS,    // an fd_set: ((argument `lenArg` + 63) / 64) * 8 bytes, in and out; NULL ok
+  NONE,            // unused argument slot
+  VAL,             // a plain value: flags, sizes, offsets, pids, modes
+  FD,              // a descriptor of the job's home fd table; it must be open
+  NEW_FD,          // a descriptor number the call (re)assigns (dup2's and dup3's target): it need
+                   // not be open, and the deputy moves its own descriptor out of the way
+  PATH,            // NUL-terminated path, in; at most PATH_MAX bytes
+  PATH_OR_NULL,    // like PATH, NULL allowed (utimensat)
+  STRING,          // a NUL-terminated string that is not looked up as a path now (xattr names,
+                   // symlink targets, memfd names): travels like PATH
+  IN_BUF,          // bytes in; length is argument `lenArg`
+  OUT_BUF,         // bytes out; capacity is argument `lenArg`; the reply is trimmed to ret bytes
+  IN_STRUCT,       // `size` bytes in; NULL passes NULL
+  OUT_STRUCT,      // `size` bytes out, written back in full when ret >= 0; NULL passes NULL
+  INOUT_STRUCT,    // `size` bytes in and out; NULL passes NULL
+  INOUT_ARRAY,     // argument `lenArg` elements of `size` bytes, in and out (poll's fds)
+  INOUT_BITS,      // an fd_set: ((argument `lenArg` + 63) / 64) * 8 bytes, in and out; NULL ok
   OUT_BUF_LENPTR,  // bytes out whose capacity is the socklen_t that argument `lenArg` points to
                    // (accept, getsockname, recvfrom); trimmed to the capacity
-  IGNORED_PTR,   // a pointer the deputy does not need (ppoll's sigmask): passed as NULL
-  OUT_ARRAY,     // argument `lenArg` elements of `size` bytes out (epoll_wait's events,
-                 // getgroups); the reply is trimmed to ret elements
+  IGNORED_PTR,     // a pointer the deputy does not need (ppoll's sigmask): passed as NULL
+  OUT_ARRAY,       // argument `lenArg` elements of `size` bytes out (epoll_wait's events,
+                   // getgroups); the reply is trimmed to ret elements
 };
 
 // True for the kinds whose argument is a guest address.
@@ -60,9 +60,9 @@ struct ArgSpec {
 
 // strace-like classes, for docs and tracing filters (bit set).
 enum SyscallClass : uint32_t {
-  DESC = 1 << 0,     // takes or returns a descriptor
-  FILE = 1 << 1,     // takes a path
-  PROC = 1 << 2,     // process management and ids
+  DESC = 1 << 0,  // takes or returns a descriptor
+  FILE = 1 << 1,  // takes a path
+  PROC = 1 << 2,  // process management and ids
   SIGNAL = 1 << 3,
   MEMORY = 1 << 4,
   NETWORK = 1 << 5,
@@ -74,20 +74,20 @@ enum SyscallClass : uint32_t {
 // Irregular handlers, implemented by the supervisor (remote/). The table names them by id so
 // runtime/ does not depend on remote/.
 enum class HandlerId : uint8_t {
-  NONE,         // regular: generic marshalling
-  IDS,          // getpid, gettid, getuid, ...: answered from the job's Ids cache
-  MMAP,         // file-backed mmap: mapped from the remote content cache. The mmap row is LOCAL
-                // with this handler: the filter ALLOWs MAP_ANONYMOUS, the rest is notified
-  EXEC,         // execve, execveat: performed at home (design decision 2)
-  IOV,          // readv, writev, preadv, pwritev (2): flattened into one buffer
-  KILL,         // kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo: self-signals stay local
+  NONE,  // regular: generic marshalling
+  IDS,   // getpid, gettid, getuid, ...: answered from the job's Ids cache
+  MMAP,  // file-backed mmap: mapped from the remote content cache. The mmap row is LOCAL
+         // with this handler: the filter ALLOWs MAP_ANONYMOUS, the rest is notified
+  EXEC,  // execve, execveat: performed at home (design decision 2)
+  IOV,   // readv, writev, preadv, pwritev (2): flattened into one buffer
+  KILL,  // kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo: self-signals stay local
   SET_TID_ADDRESS,  // answers the home tid
-  IOCTL,        // argument layout depends on the request
-  FCNTL,        // argument layout depends on the command
-  PSELECT,      // pselect6's sigmask argument is a pointer to a pointer
-  SOCKMSG,      // sendmsg, recvmsg: msghdr with iovecs
-  OPEN,         // open, openat, openat2: the job's own /proc files that describe its user part
-                // (maps, status, ...) are served by the supervisor; every other path is regular
+  IOCTL,            // argument layout depends on the request
+  FCNTL,            // argument layout depends on the command
+  PSELECT,          // pselect6's sigmask argument is a pointer to a pointer
+  SOCKMSG,          // sendmsg, recvmsg: msghdr with iovecs
+  OPEN,             // open, openat, openat2: the job's own /proc files that describe its user part
+                    // (maps, status, ...) are served by the supervisor; every other path is regular
 };
 
 // What the deputy does around a call it executes because the job's fd table and /proc/self are
@@ -129,22 +129,22 @@ inline constexpr int ERESTARTSYS = 512;
 inline constexpr int ERESTARTNOHAND = 514;
 
 struct SyscallEntry {
-  int nr;               // x86-64 __NR_*
-  const char* name;     // as in the man page, e.g. "openat"
+  int nr;            // x86-64 __NR_*
+  const char* name;  // as in the man page, e.g. "openat"
   Route route;
-  uint32_t classes;     // SyscallClass bits
+  uint32_t classes;  // SyscallClass bits
   ArgSpec args[6];
-  HandlerId handler;    // NONE for regular rows; a LOCAL row with a handler is local only under
-                        // the handler's condition (MMAP: MAP_ANONYMOUS) and irregular otherwise
-  int err;              // DENY: the errno the guest sees
-  const char* why;      // DENY: one line for docs and logs
-  AtHome atHome;        // what the deputy executes of it
-  int restart;          // FORWARD: what a native call returns when a signal cuts it short,
-                        // ERESTARTSYS or ERESTARTNOHAND (the guest sees it when a signal
-                        // interrupts the call at home)
+  HandlerId handler;  // NONE for regular rows; a LOCAL row with a handler is local only under
+                      // the handler's condition (MMAP: MAP_ANONYMOUS) and irregular otherwise
+  int err;            // DENY: the errno the guest sees
+  const char* why;    // DENY: one line for docs and logs
+  AtHome atHome;      // what the deputy executes of it
+  int restart;        // FORWARD: what a native call returns when a signal cuts it short,
+                      // ERESTARTSYS or ERESTARTNOHAND (the guest sees it when a signal
+                      // interrupts the call at home)
   HomeView view = HomeView::NONE;  // ARGS/MSGHDR: what the deputy does around the call
-  const char* test = nullptr;  // the conformance program that checks it, natively and on a
-                               // remote node (tests/syscalls/<test>.cc); nullptr: none yet
+  const char* test = nullptr;      // the conformance program that checks it, natively and on a
+                                   // remote node (tests/syscalls/<test>.cc); nullptr: none yet
 };
 
 // The conformance programs the table names (the `test` column), sorted, without duplicates:

@@ -21,8 +21,8 @@ namespace {
 
 std::string classNames(uint32_t classes) {
   static constexpr std::pair<uint32_t, const char*> NAMES[] = {
-      {DESC, "desc"},     {FILE, "file"}, {PROC, "proc"}, {SIGNAL, "signal"}, {MEMORY, "memory"},
-      {NETWORK, "net"},   {TIME, "time"}, {IPC, "ipc"},   {OTHER, "other"},
+      {DESC, "desc"},   {FILE, "file"}, {PROC, "proc"}, {SIGNAL, "signal"}, {MEMORY, "memory"},
+      {NETWORK, "net"}, {TIME, "time"}, {IPC, "ipc"},   {OTHER, "other"},
   };
   std::string out;
   for (auto [bit, name] : NAMES) {
@@ -37,23 +37,17 @@ std::string classNames(uint32_t classes) {
 std::string argText(const ArgSpec& a) {
   switch (a.kind) {
     case ArgKind::IN_BUF:
-    case ArgKind::OUT_BUF:
-      return fmt::format("{}[a{}]", argKindName(a.kind), a.lenArg);
+    case ArgKind::OUT_BUF: return fmt::format("{}[a{}]", argKindName(a.kind), a.lenArg);
     case ArgKind::IN_STRUCT:
     case ArgKind::OUT_STRUCT:
-    case ArgKind::INOUT_STRUCT:
-      return fmt::format("{}({})", argKindName(a.kind), a.size);
+    case ArgKind::INOUT_STRUCT: return fmt::format("{}({})", argKindName(a.kind), a.size);
     case ArgKind::INOUT_ARRAY:
     case ArgKind::OUT_ARRAY:
       return fmt::format("{}[a{}×{}]", argKindName(a.kind), a.lenArg, a.size);
-    case ArgKind::INOUT_BITS:
-      return fmt::format("INOUT_BITS[a{}]", a.lenArg);
-    case ArgKind::OUT_BUF_LENPTR:
-      return fmt::format("OUT_BUF_LENPTR[*a{}]", a.lenArg);
-    case ArgKind::NONE:
-      return "(handler)";
-    default:
-      return argKindName(a.kind);
+    case ArgKind::INOUT_BITS: return fmt::format("INOUT_BITS[a{}]", a.lenArg);
+    case ArgKind::OUT_BUF_LENPTR: return fmt::format("OUT_BUF_LENPTR[*a{}]", a.lenArg);
+    case ArgKind::NONE: return "(handler)";
+    default: return argKindName(a.kind);
   }
 }
 
@@ -142,7 +136,8 @@ std::string render() {
        "executes the call in the job's home process (its fds, cwd, credentials), the results "
        "are written back |\n"
     << "| EMULATE | the supervisor | answered without a round trip (ids from the job's cache) |\n"
-    << "| DENY | nowhere | fails with the errno shown; the supervisor logs the name once per job |\n"
+    << "| DENY | nowhere | fails with the errno shown; the supervisor logs the name once per job "
+       "|\n"
     << "\n"
     << "The deputy executes a request only when the row's *at home* column allows it: `ARGS` "
        "with the row's argument kinds (a buffer only where a kind is a pointer, large enough for "
@@ -157,7 +152,8 @@ std::string render() {
        "the i386 entry (`int 0x80`) kills the guest.\n\n"
     << "A FORWARD row without a handler is *regular*: its argument kinds say everything and one "
        "generic marshaller forwards it. Argument kinds: `FD` a descriptor of the job's home fd "
-       "table; `NEW_FD` a descriptor number the call assigns; `VAL` a plain value; `PATH` a NUL-terminated path (at most PATH_MAX); `STRING` a "
+       "table; `NEW_FD` a descriptor number the call assigns; `VAL` a plain value; `PATH` a "
+       "NUL-terminated path (at most PATH_MAX); `STRING` a "
        "NUL-terminated string that is not a path (xattr names, symlink targets); "
        "`IN_BUF[aN]`/`OUT_BUF[aN]` bytes whose length is argument N (out-buffers are trimmed "
        "to the result); `*_STRUCT(n)` n bytes, NULL stays NULL; `*_ARRAY[aN×n]` argument N "
@@ -167,10 +163,8 @@ std::string render() {
        "at most "
     << (MAX_FORWARD_BYTES >> 20) << " MiB each way; larger reads and writes are short.\n\n"
     << fmt::format("{} rows: {} local, {} forwarded, {} emulated, {} denied.\n\n", table.size(),
-                   counts[static_cast<int>(Route::LOCAL)],
-                   counts[static_cast<int>(Route::FORWARD)],
-                   counts[static_cast<int>(Route::EMULATE)],
-                   counts[static_cast<int>(Route::DENY)])
+                   counts[static_cast<int>(Route::LOCAL)], counts[static_cast<int>(Route::FORWARD)],
+                   counts[static_cast<int>(Route::EMULATE)], counts[static_cast<int>(Route::DENY)])
     << "The *tested by* column names the conformance program (`tests/syscalls/NAME.cc`) that "
        "checks the row, natively and under mosrun on a remote node; the programs Meson builds "
        "are exactly the ones named here (a unit test compares the lists).\n\n"
@@ -179,9 +173,8 @@ std::string render() {
   for (const SyscallEntry& e : table) {
     o << fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", e.nr, e.name,
                      routeName(e.route), e.handler == HandlerId::NONE ? "" : handlerName(e.handler),
-                     e.atHome == AtHome::NEVER ? "" : atHomeName(e.atHome),
-                     classNames(e.classes), argsText(e), e.test != nullptr ? e.test : "",
-                     notes(e));
+                     e.atHome == AtHome::NEVER ? "" : atHomeName(e.atHome), classNames(e.classes),
+                     argsText(e), e.test != nullptr ? e.test : "", notes(e));
   }
   return o.str();
 }

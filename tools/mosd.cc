@@ -111,8 +111,7 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
         listener_(port, makeSockaddr(address.value, config_.port)),
         tasks_(*this) {
     spdlog::info("node {} listening on {}:{} (map {}, {} nodes, key {})", config_.nodeId,
-                 address.toString(), config_.port, config_.mapPath, map_.size(),
-                 config_.keyPath);
+                 address.toString(), config_.port, config_.mapPath, map_.size(), config_.keyPath);
   }
 
   // Accepts connections until an unrecoverable accept error (then rejects). A connection that
@@ -205,19 +204,18 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
     handshake->peerText = kj::mv(peerText);
     handshake->peerNode = peerNode;
     Handshake& h = *handshake;
-    auto promise =
-        port_
-            .timeoutAfter(HELLO_TIMEOUT_MS,
-                          kj::str("no complete handshake from ", h.peerText.c_str(), " within ",
-                                  HELLO_TIMEOUT_MS, " ms"),
-                          authenticate(h))
-            .then([this, handshake = kj::mv(handshake)](
-                      kj::Maybe<uint32_t> node) mutable -> kj::Promise<void> {
-              KJ_IF_MAYBE (id, node) {
-                return serve(kj::mv(handshake), *id);
-              }
-              return kj::READY_NOW;
-            });
+    auto promise = port_
+                       .timeoutAfter(HELLO_TIMEOUT_MS,
+                                     kj::str("no complete handshake from ", h.peerText.c_str(),
+                                             " within ", HELLO_TIMEOUT_MS, " ms"),
+                                     authenticate(h))
+                       .then([this, handshake = kj::mv(handshake)](
+                                 kj::Maybe<uint32_t> node) mutable -> kj::Promise<void> {
+                         KJ_IF_MAYBE (id, node) {
+                           return serve(kj::mv(handshake), *id);
+                         }
+                         return kj::READY_NOW;
+                       });
     tasks_.add(kj::mv(promise));
   }
 
@@ -259,8 +257,9 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
                 }
                 authFailed_.erase(h.peer.value);  // a later failure is news again
                 static const uint8_t accepted = AUTH_ACCEPTED;
-                return h.stream->write(&accepted, 1).then(
-                    [claimed]() { return kj::Maybe<uint32_t>(claimed); });
+                return h.stream->write(&accepted, 1).then([claimed]() {
+                  return kj::Maybe<uint32_t>(claimed);
+                });
               });
         });
   }
@@ -361,7 +360,7 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
   std::map<pid_t, Supervisor> supervisors_;
   std::set<uint32_t> rejected_;    // peers already logged as non-members
   std::set<uint32_t> authFailed_;  // peers already logged as failing the handshake
-  kj::TaskSet tasks_;            // last: connections die before what they use
+  kj::TaskSet tasks_;              // last: connections die before what they use
 };
 
 // Writes RUN_DIR/mosd.pid; returns its path ("" when it could not be written).
@@ -416,18 +415,18 @@ int run(int argc, char** argv) {
   Ipv4 address;
   // Configuration errors are kj::Exceptions with a one-line description for the user (config.h).
   KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
-                  config = configFromEnvironment();
-                  if (!mapPath.empty()) config.mapPath = mapPath;
-                  if (!runDir.empty()) config.runDir = runDir;
-                  if (!cacheDir.empty()) config.cacheDir = cacheDir;
-                  if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
-                  if (!portText.empty()) config.port = parsePort(portText, "--port");
-                  if (!keyPath.empty()) config.keyPath = keyPath;
-                  auto map = MapFile::fromPath(config.mapPath);
-                  address = resolveNodeId(config, map);
-                  maybeMap = kj::mv(map);
-                  maybeKey = ClusterKey::load(config.keyPath);
-                })) {
+                 config = configFromEnvironment();
+                 if (!mapPath.empty()) config.mapPath = mapPath;
+                 if (!runDir.empty()) config.runDir = runDir;
+                 if (!cacheDir.empty()) config.cacheDir = cacheDir;
+                 if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
+                 if (!portText.empty()) config.port = parsePort(portText, "--port");
+                 if (!keyPath.empty()) config.keyPath = keyPath;
+                 auto map = MapFile::fromPath(config.mapPath);
+                 address = resolveNodeId(config, map);
+                 maybeMap = kj::mv(map);
+                 maybeKey = ClusterKey::load(config.keyPath);
+               })) {
     spdlog::error("{}", e->getDescription().cStr());
     return 2;
   }
@@ -444,8 +443,8 @@ int run(int argc, char** argv) {
 
     kj::Maybe<kj::Own<Daemon>> maybeDaemon;
     KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
-                    maybeDaemon = kj::heap<Daemon>(port, config, kj::mv(map), address, kj::mv(key));
-                  })) {
+                   maybeDaemon = kj::heap<Daemon>(port, config, kj::mv(map), address, kj::mv(key));
+                 })) {
       spdlog::error("{}", e->getDescription().cStr());  // "cannot listen on A:P: strerror"
       return 1;
     }

@@ -145,7 +145,7 @@ int main(int argc, char** argv) {
     }
     if (*remote != config.nodeId) {
       mos::Ipv4 address;
-      KJ_IF_MAYBE(a, map.lookup(*remote)) {
+      KJ_IF_MAYBE (a, map.lookup(*remote)) {
         address = *a;
       } else {
         fail(EXIT_MOSRUN_FAILED,
@@ -168,8 +168,9 @@ int main(int argc, char** argv) {
                          config.port, e.getDescription().cStr()));
       }
       if (program.empty()) {
-        fail(err == ENOENT ? EXIT_NOT_FOUND : EXIT_NOT_EXECUTABLE,
-             fmt::format("{}: {}", command[0], err == ENOENT ? "command not found" : strerror(err)));
+        fail(
+            err == ENOENT ? EXIT_NOT_FOUND : EXIT_NOT_EXECUTABLE,
+            fmt::format("{}: {}", command[0], err == ENOENT ? "command not found" : strerror(err)));
       }
       mos::migrate::AgentConfig agentConfig;
       try {
@@ -177,17 +178,25 @@ int main(int argc, char** argv) {
       } catch (kj::Exception& e) {
         fail(EXIT_MOSRUN_FAILED, e.getDescription().cStr());
       }
-      agentConfig.deputyArgv = {agentConfig.deputyPath, "--node", std::to_string(*remote),
-                                "--address", address.toString(), "--port",
-                                std::to_string(config.port), "--home-node",
-                                std::to_string(config.nodeId), "--run-dir", config.runDir,
-                                "--key", keyPath};
+      agentConfig.deputyArgv = {agentConfig.deputyPath,
+                                "--node",
+                                std::to_string(*remote),
+                                "--address",
+                                address.toString(),
+                                "--port",
+                                std::to_string(config.port),
+                                "--home-node",
+                                std::to_string(config.nodeId),
+                                "--run-dir",
+                                config.runDir,
+                                "--key",
+                                keyPath};
       agentConfig.imagePath = fmt::format("{}/images/{}.img", config.runDir, getpid());
       std::error_code ec;
       std::filesystem::create_directories(config.runDir + "/images", ec);
       if (ec) {
-        fail(EXIT_MOSRUN_FAILED, fmt::format("cannot create {}/images: {}", config.runDir,
-                                             ec.message()));
+        fail(EXIT_MOSRUN_FAILED,
+             fmt::format("cannot create {}/images: {}", config.runDir, ec.message()));
       }
       try {
         agent = mos::migrate::Agent::start(agentConfig);

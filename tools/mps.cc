@@ -67,16 +67,16 @@ int run(int argc, char** argv) {
   Ipv4 address;
   std::optional<ClusterCredentials> credentials;
   // Configuration errors are kj::Exceptions with a one-line description for the user (config.h).
-  KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
-                  config = configFromEnvironment();
-                  if (!mapPath.empty()) config.mapPath = mapPath;
-                  if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
-                  if (!portText.empty()) config.port = parsePort(portText, "--port");
-                  if (!keyPath.empty()) config.keyPath = keyPath;
-                  address = resolveNodeId(config, MapFile::fromPath(config.mapPath));
-                  credentials.emplace(
-                      ClusterCredentials{config.nodeId, ClusterKey::load(config.keyPath)});
-                })) {
+  KJ_IF_MAYBE (
+      e, kj::runCatchingExceptions([&]() {
+        config = configFromEnvironment();
+        if (!mapPath.empty()) config.mapPath = mapPath;
+        if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
+        if (!portText.empty()) config.port = parsePort(portText, "--port");
+        if (!keyPath.empty()) config.keyPath = keyPath;
+        address = resolveNodeId(config, MapFile::fromPath(config.mapPath));
+        credentials.emplace(ClusterCredentials{config.nodeId, ClusterKey::load(config.keyPath)});
+      })) {
     fmt::print(stderr, "mps: {}\n", e->getDescription().cStr());
     return 2;
   }

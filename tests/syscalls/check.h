@@ -24,27 +24,27 @@ inline const char* errnoName(int e) {
 }  // namespace conf
 
 // CHECK(cond): records a failure with the errno at that moment.
-#define CHECK(cond)                                                                           \
-  do {                                                                                        \
-    int checkErrno_ = errno;                                                                  \
-    if (!(cond)) {                                                                            \
-      printf("%s:%d: check failed: %s (errno %s)\n", __FILE__, __LINE__, #cond,               \
-             conf::errnoName(checkErrno_));                                                   \
-      ++conf::failures;                                                                       \
-    }                                                                                         \
+#define CHECK(cond)                                                             \
+  do {                                                                          \
+    int checkErrno_ = errno;                                                    \
+    if (!(cond)) {                                                              \
+      printf("%s:%d: check failed: %s (errno %s)\n", __FILE__, __LINE__, #cond, \
+             conf::errnoName(checkErrno_));                                     \
+      ++conf::failures;                                                         \
+    }                                                                           \
   } while (0)
 
 // CHECK_FAILS(expr, err): expr returns -1 (or MAP_FAILED) with errno `err`.
-#define CHECK_FAILS(expr, err)                                                                \
-  do {                                                                                        \
-    errno = 0;                                                                                \
-    long checkRet_ = (long)(expr);                                                            \
-    int checkErrno_ = errno;                                                                  \
-    if (checkRet_ != -1 || checkErrno_ != (err)) {                                            \
-      printf("%s:%d: %s: expected -1/%s, got %ld/%s\n", __FILE__, __LINE__, #expr,            \
-             conf::errnoName(err), checkRet_, conf::errnoName(checkErrno_));                  \
-      ++conf::failures;                                                                       \
-    }                                                                                         \
+#define CHECK_FAILS(expr, err)                                                     \
+  do {                                                                             \
+    errno = 0;                                                                     \
+    long checkRet_ = (long)(expr);                                                 \
+    int checkErrno_ = errno;                                                       \
+    if (checkRet_ != -1 || checkErrno_ != (err)) {                                 \
+      printf("%s:%d: %s: expected -1/%s, got %ld/%s\n", __FILE__, __LINE__, #expr, \
+             conf::errnoName(err), checkRet_, conf::errnoName(checkErrno_));       \
+      ++conf::failures;                                                            \
+    }                                                                              \
   } while (0)
 
 namespace conf {

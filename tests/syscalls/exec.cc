@@ -58,8 +58,9 @@ int main(int argc, char** argv) {
   self[n] = 0;
   std::string keptS = std::to_string(kept), closedS = std::to_string(closed);
   std::string dir = conf::tmpDir();
-  char* const args[] = {argv[0], const_cast<char*>("--after-exec"), keptS.data(),
-                        closedS.data(), dir.data(), nullptr};
+  char* const args[] = {argv[0],      const_cast<char*>("--after-exec"),
+                        keptS.data(), closedS.data(),
+                        dir.data(),   nullptr};
   char envVar[] = "UMOSIX_EXEC_TEST=kept value";
   char* const env[] = {envVar, nullptr};
   execve(self, args, env);

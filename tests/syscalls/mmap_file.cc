@@ -31,7 +31,8 @@ int main() {
     CHECK(m[bytes.size()] == 0 && m[4 * page - 1] == 0);
     CHECK(munmap(m, bytes.size()) == 0);
   }
-  auto* off = static_cast<unsigned char*>(mmap(nullptr, page, PROT_READ, MAP_PRIVATE, fd, 2 * page));
+  auto* off =
+      static_cast<unsigned char*>(mmap(nullptr, page, PROT_READ, MAP_PRIVATE, fd, 2 * page));
   CHECK(off != MAP_FAILED && memcmp(off, bytes.data() + 2 * page, page) == 0);
   munmap(off, page);
   CHECK_FAILS(mmap(nullptr, page, PROT_READ, MAP_PRIVATE, fd, 1), EINVAL);
@@ -41,8 +42,8 @@ int main() {
 
   // Copy-on-write: private writes never reach the file.
   fd = open(path.c_str(), O_RDWR);
-  auto* cow = static_cast<unsigned char*>(
-      mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0));
+  auto* cow =
+      static_cast<unsigned char*>(mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0));
   CHECK(cow != MAP_FAILED);
   if (cow != MAP_FAILED) {
     cow[0] = 0xAA;

@@ -69,8 +69,9 @@ int main() {
   int srv = socket(AF_UNIX, SOCK_STREAM, 0);
   CHECK(srv >= 0);
   CHECK(bind(srv, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-  CHECK_FAILS(bind(socket(AF_UNIX, SOCK_STREAM, 0), reinterpret_cast<sockaddr*>(&addr), sizeof addr),
-              EADDRINUSE);
+  CHECK_FAILS(
+      bind(socket(AF_UNIX, SOCK_STREAM, 0), reinterpret_cast<sockaddr*>(&addr), sizeof addr),
+      EADDRINUSE);
   CHECK(listen(srv, 4) == 0);
   int cli = socket(AF_UNIX, SOCK_STREAM, 0);
   CHECK(connect(cli, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
@@ -93,9 +94,9 @@ int main() {
   close(acc);
   close(cli);
   close(srv);
-  CHECK_FAILS(connect(socket(AF_UNIX, SOCK_STREAM, 0), reinterpret_cast<sockaddr*>(&addr),
-                      sizeof addr),
-              ECONNREFUSED);
+  CHECK_FAILS(
+      connect(socket(AF_UNIX, SOCK_STREAM, 0), reinterpret_cast<sockaddr*>(&addr), sizeof addr),
+      ECONNREFUSED);
 
   // Loopback TCP.
   int ls = socket(AF_INET, SOCK_STREAM, 0);
@@ -103,8 +104,7 @@ int main() {
   CHECK(setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0);
   int val = 0;
   len = sizeof val;
-  CHECK(getsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &val, &len) == 0 && val == 1 &&
-        len == sizeof val);
+  CHECK(getsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &val, &len) == 0 && val == 1 && len == sizeof val);
   len = sizeof val;
   CHECK(getsockopt(ls, SOL_SOCKET, SO_TYPE, &val, &len) == 0 && val == SOCK_STREAM);
   sockaddr_in sin = {};

@@ -52,8 +52,7 @@ int main() {
   CHECK(cur.it_value.tv_sec <= 10 && cur.it_value.tv_sec >= 9);
   itimerval off = {};
   CHECK(setitimer(ITIMER_REAL, &off, &old) == 0 && old.it_value.tv_sec >= 9);
-  CHECK(getitimer(ITIMER_REAL, &cur) == 0 && cur.it_value.tv_sec == 0 &&
-        cur.it_value.tv_usec == 0);
+  CHECK(getitimer(ITIMER_REAL, &cur) == 0 && cur.it_value.tv_sec == 0 && cur.it_value.tv_usec == 0);
 
   // CPU time accounting sees a busy loop.
   volatile unsigned long spin = 0;
@@ -68,7 +67,8 @@ int main() {
   rusage ru;
   CHECK(getrusage(RUSAGE_SELF, &ru) == 0);
   CHECK(ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec + ru.ru_stime.tv_sec * 1000000 +
-            ru.ru_stime.tv_usec >= 40000);
+            ru.ru_stime.tv_usec >=
+        40000);
   tms tm;
   CHECK(times(&tm) != static_cast<clock_t>(-1));
   CHECK(tm.tms_utime + tm.tms_stime >= 4 * sysconf(_SC_CLK_TCK) / 100);

@@ -15,7 +15,7 @@ int main() {
     return 77;
   }
   CHECK(grantpt(master) == 0);
-  CHECK(unlockpt(master) == 0);  // TIOCSPTLCK
+  CHECK(unlockpt(master) == 0);        // TIOCSPTLCK
   const char* name = ptsname(master);  // TIOCGPTN
   CHECK(name != nullptr);
   unsigned ptn = 999;

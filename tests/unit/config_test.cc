@@ -40,7 +40,7 @@ class EnvGuard {
   void set(const char* name, const char* value) { setenv(name, value, 1); }
 
  private:
-  static constexpr const char* NAMES[] = {"UMOSIX_MAP", "UMOSIX_NODE", "UMOSIX_RUN_DIR",
+  static constexpr const char* NAMES[] = {"UMOSIX_MAP",       "UMOSIX_NODE", "UMOSIX_RUN_DIR",
                                           "UMOSIX_CACHE_DIR", "UMOSIX_PORT", "UMOSIX_KEY"};
   std::vector<std::pair<const char*, std::optional<std::string>>> saved_;
 };

@@ -38,11 +38,9 @@ using namespace mos::deputy::testing;
 
 namespace {
 
-
 using Call = Request;
 
 std::string withNul(const std::string& s) { return s + std::string(1, '\0'); }
-
 
 std::string tempFileWith(const std::string& content) {
   char path[] = "/tmp/deputy-test-XXXXXX";
@@ -54,8 +52,10 @@ std::string tempFileWith(const std::string& content) {
 }
 
 std::set<std::string> listFdDirectory(Harness& h, const std::string& dir) {
-  int64_t dirfd = h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, O_RDONLY | O_DIRECTORY | O_CLOEXEC},
-                         {{1, withNul(dir)}}, {}});
+  int64_t dirfd = h.ret({__NR_openat,
+                         {uint64_t(AT_FDCWD), 0, O_RDONLY | O_DIRECTORY | O_CLOEXEC},
+                         {{1, withNul(dir)}},
+                         {}});
   REQUIRE(dirfd >= 0);
   std::set<std::string> names;
   for (;;) {
@@ -82,16 +82,16 @@ std::set<std::string> listFdDirectory(Harness& h, const std::string& dir) {
 TEST_CASE("deputy openat and read of a temp file return its bytes", "[deputy][file]") {
   Harness h;
   std::string path = tempFileWith("hello from home\n");
-  int64_t fd = h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, O_RDONLY | O_CLOEXEC},
-                      {{1, withNul(path)}}, {}});
+  int64_t fd =
+      h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, O_RDONLY | O_CLOEXEC}, {{1, withNul(path)}}, {}});
   REQUIRE(fd >= 0);
   auto m = h.run({__NR_read, {uint64_t(fd), 0, 4096}, {}, {{1, 4096}}});
   auto r = replyOf(m);
   CHECK(r.getRet() == 16);
   REQUIRE(r.getOut().size() == 1);
   // OUT_BUF is trimmed to ret bytes.
-  CHECK(std::string(reinterpret_cast<const char*>(r.getOut()[0].begin()),
-                    r.getOut()[0].size()) == "hello from home\n");
+  CHECK(std::string(reinterpret_cast<const char*>(r.getOut()[0].begin()), r.getOut()[0].size()) ==
+        "hello from home\n");
   CHECK(!r.getInterrupted());
   close(static_cast<int>(fd));
   unlink(path.c_str());
@@ -99,8 +99,10 @@ TEST_CASE("deputy openat and read of a temp file return its bytes", "[deputy][fi
 
 TEST_CASE("deputy openat of a missing path reports ENOENT", "[deputy][file]") {
   Harness h;
-  CHECK(h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, O_RDONLY},
-               {{1, withNul("/nonexistent/deputy-test")}}, {}}) == -ENOENT);
+  CHECK(h.ret({__NR_openat,
+               {uint64_t(AT_FDCWD), 0, O_RDONLY},
+               {{1, withNul("/nonexistent/deputy-test")}},
+               {}}) == -ENOENT);
 }
 
 TEST_CASE("deputy write to a pipe delivers the bytes", "[deputy][file]") {
@@ -118,7 +120,9 @@ TEST_CASE("deputy write to a pipe delivers the bytes", "[deputy][file]") {
 TEST_CASE("deputy newfstatat fills a stat buffer with the file's size", "[deputy][file]") {
   Harness h;
   std::string path = tempFileWith(std::string(12345, 'x'));
-  auto m = h.run({__NR_newfstatat, {uint64_t(AT_FDCWD), 0, 0, 0}, {{1, withNul(path)}},
+  auto m = h.run({__NR_newfstatat,
+                  {uint64_t(AT_FDCWD), 0, 0, 0},
+                  {{1, withNul(path)}},
                   {{2, sizeof(struct stat)}}});
   auto r = replyOf(m);
   REQUIRE(r.getRet() == 0);
@@ -194,12 +198,16 @@ TEST_CASE("deputy getdents64 of /proc/self/fd hides reserved descriptors", "[dep
 TEST_CASE("deputy paths to reserved descriptors do not exist", "[deputy][fds][proc]") {
   Harness h;
   std::string n = std::to_string(h.reservedFd());
-  CHECK(h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, O_RDONLY},
-               {{1, withNul("/proc/self/fd/" + n)}}, {}}) == -ENOENT);
-  CHECK(h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, O_RDONLY}, {{1, withNul("/dev/fd/" + n)}},
+  CHECK(h.ret({__NR_openat,
+               {uint64_t(AT_FDCWD), 0, O_RDONLY},
+               {{1, withNul("/proc/self/fd/" + n)}},
                {}}) == -ENOENT);
-  CHECK(h.ret({__NR_readlink, {0, 0, 256}, {{0, withNul("/proc/" + std::to_string(getpid()) +
-                                                         "/fd/" + n)}},
+  CHECK(
+      h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, O_RDONLY}, {{1, withNul("/dev/fd/" + n)}}, {}}) ==
+      -ENOENT);
+  CHECK(h.ret({__NR_readlink,
+               {0, 0, 256},
+               {{0, withNul("/proc/" + std::to_string(getpid()) + "/fd/" + n)}},
                {{1, 256}}}) == -ENOENT);
   // Another descriptor's link still resolves.
   auto m = h.run({__NR_readlink, {0, 0, 256}, {{0, withNul("/proc/self/fd/0")}}, {{1, 256}}});
@@ -208,13 +216,14 @@ TEST_CASE("deputy paths to reserved descriptors do not exist", "[deputy][fds][pr
 
 TEST_CASE("deputy readlink of /proc/self/exe names the job's program", "[deputy][proc]") {
   Harness h;
-  for (std::string path : {std::string("/proc/self/exe"), "/proc/" + std::to_string(getpid()) +
-                                                             "/exe", std::string("/proc/thread-self/exe")}) {
+  for (std::string path :
+       {std::string("/proc/self/exe"), "/proc/" + std::to_string(getpid()) + "/exe",
+        std::string("/proc/thread-self/exe")}) {
     auto m = h.run({__NR_readlink, {0, 0, 256}, {{0, withNul(path)}}, {{1, 256}}});
     auto r = replyOf(m);
     REQUIRE(r.getRet() == static_cast<int64_t>(strlen(JOB_EXE)));
-    CHECK(std::string(reinterpret_cast<const char*>(r.getOut()[0].begin()),
-                      r.getOut()[0].size()) == JOB_EXE);
+    CHECK(std::string(reinterpret_cast<const char*>(r.getOut()[0].begin()), r.getOut()[0].size()) ==
+          JOB_EXE);
   }
   // readlinkat relative to a directory descriptor of /proc/self, with a short buffer.
   int dirfd = open("/proc/self", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -346,14 +355,13 @@ TEST_CASE("deputy refuses a buffer behind an argument the row declares a value",
   Harness h;
   std::string dir = uniqueTempPath();
   // mkdir(2) is {PATH, VAL}: a buffer for the mode is a pointer the row does not declare.
-  CHECK(h.ret({__NR_mkdir, {0, 0}, {{0, withNul(dir)}, {1, std::string(8, 'x')}}, {}}) ==
-        -ENOSYS);
+  CHECK(h.ret({__NR_mkdir, {0, 0}, {{0, withNul(dir)}, {1, std::string(8, 'x')}}, {}}) == -ENOSYS);
   struct stat st;
   CHECK(stat(dir.c_str(), &st) == -1);
   // openat(2) with O_CREAT, its path sent behind the flags argument: nothing is created.
   std::string file = uniqueTempPath();
-  CHECK(h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, 0, 0600},
-               {{2, withNul(file)}}, {}}) == -ENOSYS);
+  CHECK(h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, 0, 0600}, {{2, withNul(file)}}, {}}) ==
+        -ENOSYS);
   CHECK(stat(file.c_str(), &st) == -1);
   // An out-buffer behind an in-only argument (mkdir's path): refused, nothing created.
   CHECK(h.ret({__NR_mkdir, {0, 0700}, {{0, withNul(dir)}}, {{0, 64}}}) == -ENOSYS);
@@ -389,7 +397,10 @@ TEST_CASE("deputy refuses auxiliary buffers and pointer fixups outside a msghdr 
   Harness h;
   std::string dir = uniqueTempPath();
   // A fixup that would make mkdir's path point at an auxiliary buffer.
-  CHECK(h.ret({__NR_mkdir, {0, 0700}, {{6, withNul(dir)}, {0, std::string(8, '\0')}}, {},
+  CHECK(h.ret({__NR_mkdir,
+               {0, 0700},
+               {{6, withNul(dir)}, {0, std::string(8, '\0')}},
+               {},
                {{0, 0, 6}}}) == -ENOSYS);
   struct stat st;
   CHECK(stat(dir.c_str(), &st) == -1);

@@ -91,7 +91,7 @@ struct Harness {
     }
     deputy->handle(message.getRoot<proto::ToDeputy>().asReader());
     auto reply = peer->receive();
-    KJ_IF_MAYBE(r, reply) {
+    KJ_IF_MAYBE (r, reply) {
       auto root = (*r)->getRoot<proto::ToRemote>();
       REQUIRE(root.isReply());
       REQUIRE(root.getReply().getSeq() == seq);

@@ -100,7 +100,7 @@ struct ForkedDeputy {
         return {};
       }
     }
-    KJ_IF_MAYBE(m, peer->receive()) {
+    KJ_IF_MAYBE (m, peer->receive()) {
       return kj::mv(*m);
     }
     return {};
@@ -190,9 +190,10 @@ std::string randomBytes(size_t n) {
 
 }  // namespace
 
-TEST_CASE("deputy read on an empty pipe interrupted by a signal sends the signal, then an "
-          "interrupted reply",
-          "[deputy][signal]") {
+TEST_CASE(
+    "deputy read on an empty pipe interrupted by a signal sends the signal, then an "
+    "interrupted reply",
+    "[deputy][signal]") {
   int p[2];
   REQUIRE(pipe2(p, 0) == 0);  // inherited by the deputy: a descriptor of the job
   ForkedDeputy d;
@@ -249,7 +250,8 @@ TEST_CASE("deputy signals racing with the start of a forwarded call never leave 
   close(p[1]);
 }
 
-TEST_CASE("deputy forwards a signal that arrives while it waits for a request", "[deputy][signal]") {
+TEST_CASE("deputy forwards a signal that arrives while it waits for a request",
+          "[deputy][signal]") {
   ForkedDeputy d;
   REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));  // waiting for a request, signals open
   REQUIRE(kill(d.pid, SIGINT) == 0);
@@ -323,8 +325,8 @@ TEST_CASE("deputy fetchFile returns the identity and exact bytes of a 3 MiB file
     CHECK(info.getRef().getMtimeNs() ==
           int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec);
     CHECK(S_ISREG(info.getRef().getMode()));
-    CHECK(std::string(info.getRef().getPath().asChars().begin(),
-                      info.getRef().getPath().size()) == path);
+    CHECK(std::string(info.getRef().getPath().asChars().begin(), info.getRef().getPath().size()) ==
+          path);
     std::string got;
     int chunks = 0;
     for (;;) {
@@ -530,8 +532,8 @@ struct KeyFile {
   ClusterKey key() const { return ClusterKey::load(path); }
 };
 
-pid_t spawnDeputy(uint16_t port, const std::string& image, const std::string& runDir,
-                  int stderrFd, const std::string& keyPath) {
+pid_t spawnDeputy(uint16_t port, const std::string& image, const std::string& runDir, int stderrFd,
+                  const std::string& keyPath) {
   pid_t pid = fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
@@ -669,7 +671,7 @@ TEST_CASE("mos-deputy starts the job: HELLO, JobStart, record, syscalls, exit st
   CHECK(claimed == 1);  // --home-node
   Channel channel{kj::AutoCloseFd(conn)};
   auto startMessage = channel.receive();
-  KJ_IF_MAYBE(m, startMessage) {
+  KJ_IF_MAYBE (m, startMessage) {
     auto start = (*m)->getRoot<proto::JobStart>();
     CHECK(start.getHomeNode() == 1);
     CHECK(start.getIds().getPid() == pid);
@@ -702,7 +704,7 @@ TEST_CASE("mos-deputy starts the job: HELLO, JobStart, record, syscalls, exit st
     out[0].setSize(100);
     channel.send(message);
   }
-  KJ_IF_MAYBE(m, channel.receive()) {
+  KJ_IF_MAYBE (m, channel.receive()) {
     auto reply = (*m)->getRoot<proto::ToRemote>().getReply();
     CHECK(reply.getRet() == 16);
     CHECK(std::string(reply.getOut()[0].asChars().begin(), reply.getOut()[0].size()) ==

@@ -30,7 +30,6 @@ namespace {
 // Slots as the supervisor's sendmsg/recvmsg handler lays them out.
 constexpr int MSGHDR = 1, NAME = 6, IOVEC = 7, DATA = 8, CONTROL = 9;
 
-
 template <typename T>
 std::string bytesOf(const T& value) {
   return std::string(reinterpret_cast<const char*>(&value), sizeof(value));
@@ -47,7 +46,6 @@ T valueOf(capnp::Data::Reader bytes) {
 std::string textOf(capnp::Data::Reader bytes) {
   return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
 }
-
 
 // A msghdr as the supervisor sends it: guest pointers replaced by the fixups (here: garbage that
 // must never reach the kernel), one iovec.
@@ -84,7 +82,8 @@ TEST_CASE("deputy sendmsg with pointer fixups delivers bytes and a descriptor",
   memcpy(CMSG_DATA(cm), &p[1], sizeof(int));
   std::string data = "vector";
 
-  auto m = h.run({__NR_sendmsg, {uint64_t(sv[0]), 0, 0},
+  auto m = h.run({__NR_sendmsg,
+                  {uint64_t(sv[0]), 0, 0},
                   {{MSGHDR, bytesOf(remoteMsghdr(0, sizeof control))},
                    {IOVEC, iovecOf(data.size())},
                    {DATA, data},
@@ -147,14 +146,14 @@ TEST_CASE("deputy recvmsg returns trimmed data, a passed descriptor and the msgh
   REQUIRE(sendmsg(sv[1], &msg, 0) == 5);
 
   constexpr uint32_t CONTROL_SPACE = 64;
-  auto m = h.run({__NR_recvmsg, {uint64_t(sv[0]), 0, MSG_CMSG_CLOEXEC},
-                  {{MSGHDR, bytesOf(remoteMsghdr(0, CONTROL_SPACE))}, {IOVEC, iovecOf(100)}},
-                  {{MSGHDR, sizeof(msghdr), false},
-                   {DATA, 100, true},
-                   {CONTROL, CONTROL_SPACE, false}},
-                  {{MSGHDR, offsetof(msghdr, msg_iov), IOVEC},
-                   {MSGHDR, offsetof(msghdr, msg_control), CONTROL},
-                   {IOVEC, offsetof(iovec, iov_base), DATA}}});
+  auto m =
+      h.run({__NR_recvmsg,
+             {uint64_t(sv[0]), 0, MSG_CMSG_CLOEXEC},
+             {{MSGHDR, bytesOf(remoteMsghdr(0, CONTROL_SPACE))}, {IOVEC, iovecOf(100)}},
+             {{MSGHDR, sizeof(msghdr), false}, {DATA, 100, true}, {CONTROL, CONTROL_SPACE, false}},
+             {{MSGHDR, offsetof(msghdr, msg_iov), IOVEC},
+              {MSGHDR, offsetof(msghdr, msg_control), CONTROL},
+              {IOVEC, offsetof(iovec, iov_base), DATA}}});
   auto r = replyOf(m);
   REQUIRE(r.getRet() == 5);
   REQUIRE(r.getOut().size() == 3);
@@ -200,14 +199,14 @@ TEST_CASE("deputy recvmsg of a datagram reports its source and MSG_TRUNC",
   REQUIRE(getsockname(u2, reinterpret_cast<sockaddr*>(&a2), &len) == 0);
   REQUIRE(sendto(u1, "0123456789", 10, 0, reinterpret_cast<sockaddr*>(&a2), sizeof a2) == 10);
 
-  auto m = h.run({__NR_recvmsg, {uint64_t(u2), 0, 0},
-                  {{MSGHDR, bytesOf(remoteMsghdr(sizeof(sockaddr_in), 0))}, {IOVEC, iovecOf(4)}},
-                  {{MSGHDR, sizeof(msghdr), false},
-                   {NAME, sizeof(sockaddr_in), false},
-                   {DATA, 4, true}},
-                  {{MSGHDR, offsetof(msghdr, msg_name), NAME},
-                   {MSGHDR, offsetof(msghdr, msg_iov), IOVEC},
-                   {IOVEC, offsetof(iovec, iov_base), DATA}}});
+  auto m =
+      h.run({__NR_recvmsg,
+             {uint64_t(u2), 0, 0},
+             {{MSGHDR, bytesOf(remoteMsghdr(sizeof(sockaddr_in), 0))}, {IOVEC, iovecOf(4)}},
+             {{MSGHDR, sizeof(msghdr), false}, {NAME, sizeof(sockaddr_in), false}, {DATA, 4, true}},
+             {{MSGHDR, offsetof(msghdr, msg_name), NAME},
+              {MSGHDR, offsetof(msghdr, msg_iov), IOVEC},
+              {IOVEC, offsetof(iovec, iov_base), DATA}}});
   auto r = replyOf(m);
   REQUIRE(r.getRet() == 4);
   REQUIRE(r.getOut().size() == 3);
@@ -222,13 +221,13 @@ TEST_CASE("deputy recvmsg of a datagram reports its source and MSG_TRUNC",
   close(u2);
 }
 
-TEST_CASE("deputy rejects malformed pointers with EINVAL and runs nothing",
-          "[deputy][pointers]") {
+TEST_CASE("deputy rejects malformed pointers with EINVAL and runs nothing", "[deputy][pointers]") {
   Harness h;
   int sv[2];
   REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
   auto sendWith = [&](std::vector<PointerSpec> pointers) {
-    Request call{__NR_sendmsg, {uint64_t(sv[0]), 0, 0},
+    Request call{__NR_sendmsg,
+                 {uint64_t(sv[0]), 0, 0},
                  {{MSGHDR, bytesOf(remoteMsghdr(0, 0))}, {IOVEC, iovecOf(3)}, {DATA, "abc"}},
                  {},
                  std::move(pointers)};
@@ -265,7 +264,8 @@ TEST_CASE("deputy sendmsg passing a reserved descriptor fails with EBADF",
   cm->cmsg_type = SCM_RIGHTS;
   cm->cmsg_len = CMSG_LEN(sizeof(int));
   memcpy(CMSG_DATA(cm), &ours, sizeof(int));
-  auto m = h.run({__NR_sendmsg, {uint64_t(sv[0]), 0, 0},
+  auto m = h.run({__NR_sendmsg,
+                  {uint64_t(sv[0]), 0, 0},
                   {{MSGHDR, bytesOf(remoteMsghdr(0, sizeof control))},
                    {IOVEC, iovecOf(1)},
                    {DATA, "x"},

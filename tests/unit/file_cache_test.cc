@@ -43,7 +43,7 @@ TEST_CASE("content cache stores fetched bytes under the home file's identity", "
 
   std::string path = cache.store(ref, [](int fd) { REQUIRE(write(fd, "hello cache", 11) == 11); });
   CHECK(slurp(path) == "hello cache");
-  KJ_IF_MAYBE(hit, cache.lookup(ref)) {
+  KJ_IF_MAYBE (hit, cache.lookup(ref)) {
     CHECK(*hit == path);
   } else {
     FAIL("a stored file is not found again");

@@ -44,10 +44,9 @@ constexpr int ERESTARTNOINTR = 513;
   };
   struct sock_fprog prog = {6, f};
   prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-  int l = static_cast<int>(syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
-                                   SECCOMP_FILTER_FLAG_NEW_LISTENER |
-                                       SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
-                                   &prog));
+  int l = static_cast<int>(
+      syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+              SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, &prog));
   (void)!write(listenerOut, &l, sizeof(l));
   int code = 0;
   for (int i = 0; i < 2; i++) {
@@ -76,8 +75,8 @@ pid_t mirrorFork(int listener, pid_t g, JobPidNamespace& ns, pid_t want) {
   if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &n) != 0) {
     return -1;
   }
-  if (ptrace(PTRACE_SEIZE, g, 0,
-             PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE) != 0 ||
+  if (ptrace(PTRACE_SEIZE, g, 0, PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE) !=
+          0 ||
       ptrace(PTRACE_INTERRUPT, g, 0, 0) != 0) {
     return -2;
   }

@@ -326,9 +326,7 @@ class Conn {
     }
   }
 
-  bool receive(void* into, size_t n) {
-    return recv(fd_.get(), into, n, MSG_WAITALL) == ssize_t(n);
-  }
+  bool receive(void* into, size_t n) { return recv(fd_.get(), into, n, MSG_WAITALL) == ssize_t(n); }
 
   // The client half of a valid handshake for `hello`; true when mosd accepted.
   bool handshake(const char* hello, const mos::ClusterKey& key, uint32_t node) {
@@ -421,10 +419,9 @@ bool badHandshake(uint16_t port, int kind) {
             return proofText(good.prove(kj::arrayPtr(other, 8), nonce, 1));
           }
           case 1:
-            return proofText(good.prove(kj::arrayPtr(hello, 8), nonce,
-                                        below(2) ? 3 : uint32_t(rng())));
-          case 2:
-            return proofText(wrong.prove(kj::arrayPtr(hello, 8), nonce, 1));
+            return proofText(
+                good.prove(kj::arrayPtr(hello, 8), nonce, below(2) ? 3 : uint32_t(rng())));
+          case 2: return proofText(wrong.prove(kj::arrayPtr(hello, 8), nonce, 1));
           default: {
             mos::AuthNonce other = nonce;
             other[below(other.size())] ^= 1;
@@ -461,11 +458,8 @@ void randomTarget(capnp::rpc::MessageTarget::Builder target) {
 
 void randomPayload(capnp::rpc::Payload::Builder payload) {
   switch (below(3)) {
-    case 0:
-      break;  // null content
-    case 1:
-      payload.getContent().setAs<capnp::Text>(randomBytes(below(40)).c_str());
-      break;
+    case 0: break;  // null content
+    case 1: payload.getContent().setAs<capnp::Text>(randomBytes(below(40)).c_str()); break;
     default: {
       auto list = payload.getContent().initAs<capnp::List<uint64_t>>(below(8));
       for (uint i = 0; i < list.size(); i++) {
@@ -476,18 +470,10 @@ void randomPayload(capnp::rpc::Payload::Builder payload) {
   auto caps = payload.initCapTable(below(3));
   for (auto cap : caps) {
     switch (below(4)) {
-      case 0:
-        cap.setNone();
-        break;
-      case 1:
-        cap.setSenderHosted(uint32_t(rng()));
-        break;
-      case 2:
-        cap.setReceiverHosted(below(2) ? 0 : uint32_t(rng()));
-        break;
-      default:
-        cap.setSenderPromise(uint32_t(rng()));
-        break;
+      case 0: cap.setNone(); break;
+      case 1: cap.setSenderHosted(uint32_t(rng())); break;
+      case 2: cap.setReceiverHosted(below(2) ? 0 : uint32_t(rng())); break;
+      default: cap.setSenderPromise(uint32_t(rng())); break;
     }
   }
 }
@@ -498,9 +484,7 @@ std::string rpcMessage() {
   capnp::MallocMessageBuilder message;
   auto m = message.initRoot<capnp::rpc::Message>();
   switch (below(9)) {
-    case 0:
-      m.initBootstrap().setQuestionId(below(2) ? 0 : uint32_t(rng()));
-      break;
+    case 0: m.initBootstrap().setQuestionId(below(2) ? 0 : uint32_t(rng())); break;
     case 1:
     case 2: {
       auto call = m.initCall();
@@ -521,9 +505,7 @@ std::string rpcMessage() {
       }
       break;
     }
-    case 4:
-      m.initFinish().setQuestionId(uint32_t(below(2) ? below(4) : rng()));
-      break;
+    case 4: m.initFinish().setQuestionId(uint32_t(below(2) ? below(4) : rng())); break;
     case 5: {
       auto resolve = m.initResolve();
       resolve.setPromiseId(uint32_t(rng()));
@@ -542,9 +524,7 @@ std::string rpcMessage() {
       disembargo.initContext().setSenderLoopback(uint32_t(rng()));
       break;
     }
-    default:
-      m.initAbort().setReason(randomBytes(below(20)).c_str());
-      break;
+    default: m.initAbort().setReason(randomBytes(below(20)).c_str()); break;
   }
   return frameOf(message);
 }
@@ -574,15 +554,9 @@ bool badRpc(uint16_t port, int kind) {
     FAIL("a good RPC handshake was refused");
   }
   switch (kind) {
-    case 0:
-      c.send(randomBytes(1 + below(2048)));
-      break;
-    case 1:
-      c.send(truncated(below(2) ? rpcMessage() : bootstrapThenWrongCall()));
-      break;
-    case 2:
-      c.send(oversizedFrame());
-      break;
+    case 0: c.send(randomBytes(1 + below(2048))); break;
+    case 1: c.send(truncated(below(2) ? rpcMessage() : bootstrapThenWrongCall())); break;
+    case 2: c.send(oversizedFrame()); break;
     case 3: {
       int n = 1 + below(4);
       for (int i = 0; i < n; i++) {
@@ -590,12 +564,8 @@ bool badRpc(uint16_t port, int kind) {
       }
       break;
     }
-    case 4:
-      c.send(bootstrapThenWrongCall());
-      break;
-    default:
-      c.send(mutate(below(2) ? rpcMessage() : bootstrapThenWrongCall()));
-      break;
+    case 4: c.send(bootstrapThenWrongCall()); break;
+    default: c.send(mutate(below(2) ? rpcMessage() : bootstrapThenWrongCall())); break;
   }
   return c.finish();
 }
@@ -631,21 +601,11 @@ bool badJob(uint16_t port, int kind) {
     FAIL("a good job handshake was refused");
   }
   switch (kind) {
-    case 0:
-      c.send(randomBytes(1 + below(512)));
-      break;
-    case 1:
-      c.send(truncated(jobStart(true)));
-      break;
-    case 2:
-      c.send(oversizedFrame());
-      break;
-    case 3:
-      c.send(jobStart(below(2)));
-      break;
-    default:
-      c.send(mutate(jobStart(true)));
-      break;
+    case 0: c.send(randomBytes(1 + below(512))); break;
+    case 1: c.send(truncated(jobStart(true))); break;
+    case 2: c.send(oversizedFrame()); break;
+    case 3: c.send(jobStart(below(2))); break;
+    default: c.send(mutate(jobStart(true))); break;
   }
   return c.finish();  // the supervisor closes it when it gives up on the job
 }
@@ -707,8 +667,7 @@ TEST_CASE("mosd survives 10,000 malformed handshakes and frames and keeps servin
   }
   CHECK(openFds(mosd.pid) <= fdsBefore);
   long rssAfter = rssKib(mosd.pid);
-  double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
   WARN("mosd fuzz: " << handshakes << " handshakes, " << rpcs << " RPC inputs, " << jobs
                      << " job-channel inputs in " << seconds << " s; RSS " << rssBefore
                      << " KiB before, " << rssAfter << " KiB after");
@@ -809,19 +768,16 @@ std::string toDeputy(const std::function<void(mos::proto::ToDeputy::Builder)>& f
 // Syscall numbers that are harmless whatever their arguments: getppid, numbers no kernel has,
 // an x32 number. (Real numbers with random arguments would run for real at home.)
 int64_t harmlessNr() {
-  static const int64_t NRS[] = {__NR_getppid, -1, -100000, 1 << 20, 0x40000000 | __NR_getppid,
-                                 400, INT32_MAX, INT32_MIN};
+  static const int64_t NRS[] = {
+      __NR_getppid, -1, -100000, 1 << 20, 0x40000000 | __NR_getppid, 400, INT32_MAX, INT32_MIN};
   return NRS[below(sizeof(NRS) / sizeof(NRS[0]))];
 }
 
 uint32_t randomSize() {
   switch (below(4)) {
-    case 0:
-      return 0;
-    case 1:
-      return (64u << 20) + 1 + uint32_t(below(1u << 30));  // more than the deputy allocates
-    default:
-      return uint32_t(below(4096));
+    case 0: return 0;
+    case 1: return (64u << 20) + 1 + uint32_t(below(1u << 30));  // more than the deputy allocates
+    default: return uint32_t(below(4096));
   }
 }
 
@@ -892,10 +848,8 @@ std::string wrongFields() {
         e.setSigIgnored(rng());
         e.setSigBlocked(rng());
       });
-    case 5:
-      return toDeputy([](mos::proto::ToDeputy::Builder m) { m.setStarted(int32_t(rng())); });
-    case 6:
-      return toDeputy([](mos::proto::ToDeputy::Builder m) { m.setContinued(); });
+    case 5: return toDeputy([](mos::proto::ToDeputy::Builder m) { m.setStarted(int32_t(rng())); });
+    case 6: return toDeputy([](mos::proto::ToDeputy::Builder m) { m.setContinued(); });
     default: {
       // A union tag this deputy does not know (a newer supervisor's message).
       std::string a = toDeputy([](mos::proto::ToDeputy::Builder m) { m.setContinued(); });
@@ -923,7 +877,7 @@ int64_t replyTo(mos::Channel& channel, uint64_t seq) {
         return INT64_MIN;
       }
     }
-    KJ_IF_MAYBE(m, channel.receive()) {
+    KJ_IF_MAYBE (m, channel.receive()) {
       auto root = (*m)->getRoot<mos::proto::ToRemote>();
       if (root.isReply() && root.getReply().getSeq() == seq) {
         return root.getReply().getRet();
@@ -936,8 +890,7 @@ int64_t replyTo(mos::Channel& channel, uint64_t seq) {
 
 }  // namespace
 
-TEST_CASE("the deputy ends the job with status 112 on frames that do not parse",
-          "[deputy][fuzz]") {
+TEST_CASE("the deputy ends the job with status 112 on frames that do not parse", "[deputy][fuzz]") {
   int crashed = 0, hung = 0, other = 0;
   for (int i = 0; i < DEPUTY_FRAME_INPUTS; i++) {
     Deputy d;
@@ -948,15 +901,9 @@ TEST_CASE("the deputy ends the job with status 112 on frames that do not parse",
       f.setPath(bytesOf("/nonexistent/x"));
     });
     switch (i % 4) {
-      case 0:
-        d.send(randomBytes(1 + below(1024)));
-        break;
-      case 1:
-        d.send(truncated(seed));
-        break;
-      case 2:
-        d.send(oversizedFrame());
-        break;
+      case 0: d.send(randomBytes(1 + below(1024))); break;
+      case 1: d.send(truncated(seed)); break;
+      case 2: d.send(oversizedFrame()); break;
       default: {
         // Segment table claiming more segments than the frame has words for.
         uint32_t header[2] = {uint32_t(513 + below(1u << 20)), 1};
@@ -1016,8 +963,8 @@ TEST_CASE("the deputy answers or ignores ToDeputy messages with wrong fields and
   REQUIRE(failures == 0);
   REQUIRE(alive());
   long rssAfter = rssKib(d.pid);
-  WARN("deputy reader: " << DEPUTY_FIELD_INPUTS << " messages with wrong fields; RSS "
-                         << rssBefore << " KiB before, " << rssAfter << " KiB after");
+  WARN("deputy reader: " << DEPUTY_FIELD_INPUTS << " messages with wrong fields; RSS " << rssBefore
+                         << " KiB before, " << rssAfter << " KiB after");
   CHECK(rssAfter <= rssBefore + 4096);
   int status;
   CHECK(waitpid(d.pid, &status, WNOHANG) == 0);  // still running
@@ -1042,9 +989,8 @@ std::unique_ptr<capnp::MallocMessageBuilder> catImage() {
   REQUIRE(waitpid(pid, &status, 0) == pid);
   REQUIRE(WIFSTOPPED(status));
   auto message = std::make_unique<capnp::MallocMessageBuilder>();
-  auto error = kj::runCatchingExceptions([&]() {
-    mos::migrate::capture(pid, message->initRoot<mos::proto::MigrationImage>());
-  });
+  auto error = kj::runCatchingExceptions(
+      [&]() { mos::migrate::capture(pid, message->initRoot<mos::proto::MigrationImage>()); });
   kill(pid, SIGKILL);
   waitpid(pid, &status, 0);
   REQUIRE(error == nullptr);
@@ -1082,7 +1028,7 @@ bool relayUntilGuestReadsStdin(mos::Channel& supervisor, mos::Channel& deputy, u
       return false;
     }
     if (side == 0) {
-      KJ_IF_MAYBE(m, supervisor.receive()) {
+      KJ_IF_MAYBE (m, supervisor.receive()) {
         forward<mos::proto::ToDeputy>(**m, deputy);
         auto root = (*m)->getRoot<mos::proto::ToDeputy>();
         if (root.isSyscall() && root.getSyscall().getNr() == __NR_read &&
@@ -1094,7 +1040,7 @@ bool relayUntilGuestReadsStdin(mos::Channel& supervisor, mos::Channel& deputy, u
         return false;
       }
     } else {
-      KJ_IF_MAYBE(m, deputy.receive()) {
+      KJ_IF_MAYBE (m, deputy.receive()) {
         forward<mos::proto::ToRemote>(**m, supervisor);
       } else {
         return false;
@@ -1142,9 +1088,7 @@ std::string strayToRemote(uint64_t pendingSeq) {
       });
     default: {
       std::string a = toRemote([](mos::proto::ToRemote::Builder m) { m.setSignal(0); });
-      std::string b = toRemote([](mos::proto::ToRemote::Builder m) {
-        m.initReply().setSeq(0);
-      });
+      std::string b = toRemote([](mos::proto::ToRemote::Builder m) { m.initReply().setSeq(0); });
       // The tag sits where the two differ first... unless the pointer differs first; then a
       // signal with an unknown tag is simply one more stray message.
       size_t at = 8;
@@ -1198,12 +1142,8 @@ TEST_CASE("the supervisor ends a job, never itself, on ToRemote messages that do
 
     std::string garbage;
     switch (kind) {
-      case 0:
-        garbage = randomBytes(1 + below(512));
-        break;
-      case 1:
-        garbage = oversizedFrame();
-        break;
+      case 0: garbage = randomBytes(1 + below(512)); break;
+      case 1: garbage = oversizedFrame(); break;
       case 2:
         garbage = mutate(toRemote([&](mos::proto::ToRemote::Builder m) {
           auto r = m.initReply();
@@ -1213,9 +1153,8 @@ TEST_CASE("the supervisor ends a job, never itself, on ToRemote messages that do
         }));
         break;
       case 3:
-        garbage = truncated(toRemote([&](mos::proto::ToRemote::Builder m) {
-          m.initReply().setSeq(seq);
-        }));
+        garbage = truncated(
+            toRemote([&](mos::proto::ToRemote::Builder m) { m.initReply().setSeq(seq); }));
         break;
       default:
         for (int k = 0; k < 5; k++) {

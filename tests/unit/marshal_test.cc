@@ -127,7 +127,7 @@ TEST_CASE("paths travel with their NUL; too long is ENAMETOOLONG, unmapped is EF
   std::vector<uint8_t> edge(4096, 'b');
   edge.back() = 0;
   mem.map(0x20000, edge);
-  const ArgSpec (&specs)[6] = specsOf(__NR_openat);
+  const ArgSpec(&specs)[6] = specsOf(__NR_openat);
   capnp::MallocMessageBuilder m;
   {
     const uint64_t args[6] = {static_cast<uint64_t>(AT_FDCWD), 0x1000, O_RDONLY, 0, 0, 0};
@@ -168,8 +168,7 @@ TEST_CASE("a NULL struct pointer stays NULL and nothing is written", "[runtime][
   CHECK(req.getIn().size() == 0);
   CHECK(req.getOut().size() == 0);
   Reply reply(-EFAULT, {});
-  CHECK(unmarshalReply(__NR_fstat, specsOf(__NR_fstat), args, reply.b.asReader(), mem) ==
-        -EFAULT);
+  CHECK(unmarshalReply(__NR_fstat, specsOf(__NR_fstat), args, reply.b.asReader(), mem) == -EFAULT);
   CHECK(mem.writes.empty());
 }
 
@@ -197,7 +196,7 @@ TEST_CASE("getsockname writes the address trimmed to the capacity and the full l
   memcpy(len.data(), &capacity, 4);
   mem.map(0x2000, len);  // the socklen
   const uint64_t args[6] = {4, 0x1000, 0x2000, 0, 0, 0};
-  const ArgSpec (&specs)[6] = specsOf(__NR_getsockname);
+  const ArgSpec(&specs)[6] = specsOf(__NR_getsockname);
   capnp::MallocMessageBuilder m;
   auto req = m.initRoot<proto::SyscallRequest>();
   REQUIRE(marshalRequest(__NR_getsockname, specs, args, mem, req) == 0);

@@ -204,37 +204,37 @@ TEST_CASE("seccomp listener of a restored guest answers its getppid", "[migrate]
   options.dropPrivileges = true;  // uid/gid 65534
   options.seccompFilter = filter;
   int getppids = 0, closes = 0, others = 0;
-  Outcome o = runRestored(
-      message->getRoot<mos::proto::MigrationImage>(), options,
-      [&](mos::migrate::RestoredGuest& guest) {
-        REQUIRE(guest.listener.get() >= 0);
-        // Serve until the guest is gone (POLLHUP: no task uses the filter any more).
-        for (;;) {
-          pollfd p{guest.listener.get(), POLLIN, 0};
-          REQUIRE(poll(&p, 1, 10000) == 1);
-          if (!(p.revents & POLLIN)) {
-            break;
-          }
-          seccomp_notif req{};
-          if (ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_RECV, &req) != 0) {
-            continue;  // the task died meanwhile
-          }
-          CHECK(static_cast<pid_t>(req.pid) == guest.pid);
-          seccomp_notif_resp resp{};
-          resp.id = req.id;
-          if (req.data.nr == __NR_getppid) {
-            resp.val = 4242;
-            ++getppids;
-          } else if (req.data.nr == __NR_close) {
-            resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
-            ++closes;
-          } else {
-            ++others;
-            resp.error = -ENOSYS;
-          }
-          ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_SEND, &resp);
-        }
-      });
+  Outcome o =
+      runRestored(message->getRoot<mos::proto::MigrationImage>(), options,
+                  [&](mos::migrate::RestoredGuest& guest) {
+                    REQUIRE(guest.listener.get() >= 0);
+                    // Serve until the guest is gone (POLLHUP: no task uses the filter any more).
+                    for (;;) {
+                      pollfd p{guest.listener.get(), POLLIN, 0};
+                      REQUIRE(poll(&p, 1, 10000) == 1);
+                      if (!(p.revents & POLLIN)) {
+                        break;
+                      }
+                      seccomp_notif req{};
+                      if (ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_RECV, &req) != 0) {
+                        continue;  // the task died meanwhile
+                      }
+                      CHECK(static_cast<pid_t>(req.pid) == guest.pid);
+                      seccomp_notif_resp resp{};
+                      resp.id = req.id;
+                      if (req.data.nr == __NR_getppid) {
+                        resp.val = 4242;
+                        ++getppids;
+                      } else if (req.data.nr == __NR_close) {
+                        resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+                        ++closes;
+                      } else {
+                        ++others;
+                        resp.error = -ENOSYS;
+                      }
+                      ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_SEND, &resp);
+                    }
+                  });
   CHECK(getppids == 1);
   CHECK(closes >= 1);  // ld.so closes the libraries it mapped
   CHECK(others == 0);
@@ -275,11 +275,12 @@ TEST_CASE("restore refuses an image whose files cannot be resolved", "[migrate][
   options.dropPrivileges = false;
   bool threw = false;
   try {
-    restore(message->getRoot<mos::proto::MigrationImage>(),
-            [](mos::proto::FileRef::Reader) -> std::string {
-              throw std::runtime_error("no such file in the cache");
-            },
-            options);
+    restore(
+        message->getRoot<mos::proto::MigrationImage>(),
+        [](mos::proto::FileRef::Reader) -> std::string {
+          throw std::runtime_error("no such file in the cache");
+        },
+        options);
   } catch (std::exception&) {
     threw = true;
   }

@@ -256,9 +256,7 @@ class MosdFixture {
     return status;
   }
 
-  mos::NodeStatus status() {
-    return mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 30000);
-  }
+  mos::NodeStatus status() { return mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 30000); }
 
   // Waits up to 60 s for `text` to appear in the log.
   bool logShows(const std::string& text) {
@@ -455,8 +453,8 @@ TEST_CASE("mosd accepts only members that prove the cluster key from their own a
   SECTION("the right key, claiming the id of another member: refused") {
     auto fd = connectRaw(mosd.port);
     CHECK_FALSE(handshake(fd.get(), "UMOSJOB1", good, 3));
-    CHECK(mosd.logShows("claiming node 3: node 3 has the address 127.0.0.3 in " + mosd.dir +
-                        "/map"));
+    CHECK(
+        mosd.logShows("claiming node 3: node 3 has the address 127.0.0.3 in " + mosd.dir + "/map"));
   }
   SECTION("the right key, claiming a node that is not in the map: refused") {
     auto fd = connectRaw(mosd.port);
@@ -523,9 +521,9 @@ TEST_CASE("mosd exits 2 naming a cluster key it cannot use", "[node][mosd][auth]
   };
   CHECK(run(dir + "/none").find("cluster key " + dir + "/none: missing") != std::string::npos);
   writeKey(dir + "/open.key", 1, 0604);
-  CHECK(run(dir + "/open.key")
-            .find("cluster key " + dir + "/open.key: accessible to other users") !=
-        std::string::npos);
+  CHECK(
+      run(dir + "/open.key").find("cluster key " + dir + "/open.key: accessible to other users") !=
+      std::string::npos);
   {
     std::ofstream out(dir + "/short.key");
     out << "0123456789";
@@ -613,8 +611,7 @@ TEST_CASE("mps prints the jobs of the local mosd as a table and as JSON", "[node
   auto home = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 77, 77, 1, "make -j4");
 
   std::string base = std::string(MPS_PATH) + " --map " + mosd.dir + "/map --key " + mosd.dir +
-                     "/cluster.key --node 1 --port " +
-                     std::to_string(mosd.port);
+                     "/cluster.key --node 1 --port " + std::to_string(mosd.port);
   auto [status, table] = runCapture(base);
   CHECK(status == 0);
   CHECK(table ==

@@ -256,7 +256,7 @@ class FakeGuest final : public GuestProcess {
 
   void kill() override { kernel_.note("kill"); }
 
-  FakeMemory space;  // its address space: 64 bytes at BUF
+  FakeMemory space;                    // its address space: 64 bytes at BUF
   std::function<void()> onStatusRead;  // runs when the loop looks at the guest's signals
 
  private:
@@ -373,7 +373,7 @@ class ScriptedDeputy {
             continue;
           }
         }
-        KJ_IF_MAYBE(message, channel_.receive()) {
+        KJ_IF_MAYBE (message, channel_.receive()) {
           capnp::MallocMessageBuilder copy;
           copy.setRoot((*message)->getRoot<proto::ToDeputy>());
           auto words = capnp::messageToFlatArray(copy);
@@ -553,8 +553,9 @@ ScriptedDeputy::OnMessage answering(int64_t ret, std::string bytes = "") {
   return [ret, bytes](proto::ToDeputy::Reader m, ScriptedDeputy& d) {
     if (m.isSyscall()) {
       auto call = m.getSyscall();
-      d.reply(call.getSeq(), ret, call.getOut().size() > 0 ? std::vector<std::string>{bytes}
-                                                            : std::vector<std::string>{});
+      d.reply(
+          call.getSeq(), ret,
+          call.getOut().size() > 0 ? std::vector<std::string>{bytes} : std::vector<std::string>{});
     }
   };
 }
@@ -591,8 +592,8 @@ TEST_CASE("ids are answered from the JobStart cache without a round trip", "[rem
   loop.serve();
   uint64_t ppid = loop.unotify->trap(__NR_getppid, {});
   loop.serve();
-  CHECK(kernel.events() == std::vector<std::string>{answer(pid, HOME_PID), answer(uid, 1000),
-                                                     answer(ppid, 777)});
+  CHECK(kernel.events() ==
+        std::vector<std::string>{answer(pid, HOME_PID), answer(uid, 1000), answer(ppid, 777)});
   auto got = loop.deputy->received(1);
   REQUIRE(got.size() == 1);  // the getppid, and nothing before it
   kj::Own<capnp::FlatArrayMessageReader> keep;
@@ -614,7 +615,7 @@ TEST_CASE("a notification cancelled while its request is at home gets no answer 
   });
   uint64_t read = loop.unotify->trap(__NR_read, {3, BUF, 16});
   loop.serve();
-  CHECK(kernel.events().empty());            // no SEND: ID_VALID said the target is gone
+  CHECK(kernel.events().empty());           // no SEND: ID_VALID said the target is gone
   CHECK(loop.guest->space.writes.empty());  // and nothing was written into its memory
 
   // The loop goes on with the next notification.
@@ -716,7 +717,9 @@ TEST_CASE("a reply for a call the kernel already dropped changes nothing", "[rem
 
 TEST_CASE("a file-backed mmap places the cached file at the guest's fd, or fails as ADDFD does",
           "[remote][notify][mmap]") {
-  const std::string content = "\x7f" "ELF and the rest of the library";
+  const std::string content =
+      "\x7f"
+      "ELF and the rest of the library";
   FakeKernel kernel;
   std::atomic<uint64_t> dies{0};  // a notification whose target dies while the file is fetched
   Loop loop(kernel, [&](proto::ToDeputy::Reader m, ScriptedDeputy& d) {

@@ -67,8 +67,7 @@ bool gone(pid_t pid) {
 
 }  // namespace
 
-TEST_CASE("the reaper is pid 1 of a new namespace and children are born in it",
-          "[remote][pidns]") {
+TEST_CASE("the reaper is pid 1 of a new namespace and children are born in it", "[remote][pidns]") {
   if (geteuid() != 0) {
     WARN("not root: pid namespaces need CAP_SYS_ADMIN; not tested");
     return;

@@ -69,8 +69,8 @@ int installFilter(unsigned flags) {
   timespec ts;
   s->results[0] = rawSyscall(__NR_clock_getres, CLOCK_MONOTONIC, reinterpret_cast<long>(&ts));
   s->results[1] = rawSyscall(__NR_getppid);  // FORWARD: answered 4242 by the test
-  long anon = rawSyscall(__NR_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                         -1, 0);
+  long anon =
+      rawSyscall(__NR_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   s->results[2] = anon;
   if (anon > 0) {
     *reinterpret_cast<volatile int*>(anon) = 7;  // really mapped
@@ -145,11 +145,11 @@ TEST_CASE("local calls run in the guest's kernel and the rest reach the supervis
     resp.error = -error;
     return ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &resp) == 0;
   };
-  CHECK(answer(4242, 0));        // getppid
-  CHECK(answer(0, ENODEV));      // file-backed mmap
-  CHECK(answer(0, ENOSYS));      // x32
-  CHECK(answer(777, 0));         // getpid
-  CHECK(answer(0, ENOSYS));      // fork
+  CHECK(answer(4242, 0));    // getppid
+  CHECK(answer(0, ENODEV));  // file-backed mmap
+  CHECK(answer(0, ENOSYS));  // x32
+  CHECK(answer(777, 0));     // getpid
+  CHECK(answer(0, ENOSYS));  // fork
   int status = 0;
   REQUIRE(waitpid(child, &status, 0) == child);
   // After the last target is gone the listener reports POLLHUP: no notification was left over.
@@ -167,9 +167,9 @@ TEST_CASE("local calls run in the guest's kernel and the rest reach the supervis
   CHECK(seen[2] == (0x40000000 | __NR_getppid));
   CHECK(seen[3] == __NR_getpid);
   CHECK(seen[4] == __NR_fork);
-  CHECK(s->results[0] == 0);      // clock_getres ran locally
-  CHECK(s->results[1] == 4242);   // getppid got the supervisor's answer
-  CHECK(s->results[2] > 0);       // anonymous mmap ran locally
+  CHECK(s->results[0] == 0);     // clock_getres ran locally
+  CHECK(s->results[1] == 4242);  // getppid got the supervisor's answer
+  CHECK(s->results[2] > 0);      // anonymous mmap ran locally
   CHECK(s->results[3] == 7);
   CHECK(s->results[4] == -ENODEV);
   CHECK(s->results[5] == -ENOSYS);

@@ -87,7 +87,7 @@ TEST_CASE("opens of the job's /proc files are recognised from the row's kinds, o
 
   uint64_t a1[6] = {0x1000, O_RDONLY | O_CLOEXEC, 0};
   auto m1 = openRequest(0, "/proc/self/maps");
-  KJ_IF_MAYBE(call, describeOpen(open->args, a1, m1->getRoot<mos::proto::SyscallRequest>())) {
+  KJ_IF_MAYBE (call, describeOpen(open->args, a1, m1->getRoot<mos::proto::SyscallRequest>())) {
     CHECK(call->path == "/proc/self/maps");
     CHECK(call->dirfd == AT_FDCWD);
     CHECK(call->flags == (O_RDONLY | O_CLOEXEC));
@@ -97,7 +97,7 @@ TEST_CASE("opens of the job's /proc files are recognised from the row's kinds, o
 
   uint64_t a2[6] = {7, 0x1000, O_RDONLY, 0};
   auto m2 = openRequest(1, "/proc/self/status");
-  KJ_IF_MAYBE(call, describeOpen(openat->args, a2, m2->getRoot<mos::proto::SyscallRequest>())) {
+  KJ_IF_MAYBE (call, describeOpen(openat->args, a2, m2->getRoot<mos::proto::SyscallRequest>())) {
     CHECK(call->path == "/proc/self/status");
     CHECK(call->dirfd == 7);
     CHECK(call->flags == O_RDONLY);
@@ -108,7 +108,7 @@ TEST_CASE("opens of the job's /proc files are recognised from the row's kinds, o
   std::string how = howBytes(O_RDONLY | O_CLOEXEC, 0, 0);
   uint64_t a3[6] = {uint64_t(AT_FDCWD), 0x1000, 0x2000, how.size()};
   auto m3 = openRequest(1, "/proc/self/maps", &how);
-  KJ_IF_MAYBE(call, describeOpen(openat2->args, a3, m3->getRoot<mos::proto::SyscallRequest>())) {
+  KJ_IF_MAYBE (call, describeOpen(openat2->args, a3, m3->getRoot<mos::proto::SyscallRequest>())) {
     CHECK(call->path == "/proc/self/maps");
     CHECK(call->dirfd == AT_FDCWD);
     CHECK(call->flags == (O_RDONLY | O_CLOEXEC));

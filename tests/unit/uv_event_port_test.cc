@@ -231,8 +231,8 @@ TEST_CASE("a wait on a timer after queued work sleeps instead of spinning", "[no
   double wallMs = elapsedMs(start);
   CHECK(ran == 1);
   CHECK(wallMs >= 299);
-  INFO("CPU used while waiting: " << cpuMs << " ms in " << wallMs << " ms; loop iterations: "
-                                  << iterations.count);
+  INFO("CPU used while waiting: " << cpuMs << " ms in " << wallMs
+                                  << " ms; loop iterations: " << iterations.count);
   CHECK(cpuMs <= 20);
   CHECK(iterations.count <= 10);
 }
@@ -242,9 +242,11 @@ TEST_CASE("a plain uv_run waiting on a KJ timer sleeps instead of spinning", "[n
   IterationCounter iterations(&f.loop);
   auto start = std::chrono::steady_clock::now();
   double cpuBefore = processCpuMs();
-  auto task = kj::evalLater([&]() { return f.port->afterDelay(300); })
-                  .then([&]() { uv_stop(&f.loop); })
-                  .eagerlyEvaluate(nullptr);
+  auto task = kj::evalLater([&]() {
+                return f.port->afterDelay(300);
+              }).then([&]() {
+                  uv_stop(&f.loop);
+                }).eagerlyEvaluate(nullptr);
   uv_timer_t guard;  // keeps uv_run from returning early for want of handles
   uv_timer_init(&f.loop, &guard);
   uv_timer_start(
@@ -271,9 +273,7 @@ TEST_CASE("a timer that falls due while KJ is busy resolves without another even
   auto timer = f.port->afterDelay(1);
   // Busy past the timer's deadline, so libuv fires it at the top of the next wait()'s uv_run,
   // queueing KJ work just before it would block.
-  kj::evalLater([]() { usleep(20000); })
-      .then([&]() { return kj::mv(timer); })
-      .wait(*f.waitScope);
+  kj::evalLater([]() { usleep(20000); }).then([&]() { return kj::mv(timer); }).wait(*f.waitScope);
   CHECK(elapsedMs(start) < 2000);
   uv_close(reinterpret_cast<uv_handle_t*>(&guard), nullptr);
   uv_run(&f.loop, UV_RUN_NOWAIT);
