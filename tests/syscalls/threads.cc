@@ -139,7 +139,11 @@ int main() {
   Reader readers[N];
   for (Reader& r : readers) {
     CHECK(pipe(r.pipe) == 0);
-    CHECK(pthread_create(&r.thread, nullptr, readerMain, &r) == 0);
+    int err = pthread_create(&r.thread, nullptr, readerMain, &r);
+    if (err != 0) {
+      printf("pthread_create: %s\n", conf::errnoName(err));
+      return 1;  // nothing below can run without threads
+    }
   }
   CHECK(conf::waitUntil([&] {
     for (Reader& r : readers) {
