@@ -37,8 +37,8 @@ int main(int argc, char** argv) {
       r = waitpid(child, &status, 0);
     } while (r < 0 && errno == EINTR);
     if (r != child || !WIFEXITED(status) || WEXITSTATUS(status) != 7) {
-      std::fprintf(stderr, "fork_wait_loop: waitpid(%d) = %d, status 0x%x (%s)\n", child, r,
-                   status, std::strerror(errno));
+      std::fprintf(stderr, "fork_wait_loop: waitpid(%d) = %d, status 0x%x (%s)\n", child, r, status,
+                   std::strerror(errno));
       return 1;
     }
     if (i >= 0) {

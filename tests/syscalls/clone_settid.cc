@@ -123,9 +123,10 @@ int main() {
   auto* vm = new VmChild;
   vm->ctid = 0x7fffffff;  // CHILD_SETTID replaces it in the child, CHILD_CLEARTID zeroes it
   fflush(stdout);
-  int c = clone(vmChildMain, static_cast<char*>(stack) + STACK,
-                CLONE_VM | CLONE_PARENT_SETTID | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD,
-                vm, &vm->ptid, nullptr, &vm->ctid);
+  int c =
+      clone(vmChildMain, static_cast<char*>(stack) + STACK,
+            CLONE_VM | CLONE_PARENT_SETTID | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD,
+            vm, &vm->ptid, nullptr, &vm->ctid);
   CHECK(c > 0);
   CHECK(vm->ptid == c);
   CHECK(waitCleared(&vm->ctid));

@@ -69,7 +69,7 @@ int main() {
   CHECK(conf::recvByte(done[0]) == '.' && conf::recvByte(done[0]) == '.');
   CHECK(getsid(leader) == leader && getpgid(leader) == leader);
   CHECK(getsid(other) == mySession && getpgid(other) == other);
-  CHECK_FAILS(setpgid(other, leader), EPERM);  // leader's group is in another session
+  CHECK_FAILS(setpgid(other, leader), EPERM);    // leader's group is in another session
   CHECK_FAILS(setpgid(leader, myGroup), EPERM);  // a session leader cannot move
   close(hold[1]);
   conf::expectClean(leader, "session leader");

@@ -14,7 +14,9 @@
 
 #include "tree.h"
 
-static unsigned char pattern(size_t i) { return static_cast<unsigned char>((i * 131 + i / 7) & 0xff); }
+static unsigned char pattern(size_t i) {
+  return static_cast<unsigned char>((i * 131 + i / 7) & 0xff);
+}
 
 static volatile sig_atomic_t pipeSignals;
 

@@ -106,15 +106,14 @@ int main() {
   CHECK(ftruncate(fd, 1 << 20) == 0);
   struct stat st;
   CHECK(stat(("/dev/shm" + shmName).c_str(), &st) == 0 && st.st_size == (1 << 20));
-  auto* shm = static_cast<char*>(
-      mmap(nullptr, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  auto* shm = static_cast<char*>(mmap(nullptr, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
   CHECK(shm != MAP_FAILED);
   auto* shmWord = new (shm) std::atomic<int>(0);
   child = conf::spawn([&] {
     int own = shm_open(shmName.c_str(), O_RDWR, 0);
     CHECK(own >= 0);
-    auto* mine = static_cast<char*>(
-        mmap(nullptr, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, own, 0));
+    auto* mine =
+        static_cast<char*>(mmap(nullptr, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, own, 0));
     CHECK(mine != MAP_FAILED);
     if (mine == MAP_FAILED) {
       return 1;

@@ -229,8 +229,8 @@ int main() {
   // A detached thread and pthread_exit with a value.
   pthread_t exiter;
   CHECK(pthread_create(
-            &exiter, nullptr,
-            [](void*) -> void* { pthread_exit(reinterpret_cast<void*>(77L)); }, nullptr) == 0);
+            &exiter, nullptr, [](void*) -> void* { pthread_exit(reinterpret_cast<void*>(77L)); },
+            nullptr) == 0);
   CHECK(pthread_join(exiter, &result) == 0 && result == reinterpret_cast<void*>(77L));
   std::atomic<bool> detachedRan{false};
   pthread_t detached;

@@ -103,8 +103,7 @@ int main() {
   // posix_spawn: the exit status of the program, and ENOENT for a missing one.
   const char* argv[] = {"sh", "-c", "exit 9", nullptr};
   pid_t spawned = 0;
-  CHECK(posix_spawn(&spawned, "/bin/sh", nullptr, nullptr, const_cast<char**>(argv), environ) ==
-        0);
+  CHECK(posix_spawn(&spawned, "/bin/sh", nullptr, nullptr, const_cast<char**>(argv), environ) == 0);
   CHECK(spawned > 0 && spawned != self);
   status = conf::reap(spawned);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 9);

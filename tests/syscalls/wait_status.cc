@@ -19,7 +19,10 @@ int main() {
   sigemptyset(&chld);
   sigaddset(&chld, SIGCHLD);
   CHECK(sigprocmask(SIG_BLOCK, &chld, nullptr) == 0);
-  pid_t child = conf::spawn([] { _exit(42); return 0; });
+  pid_t child = conf::spawn([] {
+    _exit(42);
+    return 0;
+  });
   struct timespec thirty = {30, 0};
   siginfo_t info = {};
   CHECK(sigtimedwait(&chld, &info, &thirty) == SIGCHLD);
@@ -112,19 +115,31 @@ int main() {
 
   // Any child (-1, P_ALL), a process group (-pgid, P_PGID), and one's own group (0).
   std::set<int> codes;
-  pid_t a = conf::spawn([] { _exit(11); return 0; });
-  pid_t b = conf::spawn([] { _exit(12); return 0; });
+  pid_t a = conf::spawn([] {
+    _exit(11);
+    return 0;
+  });
+  pid_t b = conf::spawn([] {
+    _exit(12);
+    return 0;
+  });
   for (int i = 0; i < 2; i++) {
     pid_t w = wait4(-1, &status, 0, nullptr);
     CHECK(w == a || w == b);
     codes.insert(WEXITSTATUS(status));
   }
   CHECK((codes == std::set<int>{11, 12}));
-  a = conf::spawn([] { _exit(13); return 0; });
+  a = conf::spawn([] {
+    _exit(13);
+    return 0;
+  });
   info = {};
   CHECK(waitid(P_ALL, 0, &info, WEXITED) == 0);
   CHECK(info.si_pid == a && info.si_status == 13);
-  a = conf::spawn([] { _exit(14); return 0; });
+  a = conf::spawn([] {
+    _exit(14);
+    return 0;
+  });
   CHECK(waitpid(0, &status, 0) == a && WEXITSTATUS(status) == 14);
 
   int go[2];
