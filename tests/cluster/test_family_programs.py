@@ -72,14 +72,17 @@ class CpuMeter:
         return False
 
 
-def assert_work_on_node_2(native, remote, what):
-    """native, remote: CpuMeters of the native run (at home) and of the remote run."""
+def assert_work_on_node_2(native, remote, what, more_than_home=False):
+    """native, remote: CpuMeters of the native run (at home) and of the remote run. With
+    more_than_home, node 2 must also have used more CPU than the home node (its deputies)."""
     n, r1, r2 = native.used[1], remote.used[1], remote.used[2]
     print(f"{what}: native CPU {n}s at home; remote run: node 2 {r2}s, node 1 {r1}s")
     if None in (n, r1, r2):
         pytest.fail("no cgroup per node (cgroup2 not writable?): cannot show where the CPU went")
     assert r2 >= 0.5 * n, (f"{what}: node 2 used {r2:.2f}s CPU, the native run {n:.2f}s: the "
                            f"work did not run on node 2")
+    if more_than_home:
+        assert r2 > r1, f"{what}: node 2 used {r2:.2f}s CPU, the home node {r1:.2f}s"
 
 
 def check(cp, what):
@@ -87,16 +90,16 @@ def check(cp, what):
                                 f"{cp.stdout[-2000:]!r}\nstderr: {cp.stderr[-3000:]!r}")
 
 
-def remote_then_native(cluster, argv, cwd_remote, cwd_native, timeout=600):
-    """Runs argv under mosrun -r 2 (must exit 0), then natively; returns both results and
-    their CpuMeters, after checking that the remote run did its work on node 2."""
+def remote_then_native(cluster, argv, cwd_remote, cwd_native, timeout=600, more_than_home=False):
+    """Runs argv under mosrun -r 2 (must exit 0), then natively; returns both results, after
+    checking that the remote run did its work on node 2 (assert_work_on_node_2)."""
     with CpuMeter() as rm:
         remote = cluster.mosrun(argv, cwd=cwd_remote, timeout=timeout)
     check(remote, f"mosrun -r 2 {argv}")
     with CpuMeter() as nm:
         native = cluster.native(argv, cwd=cwd_native, timeout=timeout)
     check(native, f"native {argv}")
-    assert_work_on_node_2(nm, rm, str(argv[:3]))
+    assert_work_on_node_2(nm, rm, str(argv[:3]), more_than_home)
     return native, remote
 
 
@@ -355,7 +358,8 @@ def test_make_j2_builds_zlib_like_native(cluster, home):
         shutil.copytree(src, d, symlinks=True)
         cp = cluster.native(["./configure"], cwd=d, timeout=600)
         check(cp, f"configure in {d}")
-    remote_then_native(cluster, ["make", "-j2"], r, n, timeout=1800)
+    # The compilers run on node 2: it uses more CPU than the home node's deputies.
+    remote_then_native(cluster, ["make", "-j2"], r, n, timeout=1800, more_than_home=True)
     objects = sorted(p.relative_to(n) for p in n.rglob("*.o"))
     assert len(objects) >= 15, objects
     differ = [str(o) for o in objects if (r / o).read_bytes() != (n / o).read_bytes()]
