@@ -2,11 +2,14 @@
 // write end in every process is closed; writing with no reader gives SIGPIPE (default action:
 // death, shown by wait), EPIPE when SIGPIPE is ignored or caught; a blocking write larger than
 // the pipe completes as the reader drains it; writes up to PIPE_BUF from two writers never
-// interleave; O_NONBLOCK and F_GETPIPE_SZ; a three-process pipeline.
+// interleave; O_NONBLOCK and F_GETPIPE_SZ; a three-process pipeline. socketpair(2) between
+// processes: both directions, EOF after shutdown, EPIPE with MSG_NOSIGNAL, SOCK_SEQPACKET
+// boundaries, and a descriptor passed from child to parent with SCM_RIGHTS.
 
 #include <ctype.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <string>
@@ -19,6 +22,11 @@ static unsigned char pattern(size_t i) {
 }
 
 static volatile sig_atomic_t pipeSignals;
+
+static char* buf64() {
+  static char buf[64];
+  return buf;
+}
 
 static void onPipe(int) { pipeSignals = pipeSignals + 1; }
 
@@ -253,6 +261,96 @@ int main() {
   close(r[0]);
   conf::expectClean(upcase, "upcase stage");
   conf::expectClean(count, "count stage");
+
+  // socketpair: an echo child; shutdown(SHUT_WR) gives it EOF; it answers with a pipe of its
+  // own, passed with SCM_RIGHTS, whose other end it writes to.
+  int sv[2];
+  CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+  child = conf::spawn([&] {
+    close(sv[0]);
+    char buf[256];
+    ssize_t got;
+    long echoed = 0;
+    while ((got = read(sv[1], buf, sizeof buf)) > 0) {
+      CHECK(conf::writeFull(sv[1], buf, size_t(got)));
+      echoed += got;
+    }
+    CHECK(got == 0 && echoed == 5000);
+    int mine[2];
+    CHECK(pipe(mine) == 0);
+    char dummy = 'f';
+    struct iovec iov = {&dummy, 1};
+    alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    struct msghdr msg = {};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    struct cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &mine[0], sizeof(int));
+    CHECK(sendmsg(sv[1], &msg, 0) == 1);
+    close(mine[0]);
+    CHECK(conf::writeFull(mine[1], "via a passed fd", 15));
+    close(mine[1]);
+    return 0;
+  });
+  close(sv[1]);
+  std::string sent;
+  for (int i = 0; i < 500; i++) {
+    sent += "0123456789";
+  }
+  std::string echo(sent.size(), '\0');
+  for (size_t off = 0; off < sent.size(); off += 1000) {  // in steps: the echo cannot block
+    CHECK(conf::writeFull(sv[0], sent.data() + off, 1000));
+    CHECK(conf::readFull(sv[0], echo.data() + off, 1000) == 1000);
+  }
+  CHECK(echo == sent);
+  CHECK(shutdown(sv[0], SHUT_WR) == 0);
+  char dummy = 0;
+  struct iovec iov = {&dummy, 1};
+  alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  struct msghdr msg = {};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  CHECK(recvmsg(sv[0], &msg, MSG_CMSG_CLOEXEC) == 1 && dummy == 'f');
+  struct cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+  int passed = -1;
+  if (cm != nullptr && cm->cmsg_type == SCM_RIGHTS) {
+    memcpy(&passed, CMSG_DATA(cm), sizeof(int));
+  }
+  CHECK(passed >= 0);
+  char via[32] = {};
+  CHECK(passed >= 0 && conf::readFull(passed, via, sizeof via) == 15);
+  CHECK(memcmp(via, "via a passed fd", 15) == 0);
+  close(passed);
+  CHECK(conf::readFull(sv[0], &dummy, 1) == 0);  // EOF: the child is gone
+  conf::expectClean(child, "socketpair echo");
+  CHECK_FAILS(send(sv[0], "x", 1, MSG_NOSIGNAL), EPIPE);
+  close(sv[0]);
+
+  // SOCK_SEQPACKET keeps message boundaries between processes.
+  CHECK(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) == 0);
+  child = conf::spawn([&] {
+    close(sv[0]);
+    for (int len : {1, 300, 7}) {
+      std::string m(size_t(len), char('a' + len % 26));
+      CHECK(send(sv[1], m.data(), m.size(), 0) == len);
+    }
+    return 0;
+  });
+  close(sv[1]);
+  for (int len : {1, 300, 7}) {
+    char m[1024];
+    CHECK(recv(sv[0], m, sizeof m, 0) == len);
+  }
+  CHECK(recv(sv[0], buf64(), 64, 0) == 0);
+  conf::expectClean(child, "seqpacket sender");
+  close(sv[0]);
 
   int status;
   CHECK_FAILS(wait(&status), ECHILD);

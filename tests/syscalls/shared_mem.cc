@@ -1,14 +1,16 @@
 // Memory shared between the processes of one job: MAP_SHARED|MAP_ANONYMOUS inherited across
 // fork, POSIX shared memory (shm_open + ftruncate + mmap, opened again by name in the child,
 // visible as a file in /dev/shm), SysV shm (shmget/shmat), with futex wait/wake on the shared
-// pages (a ping-pong between parent and child); named semaphores (sem_open) and process-shared
-// unnamed ones (sem_init), a process-shared mutex, and a robust one whose owner dies.
+// pages (a ping-pong between parent and child); memfd_create mapped shared across fork; named
+// semaphores (sem_open), process-shared unnamed ones (sem_init) and SysV ones (semget/semop); a
+// process-shared mutex, and a robust one whose owner dies.
 
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <sys/mman.h>
+#include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -229,6 +231,49 @@ int main() {
   CHECK(pthread_mutex_unlock(&sh->robust) == 0);
   CHECK(pthread_mutex_lock(&sh->robust) == 0);
   CHECK(pthread_mutex_unlock(&sh->robust) == 0);
+
+  // memfd: the child maps the inherited descriptor and writes; the parent's mapping sees it.
+  int mfd = memfd_create("umosix-sc", MFD_CLOEXEC);
+  CHECK(mfd >= 0);
+  CHECK(ftruncate(mfd, 65536) == 0);
+  auto* mem = static_cast<char*>(mmap(nullptr, 65536, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0));
+  CHECK(mem != MAP_FAILED);
+  auto* memWord = new (mem) std::atomic<int>(0);
+  child = conf::spawn([&] {
+    auto* own =
+        static_cast<char*>(mmap(nullptr, 65536, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0));
+    CHECK(own != MAP_FAILED);
+    if (own == MAP_FAILED) {
+      return 1;
+    }
+    strcpy(own + 4096, "memfd");
+    return pongChild(reinterpret_cast<std::atomic<int>*>(own));
+  });
+  CHECK(pingParent(memWord));
+  conf::expectClean(child, "memfd ping-pong");
+  CHECK(strcmp(mem + 4096, "memfd") == 0);
+  munmap(mem, 65536);
+  close(mfd);
+
+  // SysV semaphores: the child waits for 1 and posts 2; IPC_RMID at the end.
+  int sem = semget(IPC_PRIVATE, 2, IPC_CREAT | 0600);
+  CHECK(sem >= 0);
+  child = conf::spawn([&] {
+    struct sembuf take = {0, -1, 0};
+    struct timespec thirty = {30, 0};
+    CHECK(semtimedop(sem, &take, 1, &thirty) == 0);
+    struct sembuf give = {1, 2, 0};
+    CHECK(semop(sem, &give, 1) == 0);
+    return 0;
+  });
+  struct sembuf give = {0, 1, 0};
+  CHECK(semop(sem, &give, 1) == 0);
+  struct sembuf take = {1, -2, 0};
+  struct timespec thirty = {30, 0};
+  CHECK(semtimedop(sem, &take, 1, &thirty) == 0);
+  conf::expectClean(child, "SysV semaphore");
+  CHECK(semctl(sem, 0, GETVAL) == 0 && semctl(sem, 1, GETVAL) == 0);
+  CHECK(semctl(sem, 0, IPC_RMID) == 0);
 
   munmap(anon, 1 << 20);
   return conf::finish();
