@@ -82,5 +82,6 @@ def compare(tool, program_argv, key, unit, rounds, timeout, higher_is_better):
     if "native" in med and "remote" in med and med["native"] > 0 and med["remote"] > 0:
         ratio = med["native"] / med["remote"] if higher_is_better else \
             med["remote"] / med["native"]
-        print(f"ratio (guest cost / native cost) = {ratio:.2f}")
+        what = "native / guest throughput" if higher_is_better else "guest / native time"
+        print(f"ratio {what} = {ratio:.2f} (the guest's slowdown)")
     return 1 if errors else 0
