@@ -19,6 +19,7 @@
 #include <kj/debug.h>
 #include <spdlog/spdlog.h>
 
+#include "marshal.h"
 #include "signals.h"
 #include "syscall_table.h"
 
@@ -79,52 +80,6 @@ std::vector<std::string_view> normalize(std::string_view path) {
   return parts;
 }
 
-// Calls that would change the deputy itself rather than the job's home state. The supervisor
-// runs them locally or through their own messages (fork mirroring, ExecRequest, GuestExit);
-// executing one here would break the deputy (unmap its memory, replace its signal handler).
-bool changesTheDeputy(int nr, const uint64_t (&args)[6]) {
-  switch (nr) {
-    case __NR_fork:
-    case __NR_vfork:
-    case __NR_clone:
-    case __NR_clone3:
-    case __NR_execve:
-    case __NR_execveat:
-    case __NR_exit:
-    case __NR_exit_group:
-    case __NR_rt_sigreturn:
-    case __NR_rt_sigaction:
-    case __NR_rt_sigprocmask:
-    case __NR_sigaltstack:
-    case __NR_set_tid_address:
-    case __NR_set_robust_list:
-    case __NR_rseq:
-    case __NR_arch_prctl:
-    case __NR_modify_ldt:
-    case __NR_mmap:
-    case __NR_munmap:
-    case __NR_mprotect:
-    case __NR_pkey_mprotect:
-    case __NR_mremap:
-    case __NR_brk:
-    case __NR_madvise:
-    case __NR_mlock:
-    case __NR_mlock2:
-    case __NR_munlock:
-    case __NR_mlockall:
-    case __NR_munlockall:
-    case __NR_shmat:
-    case __NR_shmdt:
-    case __NR_seccomp:
-    case __NR_ptrace:
-      return true;
-    case __NR_prctl:
-      return args[0] == PR_SET_MM || args[0] == PR_SET_SECCOMP;
-    default:
-      return false;
-  }
-}
-
 }  // namespace
 
 Executor::Executor(ReservedFds& fds, std::string jobExe, pid_t pid)
@@ -146,7 +101,140 @@ constexpr uint ARG_SLOTS = 6;
 // The buffers of the call being executed (one call at a time per deputy thread).
 thread_local HomeBuffer currentBuffers[SLOTS];
 
+// Kinds whose argument the kernel reads through (an in-buffer stands behind it) or writes
+// through (an out-buffer).
+bool readsThrough(ArgKind kind) {
+  switch (kind) {
+    case ArgKind::PATH:
+    case ArgKind::PATH_OR_NULL:
+    case ArgKind::STRING:
+    case ArgKind::IN_BUF:
+    case ArgKind::IN_STRUCT:
+    case ArgKind::INOUT_STRUCT:
+    case ArgKind::INOUT_ARRAY:
+    case ArgKind::INOUT_BITS:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool writesThrough(ArgKind kind) {
+  switch (kind) {
+    case ArgKind::OUT_BUF:
+    case ArgKind::OUT_STRUCT:
+    case ArgKind::INOUT_STRUCT:
+    case ArgKind::INOUT_ARRAY:
+    case ArgKind::INOUT_BITS:
+    case ArgKind::OUT_BUF_LENPTR:
+    case ArgKind::OUT_ARRAY:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Whether a buffer of `size` bytes holds everything the kernel touches through argument kind
+// `spec` with the request's `args` (and `request`'s in-data, for a socklen_t capacity), so the
+// kernel never reads or writes past a home buffer.
+bool bufferFits(const ArgSpec& spec, const uint64_t (&args)[6], size_t size,
+                proto::SyscallRequest::Reader request) {
+  uint64_t len = spec.lenArg < ARG_SLOTS ? args[spec.lenArg] : 0;
+  switch (spec.kind) {
+    case ArgKind::PATH:
+    case ArgKind::PATH_OR_NULL:
+    case ArgKind::STRING:
+      return size <= PATH_MAX + 1;  // copied with a NUL after it (execute)
+    case ArgKind::IN_BUF:
+    case ArgKind::OUT_BUF:
+      return len <= size;
+    case ArgKind::IN_STRUCT:
+    case ArgKind::OUT_STRUCT:
+    case ArgKind::INOUT_STRUCT:
+      return size >= spec.size;
+    case ArgKind::INOUT_ARRAY:
+      return static_cast<uint64_t>(static_cast<uint32_t>(len)) * spec.size <= size;
+    case ArgKind::OUT_ARRAY: {
+      int32_t count = static_cast<int32_t>(static_cast<uint32_t>(len));
+      return count >= 0 && static_cast<uint64_t>(count) * spec.size <= size;
+    }
+    case ArgKind::INOUT_BITS: {
+      int32_t nfds = static_cast<int32_t>(static_cast<uint32_t>(len));
+      return nfds >= 0 && (static_cast<uint64_t>(nfds) + 63) / 64 * 8 <= size;
+    }
+    case ArgKind::OUT_BUF_LENPTR:
+      // The capacity is the socklen_t that travels as argument lenArg's in-data.
+      for (auto in : request.getIn()) {
+        if (in.getArg() == spec.lenArg && in.getData().size() >= sizeof(int32_t)) {
+          int32_t capacity;
+          memcpy(&capacity, in.getData().begin(), sizeof(capacity));
+          return capacity >= 0 && static_cast<size_t>(capacity) <= size;
+        }
+      }
+      return false;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
+
+int Executor::refuse(int nr, const SyscallEntry* row, const char* why) {
+  int err = row != nullptr && row->err != 0 ? row->err : ENOSYS;
+  if (refused_.insert(nr).second) {
+    spdlog::warn("refusing forwarded syscall {} ({}): {}; it fails with {}", nr,
+                 row != nullptr ? row->name : "no row", why, strerrorname_np(err));
+  }
+  return err;
+}
+
+int Executor::admit(int nr, const SyscallEntry* row, const uint64_t (&args)[6],
+                    proto::SyscallRequest::Reader request, ArgSpec (&specs)[6]) {
+  if (row == nullptr) {
+    return refuse(nr, row, "the syscall table has no row for it");
+  }
+  switch (row->atHome) {
+    case AtHome::NEVER:
+      return refuse(nr, row, "the syscall table does not route it home");
+    case AtHome::ARGS:
+    case AtHome::HELPER:
+    case AtHome::MSGHDR:
+      break;
+  }
+  if (row->handler == HandlerId::IOCTL || row->handler == HandlerId::FCNTL ||
+      row->handler == HandlerId::PSELECT) {
+    if (!dynamicArgSpecs(*row, args, specs)) {
+      return refuse(nr, row, "its arguments name a request or command the table does not know");
+    }
+  } else {
+    std::copy(std::begin(row->args), std::end(row->args), std::begin(specs));
+  }
+  bool msghdr = row->atHome == AtHome::MSGHDR;
+  if (request.getPointers().size() > 0 && !msghdr) {
+    return refuse(nr, row, "pointer fixups for a call whose row has no msghdr");
+  }
+  // Each buffer stands behind an argument whose kind the kernel reads or writes through, or is
+  // a msghdr call's header (argument 1) or auxiliary buffer; and it holds what the call touches.
+  auto allowed = [&](uint8_t slot, bool in, size_t size) {
+    if (slot >= ARG_SLOTS || (msghdr && slot == 1)) {
+      return msghdr && slot < SLOTS;
+    }
+    ArgKind kind = specs[slot].kind;
+    return (in ? readsThrough(kind) : writesThrough(kind)) &&
+           bufferFits(specs[slot], args, size, request);
+  };
+  for (auto in : request.getIn()) {
+    if (!allowed(in.getArg(), true, in.getData().size())) {
+      return refuse(nr, row, "an in-buffer for an argument the row does not declare as one");
+    }
+  }
+  for (auto out : request.getOut()) {
+    if (!allowed(out.getArg(), false, out.getSize())) {
+      return refuse(nr, row, "an out-buffer for an argument the row does not declare as one");
+    }
+  }
+  return 0;
+}
 
 void Executor::execute(proto::SyscallRequest::Reader request,
                        capnp::MessageBuilder& replyMessage) {
@@ -159,14 +247,24 @@ void Executor::execute(proto::SyscallRequest::Reader request,
     args[i] = argList[i];
   }
   const SyscallEntry* row = nr >= 0 ? findSyscall(nr) : nullptr;
+  auto inList = request.getIn();
+  auto outList = request.getOut();
+  auto pointers = request.getPointers();
+  ArgSpec specs[6];
+  if (int err = admit(nr, row, args, request, specs); err != 0) {
+    // Refused: nothing reaches the kernel; the out-buffers travel back empty.
+    auto out = reply.initOut(outList.size());
+    for (uint i = 0; i < outList.size(); i++) {
+      out.init(i, 0);
+    }
+    reply.setRet(-err);
+    return;
+  }
   HomeBuffer* buffers = currentBuffers;
   for (auto& b : currentBuffers) {
     b = HomeBuffer{};
   }
   KJ_DEFER(for (auto& b : currentBuffers) { b = HomeBuffer{}; });
-  auto inList = request.getIn();
-  auto outList = request.getOut();
-  auto pointers = request.getPointers();
 
   // Slots a Pointer writes into or names: their in-data must be a private, writable copy.
   bool pointerSlot[SLOTS] = {};
@@ -242,7 +340,7 @@ void Executor::execute(proto::SyscallRequest::Reader request,
   if (tooLarge) {
     ret = -ENOMEM;
   } else {
-    ret = run(nr, args, row);
+    ret = run(nr, args, row, specs);
   }
 
   for (uint i = 0; i < outList.size(); i++) {
@@ -251,14 +349,14 @@ void Executor::execute(proto::SyscallRequest::Reader request,
     // What the supervisor writes back (marshal.h, unmarshalReply): nothing on failure,
     // ret bytes of an OUT_BUF or a trimToRet buffer, ret elements of an OUT_ARRAY, the rest in
     // full.
-    ArgKind kind = row != nullptr && slot < ARG_SLOTS ? row->args[slot].kind : ArgKind::NONE;
+    ArgKind kind = slot < ARG_SLOTS ? specs[slot].kind : ArgKind::NONE;
     size_t keep = size;
     if (ret < 0) {
       keep = 0;
     } else if (kind == ArgKind::OUT_BUF || outList[i].getTrimToRet()) {
       keep = kj::min(static_cast<size_t>(ret), size);
-    } else if (kind == ArgKind::OUT_ARRAY && row->args[slot].size > 0) {
-      keep = kj::min(static_cast<size_t>(ret) * row->args[slot].size, size);
+    } else if (kind == ArgKind::OUT_ARRAY && specs[slot].size > 0) {
+      keep = kj::min(static_cast<size_t>(ret) * specs[slot].size, size);
     }
     if (keep < size) {
       auto orphan = out.disown(i);
@@ -269,54 +367,52 @@ void Executor::execute(proto::SyscallRequest::Reader request,
   reply.setRet(ret);
 }
 
-int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row) {
+int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
+                      const ArgSpec (&specs)[6]) {
   HomeBuffer* buffers = currentBuffers;
-  if (changesTheDeputy(nr, args)) {
-    static std::set<int> reported;
-    if (reported.insert(nr).second) {
-      spdlog::warn("refusing forwarded syscall {} ({}): it would change the deputy itself", nr,
-                   row != nullptr ? row->name : "?");
-    }
-    return -ENOSYS;
-  }
-  bool isDup2 = nr == __NR_dup2 || nr == __NR_dup3;
-  bool fdFirst = nr == __NR_close || nr == __NR_dup || isDup2 || nr == __NR_fcntl ||
-                 nr == __NR_ioctl;
+  int newFdArg = -1;
   for (int i = 0; i < 6; i++) {
-    ArgKind kind = row != nullptr ? row->args[i].kind : ArgKind::NONE;
-    bool isFd = kind == ArgKind::FD || (fdFirst && i == 0);
-    if (isDup2 && i == 1) {
-      continue;  // the target: handled below
-    }
-    if (isFd && fds_.contains(fdArg(args[i]))) {
+    ArgKind kind = specs[i].kind;
+    if (kind == ArgKind::FD && fds_.contains(fdArg(args[i]))) {
       return -EBADF;
     }
-    if (kind == ArgKind::IGNORED_PTR) {
+    if (kind == ArgKind::NEW_FD) {
+      newFdArg = i;
+    } else if (kind == ArgKind::IGNORED_PTR) {
       args[i] = 0;
     } else if (isPointerKind(kind) && !buffers[i].present && args[i] != 0) {
       // A guest address that was not marshalled: never let the kernel use it in our memory.
       return -EFAULT;
     }
   }
-  if (isDup2 && fds_.contains(fdArg(args[1])) && fdArg(args[0]) != fdArg(args[1])) {
+  if (newFdArg >= 0 && fds_.contains(fdArg(args[newFdArg])) &&
+      !(specs[0].kind == ArgKind::FD && fdArg(args[0]) == fdArg(args[newFdArg]))) {
+    // The job wants a number we hold (dup2 onto it): ours moves elsewhere first.
     try {
-      fds_.relocate(fdArg(args[1]));
+      fds_.relocate(fdArg(args[newFdArg]));
     } catch (kj::Exception& e) {
       spdlog::warn("cannot move a deputy descriptor out of the job's way: {}",
                    e.getDescription().cStr());
       return -EMFILE;
     }
   }
+  if (row->atHome == AtHome::MSGHDR) {
+    // The msghdr holds pointers: only a home copy whose every pointer names a buffer of this
+    // request may reach the kernel.
+    if (!buffers[1].present) {
+      return -EFAULT;
+    }
+    if (!msghdrIsHome()) {
+      return -refuse(nr, row, "its msghdr points outside the request's buffers");
+    }
+  }
   // Paths that mean the job's /proc entries.
-  for (int i = 0; i < 6 && row != nullptr; i++) {
-    ArgKind kind = row->args[i].kind;
+  for (int i = 0; i < 6; i++) {
+    ArgKind kind = specs[i].kind;
     if ((kind != ArgKind::PATH && kind != ArgKind::PATH_OR_NULL) || !buffers[i].present) {
-      continue;
+      continue;  // STRING arguments (a symlink's content, an xattr name) are not looked up
     }
-    if ((nr == __NR_symlink || nr == __NR_symlinkat) && i == 0) {
-      continue;  // the link's content, not a path looked up now
-    }
-    int dirfd = (i > 0 && row->args[i - 1].kind == ArgKind::FD) ? fdArg(args[i - 1]) : AT_FDCWD;
+    int dirfd = (i > 0 && specs[i - 1].kind == ArgKind::FD) ? fdArg(args[i - 1]) : AT_FDCWD;
     switch (classifyPath(dirfd, reinterpret_cast<const char*>(buffers[i].ptr))) {
       case ProcPath::OTHER:
         break;
@@ -326,8 +422,8 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row) {
         if (jobExe_.empty()) {
           break;
         }
-        if (nr == __NR_readlink || nr == __NR_readlinkat) {
-          int bufArg = nr == __NR_readlink ? 1 : 2;
+        if (row->view == HomeView::EXE_LINK) {
+          int bufArg = i + 1;  // the OUT_BUF after the PATH (the table checks the layout)
           int64_t size = static_cast<int64_t>(args[bufArg + 1]);
           if (size <= 0) {
             return -EINVAL;
@@ -345,36 +441,29 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row) {
       }
     }
   }
-  switch (nr) {
-    case __NR_close_range:
+  switch (row->view) {
+    case HomeView::CLOSE_RANGE:
       return closeRange(args);
-    case __NR_poll:
-    case __NR_ppoll:
-      return pollAroundReserved(nr, args);
-    case __NR_select:
-    case __NR_pselect6:
+    case HomeView::POLL:
+      return pollAroundReserved(nr, args, specs[2].kind == ArgKind::VAL);
+    case HomeView::SELECT:
       if (setsNameReserved(args)) {
         return -EBADF;
       }
       break;
-    case __NR_sendmsg:
-    case __NR_recvmsg:
-    case __NR_sendmmsg:
-    case __NR_recvmmsg:
-      // The msghdr holds pointers: only a home copy (with its fixups) may reach the kernel.
-      if (!buffers[1].present) {
-        return -EFAULT;
-      }
-      if (nr == __NR_sendmsg && rightsNameReserved()) {
+    case HomeView::SCM_RIGHTS:
+      if (rightsNameReserved()) {
         return -EBADF;
       }
       break;
-    default:
+    case HomeView::NONE:
+    case HomeView::FD_LISTING:
+    case HomeView::EXE_LINK:
       break;
   }
   int64_t ret = interruptibleSyscall(nr, args);
-  if (nr == __NR_getdents64 && ret > 0) {
-    ret = filterProcFdListing(fdArg(args[0]), args, ret);
+  if (row->view == HomeView::FD_LISTING && ret > 0) {
+    ret = filterProcFdListing(nr, fdArg(args[0]), args, ret);
   }
   return ret;
 }
@@ -417,7 +506,7 @@ int64_t Executor::closeRange(uint64_t (&args)[6]) {
 
 // poll(2), ppoll(2): an entry naming one of our descriptors reports POLLNVAL, as for a closed
 // descriptor, and (like the kernel) makes the call return at once.
-int64_t Executor::pollAroundReserved(int nr, uint64_t (&args)[6]) {
+int64_t Executor::pollAroundReserved(int nr, uint64_t (&args)[6], bool timeoutIsValue) {
   HomeBuffer& fdsBuf = currentBuffers[0];
   size_t count = static_cast<size_t>(args[1]);
   std::vector<std::pair<size_t, int>> hidden;
@@ -433,7 +522,7 @@ int64_t Executor::pollAroundReserved(int nr, uint64_t (&args)[6]) {
   }
   static const struct timespec zero = {0, 0};
   if (!hidden.empty()) {
-    if (nr == __NR_poll) {
+    if (timeoutIsValue) {
       args[2] = 0;
     } else {
       args[2] = reinterpret_cast<uint64_t>(&zero);
@@ -471,6 +560,54 @@ bool Executor::setsNameReserved(uint64_t (&args)[6]) {
     }
   }
   return false;
+}
+
+namespace {
+
+// Whether [p, p + length) lies within one buffer of the call being executed.
+bool withinABuffer(const void* p, size_t length) {
+  auto* at = static_cast<const kj::byte*>(p);
+  for (auto& b : currentBuffers) {
+    if (b.present && at >= b.ptr && at <= b.ptr + b.size && length <= b.size - (at - b.ptr)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+// sendmsg(2), recvmsg(2): every pointer of the home msghdr (argument 1) — the name, the iovec
+// array, each iovec's base and the control data — is NULL or lies, with its length, inside a
+// buffer of this request (the supervisor's Pointer fixups put them there).
+bool Executor::msghdrIsHome() {
+  const HomeBuffer& header = currentBuffers[1];
+  if (header.size < sizeof(struct msghdr)) {
+    return false;
+  }
+  struct msghdr msg;
+  memcpy(&msg, header.ptr, sizeof(msg));
+  if (msg.msg_name != nullptr && !withinABuffer(msg.msg_name, msg.msg_namelen)) {
+    return false;
+  }
+  if (msg.msg_control != nullptr && !withinABuffer(msg.msg_control, msg.msg_controllen)) {
+    return false;
+  }
+  if (msg.msg_iovlen == 0) {
+    return true;
+  }
+  if (msg.msg_iov == nullptr || msg.msg_iovlen > IOV_MAX ||
+      !withinABuffer(msg.msg_iov, msg.msg_iovlen * sizeof(struct iovec))) {
+    return false;
+  }
+  for (size_t i = 0; i < msg.msg_iovlen; i++) {
+    struct iovec v;
+    memcpy(&v, reinterpret_cast<const kj::byte*>(msg.msg_iov) + i * sizeof(v), sizeof(v));
+    if (v.iov_len > 0 && (v.iov_base == nullptr || !withinABuffer(v.iov_base, v.iov_len))) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // sendmsg(2) whose SCM_RIGHTS control data names one of our descriptors: EBADF, as for a
@@ -528,7 +665,7 @@ bool Executor::isOwnFdDirectory(int fd) {
 
 // getdents64(2) of one of the job's fd directories: our entries removed. A buffer that held only
 // ours is refilled, so the job never mistakes it for the end of the directory.
-int64_t Executor::filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret) {
+int64_t Executor::filterProcFdListing(int nr, int fd, uint64_t (&args)[6], int64_t ret) {
   HomeBuffer& buf = currentBuffers[1];
   if (!buf.present || fds_.empty()) {
     return ret;
@@ -578,7 +715,7 @@ int64_t Executor::filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret) 
     if (kept > 0) {
       return kept;
     }
-    ret = interruptibleSyscall(__NR_getdents64, args);
+    ret = interruptibleSyscall(nr, args);
     if (ret <= 0) {
       return ret;
     }

@@ -16,7 +16,8 @@
 // always private copies. A pointer outside its buffer, or naming a missing buffer, is a malformed
 // request.
 //
-// Deputy-side special cases, because the fd table and /proc/self are shared with the job:
+// Deputy-side special cases, because the fd table and /proc/self are shared with the job (the
+// row's argument kinds and its `view` column, runtime/syscall_table.h HomeView, select them):
 //   - an FD argument naming a reserved descriptor (fds.h): EBADF, as if it were not open;
 //   - dup2/dup3 onto a reserved descriptor: ours moves elsewhere first, then the call runs;
 //   - close_range over reserved descriptors: split into the ranges around them;
@@ -27,14 +28,23 @@
 //   - a path that resolves to /proc/<P>/{fd,fdinfo}/<reserved>: ENOENT;
 //   - readlink(at) of /proc/<P>/exe (self, thread-self, task/<T>): the job's executable path;
 //     other calls on that path use the job's executable path instead of the deputy's;
-//   - calls that would change the deputy itself (fork, exec, exit, memory mappings, signal
-//     dispositions and masks, rseq, ...): ENOSYS, logged; the supervisor never forwards them.
+//
+// Admission (design decision 5: the syscall table decides): a request runs only when its row's
+// `atHome` (runtime/syscall_table.h) is ARGS, MSGHDR or HELPER, and every buffer it carries
+// stands behind an argument whose kind (the row's, or dynamicArgSpecs' for ioctl, fcntl and
+// pselect6) reads or writes through a pointer, holds everything the call touches there, and has
+// the direction of that kind; auxiliary buffers and pointer fixups only for MSGHDR rows, whose
+// msghdr must point into the request's buffers alone. Anything else is refused before it reaches
+// the kernel: the reply is -(the row's err), -ENOSYS when it has none or there is no row, and
+// the syscall is logged once. So calls that would change the deputy itself (fork, exit, memory
+// mappings, signal dispositions: LOCAL, EMULATE and DENY rows) never run here.
 
 #include <sys/types.h>
 
 #include <capnp/message.h>
 
 #include <cstdint>
+#include <set>
 #include <string>
 
 #include "fds.h"
@@ -63,17 +73,27 @@ class Executor {
   const std::string& jobExe() const { return jobExe_; }
 
  private:
-  int64_t run(int nr, uint64_t (&args)[6], const SyscallEntry* row);
+  // Whether the table lets `request` (syscall `nr`, row `row` or nullptr, its `args`) run here,
+  // and with which argument kinds (`specs`). Returns 0, or the errno it is refused with.
+  int admit(int nr, const SyscallEntry* row, const uint64_t (&args)[6],
+            proto::SyscallRequest::Reader request, ArgSpec (&specs)[6]);
+  // The errno a refusal of `nr` answers (the row's err, ENOSYS without one); logs `why` once.
+  int refuse(int nr, const SyscallEntry* row, const char* why);
+  // Preconditions: admit() accepted the request; the buffers are built.
+  int64_t run(int nr, uint64_t (&args)[6], const SyscallEntry* row, const ArgSpec (&specs)[6]);
+  bool msghdrIsHome();
   int64_t closeRange(uint64_t (&args)[6]);
-  int64_t pollAroundReserved(int nr, uint64_t (&args)[6]);
+  // `timeoutIsValue`: poll's milliseconds (else ppoll's timespec).
+  int64_t pollAroundReserved(int nr, uint64_t (&args)[6], bool timeoutIsValue);
   bool setsNameReserved(uint64_t (&args)[6]);
   bool rightsNameReserved();
-  int64_t filterProcFdListing(int fd, uint64_t (&args)[6], int64_t ret);
+  int64_t filterProcFdListing(int nr, int fd, uint64_t (&args)[6], int64_t ret);
   bool isOwnFdDirectory(int fd);
 
   ReservedFds& fds_;
   std::string jobExe_;
   pid_t pid_;
+  std::set<int> refused_;  // syscalls already logged as refused
 };
 
 }  // namespace mos::deputy

@@ -55,6 +55,10 @@ struct RestoreOptions {
   // (caller fd, stub fd) pairs dup2'd into the stub before exec, e.g. {{pipeWriteEnd, 1}}.
   // At most 64 pairs.
   std::vector<std::pair<int, int>> fdMap;
+  // > 0: the guest's pid in the pid namespace of the caller's children (clone3 with set_tid;
+  // the namespace's pid 1 must exist, and the caller needs CAP_SYS_ADMIN over it). 0: any pid
+  // (plain fork).
+  pid_t pid = 0;
 };
 
 struct RestoredGuest {

@@ -13,6 +13,7 @@
 //      signal mask; PTRACE_DETACH.
 #include <fcntl.h>
 #include <linux/prctl.h>
+#include <linux/sched.h>
 #include <linux/seccomp.h>
 #include <poll.h>
 #include <signal.h>
@@ -209,9 +210,22 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
   }
   highFd += 1;
 
-  pid_t parent = ::getpid();
+  // The child sees its parent as getppid() returns it there: 0 when the child is born in a pid
+  // namespace that the caller is not in.
+  pid_t parent = options.pid > 0 ? 0 : ::getpid();
   pid_t pid;
-  KJ_SYSCALL(pid = ::fork());
+  if (options.pid > 0) {
+    // clone3(2) with set_tid: the guest gets the wanted pid in its namespace (CRIU's way).
+    pid_t tid = options.pid;
+    clone_args args{};
+    args.exit_signal = SIGCHLD;
+    args.set_tid = reinterpret_cast<uint64_t>(&tid);
+    args.set_tid_size = 1;
+    KJ_SYSCALL(pid = static_cast<pid_t>(::syscall(SYS_clone3, &args, sizeof(args))),
+               "clone3 of the stub at its pid", options.pid);
+  } else {
+    KJ_SYSCALL(pid = ::fork());
+  }
   if (pid == 0) {
     childExecStub(memfd, parent, options, highFd);
   }

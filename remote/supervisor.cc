@@ -26,21 +26,6 @@
 
 namespace mos::remote {
 
-int restartCode(int nr) {
-  switch (nr) {
-    case __NR_poll:
-    case __NR_ppoll:
-    case __NR_select:
-    case __NR_pselect6:
-    case __NR_epoll_wait:
-    case __NR_epoll_pwait:
-    case __NR_epoll_pwait2:
-      return ERESTARTNOHAND;
-    default:
-      return ERESTARTSYS;
-  }
-}
-
 Answer Answer::interrupted(int nr) { return Answer::of(-restartCode(nr)); }
 
 // Reads a hex signal set line ("SigBlk:\t0000000000010000") of /proc/PID/status.
@@ -60,7 +45,9 @@ std::string readStatus(pid_t pid) {
 }
 
 Supervisor::Supervisor(SupervisorOptions options)
-    : options_(std::move(options)), channel_(kj::AutoCloseFd(options_.fd)) {
+    : options_(std::move(options)),
+      channel_(kj::AutoCloseFd(options_.fd)),
+      exit_([](int status) { _exit(status); }) {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGCHLD);
@@ -69,10 +56,21 @@ Supervisor::Supervisor(SupervisorOptions options)
   KJ_SYSCALL(fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
   signalFd_ = kj::AutoCloseFd(fd);
   signal(SIGPIPE, SIG_IGN);
-  struct seccomp_notif_sizes sizes;
-  KJ_SYSCALL(syscall(__NR_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes));
-  notifSize_ = kj::max(sizes.seccomp_notif, sizeof(seccomp_notif));
-  respSize_ = kj::max(sizes.seccomp_notif_resp, sizeof(seccomp_notif_resp));
+}
+
+Supervisor::Supervisor(SupervisorOptions options, kj::Own<capnp::MessageReader> jobStart,
+                       kj::Own<SeccompUnotify> unotify, kj::Own<GuestProcess> guest,
+                       kj::Function<void(int)> exit)
+    : options_(std::move(options)),
+      channel_(kj::AutoCloseFd(options_.fd)),
+      exit_(kj::mv(exit)),
+      jobStart_(kj::mv(jobStart)),
+      guest_(guest->pid()),
+      guestProcess_(kj::mv(guest)),
+      unotify_(kj::mv(unotify)) {
+  start_ = jobStart_->getRoot<proto::JobStart>();
+  ownedCache_ = kj::heap<FileCache>(options_.cacheDir, options_.peerNode);
+  cache_ = ownedCache_.get();
 }
 
 int Supervisor::run() {
@@ -98,30 +96,35 @@ int Supervisor::run() {
     return 1;
   }
   for (;;) {
-    if (channel_.hasBuffered()) {
-      onIdleMessage();
-      continue;
-    }
-    struct pollfd fds[3] = {{listener_.get(), POLLIN, 0},
-                            {channel_.fd(), POLLIN, 0},
-                            {signalFd_.get(), POLLIN, 0}};
-    int n = poll(fds, 3, -1);
-    if (n < 0) {
-      if (errno == EINTR) {
-        continue;
-      }
-      KJ_FAIL_SYSCALL("poll", errno);
-    }
-    if (fds[2].revents & POLLIN) {
-      onChildEvent();
-    }
-    if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
-      onIdleMessage();
-    }
-    if (fds[0].revents & POLLIN) {
-      serveNotification();
-    }
+    turn(-1);
   }
+}
+
+bool Supervisor::turn(int timeoutMs) {
+  if (channel_.hasBuffered()) {
+    onIdleMessage();
+    return true;
+  }
+  struct pollfd fds[3] = {{unotify_->fd(), POLLIN, 0},
+                          {channel_.fd(), POLLIN, 0},
+                          {guestProcess_->eventFd(), POLLIN, 0}};
+  int n = poll(fds, 3, timeoutMs);
+  if (n < 0) {
+    if (errno == EINTR) {
+      return false;
+    }
+    KJ_FAIL_SYSCALL("poll", errno);
+  }
+  if (fds[2].revents & POLLIN) {
+    onChildEvent();
+  }
+  if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) {
+    onIdleMessage();
+  }
+  if (fds[0].revents & POLLIN) {
+    serveNotification();
+  }
+  return n > 0;
 }
 
 void Supervisor::receiveJobStart() {
@@ -171,7 +174,10 @@ std::string Supervisor::resolveImageFile(proto::FileRef::Reader ref) {
 
 void Supervisor::startGuest() {
   auto filter = buildGuestFilter();
+  // The guest's kernel pid is its home pid (docs/design.md, "Home ids in the guest's kernel").
+  pidNamespace_ = JobPidNamespace::create();
   migrate::RestoreOptions options;
+  options.pid = start_.getIds().getPid();
   options.seccompFilter = std::span<const sock_filter>(filter.data(), filter.size());
   // Once the supervisor has received a notification, only SIGKILL ends the guest's wait: a
   // signal is then handled by the supervisor's answer (see roundTrip), which is what makes a
@@ -181,7 +187,17 @@ void Supervisor::startGuest() {
       start_.getImage(),
       [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); }, options);
   guest_ = guest.pid;
-  listener_ = kj::mv(guest.listener);
+  auto child = kj::heap<ChildGuest>(guest_, kj::mv(signalFd_));
+  child->onOtherChild([this](pid_t pid, int) {
+    if (pidNamespace_.isReaper(pid)) {
+      // Killed from outside: the namespace and the guest died with it (reported as the guest's
+      // own end by the next event).
+      spdlog::warn("job {}: the reaper of its pid namespace died", start_.getIds().getPid());
+      pidNamespace_.reaped();
+    }
+  });
+  guestProcess_ = kj::mv(child);
+  unotify_ = kj::heap<KernelUnotify>(kj::mv(guest.listener));
   record_ = OwnedJobRecord::create(options_.runDir, "guests", getpid(), start_.getIds().getPid(),
                                    options_.peerNode, start_.getCommand());
   record_.get()->node = options_.node;
@@ -195,16 +211,10 @@ void Supervisor::startGuest() {
 }
 
 void Supervisor::serveNotification() {
-  alignas(seccomp_notif) kj::byte buffer[512];
-  KJ_ASSERT(notifSize_ <= sizeof(buffer));
-  memset(buffer, 0, notifSize_);
-  auto& notif = *reinterpret_cast<seccomp_notif*>(buffer);
-  if (ioctl(listener_.get(), SECCOMP_IOCTL_NOTIF_RECV, &notif) < 0) {
+  seccomp_notif notif;
+  if (unotify_->receive(notif) != 0) {
     // ENOENT: the guest left the wait (signal, death) between poll and receive.
-    if (errno == EINTR || errno == ENOENT) {
-      return;
-    }
-    KJ_FAIL_SYSCALL("SECCOMP_IOCTL_NOTIF_RECV", errno);
+    return;
   }
   Answer answer = dispatch(notif);
   respond(notif.id, answer);
@@ -214,9 +224,7 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
   if (answer.kind == Answer::DROP) {
     return;
   }
-  alignas(seccomp_notif_resp) kj::byte buffer[128];
-  memset(buffer, 0, respSize_);
-  auto& resp = *reinterpret_cast<seccomp_notif_resp*>(buffer);
+  seccomp_notif_resp resp = {};
   resp.id = id;
   if (answer.kind == Answer::CONTINUE) {
     resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
@@ -225,17 +233,10 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
   } else {
     resp.val = answer.value;
   }
-  if (ioctl(listener_.get(), SECCOMP_IOCTL_NOTIF_SEND, &resp) < 0) {
-    // ENOENT: the notification was cancelled (the guest got a signal, or died). Routine.
-    if (errno != ENOENT) {
-      KJ_FAIL_SYSCALL("SECCOMP_IOCTL_NOTIF_SEND", errno);
-    }
+  if (unotify_->send(resp) == ENOENT) {
+    // The notification was cancelled (the guest got a signal, or died). Routine.
     spdlog::debug("notification {} vanished before its answer", id);
   }
-}
-
-bool Supervisor::idValid(uint64_t id) {
-  return ioctl(listener_.get(), SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0;
 }
 
 Answer Supervisor::dispatch(const seccomp_notif& notif) {
@@ -289,6 +290,8 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
     }
     case HandlerId::SOCKMSG:
       return handleSockmsg(notif);
+    case HandlerId::OPEN:
+      return forwardRegular(notif, entry->args);  // it serves the job's /proc files itself
     case HandlerId::MMAP:
       break;
   }
@@ -362,9 +365,10 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(
         return kj::mv(*r);
       }
       if (guestHasSignalToTake()) {
-        // Answer -ERESTARTSYS with the signal pending: on its way out of the syscall the guest's
-        // kernel runs the handler and then restarts the call or returns EINTR as SA_RESTART says,
-        // or stops, or dies: exactly what a native blocking call does (signal(7)).
+        // Answer the row's restart code (-ERESTARTSYS, -ERESTARTNOHAND) with the signal pending:
+        // on its way out of the syscall the guest's kernel runs the handler and then restarts
+        // the call or returns EINTR as SA_RESTART says, or stops, or dies: exactly what a native
+        // blocking call does (signal(7)).
         *interrupted = true;
         return kj::mv(*r);
       }
@@ -393,7 +397,7 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
   for (int i = 0; i < 6; i++) {
     args[i] = notif.data.args[i];
   }
-  ProcessMemory memory(guest_);
+  GuestMemory& memory = guestProcess_->memory();
   // A small first segment: most requests are a few words; bulk data gets its own segment.
   capnp::MallocMessageBuilder message(128);
   auto request = message.initRoot<proto::ToDeputy>().initSyscall();
@@ -407,17 +411,12 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
     // The memory we read may belong to a task that is no longer the one that trapped.
     return Answer::drop();
   }
-  if (notif.data.nr == __NR_open || notif.data.nr == __NR_openat) {
+  const SyscallEntry* entry = findSyscall(notif.data.nr);
+  if (entry != nullptr && entry->handler == HandlerId::OPEN) {
     // The path is already in the request: an open of the job's own /proc files is served here.
-    uint8_t pathArg = notif.data.nr == __NR_openat ? 1 : 0;
-    for (auto in : request.getIn()) {
-      if (in.getArg() == pathArg) {
-        auto bytes = in.getData();
-        std::string path(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
-        path.resize(strnlen(path.c_str(), path.size()));  // PATH buffers carry their NUL
-        KJ_IF_MAYBE(answer, serveJobProcFile(notif, path)) {
-          return *answer;
-        }
+    KJ_IF_MAYBE(open, describeOpen(specs, args, request.asReader())) {
+      KJ_IF_MAYBE(answer, serveJobProcFile(notif, open->path, open->dirfd, open->flags)) {
+        return *answer;
       }
     }
   }
@@ -462,27 +461,22 @@ void Supervisor::deliverSignal(int sig) {
   // Queued only: a guest inside a received notification waits killably, so the signal acts when
   // that call is answered (roundTrip), or at once if the guest is computing.
   spdlog::debug("signal {} to guest {}", sig, guest_);
-  syscall(SYS_tgkill, guest_, guest_, sig);
+  guestProcess_->queueSignal(sig, nullptr);
 }
 
 bool Supervisor::guestHasSignalToTake() {
-  std::string status = readStatus(guest_);
+  std::string status = guestProcess_->procFile("status");
   uint64_t pending = statusMask(status, "SigPnd:") | statusMask(status, "ShdPnd:");
   return (pending & ~statusMask(status, "SigBlk:")) != 0;
 }
 
 void Supervisor::onChildEvent() {
-  struct signalfd_siginfo info;
-  while (read(signalFd_.get(), &info, sizeof(info)) == sizeof(info)) {
-  }
   for (;;) {
     int status;
-    pid_t pid = waitpid(-1, &status, WNOHANG | WUNTRACED | WCONTINUED | __WALL);
-    if (pid <= 0) {
+    KJ_IF_MAYBE(event, guestProcess_->nextEvent()) {
+      status = *event;
+    } else {
       return;
-    }
-    if (pid != guest_) {
-      continue;
     }
     capnp::MallocMessageBuilder message;
     auto root = message.initRoot<proto::ToDeputy>();
@@ -526,12 +520,12 @@ void Supervisor::onChildEvent() {
 
 void Supervisor::endJob(int status) {
   if (guest_ > 0) {
-    kill(guest_, SIGKILL);
-    int ignored;
-    waitpid(guest_, &ignored, __WALL);
+    guestProcess_->kill();
   }
+  pidNamespace_ = JobPidNamespace();
   record_.unlink();
-  _exit(status);
+  exit_(status);
+  abort();  // exit_ does not return
 }
 
 }  // namespace mos::remote

@@ -9,6 +9,8 @@
 // The notification loop, and only it, does receive → look up → route → handler → respond
 // (STYLE.md). Routine races — the guest died (ENOENT from NOTIF_SEND), a notification was
 // cancelled by a signal (NOTIF_ID_VALID fails) — are logged at debug level and skipped.
+// Every kernel call on the guest goes through SeccompUnotify and GuestProcess
+// (seccomp_unotify.h), so the loop runs over fakes in tests/unit/notify_loop_test.cc.
 //
 // State machine of one forwarded call (essay in docs/design.md, "signals"):
 //   RECV ─► marshal (reads guest memory) ─► ID_VALID ─► send request ─► wait for the reply
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include <capnp/message.h>
+#include <kj/function.h>
 #include <kj/io.h>
 
 #include "channel.h"
@@ -36,6 +39,8 @@
 #include "job.capnp.h"
 #include "job_registry.h"
 #include "marshal.h"
+#include "seccomp_unotify.h"
+#include "pid_namespace.h"
 #include "syscall_table.h"
 
 namespace mos::remote {
@@ -57,7 +62,7 @@ struct Answer {
   static Answer cont() { return Answer{CONTINUE, 0}; }
   static Answer drop() { return Answer{DROP, 0}; }
   // The answer for a call of syscall `nr` cut short at home by a signal the guest will now take:
-  // the kernel's restart code that a native call of `nr` returns (see restartCode).
+  // the kernel's restart code that a native call of `nr` returns (its row's `restart`).
   static Answer interrupted(int nr);
 };
 
@@ -65,6 +70,20 @@ struct Answer {
 // (/proc/self/, /proc/thread-self/, /proc/<homePid>/, /proc/<homePid>/task/<homePid>/) when that
 // file describes the user part (maps, status, cmdline, ...); "" otherwise.
 std::string jobProcFile(const std::string& path, int32_t homePid);
+
+// What an open (a row with handler OPEN: open, openat, openat2) marshalled into `request`
+// opens, from the row's argument kinds `specs` and the guest's `args`: the first PATH argument
+// (without its NUL), the FD before it (AT_FDCWD for open) and the open(2) flags after it, a value
+// or, for openat2, the open_how in-buffer. nullptr when the path did not travel (NULL), or when
+// the open_how asks for more than flags (a mode, RESOLVE_* other than RESOLVE_NO_MAGICLINKS,
+// flags beyond 32 bits, a size below OPEN_HOW_SIZE_VER0): such a call is forwarded as it is.
+struct OpenCall {
+  std::string path;
+  int dirfd = 0;
+  int flags = 0;
+};
+kj::Maybe<OpenCall> describeOpen(const ArgSpec (&specs)[6], const uint64_t (&args)[6],
+                                 proto::SyscallRequest::Reader request);
 
 // Reads `count` iovecs at guest address `at` into `iov` and their total length, capped at
 // MAX_FORWARD_BYTES, into `total`. Returns 0, EFAULT (unreadable) or EINVAL (the lengths
@@ -83,7 +102,7 @@ int scatterToGuest(GuestMemory& memory, const std::vector<struct iovec>& iov,
                    kj::ArrayPtr<const kj::byte> bytes);
 
 // /proc/PID/status of `pid` ("" when it is gone), and one of its hex signal-set lines
-// ("SigBlk:") as a mask, bit (n-1) for signal n.
+// ("SigBlk:") as a mask, bit (n-1) for signal n (0 when the line is missing).
 std::string readStatus(pid_t pid);
 uint64_t statusMask(const std::string& status, const char* key);
 
@@ -91,26 +110,31 @@ uint64_t statusMask(const std::string& status, const char* key);
 // signal of this node to take (milliseconds).
 inline constexpr int CANCEL_CHECK_MS = 50;
 
-// The kernel's "restart this syscall unless a handler without SA_RESTART runs" code
-// (include/linux/errno.h; not exported to user space). A notification answered with it while a
-// signal is pending makes the guest's kernel apply the native restart rules (signal(7)).
-inline constexpr int ERESTARTSYS = 512;
-// "Restart only if no handler ran" (poll, select and epoll_wait: signal(7) lists them among the
-// calls that fail with EINTR after a handler regardless of SA_RESTART, yet resume after a stop).
-inline constexpr int ERESTARTNOHAND = 514;
-
-// The restart code a native blocking call of syscall `nr` returns when a signal interrupts it.
-int restartCode(int nr);
-
 class Supervisor {
  public:
+  // Blocks SIGCHLD (read through a signalfd from then on) and ignores SIGPIPE.
   explicit Supervisor(SupervisorOptions options);
+
+  // The loop alone, over a guest that already runs: `jobStart` is the job's JobStart (its ids;
+  // the image is not used), `unotify` the guest's listener, `guest` the guest. `options.fd` is
+  // the job channel; the content cache is `options.cacheDir`. Where the job ends, the supervisor
+  // calls `exit` with its status instead of _exit(2) (it must not return). For tests, with fakes
+  // of the kernel; changes no signal disposition.
+  Supervisor(SupervisorOptions options, kj::Own<capnp::MessageReader> jobStart,
+             kj::Own<SeccompUnotify> unotify, kj::Own<GuestProcess> guest,
+             kj::Function<void(int)> exit);
   KJ_DISALLOW_COPY(Supervisor);
 
   // Runs the whole job on this node: receive JobStart, restore, serve until the guest exits, the
   // deputy goes away or the guest execs at home. Returns the supervisor's exit status (0 when
   // the job ended in a defined way, 1 when the start failed; the deputy was told why).
   int run();
+
+  // One pass of the notification loop: waits up to `timeoutMs` (-1: without limit) for a
+  // notification, a message of the deputy or a change of the guest's state, and handles what is
+  // ready. Returns false when nothing was ready. Ends the job (see the constructors) when the
+  // guest ended or the deputy went away.
+  bool turn(int timeoutMs);
 
  private:
   // --- startup (supervisor.cc)
@@ -123,7 +147,7 @@ class Supervisor {
   // --- the loop (supervisor.cc)
   void serveNotification();
   void respond(uint64_t id, const Answer& answer);
-  bool idValid(uint64_t id);
+  bool idValid(uint64_t id) { return unotify_->idValid(id); }
   Answer dispatch(const seccomp_notif& notif);
   void onIdleMessage();
   void onChildEvent();
@@ -142,8 +166,8 @@ class Supervisor {
       const std::function<bool(proto::ToRemote::Reader)>& isMine, uint64_t seq = 0);
   // Sends `request` (a ToDeputy with a syscall) and waits for its reply. When a signal
   // interrupted the deputy's call: if the guest has a signal to take, sets *interrupted (the
-  // caller answers -ERESTARTSYS); otherwise (the guest blocks it) runs the call again at home.
-  // nullptr: the deputy is gone.
+  // caller answers the row's restart code); otherwise (the guest blocks it) runs the call again
+  // at home. nullptr: the deputy is gone.
   kj::Maybe<kj::Own<capnp::MessageReader>> roundTrip(capnp::MallocMessageBuilder& request,
                                                      uint64_t seq, bool* interrupted);
   // roundTrip for a handler: the reply message, or nullptr when the guest must see the
@@ -159,9 +183,11 @@ class Supervisor {
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);
   Answer handleSockmsg(const seccomp_notif& notif);  // sys_socket.cc
-  // open/openat of `path`, one of the job's own /proc files that describe its user part
+  // An open (handler OPEN: open, openat, openat2) of `path` relative to `dirfd` with open(2)
+  // `flags`, when `path` is one of the job's own /proc files that describe its user part
   // (sys_proc.cc); nullptr: not such a file, forward as usual.
-  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif, const std::string& path);
+  kj::Maybe<Answer> serveJobProcFile(const seccomp_notif& notif, const std::string& path,
+                                     int dirfd, int flags);
   // Runs a syscall with plain value arguments at home; returns its result (-EINTR if a signal
   // cut it short).
   int64_t forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args);
@@ -174,19 +200,20 @@ class Supervisor {
 
   SupervisorOptions options_;
   Channel channel_;
-  kj::AutoCloseFd signalFd_;       // SIGCHLD, for the guest's exit, stop and continue
+  kj::AutoCloseFd signalFd_;       // SIGCHLD, until the guest (ChildGuest) takes it over
+  kj::Function<void(int)> exit_;   // ends the process with a status
   kj::Own<capnp::MessageReader> jobStart_;
   proto::JobStart::Reader start_;
   FileCache* cache_ = nullptr;
   kj::Own<FileCache> ownedCache_;
-  pid_t guest_ = -1;
-  kj::AutoCloseFd listener_;
+  pid_t guest_ = -1;               // the guest's pid on this node; -1 once it ended
+  kj::Own<GuestProcess> guestProcess_;  // the guest's memory, signals, /proc and wait status
+  kj::Own<SeccompUnotify> unotify_;     // the guest's notification listener
+  JobPidNamespace pidNamespace_;   // the guest's pid namespace; its reaper is our child
   OwnedJobRecord record_;
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
   std::set<int> reported_;         // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
-  size_t notifSize_ = 0;
-  size_t respSize_ = 0;
 };
 
 }  // namespace mos::remote

@@ -193,7 +193,7 @@ Answer Supervisor::handleMmap(const seccomp_notif& notif) {
     // The kernel's own checks come first (mmap(2)): a descriptor not open for writing is EACCES.
     int64_t openFlags = forwardPlain(notif.id, __NR_fcntl, {static_cast<uint64_t>(fd), F_GETFL});
     if (openFlags < 0) {
-      return Answer::of(openFlags == -EINTR ? -ERESTARTSYS : openFlags);
+      return openFlags == -EINTR ? Answer::interrupted(notif.data.nr) : Answer::of(openFlags);
     }
     if ((openFlags & O_ACCMODE) != O_RDWR) {
       return Answer::of(-EACCES);
@@ -221,12 +221,12 @@ Answer Supervisor::handleMmap(const seccomp_notif& notif) {
   addfd.srcfd = cached;
   addfd.newfd = fd;
   addfd.newfd_flags = O_CLOEXEC;
-  if (ioctl(listener_.get(), SECCOMP_IOCTL_NOTIF_ADDFD, &addfd) < 0) {
-    if (errno == ENOENT) {
+  if (int placed = unotify_->addFd(addfd); placed < 0) {
+    if (placed == -ENOENT) {
       return Answer::drop();
     }
     spdlog::warn("job {}: cannot place the cached file at guest fd {}: {}",
-                 start_.getIds().getPid(), fd, strerror(errno));
+                 start_.getIds().getPid(), fd, strerror(-placed));
     return Answer::of(-EMFILE);
   }
   return Answer::cont();
@@ -248,7 +248,7 @@ Answer Supervisor::handleIov(const seccomp_notif& notif) {
   if (count > IOV_MAX) {
     return Answer::of(-EINVAL);
   }
-  ProcessMemory memory(guest_);
+  GuestMemory& memory = guestProcess_->memory();
   std::vector<struct iovec> iov;
   size_t total;
   if (int err = readGuestIovecs(memory, iovAddr, count, iov, total); err != 0) {

@@ -6,6 +6,7 @@
 // number and close-on-exec are what open(2) would give).
 
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -33,12 +34,9 @@ const std::set<std::string> GUEST_FILES = {"maps",   "smaps", "smaps_rollup", "s
                                            "stat",   "cmdline", "comm",       "environ", "auxv",
                                            "numa_maps"};
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+// The first struct open_how (include/linux/fcntl.h OPEN_HOW_SIZE_VER0, kernel-internal).
+constexpr size_t OPEN_HOW_SIZE_VER0_BYTES = 24;
+static_assert(sizeof(struct open_how) == OPEN_HOW_SIZE_VER0_BYTES);
 
 }  // namespace
 
@@ -54,6 +52,49 @@ std::string jobProcFile(const std::string& path, int32_t homePid) {
     }
   }
   return std::string();
+}
+
+kj::Maybe<OpenCall> describeOpen(const ArgSpec (&specs)[6], const uint64_t (&args)[6],
+                                 proto::SyscallRequest::Reader request) {
+  int pathArg = 0;
+  while (pathArg < 5 && specs[pathArg].kind != ArgKind::PATH) {
+    pathArg++;
+  }
+  KJ_REQUIRE(specs[pathArg].kind == ArgKind::PATH, "not an open");
+  OpenCall call;
+  call.dirfd = pathArg > 0 && specs[pathArg - 1].kind == ArgKind::FD
+                   ? static_cast<int32_t>(args[pathArg - 1])
+                   : AT_FDCWD;
+  bool havePath = false;
+  bool haveHow = specs[pathArg + 1].kind != ArgKind::IN_BUF;
+  if (haveHow) {
+    call.flags = static_cast<int32_t>(args[pathArg + 1]);
+  }
+  for (auto in : request.getIn()) {
+    auto bytes = in.getData();
+    if (in.getArg() == pathArg) {
+      call.path.assign(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+      call.path.resize(strnlen(call.path.c_str(), call.path.size()));  // PATH carries its NUL
+      havePath = true;
+    } else if (in.getArg() == pathArg + 1 && !haveHow) {
+      // openat2(2): struct open_how {u64 flags, mode, resolve} and perhaps zeroed extensions.
+      struct open_how how;
+      if (bytes.size() < OPEN_HOW_SIZE_VER0_BYTES) {
+        return nullptr;
+      }
+      memcpy(&how, bytes.begin(), sizeof(how));
+      if (how.mode != 0 || (how.resolve & ~uint64_t(RESOLVE_NO_MAGICLINKS)) != 0 ||
+          how.flags > UINT32_MAX) {
+        return nullptr;
+      }
+      call.flags = static_cast<int>(how.flags);
+      haveHow = true;
+    }
+  }
+  if (!havePath || !haveHow) {
+    return nullptr;
+  }
+  return kj::mv(call);
 }
 
 int64_t Supervisor::forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args) {
@@ -73,10 +114,7 @@ int64_t Supervisor::forwardPlain(uint64_t seq, int nr, std::initializer_list<uin
 }
 
 kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
-                                                const std::string& path) {
-  bool at = notif.data.nr == __NR_openat;
-  int dirfd = at ? static_cast<int32_t>(notif.data.args[0]) : AT_FDCWD;
-  int flags = static_cast<int32_t>(notif.data.args[at ? 2 : 1]);
+                                                const std::string& path, int dirfd, int flags) {
   if ((flags & O_ACCMODE) != O_RDONLY || (flags & (O_DIRECTORY | O_PATH | O_CREAT)) ||
       path.compare(0, 6, "/proc/") != 0 || (dirfd != AT_FDCWD && path[0] != '/')) {
     return nullptr;
@@ -86,7 +124,7 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
   if (file.empty()) {
     return nullptr;
   }
-  std::string content = slurp("/proc/" + std::to_string(guest_) + "/" + file);
+  std::string content = guestProcess_->procFile(file);
   std::string guestPid = std::to_string(guest_);
   if (file == "maps" || file == "smaps" || file == "numa_maps") {
     // Mapped files show their home paths, not this node's cache files.
@@ -99,6 +137,9 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
   } else if (file == "status") {
     // Ids are the job's home ids; the guest's tracer is none of the job's business.
     int64_t ppid = forwardPlain(notif.id, __NR_getppid, {});
+    if (ppid == -EINTR) {
+      return Answer::interrupted(notif.data.nr);
+    }
     std::stringstream in(content), out;
     std::string line;
     while (std::getline(in, line)) {
@@ -130,9 +171,15 @@ kj::Maybe<Answer> Supervisor::serveJobProcFile(const seccomp_notif& notif,
         fields.push_back(f);
       }
       if (fields.size() > 3) {
-        fields[1] = std::to_string(forwardPlain(notif.id, __NR_getppid, {}));
-        fields[2] = std::to_string(forwardPlain(notif.id, __NR_getpgid, {0}));
-        fields[3] = std::to_string(forwardPlain(notif.id, __NR_getsid, {0}));
+        int64_t ids[3] = {forwardPlain(notif.id, __NR_getppid, {}),
+                          forwardPlain(notif.id, __NR_getpgid, {0}),
+                          forwardPlain(notif.id, __NR_getsid, {0})};
+        for (int i = 0; i < 3; i++) {
+          if (ids[i] == -EINTR) {
+            return Answer::interrupted(notif.data.nr);
+          }
+          fields[i + 1] = std::to_string(ids[i]);
+        }
       }
       std::string head = std::to_string(ids.getPid()) + content.substr(content.find(' '), close + 1 - content.find(' '));
       content = head;

@@ -48,64 +48,34 @@ Answer Supervisor::handleIds(const seccomp_notif& notif) {
 }
 
 // kill(2), tkill(2), tgkill(2), rt_sigqueueinfo(2), rt_tgsigqueueinfo(2). A signal the job sends
-// to itself (raise, abort, os.kill(os.getpid())) names its home pid; it is delivered here to the
-// guest. Every other target lives at home: forwarded, executed by the home kernel.
+// to itself (raise, abort, os.kill(os.getpid())) names its home pid, which is also its pid in
+// its own pid namespace here: the guest's kernel runs the call itself (values only, and the
+// namespace holds no other process the guest may reach), so delivery, si_code (SI_USER,
+// SI_TKILL) and si_pid are the kernel's own. Every other target lives at home: forwarded,
+// executed by the home kernel.
 Answer Supervisor::handleKill(const seccomp_notif& notif) {
   auto ids = start_.getIds();
   int64_t a0 = static_cast<int32_t>(notif.data.args[0]);
   int64_t a1 = static_cast<int32_t>(notif.data.args[1]);
   bool self = false;
-  int sig = 0;
   switch (notif.data.nr) {
     case __NR_kill:
     case __NR_rt_sigqueueinfo:
       self = a0 == ids.getPid();
-      sig = static_cast<int>(a1);
       break;
     case __NR_tkill:
       self = a0 == ids.getTid();
-      sig = static_cast<int>(a1);
       break;
     case __NR_tgkill:
     case __NR_rt_tgsigqueueinfo:
       self = a0 == ids.getPid() && a1 == ids.getTid();
-      sig = static_cast<int>(notif.data.args[2]);
       break;
   }
   if (!self) {
     const SyscallEntry* entry = findSyscall(notif.data.nr);
     return forwardRegular(notif, entry->args);
   }
-  if (sig < 0 || sig >= 65) {
-    return Answer::of(-EINVAL);
-  }
-  if (sig == 0) {
-    return Answer::of(0);
-  }
-  // The signal must be pending when the call returns, as when a process signals itself: queue
-  // it, then answer (the guest waits killably, so the signal cannot cut this call short).
-  // The sender is the job itself: si_pid and si_uid are its home ids. The kernel lets only a
-  // process itself queue SI_USER/SI_TKILL, so the guest sees si_code SI_QUEUE.
-  siginfo_t info = {};
-  info.si_signo = sig;
-  info.si_code = SI_QUEUE;
-  info.si_pid = ids.getPid();
-  info.si_uid = ids.getUid();
-  if (notif.data.nr == __NR_rt_sigqueueinfo || notif.data.nr == __NR_rt_tgsigqueueinfo) {
-    // The caller's own siginfo (si_code must be negative for a queued signal).
-    uint64_t infoArg = notif.data.args[notif.data.nr == __NR_rt_sigqueueinfo ? 2 : 3];
-    ProcessMemory memory(guest_);
-    if (memory.read(RemotePtr<void>(infoArg),
-                    std::span<uint8_t>(reinterpret_cast<uint8_t*>(&info), sizeof(info))) != 0) {
-      return Answer::of(-EFAULT);
-    }
-    if (info.si_code >= 0 || info.si_code == SI_TKILL) {
-      return Answer::of(-EPERM);
-    }
-    info.si_signo = sig;
-  }
-  syscall(SYS_rt_tgsigqueueinfo, guest_, guest_, sig, &info);
-  return Answer::of(0);
+  return Answer::cont();
 }
 
 // execve(2), execveat(2): performed at home by the deputy (design decision 2). On success the
@@ -116,7 +86,7 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
   uint64_t pathArg = notif.data.args[at ? 1 : 0];
   uint64_t argvArg = notif.data.args[at ? 2 : 1];
   uint64_t envpArg = notif.data.args[at ? 3 : 2];
-  ProcessMemory memory(guest_);
+  GuestMemory& memory = guestProcess_->memory();
   capnp::MallocMessageBuilder message;
   auto exec = message.initRoot<proto::ToDeputy>().initExec();
   exec.setSeq(notif.id);
@@ -157,7 +127,7 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
                                strings[i].size()));
     }
   }
-  std::string status = readStatus(guest_);
+  std::string status = guestProcess_->procFile("status");
   auto mask = [&](const char* key) { return statusMask(status, key); };
   exec.setSigIgnored(mask("SigIgn:"));
   exec.setSigBlocked(mask("SigBlk:"));

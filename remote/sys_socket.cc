@@ -61,15 +61,13 @@ std::span<const uint8_t> constBytesOf(const T& value) {
 // Errors without a round trip: EFAULT (unreadable msghdr, iovecs, name or control data),
 // EMSGSIZE (more than 1024 iovecs), EINVAL (a negative msg_namelen or iov_len), ENOBUFS
 // (sendmsg control data over 64 KiB). Data beyond MAX_FORWARD_BYTES is cut (a short send or
-// receive); recvmsg control space is cut to 64 KiB. sendmmsg and recvmmsg are ENOSYS.
+// receive); recvmsg control space is cut to 64 KiB. (sendmmsg and recvmmsg are DENY rows.)
 Answer Supervisor::handleSockmsg(const seccomp_notif& notif) {
   int nr = notif.data.nr;
-  if (nr != __NR_sendmsg && nr != __NR_recvmsg) {
-    return handleUnsupported(notif, ENOSYS, "sendmmsg/recvmmsg are not forwarded yet");
-  }
+  KJ_REQUIRE(nr == __NR_sendmsg || nr == __NR_recvmsg, "SOCKMSG row of another call", nr);
   bool isRecv = nr == __NR_recvmsg;
   uint64_t msgAddr = notif.data.args[1];
-  ProcessMemory memory(guest_);
+  GuestMemory& memory = guestProcess_->memory();
 
   struct msghdr guestMsg;
   if (memory.read(RemotePtr<void>(msgAddr), bytesOf(guestMsg)) != 0) {

@@ -134,6 +134,7 @@ int planArg(const ArgSpec (&specs)[6], const uint64_t (&args)[6], int i, GuestMe
   switch (s.kind) {
     case ArgKind::PATH:
     case ArgKind::PATH_OR_NULL:
+    case ArgKind::STRING:
       if (int err = mem.readString(RemotePtr<char>(args[i]), PATH_MAX, p.str); err != 0) {
         return err;
       }

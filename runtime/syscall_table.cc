@@ -15,7 +15,10 @@
 #include <time.h>
 
 #include <algorithm>
+#include <array>
 #include <initializer_list>
+#include <string_view>
+#include <vector>
 
 namespace mos {
 namespace {
@@ -62,12 +65,13 @@ constexpr uint16_t TIMESPEC_PAIR_BYTES = 2 * TIMESPEC_BYTES;  // utimensat
 constexpr ArgSpec HANDLED{};
 constexpr ArgSpec VAL{ArgKind::VAL};
 constexpr ArgSpec FD{ArgKind::FD};
+constexpr ArgSpec NEW_FD{ArgKind::NEW_FD};
 constexpr ArgSpec PATH{ArgKind::PATH};
 constexpr ArgSpec PATH_OR_NULL{ArgKind::PATH_OR_NULL};
 constexpr ArgSpec IGNORED{ArgKind::IGNORED_PTR};
-// Strings that are not paths (xattr names, symlink targets) are read like paths: NUL-terminated,
-// at most PATH_MAX bytes (XATTR_NAME_MAX is 255).
-constexpr ArgSpec STRING = PATH;
+// Strings that are not paths (xattr names, symlink targets) travel like paths: NUL-terminated,
+// at most PATH_MAX bytes (XATTR_NAME_MAX is 255); the deputy does not look them up.
+constexpr ArgSpec STRING{ArgKind::STRING};
 
 constexpr ArgSpec inBuf(uint8_t lenArg) { return {ArgKind::IN_BUF, lenArg, 0}; }
 constexpr ArgSpec outBuf(uint8_t lenArg) { return {ArgKind::OUT_BUF, lenArg, 0}; }
@@ -88,10 +92,27 @@ constexpr ArgSpec SOCKLEN_PTR = inoutStruct(INT_BYTES);
 
 // ---- Row constructors: one per route, so each row reads as a sentence.
 
+// What the deputy executes of a row, from its route and handler (AtHome).
+constexpr AtHome atHomeOf(Route route, HandlerId handler) {
+  if (route != Route::FORWARD) {
+    return AtHome::NEVER;
+  }
+  switch (handler) {
+    case HandlerId::IOV:   // sent home as read, write, pread64 or pwrite64
+    case HandlerId::EXEC:  // sent home as an ExecRequest
+      return AtHome::NEVER;
+    case HandlerId::SOCKMSG:
+      return AtHome::MSGHDR;
+    default:
+      return AtHome::ARGS;
+  }
+}
+
 constexpr SyscallEntry row(int nr, const char* name, Route route, uint32_t classes,
                            std::initializer_list<ArgSpec> args, HandlerId handler, int err,
                            const char* why) {
-  SyscallEntry e{nr, name, route, classes, {}, handler, err, why};
+  SyscallEntry e{nr,      name, route, classes, {}, handler, err, why, atHomeOf(route, handler),
+                 ERESTARTSYS};
   size_t i = 0;
   for (const ArgSpec& a : args) {
     e.args[i++] = a;
@@ -125,10 +146,32 @@ constexpr SyscallEntry forward(int nr, const char* name, uint32_t classes,
   return row(nr, name, Route::FORWARD, classes, args, handler, 0, nullptr);
 }
 
+// A forwarded call that a signal interrupts with ERESTARTNOHAND, as the kernel's poll, select
+// and epoll_wait do (fs/select.c, fs/eventpoll.c).
+constexpr SyscallEntry noRestartAfterHandler(SyscallEntry e) {
+  e.restart = ERESTARTNOHAND;
+  return e;
+}
+
+// A forwarded call that the deputy adjusts around its own descriptors or /proc/self/exe.
+constexpr SyscallEntry seenFromHome(HomeView view, SyscallEntry e) {
+  e.view = view;
+  return e;
+}
+
 // Fails with `err`; `why` goes into docs and the job's log.
 constexpr SyscallEntry deny(int nr, const char* name, uint32_t classes, int err,
                             const char* why) {
   return row(nr, name, Route::DENY, classes, {}, HandlerId::NONE, err, why);
+}
+
+// Denied to the guest like deny(), but executed at home, with the argument kinds `args`, when
+// the supervisor sends it as a step of one of its own handlers (AtHome::HELPER).
+constexpr SyscallEntry denyButHomeHelper(int nr, const char* name, uint32_t classes, int err,
+                                         const char* why, std::initializer_list<ArgSpec> args) {
+  SyscallEntry e = row(nr, name, Route::DENY, classes, args, HandlerId::NONE, err, why);
+  e.atHome = AtHome::HELPER;
+  return e;
 }
 
 constexpr const char* FORK_LATER = "fork and threads in a guest come in a later issue";
@@ -145,18 +188,22 @@ constexpr const char* SIGNALFD =
     "signals are delivered to the guest on the remote node, not to a descriptor at home";
 constexpr const char* OTHER_MEMORY = "another process's memory is not reachable from a guest";
 constexpr const char* NAMESPACES = "namespaces of a guest are those of its home process";
+constexpr const char* MMSG =
+    "a vector of msghdrs is not forwarded yet (sendmsg and recvmsg are; glibc does not fall "
+    "back, so callers see ENOSYS)";
 
 using enum HandlerId;
 
-constexpr SyscallEntry SYSCALLS[] = {
+constexpr SyscallEntry ROWS[] = {
     forward(__NR_read, "read", DESC, {FD, outBuf(2), VAL}),
     forward(__NR_write, "write", DESC, {FD, inBuf(2), VAL}),
-    forward(__NR_open, "open", DESC | FILE, {PATH, VAL, VAL}),
+    forward(__NR_open, "open", DESC | FILE, {PATH, VAL, VAL}, OPEN),
     forward(__NR_close, "close", DESC, {FD}),
     forward(__NR_stat, "stat", FILE, {PATH, outStruct(STAT_BYTES)}),
     forward(__NR_fstat, "fstat", DESC, {FD, outStruct(STAT_BYTES)}),
     forward(__NR_lstat, "lstat", FILE, {PATH, outStruct(STAT_BYTES)}),
-    forward(__NR_poll, "poll", DESC, {inoutArray(1, POLLFD_BYTES), VAL, VAL}),
+    noRestartAfterHandler(seenFromHome(
+        HomeView::POLL, forward(__NR_poll, "poll", DESC, {inoutArray(1, POLLFD_BYTES), VAL, VAL}))),
     forward(__NR_lseek, "lseek", DESC, {FD, VAL, VAL}),
     localUnlessFileBacked(__NR_mmap, "mmap", MEMORY | DESC, {VAL, VAL, VAL, VAL, FD, VAL}, MMAP),
     local(__NR_mprotect, "mprotect", MEMORY),
@@ -172,8 +219,10 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_writev, "writev", DESC, {FD, HANDLED, VAL}, IOV),
     forward(__NR_access, "access", FILE, {PATH, VAL}),
     forward(__NR_pipe, "pipe", DESC | IPC, {outStruct(FD_PAIR_BYTES)}),
-    forward(__NR_select, "select", DESC,
-            {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMEVAL_BYTES)}),
+    noRestartAfterHandler(seenFromHome(
+        HomeView::SELECT,
+        forward(__NR_select, "select", DESC,
+                {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMEVAL_BYTES)}))),
     local(__NR_sched_yield, "sched_yield", PROC),
     local(__NR_mremap, "mremap", MEMORY),
     local(__NR_msync, "msync", MEMORY),
@@ -183,7 +232,7 @@ constexpr SyscallEntry SYSCALLS[] = {
     deny(__NR_shmat, "shmat", IPC | MEMORY, ENOSYS, SYSV_SHM),
     deny(__NR_shmctl, "shmctl", IPC | MEMORY, ENOSYS, SYSV_SHM),
     forward(__NR_dup, "dup", DESC, {FD}),
-    forward(__NR_dup2, "dup2", DESC, {FD, FD}),
+    forward(__NR_dup2, "dup2", DESC, {FD, NEW_FD}),
     local(__NR_pause, "pause", SIGNAL),
     local(__NR_nanosleep, "nanosleep", TIME),
     local(__NR_getitimer, "getitimer", TIME),
@@ -197,7 +246,8 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_sendto, "sendto", NETWORK | DESC, {FD, inBuf(2), VAL, VAL, inBuf(5), VAL}),
     forward(__NR_recvfrom, "recvfrom", NETWORK | DESC,
             {FD, outBuf(2), VAL, VAL, outBufLenptr(5), SOCKLEN_PTR}),
-    forward(__NR_sendmsg, "sendmsg", NETWORK | DESC, {FD, HANDLED, VAL}, SOCKMSG),
+    seenFromHome(HomeView::SCM_RIGHTS,
+                 forward(__NR_sendmsg, "sendmsg", NETWORK | DESC, {FD, HANDLED, VAL}, SOCKMSG)),
     forward(__NR_recvmsg, "recvmsg", NETWORK | DESC, {FD, HANDLED, VAL}, SOCKMSG),
     forward(__NR_shutdown, "shutdown", NETWORK | DESC, {FD, VAL}),
     forward(__NR_bind, "bind", NETWORK | DESC, {FD, inBuf(2), VAL}),
@@ -234,7 +284,8 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_link, "link", FILE, {PATH, PATH}),
     forward(__NR_unlink, "unlink", FILE, {PATH}),
     forward(__NR_symlink, "symlink", FILE, {STRING, PATH}),
-    forward(__NR_readlink, "readlink", FILE, {PATH, outBuf(2), VAL}),
+    seenFromHome(HomeView::EXE_LINK,
+                 forward(__NR_readlink, "readlink", FILE, {PATH, outBuf(2), VAL})),
     forward(__NR_chmod, "chmod", FILE, {PATH, VAL}),
     forward(__NR_fchmod, "fchmod", DESC, {FD, VAL}),
     forward(__NR_chown, "chown", FILE, {PATH, VAL, VAL}),
@@ -331,7 +382,8 @@ constexpr SyscallEntry SYSCALLS[] = {
     deny(__NR_io_submit, "io_submit", DESC, ENOSYS, KERNEL_AIO),
     deny(__NR_io_cancel, "io_cancel", DESC, ENOSYS, KERNEL_AIO),
     forward(__NR_epoll_create, "epoll_create", DESC, {VAL}),
-    forward(__NR_getdents64, "getdents64", DESC, {FD, outBuf(2), VAL}),
+    seenFromHome(HomeView::FD_LISTING,
+                 forward(__NR_getdents64, "getdents64", DESC, {FD, outBuf(2), VAL})),
     emulate(__NR_set_tid_address, "set_tid_address", PROC, SET_TID_ADDRESS),
     local(__NR_restart_syscall, "restart_syscall", SIGNAL),
     forward(__NR_fadvise64, "fadvise64", DESC, {FD, VAL, VAL, VAL}),
@@ -340,7 +392,8 @@ constexpr SyscallEntry SYSCALLS[] = {
     local(__NR_clock_getres, "clock_getres", TIME),
     local(__NR_clock_nanosleep, "clock_nanosleep", TIME),
     local(__NR_exit_group, "exit_group", PROC),
-    forward(__NR_epoll_wait, "epoll_wait", DESC, {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL}),
+    noRestartAfterHandler(forward(__NR_epoll_wait, "epoll_wait", DESC,
+                                  {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL})),
     forward(__NR_epoll_ctl, "epoll_ctl", DESC, {FD, VAL, FD, inStruct(EPOLL_EVENT_BYTES)}),
     forward(__NR_tgkill, "tgkill", SIGNAL | PROC, {VAL, VAL, VAL}, KILL),
     forward(__NR_utimes, "utimes", FILE, {PATH, inStruct(TIMEVAL_PAIR_BYTES)}),
@@ -350,7 +403,7 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_inotify_init, "inotify_init", DESC, {}),
     forward(__NR_inotify_add_watch, "inotify_add_watch", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_inotify_rm_watch, "inotify_rm_watch", DESC, {FD, VAL}),
-    forward(__NR_openat, "openat", DESC | FILE, {FD, PATH, VAL, VAL}),
+    forward(__NR_openat, "openat", DESC | FILE, {FD, PATH, VAL, VAL}, OPEN),
     forward(__NR_mkdirat, "mkdirat", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_mknodat, "mknodat", DESC | FILE, {FD, PATH, VAL, VAL}),
     forward(__NR_fchownat, "fchownat", DESC | FILE, {FD, PATH, VAL, VAL, VAL}),
@@ -360,14 +413,20 @@ constexpr SyscallEntry SYSCALLS[] = {
     forward(__NR_renameat, "renameat", DESC | FILE, {FD, PATH, FD, PATH}),
     forward(__NR_linkat, "linkat", DESC | FILE, {FD, PATH, FD, PATH, VAL}),
     forward(__NR_symlinkat, "symlinkat", DESC | FILE, {STRING, FD, PATH}),
-    forward(__NR_readlinkat, "readlinkat", DESC | FILE, {FD, PATH, outBuf(3), VAL}),
+    seenFromHome(HomeView::EXE_LINK,
+                 forward(__NR_readlinkat, "readlinkat", DESC | FILE, {FD, PATH, outBuf(3), VAL})),
     forward(__NR_fchmodat, "fchmodat", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_faccessat, "faccessat", DESC | FILE, {FD, PATH, VAL}),
-    forward(__NR_pselect6, "pselect6", DESC,
-            {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMESPEC_BYTES), IGNORED},
-            PSELECT),
-    forward(__NR_ppoll, "ppoll", DESC,
-            {inoutArray(1, POLLFD_BYTES), VAL, inoutStruct(TIMESPEC_BYTES), IGNORED, VAL}),
+    noRestartAfterHandler(seenFromHome(
+        HomeView::SELECT,
+        forward(__NR_pselect6, "pselect6", DESC,
+                {VAL, inoutBits(0), inoutBits(0), inoutBits(0), inoutStruct(TIMESPEC_BYTES),
+                 IGNORED},
+                PSELECT))),
+    noRestartAfterHandler(seenFromHome(
+        HomeView::POLL,
+        forward(__NR_ppoll, "ppoll", DESC,
+                {inoutArray(1, POLLFD_BYTES), VAL, inoutStruct(TIMESPEC_BYTES), IGNORED, VAL}))),
     deny(__NR_unshare, "unshare", PROC, EPERM, NAMESPACES),
     local(__NR_set_robust_list, "set_robust_list", PROC | MEMORY),
     local(__NR_get_robust_list, "get_robust_list", PROC | MEMORY),
@@ -379,8 +438,8 @@ constexpr SyscallEntry SYSCALLS[] = {
          "it moves guest pages into a pipe that lives at home"),
     forward(__NR_utimensat, "utimensat", DESC | FILE,
             {FD, PATH_OR_NULL, inStruct(TIMESPEC_PAIR_BYTES), VAL}),
-    forward(__NR_epoll_pwait, "epoll_pwait", DESC,
-            {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL, IGNORED, VAL}),
+    noRestartAfterHandler(forward(__NR_epoll_pwait, "epoll_pwait", DESC,
+                                  {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL, IGNORED, VAL})),
     deny(__NR_signalfd, "signalfd", DESC | SIGNAL, ENOSYS, SIGNALFD),
     forward(__NR_timerfd_create, "timerfd_create", DESC | TIME, {VAL, VAL}),
     forward(__NR_eventfd, "eventfd", DESC | IPC, {VAL}),
@@ -393,7 +452,7 @@ constexpr SyscallEntry SYSCALLS[] = {
     deny(__NR_signalfd4, "signalfd4", DESC | SIGNAL, ENOSYS, SIGNALFD),
     forward(__NR_eventfd2, "eventfd2", DESC | IPC, {VAL, VAL}),
     forward(__NR_epoll_create1, "epoll_create1", DESC, {VAL}),
-    forward(__NR_dup3, "dup3", DESC, {FD, FD, VAL}),
+    forward(__NR_dup3, "dup3", DESC, {FD, NEW_FD, VAL}),
     forward(__NR_pipe2, "pipe2", DESC | IPC, {outStruct(FD_PAIR_BYTES), VAL}),
     forward(__NR_inotify_init1, "inotify_init1", DESC, {VAL}),
     forward(__NR_preadv, "preadv", DESC, {FD, HANDLED, VAL, VAL, VAL}, IOV),
@@ -402,12 +461,12 @@ constexpr SyscallEntry SYSCALLS[] = {
             {VAL, VAL, VAL, inStruct(SIGINFO_BYTES)}, KILL),
     deny(__NR_perf_event_open, "perf_event_open", OTHER, ENOSYS,
          "performance counters of the remote node are not the job's"),
-    forward(__NR_recvmmsg, "recvmmsg", NETWORK | DESC, {FD, HANDLED, VAL, VAL, HANDLED}, SOCKMSG),
+    deny(__NR_recvmmsg, "recvmmsg", NETWORK | DESC, ENOSYS, MMSG),
     forward(__NR_prlimit64, "prlimit64", PROC,
             {VAL, VAL, inStruct(RLIMIT_BYTES), outStruct(RLIMIT_BYTES)}),
     deny(__NR_clock_adjtime, "clock_adjtime", TIME, EPERM, CLOCK_SET),
     forward(__NR_syncfs, "syncfs", DESC, {FD}),
-    forward(__NR_sendmmsg, "sendmmsg", NETWORK | DESC, {FD, HANDLED, VAL, VAL}, SOCKMSG),
+    deny(__NR_sendmmsg, "sendmmsg", NETWORK | DESC, ENOSYS, MMSG),
     deny(__NR_setns, "setns", PROC, EPERM, NAMESPACES),
     local(__NR_getcpu, "getcpu", PROC),
     deny(__NR_process_vm_readv, "process_vm_readv", PROC | MEMORY, EPERM, OTHER_MEMORY),
@@ -417,8 +476,10 @@ constexpr SyscallEntry SYSCALLS[] = {
     deny(__NR_seccomp, "seccomp", PROC, EPERM,
          "the guest's seccomp chain already holds the sandbox's listener"),
     local(__NR_getrandom, "getrandom", OTHER),
-    deny(__NR_memfd_create, "memfd_create", DESC | MEMORY, ENOSYS,
-         "its descriptor would live at home but its mappings on the remote node"),
+    // The supervisor's /proc/self snapshots are memfds created at home (remote/sys_proc.cc).
+    denyButHomeHelper(__NR_memfd_create, "memfd_create", DESC | MEMORY, ENOSYS,
+                      "its descriptor would live at home but its mappings on the remote node",
+                      {STRING, VAL}),
     deny(__NR_kexec_file_load, "kexec_file_load", OTHER, EPERM, HOST_ADMIN),
     deny(__NR_bpf, "bpf", OTHER, EPERM, "BPF programs would run in the remote node's kernel"),
     forward(__NR_execveat, "execveat", PROC | FILE | DESC, {FD, PATH, HANDLED, HANDLED, VAL}, EXEC),
@@ -442,18 +503,128 @@ constexpr SyscallEntry SYSCALLS[] = {
     deny(__NR_fspick, "fspick", FILE, EPERM, MOUNTS),
     forward(__NR_pidfd_open, "pidfd_open", PROC | DESC, {VAL, VAL}),
     deny(__NR_clone3, "clone3", PROC, ENOSYS, FORK_LATER),
-    forward(__NR_close_range, "close_range", DESC, {FD, FD, VAL}),
-    forward(__NR_openat2, "openat2", DESC | FILE, {FD, PATH, inBuf(3), VAL}),
+    seenFromHome(HomeView::CLOSE_RANGE,
+                 forward(__NR_close_range, "close_range", DESC, {VAL, VAL, VAL})),
+    forward(__NR_openat2, "openat2", DESC | FILE, {FD, PATH, inBuf(3), VAL}, OPEN),
     deny(__NR_pidfd_getfd, "pidfd_getfd", PROC | DESC, EPERM,
          "it would take a descriptor from another process's home fd table"),
     forward(__NR_faccessat2, "faccessat2", DESC | FILE, {FD, PATH, VAL, VAL}),
-    forward(__NR_epoll_pwait2, "epoll_pwait2", DESC,
-            {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), IGNORED, VAL}),
+    noRestartAfterHandler(forward(
+        __NR_epoll_pwait2, "epoll_pwait2", DESC,
+        {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), IGNORED, VAL})),
     deny(__NR_mount_setattr, "mount_setattr", FILE, EPERM, MOUNTS),
     deny(__NR_memfd_secret, "memfd_secret", DESC | MEMORY, ENOSYS,
          "its descriptor would live at home but its mappings on the remote node"),
     local(__NR_futex_waitv, "futex_waitv", IPC | MEMORY),
 };
+
+// ---- The conformance programs (tests/syscalls/<program>.cc) and the rows each one checks; the
+// `test` column is derived from this list. A program checks a row when it makes that syscall
+// and checks its outcome, natively and under mosrun on a remote node; each row is named once, by
+// the program that is about it (several programs read, write and close).
+
+struct Conformance {
+  const char* program;
+  int nrs[24];
+  size_t count;
+};
+
+constexpr Conformance checks(const char* program, std::initializer_list<int> nrs) {
+  Conformance c{program, {}, 0};
+  for (int nr : nrs) {
+    c.nrs[c.count++] = nr;
+  }
+  return c;
+}
+
+constexpr Conformance CONFORMANCE[] = {
+    checks("dirents", {__NR_chdir, __NR_fchdir, __NR_getcwd, __NR_getdents64, __NR_link,
+                       __NR_linkat, __NR_mkdir, __NR_mkdirat, __NR_rename, __NR_renameat,
+                       __NR_renameat2, __NR_rmdir, __NR_symlinkat, __NR_unlink, __NR_unlinkat}),
+    checks("dup_fcntl", {__NR_close_range, __NR_dup, __NR_dup2, __NR_dup3, __NR_fcntl, __NR_flock}),
+    checks("exec", {__NR_arch_prctl, __NR_execve, __NR_exit_group, __NR_rseq,
+                    __NR_set_robust_list}),
+    checks("file_io", {__NR_close, __NR_copy_file_range, __NR_creat, __NR_fallocate, __NR_fdatasync,
+                       __NR_fsync, __NR_ftruncate, __NR_lseek, __NR_openat, __NR_pread64,
+                       __NR_preadv, __NR_pwrite64, __NR_read, __NR_readv, __NR_sendfile, __NR_umask,
+                       __NR_write, __NR_writev}),
+    checks("fork_clone", {__NR_clone, __NR_vfork}),
+    checks("fork_groups", {__NR_setpgid, __NR_setsid}),
+    checks("fork_pipe", {__NR_pipe}),
+    checks("fork_wait", {__NR_wait4, __NR_waitid}),
+    checks("identity", {__NR_futex, __NR_getegid, __NR_geteuid, __NR_getgid, __NR_getgroups,
+                        __NR_getpgid, __NR_getpgrp, __NR_getpid, __NR_getppid, __NR_getresgid,
+                        __NR_getresuid, __NR_getsid, __NR_gettid, __NR_getuid,
+                        __NR_set_tid_address}),
+    checks("kernel_ids", {__NR_tgkill}),
+    checks("misc", {__NR_fgetxattr, __NR_flistxattr, __NR_fremovexattr, __NR_fsetxattr,
+                    __NR_getrandom, __NR_getxattr, __NR_inotify_add_watch, __NR_inotify_init1,
+                    __NR_inotify_rm_watch, __NR_listxattr, __NR_prctl, __NR_removexattr,
+                    __NR_sched_getaffinity, __NR_sched_yield, __NR_setxattr}),
+    checks("mmap_file", {__NR_brk, __NR_madvise, __NR_mincore, __NR_mmap, __NR_mprotect,
+                         __NR_mremap, __NR_msync, __NR_munmap}),
+    checks("pipe_poll", {__NR_epoll_create1, __NR_epoll_ctl, __NR_epoll_pwait, __NR_epoll_wait,
+                         __NR_eventfd2, __NR_pipe2, __NR_poll, __NR_ppoll, __NR_pselect6,
+                         __NR_splice, __NR_tee, __NR_timerfd_create, __NR_timerfd_gettime,
+                         __NR_timerfd_settime}),
+    checks("proc_self", {__NR_openat2, __NR_readlink}),
+    checks("rlimit_uname", {__NR_getpriority, __NR_prlimit64, __NR_setpriority, __NR_sysinfo,
+                            __NR_uname}),
+    checks("signals", {__NR_alarm, __NR_kill, __NR_pause, __NR_rt_sigaction, __NR_rt_sigpending,
+                       __NR_rt_sigprocmask, __NR_rt_sigreturn, __NR_rt_sigsuspend,
+                       __NR_rt_sigtimedwait, __NR_sigaltstack}),
+    checks("socket", {__NR_accept, __NR_accept4, __NR_bind, __NR_connect, __NR_getpeername,
+                      __NR_getsockname, __NR_getsockopt, __NR_listen, __NR_recvfrom, __NR_sendto,
+                      __NR_setsockopt, __NR_shutdown, __NR_socket}),
+    checks("sockmsg", {__NR_recvmsg, __NR_sendmsg, __NR_socketpair}),
+    checks("stat", {__NR_access, __NR_chmod, __NR_faccessat2, __NR_fchmod, __NR_fchmodat,
+                    __NR_fstatfs, __NR_newfstatat, __NR_readlinkat, __NR_statfs, __NR_statx,
+                    __NR_symlink, __NR_truncate, __NR_utimensat}),
+    checks("time", {__NR_clock_getres, __NR_clock_gettime, __NR_clock_nanosleep, __NR_getitimer,
+                    __NR_getrusage, __NR_gettimeofday, __NR_setitimer, __NR_time, __NR_times}),
+    checks("tty_ioctl", {__NR_ioctl}),
+};
+
+constexpr size_t rowIndex(int nr) {
+  for (size_t i = 0; i < std::size(ROWS); i++) {
+    if (ROWS[i].nr == nr) {
+      return i;
+    }
+  }
+  return std::size(ROWS);
+}
+
+// Every row the list names exists, and is named once.
+constexpr bool conformanceNamesRowsOnce() {
+  bool named[std::size(ROWS)] = {};
+  for (const Conformance& c : CONFORMANCE) {
+    for (size_t k = 0; k < c.count; k++) {
+      size_t i = rowIndex(c.nrs[k]);
+      if (i == std::size(ROWS) || named[i]) {
+        return false;
+      }
+      named[i] = true;
+    }
+  }
+  return true;
+}
+static_assert(conformanceNamesRowsOnce(),
+              "CONFORMANCE names a syscall without a row, or one row twice");
+
+constexpr std::array<SyscallEntry, std::size(ROWS)> withConformance() {
+  std::array<SyscallEntry, std::size(ROWS)> rows{};
+  for (size_t i = 0; i < std::size(ROWS); i++) {
+    rows[i] = ROWS[i];
+  }
+  for (const Conformance& c : CONFORMANCE) {
+    for (size_t k = 0; k < c.count; k++) {
+      rows[rowIndex(c.nrs[k])].test = c.program;
+    }
+  }
+  return rows;
+}
+
+constexpr std::array<SyscallEntry, std::size(ROWS)> SYSCALLS = withConformance();
 
 // ---- Compile-time checks (sandbox2's policy builder, gVisor's linux64_test.go).
 
@@ -508,11 +679,49 @@ constexpr bool takesPath(const SyscallEntry& e) {
   return false;
 }
 
+// open, openat, openat2: the path, then the flags as a value or an open_how in-buffer.
+constexpr bool opensAPath(const SyscallEntry& e) {
+  for (int i = 0; i < 5; i++) {
+    if (e.args[i].kind == ArgKind::PATH) {
+      return e.args[i + 1].kind == ArgKind::VAL || e.args[i + 1].kind == ArgKind::IN_BUF;
+    }
+  }
+  return false;
+}
+
+// readlink, readlinkat: the PATH, then the OUT_BUF the link's content goes to.
+constexpr bool linksToABuffer(const SyscallEntry& e) {
+  for (int i = 0; i < 5; i++) {
+    if (e.args[i].kind == ArgKind::PATH) {
+      return e.args[i + 1].kind == ArgKind::OUT_BUF;
+    }
+  }
+  return false;
+}
+
 constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
   if (e.name == nullptr || e.name[0] == '\0' || e.nr < 0) {
     return false;
   }
   if (!argsAreWellFormed(e)) {
+    return false;
+  }
+  // What the deputy executes follows from the route and handler; only a DENY row may be a
+  // helper the supervisor sends home. Only forwarded calls can be interrupted at home.
+  if (e.atHome != atHomeOf(e.route, e.handler) &&
+      !(e.route == Route::DENY && e.atHome == AtHome::HELPER)) {
+    return false;
+  }
+  if (e.restart != ERESTARTSYS && !(e.restart == ERESTARTNOHAND && e.route == Route::FORWARD)) {
+    return false;
+  }
+  if (e.handler == HandlerId::OPEN && !opensAPath(e)) {
+    return false;
+  }
+  if (e.view != HomeView::NONE && e.atHome != AtHome::ARGS && e.atHome != AtHome::MSGHDR) {
+    return false;
+  }
+  if (e.view == HomeView::EXE_LINK && !linksToABuffer(e)) {
     return false;
   }
   switch (e.route) {
@@ -550,6 +759,19 @@ static_assert(everyRowHasWhatItsRouteNeeds(SYSCALLS),
 
 std::span<const SyscallEntry> syscallTable() { return SYSCALLS; }
 
+std::span<const char* const> conformancePrograms() {
+  static const std::vector<const char*> programs = [] {
+    std::vector<const char*> out;
+    for (const Conformance& c : CONFORMANCE) {
+      out.push_back(c.program);
+    }
+    std::sort(out.begin(), out.end(),
+              [](const char* a, const char* b) { return std::string_view(a) < b; });
+    return out;
+  }();
+  return programs;
+}
+
 const SyscallEntry* findSyscall(int nr) {
   auto it = std::lower_bound(std::begin(SYSCALLS), std::end(SYSCALLS), nr,
                              [](const SyscallEntry& e, int n) { return e.nr < n; });
@@ -574,8 +796,10 @@ const char* argKindName(ArgKind kind) {
     case ArgKind::NONE: return "NONE";
     case ArgKind::VAL: return "VAL";
     case ArgKind::FD: return "FD";
+    case ArgKind::NEW_FD: return "NEW_FD";
     case ArgKind::PATH: return "PATH";
     case ArgKind::PATH_OR_NULL: return "PATH_OR_NULL";
+    case ArgKind::STRING: return "STRING";
     case ArgKind::IN_BUF: return "IN_BUF";
     case ArgKind::OUT_BUF: return "OUT_BUF";
     case ArgKind::IN_STRUCT: return "IN_STRUCT";
@@ -603,8 +827,37 @@ const char* handlerName(HandlerId handler) {
     case HandlerId::FCNTL: return "FCNTL";
     case HandlerId::PSELECT: return "PSELECT";
     case HandlerId::SOCKMSG: return "SOCKMSG";
+    case HandlerId::OPEN: return "OPEN";
   }
   return "?";
+}
+
+const char* homeViewName(HomeView view) {
+  switch (view) {
+    case HomeView::NONE: return "NONE";
+    case HomeView::CLOSE_RANGE: return "CLOSE_RANGE";
+    case HomeView::POLL: return "POLL";
+    case HomeView::SELECT: return "SELECT";
+    case HomeView::SCM_RIGHTS: return "SCM_RIGHTS";
+    case HomeView::FD_LISTING: return "FD_LISTING";
+    case HomeView::EXE_LINK: return "EXE_LINK";
+  }
+  return "?";
+}
+
+const char* atHomeName(AtHome atHome) {
+  switch (atHome) {
+    case AtHome::NEVER: return "NEVER";
+    case AtHome::ARGS: return "ARGS";
+    case AtHome::MSGHDR: return "MSGHDR";
+    case AtHome::HELPER: return "HELPER";
+  }
+  return "?";
+}
+
+int restartCode(int nr) {
+  const SyscallEntry* e = findSyscall(nr);
+  return e != nullptr ? e->restart : ERESTARTSYS;
 }
 
 }  // namespace mos

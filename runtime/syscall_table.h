@@ -25,9 +25,13 @@ enum class Route : uint8_t {
 enum class ArgKind : uint8_t {
   NONE,          // unused argument slot
   VAL,           // a plain value: flags, sizes, offsets, pids, modes
-  FD,            // a descriptor of the job's home fd table
+  FD,            // a descriptor of the job's home fd table; it must be open
+  NEW_FD,        // a descriptor number the call (re)assigns (dup2's and dup3's target): it need
+                 // not be open, and the deputy moves its own descriptor out of the way
   PATH,          // NUL-terminated path, in; at most PATH_MAX bytes
   PATH_OR_NULL,  // like PATH, NULL allowed (utimensat)
+  STRING,        // a NUL-terminated string that is not looked up as a path now (xattr names,
+                 // symlink targets, memfd names): travels like PATH
   IN_BUF,        // bytes in; length is argument `lenArg`
   OUT_BUF,       // bytes out; capacity is argument `lenArg`; the reply is trimmed to ret bytes
   IN_STRUCT,     // `size` bytes in; NULL passes NULL
@@ -44,7 +48,8 @@ enum class ArgKind : uint8_t {
 
 // True for the kinds whose argument is a guest address.
 constexpr bool isPointerKind(ArgKind kind) {
-  return kind != ArgKind::NONE && kind != ArgKind::VAL && kind != ArgKind::FD;
+  return kind != ArgKind::NONE && kind != ArgKind::VAL && kind != ArgKind::FD &&
+         kind != ArgKind::NEW_FD;
 }
 
 struct ArgSpec {
@@ -81,7 +86,47 @@ enum class HandlerId : uint8_t {
   FCNTL,        // argument layout depends on the command
   PSELECT,      // pselect6's sigmask argument is a pointer to a pointer
   SOCKMSG,      // sendmsg, recvmsg: msghdr with iovecs
+  OPEN,         // open, openat, openat2: the job's own /proc files that describe its user part
+                // (maps, status, ...) are served by the supervisor; every other path is regular
 };
+
+// What the deputy does around a call it executes because the job's fd table and /proc/self are
+// shared with the deputy (deputy/executor.h). Independently of it, an FD argument naming one of
+// the deputy's reserved descriptors is EBADF and a NEW_FD argument moves it out of the way.
+enum class HomeView : uint8_t {
+  NONE,
+  CLOSE_RANGE,  // the range minus the deputy's descriptors
+  POLL,         // pollfd entries naming a deputy descriptor report POLLNVAL
+  SELECT,       // fd_sets naming a deputy descriptor: EBADF
+  SCM_RIGHTS,   // SCM_RIGHTS control data naming a deputy descriptor: EBADF
+  FD_LISTING,   // listings of the job's /proc/<pid>/fd and fdinfo without the deputy's entries
+  EXE_LINK,     // readlink of /proc/self/exe answers the job's executable; the buffer is the
+                // OUT_BUF right after the PATH
+};
+
+// What the deputy executes of a syscall when a request for it arrives at home. Derived from the
+// route and the handler by the row constructors (HELPER is the one explicit choice); the deputy
+// refuses every request whose row says NEVER, and checks the others' buffers against the kinds
+// (deputy/executor.h).
+enum class AtHome : uint8_t {
+  NEVER,   // refused with the row's `err`, ENOSYS when it has none: LOCAL, EMULATE and DENY rows,
+           // and the handlers whose requests take another form (IOV sends read/write, EXEC its
+           // own message)
+  ARGS,    // executed with the row's argument kinds (for IOCTL, FCNTL and PSELECT, the kinds
+           // dynamicArgSpecs derives from the values); a buffer only where a kind is a pointer
+  MSGHDR,  // SOCKMSG: argument 1 is a home msghdr, auxiliary buffers and pointer fixups allowed
+  HELPER,  // a DENY row that the supervisor itself sends home as a step of a handler (the
+           // /proc/self snapshots are memfds); executed with the row's argument kinds
+};
+
+// The kernel's restart codes (include/linux/errno.h; not exported to user space). A notification
+// answered with one while a signal is pending makes the guest's kernel apply the native restart
+// rules (signal(7)).
+// "Restart unless a handler without SA_RESTART runs": every blocking call but the ones below.
+inline constexpr int ERESTARTSYS = 512;
+// "Restart only if no handler ran": poll, select and epoll_wait (signal(7) lists them among the
+// calls that fail with EINTR after a handler regardless of SA_RESTART, yet resume after a stop).
+inline constexpr int ERESTARTNOHAND = 514;
 
 struct SyscallEntry {
   int nr;               // x86-64 __NR_*
@@ -93,7 +138,18 @@ struct SyscallEntry {
                         // the handler's condition (MMAP: MAP_ANONYMOUS) and irregular otherwise
   int err;              // DENY: the errno the guest sees
   const char* why;      // DENY: one line for docs and logs
+  AtHome atHome;        // what the deputy executes of it
+  int restart;          // FORWARD: what a native call returns when a signal cuts it short,
+                        // ERESTARTSYS or ERESTARTNOHAND (the guest sees it when a signal
+                        // interrupts the call at home)
+  HomeView view = HomeView::NONE;  // ARGS/MSGHDR: what the deputy does around the call
+  const char* test = nullptr;  // the conformance program that checks it, natively and on a
+                               // remote node (tests/syscalls/<test>.cc); nullptr: none yet
 };
+
+// The conformance programs the table names (the `test` column), sorted, without duplicates:
+// tests/syscalls/meson.build must build exactly these (a unit test compares the lists).
+std::span<const char* const> conformancePrograms();
 
 // Every row, sorted by nr, no duplicates.
 std::span<const SyscallEntry> syscallTable();
@@ -105,6 +161,11 @@ const SyscallEntry* findSyscall(int nr);
 const char* routeName(Route route);
 const char* argKindName(ArgKind kind);
 const char* handlerName(HandlerId handler);
+const char* atHomeName(AtHome atHome);
+const char* homeViewName(HomeView view);
+
+// The restart code of syscall `nr` (its row's `restart`; ERESTARTSYS without a row).
+int restartCode(int nr);
 
 // The largest buffer a single forwarded call moves, bytes (8 MiB). Larger reads and writes are
 // cut to this (a short read or write, which callers must handle anyway).

@@ -9,8 +9,10 @@
 #include <fmt/core.h>
 #include <fstream>
 #include <iostream>
+#include <set>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "syscall_table.h"
 
@@ -81,16 +83,43 @@ std::string handlerNote(const SyscallEntry& e) {
     case HandlerId::FCNTL: return "argument kind by command (struct flock for locks)";
     case HandlerId::PSELECT: return "fd_sets and timeout forwarded; the sigmask applies locally";
     case HandlerId::SOCKMSG: return "msghdr, its iovecs and control data are marshalled";
+    case HandlerId::OPEN:
+      return "the job's own /proc files (maps, status, ...) are snapshots of the guest's";
   }
   return "";
 }
 
 std::string notes(const SyscallEntry& e) {
+  std::string out;
   if (e.route == Route::DENY) {
     const char* name = strerrorname_np(e.err);
-    return fmt::format("**{}**: {}", name ? name : std::to_string(e.err).c_str(), e.why);
+    out = fmt::format("**{}**: {}", name ? name : std::to_string(e.err).c_str(), e.why);
+  } else {
+    out = handlerNote(e);
   }
-  return handlerNote(e);
+  const char* view = nullptr;
+  switch (e.view) {
+    case HomeView::NONE: break;
+    case HomeView::CLOSE_RANGE: view = "the deputy's own descriptors stay open"; break;
+    case HomeView::POLL: view = "entries naming a deputy descriptor report POLLNVAL"; break;
+    case HomeView::SELECT: view = "sets naming a deputy descriptor fail with EBADF"; break;
+    case HomeView::SCM_RIGHTS:
+      view = "SCM_RIGHTS naming a deputy descriptor fails with EBADF";
+      break;
+    case HomeView::FD_LISTING: view = "/proc/self/fd listings omit the deputy's descriptors"; break;
+    case HomeView::EXE_LINK: view = "/proc/self/exe reads the job's executable"; break;
+  }
+  if (view != nullptr) {
+    out += std::string(out.empty() ? "" : "; ") + "at home: " + view;
+  }
+  if (e.atHome == AtHome::HELPER) {
+    out += "; the supervisor sends it home itself, with these arguments";
+  }
+  if (e.restart == ERESTARTNOHAND) {
+    out += std::string(out.empty() ? "" : "; ") +
+           "interrupted by a signal: ERESTARTNOHAND (EINTR after a handler, even with SA_RESTART)";
+  }
+  return out;
 }
 
 std::string render() {
@@ -115,12 +144,21 @@ std::string render() {
     << "| EMULATE | the supervisor | answered without a round trip (ids from the job's cache) |\n"
     << "| DENY | nowhere | fails with the errno shown; the supervisor logs the name once per job |\n"
     << "\n"
+    << "The deputy executes a request only when the row's *at home* column allows it: `ARGS` "
+       "with the row's argument kinds (a buffer only where a kind is a pointer, large enough for "
+       "what the call touches), `MSGHDR` a msghdr whose pointers all name buffers of the "
+       "request, `HELPER` a call the supervisor sends home as a step of its own handler; every "
+       "other request (`NEVER`, no row, a buffer the row does not declare) is refused with the "
+       "row's errno, or ENOSYS, and logged once. A forwarded call that a signal interrupts at "
+       "home answers ERESTARTSYS (the kernel then restarts it or returns EINTR as SA_RESTART "
+       "says), or ERESTARTNOHAND where the notes say so.\n\n"
     << "A number without a row is denied with ENOSYS and logged once per job. x32 numbers "
        "(`__X32_SYSCALL_BIT`) reach the supervisor and are denied with ENOSYS; a call through "
        "the i386 entry (`int 0x80`) kills the guest.\n\n"
     << "A FORWARD row without a handler is *regular*: its argument kinds say everything and one "
        "generic marshaller forwards it. Argument kinds: `FD` a descriptor of the job's home fd "
-       "table; `VAL` a plain value; `PATH` a NUL-terminated string (at most PATH_MAX); "
+       "table; `NEW_FD` a descriptor number the call assigns; `VAL` a plain value; `PATH` a NUL-terminated path (at most PATH_MAX); `STRING` a "
+       "NUL-terminated string that is not a path (xattr names, symlink targets); "
        "`IN_BUF[aN]`/`OUT_BUF[aN]` bytes whose length is argument N (out-buffers are trimmed "
        "to the result); `*_STRUCT(n)` n bytes, NULL stays NULL; `*_ARRAY[aN×n]` argument N "
        "elements of n bytes; `INOUT_BITS[aN]` an fd_set of argument N descriptors; "
@@ -133,12 +171,17 @@ std::string render() {
                    counts[static_cast<int>(Route::FORWARD)],
                    counts[static_cast<int>(Route::EMULATE)],
                    counts[static_cast<int>(Route::DENY)])
-    << "| nr | name | route | handler | classes | arguments | notes |\n"
-    << "|---:|---|---|---|---|---|---|\n";
+    << "The *tested by* column names the conformance program (`tests/syscalls/NAME.cc`) that "
+       "checks the row, natively and under mosrun on a remote node; the programs Meson builds "
+       "are exactly the ones named here (a unit test compares the lists).\n\n"
+    << "| nr | name | route | handler | at home | classes | arguments | tested by | notes |\n"
+    << "|---:|---|---|---|---|---|---|---|---|\n";
   for (const SyscallEntry& e : table) {
-    o << fmt::format("| {} | {} | {} | {} | {} | {} | {} |\n", e.nr, e.name, routeName(e.route),
-                     e.handler == HandlerId::NONE ? "" : handlerName(e.handler),
-                     classNames(e.classes), argsText(e), notes(e));
+    o << fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", e.nr, e.name,
+                     routeName(e.route), e.handler == HandlerId::NONE ? "" : handlerName(e.handler),
+                     e.atHome == AtHome::NEVER ? "" : atHomeName(e.atHome),
+                     classNames(e.classes), argsText(e), e.test != nullptr ? e.test : "",
+                     notes(e));
   }
   return o.str();
 }
@@ -149,9 +192,31 @@ std::string render() {
 int main(int argc, char** argv) {
   CLI::App app{"Prints docs/syscalls.md from the syscall table"};
   std::string output, check;
+  std::vector<std::string> built;
   app.add_option("-o,--output", output, "write to this file instead of stdout");
   app.add_option("--check", check, "exit 1 if this file differs from the generated page");
+  app.add_option("--check-conformance", built,
+                 "exit 1 unless these conformance programs are exactly the ones the table names");
   CLI11_PARSE(app, argc, argv);
+  if (!built.empty()) {
+    std::set<std::string> named, have(built.begin(), built.end());
+    for (const char* program : mos::conformancePrograms()) {
+      named.insert(program);
+    }
+    for (auto& p : named) {
+      if (!have.count(p)) {
+        std::cerr << "the syscall table names conformance program " << p
+                  << ", which tests/syscalls/meson.build does not build\n";
+      }
+    }
+    for (auto& p : have) {
+      if (!named.count(p)) {
+        std::cerr << "tests/syscalls/meson.build builds " << p
+                  << ", which no row of the syscall table names (the `test` column)\n";
+      }
+    }
+    return named == have ? 0 : 1;
+  }
   std::string page = mos::render();
   if (!check.empty()) {
     std::ifstream in(check);

@@ -1,7 +1,7 @@
 #pragma once
 // Helpers for the syscall conformance programs. Each program is plain C++: it prints one line per
-// failed check and exits 0 on success, 77 to skip, 1 on failure. No fork, no threads (a guest
-// cannot fork yet). Files go into a fresh directory under $TEST_TMPDIR or /tmp.
+// failed check and exits 0 on success, 77 to skip, 1 on failure. No threads; only the fork_*
+// programs fork (family.h). Files go into a fresh directory under $TEST_TMPDIR or /tmp.
 
 #include <errno.h>
 #include <stdio.h>

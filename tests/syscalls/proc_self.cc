@@ -5,7 +5,9 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 
 #include <set>
 
@@ -117,6 +119,49 @@ int main() {
   CHECK(afterComm.find(" " + std::to_string(getppid()) + " ") == 1);
   std::string cmdline = slurp("/proc/self/cmdline");
   CHECK(cmdline.find("proc_self") != std::string::npos);
+  // openat2(2) opens the same files as open(2): the job's own maps and cmdline, byte for byte.
+  // Both are opened before either is read, into static buffers, so nothing maps or unmaps memory
+  // in between (a snapshot is taken at open under mosrun, the kernel renders them at read).
+  static char viaOpen[1 << 20], viaOpenat2[1 << 20];
+  auto readAll = [](int fd, char* buf, size_t cap) -> ssize_t {
+    size_t have = 0;
+    for (ssize_t r; have < cap && (r = read(fd, buf + have, cap - have)) > 0;) {
+      have += r;
+    }
+    return static_cast<ssize_t>(have);
+  };
+  for (const char* file : {"/proc/self/maps", "/proc/self/cmdline"}) {
+    struct open_how how = {};
+    how.flags = O_RDONLY | O_CLOEXEC;
+    int plain = open(file, O_RDONLY | O_CLOEXEC);
+    int two = static_cast<int>(syscall(SYS_openat2, AT_FDCWD, file, &how, sizeof how));
+    if (two < 0 && errno == ENOSYS) {
+      close(plain);
+      break;  // a kernel before 5.6
+    }
+    CHECK(plain >= 0 && two >= 0);
+    ssize_t n1 = readAll(plain, viaOpen, sizeof viaOpen);
+    ssize_t n2 = readAll(two, viaOpenat2, sizeof viaOpenat2);
+    CHECK(n1 > 0 && n1 == n2 && memcmp(viaOpen, viaOpenat2, n1) == 0);
+    if (n1 != n2 || memcmp(viaOpen, viaOpenat2, n1 > 0 ? n1 : 0) != 0) {
+      printf("%s differs: open gave %zd bytes, openat2 %zd\n", file, n1, n2);
+    }
+    CHECK(fcntl(two, F_GETFD) == FD_CLOEXEC);
+    close(plain);
+    close(two);
+  }
+  {
+    // openat2 of the job's maps names this program, not the process that stands in for it.
+    struct open_how how = {};
+    how.flags = O_RDONLY;
+    int fd = static_cast<int>(syscall(SYS_openat2, AT_FDCWD, "/proc/self/maps", &how, sizeof how));
+    if (fd >= 0) {
+      ssize_t n = readAll(fd, viaOpenat2, sizeof viaOpenat2);
+      CHECK(n > 0 && std::string(viaOpenat2, n).find(exe) != std::string::npos);
+      close(fd);
+    }
+  }
+
   // Fds are what open would give: the lowest free one.
   int maps = open("/proc/self/maps", O_RDONLY);
   int next = dup(0);

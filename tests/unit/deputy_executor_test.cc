@@ -7,13 +7,22 @@
 #include <linux/close_range.h>
 #include <poll.h>
 #include <signal.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/personality.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <capnp/message.h>
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <spdlog/spdlog.h>
 
 #include <cstring>
 #include <set>
@@ -245,6 +254,199 @@ TEST_CASE("deputy poll of a reserved descriptor reports POLLNVAL", "[deputy][fds
   memcpy(&back, r.getOut()[0].begin(), sizeof(back));
   CHECK(back.fd == h.reservedFd());
   CHECK(back.revents == POLLNVAL);
+}
+
+// ---- Admission: the deputy executes only what the syscall table routes home, with the argument
+// kinds the table declares. Each forged request below would have a visible effect on this
+// process if it reached the kernel; the tests check the answer and that the effect is absent.
+
+namespace {
+
+std::string readLinkOf(const std::string& path) {
+  char buffer[PATH_MAX];
+  ssize_t n = readlink(path.c_str(), buffer, sizeof(buffer));
+  return n < 0 ? std::string() : std::string(buffer, n);
+}
+
+// The deputy's warnings while it lives: a ring-buffer logger in place of the default one.
+struct CapturedLog {
+  std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink =
+      std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(256);
+  std::shared_ptr<spdlog::logger> previous = spdlog::default_logger();
+
+  CapturedLog() { spdlog::set_default_logger(std::make_shared<spdlog::logger>("test", sink)); }
+  ~CapturedLog() { spdlog::set_default_logger(previous); }
+
+  size_t count(const std::string& needle) {
+    size_t n = 0;
+    for (auto& line : sink->last_formatted()) {
+      n += line.find(needle) != std::string::npos;
+    }
+    return n;
+  }
+};
+
+std::string uniqueTempPath() {
+  char path[] = "/tmp/deputy-forged-XXXXXX";
+  int fd = mkstemp(path);
+  REQUIRE(fd >= 0);
+  close(fd);
+  unlink(path);
+  return path;
+}
+
+}  // namespace
+
+TEST_CASE("deputy refuses DENY rows with their errno and they do not reach the kernel",
+          "[deputy][table]") {
+  Harness h;
+  // unshare(2) (DENY, EPERM): a new user namespace would change /proc/self/ns/user.
+  std::string userNs = readLinkOf("/proc/self/ns/user");
+  REQUIRE(!userNs.empty());
+  CHECK(h.ret({__NR_unshare, {CLONE_NEWUSER}, {}, {}}) == -EPERM);
+  CHECK(readLinkOf("/proc/self/ns/user") == userNs);
+  // fork(2) (DENY, ENOSYS): a child would appear.
+  CHECK(h.ret({__NR_fork, {}, {}, {}}) == -ENOSYS);
+  errno = 0;
+  CHECK(waitpid(-1, nullptr, WNOHANG) == -1);
+  CHECK(errno == ECHILD);
+  // sendmmsg (DENY now, not forwarded yet): ENOSYS without a call.
+  CHECK(h.ret({__NR_sendmmsg, {0, 0, 0, 0}, {}, {}}) == -ENOSYS);
+}
+
+TEST_CASE("deputy refuses numbers without a row with ENOSYS", "[deputy][table]") {
+  Harness h;
+  // personality(2) has no row: executing it would change this process's persona.
+  int before = personality(0xffffffff);
+  CHECK(h.ret({__NR_personality, {uint64_t(before | ADDR_NO_RANDOMIZE)}, {}, {}}) == -ENOSYS);
+  CHECK(personality(0xffffffff) == before);
+  CHECK(h.ret({9999, {}, {}, {}}) == -ENOSYS);
+  CHECK(h.ret({-1, {}, {}, {}}) == -ENOSYS);
+}
+
+TEST_CASE("deputy refuses LOCAL rows, which would change the deputy itself", "[deputy][table]") {
+  Harness h;
+  CHECK(h.ret({__NR_munmap, {0x10000, 4096}, {}, {}}) == -ENOSYS);
+  CHECK(h.ret({__NR_exit_group, {3}, {}, {}}) == -ENOSYS);
+  CHECK(h.ret({__NR_rt_sigaction, {SIGINT, 0, 0, 8}, {}, {}}) == -ENOSYS);
+  // prctl(2) is LOCAL: PR_SET_CHILD_SUBREAPER would be visible through PR_GET_CHILD_SUBREAPER.
+  int subreaper = -1;
+  REQUIRE(prctl(PR_GET_CHILD_SUBREAPER, &subreaper) == 0);
+  CHECK(h.ret({__NR_prctl, {PR_SET_CHILD_SUBREAPER, uint64_t(!subreaper)}, {}, {}}) == -ENOSYS);
+  int after = -1;
+  REQUIRE(prctl(PR_GET_CHILD_SUBREAPER, &after) == 0);
+  CHECK(after == subreaper);
+  // readv goes home as read (IOV), execve as an ExecRequest: neither runs as itself.
+  CHECK(h.ret({__NR_readv, {0, 0, 0}, {}, {}}) == -ENOSYS);
+  CHECK(h.ret({__NR_execve, {0, 0, 0}, {}, {}}) == -ENOSYS);
+}
+
+TEST_CASE("deputy refuses a buffer behind an argument the row declares a value",
+          "[deputy][table]") {
+  Harness h;
+  std::string dir = uniqueTempPath();
+  // mkdir(2) is {PATH, VAL}: a buffer for the mode is a pointer the row does not declare.
+  CHECK(h.ret({__NR_mkdir, {0, 0}, {{0, withNul(dir)}, {1, std::string(8, 'x')}}, {}}) ==
+        -ENOSYS);
+  struct stat st;
+  CHECK(stat(dir.c_str(), &st) == -1);
+  // openat(2) with O_CREAT, its path sent behind the flags argument: nothing is created.
+  std::string file = uniqueTempPath();
+  CHECK(h.ret({__NR_openat, {uint64_t(AT_FDCWD), 0, 0, 0600},
+               {{2, withNul(file)}}, {}}) == -ENOSYS);
+  CHECK(stat(file.c_str(), &st) == -1);
+  // An out-buffer behind an in-only argument (mkdir's path): refused, nothing created.
+  CHECK(h.ret({__NR_mkdir, {0, 0700}, {{0, withNul(dir)}}, {{0, 64}}}) == -ENOSYS);
+  CHECK(stat(dir.c_str(), &st) == -1);
+  // The same call as the table declares it runs.
+  CHECK(h.ret({__NR_mkdir, {0, 0700}, {{0, withNul(dir)}}, {}}) == 0);
+  CHECK(stat(dir.c_str(), &st) == 0);
+  rmdir(dir.c_str());
+}
+
+TEST_CASE("deputy refuses buffers smaller than what the call touches", "[deputy][table]") {
+  Harness h;
+  int p[2];
+  REQUIRE(pipe2(p, O_CLOEXEC) == 0);
+  REQUIRE(write(p[1], "0123456789abcdef", 16) == 16);
+  // read(2) of 4096 bytes into a 4-byte out-buffer would write past it: refused, and the pipe
+  // still holds its 16 bytes.
+  CHECK(h.ret({__NR_read, {uint64_t(p[0]), 0, 4096}, {}, {{1, 4}}}) == -ENOSYS);
+  int queued = -1;
+  REQUIRE(ioctl(p[0], FIONREAD, &queued) == 0);
+  CHECK(queued == 16);
+  // fstat(2) into 8 bytes instead of a struct stat.
+  CHECK(h.ret({__NR_fstat, {uint64_t(p[0]), 0}, {}, {{1, 8}}}) == -ENOSYS);
+  // As declared, both run.
+  CHECK(h.ret({__NR_fstat, {uint64_t(p[0]), 0}, {}, {{1, sizeof(struct stat)}}}) == 0);
+  CHECK(h.ret({__NR_read, {uint64_t(p[0]), 0, 16}, {}, {{1, 16}}}) == 16);
+  close(p[0]);
+  close(p[1]);
+}
+
+TEST_CASE("deputy refuses auxiliary buffers and pointer fixups outside a msghdr call",
+          "[deputy][table]") {
+  Harness h;
+  std::string dir = uniqueTempPath();
+  // A fixup that would make mkdir's path point at an auxiliary buffer.
+  CHECK(h.ret({__NR_mkdir, {0, 0700}, {{6, withNul(dir)}, {0, std::string(8, '\0')}}, {},
+               {{0, 0, 6}}}) == -ENOSYS);
+  struct stat st;
+  CHECK(stat(dir.c_str(), &st) == -1);
+}
+
+TEST_CASE("deputy refuses a msghdr that points outside the request's buffers", "[deputy][table]") {
+  Harness h;
+  int sv[2];
+  REQUIRE(socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, sv) == 0);
+  // The iovec array is a raw address (ours, standing in for a guest's): no fixup names it.
+  static char secret[] = "not for the wire";
+  struct iovec raw = {secret, sizeof(secret)};
+  struct msghdr msg = {};
+  msg.msg_iov = &raw;
+  msg.msg_iovlen = 1;
+  std::string header(reinterpret_cast<const char*>(&msg), sizeof(msg));
+  CHECK(h.ret({__NR_sendmsg, {uint64_t(sv[0]), 0, MSG_DONTWAIT}, {{1, header}}, {}}) == -ENOSYS);
+  char buffer[64];
+  CHECK(recv(sv[1], buffer, sizeof(buffer), MSG_DONTWAIT) == -1);
+  CHECK(errno == EAGAIN);
+  close(sv[0]);
+  close(sv[1]);
+}
+
+TEST_CASE("deputy runs memfd_create, a DENY row, as the supervisor's home helper",
+          "[deputy][table]") {
+  Harness h;
+  int64_t fd = h.ret({__NR_memfd_create, {0, MFD_CLOEXEC}, {{0, withNul("maps")}}, {}});
+  REQUIRE(fd >= 0);
+  CHECK(readLinkOf("/proc/self/fd/" + std::to_string(fd)) == "/memfd:maps (deleted)");
+  close(static_cast<int>(fd));
+}
+
+TEST_CASE("deputy looks up PATH arguments, not STRING ones, as the job's /proc paths",
+          "[deputy][table]") {
+  Harness h;
+  std::string reserved = "/proc/self/fd/" + std::to_string(h.reservedFd());
+  // The target of symlink(2) is a STRING: a link whose content names a deputy descriptor is
+  // just bytes, and is created.
+  std::string link = uniqueTempPath();
+  CHECK(h.ret({__NR_symlink, {0, 0}, {{0, withNul(reserved)}, {1, withNul(link)}}, {}}) == 0);
+  CHECK(readLinkOf(link) == reserved);
+  unlink(link.c_str());
+  // As a PATH, the same name is a descriptor the job does not have.
+  CHECK(h.ret({__NR_readlink, {0, 0, 256}, {{0, withNul(reserved)}}, {{1, 256}}}) == -ENOENT);
+}
+
+TEST_CASE("deputy logs each refused syscall once and goes on", "[deputy][table]") {
+  CapturedLog log;
+  Harness h;
+  for (int i = 0; i < 3; i++) {
+    CHECK(h.ret({__NR_fork, {}, {}, {}}) == -ENOSYS);
+    CHECK(h.ret({9999, {}, {}, {}}) == -ENOSYS);
+  }
+  CHECK(log.count("refusing forwarded syscall 57 (fork)") == 1);
+  CHECK(log.count("refusing forwarded syscall 9999 (no row)") == 1);
+  CHECK(h.ret({__NR_getppid, {}, {}, {}}) == getppid());
 }
 
 TEST_CASE("deputy refuses calls that would change the deputy itself", "[deputy]") {

@@ -43,7 +43,15 @@ struct ForkedDeputy {
     REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     int err[2];
     REQUIRE(pipe2(err, O_CLOEXEC) == 0);
+    // The child starts with every signal blocked: a test's signal that lands before the deputy
+    // installed its handlers must wait for them, not kill the child (SIGUSR2's default action).
+    sigset_t all, old;
+    sigfillset(&all);
+    REQUIRE(sigprocmask(SIG_BLOCK, &all, &old) == 0);
     pid = fork();
+    if (pid != 0) {
+      sigprocmask(SIG_SETMASK, &old, nullptr);
+    }
     REQUIRE(pid >= 0);
     if (pid == 0) {
       close(sv[1]);

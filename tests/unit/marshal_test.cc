@@ -15,50 +15,12 @@
 #include <map>
 #include <vector>
 
+#include "fake_guest_memory.h"
+
 using namespace mos;
+using mos::testing::FakeMemory;
 
 namespace {
-
-// Guest memory made of separate regions; anything outside them faults. Records every write.
-class FakeMemory final : public GuestMemory {
- public:
-  void map(uint64_t base, std::vector<uint8_t> bytes) { regions_[base] = std::move(bytes); }
-  std::vector<uint8_t>& at(uint64_t base) { return regions_.at(base); }
-
-  int read(RemotePtr<void> addr, std::span<uint8_t> out) override {
-    uint8_t* p = find(addr.addr(), out.size());
-    if (p == nullptr) {
-      return EFAULT;
-    }
-    memcpy(out.data(), p, out.size());
-    return 0;
-  }
-  int write(RemotePtr<void> addr, std::span<const uint8_t> data) override {
-    uint8_t* p = find(addr.addr(), data.size());
-    if (p == nullptr) {
-      return EFAULT;
-    }
-    memcpy(p, data.data(), data.size());
-    writes.push_back({addr.addr(), data.size()});
-    return 0;
-  }
-
-  std::vector<std::pair<uint64_t, size_t>> writes;
-
- private:
-  uint8_t* find(uint64_t addr, size_t len) {
-    auto it = regions_.upper_bound(addr);
-    if (it == regions_.begin()) {
-      return nullptr;
-    }
-    --it;
-    if (addr + len > it->first + it->second.size()) {
-      return nullptr;
-    }
-    return it->second.data() + (addr - it->first);
-  }
-  std::map<uint64_t, std::vector<uint8_t>> regions_;
-};
 
 const ArgSpec (&specsOf(int nr))[6] { return findSyscall(nr)->args; }
 
