@@ -1,10 +1,12 @@
 // setpgid(2), getpgid(2), getpgrp, setsid(2), getsid(2) across the processes of one job: a child
-// moved into its own group (by itself or by its parent), a session leader without a terminal,
+// moved into its own group (by itself or by its parent), a session leader without a terminal
+// (one child made by the legacy fork syscall),
 // and the errors: EPERM for setsid in a group leader and for a group in another session, EACCES
 // for a child that has exec'ed, ESRCH for an unknown or non-child pid, EINVAL for a negative
 // pgid.
 
 #include <fcntl.h>
+#include <sys/syscall.h>
 
 #include "tree.h"
 
@@ -74,6 +76,29 @@ int main() {
   close(hold[1]);
   conf::expectClean(leader, "session leader");
   conf::expectClean(other, "group leader");
+
+  // The legacy fork(2) syscall (static and old binaries make it): its child makes a session of
+  // its own too.
+  int report[2];
+  CHECK(pipe(report) == 0);
+  fflush(stdout);
+  long raw = syscall(SYS_fork);
+  if (raw == 0) {
+    pid_t me = static_cast<pid_t>(syscall(SYS_getpid));
+    pid_t ids[2] = {static_cast<pid_t>(syscall(SYS_setsid)), me};
+    (void)!write(report[1], ids, sizeof ids);
+    syscall(SYS_exit_group, 0);
+  }
+  CHECK(raw > 0);
+  if (raw > 0) {
+    pid_t ids[2] = {};
+    CHECK(conf::readFull(report[0], ids, sizeof ids) == sizeof ids);
+    CHECK(ids[0] == raw && ids[1] == raw);
+    int st = conf::reap(static_cast<pid_t>(raw));
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  }
+  close(report[0]);
+  close(report[1]);
 
   // A child that has exec'ed cannot be moved by its parent (EACCES). The close-on-exec pipe
   // reads EOF once the exec happened.

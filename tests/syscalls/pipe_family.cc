@@ -1,14 +1,15 @@
 // pipe2(2) between processes of one job: data flows both ways intact; EOF comes only when every
-// write end in every process is closed; writing with no reader gives SIGPIPE (default action:
-// death, shown by wait), EPIPE when SIGPIPE is ignored or caught; a blocking write larger than
-// the pipe completes as the reader drains it; writes up to PIPE_BUF from two writers never
-// interleave; O_NONBLOCK and F_GETPIPE_SZ; a three-process pipeline. socketpair(2) between
-// processes: both directions, EOF after shutdown, EPIPE with MSG_NOSIGNAL, SOCK_SEQPACKET
-// boundaries, and a descriptor passed from child to parent with SCM_RIGHTS.
+// write end in every process is closed (select(2) wakes for it); writing with no reader gives
+// SIGPIPE (default action: death, shown by wait), EPIPE when SIGPIPE is ignored or caught; a
+// blocking write larger than the pipe completes as the reader drains it; writes up to PIPE_BUF from
+// two writers never interleave; O_NONBLOCK and F_GETPIPE_SZ; a three-process pipeline.
+// socketpair(2) between processes: both directions, EOF after shutdown, EPIPE with MSG_NOSIGNAL,
+// SOCK_SEQPACKET boundaries, and a descriptor passed from child to parent with SCM_RIGHTS.
 
 #include <ctype.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/select.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -100,7 +101,11 @@ int main() {
   struct pollfd pf = {p[0], POLLIN, 0};
   CHECK(poll(&pf, 1, 0) == 0);
   close(hold[1]);
-  CHECK(conf::readableWithin(p[0], 30000));
+  fd_set readable;
+  FD_ZERO(&readable);
+  FD_SET(p[0], &readable);
+  struct timeval thirty = {30, 0};
+  CHECK(select(p[0] + 1, &readable, nullptr, nullptr, &thirty) == 1 && FD_ISSET(p[0], &readable));
   char c;
   CHECK(read(p[0], &c, 1) == 0);
   close(p[0]);

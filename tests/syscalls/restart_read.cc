@@ -2,7 +2,8 @@
 // with SA_RESTART the read goes on and returns the data written after the signals; without it
 // the read fails with EINTR and the data written later arrives whole in the next read. A read
 // that has consumed data returns it and is never repeated: a stream of numbered messages, each
-// racing a signal, arrives in order, once, with no byte lost, in both modes.
+// racing a signal, arrives in order, once, with no byte lost, in both modes. nanosleep(2) is
+// never restarted after a handler: EINTR with the time left, even with SA_RESTART.
 
 #include <fcntl.h>
 
@@ -99,6 +100,36 @@ int main() {
   CHECK(conf::readFull(data[0], buf, 1) == 0);
   conf::expectClean(child, "EINTR signaller");
   close(data[0]);
+  close(ack[0]);
+  close(result[1]);
+  ackFd = -1;
+
+  // nanosleep(2) is never restarted after a handler, SA_RESTART or not: EINTR, and the time
+  // left. The child signals until the parent reports the EINTR (or the 20 s sleep ends).
+  CHECK(pipe(ack) == 0 && pipe(result) == 0);
+  ackFd = ack[1];
+  child = conf::spawn([&] {
+    close(ack[1]);
+    close(result[1]);
+    do {
+      CHECK(kill(parent, SIGUSR1) == 0);  // the SA_RESTART handler
+      CHECK(conf::recvByte(ack[0]) == 'a');
+    } while (!conf::readableWithin(result[0], 200));
+    return 0;
+  });
+  close(result[0]);
+  struct timespec sleep20 = {20, 0};
+  struct timespec left = {};
+  errno = 0;
+  int slept = nanosleep(&sleep20, &left);
+  err = errno;
+  CHECK(slept == -1 && err == EINTR);
+  // The time left is at most the request (plus the timer's slack: the kernel reports the time
+  // to the slack-extended expiry) and more than nothing.
+  long leftNs = left.tv_sec * 1000000000L + left.tv_nsec;
+  CHECK(leftNs > 0 && leftNs <= 20 * 1000000000L + 100000000L);
+  CHECK(conf::sendByte(result[1], 'E'));
+  conf::expectClean(child, "nanosleep signaller");
   close(ack[0]);
   close(result[1]);
   ackFd = -1;

@@ -1,11 +1,12 @@
 // vfork(2) and posix_spawn(3) (glibc: clone with CLONE_VM | CLONE_VFORK): the parent stays
 // suspended, sharing its memory with the child, until the child execs or exits; an exec that
 // fails leaves the parent suspended until the child's _exit; the exec'ed program runs as the
-// same pid.
+// same pid; vfork + execveat of a descriptor (fexecve).
 
 #include <fcntl.h>
 #include <sched.h>
 #include <spawn.h>
+#include <sys/syscall.h>
 
 #include "tree.h"
 
@@ -99,6 +100,20 @@ int main() {
   CHECK(execErrno == ENOENT);
   status = conf::reap(child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 127);
+
+  // vfork + execveat(AT_EMPTY_PATH) of a descriptor the parent opened (fexecve).
+  int shFd = open("/bin/sh", O_PATH | O_CLOEXEC);
+  CHECK(shFd >= 0);
+  child = vfork();
+  if (child == 0) {
+    const char* shArgv[] = {"sh", "-c", "exit 4", nullptr};
+    syscall(SYS_execveat, shFd, "", shArgv, environ, AT_EMPTY_PATH);
+    execErrno = errno;
+    _exit(127);
+  }
+  status = conf::reap(child);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 4);
+  close(shFd);
 
   // posix_spawn: the exit status of the program, and ENOENT for a missing one.
   const char* argv[] = {"sh", "-c", "exit 9", nullptr};

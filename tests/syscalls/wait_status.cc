@@ -1,9 +1,11 @@
 // wait4(2) and waitid(2): exit statuses, deaths by signal, stops and continues (WUNTRACED,
 // WSTOPPED, WCONTINUED), WNOHANG on a running child, WNOWAIT, waiting for any child, for a
-// process group, ECHILD; SIGCHLD's siginfo for an exit and a stop; SIGCHLD ignored reaps
+// process group, ECHILD; a pidfd (pidfd_open, poll, waitid P_PIDFD); SIGCHLD's siginfo for an
+// exit and a stop; SIGCHLD ignored reaps
 // children itself.
 
 #include <sys/resource.h>
+#include <sys/syscall.h>
 
 #include <set>
 
@@ -168,6 +170,28 @@ int main() {
   CHECK_FAILS(waitpid(getppid(), &status, 0), ECHILD);
   CHECK_FAILS(waitid(P_PID, child, &info, WEXITED | WNOHANG), ECHILD);
   CHECK_FAILS(waitid(P_ALL, 0, &info, 0), EINVAL);
+
+  // pidfd_open: the descriptor polls readable when the child exits; waitid(P_PIDFD) reaps it;
+  // a reaped pid has no pidfd (ESRCH).
+  int release[2];
+  CHECK(pipe(release) == 0);
+  a = conf::spawn([&] {
+    close(release[1]);
+    conf::recvByte(release[0]);
+    _exit(17);
+    return 0;
+  });
+  close(release[0]);
+  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, a, 0));
+  CHECK(pidfd >= 0);
+  CHECK(!conf::readableWithin(pidfd, 0));
+  close(release[1]);
+  CHECK(conf::readableWithin(pidfd, 30000));
+  info = {};
+  CHECK(waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info, WEXITED) == 0);
+  CHECK(info.si_pid == a && info.si_code == CLD_EXITED && info.si_status == 17);
+  close(pidfd);
+  CHECK_FAILS(syscall(SYS_pidfd_open, a, 0), ESRCH);
 
   // SIGCHLD ignored: children are reaped by the kernel; wait4 blocks until they are gone, then
   // reports ECHILD.
