@@ -95,6 +95,35 @@ int Supervisor::run() {
     }
     return 1;
   }
+  try {
+    serve();
+  } catch (kj::Exception& e) {
+    endJobAfter(e);
+  }
+}
+
+void Supervisor::endJobAfter(const kj::Exception& e) {
+  if (e.getType() == kj::Exception::Type::DISCONNECTED) {
+    spdlog::warn("job {}: channel to the deputy failed: {}", start_.getIds().getPid(),
+                 e.getDescription().cStr());
+    endJob(0);
+  }
+  // A message from the deputy that does not parse (or a bug): this job cannot go on, the node
+  // and its other jobs can. The deputy hears why, if it still listens.
+  spdlog::error("job {}: {}; ending the guest", start_.getIds().getPid(),
+                e.getDescription().cStr());
+  try {
+    capnp::MallocMessageBuilder message;
+    message.initRoot<proto::ToDeputy>().setFailed(
+        std::string("node " + std::to_string(options_.node) + " ended the job: ") +
+        e.getDescription().cStr());
+    channel_.send(message);
+  } catch (kj::Exception&) {
+  }
+  endJob(1);
+}
+
+void Supervisor::serve() {
   for (;;) {
     turn(-1);
   }
@@ -138,6 +167,12 @@ void Supervisor::receiveJobStart() {
     KJ_FAIL_REQUIRE("the deputy closed the channel before JobStart");
   }
   start_ = jobStart_->getRoot<proto::JobStart>();
+  // A malformed message throws when a bad pointer is read, and start_ is read everywhere, also
+  // where nothing catches (log lines of error paths). So every pointer is bounds-checked here,
+  // once (totalSize() walks them all), and the fields read outside the image are read once.
+  start_.totalSize();
+  start_.getIds();
+  start_.getCommand();
   KJ_REQUIRE(start_.getHomeNode() == options_.peerNode, "JobStart names another home node",
              start_.getHomeNode(), options_.peerNode);
   KJ_REQUIRE(start_.getImage().getArch() == "x86_64", "image of another architecture",

@@ -145,6 +145,12 @@ class Supervisor {
   void rememberHomePath(const std::string& cachePath, kj::ArrayPtr<const kj::byte> homePath);
 
   // --- the loop (supervisor.cc)
+  // Serves the guest's notifications and the deputy's messages until the job ends (then exits
+  // the process). Throws kj::Exception when the channel fails or a message does not parse.
+  [[noreturn]] void serve();
+  // Ends the job after `e` escaped the loop: DISCONNECTED ends it quietly (status 0), anything
+  // else is logged and told to the deputy (status 1).
+  [[noreturn]] void endJobAfter(const kj::Exception& e);
   void serveNotification();
   void respond(uint64_t id, const Answer& answer);
   bool idValid(uint64_t id) { return unotify_->idValid(id); }

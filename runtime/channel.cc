@@ -131,11 +131,12 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Channel::receive() {
   if (n < sizeof(first)) {
     kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "job channel closed inside a message"));
   }
-  uint32_t segmentCount = first[0] + 1;
-  if (segmentCount > MAX_SEGMENTS) {
+  // Compared before adding one: a count of 2^32 - 1 would wrap to no segments at all.
+  if (first[0] >= MAX_SEGMENTS) {
     kj::throwFatalException(KJ_EXCEPTION(FAILED, "malformed frame: too many segments",
-                                         segmentCount));
+                                         uint64_t(first[0]) + 1));
   }
+  uint32_t segmentCount = first[0] + 1;
   // Segment sizes in words: the first is in `first[1]`, the rest follow, padded to a word.
   kj::Array<uint32_t> sizes = kj::heapArray<uint32_t>(segmentCount);
   sizes[0] = first[1];

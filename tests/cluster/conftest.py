@@ -111,7 +111,7 @@ class Job:
     def pid(self):
         return self.popen.pid
 
-    def read_until(self, needle: bytes, timeout=30):
+    def read_until(self, needle: bytes, timeout=60):
         """Reads stdout until it contains needle; returns everything read so far."""
         sel = selectors.DefaultSelector()
         sel.register(self.popen.stdout, selectors.EVENT_READ)
@@ -208,7 +208,7 @@ class Cluster:
 
     def mps(self, node=1):
         """The jobs listed by `mps --json` on node: a list of dicts."""
-        cp = self.run(node, ["mps", "--json"], timeout=20)
+        cp = self.run(node, ["mps", "--json"], timeout=60)
         assert cp.returncode == 0, f"mps --json failed: {cp.stderr!r}"
         text = cp.stdout.decode()
         try:
@@ -219,7 +219,7 @@ class Cluster:
             data = data.get("jobs", [data])
         return data
 
-    def wait_remote(self, job, token, node=REMOTE, timeout=30):
+    def wait_remote(self, job, token, node=REMOTE, timeout=60):
         """Waits until mps at home lists the job (pid == job.pid, or command containing token)
         as running remotely on node; returns its mps record."""
         def find():
@@ -232,7 +232,7 @@ class Cluster:
                 if mine and rec.get("state") == "remote" and rec.get("node") == node:
                     return rec
             return None
-        return wait_until(find, timeout, interval=0.1, what=f"job {token} remote on node {node}")
+        return wait_until(find, timeout, interval=0.05, what=f"job {token} remote on node {node}")
 
     def node_pids(self, node):
         cp = run_host([LOCAL_CLUSTER, "pids", node], timeout=30)
@@ -327,7 +327,8 @@ def no_strays(request):
     c = request.getfixturevalue("cluster")
     c.reap_jobs()
     try:
-        wait_until(lambda: not c.strays(), timeout=5, interval=0.1, what="no stray processes")
+        wait_until(lambda: not c.strays(), timeout=30, interval=0.05,
+                   what="no stray processes")
     except AssertionError:
         left = c.strays()
         # Kill them so that the next test starts clean, then fail this one.

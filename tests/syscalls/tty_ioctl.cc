@@ -42,7 +42,8 @@ int main() {
 
   CHECK(write(master, "abc", 3) == 3);
   int avail = -1;
-  for (int i = 0; i < 100 && avail != 3; ++i) {  // the tty layer moves data asynchronously
+  // The tty layer moves data asynchronously (a kernel worker): wait for it, up to 30 s.
+  for (int i = 0; i < 30000 && avail != 3; ++i) {
     CHECK(ioctl(slave, FIONREAD, &avail) == 0);
     if (avail != 3) {
       usleep(1000);

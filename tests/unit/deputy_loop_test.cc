@@ -17,6 +17,7 @@
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
@@ -43,15 +44,9 @@ struct ForkedDeputy {
     REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     int err[2];
     REQUIRE(pipe2(err, O_CLOEXEC) == 0);
-    // The child starts with every signal blocked: a test's signal that lands before the deputy
-    // installed its handlers must wait for them, not kill the child (SIGUSR2's default action).
-    sigset_t all, old;
-    sigfillset(&all);
-    REQUIRE(sigprocmask(SIG_BLOCK, &all, &old) == 0);
+    int ready[2];
+    REQUIRE(pipe2(ready, O_CLOEXEC) == 0);
     pid = fork();
-    if (pid != 0) {
-      sigprocmask(SIG_SETMASK, &old, nullptr);
-    }
     REQUIRE(pid >= 0);
     if (pid == 0) {
       close(sv[1]);
@@ -61,6 +56,8 @@ struct ForkedDeputy {
       if (beforeLoop) {
         beforeLoop();
       }
+      // From here on a signal is the job's (held until the loop forwards it), never fatal.
+      (void)!write(ready[1], "r", 1);
       static ReservedFds fds;
       int high = fds.moveHigh(sv[0]);
       DeputyOptions options;
@@ -74,6 +71,13 @@ struct ForkedDeputy {
     close(err[1]);
     stderrRead = err[0];
     peer = kj::heap<Channel>(kj::AutoCloseFd(sv[1]));
+    // Tests signal the deputy right away: wait (up to 60 s) until its handlers are in place.
+    close(ready[1]);
+    struct pollfd pfd = {ready[0], POLLIN, 0};
+    char byte = 0;
+    bool isReady = poll(&pfd, 1, 60000) == 1 && read(ready[0], &byte, 1) == 1;
+    close(ready[0]);
+    REQUIRE(isReady);
   }
 
   ~ForkedDeputy() {
@@ -89,7 +93,7 @@ struct ForkedDeputy {
   void send(capnp::MallocMessageBuilder& message) { peer->send(message); }
 
   // Receives one message within `ms`; nullptr at end of stream or timeout.
-  kj::Own<capnp::MessageReader> receive(int ms = 5000) {
+  kj::Own<capnp::MessageReader> receive(int ms = 30000) {
     if (!peer->hasBuffered()) {
       struct pollfd pfd = {peer->fd(), POLLIN, 0};
       if (poll(&pfd, 1, ms) <= 0) {
@@ -148,6 +152,33 @@ void sendExit(ForkedDeputy& d, int status, int sig) {
   d.send(message);
 }
 
+// Waits up to 30 s until `pid` is blocked in syscall `nr` (and, when `arg0` >= 0, with that first
+// argument), as /proc/PID/syscall shows it. False on timeout.
+bool waitBlockedIn(pid_t pid, long nr, long arg0 = -1) {
+  std::string path = "/proc/" + std::to_string(pid) + "/syscall";
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (;;) {
+    char text[256] = {};
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      ssize_t n = read(fd, text, sizeof(text) - 1);
+      close(fd);
+      long got = -2;
+      unsigned long first = 0;
+      if (n > 0 && sscanf(text, "%ld 0x%lx", &got, &first) >= 1 && got == nr &&
+          (arg0 < 0 || first == static_cast<unsigned long>(arg0))) {
+        return true;
+      }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (now.tv_sec - start.tv_sec >= 30) {
+      return false;
+    }
+    usleep(2000);
+  }
+}
+
 std::string randomBytes(size_t n) {
   std::mt19937_64 rng(42);
   std::string s(n, '\0');
@@ -166,7 +197,7 @@ TEST_CASE("deputy read on an empty pipe interrupted by a signal sends the signal
   REQUIRE(pipe2(p, 0) == 0);  // inherited by the deputy: a descriptor of the job
   ForkedDeputy d;
   uint64_t seq = d.sendSyscall(__NR_read, {uint64_t(p[0]), 0, 64}, {{1, 64}});
-  usleep(100 * 1000);  // the deputy is now blocked in read(2)
+  REQUIRE(waitBlockedIn(d.pid, __NR_read, p[0]));
   REQUIRE(kill(d.pid, SIGUSR1) == 0);
   auto first = d.receive();
   REQUIRE(first.get() != nullptr);
@@ -198,7 +229,7 @@ TEST_CASE("deputy signals racing with the start of a forwarded call never leave 
     REQUIRE(kill(d.pid, SIGUSR2) == 0);
     bool sawSignal = false;
     for (;;) {
-      auto m = d.receive(3000);
+      auto m = d.receive();
       REQUIRE(m.get() != nullptr);  // a hang here is the race the wrapper closes
       auto root = m->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
@@ -220,7 +251,7 @@ TEST_CASE("deputy signals racing with the start of a forwarded call never leave 
 
 TEST_CASE("deputy forwards a signal that arrives while it waits for a request", "[deputy][signal]") {
   ForkedDeputy d;
-  usleep(50 * 1000);
+  REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));  // waiting for a request, signals open
   REQUIRE(kill(d.pid, SIGINT) == 0);
   auto m = d.receive();
   REQUIRE(m.get() != nullptr);
@@ -581,7 +612,7 @@ TEST_CASE("mos-deputy refused by mosd (another key): message and status 125",
   pid_t pid = spawnDeputy(port, image, "/tmp", err[1], ours.path);
   close(err[1]);
   struct pollfd pfd = {listener, POLLIN, 0};
-  if (poll(&pfd, 1, 10000) != 1) {
+  if (poll(&pfd, 1, 60000) != 1) {
     kill(pid, SIGKILL);
     waitpid(pid, nullptr, 0);
     FAIL("the deputy did not connect: " << readAll(err[0]));
@@ -757,7 +788,8 @@ int signalInsideWindow(int nth) {
   REQUIRE(rip <= end);
   REQUIRE(ptrace(PTRACE_DETACH, pid, nullptr, reinterpret_cast<void*>(SIGUSR1)) == 0);
   int result = -1;
-  for (int i = 0; i < 200; i++) {
+  // 30 s: a child that is still blocked then hangs for good (the race is not closed).
+  for (int i = 0; i < 3000; i++) {
     if (waitpid(pid, &status, WNOHANG) == pid) {
       result = WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
       break;

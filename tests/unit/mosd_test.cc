@@ -86,7 +86,7 @@ uint16_t freePort() {
 }
 
 // A blocking TCP connection to mosd, optionally from another loopback source address. Reads
-// time out after 10 s so a broken daemon fails the test instead of hanging it.
+// time out after 60 s so a broken daemon fails the test instead of hanging it.
 kj::AutoCloseFd connectRaw(uint16_t port, uint32_t source = 0) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   REQUIRE(fd >= 0);
@@ -97,7 +97,7 @@ kj::AutoCloseFd connectRaw(uint16_t port, uint32_t source = 0) {
     src.sin_addr.s_addr = htonl(source);
     REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&src), sizeof(src)) == 0);
   }
-  timeval tv{10, 0};
+  timeval tv{60, 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   sockaddr_in sin{};
   sin.sin_family = AF_INET;
@@ -111,7 +111,7 @@ void sendAll(int fd, const void* data, size_t size) {
   REQUIRE(send(fd, data, size, MSG_NOSIGNAL) == ssize_t(size));
 }
 
-// Reads until end of stream (true) or until the 10 s receive timeout (false). A reset counts
+// Reads until end of stream (true) or until the 60 s receive timeout (false). A reset counts
 // as an end.
 bool readsToEnd(int fd) {
   char buf[256];
@@ -228,7 +228,7 @@ class MosdFixture {
       _exit(127);
     }
     // Ready when it answers.
-    auto deadline = std::chrono::steady_clock::now() + 10s;
+    auto deadline = std::chrono::steady_clock::now() + 60s;
     for (;;) {
       auto error = kj::runCatchingExceptions(
           [&]() { mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 1000); });
@@ -241,7 +241,7 @@ class MosdFixture {
         FAIL("mosd exited early: " << readFile(log));
       }
       if (std::chrono::steady_clock::now() > deadline) {
-        FAIL("mosd did not answer within 10 s: " << readFile(log));
+        FAIL("mosd did not answer within 60 s: " << readFile(log));
       }
       std::this_thread::sleep_for(20ms);
     }
@@ -256,11 +256,13 @@ class MosdFixture {
     return status;
   }
 
-  mos::NodeStatus status() { return mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 3000); }
+  mos::NodeStatus status() {
+    return mos::queryStatus(node1, mos::Ipv4{LOCALHOST}, port, 30000);
+  }
 
-  // Waits up to 10 s for `text` to appear in the log.
+  // Waits up to 60 s for `text` to appear in the log.
   bool logShows(const std::string& text) {
-    auto deadline = std::chrono::steady_clock::now() + 10s;
+    auto deadline = std::chrono::steady_clock::now() + 60s;
     while (std::chrono::steady_clock::now() < deadline) {
       if (readFile(log).find(text) != std::string::npos) {
         return true;
@@ -284,10 +286,10 @@ TEST_CASE("mosd reports its status and the jobs of its run dir", "[node][mosd]")
   CHECK(status.guests == 0);
   CHECK(status.load >= 0);
 
-  CHECK(mos::listJobs(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 3000).empty());
+  CHECK(mos::listJobs(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 30000).empty());
   auto map = mos::MapFile::fromPath(mosd.dir + "/map");
-  CHECK(mos::queryStatus(mosd.node1, map, 1, mosd.port, 3000).nodeId == 1);
-  CHECK_THROWS_WITH(mos::queryStatus(mosd.node1, map, 2, mosd.port, 3000),
+  CHECK(mos::queryStatus(mosd.node1, map, 1, mosd.port, 30000).nodeId == 1);
+  CHECK_THROWS_WITH(mos::queryStatus(mosd.node1, map, 2, mosd.port, 30000),
                     Catch::Contains("node 2 is not in the cluster map"));
 
   auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 4242, 4242, 1, "sleep 100");
@@ -300,7 +302,7 @@ TEST_CASE("mosd reports its status and the jobs of its run dir", "[node][mosd]")
   guest.get()->node = 1;
   guest.get()->state = uint32_t(mos::JobState::REMOTE);
 
-  auto jobs = mos::listJobs(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 3000);
+  auto jobs = mos::listJobs(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 30000);
   REQUIRE(jobs.size() == 2);
   CHECK(jobs[0].homePid == 77);  // sorted by home pid
   CHECK(jobs[0].state == "home");
@@ -314,7 +316,7 @@ TEST_CASE("mosd reports its status and the jobs of its run dir", "[node][mosd]")
   CHECK(jobs[1].syscalls == 17);
   CHECK(jobs[1].remotePid == 999);
 
-  auto guests = mos::listGuests(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 3000);
+  auto guests = mos::listGuests(mosd.node1, mos::Ipv4{LOCALHOST}, mosd.port, 30000);
   REQUIRE(guests.size() == 1);
   CHECK(guests[0].homePid == 31);
   CHECK(guests[0].homeNode == 3);
@@ -441,7 +443,7 @@ TEST_CASE("mosd accepts only members that prove the cluster key from their own a
                            "/cluster.key)") == 2);
     CHECK(log.find("supervisor") == std::string::npos);  // no job got through
     try {
-      mos::queryStatus({1, keyOf(0x33)}, mos::Ipv4{LOCALHOST}, mosd.port, 3000);
+      mos::queryStatus({1, keyOf(0x33)}, mos::Ipv4{LOCALHOST}, mosd.port, 30000);
       FAIL("no exception");
     } catch (kj::Exception& e) {
       CHECK(e.getType() == kj::Exception::Type::DISCONNECTED);

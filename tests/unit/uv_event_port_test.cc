@@ -208,7 +208,7 @@ TEST_CASE("KJ continuations run under a plain uv_run", "[node][uv]") {
   uv_timer_t guard;  // keeps uv_run from returning early for want of handles
   uv_timer_init(&f.loop, &guard);
   uv_timer_start(
-      &guard, [](uv_timer_t* t) { uv_stop(t->loop); }, 5000, 0);
+      &guard, [](uv_timer_t* t) { uv_stop(t->loop); }, 60000, 0);
   uv_run(&f.loop, UV_RUN_DEFAULT);
   uv_close(reinterpret_cast<uv_handle_t*>(&guard), nullptr);
   uv_run(&f.loop, UV_RUN_NOWAIT);
