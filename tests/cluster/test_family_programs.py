@@ -18,8 +18,8 @@ import pytest
 
 from conftest import BUILD, PYTHON, STATE
 
-# Issue 6 (process families): every test here needs a guest that forks, vforks or starts
-# threads. strict: a test that passes fails the suite, so that whoever lands the mechanism
+# Issue 6 (process families): these tests need a guest that forks, vforks or starts threads
+# (sort --parallel does not: it falls back to one thread). strict: a test that passes fails the suite, so that whoever lands the mechanism
 # removes it from this list (all of them: delete the list and the marks go with it).
 ISSUE_6_PENDING = {
     "test_shell_pipeline_of_several_stages": "issue 6: bash forks every stage",
