@@ -9,12 +9,29 @@ from conftest import BUILD
 
 SYSCALLS = BUILD / "tests" / "syscalls"
 
+# Issue 6 (process families): these programs fork, vfork, clone or start threads, which a guest
+# cannot do yet (ENOSYS), so their remote runs are expected to fail. strict: a run that passes
+# fails the suite, so that whoever lands the mechanism removes the program from this list.
+ISSUE_6_PENDING = {
+    "sc_clone_settid": "issue 6: clone with CLONE_*SETTID in a guest",
+    "sc_kill_procs": "issue 6: fork; kill/tgkill between job processes",
+    "sc_pgrp_session": "issue 6: fork; setpgid/setsid of job processes",
+    "sc_pipe_family": "issue 6: fork; pipes between job processes",
+    "sc_restart_read": "issue 6: fork; signals from another job process during a forwarded read",
+    "sc_shared_mem": "issue 6: fork; shared memory and futexes between job processes",
+    "sc_threads": "issue 6: threads in a guest",
+    "sc_vfork_exec": "issue 6: vfork in a guest",
+    "sc_wait_status": "issue 6: fork; wait4/waitid of job processes",
+}
+
 
 def programs():
     if not SYSCALLS.is_dir():
         return []
-    return sorted(p.name for p in SYSCALLS.iterdir()
-                  if p.is_file() and os.access(p, os.X_OK) and not p.name.endswith((".so", ".a")))
+    names = sorted(p.name for p in SYSCALLS.iterdir()
+                   if p.is_file() and os.access(p, os.X_OK) and not p.name.endswith((".so", ".a")))
+    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=ISSUE_6_PENDING[n]))
+            if n in ISSUE_6_PENDING else n for n in names]
 
 
 @pytest.mark.parametrize("name", programs())
