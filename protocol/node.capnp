@@ -6,6 +6,8 @@
 using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("mos::proto");
 
+using Trace = import "trace.capnp";
+
 struct NodeStatus {
   nodeId @0 :UInt32;
   version @1 :Text;
@@ -30,4 +32,10 @@ interface Node {
   # Jobs whose home is this node.
   listGuests @2 () -> (jobs :List(JobInfo));
   # Guests whose user part runs on this node now.
+  traceJob @3 (homePid :Int32, homeNode :UInt32, filter :Trace.TraceFilter,
+               sink :Trace.TraceSink) -> (subscription :Trace.TraceSubscription);
+  # Subscribes `sink` to the calls of job `homePid` of node `homeNode` (0: this node) that are
+  # trapped on this node (the job's guest runs here). Call it on the node where the job runs
+  # (JobInfo.node); events flow until the subscription is dropped or the job leaves
+  # (TraceSink.ended). Fails with "no guest of job P from node N runs here" when none does now.
 }

@@ -33,6 +33,7 @@
 #include "map_file.h"
 #include "node.capnp.h"
 #include "programs.h"
+#include "trace_channel.h"
 #include "uv_event_port.h"
 
 #ifndef UMOSIX_VERSION
@@ -61,7 +62,8 @@ void fillJobs(capnp::List<proto::JobInfo>::Builder out, const std::vector<JobSna
 // The Node interface of protocol/node.capnp, answered from the job registry of RUN_DIR.
 class NodeService final : public proto::Node::Server {
  public:
-  NodeService(uint32_t nodeId, std::string runDir) : nodeId_(nodeId), runDir_(kj::mv(runDir)) {}
+  NodeService(uint32_t nodeId, std::string runDir, TraceHub& traceHub)
+      : nodeId_(nodeId), runDir_(kj::mv(runDir)), traceHub_(traceHub) {}
 
  protected:
   kj::Promise<void> status(StatusContext context) override {
@@ -90,9 +92,19 @@ class NodeService final : public proto::Node::Server {
     return kj::READY_NOW;
   }
 
+  // The trace stream of one job's calls trapped on this node (protocol/trace.capnp).
+  kj::Promise<void> traceJob(TraceJobContext context) override {
+    auto params = context.getParams();
+    uint32_t homeNode = params.getHomeNode() == 0 ? nodeId_ : params.getHomeNode();
+    context.getResults().setSubscription(
+        traceHub_.subscribe(params.getHomePid(), homeNode, params.getFilter(), params.getSink()));
+    return kj::READY_NOW;
+  }
+
  private:
   uint32_t nodeId_;
   std::string runDir_;
+  TraceHub& traceHub_;
 };
 
 struct Supervisor {
@@ -107,11 +119,13 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
         config_(kj::mv(config)),
         map_(kj::mv(map)),
         key_(kj::mv(key)),
-        rpcServer_(kj::heap<NodeService>(config_.nodeId, config_.runDir)),
+        traceHub_(port, config_.runDir),
+        rpcServer_(kj::heap<NodeService>(config_.nodeId, config_.runDir, traceHub_)),
         listener_(port, makeSockaddr(address.value, config_.port)),
         tasks_(*this) {
     spdlog::info("node {} listening on {}:{} (map {}, {} nodes, key {})", config_.nodeId,
                  address.toString(), config_.port, config_.mapPath, map_.size(), config_.keyPath);
+    tasks_.add(traceHub_.run());  // receives supervisors' trace events until mosd stops
   }
 
   // Accepts connections until an unrecoverable accept error (then rejects). A connection that
@@ -355,6 +369,7 @@ class Daemon final : private kj::TaskSet::ErrorHandler {
   NodeConfig config_;
   MapFile map_;
   ClusterKey key_;
+  TraceHub traceHub_;  // RUN_DIR/trace.sock: events from this node's supervisors
   capnp::TwoPartyServer rpcServer_;
   UvTcpListener listener_;
   std::map<pid_t, Supervisor> supervisors_;

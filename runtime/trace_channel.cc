@@ -1,0 +1,409 @@
+#include "trace_channel.h"
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <fcntl.h>
+#include <kj/debug.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <set>
+
+#include "job_registry.h"
+#include "log.h"
+
+namespace mos {
+
+namespace {
+
+constexpr size_t CONTROL_BYTES = 64;
+static_assert(sizeof(TraceControl) <= CONTROL_BYTES);
+constexpr uint32_t DEFAULT_PAYLOAD_BYTES = 32;
+constexpr uint32_t MAX_PAYLOAD_BYTES = 64 << 10;  // one datagram must hold six of them
+constexpr size_t STRUCT_KEPT_BYTES = 256;
+constexpr size_t MAX_DATAGRAM = 512 << 10;
+constexpr size_t MAX_QUEUED = 4096;  // events per subscriber before the oldest are dropped
+constexpr size_t MAX_BATCH = 256;    // events per TraceSink.events call
+
+sockaddr_un unixAddress(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  KJ_REQUIRE(path.size() < sizeof(addr.sun_path), "socket path too long", path);
+  memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  return addr;
+}
+
+}  // namespace
+
+std::string traceControlPath(const std::string& runDir, uint32_t homeNode, int32_t homePid) {
+  return runDir + "/trace/" + std::to_string(homeNode) + "-" + std::to_string(homePid);
+}
+
+std::string traceSocketPath(const std::string& runDir) { return runDir + "/trace.sock"; }
+
+TraceControl* mapTraceControl(const std::string& runDir, uint32_t homeNode, int32_t homePid) {
+  makeDirectories(runDir + "/trace");
+  std::string path = traceControlPath(runDir, homeNode, homePid);
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    KJ_FAIL_REQUIRE("cannot open the trace control file", path, strerror(errno));
+  }
+  kj::AutoCloseFd owned(fd);
+  struct stat st;
+  KJ_SYSCALL(fstat(fd, &st), path);
+  if (st.st_size < off_t(CONTROL_BYTES)) {
+    KJ_SYSCALL(ftruncate(fd, CONTROL_BYTES), path);
+  }
+  void* at = mmap(nullptr, CONTROL_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (at == MAP_FAILED) {
+    KJ_FAIL_REQUIRE("cannot map the trace control file", path, strerror(errno));
+  }
+  auto* control = static_cast<TraceControl*>(at);
+  // Both sides may create it: a zero-filled record is a valid one with no listeners.
+  control->magic = TraceControl::MAGIC;
+  control->version = 1;
+  return control;
+}
+
+void unmapTraceControl(TraceControl* control) {
+  if (control != nullptr) {
+    munmap(control, CONTROL_BYTES);
+  }
+}
+
+void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Builder out) {
+  out.setHomePid(r.pid);
+  out.setTid(r.tid);
+  out.setNode(r.node);
+  out.setHomeNode(r.homeNode);
+  out.setNr(r.nr);
+  auto args = out.initArgs(6);
+  for (unsigned i = 0; i < 6; i++) {
+    args.set(i, r.args[i]);
+  }
+  unsigned count = 0;
+  for (const TracePayload& p : r.payloads) {
+    count += p.present ? 1 : 0;
+  }
+  auto payloads = out.initPayloads(count);
+  unsigned at = 0;
+  for (unsigned i = 0; i < 6; i++) {
+    const TracePayload& p = r.payloads[i];
+    if (!p.present) {
+      continue;
+    }
+    size_t keep =
+        std::min<size_t>(p.data.size(), std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES));
+    if (p.data.size() > STRUCT_KEPT_BYTES) {
+      keep = std::min<size_t>(p.data.size(), payloadBytes);
+    }
+    auto payload = payloads[at++];
+    payload.setArg(uint8_t(i));
+    payload.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(p.data.data()), keep));
+    payload.setLength(std::max<uint64_t>(p.length, p.data.size()));
+  }
+  out.setResult(r.result);
+  out.setRoute(static_cast<proto::TraceRoute>(r.route));
+  out.setStartNs(r.startNs);
+  out.setTotalUs(r.totalUs);
+  out.setHomeUs(r.homeUs);
+  out.setTransitUs(r.transitUs);
+}
+
+TraceRecord fromProto(proto::TraceEvent::Reader e) {
+  TraceRecord r;
+  r.pid = e.getHomePid();
+  r.tid = e.getTid();
+  r.node = e.getNode();
+  r.homeNode = e.getHomeNode();
+  r.nr = e.getNr();
+  auto args = e.getArgs();
+  for (unsigned i = 0; i < 6 && i < args.size(); i++) {
+    r.args[i] = args[i];
+  }
+  for (auto p : e.getPayloads()) {
+    if (p.getArg() < 6) {
+      TracePayload& out = r.payloads[p.getArg()];
+      auto data = p.getData();
+      out.present = true;
+      out.data.assign(reinterpret_cast<const char*>(data.begin()), data.size());
+      out.length = std::max<uint64_t>(p.getLength(), data.size());
+    }
+  }
+  r.result = e.getResult();
+  r.route = static_cast<TraceRoute>(uint16_t(e.getRoute()));
+  r.startNs = e.getStartNs();
+  r.totalUs = e.getTotalUs();
+  r.homeUs = e.getHomeUs();
+  r.transitUs = e.getTransitUs();
+  return r;
+}
+
+// ---- TracePublisher
+
+TracePublisher::TracePublisher(const std::string& runDir, uint32_t homeNode, int32_t homePid)
+    : control_(mapTraceControl(runDir, homeNode, homePid)), socketPath_(traceSocketPath(runDir)) {
+  socket_ = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  KJ_REQUIRE(socket_ >= 0, "cannot make the trace socket", strerror(errno));
+}
+
+TracePublisher::~TracePublisher() {
+  if (socket_ >= 0) {
+    close(socket_);
+  }
+  unmapTraceControl(control_);
+}
+
+uint32_t TracePublisher::payloadBytes() const {
+  uint32_t n = control_ ? control_->payloadBytes.load(std::memory_order_relaxed) : 0;
+  return std::clamp(n, DEFAULT_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES);
+}
+
+bool TracePublisher::publish(const TraceRecord& record) {
+  if (socket_ < 0) {
+    return false;
+  }
+  capnp::MallocMessageBuilder message;
+  auto event = message.initRoot<proto::TraceEvent>();
+  toProto(record, payloadBytes(), event);
+  event.setSeq(seq_.fetch_add(1, std::memory_order_relaxed) + 1);
+  event.setLost(lost_.load(std::memory_order_relaxed));
+  auto words = capnp::messageToFlatArray(message);
+  auto bytes = words.asBytes();
+  sockaddr_un addr = unixAddress(socketPath_);
+  ssize_t n = sendto(socket_, bytes.begin(), bytes.size(), MSG_DONTWAIT,
+                     reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  if (n != ssize_t(bytes.size())) {
+    lost_.fetch_add(1, std::memory_order_relaxed);  // EAGAIN, or mosd gone: tracing never blocks
+    return false;
+  }
+  return true;
+}
+
+// ---- CallbackTraceSink
+
+kj::Promise<void> CallbackTraceSink::events(EventsContext context) {
+  auto params = context.getParams();
+  dropped_ += params.getDropped();
+  for (auto event : params.getEvents()) {
+    onEvent_(fromProto(event));
+  }
+  return kj::READY_NOW;
+}
+
+kj::Promise<void> CallbackTraceSink::ended(EndedContext context) {
+  onEnd_(context.getParams().getReason());
+  return kj::READY_NOW;
+}
+
+// ---- TraceHub
+
+class TraceHub::Subscription final : public proto::TraceSubscription::Server,
+                                     private kj::TaskSet::ErrorHandler {
+ public:
+  Subscription(TraceHub& hub, Key key, proto::TraceFilter::Reader filter,
+               proto::TraceSink::Client sink)
+      : hub_(&hub), key_(key), sink_(kj::mv(sink)), tasks_(*this) {
+    for (int32_t nr : filter.getSyscalls()) {
+      syscalls_.insert(nr);
+    }
+    failedOnly_ = filter.getFailedOnly();
+    payloadBytes_ = filter.getPayloadBytes();
+  }
+  ~Subscription() {
+    if (hub_ != nullptr) {
+      hub_->detach(this);
+    }
+  }
+
+  uint32_t payloadBytes() const { return payloadBytes_; }
+  void hubGone() { hub_ = nullptr; }
+
+  // Queues one event if the filter wants it; starts a call to the sink when none is in flight.
+  void offer(proto::TraceEvent::Reader event, kj::ArrayPtr<const capnp::word> flat) {
+    if (dead_ || (!syscalls_.empty() && !syscalls_.contains(event.getNr()))) {
+      return;
+    }
+    int64_t result = event.getResult();
+    if (failedOnly_ && !(result < 0 && result >= -4095)) {
+      return;
+    }
+    if (queue_.size() >= MAX_QUEUED) {
+      queue_.pop_front();
+      dropped_++;
+      droppedTotal_++;
+    }
+    queue_.push_back(kj::heapArray(flat));
+    if (!inFlight_) {
+      sendBatch();
+    }
+  }
+
+ protected:
+  kj::Promise<void> stats(StatsContext context) override {
+    context.getResults().setDelivered(delivered_);
+    context.getResults().setDropped(droppedTotal_);
+    return kj::READY_NOW;
+  }
+
+ private:
+  void sendBatch() {
+    if (queue_.empty() || dead_) {
+      return;
+    }
+    size_t n = std::min(queue_.size(), MAX_BATCH);
+    auto request = sink_.eventsRequest();
+    auto events = request.initEvents(n);
+    for (size_t i = 0; i < n; i++) {
+      capnp::FlatArrayMessageReader reader(queue_[i]);
+      events.setWithCaveats(i, reader.getRoot<proto::TraceEvent>());
+    }
+    request.setDropped(dropped_);
+    dropped_ = 0;
+    queue_.erase(queue_.begin(), queue_.begin() + n);
+    inFlight_ = true;
+    tasks_.add(request.send().then([this, n](auto&&) {
+      delivered_ += n;
+      inFlight_ = false;
+      sendBatch();
+    }));
+  }
+
+  void taskFailed(kj::Exception&& exception) override {
+    // The subscriber is gone or broken: stop sending; the subscription ends when it is dropped.
+    spdlog::debug("trace subscriber failed: {}", exception.getDescription().cStr());
+    dead_ = true;
+    queue_.clear();
+  }
+
+  TraceHub* hub_;
+  Key key_;
+  proto::TraceSink::Client sink_;
+  std::set<int32_t> syscalls_;
+  bool failedOnly_ = false;
+  uint32_t payloadBytes_ = 0;
+  std::deque<kj::Array<capnp::word>> queue_;
+  bool inFlight_ = false;
+  bool dead_ = false;
+  uint64_t delivered_ = 0;
+  uint64_t dropped_ = 0;  // since the last call
+  uint64_t droppedTotal_ = 0;
+  kj::TaskSet tasks_;
+
+  friend class TraceHub;
+};
+
+TraceHub::TraceHub(UvEventPort& port, std::string runDir)
+    : port_(port), runDir_(kj::mv(runDir)), socketPath_(traceSocketPath(runDir_)) {
+  makeDirectories(runDir_);
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  KJ_REQUIRE(fd >= 0, "cannot make the trace socket", strerror(errno));
+  socket_ = kj::AutoCloseFd(fd);
+  unlink(socketPath_.c_str());
+  sockaddr_un addr = unixAddress(socketPath_);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0) {
+    KJ_FAIL_REQUIRE("cannot bind the trace socket", socketPath_, strerror(errno));
+  }
+  int size = 4 << 20;  // bursts of events while mosd is busy
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+  watcher_ = kj::heap<UvFdWatcher>(port_, fd);
+}
+
+TraceHub::~TraceHub() {
+  watcher_->stop();
+  for (auto& [key, job] : jobs_) {
+    for (Subscription* s : job.subscriptions) {
+      s->hubGone();
+    }
+    job.control->listeners.store(0);
+    unmapTraceControl(job.control);
+  }
+  unlink(socketPath_.c_str());
+}
+
+kj::Promise<void> TraceHub::run() {
+  return watcher_->whenReadable().then([this]() {
+    receiveAll();
+    return run();
+  });
+}
+
+void TraceHub::receiveAll() {
+  auto buffer = kj::heapArray<capnp::word>(MAX_DATAGRAM / sizeof(capnp::word));
+  for (;;) {
+    ssize_t n = recv(socket_.get(), buffer.begin(), MAX_DATAGRAM, MSG_DONTWAIT);
+    if (n < 0) {
+      return;  // EAGAIN: drained
+    }
+    received_++;
+    auto flat = buffer.slice(0, size_t(n) / sizeof(capnp::word));
+    KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
+                   capnp::FlatArrayMessageReader reader(flat);
+                   auto event = reader.getRoot<proto::TraceEvent>();
+                   auto it = jobs_.find(Key{event.getHomeNode(), event.getHomePid()});
+                   if (it == jobs_.end()) {
+                     return;  // the last subscriber left after the publisher looked
+                   }
+                   auto subscriptions = it->second.subscriptions;  // offer() may not detach
+                   for (Subscription* s : subscriptions) {
+                     s->offer(event, flat);
+                   }
+                 })) {
+      spdlog::warn("malformed trace event ({} bytes): {}", n, e->getDescription().cStr());
+    }
+  }
+}
+
+proto::TraceSubscription::Client TraceHub::subscribe(int32_t homePid, uint32_t homeNode,
+                                                     proto::TraceFilter::Reader filter,
+                                                     proto::TraceSink::Client sink) {
+  Key key{homeNode, homePid};
+  Job& job = jobs_[key];
+  if (job.control == nullptr) {
+    job.control = mapTraceControl(runDir_, homeNode, homePid);
+  }
+  auto subscription = kj::heap<Subscription>(*this, key, filter, kj::mv(sink));
+  job.subscriptions.push_back(subscription.get());
+  updatePayloadBytes(job);
+  job.control->listeners.store(job.subscriptions.size());
+  spdlog::info("tracing job {} of node {} ({} subscriber(s))", homePid, homeNode,
+               job.subscriptions.size());
+  return kj::mv(subscription);
+}
+
+void TraceHub::detach(Subscription* subscription) {
+  auto it = jobs_.find(subscription->key_);
+  if (it == jobs_.end()) {
+    return;
+  }
+  Job& job = it->second;
+  job.subscriptions.erase(
+      std::remove(job.subscriptions.begin(), job.subscriptions.end(), subscription),
+      job.subscriptions.end());
+  job.control->listeners.store(job.subscriptions.size());
+  spdlog::info("trace subscriber of job {} of node {} left ({} left)", it->first.second,
+               it->first.first, job.subscriptions.size());
+  if (job.subscriptions.empty()) {
+    unmapTraceControl(job.control);
+    jobs_.erase(it);
+  } else {
+    updatePayloadBytes(job);
+  }
+}
+
+void TraceHub::updatePayloadBytes(Job& job) {
+  uint32_t most = 0;
+  for (Subscription* s : job.subscriptions) {
+    most = std::max(most, s->payloadBytes());
+  }
+  job.control->payloadBytes.store(most);
+}
+
+}  // namespace mos

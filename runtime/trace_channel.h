@@ -1,0 +1,153 @@
+#pragma once
+// How trace events get from the supervisor that routes a guest's calls to the subscribers of
+// mosd's Node.traceJob (protocol/trace.capnp; docs/design.md "Tracing").
+//
+//   supervisor (any thread)                         mosd
+//   TracePublisher::active()  ── reads ──►  RUN_DIR/trace/<homeNode>-<homePid>   (TraceControl,
+//     one relaxed load: the                     shared-mapped; mosd keeps `listeners` up to date)
+//     only cost while nobody listens
+//   TracePublisher::publish() ── datagram ──► RUN_DIR/trace.sock ── TraceHub ── TraceSink.events
+//     (a flat Cap'n Proto TraceEvent,           (SOCK_DGRAM, non-blocking: a full socket drops
+//      MSG_DONTWAIT)                             the event and counts it in TraceEvent.lost)
+//
+// A control file is created by whichever side comes first, so a subscription made before the
+// job's guest arrives (mosrun --trace) takes effect from its first call.
+
+#include <kj/async.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "trace.capnp.h"
+#include "trace_format.h"
+#include "uv_event_port.h"
+
+namespace mos {
+
+// The shared control record of one job on one node. Fixed layout (version 1), 64 bytes on disk.
+struct TraceControl {
+  static constexpr uint32_t MAGIC = 0x54534f4d;  // "MOST"
+  uint32_t magic;
+  uint32_t version;
+  std::atomic<uint32_t> listeners;     // subscriptions mosd holds for the job now
+  std::atomic<uint32_t> payloadBytes;  // largest -s among them: bytes of each payload to keep
+};
+
+// RUN_DIR/trace/<homeNode>-<homePid> and RUN_DIR/trace.sock.
+std::string traceControlPath(const std::string& runDir, uint32_t homeNode, int32_t homePid);
+std::string traceSocketPath(const std::string& runDir);
+
+// Maps (creating if needed) the control record of a job. Throws kj::Exception (FAILED) naming
+// the file on I/O errors. The mapping stays until process exit or unmapTraceControl.
+TraceControl* mapTraceControl(const std::string& runDir, uint32_t homeNode, int32_t homePid);
+void unmapTraceControl(TraceControl* control);
+
+// TraceRecord <-> the wire. Payloads are cut to `payloadBytes` (structs of at most 256 bytes are
+// kept whole, so stat can be decoded with any -s).
+void toProto(const TraceRecord& record, uint32_t payloadBytes, proto::TraceEvent::Builder out);
+TraceRecord fromProto(proto::TraceEvent::Reader event);
+
+// The supervisor's side: one per job process it serves; publish() is safe from any thread.
+//
+// The hook on the forwarded path:
+//   if (KJ_UNLIKELY(publisher.active())) { publisher.publish(record); }
+class TracePublisher {
+ public:
+  // A disabled publisher: active() is false forever.
+  TracePublisher() = default;
+  // Publishes for job `homePid` of `homeNode` to the mosd of RUN_DIR. Throws kj::Exception
+  // (FAILED) when the control record cannot be made.
+  TracePublisher(const std::string& runDir, uint32_t homeNode, int32_t homePid);
+  ~TracePublisher();
+  KJ_DISALLOW_COPY(TracePublisher);
+
+  // True while at least one subscriber listens: one relaxed load.
+  bool active() const {
+    return control_ != nullptr && control_->listeners.load(std::memory_order_relaxed) != 0;
+  }
+  // Bytes of each payload worth capturing now (the subscribers' largest -s; at least 32).
+  uint32_t payloadBytes() const;
+
+  // Sends one event (seq and lost are filled here). Never blocks: when mosd's socket is full or
+  // missing the event is dropped and counted. Returns false when it was dropped.
+  bool publish(const TraceRecord& record);
+
+  uint64_t published() const { return seq_.load(std::memory_order_relaxed); }
+  uint64_t lost() const { return lost_.load(std::memory_order_relaxed); }
+
+ private:
+  TraceControl* control_ = nullptr;
+  std::string socketPath_;
+  int socket_ = -1;
+  std::atomic<uint64_t> seq_{0};
+  std::atomic<uint64_t> lost_{0};
+};
+
+// A subscriber's TraceSink that hands every event to `onEvent` (in order) and the end to `onEnd`.
+class CallbackTraceSink final : public proto::TraceSink::Server {
+ public:
+  CallbackTraceSink(std::function<void(TraceRecord&&)> onEvent,
+                    std::function<void(const std::string&)> onEnd)
+      : onEvent_(kj::mv(onEvent)), onEnd_(kj::mv(onEnd)) {}
+
+  // Events mosd dropped for this subscriber (it fell 4096 events behind).
+  uint64_t dropped() const { return dropped_; }
+
+ protected:
+  kj::Promise<void> events(EventsContext context) override;
+  kj::Promise<void> ended(EndedContext context) override;
+
+ private:
+  std::function<void(TraceRecord&&)> onEvent_;
+  std::function<void(const std::string&)> onEnd_;
+  uint64_t dropped_ = 0;
+};
+
+// mosd's side: receives events on RUN_DIR/trace.sock and hands each to the subscriptions of its
+// job. Runs on mosd's loop; not thread safe.
+class TraceHub {
+ public:
+  // Binds RUN_DIR/trace.sock (replacing a stale one). Throws kj::Exception (FAILED) on errors.
+  TraceHub(UvEventPort& port, std::string runDir);
+  ~TraceHub();
+  KJ_DISALLOW_COPY(TraceHub);
+
+  // Receives until the hub is destroyed.
+  kj::Promise<void> run();
+
+  // A new subscription for Node.traceJob.
+  proto::TraceSubscription::Client subscribe(int32_t homePid, uint32_t homeNode,
+                                             proto::TraceFilter::Reader filter,
+                                             proto::TraceSink::Client sink);
+
+  uint64_t received() const { return received_; }
+
+  class Subscription;  // trace_channel.cc
+
+ private:
+  friend class Subscription;
+  using Key = std::pair<uint32_t, int32_t>;  // (homeNode, homePid)
+  struct Job {
+    TraceControl* control = nullptr;
+    std::vector<Subscription*> subscriptions;
+  };
+  void receiveAll();
+  void detach(Subscription* subscription);
+  void updatePayloadBytes(Job& job);
+
+  UvEventPort& port_;
+  std::string runDir_;
+  std::string socketPath_;
+  kj::AutoCloseFd socket_;
+  kj::Own<UvFdWatcher> watcher_;
+  std::map<Key, Job> jobs_;
+  uint64_t received_ = 0;
+};
+
+}  // namespace mos

@@ -1,0 +1,582 @@
+#include "trace_format.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/sysmacros.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <stdexcept>
+#include <vector>
+
+#include "syscall_table.h"
+
+namespace mos {
+
+namespace {
+
+struct FlagName {
+  uint64_t bits;
+  const char* name;
+};
+
+// In strace's order (its xlat tables), so combinations print identically.
+constexpr FlagName OPEN_FLAGS[] = {
+    {O_CREAT, "O_CREAT"},         {O_EXCL, "O_EXCL"},       {O_NOCTTY, "O_NOCTTY"},
+    {O_TRUNC, "O_TRUNC"},         {O_APPEND, "O_APPEND"},   {O_NONBLOCK, "O_NONBLOCK"},
+    {O_SYNC, "O_SYNC"},           {O_DSYNC, "O_DSYNC"},     {O_ASYNC, "O_ASYNC"},
+    {O_DIRECT, "O_DIRECT"},       {0100000, "O_LARGEFILE"},  // glibc defines O_LARGEFILE as 0 on
+                                                             // x86-64 {O_NOFOLLOW, "O_NOFOLLOW"},
+    {O_NOATIME, "O_NOATIME"},     {O_CLOEXEC, "O_CLOEXEC"}, {O_TMPFILE, "O_TMPFILE"},
+    {O_DIRECTORY, "O_DIRECTORY"}, {O_PATH, "O_PATH"},
+};
+constexpr FlagName PROT_FLAGS[] = {
+    {PROT_READ, "PROT_READ"},           {PROT_WRITE, "PROT_WRITE"},     {PROT_EXEC, "PROT_EXEC"},
+    {PROT_GROWSDOWN, "PROT_GROWSDOWN"}, {PROT_GROWSUP, "PROT_GROWSUP"},
+};
+constexpr FlagName MAP_FLAGS[] = {
+    {MAP_FIXED, "MAP_FIXED"},         {MAP_ANONYMOUS, "MAP_ANONYMOUS"},
+    {MAP_32BIT, "MAP_32BIT"},         {MAP_GROWSDOWN, "MAP_GROWSDOWN"},
+    {MAP_DENYWRITE, "MAP_DENYWRITE"}, {MAP_EXECUTABLE, "MAP_EXECUTABLE"},
+    {MAP_LOCKED, "MAP_LOCKED"},       {MAP_NORESERVE, "MAP_NORESERVE"},
+    {MAP_POPULATE, "MAP_POPULATE"},   {MAP_NONBLOCK, "MAP_NONBLOCK"},
+    {MAP_STACK, "MAP_STACK"},         {MAP_HUGETLB, "MAP_HUGETLB"},
+    {MAP_SYNC, "MAP_SYNC"},           {MAP_FIXED_NOREPLACE, "MAP_FIXED_NOREPLACE"},
+};
+constexpr FlagName AT_FLAGS[] = {
+    {AT_SYMLINK_NOFOLLOW, "AT_SYMLINK_NOFOLLOW"},
+    {AT_REMOVEDIR, "AT_REMOVEDIR"},
+    {AT_SYMLINK_FOLLOW, "AT_SYMLINK_FOLLOW"},
+    {AT_NO_AUTOMOUNT, "AT_NO_AUTOMOUNT"},
+    {AT_EMPTY_PATH, "AT_EMPTY_PATH"},
+    {AT_EACCESS, "AT_EACCESS"},
+};
+constexpr FlagName ACCESS_FLAGS[] = {{R_OK, "R_OK"}, {W_OK, "W_OK"}, {X_OK, "X_OK"}};
+
+// How a VAL argument of a known call is shown.
+enum class ValStyle : uint8_t {
+  DECIMAL,
+  HEX,         // offsets of mmap, addresses
+  POINTER,     // NULL or hex
+  OPEN_FLAGS,  // O_RDONLY|O_CLOEXEC
+  OPEN_MODE,   // octal, shown only with O_CREAT or O_TMPFILE in the flags before it
+  OCTAL,       // modes
+  PROT,
+  MAP,
+  AT,
+  ACCESS,
+  SIGNAL,
+  WHENCE,
+};
+
+struct ValRule {
+  const char* name;
+  uint8_t arg;
+  ValStyle style;
+};
+
+constexpr ValRule VAL_RULES[] = {
+    {"open", 1, ValStyle::OPEN_FLAGS},
+    {"open", 2, ValStyle::OPEN_MODE},
+    {"openat", 2, ValStyle::OPEN_FLAGS},
+    {"openat", 3, ValStyle::OPEN_MODE},
+    {"creat", 1, ValStyle::OCTAL},
+    {"mkdir", 1, ValStyle::OCTAL},
+    {"mkdirat", 2, ValStyle::OCTAL},
+    {"chmod", 1, ValStyle::OCTAL},
+    {"fchmod", 1, ValStyle::OCTAL},
+    {"fchmodat", 2, ValStyle::OCTAL},
+    {"umask", 0, ValStyle::OCTAL},
+    {"mmap", 0, ValStyle::POINTER},
+    {"mmap", 2, ValStyle::PROT},
+    {"mmap", 3, ValStyle::MAP},
+    {"mmap", 5, ValStyle::HEX},
+    {"mprotect", 0, ValStyle::HEX},
+    {"mprotect", 2, ValStyle::PROT},
+    {"munmap", 0, ValStyle::HEX},
+    {"brk", 0, ValStyle::POINTER},
+    {"newfstatat", 3, ValStyle::AT},
+    {"statx", 2, ValStyle::AT},
+    {"unlinkat", 2, ValStyle::AT},
+    {"fchownat", 4, ValStyle::AT},
+    {"linkat", 4, ValStyle::AT},
+    {"utimensat", 3, ValStyle::AT},
+    {"faccessat", 2, ValStyle::ACCESS},
+    {"faccessat2", 2, ValStyle::ACCESS},
+    {"faccessat2", 3, ValStyle::AT},
+    {"access", 1, ValStyle::ACCESS},
+    {"kill", 1, ValStyle::SIGNAL},
+    {"tkill", 1, ValStyle::SIGNAL},
+    {"tgkill", 2, ValStyle::SIGNAL},
+    {"rt_sigaction", 0, ValStyle::SIGNAL},
+    {"lseek", 2, ValStyle::WHENCE},
+};
+
+// Calls whose result is an address, shown in hex.
+bool returnsAddress(std::string_view name) {
+  return name == "mmap" || name == "mremap" || name == "brk" || name == "shmat";
+}
+
+std::string flags(uint64_t value, std::span<const FlagName> table, std::string out) {
+  for (const FlagName& f : table) {
+    if (f.bits != 0 && (value & f.bits) == f.bits) {
+      if (!out.empty()) out += '|';
+      out += f.name;
+      value &= ~f.bits;
+    }
+  }
+  if (value != 0 || out.empty()) {
+    if (!out.empty()) out += '|';
+    out += fmt::format("{:#x}", value);
+  }
+  return out;
+}
+
+std::string openFlags(uint64_t value) {
+  const char* access = "O_RDONLY";
+  switch (value & O_ACCMODE) {
+    case O_WRONLY: access = "O_WRONLY"; break;
+    case O_RDWR: access = "O_RDWR"; break;
+    case O_ACCMODE: access = "O_ACCMODE"; break;
+  }
+  value &= ~uint64_t(O_ACCMODE);
+  // O_SYNC includes O_DSYNC and O_TMPFILE includes O_DIRECTORY: strace names the larger one.
+  std::string out = access;
+  for (const FlagName& f : OPEN_FLAGS) {
+    if ((value & f.bits) == f.bits) {
+      out += '|';
+      out += f.name;
+      value &= ~uint64_t(f.bits);
+    }
+  }
+  if (value != 0) {
+    out += fmt::format("|{:#x}", value);
+  }
+  return out;
+}
+
+std::string octal(uint64_t value) { return fmt::format("0{:03o}", value); }
+
+std::string hexOrZero(uint64_t value) { return value == 0 ? "0" : fmt::format("{:#x}", value); }
+
+std::string pointer(uint64_t value) { return value == 0 ? "NULL" : fmt::format("{:#x}", value); }
+
+std::string fdText(uint64_t value) {
+  int fd = int(int32_t(value));
+  return fd == AT_FDCWD ? "AT_FDCWD" : std::to_string(fd);
+}
+
+std::string modeText(uint32_t mode) {
+  const char* type = nullptr;
+  switch (mode & S_IFMT) {
+    case S_IFREG: type = "S_IFREG"; break;
+    case S_IFDIR: type = "S_IFDIR"; break;
+    case S_IFCHR: type = "S_IFCHR"; break;
+    case S_IFBLK: type = "S_IFBLK"; break;
+    case S_IFIFO: type = "S_IFIFO"; break;
+    case S_IFLNK: type = "S_IFLNK"; break;
+    case S_IFSOCK: type = "S_IFSOCK"; break;
+  }
+  std::string perm = octal(mode & 07777);
+  return type ? fmt::format("{}|{}", type, perm) : perm;
+}
+
+// strace's abbreviated struct stat: {st_mode=S_IFREG|0644, st_size=42655, ...}; devices show
+// st_rdev instead of st_size.
+std::string statText(const std::string& bytes) {
+  struct stat st;
+  memcpy(&st, bytes.data(), sizeof(st));
+  if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) {
+    return fmt::format("{{st_mode={}, st_rdev=makedev({:#x}, {:#x}), ...}}", modeText(st.st_mode),
+                       major(st.st_rdev), minor(st.st_rdev));
+  }
+  return fmt::format("{{st_mode={}, st_size={}, ...}}", modeText(st.st_mode), st.st_size);
+}
+
+const ValRule* valRule(std::string_view name, int arg) {
+  for (const ValRule& rule : VAL_RULES) {
+    if (rule.arg == arg && name == rule.name) {
+      return &rule;
+    }
+  }
+  return nullptr;
+}
+
+std::string valText(const SyscallEntry& row, int i, const TraceRecord& r) {
+  uint64_t v = r.args[i];
+  const ValRule* rule = valRule(row.name, i);
+  switch (rule ? rule->style : ValStyle::DECIMAL) {
+    case ValStyle::DECIMAL: return std::to_string(int64_t(v));
+    case ValStyle::HEX: return hexOrZero(v);
+    case ValStyle::POINTER: return pointer(v);
+    case ValStyle::OPEN_FLAGS: return openFlags(uint32_t(v));
+    case ValStyle::OPEN_MODE:
+    case ValStyle::OCTAL: return octal(uint32_t(v));
+    case ValStyle::PROT: return v == 0 ? "PROT_NONE" : flags(v, PROT_FLAGS, "");
+    case ValStyle::MAP: {
+      const char* type = "MAP_PRIVATE";
+      switch (v & MAP_TYPE) {
+        case MAP_SHARED: type = "MAP_SHARED"; break;
+        case MAP_PRIVATE: type = "MAP_PRIVATE"; break;
+        case MAP_SHARED_VALIDATE: type = "MAP_SHARED_VALIDATE"; break;
+        default: type = "0"; break;
+      }
+      std::string out = type;
+      v &= ~uint64_t(MAP_TYPE);
+      return v == 0 ? out : flags(v, MAP_FLAGS, out);
+    }
+    case ValStyle::AT: return v == 0 ? "0" : flags(uint32_t(v), AT_FLAGS, "");
+    case ValStyle::ACCESS: return v == 0 ? "F_OK" : flags(v, ACCESS_FLAGS, "");
+    case ValStyle::SIGNAL: return signalName(int(v));
+    case ValStyle::WHENCE:
+      switch (v) {
+        case SEEK_SET: return "SEEK_SET";
+        case SEEK_CUR: return "SEEK_CUR";
+        case SEEK_END: return "SEEK_END";
+        case SEEK_DATA: return "SEEK_DATA";
+        case SEEK_HOLE: return "SEEK_HOLE";
+      }
+      return std::to_string(v);
+  }
+  return std::to_string(int64_t(v));
+}
+
+std::string bufferText(const TracePayload& p, uint64_t address, size_t limit) {
+  if (address == 0) {
+    return "NULL";
+  }
+  if (!p.present) {
+    return fmt::format("{:#x}", address);
+  }
+  return quoteString(p.data, limit, p.length > p.data.size());
+}
+
+std::string argText(const SyscallEntry& row, int i, const TraceRecord& r, size_t limit) {
+  const ArgSpec& spec = row.args[i];
+  uint64_t v = r.args[i];
+  const TracePayload& p = r.payloads[i];
+  bool failed = r.failed();
+  switch (spec.kind) {
+    case ArgKind::NONE: return "";
+    case ArgKind::VAL: return valText(row, i, r);
+    case ArgKind::FD:
+    case ArgKind::NEW_FD: return fdText(v);
+    case ArgKind::PATH:
+    case ArgKind::PATH_OR_NULL: return bufferText(p, v, SIZE_MAX);  // paths are never cut
+    case ArgKind::STRING:
+    case ArgKind::IN_BUF: return bufferText(p, v, limit);
+    case ArgKind::OUT_BUF:
+    case ArgKind::OUT_BUF_LENPTR: return failed ? pointer(v) : bufferText(p, v, limit);
+    case ArgKind::IN_STRUCT:
+    case ArgKind::OUT_STRUCT:
+    case ArgKind::INOUT_STRUCT:
+      if (v == 0) {
+        return "NULL";
+      }
+      if (failed && spec.kind == ArgKind::OUT_STRUCT) {
+        return pointer(v);
+      }
+      if (p.present && spec.size == sizeof(struct stat) && p.data.size() >= sizeof(struct stat)) {
+        return statText(p.data);
+      }
+      return p.present ? "{...}" : pointer(v);
+    case ArgKind::INOUT_ARRAY:
+    case ArgKind::OUT_ARRAY:
+      if (v == 0) return "NULL";
+      return failed ? pointer(v) : "[...]";
+    case ArgKind::INOUT_BITS: return v == 0 ? "NULL" : "[...]";
+    case ArgKind::IGNORED_PTR: return pointer(v);
+  }
+  return fmt::format("{:#x}", v);
+}
+
+std::string resultText(const TraceRecord& r, const char* name) {
+  if (r.failed()) {
+    int err = int(-r.result);
+    std::string desc;
+    switch (err) {
+      case 512: desc = "To be restarted if SA_RESTART is set"; break;
+      case 513: desc = "To be restarted if no handler"; break;
+      case 514: desc = "To be restarted if no handler"; break;
+      case 516: desc = "To be restarted"; break;
+      default: {
+        const char* d = strerrordesc_np(err);
+        desc = d ? d : fmt::format("Unknown error {}", err);
+      }
+    }
+    const char* head = err >= 512 && err <= 516 ? "?" : "-1";
+    return fmt::format("{} {} ({})", head, errnoName(err), desc);
+  }
+  if (name && returnsAddress(name)) {
+    return fmt::format("{:#x}", uint64_t(r.result));
+  }
+  return std::to_string(r.result);
+}
+
+std::string seconds(uint64_t us) { return fmt::format("{}.{:06}", us / 1000000, us % 1000000); }
+
+}  // namespace
+
+const char* traceRouteName(TraceRoute route) {
+  switch (route) {
+    case TraceRoute::FORWARDED: return "forwarded";
+    case TraceRoute::EMULATED: return "emulated";
+    case TraceRoute::LOCAL_ANSWER: return "local";
+    case TraceRoute::DENIED: return "denied";
+  }
+  return "?";
+}
+
+std::string quoteString(std::string_view s, size_t limit, bool truncated) {
+  std::string out = "\"";
+  size_t n = std::min(s.size(), limit);
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = s[i];
+    switch (c) {
+      case '"': out += "\\\""; continue;
+      case '\\': out += "\\\\"; continue;
+      case '\n': out += "\\n"; continue;
+      case '\t': out += "\\t"; continue;
+      case '\r': out += "\\r"; continue;
+      case '\v': out += "\\v"; continue;
+      case '\f': out += "\\f"; continue;
+    }
+    if (c >= 0x20 && c < 0x7f) {
+      out += char(c);
+      continue;
+    }
+    bool digitNext = i + 1 < n && s[i + 1] >= '0' && s[i + 1] <= '7';
+    out += digitNext ? fmt::format("\\{:03o}", c) : fmt::format("\\{:o}", c);
+  }
+  out += '"';
+  if (s.size() > limit || truncated) {
+    out += "...";
+  }
+  return out;
+}
+
+std::string errnoName(int err) {
+  switch (err) {
+    case 512: return "ERESTARTSYS";
+    case 513: return "ERESTARTNOINTR";
+    case 514: return "ERESTARTNOHAND";
+    case 516: return "ERESTART_RESTARTBLOCK";
+  }
+  const char* name = strerrorname_np(err);
+  return name ? name : fmt::format("E{}", err);
+}
+
+std::string signalName(int sig) {
+  if (sig >= SIGRTMIN && sig <= SIGRTMAX) {
+    return sig == SIGRTMIN ? "SIGRTMIN" : fmt::format("SIGRTMIN+{}", sig - SIGRTMIN);
+  }
+  const char* abbrev = sigabbrev_np(sig);
+  return abbrev ? fmt::format("SIG{}", abbrev) : std::to_string(sig);
+}
+
+std::string TraceFormatter::call(const TraceRecord& r) const {
+  const SyscallEntry* row = findSyscall(r.nr);
+  std::string text;
+  if (row == nullptr) {
+    text = fmt::format("syscall_{:#x}(", r.nr);
+    for (int i = 0; i < 6; i++) {
+      text += fmt::format("{}{:#x}", i ? ", " : "", r.args[i]);
+    }
+  } else {
+    text = fmt::format("{}(", row->name);
+    int count = 0;
+    for (int i = 0; i < 6 && row->args[i].kind != ArgKind::NONE; i++) {
+      const ValRule* rule = valRule(row->name, i);
+      if (rule && rule->style == ValStyle::OPEN_MODE && (r.args[i - 1] & O_CREAT) == 0 &&
+          (r.args[i - 1] & O_TMPFILE) != O_TMPFILE) {
+        continue;  // strace shows open's mode only when the flags use it
+      }
+      text += count++ ? ", " : "";
+      text += argText(*row, i, r, options_.stringLimit);
+    }
+  }
+  text += ')';
+  if (text.size() < 39) {
+    text.append(39 - text.size(), ' ');
+  }
+  text += " = ";
+  text += resultText(r, row ? row->name : nullptr);
+  return text;
+}
+
+std::string TraceFormatter::line(const TraceRecord& r) {
+  std::string out;
+  if (options_.relative) {
+    uint64_t delta = previousNs_ == 0 || r.startNs < previousNs_ ? 0 : r.startNs - previousNs_;
+    out += fmt::format("{:>6}.{:06} ", delta / 1000000000, delta / 1000 % 1000000);
+  }
+  previousNs_ = r.startNs;
+  if (options_.timestamps == 3) {
+    out += fmt::format("{}.{:06} ", r.startNs / 1000000000, r.startNs / 1000 % 1000000);
+  } else if (options_.timestamps > 0) {
+    time_t t = time_t(r.startNs / 1000000000);
+    struct tm tm;
+    localtime_r(&t, &tm);
+    out += fmt::format("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec);
+    if (options_.timestamps == 2) {
+      out += fmt::format(".{:06}", r.startNs / 1000 % 1000000);
+    }
+    out += ' ';
+  }
+  if (options_.prefix) {
+    out +=
+        fmt::format("[pid {} node {} {}] ", r.tid ? r.tid : r.pid, r.node, traceRouteName(r.route));
+  }
+  out += call(r);
+  if (options_.durations) {
+    out += fmt::format(" <{}>", seconds(r.totalUs));
+    if (r.route == TraceRoute::FORWARDED) {
+      out += fmt::format(" (home {}, transit {})", seconds(r.homeUs), seconds(r.transitUs));
+    }
+  }
+  return out;
+}
+
+TraceFilter TraceFilter::parse(std::string_view spec) {
+  if (spec.starts_with("trace=")) {
+    spec.remove_prefix(6);
+  }
+  TraceFilter filter;
+  if (spec.starts_with('!')) {
+    filter.negate_ = true;
+    spec.remove_prefix(1);
+  }
+  filter.all_ = false;
+  uint32_t classes = 0;
+  bool all = false;
+  std::vector<std::string> names;
+  while (!spec.empty()) {
+    size_t comma = spec.find(',');
+    std::string word(spec.substr(0, comma));
+    spec.remove_prefix(comma == std::string_view::npos ? spec.size() : comma + 1);
+    std::string bare = word.starts_with('%') ? word.substr(1) : word;
+    if (bare == "all") {
+      all = true;
+    } else if (bare == "none") {
+    } else if (bare == "file") {
+      classes |= FILE;
+    } else if (bare == "network" || bare == "net") {
+      classes |= NETWORK;
+    } else if (bare == "process") {
+      classes |= PROC;
+    } else if (bare == "signal") {
+      classes |= SIGNAL;
+    } else if (bare == "desc") {
+      classes |= DESC;
+    } else if (bare == "memory") {
+      classes |= MEMORY;
+    } else if (bare == "ipc") {
+      classes |= IPC;
+    } else if (bare == "clock") {
+      classes |= TIME;
+    } else {
+      names.push_back(word);
+    }
+  }
+  for (const SyscallEntry& row : syscallTable()) {
+    if (all || (row.classes & classes) != 0) {
+      filter.nrs_.insert(row.nr);
+    }
+  }
+  for (const std::string& name : names) {
+    auto table = syscallTable();
+    auto it = std::find_if(table.begin(), table.end(),
+                           [&](const SyscallEntry& row) { return name == row.name; });
+    if (it == table.end()) {
+      throw std::invalid_argument(fmt::format("invalid system call '{}'", name));
+    }
+    filter.nrs_.insert(it->nr);
+  }
+  return filter;
+}
+
+bool TraceFilter::wantsSyscall(int nr) const {
+  if (all_) {
+    return true;
+  }
+  return nrs_.contains(nr) != negate_;
+}
+
+bool TraceFilter::accepts(const TraceRecord& record) const {
+  return wantsSyscall(record.nr) && (!failedOnly_ || record.failed());
+}
+
+std::vector<int32_t> TraceFilter::syscalls() const {
+  if (all_) {
+    return {};
+  }
+  std::vector<int32_t> out;
+  for (const SyscallEntry& row : syscallTable()) {
+    if (wantsSyscall(row.nr)) {
+      out.push_back(row.nr);
+    }
+  }
+  if (out.empty()) {
+    out.push_back(-1);  // nothing: a number no call has, since empty means everything
+  }
+  return out;
+}
+
+void TraceSummary::add(const TraceRecord& r) {
+  const SyscallEntry* row = findSyscall(r.nr);
+  std::string name = row ? row->name : fmt::format("syscall_{:#x}", r.nr);
+  for (Row* target : {&bySyscall_[name], &byRoute_[r.route]}) {
+    target->calls++;
+    target->errors += r.failed() ? 1 : 0;
+    target->totalUs += r.totalUs;
+    target->homeUs += r.homeUs;
+    target->transitUs += r.transitUs;
+  }
+  calls_++;
+}
+
+std::string TraceSummary::render() const {
+  std::vector<std::pair<std::string, Row>> rows(bySyscall_.begin(), bySyscall_.end());
+  std::stable_sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) {
+    return a.second.totalUs != b.second.totalUs ? a.second.totalUs > b.second.totalUs
+                                                : a.second.calls > b.second.calls;
+  });
+  Row total;
+  for (const auto& [name, row] : rows) {
+    total.calls += row.calls;
+    total.errors += row.errors;
+    total.totalUs += row.totalUs;
+  }
+  const char* rule = "------ ----------- ----------- --------- --------- ----------------\n";
+  std::string out = "% time     seconds  usecs/call     calls    errors syscall\n";
+  out += rule;
+  auto line = [&](const std::string& name, const Row& row) {
+    double share = total.totalUs ? 100.0 * double(row.totalUs) / double(total.totalUs) : 0;
+    std::string errors = row.errors ? std::to_string(row.errors) : "";
+    return fmt::format("{:6.2f} {:>11} {:>11} {:>9} {:>9} {}\n", share, seconds(row.totalUs),
+                       row.calls ? row.totalUs / row.calls : 0, row.calls, errors, name);
+  };
+  for (const auto& [name, row] : rows) {
+    out += line(name, row);
+  }
+  out += rule;
+  out += line("total", total);
+  out +=
+      "\nroute          calls    errors     seconds  usecs/call  home usecs/call  transit "
+      "usecs/call\n";
+  for (const auto& [route, row] : byRoute_) {
+    uint64_t n = row.calls ? row.calls : 1;
+    out += fmt::format("{:<10} {:>9} {:>9} {:>11} {:>11} {:>16} {:>19}\n", traceRouteName(route),
+                       row.calls, row.errors, seconds(row.totalUs), row.totalUs / n, row.homeUs / n,
+                       row.transitUs / n);
+  }
+  return out;
+}
+
+}  // namespace mos
