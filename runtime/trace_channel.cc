@@ -18,6 +18,7 @@
 
 #include "job_registry.h"
 #include "log.h"
+#include "syscall_table.h"
 
 namespace mos {
 
@@ -28,6 +29,7 @@ static_assert(sizeof(TraceControl) <= CONTROL_BYTES);
 constexpr uint32_t DEFAULT_PAYLOAD_BYTES = 32;
 constexpr uint32_t MAX_PAYLOAD_BYTES = 64 << 10;  // one datagram must hold six of them
 constexpr size_t STRUCT_KEPT_BYTES = 256;
+constexpr size_t PATH_KEPT_BYTES = 4096;  // PATH_MAX
 constexpr size_t MAX_DATAGRAM = 512 << 10;
 constexpr size_t MAX_QUEUED = 4096;  // events per subscriber before the oldest are dropped
 constexpr size_t MAX_BATCH = 256;    // events per TraceSink.events call
@@ -93,17 +95,21 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
     count += p.present ? 1 : 0;
   }
   auto payloads = out.initPayloads(count);
+  const SyscallEntry* row = findSyscall(r.nr);
   unsigned at = 0;
   for (unsigned i = 0; i < 6; i++) {
     const TracePayload& p = r.payloads[i];
     if (!p.present) {
       continue;
     }
-    size_t keep =
-        std::min<size_t>(p.data.size(), std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES));
-    if (p.data.size() > STRUCT_KEPT_BYTES) {
-      keep = std::min<size_t>(p.data.size(), payloadBytes);
-    }
+    ArgKind kind = row ? row->args[i].kind : ArgKind::NONE;
+    bool isStruct =
+        kind == ArgKind::IN_STRUCT || kind == ArgKind::OUT_STRUCT || kind == ArgKind::INOUT_STRUCT;
+    bool isPath = kind == ArgKind::PATH || kind == ArgKind::PATH_OR_NULL;
+    size_t wanted = isPath     ? PATH_KEPT_BYTES  // strace never cuts a path
+                    : isStruct ? std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES)
+                               : payloadBytes;
+    size_t keep = std::min<size_t>(p.data.size(), wanted);
     auto payload = payloads[at++];
     payload.setArg(uint8_t(i));
     payload.setData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(p.data.data()), keep));

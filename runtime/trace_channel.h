@@ -48,8 +48,8 @@ std::string traceSocketPath(const std::string& runDir);
 TraceControl* mapTraceControl(const std::string& runDir, uint32_t homeNode, int32_t homePid);
 void unmapTraceControl(TraceControl* control);
 
-// TraceRecord <-> the wire. Payloads are cut to `payloadBytes` (structs of at most 256 bytes are
-// kept whole, so stat can be decoded with any -s).
+// TraceRecord <-> the wire. Payloads are cut to `payloadBytes`, except paths (kept up to PATH_MAX:
+// strace never cuts them) and structs (256 bytes, so stat is decoded with any -s).
 void toProto(const TraceRecord& record, uint32_t payloadBytes, proto::TraceEvent::Builder out);
 TraceRecord fromProto(proto::TraceEvent::Reader event);
 

@@ -27,12 +27,12 @@ struct FlagName {
 };
 
 // In strace's order (its xlat tables), so combinations print identically.
+// O_LARGEFILE is the kernel's value: glibc defines it as 0 on x86-64.
 constexpr FlagName OPEN_FLAGS[] = {
     {O_CREAT, "O_CREAT"},         {O_EXCL, "O_EXCL"},       {O_NOCTTY, "O_NOCTTY"},
     {O_TRUNC, "O_TRUNC"},         {O_APPEND, "O_APPEND"},   {O_NONBLOCK, "O_NONBLOCK"},
     {O_SYNC, "O_SYNC"},           {O_DSYNC, "O_DSYNC"},     {O_ASYNC, "O_ASYNC"},
-    {O_DIRECT, "O_DIRECT"},       {0100000, "O_LARGEFILE"},  // glibc defines O_LARGEFILE as 0 on
-                                                             // x86-64 {O_NOFOLLOW, "O_NOFOLLOW"},
+    {O_DIRECT, "O_DIRECT"},       {0100000, "O_LARGEFILE"}, {O_NOFOLLOW, "O_NOFOLLOW"},
     {O_NOATIME, "O_NOATIME"},     {O_CLOEXEC, "O_CLOEXEC"}, {O_TMPFILE, "O_TMPFILE"},
     {O_DIRECTORY, "O_DIRECTORY"}, {O_PATH, "O_PATH"},
 };
@@ -386,7 +386,7 @@ std::string TraceFormatter::call(const TraceRecord& r) const {
   if (row == nullptr) {
     text = fmt::format("syscall_{:#x}(", r.nr);
     for (int i = 0; i < 6; i++) {
-      text += fmt::format("{}{:#x}", i ? ", " : "", r.args[i]);
+      text += fmt::format("{}{}", i ? ", " : "", hexOrZero(r.args[i]));
     }
   } else {
     text = fmt::format("{}(", row->name);
