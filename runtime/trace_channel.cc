@@ -155,14 +155,15 @@ TraceRecord fromProto(proto::TraceEvent::Reader e) {
 // ---- TracePublisher
 
 TracePublisher::TracePublisher(const std::string& runDir, uint32_t homeNode, int32_t homePid)
-    : control_(mapTraceControl(runDir, homeNode, homePid)), socketPath_(traceSocketPath(runDir)) {
-  socket_ = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  KJ_REQUIRE(socket_ >= 0, "cannot make the trace socket", strerror(errno));
-}
+    : control_(mapTraceControl(runDir, homeNode, homePid)), socketPath_(traceSocketPath(runDir)) {}
 
 TracePublisher::~TracePublisher() {
-  if (socket_ >= 0) {
-    close(socket_);
+  int fd = socket_.load();
+  if (fd >= 0) {
+    close(fd);
+  }
+  for (int old : retired_) {
+    close(old);
   }
   unmapTraceControl(control_);
 }
@@ -172,8 +173,35 @@ uint32_t TracePublisher::payloadBytes() const {
   return std::clamp(n, DEFAULT_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES);
 }
 
+int TracePublisher::connection() {
+  int fd = socket_.load(std::memory_order_acquire);
+  if (fd >= 0) {
+    return fd;
+  }
+  std::lock_guard<std::mutex> lock(connectMutex_);
+  fd = socket_.load();
+  if (fd >= 0) {
+    return fd;
+  }
+  fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) {
+    return -1;
+  }
+  int size = 1 << 20;  // bursts (capped by net.core.wmem_max)
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+  sockaddr_un addr = unixAddress(socketPath_);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0) {
+    close(fd);
+    return -1;
+  }
+  socket_.store(fd, std::memory_order_release);
+  return fd;
+}
+
 bool TracePublisher::publish(const TraceRecord& record) {
-  if (socket_ < 0) {
+  int fd = connection();
+  if (fd < 0) {
+    lost_.fetch_add(1, std::memory_order_relaxed);  // no mosd to talk to
     return false;
   }
   capnp::MallocMessageBuilder message;
@@ -183,14 +211,21 @@ bool TracePublisher::publish(const TraceRecord& record) {
   event.setLost(lost_.load(std::memory_order_relaxed));
   auto words = capnp::messageToFlatArray(message);
   auto bytes = words.asBytes();
-  sockaddr_un addr = unixAddress(socketPath_);
-  ssize_t n = sendto(socket_, bytes.begin(), bytes.size(), MSG_DONTWAIT,
-                     reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  if (n != ssize_t(bytes.size())) {
-    lost_.fetch_add(1, std::memory_order_relaxed);  // EAGAIN, or mosd gone: tracing never blocks
-    return false;
+  ssize_t n = send(fd, bytes.begin(), bytes.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (n == ssize_t(bytes.size())) {
+    return true;
   }
-  return true;
+  lost_.fetch_add(1, std::memory_order_relaxed);  // tracing never blocks the job
+  if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    // mosd restarted: connect again next time. Another thread may still be sending on `fd`, so
+    // it is closed only with the publisher.
+    std::lock_guard<std::mutex> lock(connectMutex_);
+    if (socket_.load() == fd) {
+      socket_.store(-1);
+      retired_.push_back(fd);
+    }
+  }
+  return false;
 }
 
 // ---- CallbackTraceSink
@@ -306,19 +341,22 @@ class TraceHub::Subscription final : public proto::TraceSubscription::Server,
   friend class TraceHub;
 };
 
+struct TraceHub::Connection {
+  kj::AutoCloseFd fd;
+  kj::Own<UvFdWatcher> watcher;
+};
+
 TraceHub::TraceHub(UvEventPort& port, std::string runDir)
-    : port_(port), runDir_(kj::mv(runDir)), socketPath_(traceSocketPath(runDir_)) {
+    : port_(port), runDir_(kj::mv(runDir)), socketPath_(traceSocketPath(runDir_)), tasks_(*this) {
   makeDirectories(runDir_);
-  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   KJ_REQUIRE(fd >= 0, "cannot make the trace socket", strerror(errno));
   socket_ = kj::AutoCloseFd(fd);
   unlink(socketPath_.c_str());
   sockaddr_un addr = unixAddress(socketPath_);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0) {
-    KJ_FAIL_REQUIRE("cannot bind the trace socket", socketPath_, strerror(errno));
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) < 0 || listen(fd, 64) < 0) {
+    KJ_FAIL_REQUIRE("cannot listen on the trace socket", socketPath_, strerror(errno));
   }
-  int size = 4 << 20;  // bursts of events while mosd is busy
-  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
   watcher_ = kj::heap<UvFdWatcher>(port_, fd);
 }
 
@@ -334,22 +372,53 @@ TraceHub::~TraceHub() {
   unlink(socketPath_.c_str());
 }
 
+void TraceHub::taskFailed(kj::Exception&& exception) {
+  spdlog::warn("trace publisher connection: {}", exception.getDescription().cStr());
+}
+
 kj::Promise<void> TraceHub::run() {
   return watcher_->whenReadable().then([this]() {
-    receiveAll();
+    for (;;) {
+      int fd = accept4(socket_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        break;  // EAGAIN: all accepted
+      }
+      auto connection = kj::heap<Connection>();
+      connection->fd = kj::AutoCloseFd(fd);
+      connection->watcher = kj::heap<UvFdWatcher>(port_, fd);
+      Connection* c = connection.get();
+      connections_[c] = kj::mv(connection);
+      tasks_.add(receive(c));
+    }
     return run();
   });
 }
 
-void TraceHub::receiveAll() {
-  auto buffer = kj::heapArray<capnp::word>(MAX_DATAGRAM / sizeof(capnp::word));
+kj::Promise<void> TraceHub::receive(Connection* c) {
+  return c->watcher->whenReadable().then([this, c]() -> kj::Promise<void> {
+    if (!receiveAll(c->fd.get())) {
+      c->watcher->stop();
+      connections_.erase(c);  // the publisher went away
+      return kj::READY_NOW;
+    }
+    return receive(c);
+  });
+}
+
+bool TraceHub::receiveAll(int fd) {
+  if (buffer_.size() == 0) {
+    buffer_ = kj::heapArray<capnp::word>(MAX_DATAGRAM / sizeof(capnp::word));
+  }
   for (;;) {
-    ssize_t n = recv(socket_.get(), buffer.begin(), MAX_DATAGRAM, MSG_DONTWAIT);
+    ssize_t n = recv(fd, buffer_.begin(), MAX_DATAGRAM, MSG_DONTWAIT);
+    if (n == 0) {
+      return false;
+    }
     if (n < 0) {
-      return;  // EAGAIN: drained
+      return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
     }
     received_++;
-    auto flat = buffer.slice(0, size_t(n) / sizeof(capnp::word));
+    auto flat = buffer_.slice(0, size_t(n) / sizeof(capnp::word));
     KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
                    capnp::FlatArrayMessageReader reader(flat);
                    auto event = reader.getRoot<proto::TraceEvent>();

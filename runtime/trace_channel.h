@@ -6,9 +6,10 @@
 //   TracePublisher::active()  ── reads ──►  RUN_DIR/trace/<homeNode>-<homePid>   (TraceControl,
 //     one relaxed load: the                     shared-mapped; mosd keeps `listeners` up to date)
 //     only cost while nobody listens
-//   TracePublisher::publish() ── datagram ──► RUN_DIR/trace.sock ── TraceHub ── TraceSink.events
-//     (a flat Cap'n Proto TraceEvent,           (SOCK_DGRAM, non-blocking: a full socket drops
-//      MSG_DONTWAIT)                             the event and counts it in TraceEvent.lost)
+//   TracePublisher::publish() ── message ──► RUN_DIR/trace.sock ── TraceHub ── TraceSink.events
+//     (a flat Cap'n Proto TraceEvent,          (SOCK_SEQPACKET, one connection per publisher,
+//      MSG_DONTWAIT)                            non-blocking: a full socket buffer drops the
+//                                               event and counts it in TraceEvent.lost)
 //
 // A control file is created by whichever side comes first, so a subscription made before the
 // job's guest arrives (mosrun --trace) takes effect from its first call.
@@ -20,6 +21,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -82,9 +84,14 @@ class TracePublisher {
   uint64_t lost() const { return lost_.load(std::memory_order_relaxed); }
 
  private:
+  // The connection to mosd, made on first use and again after mosd restarted; -1 without one.
+  int connection();
+
   TraceControl* control_ = nullptr;
   std::string socketPath_;
-  int socket_ = -1;
+  std::atomic<int> socket_{-1};
+  std::mutex connectMutex_;   // connecting and retiring only
+  std::vector<int> retired_;  // broken connections, closed with the publisher
   std::atomic<uint64_t> seq_{0};
   std::atomic<uint64_t> lost_{0};
 };
@@ -111,7 +118,7 @@ class CallbackTraceSink final : public proto::TraceSink::Server {
 
 // mosd's side: receives events on RUN_DIR/trace.sock and hands each to the subscriptions of its
 // job. Runs on mosd's loop; not thread safe.
-class TraceHub {
+class TraceHub final : private kj::TaskSet::ErrorHandler {
  public:
   // Binds RUN_DIR/trace.sock (replacing a stale one). Throws kj::Exception (FAILED) on errors.
   TraceHub(UvEventPort& port, std::string runDir);
@@ -137,8 +144,12 @@ class TraceHub {
     TraceControl* control = nullptr;
     std::vector<Subscription*> subscriptions;
   };
-  void receiveAll();
+  struct Connection;  // one publisher
+  kj::Promise<void> receive(Connection* connection);
+  // Handles every message waiting on `fd`; false when the publisher closed it.
+  bool receiveAll(int fd);
   void detach(Subscription* subscription);
+  void taskFailed(kj::Exception&& exception) override;
   void updatePayloadBytes(Job& job);
 
   UvEventPort& port_;
@@ -147,7 +158,10 @@ class TraceHub {
   kj::AutoCloseFd socket_;
   kj::Own<UvFdWatcher> watcher_;
   std::map<Key, Job> jobs_;
+  std::map<Connection*, kj::Own<Connection>> connections_;
+  kj::Array<capnp::word> buffer_;
   uint64_t received_ = 0;
+  kj::TaskSet tasks_;  // last: receive loops die before the connections they use
 };
 
 }  // namespace mos
