@@ -63,5 +63,10 @@ interface TraceSink {
 interface TraceSubscription {
   # Held by the subscriber: dropping it (or the connection) ends the subscription, and the
   # publisher's hot path goes back to one predictable branch once no subscriber is left.
-  stats @0 () -> (delivered :UInt64, dropped :UInt64);
+  stats @0 () -> (delivered :UInt64, dropped :UInt64, queued :UInt64);
+  # Reads every event the node's publishers have sent so far first, so `delivered + queued`
+  # counts each event published before the call that this subscription will get: a subscriber
+  # that knows the job has exited waits for that many, then detaches without losing the tail.
+  # `delivered`: events in TraceSink.events calls that returned; `dropped`: events discarded for
+  # falling behind; `queued`: accepted and not yet delivered (in flight or waiting).
 }

@@ -289,7 +289,11 @@ class TraceHub::Subscription final : public proto::TraceSubscription::Server,
 
  protected:
   kj::Promise<void> stats(StatsContext context) override {
+    if (hub_ != nullptr) {
+      hub_->drain();
+    }
     context.getResults().setDelivered(delivered_);
+    context.getResults().setQueued(queue_.size() + inFlightCount_);
     context.getResults().setDropped(droppedTotal_);
     return kj::READY_NOW;
   }
@@ -310,9 +314,11 @@ class TraceHub::Subscription final : public proto::TraceSubscription::Server,
     dropped_ = 0;
     queue_.erase(queue_.begin(), queue_.begin() + n);
     inFlight_ = true;
+    inFlightCount_ = n;
     tasks_.add(request.send().then([this, n](auto&&) {
       delivered_ += n;
       inFlight_ = false;
+      inFlightCount_ = 0;
       sendBatch();
     }));
   }
@@ -332,6 +338,7 @@ class TraceHub::Subscription final : public proto::TraceSubscription::Server,
   uint32_t payloadBytes_ = 0;
   std::deque<kj::Array<capnp::word>> queue_;
   bool inFlight_ = false;
+  size_t inFlightCount_ = 0;
   bool dead_ = false;
   uint64_t delivered_ = 0;
   uint64_t dropped_ = 0;  // since the last call
@@ -403,6 +410,12 @@ kj::Promise<void> TraceHub::receive(Connection* c) {
     }
     return receive(c);
   });
+}
+
+void TraceHub::drain() {
+  for (auto& [c, connection] : connections_) {
+    receiveAll(connection->fd.get());  // a closed one is removed by its receive loop
+  }
 }
 
 bool TraceHub::receiveAll(int fd) {

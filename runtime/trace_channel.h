@@ -135,6 +135,9 @@ class TraceHub final : private kj::TaskSet::ErrorHandler {
 
   uint64_t received() const { return received_; }
 
+  // Handles every message the publishers have sent so far (TraceSubscription.stats).
+  void drain();
+
   class Subscription;  // trace_channel.cc
 
  private:

@@ -6,9 +6,12 @@
 #include <fmt/format.h>
 #include <kj/debug.h>
 #include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -44,6 +47,8 @@ struct Options {
   std::string output;
   std::string mapPath, nodeText, portText, keyPath;
   uint32_t timeoutMs = 3000;
+  std::optional<uint32_t> jobNode;  // where the job runs, when the caller knows (mosrun --trace)
+  int readyFd = -1;                 // written to and closed once subscribed (mosrun --trace)
 };
 
 // Runs the subscription until a signal or the end of the stream. Returns the exit status.
@@ -58,6 +63,7 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
       {options.stringLimit, options.durations, options.relative, options.timestamps, true});
   TraceSummary summary;
   std::string endReason;
+  uint64_t received = 0;  // events the sink got, before our own filter
 
   uv_loop_t loop;
   uv_loop_init(&loop);
@@ -70,6 +76,7 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
 
     auto sink = kj::heap<CallbackTraceSink>(
         [&](TraceRecord&& record) {
+          received++;
           if (!filter.accepts(record)) {
             return;
           }
@@ -121,7 +128,34 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
                    auto subscription = response.getSubscription();
                    fmt::print(stderr, "mostrace: Process {} attached (node {})\n", options.pid,
                               jobNode);
-                   done.promise.wait(waitScope);
+                   if (options.readyFd >= 0) {
+                     (void)!write(options.readyFd, "1", 1);
+                     close(options.readyFd);
+                   }
+                   // The job's home process is on this machine: stop when it exits.
+                   bool exited = false;
+                   kj::Promise<void> exit = kj::NEVER_DONE;
+                   kj::Own<UvFdWatcher> exitWatcher;
+                   kj::AutoCloseFd pidfd(int(syscall(SYS_pidfd_open, options.pid, 0)));
+                   if (pidfd.get() >= 0) {
+                     exitWatcher = kj::heap<UvFdWatcher>(port, pidfd.get());
+                     exit = exitWatcher->whenReadable().then([&exited]() { exited = true; });
+                   }
+                   done.promise.exclusiveJoin(kj::mv(exit)).wait(waitScope);
+                   if (exited) {
+                     // Every event the job caused was published before it exited: wait for
+                     // those mosd has for us, then detach.
+                     auto stats = subscription.statsRequest().send().wait(waitScope);
+                     uint64_t target = stats.getDelivered() + stats.getQueued();
+                     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+                     while (received < target && std::chrono::steady_clock::now() < deadline) {
+                       port.afterDelay(5).wait(waitScope);
+                     }
+                     endReason = "the job exited";
+                   }
+                   if (exitWatcher) {
+                     exitWatcher->stop();
+                   }
                    // Detach: the subscription and the connection go; the job never noticed.
                  })) {
       fmt::print(stderr, "mostrace: {}\n", e->getDescription().cStr());
@@ -172,6 +206,10 @@ int run(int argc, char** argv) {
   app.add_option("--key", o.keyPath,
                  "cluster key file (default $UMOSIX_KEY or /etc/umosix/cluster.key)");
   app.add_option("--timeout", o.timeoutMs, "how long to wait for mosd, in milliseconds (3000)");
+  app.add_option("--job-node", o.jobNode,
+                 "the node where the job runs (default: ask this node's mosd); the "
+                 "subscription may precede the job's arrival there");
+  app.add_option("--ready-fd", o.readyFd, "write one byte to descriptor FD once subscribed");
   app.set_version_flag("--version", UMOSIX_VERSION);
   CLI11_PARSE(app, argc, argv);
   initLogging("mostrace", spdlog::level::warn);
@@ -214,7 +252,14 @@ int run(int argc, char** argv) {
 
   // Where does the job's user part run? The home mosd knows.
   std::optional<JobInfo> job;
+  if (o.jobNode) {
+    job = JobInfo{};
+    job->homePid = o.pid;
+    job->node = *o.jobNode;
+    job->homeNode = config.nodeId;
+  }
   KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
+                 if (job) return;
                  for (JobInfo& j :
                       listJobs(*credentials, *map, config.nodeId, config.port, o.timeoutMs)) {
                    if (j.homePid == o.pid) job = j;

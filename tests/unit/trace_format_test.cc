@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 
 #include <catch2/catch.hpp>
+#include <fmt/format.h>
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -25,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "job_registry.h"
 #include "node_client.h"
 #include "trace_channel.h"
 #include "trace_format.h"
@@ -262,23 +264,26 @@ TEST_CASE("an event survives the wire", "[trace][channel]") {
 
 namespace {
 
-// mosd on 127.0.0.1 as node 1 of a one-node map, with its own run dir; killed at the end.
-class Mosd {
- public:
-  std::string dir, runDir, log;
-  uint16_t port = 0;
-  pid_t pid = -1;
-  std::unique_ptr<mos::ClusterCredentials> credentials;
+constexpr uint32_t NODE1 = 0x7f000001;  // 127.0.0.1
+constexpr uint32_t NODE2 = 0x7f000002;  // 127.0.0.2
 
-  Mosd() {
+// mosds of a map of nodes 1 (127.0.0.1) and 2 (127.0.0.2), each with its own run dir, all on one
+// port; killed at the end.
+class Cluster {
+ public:
+  std::string dir, log;
+  uint16_t port = 0;
+  std::vector<pid_t> pids;
+  std::unique_ptr<mos::ClusterCredentials> credentials;  // node 1's
+
+  explicit Cluster(int nodes) {
     char tmpl[] = "/tmp/umosix-trace-test-XXXXXX";
     REQUIRE(mkdtemp(tmpl) != nullptr);
     dir = tmpl;
-    runDir = dir + "/run";
     log = dir + "/mosd.log";
     std::string key(32, char(0x3c));
     {
-      std::ofstream(dir + "/map") << "1 127.0.0.1 1\n";
+      std::ofstream(dir + "/map") << "1 127.0.0.1 1\n2 127.0.0.2 1\n";
       std::ofstream(dir + "/cluster.key", std::ios::binary) << key;
     }
     REQUIRE(chmod((dir + "/cluster.key").c_str(), 0600) == 0);
@@ -288,14 +293,41 @@ class Mosd {
     int probe = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in sin{};
     sin.sin_family = AF_INET;
-    sin.sin_addr.s_addr = htonl(0x7f000001);
+    sin.sin_addr.s_addr = htonl(NODE1);
     REQUIRE(bind(probe, reinterpret_cast<sockaddr*>(&sin), sizeof(sin)) == 0);
     socklen_t len = sizeof(sin);
     getsockname(probe, reinterpret_cast<sockaddr*>(&sin), &len);
     close(probe);
     port = ntohs(sin.sin_port);
+    for (int node = 1; node <= nodes; node++) {
+      start(node);
+    }
+  }
+
+  std::string runDir(int node) const { return dir + "/run" + std::to_string(node); }
+
+  // Environment for tools run as node 1.
+  void setEnvironment() const {
+    setenv("UMOSIX_KEY", (dir + "/cluster.key").c_str(), 1);
+    setenv("UMOSIX_MAP", (dir + "/map").c_str(), 1);
+    setenv("UMOSIX_NODE", "1", 1);
+    setenv("UMOSIX_PORT", std::to_string(port).c_str(), 1);
+  }
+
+  ~Cluster() {
+    for (pid_t pid : pids) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+    CHECK(system(("rm -rf '" + dir + "'").c_str()) == 0);
+  }
+
+ private:
+  void start(int node) {
     std::string portText = std::to_string(port);
-    pid = fork();
+    std::string nodeText = std::to_string(node);
+    std::string run = runDir(node);
+    pid_t pid = fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {
       int out = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -303,25 +335,20 @@ class Mosd {
       dup2(out, 2);
       setenv("UMOSIX_KEY", (dir + "/cluster.key").c_str(), 1);
       setenv("UMOSIX_LOG", "debug", 1);
-      execl(MOSD_PATH, "mosd", "--map", (dir + "/map").c_str(), "--node", "1", "--port",
-            portText.c_str(), "--run-dir", runDir.c_str(), "--cache-dir", (dir + "/cache").c_str(),
-            nullptr);
+      execl(MOSD_PATH, "mosd", "--map", (dir + "/map").c_str(), "--node", nodeText.c_str(),
+            "--port", portText.c_str(), "--run-dir", run.c_str(), "--cache-dir",
+            (dir + "/cache" + nodeText).c_str(), nullptr);
       _exit(127);
     }
+    pids.push_back(pid);
     auto deadline = std::chrono::steady_clock::now() + 60s;
-    while (kj::runCatchingExceptions([&]() {
-             mos::queryStatus(*credentials, mos::Ipv4{0x7f000001}, port, 1000);
-           }) != nullptr) {
+    mos::Ipv4 address{node == 1 ? NODE1 : NODE2};
+    while (kj::runCatchingExceptions(
+               [&]() { mos::queryStatus(*credentials, address, port, 1000); }) != nullptr) {
       REQUIRE(std::chrono::steady_clock::now() < deadline);
       REQUIRE(waitpid(pid, nullptr, WNOHANG) == 0);
       std::this_thread::sleep_for(20ms);
     }
-  }
-
-  ~Mosd() {
-    kill(pid, SIGKILL);
-    waitpid(pid, nullptr, 0);
-    CHECK(system(("rm -rf '" + dir + "'").c_str()) == 0);
   }
 };
 
@@ -343,10 +370,10 @@ TEST_CASE(
     "a subscriber of mosd gets the job's events from a publisher, filtered, and leaving "
     "turns the publisher off",
     "[trace][mosd]") {
-  Mosd mosd;
+  Cluster mosd(1);
   constexpr int32_t JOB = 4242;
   constexpr uint32_t HOME = 3;
-  mos::TracePublisher publisher(mosd.runDir, HOME, JOB);
+  mos::TracePublisher publisher(mosd.runDir(1), HOME, JOB);
   CHECK_FALSE(publisher.active());  // nobody listens: the hot path is one load
 
   uv_loop_t loop;
@@ -381,7 +408,7 @@ TEST_CASE(
     CHECK(publisher.publish(read));  // filtered out by mosd
     CHECK(publisher.publish(open));
     // Another job's events never reach this subscriber.
-    mos::TracePublisher other(mosd.runDir, HOME, JOB + 1);
+    mos::TracePublisher other(mosd.runDir(1), HOME, JOB + 1);
     CHECK_FALSE(other.active());
 
     REQUIRE(waitFor(port, waitScope, [&]() { return !received.empty(); }));
@@ -421,4 +448,129 @@ TEST_CASE(
   auto ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start);
   CHECK(taken == 0);
   WARN("active() with nobody listening: " << ns.count() / M << " ns per check");
+}
+
+namespace {
+
+std::string readFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+pid_t spawnMostrace(std::vector<std::string> args, const std::string& log) {
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    int out = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(out, 2);
+    std::vector<char*> argv;
+    args.insert(args.begin(), "mostrace");
+    for (auto& a : args) {
+      argv.push_back(a.data());
+    }
+    argv.push_back(nullptr);
+    execv(MOSTRACE_PATH, argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// Polls until `done` or 30 s.
+bool eventually(std::function<bool()> done) {
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      return false;
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "mostrace -p finds where the job runs, prints the published calls in strace's notation "
+    "and detaches when the job exits; -c counts them",
+    "[trace][mostrace]") {
+  Cluster cluster(2);
+  cluster.setEnvironment();
+  // The job: a home process whose user part (pretend) runs on node 2.
+  int pipeFds[2];
+  REQUIRE(pipe2(pipeFds, O_CLOEXEC) == 0);
+  pid_t job = fork();
+  REQUIRE(job >= 0);
+  if (job == 0) {
+    char c;
+    close(pipeFds[1]);
+    while (read(pipeFds[0], &c, 1) > 0) {
+    }
+    _exit(0);
+  }
+  close(pipeFds[0]);
+  auto record = mos::OwnedJobRecord::create(cluster.runDir(1), "jobs", job, job, 1, "fake job");
+  record.get()->node = 2;
+  record.get()->state = uint32_t(mos::JobState::REMOTE);
+
+  std::string lines = cluster.dir + "/trace.txt", summary = cluster.dir + "/summary.txt";
+  std::string log1 = cluster.dir + "/mostrace1.log", log2 = cluster.dir + "/mostrace2.log";
+  pid_t tracer =
+      spawnMostrace({"-p", std::to_string(job), "-e", "trace=file,read", "-T", "-o", lines}, log1);
+  pid_t counter = spawnMostrace({"-p", std::to_string(job), "-c", "-o", summary}, log2);
+  REQUIRE(eventually([&]() {
+    return readFile(log1).find("attached") != std::string::npos &&
+           readFile(log2).find("attached") != std::string::npos;
+  }));
+  INFO(readFile(log1) << readFile(log2));
+
+  mos::TracePublisher publisher(cluster.runDir(2), 1, job);
+  REQUIRE(publisher.active());
+  auto make = [&](int nr, std::initializer_list<uint64_t> args, int64_t result) {
+    auto r = ::record(nr, args, result);
+    r.pid = r.tid = job;
+    r.homeNode = 1;
+    r.totalUs = 250;
+    r.homeUs = 50;
+    r.transitUs = 200;
+    return r;
+  };
+  auto open = make(__NR_openat, {uint64_t(AT_FDCWD), PATH_ADDR, O_RDONLY | O_CLOEXEC, 0}, 3);
+  payload(open, 1, "/etc/hostname");
+  auto read = make(__NR_read, {3, BUF_ADDR, 131072}, 3);
+  payload(read, 1, "vm\n");
+  auto write = make(__NR_write, {1, BUF_ADDR, 3}, 3);
+  payload(write, 1, "vm\n");
+  auto missing = make(__NR_openat, {uint64_t(AT_FDCWD), PATH_ADDR, O_RDONLY, 0}, -ENOENT);
+  payload(missing, 1, "/nope");
+  for (auto* r : {&open, &read, &write, &missing}) {
+    REQUIRE(publisher.publish(*r));
+  }
+  close(pipeFds[1]);  // the job exits; both tracers detach by themselves
+  REQUIRE(waitpid(job, nullptr, 0) == job);
+  for (pid_t pid : {tracer, counter}) {
+    int status = -1;
+    REQUIRE(eventually([&]() { return waitpid(pid, &status, WNOHANG) == pid; }));
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+  }
+  std::string p = fmt::format("[pid {} node 2 forwarded] ", job);
+  CHECK(readFile(lines) ==
+        p +
+            "openat(AT_FDCWD, \"/etc/hostname\", O_RDONLY|O_CLOEXEC) = 3 <0.000250> (home "
+            "0.000050, transit 0.000200)\n" +
+            p +
+            "read(3, \"vm\\n\", 131072)                 = 3 <0.000250> (home 0.000050, "
+            "transit 0.000200)\n" +
+            p +
+            "openat(AT_FDCWD, \"/nope\", O_RDONLY)     = -1 ENOENT (No such file or directory) "
+            "<0.000250> (home 0.000050, transit 0.000200)\n");
+  std::string table = readFile(summary);
+  CHECK(table.find("  0.000500         250         2         1 openat\n") != std::string::npos);
+  CHECK(table.find("100.00    0.001000         250         4         1 total\n") !=
+        std::string::npos);
+  CHECK(table.find("forwarded          4         1") != std::string::npos);
+  CHECK(readFile(log1).find("Process " + std::to_string(job) + " detached (the job exited)") !=
+        std::string::npos);
 }
