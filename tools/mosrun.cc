@@ -12,7 +12,10 @@
 // job starts: 125 (bad arguments, unknown or unreachable node, malformed map file), 126 (PROGRAM
 // not executable), 127 (PROGRAM not found). 112: the remote node died while the job ran.
 
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -88,6 +91,60 @@ std::string resolveProgram(const std::string& name, int& err) {
   return std::string();
 }
 
+// mosrun --trace: starts `mostrace -p <this pid> --job-node NODE` detached from the job (a
+// grandchild in its own session, so it is never the job's child and never gets the terminal's
+// signals) and waits until it is subscribed, so the trace starts with the job's first call.
+// `file` "-" is stderr. A tracer that cannot start is reported and the job runs untraced.
+void startTracer(const std::string& file, uint32_t node) {
+  std::string path;
+  try {
+    path = mos::programPath("mostrace");
+  } catch (kj::Exception& e) {
+    fmt::print(stderr, "mosrun: --trace: {}\n", e.getDescription().cStr());
+    return;
+  }
+  std::vector<std::string> args = {
+      path, "-p", std::to_string(getpid()), "--job-node", std::to_string(node), "--ready-fd", "3"};
+  if (file != "-") {
+    args.push_back("-o");
+    args.push_back(file);
+  }
+  std::vector<char*> argv;
+  for (auto& a : args) {
+    argv.push_back(a.data());
+  }
+  argv.push_back(nullptr);
+  int ready[2];
+  if (pipe2(ready, O_CLOEXEC) < 0) {
+    fmt::print(stderr, "mosrun: --trace: pipe: {}\n", strerror(errno));
+    return;
+  }
+  pid_t child = fork();
+  if (child == 0) {
+    // Only async-signal-safe calls from here to exec.
+    if (fork() != 0) {
+      _exit(0);
+    }
+    setsid();
+    int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    dup2(devnull, 0);
+    dup2(ready[1], 3);  // without O_CLOEXEC
+    close_range(4, ~0U, 0);
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  close(ready[1]);
+  if (child > 0) {
+    waitpid(child, nullptr, 0);
+  }
+  pollfd wait{ready[0], POLLIN, 0};
+  char byte;
+  if (child < 0 || poll(&wait, 1, 10000) != 1 || read(ready[0], &byte, 1) != 1) {
+    fmt::print(stderr, "mosrun: --trace: mostrace did not subscribe; the job runs untraced\n");
+  }
+  close(ready[0]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -100,6 +157,10 @@ int main(int argc, char** argv) {
                  "run the user part on node NODE (a node id of the cluster map); without it the "
                  "job runs at home")
       ->type_name("NODE");
+  std::string traceFile;
+  app.add_flag("--trace{-}", traceFile,
+               "trace the job's trapped system calls from its start with mostrace(1), to stderr "
+               "or, as --trace=FILE, to FILE (with -r)");
   app.prefix_command();
   app.footer(
       "PROGRAM [ARGS...] follow the options; everything from PROGRAM on is the program's own.\n"
@@ -205,7 +266,15 @@ int main(int argc, char** argv) {
              fmt::format("cannot start the migration agent: {}", e.getDescription().cStr()));
       }
       away = true;
+      if (!traceFile.empty()) {
+        startTracer(traceFile, *remote);
+      }
     }
+  }
+  if (!traceFile.empty() && !away) {
+    fmt::print(stderr,
+               "mosrun: --trace: the job runs at home, where nothing is trapped; use "
+               "strace\n");
   }
   if (program.empty()) {
     fail(err == ENOENT ? EXIT_NOT_FOUND : EXIT_NOT_EXECUTABLE,
