@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <ctime>
+#include <iterator>
 #include <deque>
 #include <set>
 
@@ -226,6 +228,52 @@ bool TracePublisher::publish(const TraceRecord& record) {
     }
   }
   return false;
+}
+
+// ---- TraceCall
+
+namespace {
+uint64_t clockNs(clockid_t clock) {
+  timespec ts;
+  clock_gettime(clock, &ts);
+  return uint64_t(ts.tv_sec) * 1000000000u + uint64_t(ts.tv_nsec);
+}
+}  // namespace
+
+void TraceCall::begin(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node,
+                      uint32_t homeNode, int nr, const uint64_t (&args)[6]) {
+  publisher_ = &publisher;
+  record_.pid = pid;
+  record_.tid = tid;
+  record_.node = node;
+  record_.homeNode = homeNode;
+  record_.nr = nr;
+  std::copy(std::begin(args), std::end(args), record_.args);
+  record_.startNs = clockNs(CLOCK_REALTIME);
+  startMonotonicNs_ = clockNs(CLOCK_MONOTONIC);
+}
+
+void TraceCall::setPayload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t length) {
+  if (arg < 0 || arg >= 6) {
+    return;
+  }
+  // Keep what toProto will send at most; it cuts again by kind.
+  size_t keep =
+      std::min<size_t>(data.size(), std::max<size_t>(publisher_->payloadBytes(), PATH_KEPT_BYTES));
+  TracePayload& p = record_.payloads[arg];
+  p.present = true;
+  p.data.assign(reinterpret_cast<const char*>(data.begin()), keep);
+  p.length = std::max<uint64_t>(length, data.size());
+}
+
+void TraceCall::publish(int64_t result, TraceRoute route) {
+  record_.result = result;
+  record_.route = route;
+  uint64_t us = (clockNs(CLOCK_MONOTONIC) - startMonotonicNs_) / 1000;
+  record_.totalUs = uint32_t(std::min<uint64_t>(us, UINT32_MAX));
+  record_.transitUs = record_.totalUs > record_.homeUs ? record_.totalUs - record_.homeUs : 0;
+  publisher_->publish(record_);
+  publisher_ = nullptr;
 }
 
 // ---- CallbackTraceSink

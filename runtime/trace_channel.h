@@ -96,6 +96,54 @@ class TracePublisher {
   std::atomic<uint64_t> lost_{0};
 };
 
+// One trapped call being traced, for the supervisor: while nobody listens the constructor is one
+// predictable branch and every other member returns at once. Usage around the dispatch:
+//
+//   TraceCall trace(publisher_, homePid, homeTid, node, homeNode, notif.data.nr, notif.data.args);
+//   Answer answer = dispatch(notif, trace);   // handlers may call trace.payload(), trace.home()
+//   trace.finish(answer.value, route);        // publishes
+class TraceCall {
+ public:
+  TraceCall(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
+            int nr, const uint64_t (&args)[6]) {
+    if (KJ_UNLIKELY(publisher.active())) {
+      begin(publisher, pid, tid, node, homeNode, nr, args);
+    }
+  }
+  KJ_DISALLOW_COPY(TraceCall);
+
+  bool active() const { return publisher_ != nullptr; }
+  // The bytes argument `arg` points to (a path without its NUL, an in-buffer as sent home, an
+  // out-buffer or struct as written back), `length` bytes in full; a prefix is kept.
+  void payload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t length) {
+    if (KJ_UNLIKELY(active())) {
+      setPayload(arg, data, length);
+    }
+  }
+  // Time the call spent executing at home, microseconds (forwarded calls).
+  void home(uint32_t us) {
+    if (KJ_UNLIKELY(active())) {
+      record_.homeUs = us;
+    }
+  }
+  // Publishes the call with what the guest sees (`result`: >= 0 or -errno) and its route.
+  void finish(int64_t result, TraceRoute route) {
+    if (KJ_UNLIKELY(active())) {
+      publish(result, route);
+    }
+  }
+
+ private:
+  void begin(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
+             int nr, const uint64_t (&args)[6]);
+  void setPayload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t length);
+  void publish(int64_t result, TraceRoute route);
+
+  TracePublisher* publisher_ = nullptr;
+  TraceRecord record_;
+  uint64_t startMonotonicNs_ = 0;
+};
+
 // A subscriber's TraceSink that hands every event to `onEvent` (in order) and the end to `onEnd`.
 class CallbackTraceSink final : public proto::TraceSink::Server {
  public:

@@ -574,3 +574,51 @@ TEST_CASE(
   CHECK(readFile(log1).find("Process " + std::to_string(job) + " detached (the job exited)") !=
         std::string::npos);
 }
+
+TEST_CASE("TraceCall is inert while nobody listens and publishes a whole call when someone does",
+          "[trace][mosd]") {
+  Cluster mosd(1);
+  mos::TracePublisher publisher(mosd.runDir(1), 1, 777);
+  const uint64_t args[6] = {uint64_t(AT_FDCWD), PATH_ADDR, O_RDONLY, 0, 0, 0};
+  {
+    mos::TraceCall idle(publisher, 777, 778, 1, 1, __NR_openat, args);
+    CHECK_FALSE(idle.active());
+    idle.finish(3, mos::TraceRoute::FORWARDED);
+  }
+  CHECK(publisher.published() == 0);
+
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  {
+    mos::UvEventPort port(&loop);
+    kj::WaitScope waitScope(port.kjLoop());
+    auto connection =
+        mos::NodeConnection::connect(port, *mosd.credentials, mos::Ipv4{NODE1}, mosd.port, 30000)
+            .wait(waitScope);
+    std::vector<TraceRecord> received;
+    auto request = connection->node().traceJobRequest();
+    request.setHomePid(777);
+    request.setHomeNode(0);  // this node
+    request.setSink(kj::heap<mos::CallbackTraceSink>(
+        [&](TraceRecord&& r) { received.push_back(std::move(r)); }, [](const std::string&) {}));
+    auto subscription = request.send().wait(waitScope).getSubscription();
+
+    mos::TraceCall call(publisher, 777, 778, 1, 1, __NR_openat, args);
+    REQUIRE(call.active());
+    std::string path = "/etc/passwd";
+    call.payload(1, kj::arrayPtr(reinterpret_cast<const kj::byte*>(path.data()), path.size()),
+                 path.size());
+    call.home(0);
+    call.finish(-EACCES, mos::TraceRoute::DENIED);
+    REQUIRE(waitFor(port, waitScope, [&]() { return !received.empty(); }));
+    mos::TraceFormatOptions options;
+    CHECK(mos::TraceFormatter(options).line(received[0]) ==
+          "[pid 778 node 1 denied] openat(AT_FDCWD, \"/etc/passwd\", O_RDONLY) = -1 EACCES "
+          "(Permission denied)");
+    CHECK(received[0].pid == 777);
+    CHECK(received[0].startNs > 0);
+    CHECK(received[0].transitUs == received[0].totalUs);
+  }
+  uv_run(&loop, UV_RUN_NOWAIT);
+  uv_loop_close(&loop);
+}
