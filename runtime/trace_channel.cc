@@ -29,7 +29,7 @@ namespace {
 constexpr size_t CONTROL_BYTES = 64;
 static_assert(sizeof(TraceControl) <= CONTROL_BYTES);
 constexpr uint32_t DEFAULT_PAYLOAD_BYTES = 32;
-constexpr uint32_t MAX_PAYLOAD_BYTES = 64 << 10;  // one datagram must hold six of them
+constexpr uint32_t MAX_PAYLOAD_BYTES = 16 << 10;  // six of them fit a message (wmem_max)
 constexpr size_t STRUCT_KEPT_BYTES = 256;
 constexpr size_t PATH_KEPT_BYTES = 4096;  // PATH_MAX
 constexpr size_t MAX_DATAGRAM = 512 << 10;

@@ -2,13 +2,17 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <termios.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <utility>
 #include <cerrno>
 #include <cstring>
 #include <ctime>
@@ -73,6 +77,8 @@ enum class ValStyle : uint8_t {
   ACCESS,
   SIGNAL,
   WHENCE,
+  STATX_FLAGS,  // AT_STATX_SYNC_AS_STAT|AT_SYMLINK_NOFOLLOW
+  STATX_MASK,
 };
 
 struct ValRule {
@@ -82,39 +88,23 @@ struct ValRule {
 };
 
 constexpr ValRule VAL_RULES[] = {
-    {"open", 1, ValStyle::OPEN_FLAGS},
-    {"open", 2, ValStyle::OPEN_MODE},
-    {"openat", 2, ValStyle::OPEN_FLAGS},
-    {"openat", 3, ValStyle::OPEN_MODE},
-    {"creat", 1, ValStyle::OCTAL},
-    {"mkdir", 1, ValStyle::OCTAL},
-    {"mkdirat", 2, ValStyle::OCTAL},
-    {"chmod", 1, ValStyle::OCTAL},
-    {"fchmod", 1, ValStyle::OCTAL},
-    {"fchmodat", 2, ValStyle::OCTAL},
-    {"umask", 0, ValStyle::OCTAL},
-    {"mmap", 0, ValStyle::POINTER},
-    {"mmap", 2, ValStyle::PROT},
-    {"mmap", 3, ValStyle::MAP},
-    {"mmap", 5, ValStyle::HEX},
-    {"mprotect", 0, ValStyle::HEX},
-    {"mprotect", 2, ValStyle::PROT},
-    {"munmap", 0, ValStyle::HEX},
-    {"brk", 0, ValStyle::POINTER},
-    {"newfstatat", 3, ValStyle::AT},
-    {"statx", 2, ValStyle::AT},
-    {"unlinkat", 2, ValStyle::AT},
-    {"fchownat", 4, ValStyle::AT},
-    {"linkat", 4, ValStyle::AT},
-    {"utimensat", 3, ValStyle::AT},
-    {"faccessat", 2, ValStyle::ACCESS},
-    {"faccessat2", 2, ValStyle::ACCESS},
-    {"faccessat2", 3, ValStyle::AT},
-    {"access", 1, ValStyle::ACCESS},
-    {"kill", 1, ValStyle::SIGNAL},
-    {"tkill", 1, ValStyle::SIGNAL},
-    {"tgkill", 2, ValStyle::SIGNAL},
-    {"rt_sigaction", 0, ValStyle::SIGNAL},
+    {"open", 1, ValStyle::OPEN_FLAGS},   {"open", 2, ValStyle::OPEN_MODE},
+    {"openat", 2, ValStyle::OPEN_FLAGS}, {"openat", 3, ValStyle::OPEN_MODE},
+    {"creat", 1, ValStyle::OCTAL},       {"mkdir", 1, ValStyle::OCTAL},
+    {"mkdirat", 2, ValStyle::OCTAL},     {"chmod", 1, ValStyle::OCTAL},
+    {"fchmod", 1, ValStyle::OCTAL},      {"fchmodat", 2, ValStyle::OCTAL},
+    {"umask", 0, ValStyle::OCTAL},       {"mmap", 0, ValStyle::POINTER},
+    {"mmap", 2, ValStyle::PROT},         {"mmap", 3, ValStyle::MAP},
+    {"mmap", 5, ValStyle::HEX},          {"mprotect", 0, ValStyle::HEX},
+    {"mprotect", 2, ValStyle::PROT},     {"munmap", 0, ValStyle::HEX},
+    {"brk", 0, ValStyle::POINTER},       {"newfstatat", 3, ValStyle::AT},
+    {"statx", 2, ValStyle::STATX_FLAGS}, {"statx", 3, ValStyle::STATX_MASK},
+    {"unlinkat", 2, ValStyle::AT},       {"fchownat", 4, ValStyle::AT},
+    {"linkat", 4, ValStyle::AT},         {"utimensat", 3, ValStyle::AT},
+    {"faccessat", 2, ValStyle::ACCESS},  {"faccessat2", 2, ValStyle::ACCESS},
+    {"faccessat2", 3, ValStyle::AT},     {"access", 1, ValStyle::ACCESS},
+    {"kill", 1, ValStyle::SIGNAL},       {"tkill", 1, ValStyle::SIGNAL},
+    {"tgkill", 2, ValStyle::SIGNAL},     {"rt_sigaction", 0, ValStyle::SIGNAL},
     {"lseek", 2, ValStyle::WHENCE},
 };
 
@@ -183,8 +173,121 @@ std::string modeText(uint32_t mode) {
     case S_IFLNK: type = "S_IFLNK"; break;
     case S_IFSOCK: type = "S_IFSOCK"; break;
   }
-  std::string perm = octal(mode & 07777);
-  return type ? fmt::format("{}|{}", type, perm) : perm;
+  std::string out = type ? fmt::format("{}|", type) : "";
+  for (auto [bit, name] : {std::pair{S_ISUID, "S_ISUID|"}, std::pair{S_ISGID, "S_ISGID|"},
+                           std::pair{S_ISVTX, "S_ISVTX|"}}) {
+    if (mode & bit) out += name;
+  }
+  return out + octal(mode & 0777);
+}
+
+constexpr FlagName STATX_MASK[] = {
+    {STATX_TYPE, "STATX_TYPE"},   {STATX_MODE, "STATX_MODE"},     {STATX_NLINK, "STATX_NLINK"},
+    {STATX_UID, "STATX_UID"},     {STATX_GID, "STATX_GID"},       {STATX_ATIME, "STATX_ATIME"},
+    {STATX_MTIME, "STATX_MTIME"}, {STATX_CTIME, "STATX_CTIME"},   {STATX_INO, "STATX_INO"},
+    {STATX_SIZE, "STATX_SIZE"},   {STATX_BLOCKS, "STATX_BLOCKS"}, {STATX_BTIME, "STATX_BTIME"},
+    {0x1000, "STATX_MNT_ID"},
+};
+
+// STATX_BASIC_STATS by name when all of it is there, as strace prints it.
+std::string statxMask(uint64_t mask) {
+  std::string out;
+  if ((mask & STATX_BASIC_STATS) == STATX_BASIC_STATS) {
+    out = "STATX_BASIC_STATS";
+    mask &= ~uint64_t(STATX_BASIC_STATS);
+    if (mask == 0) return out;
+  }
+  return flags(mask, STATX_MASK, out);
+}
+
+std::string statxText(const std::string& bytes) {
+  struct statx stx;
+  memcpy(&stx, bytes.data(), sizeof(stx));
+  return fmt::format("{{stx_mask={}, stx_attributes={}, stx_mode={}, stx_size={}, ...}}",
+                     statxMask(stx.stx_mask), hexOrZero(stx.stx_attributes), modeText(stx.stx_mode),
+                     stx.stx_size);
+}
+
+// linux_dirent64 records in a getdents64 buffer; -1 when the buffer is malformed.
+int direntCount(const std::string& bytes) {
+  int n = 0;
+  for (size_t at = 0; at + 19 <= bytes.size(); n++) {
+    uint16_t reclen;
+    memcpy(&reclen, bytes.data() + at + 16, sizeof(reclen));
+    if (reclen == 0) return -1;
+    at += reclen;
+  }
+  return n;
+}
+
+struct NamedValue {
+  uint64_t value;
+  const char* name;
+};
+
+constexpr NamedValue IOCTL_REQUESTS[] = {
+    {TCGETS, "TCGETS"},       {TCSETS, "TCSETS"},         {TCSETSW, "TCSETSW"},
+    {TCSETSF, "TCSETSF"},     {TIOCGWINSZ, "TIOCGWINSZ"}, {TIOCSWINSZ, "TIOCSWINSZ"},
+    {TIOCGPGRP, "TIOCGPGRP"}, {TIOCSPGRP, "TIOCSPGRP"},   {FIONREAD, "FIONREAD"},
+    {FIONBIO, "FIONBIO"},     {FIOCLEX, "FIOCLEX"},       {FIONCLEX, "FIONCLEX"},
+    {TIOCSCTTY, "TIOCSCTTY"}, {TIOCNOTTY, "TIOCNOTTY"},
+};
+constexpr NamedValue FCNTL_COMMANDS[] = {
+    {F_DUPFD, "F_DUPFD"},
+    {F_GETFD, "F_GETFD"},
+    {F_SETFD, "F_SETFD"},
+    {F_GETFL, "F_GETFL"},
+    {F_SETFL, "F_SETFL"},
+    {F_GETLK, "F_GETLK"},
+    {F_SETLK, "F_SETLK"},
+    {F_SETLKW, "F_SETLKW"},
+    {F_SETOWN, "F_SETOWN"},
+    {F_GETOWN, "F_GETOWN"},
+    {F_DUPFD_CLOEXEC, "F_DUPFD_CLOEXEC"},
+    {F_SETPIPE_SZ, "F_SETPIPE_SZ"},
+    {F_GETPIPE_SZ, "F_GETPIPE_SZ"},
+    {F_ADD_SEALS, "F_ADD_SEALS"},
+    {F_GET_SEALS, "F_GET_SEALS"},
+    {F_OFD_GETLK, "F_OFD_GETLK"},
+    {F_OFD_SETLK, "F_OFD_SETLK"},
+    {F_OFD_SETLKW, "F_OFD_SETLKW"},
+};
+
+const char* nameOf(uint64_t value, std::span<const NamedValue> table) {
+  for (const NamedValue& v : table) {
+    if (v.value == value) return v.name;
+  }
+  return nullptr;
+}
+
+// The arguments of ioctl and fcntl after the descriptor, which their rows leave to the handler:
+// strace's `TCGETS, 0x7ffd...`, `F_SETFD, FD_CLOEXEC`, `F_GETFL`.
+std::string ioctlArgs(const TraceRecord& r) {
+  const char* name = nameOf(r.args[1], IOCTL_REQUESTS);
+  std::string request = name ? name : fmt::format("{:#x}", r.args[1]);
+  return fmt::format("{}, {}", request, hexOrZero(r.args[2]));
+}
+
+std::string fcntlArgs(const TraceRecord& r) {
+  int cmd = int(r.args[1]);
+  const char* name = nameOf(uint64_t(cmd), FCNTL_COMMANDS);
+  std::string out = name ? name : std::to_string(cmd);
+  switch (cmd) {
+    case F_GETFD:
+    case F_GETFL:
+    case F_GETOWN:
+    case F_GETPIPE_SZ:
+    case F_GET_SEALS: return out;
+    case F_SETFD:
+      return out + (r.args[2] == FD_CLOEXEC ? ", FD_CLOEXEC" : fmt::format(", {}", r.args[2]));
+    case F_SETFL: return out + ", " + openFlags(uint32_t(r.args[2]));
+    case F_DUPFD:
+    case F_DUPFD_CLOEXEC:
+    case F_SETOWN:
+    case F_SETPIPE_SZ:
+    case F_ADD_SEALS: return fmt::format("{}, {}", out, int64_t(r.args[2]));
+  }
+  return fmt::format("{}, {}", out, hexOrZero(r.args[2]));
 }
 
 // strace's abbreviated struct stat: {st_mode=S_IFREG|0644, st_size=42655, ...}; devices show
@@ -243,6 +346,14 @@ std::string valText(const SyscallEntry& row, int i, const TraceRecord& r) {
         case SEEK_HOLE: return "SEEK_HOLE";
       }
       return std::to_string(v);
+    case ValStyle::STATX_FLAGS: {
+      const char* sync = "AT_STATX_SYNC_AS_STAT";
+      if ((v & AT_STATX_SYNC_TYPE) == AT_STATX_FORCE_SYNC) sync = "AT_STATX_FORCE_SYNC";
+      if ((v & AT_STATX_SYNC_TYPE) == AT_STATX_DONT_SYNC) sync = "AT_STATX_DONT_SYNC";
+      v &= ~uint64_t(AT_STATX_SYNC_TYPE);
+      return v == 0 ? sync : flags(uint32_t(v), AT_FLAGS, sync);
+    }
+    case ValStyle::STATX_MASK: return statxMask(v);
   }
   return std::to_string(int64_t(v));
 }
@@ -272,7 +383,15 @@ std::string argText(const SyscallEntry& row, int i, const TraceRecord& r, size_t
     case ArgKind::STRING:
     case ArgKind::IN_BUF: return bufferText(p, v, limit);
     case ArgKind::OUT_BUF:
-    case ArgKind::OUT_BUF_LENPTR: return failed ? pointer(v) : bufferText(p, v, limit);
+    case ArgKind::OUT_BUF_LENPTR:
+      if (!failed && (r.nr == __NR_getdents64 || r.nr == __NR_getdents)) {
+        // strace: the address and how many records came back (when all of them were captured)
+        int n = p.present && p.data.size() == p.length && r.nr == __NR_getdents64
+                    ? direntCount(p.data)
+                    : -1;
+        return n >= 0 ? fmt::format("{:#x} /* {} entries */", v, n) : pointer(v);
+      }
+      return failed ? pointer(v) : bufferText(p, v, limit);
     case ArgKind::IN_STRUCT:
     case ArgKind::OUT_STRUCT:
     case ArgKind::INOUT_STRUCT:
@@ -284,6 +403,9 @@ std::string argText(const SyscallEntry& row, int i, const TraceRecord& r, size_t
       }
       if (p.present && spec.size == sizeof(struct stat) && p.data.size() >= sizeof(struct stat)) {
         return statText(p.data);
+      }
+      if (p.present && spec.size == sizeof(struct statx) && p.data.size() >= sizeof(struct statx)) {
+        return statxText(p.data);
       }
       return p.present ? "{...}" : pointer(v);
     case ArgKind::INOUT_ARRAY:
@@ -398,6 +520,14 @@ std::string TraceFormatter::call(const TraceRecord& r) const {
         continue;  // strace shows open's mode only when the flags use it
       }
       text += count++ ? ", " : "";
+      if (i == 1 && row->handler == HandlerId::IOCTL) {
+        text += ioctlArgs(r);
+        break;
+      }
+      if (i == 1 && row->handler == HandlerId::FCNTL) {
+        text += fcntlArgs(r);
+        break;
+      }
       text += argText(*row, i, r, options_.stringLimit);
     }
   }

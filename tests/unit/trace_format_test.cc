@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -152,6 +153,67 @@ TEST_CASE("close, newfstatat with a decoded stat, and mmap match strace", "[trac
   CHECK(call(fixed) ==
         "mmap(0x7fd43fc69000, 1400832, PROT_READ|PROT_EXEC, MAP_PRIVATE|MAP_FIXED|MAP_DENYWRITE, "
         "3, 0x26000) = 0x7fd43fc69000");
+}
+
+TEST_CASE("ls -la's calls match strace: statx, xattrs, statfs, access, getdents64, ioctl, lseek",
+          "[trace][format]") {
+  struct statx stx {};
+  stx.stx_mask = STATX_BASIC_STATS | 0x1000;
+  stx.stx_mode = S_IFDIR | S_ISVTX | 0777;
+  stx.stx_size = 4096;
+  auto sx = record(
+      __NR_statx,
+      {uint64_t(AT_FDCWD), PATH_ADDR, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT,
+       STATX_MODE | STATX_NLINK | STATX_UID | STATX_GID | STATX_MTIME | STATX_SIZE, BUF_ADDR},
+      0);
+  payload(sx, 1, "/tmp/st/..");
+  payload(sx, 4, std::string(reinterpret_cast<const char*>(&stx), sizeof(stx)));
+  CHECK(
+      call(sx) ==
+      R"(statx(AT_FDCWD, "/tmp/st/..", AT_STATX_SYNC_AS_STAT|AT_SYMLINK_NOFOLLOW|AT_NO_AUTOMOUNT, STATX_MODE|STATX_NLINK|STATX_UID|STATX_GID|STATX_MTIME|STATX_SIZE, {stx_mask=STATX_BASIC_STATS|STATX_MNT_ID, stx_attributes=0, stx_mode=S_IFDIR|S_ISVTX|0777, stx_size=4096, ...}) = 0)");
+
+  auto lx = record(__NR_lgetxattr, {PATH_ADDR, PATH_ADDR + 64, 0x55a1df7e6e80, 255}, -ENODATA);
+  payload(lx, 0, "/tmp/st/x");
+  payload(lx, 1, "security.selinux");
+  CHECK(
+      call(lx) ==
+      R"(lgetxattr("/tmp/st/x", "security.selinux", 0x55a1df7e6e80, 255) = -1 ENODATA (No data available))");
+  auto gx = record(__NR_getxattr, {PATH_ADDR, PATH_ADDR + 64, 0, 0}, -ENODATA);
+  payload(gx, 0, "/tmp/st/.");
+  payload(gx, 1, "system.posix_acl_access");
+  CHECK(
+      call(gx) ==
+      R"(getxattr("/tmp/st/.", "system.posix_acl_access", NULL, 0) = -1 ENODATA (No data available))");
+
+  auto sf = record(__NR_statfs, {PATH_ADDR, 0x7fff6856fc00}, -ENOENT);
+  payload(sf, 0, "/selinux");
+  CHECK(call(sf) ==
+        R"(statfs("/selinux", 0x7fff6856fc00)      = -1 ENOENT (No such file or directory))");
+
+  auto ac = record(__NR_access, {PATH_ADDR, F_OK}, -ENOENT);
+  payload(ac, 0, "/etc/selinux/config");
+  CHECK(call(ac) ==
+        R"(access("/etc/selinux/config", F_OK)     = -1 ENOENT (No such file or directory))");
+
+  auto gd = record(__NR_getdents64, {3, 0x55a1df7e8790, 32768}, 0);
+  payload(gd, 1, "");
+  CHECK(call(gd) == "getdents64(3, 0x55a1df7e8790 /* 0 entries */, 32768) = 0");
+
+  CHECK(call(record(__NR_ioctl, {1, TCGETS, 0x7fff9d1e50b0}, -ENOTTY)) ==
+        "ioctl(1, TCGETS, 0x7fff9d1e50b0)        = -1 ENOTTY (Inappropriate ioctl for device)");
+  CHECK(call(record(__NR_lseek, {3, uint64_t(-60), SEEK_CUR}, 54)) ==
+        "lseek(3, -60, SEEK_CUR)                 = 54");
+  CHECK(call(record(__NR_fcntl, {3, F_SETFD, uint64_t(FD_CLOEXEC)}, 0)) ==
+        "fcntl(3, F_SETFD, FD_CLOEXEC)           = 0");
+  CHECK(call(record(__NR_fcntl, {3, F_GETFL, 0}, O_RDWR)) ==
+        "fcntl(3, F_GETFL)                       = 2");
+
+  auto pr = record(__NR_pread64, {3, BUF_ADDR, 784, 64}, 784);
+  payload(pr, 1, std::string("\6\0\0\0\4\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0", 32),
+          784);
+  CHECK(
+      call(pr) ==
+      R"(pread64(3, "\6\0\0\0\4\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0"..., 784, 64) = 784)");
 }
 
 TEST_CASE("signals, restart codes and unknown syscalls have strace's names", "[trace][format]") {
