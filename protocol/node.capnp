@@ -37,5 +37,6 @@ interface Node {
   # Subscribes `sink` to the calls of job `homePid` of node `homeNode` (0: this node) that are
   # trapped on this node (the job's guest runs here). Call it on the node where the job runs
   # (JobInfo.node); events flow until the subscription is dropped or the job leaves
-  # (TraceSink.ended). Fails with "no guest of job P from node N runs here" when none does now.
+  # (TraceSink.ended, not sent yet). A job whose guest has not arrived yet is traced from its
+  # first call here (mosrun --trace subscribes before the job starts).
 }
