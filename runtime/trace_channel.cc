@@ -16,6 +16,7 @@
 #include <ctime>
 #include <iterator>
 #include <deque>
+#include <filesystem>
 #include <set>
 
 #include "job_registry.h"
@@ -413,6 +414,27 @@ TraceHub::TraceHub(UvEventPort& port, std::string runDir)
     KJ_FAIL_REQUIRE("cannot listen on the trace socket", socketPath_, strerror(errno));
   }
   watcher_ = kj::heap<UvFdWatcher>(port_, fd);
+  resetControls();
+}
+
+void TraceHub::resetControls() {
+  // A mosd that was killed left its listener counts up: publishers would keep sending to nobody.
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(runDir_ + "/trace", ec)) {
+    int fd = open(entry.path().c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+      continue;
+    }
+    struct stat st;
+    if (fstat(fd, &st) == 0 && st.st_size >= off_t(CONTROL_BYTES)) {
+      void* at = mmap(nullptr, CONTROL_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (at != MAP_FAILED) {
+        static_cast<TraceControl*>(at)->listeners.store(0);
+        munmap(at, CONTROL_BYTES);
+      }
+    }
+    close(fd);
+  }
 }
 
 TraceHub::~TraceHub() {

@@ -195,6 +195,8 @@ class TraceHub final : private kj::TaskSet::ErrorHandler {
     TraceControl* control = nullptr;
     std::vector<Subscription*> subscriptions;
   };
+  // Sets the listener count of every control record in RUN_DIR/trace to 0 (mosd restarted).
+  void resetControls();
   struct Connection;  // one publisher
   kj::Promise<void> receive(Connection* connection);
   // Handles every message waiting on `fd`; false when the publisher closed it.

@@ -384,7 +384,7 @@ class Cluster {
     CHECK(system(("rm -rf '" + dir + "'").c_str()) == 0);
   }
 
- private:
+  // Starts node `node`'s mosd and waits until it answers.
   void start(int node) {
     std::string portText = std::to_string(port);
     std::string nodeText = std::to_string(node);
@@ -641,6 +641,17 @@ TEST_CASE("TraceCall is inert while nobody listens and publishes a whole call wh
           "[trace][mosd]") {
   Cluster mosd(1);
   mos::TracePublisher publisher(mosd.runDir(1), 1, 777);
+  {
+    // A count left up by a mosd that was killed is reset by the next one.
+    mos::TraceControl* stale = mos::mapTraceControl(mosd.runDir(1), 1, 999);
+    stale->listeners = 1;
+    kill(mosd.pids[0], SIGKILL);
+    waitpid(mosd.pids[0], nullptr, 0);
+    mosd.pids.clear();
+    mosd.start(1);
+    CHECK(stale->listeners == 0);
+    mos::unmapTraceControl(stale);
+  }
   const uint64_t args[6] = {uint64_t(AT_FDCWD), PATH_ADDR, O_RDONLY, 0, 0, 0};
   {
     mos::TraceCall idle(publisher, 777, 778, 1, 1, __NR_openat, args);
