@@ -110,6 +110,17 @@ uint64_t statusMask(const std::string& status, const char* key);
 // signal of this node to take (milliseconds).
 inline constexpr int CANCEL_CHECK_MS = 50;
 
+class Supervisor;
+
+// Runs a guest's fork/vfork/clone of a process (GuestFamily): the notification loop of a task
+// hands it every notification of a FORK row.
+class ForkHost {
+ public:
+  virtual ~ForkHost() noexcept(false) = default;
+  // Answers (or has answered: DROP) notification `notif` of `task`'s guest.
+  virtual Answer forkGuest(Supervisor& task, const seccomp_notif& notif) = 0;
+};
+
 class Supervisor {
  public:
   // Blocks SIGCHLD (read through a signalfd from then on) and ignores SIGPIPE.
@@ -135,6 +146,25 @@ class Supervisor {
   // ready. Returns false when nothing was ready. Ends the job (see the constructors) when the
   // guest ended or the deputy went away.
   bool turn(int timeoutMs);
+
+  // --- one task of a GuestFamily (guest_family.h)
+  // Where forks go; nullptr (the default): fork/vfork/clone fail with ENOSYS.
+  void setForkHost(ForkHost* host) { forkHost_ = host; }
+  // Hands the restored guest over to a GuestFamily: from now on the loop reaches it through
+  // `unotify` and `guest`, and the end of the job calls `exit` (which must not return).
+  void becomeTask(kj::Own<SeccompUnotify> unotify, kj::Own<GuestProcess> guest,
+                  kj::Function<void(int)> exit, ForkHost* host);
+  // The loop of a task, until its guest ends or its deputy goes (then `exit` is called).
+  void serveTask();
+  // Asks the deputy to fork (ForkRequest); returns the child's home pid or -errno. Ends the task
+  // when the deputy is gone.
+  int64_t askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token);
+  // handleUnsupported for a ForkHost: logs once, answers -err.
+  Answer unsupported(const seccomp_notif& notif, int err, const char* why) {
+    return handleUnsupported(notif, err, why);
+  }
+  int channelFd() const { return channel_.fd(); }
+  proto::JobStart::Reader jobStart() const { return start_; }
 
  private:
   // --- startup (supervisor.cc)
@@ -220,6 +250,8 @@ class Supervisor {
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
   std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
+  ForkHost* forkHost_ = nullptr;
+  kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
 };
 
 }  // namespace mos::remote
