@@ -139,7 +139,14 @@ void Deputy::flushSignals() {
   }
   for (int sig : takePendingSignals()) {
     capnp::MallocMessageBuilder message(16);
-    message.initRoot<proto::ToRemote>().setSignal(sig);
+    auto root = message.initRoot<proto::ToRemote>();
+    root.setSignal(sig);
+    if (sig == SIGCHLD) {
+      // The home child that ended (the guest's wait4 goes home too): si_pid for its handler.
+      auto child = lastChildSignal();
+      root.setSignalPid(child.pid);
+      root.setSignalStatus(child.status);
+    }
     channel_->send(message);
   }
 }

@@ -170,4 +170,7 @@ struct ToRemote {
     fileInfo @2 :FileInfo;
     fileData @3 :FileData;
   }
+  # With `signal` SIGCHLD: si_pid and si_status of the home kernel's siginfo (the home child).
+  signalPid @4 :Int32;
+  signalStatus @5 :Int32;
 }

@@ -466,6 +466,11 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
   return Answer::drop();
 }
 
+bool GuestFamily::queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) {
+  std::lock_guard<std::mutex> reaperLock(reaperMutex_);
+  return pidNamespace_.queueSignal(homePid, sig, fromPid, uid, value) == 0;
+}
+
 Answer GuestFamily::interruptForRewrite(Task& task, const seccomp_notif& notif) {
   pid_t g = task.pid;
   if (ptrace(PTRACE_SEIZE, g, 0, PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE) !=
@@ -517,7 +522,12 @@ pid_t GuestFamily::runFork(Task& task, const seccomp_notif& notif, pid_t homePid
     (void)listener_->send(resp);
     return -1;
   }
-  if (int err = pidNamespace_.setNextPid(homePid); err != 0) {
+  int err;
+  {
+    std::lock_guard<std::mutex> reaperLock(reaperMutex_);
+    err = pidNamespace_.setNextPid(homePid);
+  }
+  if (err != 0) {
     spdlog::warn("cannot place home pid {} in the job's namespace: {}", homePid, strerror(err));
   }
   seccomp_notif_resp resp = {};

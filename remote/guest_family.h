@@ -113,6 +113,7 @@ class GuestFamily final : public ForkHost {
 
   // ForkHost (called by a task's worker thread).
   Answer forkGuest(Supervisor& task, const seccomp_notif& notif) override;
+  bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) override;
 
  private:
   struct Task;
@@ -171,9 +172,10 @@ class GuestFamily final : public ForkHost {
   std::vector<Expected> expected_;
   int firstChannelFd_ = -1;
   proto::JobStart::Reader firstStart_;
-  PollQueue<Call*> work_;  // closures from workers, run by the main thread
-  PollQueue<int> wake_;    // a worker ended
-  std::mutex forkMutex_;   // one fork at a time
+  PollQueue<Call*> work_;   // closures from workers, run by the main thread
+  PollQueue<int> wake_;     // a worker ended
+  std::mutex forkMutex_;    // one fork at a time
+  std::mutex reaperMutex_;  // one request to the reaper at a time
 };
 
 }  // namespace mos::remote

@@ -404,7 +404,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
     KJ_IF_MAYBE (message, channel_.receive()) {
       auto root = (*message)->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
-        deliverSignal(root.getSignal());
+        deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus());
         continue;
       }
       if (isMine(root)) {
@@ -510,7 +510,7 @@ void Supervisor::onIdleMessage() {
   KJ_IF_MAYBE (m, message) {
     auto root = (*m)->getRoot<proto::ToRemote>();
     if (root.isSignal()) {
-      deliverSignal(root.getSignal());
+      deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus());
     } else {
       spdlog::debug("message from the deputy outside a call, ignored");
     }
@@ -522,13 +522,31 @@ void Supervisor::onIdleMessage() {
   }
 }
 
-void Supervisor::deliverSignal(int sig) {
+void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status) {
   if (sig <= 0 || sig >= 65 || guest_ <= 0) {
     return;
   }
   // Queued only: a guest inside a received notification waits killably, so the signal acts when
   // that call is answered (roundTrip), or at once if the guest is computing.
   spdlog::debug("signal {} to guest {}", sig, guest_);
+  if (sig == SIGCHLD && fromPid > 0) {
+    // The home child's pid as si_pid (a handler may compare it with fork's result). The kernel
+    // lets only a process itself queue CLD_* codes, so si_code reads SI_QUEUE; si_status is in
+    // si_value's place. Queued from inside the job's pid namespace (the kernel zeroes si_pid
+    // of a signal from outside); from here when there is no namespace (tests).
+    if (forkHost_ != nullptr && forkHost_->queueFromInside(start_.getIds().getPid(), sig, fromPid,
+                                                           start_.getIds().getUid(), status)) {
+      return;
+    }
+    siginfo_t info = {};
+    info.si_signo = SIGCHLD;
+    info.si_code = SI_QUEUE;
+    info.si_pid = fromPid;
+    info.si_uid = start_.getIds().getUid();
+    info.si_value.sival_int = status;
+    guestProcess_->queueSignal(sig, &info);
+    return;
+  }
   guestProcess_->queueSignal(sig, nullptr);
 }
 

@@ -119,6 +119,9 @@ class ForkHost {
   virtual ~ForkHost() noexcept(false) = default;
   // Answers (or has answered: DROP) notification `notif` of `task`'s guest.
   virtual Answer forkGuest(Supervisor& task, const seccomp_notif& notif) = 0;
+  // Queues SIGCHLD-like `sig` on the guest at `homePid` with si_pid `fromPid` from inside the
+  // job's pid namespace (JobPidNamespace::queueSignal); false when it could not.
+  virtual bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) = 0;
 };
 
 class Supervisor {
@@ -187,7 +190,9 @@ class Supervisor {
   Answer dispatch(const seccomp_notif& notif);
   void onIdleMessage();
   void onChildEvent();
-  void deliverSignal(int sig);
+  // Queues `sig` on the guest; for SIGCHLD, `fromPid` and `status` are the home siginfo's
+  // si_pid and si_status (0: unknown).
+  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0);
   // True when the guest has a pending signal it does not block (it will act on it as soon as
   // its current syscall returns).
   bool guestHasSignalToTake();
