@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -32,6 +33,9 @@ namespace {
 constexpr int ERESTARTNOINTR = 513;  // include/linux/errno.h
 constexpr size_t TOKEN_BYTES = 32;
 constexpr int CHILD_HELLO_MS = 5000;
+// How long a child guest waits for its deputy's channel before it is killed (its home deputy
+// could not connect: it exits 112 at home).
+constexpr int CHILD_CHANNEL_MS = 15000;
 
 // A message reader that owns its flat array.
 struct WordsHolder {
@@ -183,7 +187,7 @@ void GuestFamily::run(Supervisor& first, pid_t pid) {
                             {work_.fd(), POLLIN, 0},
                             {wake_.fd(), POLLIN, 0},
                             {childListener_.get(), POLLIN, 0}};
-    int n = poll(fds, childListener_.get() >= 0 ? 5 : 4, -1);
+    int n = poll(fds, childListener_.get() >= 0 ? 5 : 4, expireChildren());
     if (n < 0) {
       if (errno == EINTR) {
         continue;
@@ -217,6 +221,36 @@ void GuestFamily::run(Supervisor& first, pid_t pid) {
       acceptChild();
     }
   }
+}
+
+int GuestFamily::expireChildren() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto now = std::chrono::steady_clock::now();
+  int timeout = -1;
+  for (auto& [pid, task] : tasks_) {
+    if (!task->awaitingChannel) {
+      continue;
+    }
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    task->bornAt + std::chrono::milliseconds(CHILD_CHANNEL_MS) - now)
+                    .count();
+    if (left > 0) {
+      timeout = timeout < 0 ? static_cast<int>(left) : std::min(timeout, static_cast<int>(left));
+      continue;
+    }
+    spdlog::warn("job {}: no channel from the deputy of child {} within {} ms; its guest ends",
+                 firstStart_.getIds().getPid(), task->homePid, CHILD_CHANNEL_MS);
+    task->awaitingChannel = false;
+    task->ended = true;
+    ::kill(task->pid, SIGKILL);
+    for (auto it = expected_.begin(); it != expected_.end(); ++it) {
+      if (it->task == task.get()) {
+        expected_.erase(it);
+        break;
+      }
+    }
+  }
+  return timeout;
 }
 
 void GuestFamily::onMain(const std::function<void()>& work) {
@@ -388,6 +422,7 @@ void GuestFamily::acceptChild() {
 }
 
 void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
+  task.awaitingChannel = false;
   SupervisorOptions options = options_;
   options.fd = fd.release();
   task.ownedSupervisor = kj::heap<Supervisor>(
@@ -583,6 +618,8 @@ pid_t GuestFamily::runFork(Task& task, const seccomp_notif& notif, pid_t homePid
         attachChannel(*c, kj::mv(fd));
       } else {
         it->task = c;
+        c->awaitingChannel = true;
+        c->bornAt = std::chrono::steady_clock::now();
       }
       break;
     }

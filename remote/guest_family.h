@@ -19,6 +19,7 @@
 #include <sys/types.h>
 #include <sys/user.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -135,6 +136,9 @@ class GuestFamily final : public ForkHost {
     kj::Own<RoutedGuest> pendingGuest;
     std::thread thread;
     bool started = false;
+    // A child task waiting for its deputy's channel since then (no worker yet).
+    bool awaitingChannel = false;
+    std::chrono::steady_clock::time_point bornAt;
     bool ended = false;  // the worker returned
     bool reaped = false;
     // fork in progress: the registers at the first notification, before the rewrite
@@ -146,6 +150,9 @@ class GuestFamily final : public ForkHost {
   void onMain(const std::function<void()>& work);
   void serveListener();
   void reapChildren();
+  // Ends child tasks whose channel did not arrive within CHILD_CHANNEL_MS; returns the poll
+  // timeout until the next such deadline (-1: none).
+  int expireChildren();
   void acceptChild();
   void startWorker(Task& task);
   // A child task's channel arrived: its Supervisor is made and its worker starts.
