@@ -19,6 +19,7 @@
 
 #include "migrate.h"
 #include "signals.h"
+#include "startup.h"
 
 namespace mos::deputy {
 
@@ -138,7 +139,14 @@ void Deputy::flushSignals() {
   }
   for (int sig : takePendingSignals()) {
     capnp::MallocMessageBuilder message(16);
-    message.initRoot<proto::ToRemote>().setSignal(sig);
+    auto root = message.initRoot<proto::ToRemote>();
+    root.setSignal(sig);
+    if (sig == SIGCHLD) {
+      // The home child that ended (the guest's wait4 goes home too): si_pid for its handler.
+      auto child = lastChildSignal();
+      root.setSignalPid(child.pid);
+      root.setSignalStatus(child.status);
+    }
     channel_->send(message);
   }
 }
@@ -165,6 +173,7 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
       kill(getpid(), SIGSTOP);
       return;
     case proto::ToDeputy::CONTINUED: return;
+    case proto::ToDeputy::FORK: handleFork(message.getFork()); return;
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
                static_cast<int>(message.which()));
@@ -317,6 +326,66 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
     r->node = options_.node;
   }
   replyWith(-err);
+}
+
+void Deputy::handleFork(proto::ForkRequest::Reader request) {
+  uint64_t seq = request.getSeq();
+  uint16_t port = request.getPort();
+  auto tokenBytes = request.getToken();
+  std::vector<kj::byte> token(tokenBytes.begin(), tokenBytes.end());
+  // Signals recorded so far belong to the parent; every signal stays blocked across the fork.
+  flushSignals();
+  pid_t child = fork();
+  if (child == 0) {
+    becomeForkChild(port, kj::arrayPtr(token.data(), token.size()));
+    return;  // back to run(): the child's loop on its own channel
+  }
+  capnp::MallocMessageBuilder message;
+  auto reply = message.initRoot<proto::ToRemote>().initReply();
+  reply.setSeq(seq);
+  reply.setRet(child < 0 ? -errno : child);
+  flushSignals();
+  channel_->send(message);
+}
+
+void Deputy::becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token) {
+  pid_t self = getpid();
+  executor_.setPid(self);
+  // The parent's channel stays the parent's: close our copy of it.
+  int old = channel_->fd();
+  fds_.remove(old);
+  int fd = connectJobSocket(options_.address, port, 5000, fds_);
+  if (fd < 0) {
+    fail("node " + std::to_string(options_.node) + " unreachable for the child " +
+             std::to_string(self) + " of a fork: " + strerror(-fd),
+         EXIT_NODE_DIED);
+  }
+  kj::byte hello[8 + 32 + 4];
+  memcpy(hello, HELLO_CHILD, 8);
+  memset(hello + 8, 0, 32);
+  memcpy(hello + 8, token.begin(), kj::min(token.size(), size_t(32)));
+  int32_t pid = self;
+  memcpy(hello + 40, &pid, 4);
+  if (send(fd, hello, sizeof(hello), MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof(hello))) {
+    fail("node " + std::to_string(options_.node) + " unreachable for the child " +
+             std::to_string(self) + " of a fork",
+         EXIT_NODE_DIED);
+  }
+  channel_ = kj::heap<Channel>(kj::AutoCloseFd(fd));
+  fds_.remove(fd);
+  fds_.add(fd, [this](int, int newFd) { channel_->replaceFd(kj::AutoCloseFd(newFd)); });
+  // The parent's record stays the parent's (our copy of the mapping is simply dropped).
+  record_ = OwnedJobRecord();
+  if (!options_.runDir.empty()) {
+    try {
+      record_ = OwnedJobRecord::create(options_.runDir, "jobs", self, self, options_.homeNode,
+                                       options_.command);
+      record_.get()->node = options_.node;
+      record_.get()->state = static_cast<uint32_t>(JobState::REMOTE);
+    } catch (kj::Exception& e) {
+      spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
+    }
+  }
 }
 
 // Identity (and bytes) of a home file for the remote content cache (design decision 6).

@@ -67,6 +67,13 @@ class Deputy {
  private:
   void handleSyscall(proto::SyscallRequest::Reader request);
   void handleExec(proto::ExecRequest::Reader request);
+  // fork/vfork/clone of the guest (docs/design.md, "Fork mirroring"): forks this process; the
+  // parent replies the child's pid, the child opens its own job channel (becomeForkChild).
+  void handleFork(proto::ForkRequest::Reader request);
+  // In the child of handleFork: replaces the channel by a new connection to the job's
+  // supervisor at `port` proved by `token`, and a job record of its own. Exits 112 when the
+  // supervisor cannot be reached.
+  void becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token);
   void handleFetchFile(proto::FetchFile::Reader request);
   [[noreturn]] void handleExit(proto::GuestExit::Reader exit);
   [[noreturn]] void nodeDied();

@@ -59,6 +59,9 @@ class Executor {
   // job (the image's exe.path). `pid`: the job's pid (ours).
   Executor(ReservedFds& fds, std::string jobExe, pid_t pid);
 
+  // The job's pid changed: we are the child of a mirrored fork (Deputy::handleFork).
+  void setPid(pid_t pid) { pid_ = pid; }
+
   // Executes `request` and builds the reply into `replyMessage` as a ToRemote.reply. The
   // `interrupted` flag is left false: the caller knows whether a signal is pending.
   // Never throws for guest-visible failures (they are the reply's -errno); throws

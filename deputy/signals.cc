@@ -25,6 +25,10 @@ constexpr int MAX_SIGNAL = 64;
 // blocked) and read with every signal blocked.
 std::atomic<uint32_t> arrivals[MAX_SIGNAL + 1];
 
+// The sender and status of the last SIGCHLD (its siginfo: si_pid, si_status).
+std::atomic<int32_t> lastChildPid{0};
+std::atomic<int32_t> lastChildStatus{0};
+
 // Set when the supervisor asked to cancel the call in progress (see requestCancelSignals).
 std::atomic<bool> cancelRequested{false};
 
@@ -49,6 +53,10 @@ void onSignal(int sig, siginfo_t* info, void* context) {
     // the forwarded call in progress, because the guest left it. Not a signal of the job.
     cancelRequested.store(true, std::memory_order_relaxed);
   } else {
+    if (sig == SIGCHLD && info != nullptr) {
+      lastChildPid.store(info->si_pid, std::memory_order_relaxed);
+      lastChildStatus.store(info->si_status, std::memory_order_relaxed);
+    }
     arrivals[sig].fetch_add(1, std::memory_order_relaxed);
   }
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
@@ -124,6 +132,11 @@ std::vector<int> takePendingSignals() {
     }
   }
   return result;
+}
+
+ChildSignalInfo lastChildSignal() {
+  return {lastChildPid.load(std::memory_order_relaxed),
+          lastChildStatus.load(std::memory_order_relaxed)};
 }
 
 bool takeCancel() { return cancelRequested.exchange(false, std::memory_order_relaxed); }

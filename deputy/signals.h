@@ -57,6 +57,13 @@ inline bool signalsPending() {
 // times as it arrived, a standard one once). Call with signals blocked.
 std::vector<int> takePendingSignals();
 
+// si_pid and si_status of the last SIGCHLD that arrived (0, 0 before any).
+struct ChildSignalInfo {
+  int32_t pid;
+  int32_t status;
+};
+ChildSignalInfo lastChildSignal();
+
 // Records `sig` as if it had arrived (tests, and re-recording after a failed exec).
 void recordSignal(int sig);
 

@@ -107,6 +107,19 @@ struct FetchFile {
   wantData @3 :Bool;
 }
 
+struct ForkRequest {
+  # fork/vfork/clone of a process in the guest (design decision 3; docs/design.md, "Fork
+  # mirroring"): the deputy forks. The parent deputy replies a SyscallReply with `seq` whose ret
+  # is the child's home pid (or -errno). The child deputy opens its own job channel: a TCP
+  # connection to `port` at the node's address (the job's supervisor listens there), on which it
+  # sends the 8-byte hello "UMOSCHLD", then `token` (32 bytes, fresh per fork, known only to this
+  # channel's ends) and its home pid (4 bytes, little-endian); from then on it is a job channel
+  # of the child guest, without JobStart and `started`.
+  seq @0 :UInt64;
+  port @1 :UInt16;
+  token @2 :Data;
+}
+
 struct GuestExit {
   # The guest ended. The deputy ends the same way: exit(status) or death by `signal`.
   status @0 :Int32;        # exit status when signal == 0
@@ -124,6 +137,7 @@ struct ToDeputy {
     failed @5 :Text;       # the supervisor could not start or continue the guest; ends the job
     stopped @6 :Int32;     # the guest entered a group stop by this signal (job control)
     continued @7 :Void;    # the guest left a group stop
+    fork @8 :ForkRequest;
   }
 }
 
@@ -156,4 +170,7 @@ struct ToRemote {
     fileInfo @2 :FileInfo;
     fileData @3 :FileData;
   }
+  # With `signal` SIGCHLD: si_pid and si_status of the home kernel's siginfo (the home child).
+  signalPid @4 :Int32;
+  signalStatus @5 :Int32;
 }

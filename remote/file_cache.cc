@@ -39,7 +39,7 @@ kj::Maybe<std::string> FileCache::lookup(proto::FileRef::Reader ref) {
 
 std::string FileCache::store(proto::FileRef::Reader ref, const std::function<void(int fd)>& fill) {
   std::string path = dir_ + "/" + keyOf(ref);
-  std::string temp = fmt::format("{}.tmp.{}", path, getpid());
+  std::string temp = fmt::format("{}.tmp.{}.{}", path, getpid(), gettid());
   int fd;
   KJ_SYSCALL(fd = open(temp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644), temp);
   kj::AutoCloseFd owned(fd);

@@ -84,13 +84,26 @@ void runReaper(int parentPidfd, int control) {
       }
     }
     if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-      int32_t pid;
-      ssize_t n = ::recv(REAPER_CONTROL_FD, &pid, sizeof(pid), 0);
+      int32_t request[5];
+      ssize_t n = ::recv(REAPER_CONTROL_FD, request, sizeof(request), 0);
       if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) {
         ::_exit(0);  // the supervisor is gone
       }
-      if (n == sizeof(pid)) {
-        int32_t err = writeLastPid(pid);
+      if (n == sizeof(int32_t)) {
+        int32_t err = writeLastPid(request[0]);
+        ::send(REAPER_CONTROL_FD, &err, sizeof(err), MSG_NOSIGNAL);
+      } else if (n == sizeof(request)) {
+        // queueSignal: target, signal, si_pid, si_uid, si_value
+        siginfo_t info = {};
+        info.si_signo = request[1];
+        info.si_code = SI_QUEUE;
+        info.si_pid = request[2];
+        info.si_uid = static_cast<uid_t>(request[3]);
+        info.si_value.sival_int = request[4];
+        int32_t err =
+            ::syscall(SYS_rt_tgsigqueueinfo, request[0], request[0], request[1], &info) == 0
+                ? 0
+                : errno;
         ::send(REAPER_CONTROL_FD, &err, sizeof(err), MSG_NOSIGNAL);
       }
     }
@@ -111,6 +124,22 @@ JobPidNamespace JobPidNamespace::create() {
     runReaper(pidfd, theirs.get());
   }
   return JobPidNamespace(pid, kj::mv(mine));
+}
+
+int JobPidNamespace::queueSignal(pid_t pid, int sig, pid_t fromPid, uid_t uid, int value) {
+  if (control_ == nullptr) {
+    return EPIPE;
+  }
+  int32_t request[5] = {pid, sig, fromPid, static_cast<int32_t>(uid), value};
+  if (::send(control_.get(), request, sizeof(request), MSG_NOSIGNAL) != sizeof(request)) {
+    return EPIPE;
+  }
+  int32_t err;
+  ssize_t n;
+  do {
+    n = ::recv(control_.get(), &err, sizeof(err), 0);
+  } while (n < 0 && errno == EINTR);
+  return n == sizeof(err) ? err : EPIPE;
 }
 
 int JobPidNamespace::setNextPid(pid_t pid) {

@@ -68,6 +68,13 @@ class JobPidNamespace {
   // (the caller serializes the forks of its job).
   int setNextPid(pid_t pid);
 
+  // Queues signal `sig` on process `pid` of the namespace from inside it (the reaper's
+  // rt_tgsigqueueinfo), so its si_pid survives: the kernel zeroes si_pid of a signal queued from
+  // an ancestor namespace. si_code is SI_QUEUE (only a process itself may queue other codes),
+  // si_pid `fromPid`, si_uid `uid`, si_value `value`. Returns 0, the errno of the call, or
+  // EPIPE when the reaper is gone. Not thread safe (the caller serializes reaper requests).
+  int queueSignal(pid_t pid, int sig, pid_t fromPid, uid_t uid, int value);
+
  private:
   void end();  // what the destructor does
   JobPidNamespace(pid_t reaper, kj::AutoCloseFd control)

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/audit.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/signalfd.h>
@@ -20,6 +21,7 @@
 #include <kj/debug.h>
 #include <spdlog/spdlog.h>
 
+#include "guest_family.h"
 #include "marshal.h"
 #include "migrate.h"
 #include "seccomp_filter.h"
@@ -95,11 +97,56 @@ int Supervisor::run() {
     }
     return 1;
   }
+  // Every process of the job on this node is served by one GuestFamily (a thread per guest);
+  // this object serves the first guest. The kernel refuses to create a thread while the
+  // caller's children go to another pid namespace than its own (clone(2), EINVAL), so our
+  // children return to our own namespace now: the guests' later processes are forked by the
+  // guests' own kernel inside the job's namespace (clone with CLONE_PARENT), not by us.
+  try {
+    int ns;
+    KJ_SYSCALL(ns = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC));
+    kj::AutoCloseFd own(ns);
+    KJ_SYSCALL(setns(ns, CLONE_NEWPID));
+  } catch (kj::Exception& e) {
+    spdlog::error("job {}: {}", start_.getIds().getPid(), e.getDescription().cStr());
+    endJob(1);
+  }
+  {
+    GuestFamily family(options_, kj::heap<KernelUnotify>(kj::mv(listener_)), kj::mv(signalFd_),
+                       kj::mv(pidNamespace_));
+    family.run(*this, guest_);
+  }
+  record_.unlink();
+  return 0;
+}
+
+void Supervisor::becomeTask(kj::Own<SeccompUnotify> unotify, kj::Own<GuestProcess> guest,
+                            kj::Function<void(int)> exit, ForkHost* host) {
+  unotify_ = kj::mv(unotify);
+  guestProcess_ = kj::mv(guest);
+  exit_ = kj::mv(exit);
+  forkHost_ = host;
+}
+
+void Supervisor::serveTask() {
   try {
     serve();
   } catch (kj::Exception& e) {
     endJobAfter(e);
   }
+}
+
+int64_t Supervisor::askDeputyToFork(uint64_t seq, uint16_t port,
+                                    kj::ArrayPtr<const kj::byte> token) {
+  capnp::MallocMessageBuilder message;
+  auto fork = message.initRoot<proto::ToDeputy>().initFork();
+  fork.setSeq(seq);
+  fork.setPort(port);
+  fork.setToken(token);
+  KJ_IF_MAYBE (reply, callHome(message, seq)) {
+    return (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
+  }
+  return -EINTR;
 }
 
 void Supervisor::endJobAfter(const kj::Exception& e) {
@@ -222,17 +269,8 @@ void Supervisor::startGuest() {
       start_.getImage(), [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); },
       options);
   guest_ = guest.pid;
-  auto child = kj::heap<ChildGuest>(guest_, kj::mv(signalFd_));
-  child->onOtherChild([this](pid_t pid, int) {
-    if (pidNamespace_.isReaper(pid)) {
-      // Killed from outside: the namespace and the guest died with it (reported as the guest's
-      // own end by the next event).
-      spdlog::warn("job {}: the reaper of its pid namespace died", start_.getIds().getPid());
-      pidNamespace_.reaped();
-    }
-  });
-  guestProcess_ = kj::mv(child);
-  unotify_ = kj::heap<KernelUnotify>(kj::mv(guest.listener));
+  // GuestFamily takes the listener and SIGCHLD (run()).
+  listener_ = kj::mv(guest.listener);
   record_ = OwnedJobRecord::create(options_.runDir, "guests", getpid(), start_.getIds().getPid(),
                                    options_.peerNode, start_.getCommand());
   record_.get()->node = options_.node;
@@ -316,6 +354,11 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
       return forwardRegular(notif, specs);
     }
     case HandlerId::SOCKMSG: return handleSockmsg(notif);
+    case HandlerId::FORK:
+      if (forkHost_ == nullptr) {
+        return handleUnsupported(notif, ENOSYS, "fork is not served here");
+      }
+      return forkHost_->forkGuest(*this, notif);
     case HandlerId::OPEN:
       return forwardRegular(notif, entry->args);  // it serves the job's /proc files itself
     case HandlerId::MMAP: break;
@@ -361,7 +404,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
     KJ_IF_MAYBE (message, channel_.receive()) {
       auto root = (*message)->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
-        deliverSignal(root.getSignal());
+        deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus());
         continue;
       }
       if (isMine(root)) {
@@ -467,7 +510,7 @@ void Supervisor::onIdleMessage() {
   KJ_IF_MAYBE (m, message) {
     auto root = (*m)->getRoot<proto::ToRemote>();
     if (root.isSignal()) {
-      deliverSignal(root.getSignal());
+      deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus());
     } else {
       spdlog::debug("message from the deputy outside a call, ignored");
     }
@@ -479,13 +522,31 @@ void Supervisor::onIdleMessage() {
   }
 }
 
-void Supervisor::deliverSignal(int sig) {
+void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status) {
   if (sig <= 0 || sig >= 65 || guest_ <= 0) {
     return;
   }
   // Queued only: a guest inside a received notification waits killably, so the signal acts when
   // that call is answered (roundTrip), or at once if the guest is computing.
   spdlog::debug("signal {} to guest {}", sig, guest_);
+  if (sig == SIGCHLD && fromPid > 0) {
+    // The home child's pid as si_pid (a handler may compare it with fork's result). The kernel
+    // lets only a process itself queue CLD_* codes, so si_code reads SI_QUEUE; si_status is in
+    // si_value's place. Queued from inside the job's pid namespace (the kernel zeroes si_pid
+    // of a signal from outside); from here when there is no namespace (tests).
+    if (forkHost_ != nullptr && forkHost_->queueFromInside(start_.getIds().getPid(), sig, fromPid,
+                                                           start_.getIds().getUid(), status)) {
+      return;
+    }
+    siginfo_t info = {};
+    info.si_signo = SIGCHLD;
+    info.si_code = SI_QUEUE;
+    info.si_pid = fromPid;
+    info.si_uid = start_.getIds().getUid();
+    info.si_value.sival_int = status;
+    guestProcess_->queueSignal(sig, &info);
+    return;
+  }
   guestProcess_->queueSignal(sig, nullptr);
 }
 

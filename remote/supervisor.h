@@ -1,10 +1,11 @@
 #pragma once
-// The supervisor: one process per guest on the remote node (started by mosd with the job
-// channel as a descriptor). It restores the migration image into a fresh stub (libmigrate), then
-// serves the guest's seccomp user notifications: local answers from the Ids cache, forwarded
-// calls over the job channel to the deputy, file-backed mmap from the content cache, execve sent
-// home (design decision 2). It is the guest's parent and reports its exit, stop and continue to
-// the deputy; it forwards the deputy's signals to the guest.
+// The supervisor: one process per job on the remote node (started by mosd with the job
+// channel as a descriptor); one Supervisor object, in a thread of its own, per guest process of
+// the job (GuestFamily, guest_family.h: forks are mirrored). It restores the migration image
+// into a fresh stub (libmigrate), then serves the guest's seccomp user notifications: local answers
+// from the Ids cache, forwarded calls over the job channel to the deputy, file-backed mmap from the
+// content cache, execve sent home (design decision 2). It is the guest's parent and reports its
+// exit, stop and continue to the deputy; it forwards the deputy's signals to the guest.
 //
 // The notification loop, and only it, does receive → look up → route → handler → respond
 // (STYLE.md). Routine races — the guest died (ENOENT from NOTIF_SEND), a notification was
@@ -110,6 +111,20 @@ uint64_t statusMask(const std::string& status, const char* key);
 // signal of this node to take (milliseconds).
 inline constexpr int CANCEL_CHECK_MS = 50;
 
+class Supervisor;
+
+// Runs a guest's fork/vfork/clone of a process (GuestFamily): the notification loop of a task
+// hands it every notification of a FORK row.
+class ForkHost {
+ public:
+  virtual ~ForkHost() noexcept(false) = default;
+  // Answers (or has answered: DROP) notification `notif` of `task`'s guest.
+  virtual Answer forkGuest(Supervisor& task, const seccomp_notif& notif) = 0;
+  // Queues SIGCHLD-like `sig` on the guest at `homePid` with si_pid `fromPid` from inside the
+  // job's pid namespace (JobPidNamespace::queueSignal); false when it could not.
+  virtual bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) = 0;
+};
+
 class Supervisor {
  public:
   // Blocks SIGCHLD (read through a signalfd from then on) and ignores SIGPIPE.
@@ -136,6 +151,25 @@ class Supervisor {
   // guest ended or the deputy went away.
   bool turn(int timeoutMs);
 
+  // --- one task of a GuestFamily (guest_family.h)
+  // Where forks go; nullptr (the default): fork/vfork/clone fail with ENOSYS.
+  void setForkHost(ForkHost* host) { forkHost_ = host; }
+  // Hands the restored guest over to a GuestFamily: from now on the loop reaches it through
+  // `unotify` and `guest`, and the end of the job calls `exit` (which must not return).
+  void becomeTask(kj::Own<SeccompUnotify> unotify, kj::Own<GuestProcess> guest,
+                  kj::Function<void(int)> exit, ForkHost* host);
+  // The loop of a task, until its guest ends or its deputy goes (then `exit` is called).
+  void serveTask();
+  // Asks the deputy to fork (ForkRequest); returns the child's home pid or -errno. Ends the task
+  // when the deputy is gone.
+  int64_t askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token);
+  // handleUnsupported for a ForkHost: logs once, answers -err.
+  Answer unsupported(const seccomp_notif& notif, int err, const char* why) {
+    return handleUnsupported(notif, err, why);
+  }
+  int channelFd() const { return channel_.fd(); }
+  proto::JobStart::Reader jobStart() const { return start_; }
+
  private:
   // --- startup (supervisor.cc)
   void receiveJobStart();
@@ -157,7 +191,9 @@ class Supervisor {
   Answer dispatch(const seccomp_notif& notif);
   void onIdleMessage();
   void onChildEvent();
-  void deliverSignal(int sig);
+  // Queues `sig` on the guest; for SIGCHLD, `fromPid` and `status` are the home siginfo's
+  // si_pid and si_status (0: unknown).
+  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0);
   // True when the guest has a pending signal it does not block (it will act on it as soon as
   // its current syscall returns).
   bool guestHasSignalToTake();
@@ -220,6 +256,8 @@ class Supervisor {
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
   std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
+  ForkHost* forkHost_ = nullptr;
+  kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
 };
 
 }  // namespace mos::remote

@@ -17,6 +17,8 @@ namespace mos {
 // The 8-byte hellos that select a service on a mosd connection (protocol/job.capnp).
 inline constexpr char HELLO_RPC[8] = {'U', 'M', 'O', 'S', 'R', 'P', 'C', '1'};
 inline constexpr char HELLO_JOB[8] = {'U', 'M', 'O', 'S', 'J', 'O', 'B', '1'};
+// A child deputy's job channel to its job's supervisor (protocol/job.capnp, ForkRequest).
+inline constexpr char HELLO_CHILD[8] = {'U', 'M', 'O', 'S', 'C', 'H', 'L', 'D'};
 
 // Reader limits for the job channel: images and file chunks are large, so the traversal limit
 // is 1 GiB worth of words.

@@ -100,6 +100,7 @@ constexpr AtHome atHomeOf(Route route, HandlerId handler) {
   switch (handler) {
     case HandlerId::IOV:   // sent home as read, write, pread64 or pwrite64
     case HandlerId::EXEC:  // sent home as an ExecRequest
+    case HandlerId::FORK:  // sent home as a ForkRequest
       return AtHome::NEVER;
     case HandlerId::SOCKMSG: return AtHome::MSGHDR;
     default: return AtHome::ARGS;
@@ -171,7 +172,7 @@ constexpr SyscallEntry denyButHomeHelper(int nr, const char* name, uint32_t clas
   return e;
 }
 
-constexpr const char* FORK_LATER = "fork and threads in a guest come in a later issue";
+constexpr const char* FORK_LATER = "clone3 is not mirrored yet (glibc falls back to clone)";
 constexpr const char* MOUNTS = "mounts belong to the home node; a guest cannot change them";
 constexpr const char* CREDS =
     "credential changes of a guest come in a later issue (the id cache would go stale)";
@@ -256,9 +257,10 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_setsockopt, "setsockopt", NETWORK | DESC, {FD, VAL, VAL, inBuf(4), VAL}),
     forward(__NR_getsockopt, "getsockopt", NETWORK | DESC,
             {FD, VAL, VAL, outBufLenptr(4), SOCKLEN_PTR}),
-    deny(__NR_clone, "clone", PROC, ENOSYS, FORK_LATER),
-    deny(__NR_fork, "fork", PROC, ENOSYS, FORK_LATER),
-    deny(__NR_vfork, "vfork", PROC, ENOSYS, FORK_LATER),
+    // A process: mirrored (docs/design.md, "Fork mirroring"); CLONE_THREAD: ENOSYS for now.
+    forward(__NR_clone, "clone", PROC, {VAL, VAL, VAL, VAL, VAL}, FORK),
+    forward(__NR_fork, "fork", PROC, {}, FORK),
+    forward(__NR_vfork, "vfork", PROC, {}, FORK),
     forward(__NR_execve, "execve", PROC | FILE, {PATH, HANDLED, HANDLED}, EXEC),
     local(__NR_exit, "exit", PROC),
     forward(__NR_wait4, "wait4", PROC, {VAL, outStruct(INT_BYTES), VAL, outStruct(RUSAGE_BYTES)}),
@@ -826,6 +828,7 @@ const char* handlerName(HandlerId handler) {
     case HandlerId::IDS: return "IDS";
     case HandlerId::MMAP: return "MMAP";
     case HandlerId::EXEC: return "EXEC";
+    case HandlerId::FORK: return "FORK";
     case HandlerId::IOV: return "IOV";
     case HandlerId::KILL: return "KILL";
     case HandlerId::SET_TID_ADDRESS: return "SET_TID_ADDRESS";

@@ -88,6 +88,8 @@ enum class HandlerId : uint8_t {
   SOCKMSG,          // sendmsg, recvmsg: msghdr with iovecs
   OPEN,             // open, openat, openat2: the job's own /proc files that describe its user part
                     // (maps, status, ...) are served by the supervisor; every other path is regular
+  FORK,             // fork, vfork, clone of a process: mirrored, the deputy forks at home
+                    // (docs/design.md, "Fork mirroring"); clone with CLONE_THREAD: ENOSYS
 };
 
 // What the deputy does around a call it executes because the job's fd table and /proc/self are

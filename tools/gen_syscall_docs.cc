@@ -70,6 +70,8 @@ std::string handlerNote(const SyscallEntry& e) {
     case HandlerId::MMAP:
       return "MAP_ANONYMOUS runs locally; file-backed mappings come from the remote content cache";
     case HandlerId::EXEC: return "performed at home: the job comes home (design decision 2)";
+    case HandlerId::FORK:
+      return "mirrored: the deputy forks at home, the guest's kernel forks here at the home pid";
     case HandlerId::IOV: return "the iovec array is flattened into one buffer";
     case HandlerId::KILL: return "signals to the job itself are delivered locally";
     case HandlerId::SET_TID_ADDRESS: return "returns the home tid";

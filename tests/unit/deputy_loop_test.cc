@@ -64,6 +64,7 @@ struct ForkedDeputy {
       options.node = 2;
       options.homeNode = 1;
       options.jobExe = "/bin/true";
+      options.address = "127.0.0.1";  // where a forked child deputy connects
       Deputy deputy(options, fds, kj::heap<Channel>(kj::AutoCloseFd(high)));
       deputy.run();
     }
@@ -816,4 +817,68 @@ TEST_CASE("deputy a signal between the pending check and the syscall instruction
     INFO("instruction " << nth << " of the window");
     CHECK(signalInsideWindow(nth) == 0);
   }
+}
+
+TEST_CASE("deputy fork: the parent replies the child's pid, the child opens its own channel",
+          "[deputy][fork]") {
+  int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(listener >= 0);
+  kj::AutoCloseFd listenerOwner(listener);
+  sockaddr_in address = {};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0);
+  REQUIRE(listen(listener, 4) == 0);
+  socklen_t length = sizeof(address);
+  REQUIRE(getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length) == 0);
+
+  ForkedDeputy d;
+  std::string token(32, 't');
+  {
+    capnp::MallocMessageBuilder message;
+    auto fork = message.initRoot<proto::ToDeputy>().initFork();
+    fork.setSeq(5);
+    fork.setPort(ntohs(address.sin_port));
+    fork.setToken(kj::arrayPtr(reinterpret_cast<const kj::byte*>(token.data()), token.size()));
+    d.send(message);
+  }
+  auto reply = d.receive();
+  REQUIRE(reply.get() != nullptr);
+  auto r = reply->getRoot<proto::ToRemote>();
+  REQUIRE(r.isReply());
+  CHECK(r.getReply().getSeq() == 5);
+  pid_t child = static_cast<pid_t>(r.getReply().getRet());
+  REQUIRE(child > 0);
+
+  struct pollfd pfd = {listener, POLLIN, 0};
+  REQUIRE(poll(&pfd, 1, 30000) == 1);
+  int fd = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+  REQUIRE(fd >= 0);
+  char hello[44];
+  REQUIRE(recv(fd, hello, sizeof(hello), MSG_WAITALL) == sizeof(hello));
+  CHECK(memcmp(hello, "UMOSCHLD", 8) == 0);
+  CHECK(std::string(hello + 8, 32) == token);
+  int32_t pid;
+  memcpy(&pid, hello + 40, 4);
+  CHECK(pid == child);
+
+  // The child serves its own channel: its guest exits 9, so it exits 9, and the parent's SIGCHLD
+  // reaches its supervisor with the child's pid and status.
+  Channel childChannel{kj::AutoCloseFd(fd)};
+  {
+    capnp::MallocMessageBuilder message;
+    message.initRoot<proto::ToDeputy>().initExit().setStatus(9);
+    childChannel.send(message);
+  }
+  auto signal = d.receive();
+  REQUIRE(signal.get() != nullptr);
+  auto s = signal->getRoot<proto::ToRemote>();
+  REQUIRE(s.isSignal());
+  CHECK(s.getSignal() == SIGCHLD);
+  CHECK(s.getSignalPid() == child);
+  CHECK(s.getSignalStatus() == 9);
+  sendExit(d, 0, 0);
+  int status = d.wait();
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
 }

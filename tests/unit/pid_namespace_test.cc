@@ -182,3 +182,51 @@ TEST_CASE("ending the namespace kills its processes; the caller's death ends the
   close(report[0]);
   close(report[1]);
 }
+
+TEST_CASE("a signal queued through the reaper keeps its si_pid", "[remote][pidns]") {
+  if (geteuid() != 0) {
+    WARN("not root: pid namespaces need CAP_SYS_ADMIN; not tested");
+    return;
+  }
+  CHECK(inChild([] {
+          auto ns = JobPidNamespace::create();
+          if (ns.setNextPid(777) != 0) {
+            return 10;
+          }
+          int ready[2];
+          if (pipe(ready) != 0) {
+            return 11;
+          }
+          pid_t child = fork();
+          if (child == 0) {
+            sigset_t set;
+            sigemptyset(&set);
+            sigaddset(&set, SIGCHLD);
+            sigprocmask(SIG_BLOCK, &set, nullptr);
+            (void)!write(ready[1], "r", 1);
+            siginfo_t info = {};
+            if (sigwaitinfo(&set, &info) != SIGCHLD) {
+              _exit(1);
+            }
+            bool ok = info.si_code == SI_QUEUE && info.si_pid == 4321 && info.si_uid == 65534 &&
+                      info.si_value.sival_int == 42;
+            _exit(ok ? 0 : 2);
+          }
+          char r;
+          if (read(ready[0], &r, 1) != 1) {
+            return 12;
+          }
+          if (ns.queueSignal(777, SIGCHLD, 4321, 65534, 42) != 0) {
+            return 13;
+          }
+          if (ns.queueSignal(99999, SIGCHLD, 1, 0, 0) != ESRCH) {
+            return 14;
+          }
+          int status;
+          waitpid(child, &status, 0);
+          if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            return 20 + (WIFEXITED(status) ? WEXITSTATUS(status) : 9);
+          }
+          return 0;
+        }) == 0);
+}

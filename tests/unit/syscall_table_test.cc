@@ -310,8 +310,13 @@ TEST_CASE("the calls glibc programs need have the route design decision 4 gives 
     CHECK(row(name).route == Route::FORWARD);
     CHECK(row(name).handler == HandlerId::NONE);
   }
-  for (const char* name : {"fork", "vfork", "clone", "clone3", "io_uring_setup", "io_uring_enter",
-                           "io_uring_register", "memfd_create", "sendmmsg", "recvmmsg"}) {
+  for (const char* name : {"fork", "vfork", "clone"}) {
+    INFO(name);  // mirrored (docs/design.md, "Fork mirroring")
+    CHECK(row(name).route == Route::FORWARD);
+    CHECK(row(name).handler == HandlerId::FORK);
+  }
+  for (const char* name : {"clone3", "io_uring_setup", "io_uring_enter", "io_uring_register",
+                           "memfd_create", "sendmmsg", "recvmmsg"}) {
     INFO(name);
     CHECK(row(name).route == Route::DENY);
     CHECK(row(name).err == ENOSYS);
@@ -351,8 +356,9 @@ TEST_CASE("what the deputy executes follows from the route and the handler",
     if (e.route != Route::FORWARD) {
       // Only memfd_create, for the supervisor's /proc/self snapshots, goes home off-route.
       CHECK(e.atHome == (e.nr == __NR_memfd_create ? AtHome::HELPER : AtHome::NEVER));
-    } else if (e.handler == HandlerId::IOV || e.handler == HandlerId::EXEC) {
-      CHECK(e.atHome == AtHome::NEVER);  // they go home as read/write, or as an ExecRequest
+    } else if (e.handler == HandlerId::IOV || e.handler == HandlerId::EXEC ||
+               e.handler == HandlerId::FORK) {
+      CHECK(e.atHome == AtHome::NEVER);  // read/write, an ExecRequest or a ForkRequest
     } else if (e.handler == HandlerId::SOCKMSG) {
       CHECK(e.atHome == AtHome::MSGHDR);
     } else {

@@ -1,0 +1,631 @@
+#include "guest_family.h"
+
+#include <netinet/in.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/ptrace.h>
+#include <sys/random.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include <capnp/serialize.h>
+#include <kj/debug.h>
+#include <spdlog/spdlog.h>
+
+#include "channel.h"
+#include "guest_fork.h"
+
+namespace mos::remote {
+
+namespace {
+
+constexpr int ERESTARTNOINTR = 513;  // include/linux/errno.h
+constexpr size_t TOKEN_BYTES = 32;
+constexpr int CHILD_HELLO_MS = 5000;
+// How long a child guest waits for its deputy's channel before it is killed (its home deputy
+// could not connect: it exits 112 at home).
+constexpr int CHILD_CHANNEL_MS = 15000;
+
+// A message reader that owns its flat array.
+struct WordsHolder {
+  kj::Array<capnp::word> words;
+};
+class OwnedFlatReader : private WordsHolder, public capnp::FlatArrayMessageReader {
+ public:
+  explicit OwnedFlatReader(kj::Array<capnp::word> words)
+      : WordsHolder{kj::mv(words)}, capnp::FlatArrayMessageReader(this->words) {}
+};
+
+// The JobStart of a child task: the parent's, with the child's home pid as pid and tid.
+kj::Own<capnp::MessageReader> childJobStart(proto::JobStart::Reader parent, pid_t homePid) {
+  capnp::MallocMessageBuilder message;
+  auto start = message.initRoot<proto::JobStart>();
+  start.setHomeNode(parent.getHomeNode());
+  start.setIds(parent.getIds());
+  start.getIds().setPid(homePid);
+  start.getIds().setTid(homePid);
+  start.setCommand(parent.getCommand());
+  return kj::heap<OwnedFlatReader>(capnp::messageToFlatArray(message));
+}
+
+bool isExitStatus(int status) { return WIFEXITED(status) || WIFSIGNALED(status); }
+
+}  // namespace
+
+template <typename T>
+PollQueue<T>::PollQueue() {
+  int fd;
+  KJ_SYSCALL(fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK | EFD_SEMAPHORE));
+  event_ = kj::AutoCloseFd(fd);
+}
+
+template <typename T>
+void PollQueue<T>::push(T value) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  values_.push_back(std::move(value));
+  uint64_t one = 1;
+  (void)!write(event_.get(), &one, sizeof(one));
+}
+
+template <typename T>
+kj::Maybe<T> PollQueue<T>::pop() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (values_.empty()) {
+    return nullptr;
+  }
+  uint64_t one;
+  (void)!read(event_.get(), &one, sizeof(one));
+  T value = std::move(values_.front());
+  values_.pop_front();
+  return kj::mv(value);
+}
+
+struct GuestFamily::Call {
+  const std::function<void()>* work;
+  std::mutex mutex;
+  std::condition_variable done;
+  bool finished = false;
+  kj::Maybe<kj::Exception> error;
+};
+
+template class PollQueue<int>;
+template class PollQueue<seccomp_notif>;
+template class PollQueue<GuestFamily::Call*>;
+
+int RoutedUnotify::receive(seccomp_notif& notif) {
+  KJ_IF_MAYBE (next, queue_.pop()) {
+    notif = *next;
+    return 0;
+  }
+  return ENOENT;
+}
+
+void RoutedGuest::queueSignal(int sig, const siginfo_t* info) {
+  if (info == nullptr) {
+    syscall(SYS_tgkill, pid_, pid_, sig);
+  } else {
+    syscall(SYS_rt_tgsigqueueinfo, pid_, pid_, sig, info);
+  }
+}
+
+std::string RoutedGuest::procFile(const std::string& name) {
+  std::ifstream in("/proc/" + std::to_string(pid_) + "/" + name, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void RoutedGuest::kill() { ::kill(pid_, SIGKILL); }
+
+GuestFamily::GuestFamily(SupervisorOptions options, kj::Own<SeccompUnotify> listener,
+                         kj::AutoCloseFd sigchld, JobPidNamespace pidNamespace)
+    : options_(std::move(options)),
+      listener_(kj::mv(listener)),
+      sigchld_(kj::mv(sigchld)),
+      pidNamespace_(kj::mv(pidNamespace)) {}
+
+GuestFamily::~GuestFamily() noexcept(false) {}
+
+GuestFamily::Task* GuestFamily::findTask(pid_t pid) {
+  auto it = tasks_.find(pid);
+  return it == tasks_.end() ? nullptr : it->second.get();
+}
+
+void GuestFamily::run(Supervisor& first, pid_t pid) {
+  firstChannelFd_ = first.channelFd();
+  firstStart_ = first.jobStart();
+  auto task = std::make_unique<Task>();
+  task->pid = pid;
+  task->homePid = firstStart_.getIds().getPid();
+  auto unotify = kj::heap<RoutedUnotify>(*listener_);
+  auto guest = kj::heap<RoutedGuest>(pid);
+  task->unotify = unotify.get();
+  task->guest = guest.get();
+  first.becomeTask(
+      kj::mv(unotify), kj::mv(guest), [](int status) { throw TaskEnded{status}; }, this);
+  task->supervisor = &first;
+  Task* t = task.get();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tasks_[pid] = std::move(task);
+  }
+  startWorker(*t);
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = tasks_.begin(); it != tasks_.end();) {
+        Task& each = *it->second;
+        if (each.ended && !each.reaped && each.pid > 0) {
+          ::kill(each.pid, SIGKILL);  // the main thread reaps it
+        }
+        if (each.ended && each.reaped) {
+          if (each.thread.joinable()) {
+            each.thread.join();
+          }
+          it = tasks_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (tasks_.empty()) {
+        return;
+      }
+    }
+    struct pollfd fds[5] = {{listener_->fd(), POLLIN, 0},
+                            {sigchld_.get(), POLLIN, 0},
+                            {work_.fd(), POLLIN, 0},
+                            {wake_.fd(), POLLIN, 0},
+                            {childListener_.get(), POLLIN, 0}};
+    int n = poll(fds, childListener_.get() >= 0 ? 5 : 4, expireChildren());
+    if (n < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      KJ_FAIL_SYSCALL("poll", errno);
+    }
+    if (fds[1].revents & POLLIN) {
+      reapChildren();
+    }
+    if (fds[0].revents & POLLIN) {
+      serveListener();
+    }
+    if (fds[2].revents & POLLIN) {
+      KJ_IF_MAYBE (call, work_.pop()) {
+        Call* c = *call;
+        try {
+          (*c->work)();
+        } catch (kj::Exception& e) {
+          c->error = kj::mv(e);
+        }
+        std::lock_guard<std::mutex> lock(c->mutex);
+        c->finished = true;
+        c->done.notify_all();
+      }
+    }
+    if (fds[3].revents & POLLIN) {
+      while (wake_.pop() != nullptr) {
+      }
+    }
+    if (n > 0 && childListener_.get() >= 0 && (fds[4].revents & POLLIN)) {
+      acceptChild();
+    }
+  }
+}
+
+int GuestFamily::expireChildren() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto now = std::chrono::steady_clock::now();
+  int timeout = -1;
+  for (auto& [pid, task] : tasks_) {
+    if (!task->awaitingChannel) {
+      continue;
+    }
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    task->bornAt + std::chrono::milliseconds(CHILD_CHANNEL_MS) - now)
+                    .count();
+    if (left > 0) {
+      timeout = timeout < 0 ? static_cast<int>(left) : std::min(timeout, static_cast<int>(left));
+      continue;
+    }
+    spdlog::warn("job {}: no channel from the deputy of child {} within {} ms; its guest ends",
+                 firstStart_.getIds().getPid(), task->homePid, CHILD_CHANNEL_MS);
+    task->awaitingChannel = false;
+    task->ended = true;
+    ::kill(task->pid, SIGKILL);
+    for (auto it = expected_.begin(); it != expected_.end(); ++it) {
+      if (it->task == task.get()) {
+        expected_.erase(it);
+        break;
+      }
+    }
+  }
+  return timeout;
+}
+
+void GuestFamily::onMain(const std::function<void()>& work) {
+  Call call;
+  call.work = &work;
+  work_.push(&call);
+  std::unique_lock<std::mutex> lock(call.mutex);
+  call.done.wait(lock, [&] { return call.finished; });
+  KJ_IF_MAYBE (e, call.error) {
+    kj::throwFatalException(kj::mv(*e));
+  }
+}
+
+void GuestFamily::serveListener() {
+  seccomp_notif notif;
+  if (listener_->receive(notif) != 0) {
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  Task* task = findTask(static_cast<pid_t>(notif.pid));
+  if (task == nullptr) {
+    spdlog::warn("notification of unknown task {} (syscall {}); refused", notif.pid, notif.data.nr);
+    seccomp_notif_resp resp = {};
+    resp.id = notif.id;
+    resp.error = -ENOSYS;
+    (void)listener_->send(resp);
+    return;
+  }
+  if (task->ended) {
+    return;  // being killed
+  }
+  task->unotify->push(notif);
+}
+
+void GuestFamily::route(pid_t pid, int status) {
+  if (pidNamespace_.isReaper(pid)) {
+    spdlog::warn("the reaper of the job's pid namespace died");
+    pidNamespace_.reaped();
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  Task* task = findTask(pid);
+  if (task == nullptr) {
+    return;
+  }
+  if (isExitStatus(status)) {
+    task->reaped = true;
+  }
+  if (!task->ended) {
+    task->guest->push(status);
+  }
+}
+
+void GuestFamily::reapChildren() {
+  struct signalfd_siginfo info;
+  while (read(sigchld_.get(), &info, sizeof(info)) == sizeof(info)) {
+  }
+  for (;;) {
+    int status;
+    pid_t pid = waitpid(-1, &status, WNOHANG | WUNTRACED | WCONTINUED | __WALL);
+    if (pid <= 0) {
+      return;
+    }
+    route(pid, status);
+  }
+}
+
+int GuestFamily::waitTraced(pid_t pid) {
+  for (;;) {
+    int status;
+    pid_t got = waitpid(pid, &status, __WALL);
+    if (got < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      return -1;
+    }
+    if (isExitStatus(status)) {
+      route(pid, status);
+    }
+    return status;
+  }
+}
+
+void GuestFamily::startWorker(Task& task) {
+  task.started = true;
+  task.thread = std::thread([this, t = &task] { workerBody(t); });
+}
+
+void GuestFamily::workerBody(Task* task) {
+  try {
+    task->supervisor->serveTask();
+  } catch (TaskEnded&) {
+  } catch (kj::Exception& e) {
+    spdlog::error("task {}: {}", task->homePid, e.getDescription().cStr());
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    task->ended = true;
+  }
+  wake_.push(0);
+}
+
+uint16_t GuestFamily::childPort() {
+  if (childListener_.get() >= 0) {
+    return childPort_;
+  }
+  sockaddr_storage address;
+  socklen_t length = sizeof(address);
+  KJ_SYSCALL(getsockname(firstChannelFd_, reinterpret_cast<sockaddr*>(&address), &length));
+  if (address.ss_family == AF_INET) {
+    reinterpret_cast<sockaddr_in*>(&address)->sin_port = 0;
+  } else if (address.ss_family == AF_INET6) {
+    reinterpret_cast<sockaddr_in6*>(&address)->sin6_port = 0;
+  }
+  int fd;
+  KJ_SYSCALL(fd = socket(address.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  childListener_ = kj::AutoCloseFd(fd);
+  KJ_SYSCALL(bind(fd, reinterpret_cast<sockaddr*>(&address), length));
+  KJ_SYSCALL(listen(fd, 64));
+  length = sizeof(address);
+  KJ_SYSCALL(getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length));
+  childPort_ =
+      ntohs(address.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&address)->sin_port
+                                         : reinterpret_cast<sockaddr_in6*>(&address)->sin6_port);
+  return childPort_;
+}
+
+void GuestFamily::acceptChild() {
+  int fd = accept4(childListener_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd < 0) {
+    return;
+  }
+  kj::AutoCloseFd socket(fd);
+  struct timeval timeout = {CHILD_HELLO_MS / 1000, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  kj::byte hello[8 + TOKEN_BYTES + 4];
+  if (recv(fd, hello, sizeof(hello), MSG_WAITALL) != static_cast<ssize_t>(sizeof(hello)) ||
+      memcmp(hello, HELLO_CHILD, 8) != 0) {
+    spdlog::warn("a child channel without a valid hello; closed");
+    return;
+  }
+  timeout = {0, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  std::string token(reinterpret_cast<const char*>(hello + 8), TOKEN_BYTES);
+  int32_t homePid;
+  memcpy(&homePid, hello + 8 + TOKEN_BYTES, 4);
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto it = expected_.begin(); it != expected_.end(); ++it) {
+    if (it->token != token) {
+      continue;
+    }
+    if (it->homePid != 0 && it->homePid != homePid) {
+      spdlog::warn("a child channel for home pid {} with the token of {}; closed", homePid,
+                   it->homePid);
+      return;
+    }
+    tuneJobSocket(fd);
+    if (it->task != nullptr) {
+      Task* task = it->task;
+      expected_.erase(it);
+      attachChannel(*task, kj::mv(socket));
+    } else {
+      it->fd = kj::mv(socket);
+    }
+    return;
+  }
+  spdlog::warn("a child channel with an unknown token; closed");
+}
+
+void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
+  task.awaitingChannel = false;
+  SupervisorOptions options = options_;
+  options.fd = fd.release();
+  task.ownedSupervisor = kj::heap<Supervisor>(
+      options, childJobStart(firstStart_, task.homePid), kj::mv(task.pendingUnotify),
+      kj::mv(task.pendingGuest), [](int status) { throw TaskEnded{status}; });
+  task.supervisor = task.ownedSupervisor.get();
+  task.supervisor->setForkHost(this);
+  startWorker(task);
+}
+
+Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif) {
+  Task* task;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    task = findTask(static_cast<pid_t>(notif.pid));
+  }
+  KJ_ASSERT(task != nullptr);
+  bool restarted =
+      task->forkPending && notif.data.nr == __NR_clone && (notif.data.args[0] & CLONE_PARENT) != 0;
+  task->forkPending = false;
+  if (!restarted) {
+    // Step 1 (docs/design.md, "Fork mirroring"): not yet a clone(CLONE_PARENT).
+    user_regs_struct probe = {};
+    probe.orig_rax = notif.data.nr;
+    probe.rdi = notif.data.args[0];
+    switch (rewriteAsSiblingClone(probe)) {
+      case ForkKind::PROCESS: break;
+      case ForkKind::THREAD: return supervisor.unsupported(notif, ENOSYS, "threads come later");
+      case ForkKind::UNSUPPORTED:
+        return supervisor.unsupported(notif, EINVAL, "clone flags a guest may not use");
+    }
+    Answer answer = Answer::drop();
+    onMain([&] { answer = interruptForRewrite(*task, notif); });
+    return answer;
+  }
+  // Step 3: the restarted clone. The deputy forks first; the child's channel is expected.
+  std::lock_guard<std::mutex> forkLock(forkMutex_);
+  std::string token(TOKEN_BYTES, '\0');
+  KJ_SYSCALL(getrandom(token.data(), token.size(), 0));
+  uint16_t port = 0;
+  onMain([&] {
+    port = childPort();
+    std::lock_guard<std::mutex> lock(mutex_);
+    expected_.push_back(Expected{token});
+  });
+  int64_t home = supervisor.askDeputyToFork(
+      notif.id, port, kj::arrayPtr(reinterpret_cast<const kj::byte*>(token.data()), token.size()));
+  auto forget = [&] {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = expected_.begin(); it != expected_.end(); ++it) {
+      if (it->token == token) {
+        expected_.erase(it);
+        return;
+      }
+    }
+  };
+  if (home <= 0) {
+    forget();
+    return Answer::of(home < 0 ? home : -EAGAIN);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& e : expected_) {
+      if (e.token == token) {
+        e.homePid = static_cast<pid_t>(home);
+      }
+    }
+  }
+  pid_t child = -1;
+  onMain([&] { child = runFork(*task, notif, static_cast<pid_t>(home), token); });
+  if (child <= 0) {
+    forget();
+    spdlog::error("job {}: the fork of guest {} failed here; home child {} has no guest",
+                  firstStart_.getIds().getPid(), task->homePid, home);
+  }
+  return Answer::drop();
+}
+
+bool GuestFamily::queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) {
+  std::lock_guard<std::mutex> reaperLock(reaperMutex_);
+  return pidNamespace_.queueSignal(homePid, sig, fromPid, uid, value) == 0;
+}
+
+Answer GuestFamily::interruptForRewrite(Task& task, const seccomp_notif& notif) {
+  pid_t g = task.pid;
+  if (ptrace(PTRACE_SEIZE, g, 0, PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE) !=
+      0) {
+    spdlog::warn("cannot trace guest {} for its fork: {}", g, strerror(errno));
+    return Answer::of(-EAGAIN);
+  }
+  ptrace(PTRACE_INTERRUPT, g, 0, 0);
+  seccomp_notif_resp resp = {};
+  resp.id = notif.id;
+  resp.error = -ERESTARTNOINTR;
+  if (listener_->send(resp) == ENOENT) {
+    // Gone or interrupted: it stops at the interrupt anyway; let it go.
+    int status = waitTraced(g);
+    if (!isExitStatus(status)) {
+      ptrace(PTRACE_DETACH, g, 0, 0);
+    }
+    return Answer::drop();
+  }
+  int status = waitTraced(g);
+  if (status < 0 || isExitStatus(status)) {
+    return Answer::drop();
+  }
+  user_regs_struct regs;
+  ptrace(PTRACE_GETREGS, g, 0, &regs);
+  user_regs_struct saved = regs;
+  if (static_cast<int64_t>(regs.rax) == -ERESTARTNOINTR &&
+      rewriteAsSiblingClone(regs) == ForkKind::PROCESS) {
+    ptrace(PTRACE_SETREGS, g, 0, &regs);
+    task.savedRegs = saved;
+    task.forkPending = true;
+  } else {
+    spdlog::warn("guest {} not at its fork restart (rax {}); fork not mirrored", g,
+                 static_cast<int64_t>(regs.rax));
+  }
+  ptrace(PTRACE_DETACH, g, 0, 0);
+  return Answer::drop();
+}
+
+pid_t GuestFamily::runFork(Task& task, const seccomp_notif& notif, pid_t homePid,
+                           const std::string& token) {
+  pid_t g = task.pid;
+  if (ptrace(PTRACE_SEIZE, g, 0, PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE) !=
+      0) {
+    spdlog::warn("cannot trace guest {} for its fork: {}", g, strerror(errno));
+    seccomp_notif_resp resp = {};
+    resp.id = notif.id;
+    resp.error = -EAGAIN;
+    (void)listener_->send(resp);
+    return -1;
+  }
+  int err;
+  {
+    std::lock_guard<std::mutex> reaperLock(reaperMutex_);
+    err = pidNamespace_.setNextPid(homePid);
+  }
+  if (err != 0) {
+    spdlog::warn("cannot place home pid {} in the job's namespace: {}", homePid, strerror(err));
+  }
+  seccomp_notif_resp resp = {};
+  resp.id = notif.id;
+  resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+  if (listener_->send(resp) == ENOENT) {
+    ptrace(PTRACE_DETACH, g, 0, 0);
+    return -1;
+  }
+  int status = waitTraced(g);
+  int event = status >> 16;
+  if (status < 0 || isExitStatus(status) ||
+      (event != PTRACE_EVENT_FORK && event != PTRACE_EVENT_VFORK && event != PTRACE_EVENT_CLONE)) {
+    spdlog::warn("guest {} did not fork (status {:#x})", g, status);
+    if (status >= 0 && !isExitStatus(status)) {
+      int sig = WIFSTOPPED(status) && event == 0 ? WSTOPSIG(status) : 0;
+      ptrace(PTRACE_DETACH, g, 0, sig);
+    }
+    return -1;
+  }
+  unsigned long message = 0;
+  ptrace(PTRACE_GETEVENTMSG, g, 0, &message);
+  pid_t child = static_cast<pid_t>(message);
+  auto created = std::make_unique<Task>();
+  created->pid = child;
+  created->homePid = homePid;
+  created->pendingUnotify = kj::heap<RoutedUnotify>(*listener_);
+  created->pendingGuest = kj::heap<RoutedGuest>(child);
+  created->unotify = created->pendingUnotify.get();
+  created->guest = created->pendingGuest.get();
+  Task* c = created.get();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tasks_[child] = std::move(created);
+  }
+  int childStatus = waitTraced(child);
+  for (pid_t t : {g, child}) {
+    if (t == child && (childStatus < 0 || isExitStatus(childStatus))) {
+      continue;
+    }
+    user_regs_struct now;
+    ptrace(PTRACE_GETREGS, t, 0, &now);
+    restoreArgumentRegisters(now, task.savedRegs);
+    ptrace(PTRACE_SETREGS, t, 0, &now);
+    ptrace(PTRACE_DETACH, t, 0, 0);
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto it = expected_.begin(); it != expected_.end(); ++it) {
+    if (it->token == token) {
+      if (it->fd.get() >= 0) {
+        kj::AutoCloseFd fd = kj::mv(it->fd);
+        expected_.erase(it);
+        attachChannel(*c, kj::mv(fd));
+      } else {
+        it->task = c;
+        c->awaitingChannel = true;
+        c->bornAt = std::chrono::steady_clock::now();
+      }
+      break;
+    }
+  }
+  spdlog::debug("guest {} forked {} (home pid {})", g, child, homePid);
+  return child;
+}
+
+}  // namespace mos::remote
