@@ -22,14 +22,9 @@ from conftest import BUILD, PYTHON, STATE
 # (sort --parallel does not: it falls back to one thread). strict: a test that passes fails the suite, so that whoever lands the mechanism
 # removes it from this list (all of them: delete the list and the marks go with it).
 ISSUE_6_PENDING = {
-    "test_shell_pipeline_of_several_stages": "issue 6: bash forks every stage",
-    "test_tar_czf": "issue 6: tar forks gzip",
-    "test_gcc_compiles_and_links": "issue 6: gcc vforks cc1, as and ld",
-    "test_python_subprocess_run": "issue 6: subprocess forks",
     "test_python_multiprocessing_pool": "issue 6: multiprocessing forks, shares memory",
     "test_python_thread_pool_executor": "issue 6: threads in a guest",
     "test_xz_two_threads": "issue 6: threads in a guest",
-    "test_shell_loop_forks_2000_times": "issue 6: bash forks",
     "test_make_j2_builds_zlib_like_native": "issue 6: make forks, gcc vforks",
 }
 
