@@ -16,8 +16,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 
 #include <capnp/serialize.h>
 #include <kj/debug.h>
@@ -112,19 +110,10 @@ int RoutedUnotify::receive(seccomp_notif& notif) {
 }
 
 void RoutedGuest::queueSignal(int sig, const siginfo_t* info) {
-  if (info == nullptr) {
-    syscall(SYS_tgkill, pid_, pid_, sig);
-  } else {
-    syscall(SYS_rt_tgsigqueueinfo, pid_, pid_, sig, info);
-  }
+  queueSignalOnNode(pid_, sig, info);
 }
 
-std::string RoutedGuest::procFile(const std::string& name) {
-  std::ifstream in("/proc/" + std::to_string(pid_) + "/" + name, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+std::string RoutedGuest::procFile(const std::string& name) { return readNodeProcFile(pid_, name); }
 
 void RoutedGuest::kill() { ::kill(pid_, SIGKILL); }
 

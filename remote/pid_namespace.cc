@@ -126,12 +126,11 @@ JobPidNamespace JobPidNamespace::create() {
   return JobPidNamespace(pid, kj::mv(mine));
 }
 
-int JobPidNamespace::queueSignal(pid_t pid, int sig, pid_t fromPid, uid_t uid, int value) {
+int JobPidNamespace::ask(const void* request, size_t bytes) {
   if (control_ == nullptr) {
     return EPIPE;
   }
-  int32_t request[5] = {pid, sig, fromPid, static_cast<int32_t>(uid), value};
-  if (::send(control_.get(), request, sizeof(request), MSG_NOSIGNAL) != sizeof(request)) {
+  if (::send(control_.get(), request, bytes, MSG_NOSIGNAL) != static_cast<ssize_t>(bytes)) {
     return EPIPE;
   }
   int32_t err;
@@ -142,20 +141,14 @@ int JobPidNamespace::queueSignal(pid_t pid, int sig, pid_t fromPid, uid_t uid, i
   return n == sizeof(err) ? err : EPIPE;
 }
 
+int JobPidNamespace::queueSignal(pid_t pid, int sig, pid_t fromPid, uid_t uid, int value) {
+  int32_t request[5] = {pid, sig, fromPid, static_cast<int32_t>(uid), value};
+  return ask(request, sizeof(request));
+}
+
 int JobPidNamespace::setNextPid(pid_t pid) {
-  if (control_ == nullptr) {
-    return EPIPE;
-  }
   int32_t request = pid;
-  if (::send(control_.get(), &request, sizeof(request), MSG_NOSIGNAL) != sizeof(request)) {
-    return EPIPE;
-  }
-  int32_t err;
-  ssize_t n;
-  do {
-    n = ::recv(control_.get(), &err, sizeof(err), 0);
-  } while (n < 0 && errno == EINTR);
-  return n == sizeof(err) ? err : EPIPE;
+  return ask(&request, sizeof(request));
 }
 
 JobPidNamespace::JobPidNamespace(JobPidNamespace&& other) noexcept

@@ -77,6 +77,9 @@ class JobPidNamespace {
 
  private:
   void end();  // what the destructor does
+  // Sends one request of `bytes` to the reaper and returns its answer (0 or an errno); EPIPE
+  // when the reaper is gone.
+  int ask(const void* request, size_t bytes);
   JobPidNamespace(pid_t reaper, kj::AutoCloseFd control)
       : reaper_(reaper), control_(kj::mv(control)) {}
   pid_t reaper_ = -1;

@@ -67,20 +67,24 @@ int KernelUnotify::addFd(const seccomp_notif_addfd& addfd) {
   return fd < 0 ? -errno : fd;
 }
 
-void ChildGuest::queueSignal(int sig, const siginfo_t* info) {
+void queueSignalOnNode(pid_t pid, int sig, const siginfo_t* info) {
   if (info == nullptr) {
-    syscall(SYS_tgkill, pid_, pid_, sig);
+    syscall(SYS_tgkill, pid, pid, sig);
   } else {
-    syscall(SYS_rt_tgsigqueueinfo, pid_, pid_, sig, info);
+    syscall(SYS_rt_tgsigqueueinfo, pid, pid, sig, info);
   }
 }
 
-std::string ChildGuest::procFile(const std::string& name) {
-  std::ifstream in("/proc/" + std::to_string(pid_) + "/" + name, std::ios::binary);
+std::string readNodeProcFile(pid_t pid, const std::string& name) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/" + name, std::ios::binary);
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
 }
+
+void ChildGuest::queueSignal(int sig, const siginfo_t* info) { queueSignalOnNode(pid_, sig, info); }
+
+std::string ChildGuest::procFile(const std::string& name) { return readNodeProcFile(pid_, name); }
 
 kj::Maybe<int> ChildGuest::nextEvent() {
   struct signalfd_siginfo info;

@@ -120,6 +120,12 @@ class GuestProcess {
   virtual void kill() = 0;
 };
 
+// What both kinds of real guest do (ChildGuest, RoutedGuest): queue `sig` on process `pid` of
+// this node (tgkill, or rt_tgsigqueueinfo(2) with `info`; failures, such as ESRCH for a guest
+// that is gone, are ignored), and read /proc/PID/NAME of this node ("" when it is unreadable).
+void queueSignalOnNode(pid_t pid, int sig, const siginfo_t* info);
+std::string readNodeProcFile(pid_t pid, const std::string& name);
+
 // The real guest: a child of this process (the restored stub), with SIGCHLD blocked and read
 // through a signalfd. The supervisor owns waitpid(-1, __WALL) (design decision 8): nextEvent()
 // reaps every child and reports only the guest's; the end of any other child (the reaper of the

@@ -83,7 +83,7 @@ int main() {
   pid_t seen = 0;
   CHECK(conf::readFull(report[0], &seen, sizeof seen) == sizeof seen);
   CHECK(seen == child && seen != self);
-  int status = conf::reap(child);
+  int status = conf::waitFor(child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 
   // CLONE_CHILD_SETTID: the child's copy of the word holds its tid before it runs a single
@@ -103,7 +103,7 @@ int main() {
   CHECK(words[0] == words[1]);
   CHECK(words[1] == child);
   CHECK(childTid == 0);
-  status = conf::reap(child);
+  status = conf::waitFor(child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 
   // set_tid_address(2) returns the caller's tid (in a child: the main thread's word is glibc's).
@@ -130,7 +130,7 @@ int main() {
   CHECK(c > 0);
   CHECK(vm->ptid == c);
   CHECK(waitCleared(&vm->ctid));
-  status = conf::reap(c);
+  status = conf::waitFor(c);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   CHECK(vm->seen.tid == c && vm->seen.pid == c);
   CHECK(vm->seen.ctid == c && vm->seen.ptid == c);

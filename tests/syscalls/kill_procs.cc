@@ -141,7 +141,7 @@ int main() {
   });
   CHECK(kill(child, SIGCONT) == 0);
   CHECK(kill(child, SIGKILL) == 0);
-  int status = conf::reap(child);
+  int status = conf::waitFor(child);
   CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
 
   return conf::finish();

@@ -94,7 +94,7 @@ int main() {
     pid_t ids[2] = {};
     CHECK(conf::readFull(report[0], ids, sizeof ids) == sizeof ids);
     CHECK(ids[0] == raw && ids[1] == raw);
-    int st = conf::reap(static_cast<pid_t>(raw));
+    int st = conf::waitFor(static_cast<pid_t>(raw));
     CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
   }
   close(report[0]);
@@ -119,7 +119,7 @@ int main() {
   CHECK(conf::readFull(execed[0], &c, 1) == 0);
   CHECK_FAILS(setpgid(child, child), EACCES);
   close(in[1]);
-  int status = conf::reap(child);
+  int status = conf::waitFor(child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 
   // Unknown pids and bad arguments.

@@ -134,7 +134,7 @@ int main() {
     close(go[0]);
     CHECK(conf::sendByte(go[1]));
     close(go[1]);
-    int status = conf::reap(child);
+    int status = conf::waitFor(child);
     if (mode == 0) {
       CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGPIPE);
     } else {

@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "check.h"
+#include "family.h"
 
 namespace conf {
 
@@ -44,24 +45,9 @@ pid_t spawn(F body) {
   return pid;
 }
 
-// waitpid(2) for pid, retrying EINTR; returns the status, or -1 after recording a failure.
-inline int reap(pid_t pid, int options = 0) {
-  int status = 0;
-  pid_t r;
-  do {
-    r = waitpid(pid, &status, options);
-  } while (r < 0 && errno == EINTR);
-  if (r != pid) {
-    printf("waitpid(%d) returned %d (errno %s)\n", pid, r, errnoName(errno));
-    ++failures;
-    return -1;
-  }
-  return status;
-}
-
 // Reaps pid and records a failure unless it exited with status 0; `what` names it.
 inline void expectClean(pid_t pid, const char* what) {
-  int status = reap(pid);
+  int status = waitFor(pid);
   if (status != -1 && !(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
     printf("%s (pid %d): status 0x%x (exited %d, signal %d)\n", what, pid, status,
            WIFEXITED(status) ? WEXITSTATUS(status) : -1,

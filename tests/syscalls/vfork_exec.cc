@@ -24,7 +24,7 @@ static int vforkExit(int code) {
   if (child == 0) {
     _exit(code);
   }
-  return conf::reap(child);
+  return conf::waitFor(child);
 }
 
 int main() {
@@ -51,7 +51,7 @@ int main() {
   }
   CHECK(shared == 2);
   CHECK(childSawPid == child && childSawPpid == self);
-  int status = conf::reap(child);
+  int status = conf::waitFor(child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 5);
 
   // The child execs cat, which blocks on a pipe: the parent resumes at the exec while the child
@@ -86,7 +86,7 @@ int main() {
   close(in[1]);  // cat reads EOF and exits 0
   CHECK(conf::readFull(out[0], back, 1) == 0);
   close(out[0]);
-  status = conf::reap(child);
+  status = conf::waitFor(child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 
   // An exec that fails returns to the child, which is still sharing the parent's memory.
@@ -98,7 +98,7 @@ int main() {
     _exit(127);
   }
   CHECK(execErrno == ENOENT);
-  status = conf::reap(child);
+  status = conf::waitFor(child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 127);
 
   // vfork + execveat(AT_EMPTY_PATH) of a descriptor the parent opened (fexecve).
@@ -111,7 +111,7 @@ int main() {
     execErrno = errno;
     _exit(127);
   }
-  status = conf::reap(child);
+  status = conf::waitFor(child);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 4);
   close(shFd);
 
@@ -120,7 +120,7 @@ int main() {
   pid_t spawned = 0;
   CHECK(posix_spawn(&spawned, "/bin/sh", nullptr, nullptr, const_cast<char**>(argv), environ) == 0);
   CHECK(spawned > 0 && spawned != self);
-  status = conf::reap(spawned);
+  status = conf::waitFor(spawned);
   CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 9);
   const char* missing[] = {"umosix-no-such-program", nullptr};
   CHECK(posix_spawnp(&spawned, missing[0], nullptr, nullptr, const_cast<char**>(missing),
