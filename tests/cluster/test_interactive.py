@@ -1,10 +1,11 @@
 """An interactive python3 REPL under `mosrun -r 2`, driven through a tmux terminal in node 1."""
 
+import os
 import time
 
 import pytest
 
-from conftest import PYTHON, run_host, wait_until, LOCAL_CLUSTER
+from conftest import BUILD, PYTHON, run_host, wait_until, LOCAL_CLUSTER
 
 SOCKET = "umosix-test"
 
@@ -82,5 +83,73 @@ def test_job_control_stops_and_resumes_a_remote_repl(cluster, home):
         tmux("send-keys", "-t", "repl", "C-d")
         tmux("send-keys", "-t", "repl", "echo EXIT=$?", "Enter")
         tmux.wait_screen(lambda l: "EXIT=0" in l, "the REPL to exit with status 0 after fg")
+    finally:
+        cluster.run(1, ["tmux", "-L", SOCKET, "kill-server"], timeout=60)
+
+
+MAKEFILE = """\
+all: a.run b.run c.run d.run
+%.run:
+\twhile :; do echo tick >> $@.log; sleep 0.05; done
+"""
+
+
+def guest_states(cluster, node=2):
+    """{pid: state letter} of the job processes on node: everything but mosd and supervisors."""
+    skip = {str((BUILD / "tools") / "mosd"), str((BUILD / "tools") / "mos-supervisor")}
+    states = {}
+    for pid in cluster.node_pids(node):
+        try:
+            if os.readlink(f"/proc/{pid}/exe") in skip:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                states[pid] = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+    return states
+
+
+def log_sizes(home):
+    return {p.name: p.stat().st_size for p in home.glob("*.run.log")}
+
+
+def test_job_control_of_a_remote_make_family(cluster, home):
+    """`mosrun -r 2 make -j2` in a terminal: Ctrl-Z stops every process of the job on node 2,
+    fg resumes them all, Ctrl-C ends them all; nothing of the job remains on any node."""
+    (home / "Makefile").write_text(MAKEFILE)
+    tmux = Tmux(cluster)
+    try:
+        tmux("new-session", "-d", "-s", "repl", "-x", "100", "-y", "30", "-c", str(home),
+             "bash --norc -i")
+        tmux("send-keys", "-t", "repl", "PS1='$ '; mosrun -r 2 make -j2", "Enter")
+        # Two recipes run at once (-j2): both logs grow, written by shells on node 2.
+        wait_until(lambda: len([s for s in log_sizes(home).values() if s > 0]) == 2, 120,
+                   interval=0.1, what="two recipes running")
+        wait_until(lambda: len(guest_states(cluster)) >= 3, 60, interval=0.05,
+                   what="make and two recipe shells on node 2")
+
+        tmux("send-keys", "-t", "repl", "C-z")
+        tmux.wait_screen(lambda l: any("Stopped" in x for x in l) and l[-1] == "$",
+                         "the shell to report the job stopped")
+        # Every job process on node 2 stops (a sleep may still be finishing its exec: wait).
+        states = wait_until(lambda: (lambda s: s if s and set(s.values()) == {"T"} else None)(
+            guest_states(cluster)), 60, interval=0.05, what="every guest stopped")
+        assert len(states) >= 3, states
+        before = log_sizes(home)
+
+        tmux("send-keys", "-t", "repl", "fg", "Enter")
+        tmux.wait_screen(lambda l: any(x == "$ fg" for x in l), "the shell to resume the job")
+        # Both running recipes write again.
+        wait_until(lambda: all(log_sizes(home).get(k, 0) > v for k, v in before.items()), 60,
+                   interval=0.1, what="both recipes writing again after fg")
+
+        tmux("send-keys", "-t", "repl", "C-c")
+        tmux.wait_screen(lambda l: l and l[-1] == "$", "the prompt after Ctrl-C")
+        tmux("send-keys", "-t", "repl", "echo EXIT=$?", "Enter")
+        tmux.wait_screen(lambda l: any(x.startswith("EXIT=") for x in l), "the exit status")
+        status = [x for x in tmux.lines() if x.startswith("EXIT=")][-1]
+        assert status in ("EXIT=130", "EXIT=2"), status  # make killed by SIGINT, or make's 2
+        wait_until(lambda: not guest_states(cluster), 60, interval=0.05,
+                   what="no job process left on node 2")
     finally:
         cluster.run(1, ["tmux", "-L", SOCKET, "kill-server"], timeout=60)
