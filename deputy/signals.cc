@@ -29,8 +29,9 @@ std::atomic<uint32_t> arrivals[MAX_SIGNAL + 1];
 std::atomic<int32_t> lastChildPid{0};
 std::atomic<int32_t> lastChildStatus{0};
 
-// Set when the supervisor asked to cancel the call in progress (see requestCancelSignals).
-std::atomic<bool> cancelRequested{false};
+// Set when the supervisor asked to cancel the call in progress (see requestCancelSignals). Per
+// deputy thread: the urgent byte raises SIGURG in the thread that owns that channel.
+__attribute__((tls_model("initial-exec"))) thread_local std::atomic<bool> cancelRequested{false};
 
 bool isFault(int sig) {
   return sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGSYS;

@@ -118,6 +118,10 @@ struct ForkRequest {
   seq @0 :UInt64;
   port @1 :UInt16;
   token @2 :Data;
+  thread @3 :Bool;
+  # clone with CLONE_THREAD (docs/design.md, "Threads"): the deputy starts a thread instead of
+  # forking. The reply's ret is the new thread's home tid; the thread opens the channel as a
+  # child does and sends its tid in the pid's place; it serves the guest thread made at that tid.
 }
 
 struct GuestExit {

@@ -160,9 +160,13 @@ class Supervisor {
                   kj::Function<void(int)> exit, ForkHost* host);
   // The loop of a task, until its guest ends or its deputy goes (then `exit` is called).
   void serveTask();
-  // Asks the deputy to fork (ForkRequest); returns the child's home pid or -errno. Ends the task
-  // when the deputy is gone.
-  int64_t askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token);
+  // Asks the deputy to fork, or with `thread` to start a deputy thread (ForkRequest); returns
+  // the child's home pid (the thread's home tid) or -errno. Ends the task when the deputy is gone.
+  int64_t askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token,
+                          bool thread = false);
+  // This task serves one thread of a guest process, not its leader (docs/design.md, "Threads"):
+  // its end is not the job's, and a closed channel does not kill the process.
+  void setThreadTask(bool thread) { threadTask_ = thread; }
   // handleUnsupported for a ForkHost: logs once, answers -err.
   Answer unsupported(const seccomp_notif& notif, int err, const char* why) {
     return handleUnsupported(notif, err, why);
@@ -197,6 +201,9 @@ class Supervisor {
   // True when the guest has a pending signal it does not block (it will act on it as soon as
   // its current syscall returns).
   bool guestHasSignalToTake();
+  // True when the guest (this task's thread) is gone or a zombie: a sibling thread's exit_group
+  // or exec killed it while its call blocks at home.
+  bool guestGone();
   [[noreturn]] void endJob(int status);
 
   // Waits for the next ToRemote message that `isMine` accepts, delivering signal messages that
@@ -257,6 +264,7 @@ class Supervisor {
   std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
   ForkHost* forkHost_ = nullptr;
+  bool threadTask_ = false;   // setThreadTask
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
 };
 
