@@ -16,7 +16,9 @@
 // A signal that arrives once the kernel is entered interrupts the call itself (the handler has
 // no SA_RESTART), which also returns -EINTR.
 //
-// Not thread safe across deputy threads yet: one pending set per process.
+// Deputy threads (one per guest thread) share the recorded set and the pending flag, so a signal
+// may be forwarded by another thread than the one it interrupted (docs/design.md, "Threads");
+// the cancel flag is per thread.
 
 #include <signal.h>
 

@@ -8,9 +8,10 @@
 //                a child of the supervisor: CLONE_PARENT) and routes each wait status to its
 //                task, owns ptrace and runs the forks one at a time (ns_last_pid is never raced),
 //                and accepts the child deputies' job channels.
-//   one worker thread per task (a guest process now; a guest thread later, each with its own
-//                deputy thread and channel): a Supervisor loop over its own channel, its routed
-//                notifications and its routed wait statuses, doing the blocking round trips.
+//   one worker thread per task (a guest process, or one more thread of one: each with its own
+//                deputy process or deputy thread and channel): a Supervisor loop over its own
+//                channel, its routed notifications and its routed wait statuses (a thread's
+//                end: a PIDFD_THREAD pidfd), doing the blocking round trips.
 //
 // A task's worker reaches the kernel through RoutedUnotify (the shared listener's SEND,
 // ID_VALID, ADDFD; RECV is the main thread's) and RoutedGuest (the guest's memory, signals,

@@ -1,11 +1,12 @@
 #pragma once
 // The supervisor: one process per job on the remote node (started by mosd with the job
-// channel as a descriptor); one Supervisor object, in a thread of its own, per guest process of
-// the job (GuestFamily, guest_family.h: forks are mirrored). It restores the migration image
-// into a fresh stub (libmigrate), then serves the guest's seccomp user notifications: local answers
-// from the Ids cache, forwarded calls over the job channel to the deputy, file-backed mmap from the
-// content cache, execve sent home (design decision 2). It is the guest's parent and reports its
-// exit, stop and continue to the deputy; it forwards the deputy's signals to the guest.
+// channel as a descriptor); one Supervisor object, in a thread of its own, per guest process and
+// per guest thread of the job (GuestFamily, guest_family.h: forks and threads are mirrored). It
+// restores the migration image into a fresh stub (libmigrate), then serves the guest's seccomp user
+// notifications: local answers from the Ids cache, forwarded calls over the job channel to the
+// deputy, file-backed mmap from the content cache, execve sent home (design decision 2). It is the
+// guest's parent and reports its exit, stop and continue to the deputy; it forwards the deputy's
+// signals to the guest.
 //
 // The notification loop, and only it, does receive → look up → route → handler → respond
 // (STYLE.md). Routine races — the guest died (ENOENT from NOTIF_SEND), a notification was
