@@ -623,6 +623,20 @@ pid_t GuestFamily::runFork(Task& task, const seccomp_notif& notif, pid_t homePid
   unsigned long message = 0;
   ptrace(PTRACE_GETEVENTMSG, g, 0, &message);
   pid_t child = static_cast<pid_t>(message);
+  // The id the job's namespace gave it (NSpid's last field) must be the home one: a tid or pid
+  // still taken there (a guest not yet reaped) would make the kernel take the next free one.
+  std::string procStatus = readNodeProcFile(child, "status");
+  size_t nspid = procStatus.find("NSpid:");
+  if (nspid != std::string::npos) {
+    size_t end = procStatus.find('\n', nspid);
+    size_t last = procStatus.find_last_of(" \t", end);
+    pid_t inside = static_cast<pid_t>(atoi(procStatus.c_str() + last + 1));
+    if (inside != homePid) {
+      spdlog::error(
+          "job {}: guest {} {} was given id {} in the job's namespace, not its home id {}",
+          firstStart_.getIds().getPid(), thread ? "thread" : "child", child, inside, homePid);
+    }
+  }
   auto created = std::make_unique<Task>();
   created->pid = child;
   created->pendingUnotify = kj::heap<RoutedUnotify>(*listener_);
