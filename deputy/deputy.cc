@@ -54,6 +54,16 @@ std::string bytesToString(capnp::Data::Reader data) {
 std::mutex liveMutex;
 std::set<Deputy*> liveDeputies;
 
+// An exec that a deputy thread hands to the leader deputy thread (Deputy::handleExec).
+struct ExecHandoff {
+  proto::ExecRequest::Reader request;
+  bool done = false;
+  int64_t result = 0;
+};
+std::mutex handoffMutex;
+std::condition_variable handoffDone;
+ExecHandoff* pendingHandoff = nullptr;  // one at a time; guarded by handoffMutex
+
 }  // namespace
 
 void printMosrunMessage(const std::string& text) {
@@ -137,6 +147,7 @@ void Deputy::run() {
 void Deputy::waitForMessage() {
   for (;;) {
     flushSignals();
+    serveExecHandoff();
     if (channel_->hasBuffered()) {
       return;
     }
@@ -243,22 +254,59 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
 // at its exec stop and sends it away again. Success never returns: our descriptors are all
 // close-on-exec, so the supervisor sees the channel close and ends the old guest.
 void Deputy::handleExec(proto::ExecRequest::Reader request) {
-  auto replyWith = [&](int64_t ret) {
-    capnp::MallocMessageBuilder message;
-    auto reply = message.initRoot<proto::ToRemote>().initReply();
-    reply.setSeq(request.getSeq());
-    reply.setRet(ret);
-    flushSignals();
-    channel_->send(message);
-  };
+  int64_t ret;
+  if (leader_) {
+    ret = execAtHome(request);
+  } else {
+    // A thread's exec is run by the leader deputy thread: the migration agent traces the
+    // leader, and the exec ends every other thread either way (docs/design.md, "Threads").
+    ExecHandoff handoff{request};
+    {
+      std::unique_lock<std::mutex> lock(handoffMutex);
+      handoffDone.wait(lock, [] { return pendingHandoff == nullptr; });
+      pendingHandoff = &handoff;
+    }
+    requestExecHandoff(getpid());
+    std::unique_lock<std::mutex> lock(handoffMutex);
+    handoffDone.wait(lock, [&] { return handoff.done; });
+    ret = handoff.result;
+  }
+  capnp::MallocMessageBuilder message;
+  auto reply = message.initRoot<proto::ToRemote>().initReply();
+  reply.setSeq(request.getSeq());
+  reply.setRet(ret);
+  flushSignals();
+  channel_->send(message);
+}
+
+void Deputy::serveExecHandoff() {
+  if (!leader_ || !takeExecHandoff()) {
+    return;
+  }
+  ExecHandoff* handoff;
+  {
+    std::lock_guard<std::mutex> lock(handoffMutex);
+    handoff = pendingHandoff;
+  }
+  if (handoff == nullptr) {
+    return;
+  }
+  int64_t ret = execAtHome(handoff->request);  // returns only when the exec failed
+  std::lock_guard<std::mutex> lock(handoffMutex);
+  pendingHandoff = nullptr;
+  handoff->result = ret;
+  handoff->done = true;
+  handoffDone.notify_all();
+}
+
+int64_t Deputy::execAtHome(proto::ExecRequest::Reader request) {
   int dirfd = request.getDirfd();
   if (dirfd != AT_FDCWD && fds_.contains(dirfd)) {
-    replyWith(-EBADF);
-    return;
+    return -EBADF;
   }
   std::string path = bytesToString(request.getPath());
   switch (executor_.classifyPath(dirfd, path.c_str())) {
-    case Executor::ProcPath::RESERVED_FD: replyWith(-ENOENT); return;
+    case Executor::ProcPath::RESERVED_FD: return -ENOENT;
     case Executor::ProcPath::EXE:
       if (!options_.jobExe.empty()) {
         path = options_.jobExe;  // re-exec of /proc/self/exe means the job's program
@@ -351,7 +399,7 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
     r->state = static_cast<uint32_t>(JobState::REMOTE);
     r->node = options_.node;
   }
-  replyWith(-err);
+  return -err;
 }
 
 void Deputy::handleFork(proto::ForkRequest::Reader request) {

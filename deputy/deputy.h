@@ -74,6 +74,11 @@ class Deputy {
  private:
   void handleSyscall(proto::SyscallRequest::Reader request);
   void handleExec(proto::ExecRequest::Reader request);
+  // Performs `request` in this thread: does not return when the exec succeeded; otherwise
+  // returns -errno with the deputy's state restored.
+  int64_t execAtHome(proto::ExecRequest::Reader request);
+  // The leader runs an exec that a deputy thread handed over (requestExecHandoff, signals.h).
+  void serveExecHandoff();
   // fork/vfork/clone of the guest (docs/design.md, "Fork mirroring"): forks this process; the
   // parent replies the child's pid, the child opens its own job channel (becomeForkChild).
   void handleFork(proto::ForkRequest::Reader request);

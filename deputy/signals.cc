@@ -1,5 +1,6 @@
 #include "signals.h"
 
+#include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -33,6 +34,9 @@ std::atomic<int32_t> lastChildStatus{0};
 // deputy thread: the urgent byte raises SIGURG in the thread that owns that channel.
 __attribute__((tls_model("initial-exec"))) thread_local std::atomic<bool> cancelRequested{false};
 
+// Set in the leader when a deputy thread handed it an exec.
+std::atomic<bool> execHandoff{false};
+
 bool isFault(int sig) {
   return sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGSYS;
 }
@@ -49,7 +53,11 @@ void onSignal(int sig, siginfo_t* info, void* context) {
   if (sig < 1 || sig > MAX_SIGNAL) {
     return;
   }
-  if (sig == SIGURG && info != nullptr && info->si_code == SI_KERNEL) {
+  if (sig == SIGURG && info != nullptr && info->si_code == SI_QUEUE &&
+      info->si_value.sival_int == EXEC_HANDOFF_VALUE && info->si_pid == getpid()) {
+    // A deputy thread hands its exec to us, the leader (requestExecHandoff).
+    execHandoff.store(true, std::memory_order_relaxed);
+  } else if (sig == SIGURG && info != nullptr && info->si_code == SI_KERNEL) {
     // Urgent data on the job channel (the socket's owner is our thread): the supervisor cancels
     // the forwarded call in progress, because the guest left it. Not a signal of the job.
     cancelRequested.store(true, std::memory_order_relaxed);
@@ -149,6 +157,18 @@ void recordSignal(int sig) {
   arrivals[sig].fetch_add(1, std::memory_order_relaxed);
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
 }
+
+void requestExecHandoff(pid_t leader) {
+  siginfo_t info = {};
+  info.si_signo = SIGURG;
+  info.si_code = SI_QUEUE;
+  info.si_pid = getpid();
+  info.si_uid = getuid();
+  info.si_value.sival_int = EXEC_HANDOFF_VALUE;
+  syscall(SYS_rt_tgsigqueueinfo, getpid(), leader, SIGURG, &info);
+}
+
+bool takeExecHandoff() { return execHandoff.exchange(false, std::memory_order_relaxed); }
 
 long interruptibleSyscall(long nr, const uint64_t (&args)[6]) {
   sigset_t saved;

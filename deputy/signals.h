@@ -75,6 +75,14 @@ void recordSignal(int sig);
 // forwarded as one. SIGURG therefore always has our handler, even when the job ignores it.
 bool takeCancel();
 
+// A deputy thread hands an exec to the leader deputy thread (tid `leader`, the process's pid):
+// a SIGURG queued to it with a marker (si_code SI_QUEUE, our pid, EXEC_HANDOFF_VALUE), which
+// interrupts its wait or forwarded call like a signal and is not a job signal. takeExecHandoff()
+// is true (once) in the process after it arrived.
+inline constexpr int EXEC_HANDOFF_VALUE = 0x6d6f7365;
+void requestExecHandoff(pid_t leader);
+bool takeExecHandoff();
+
 // Runs system call `nr` with `args` through deputy_syscall with every signal unblocked, then
 // restores the caller's mask. Returns the kernel's result; -EINTR when a signal arrived before
 // or during the call (a signal recorded before the call cancels it without entering the kernel).
