@@ -543,6 +543,16 @@ bool GuestFamily::queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t u
   return pidNamespace_.queueSignal(homePid, sig, fromPid, uid, value) == 0;
 }
 
+bool GuestFamily::isThreadOf(pid_t homePid, pid_t homeTid) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& [pid, task] : tasks_) {
+    if (task->homePid == homePid && task->homeTid == homeTid && !task->ended) {
+      return true;
+    }
+  }
+  return false;
+}
+
 Answer GuestFamily::interruptForRewrite(Task& task, const seccomp_notif& notif) {
   pid_t g = task.pid;
   if (ptrace(PTRACE_SEIZE, g, 0, PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE) !=

@@ -127,6 +127,7 @@ class GuestFamily final : public ForkHost {
   // ForkHost (called by a task's worker thread).
   Answer forkGuest(Supervisor& task, const seccomp_notif& notif) override;
   bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) override;
+  bool isThreadOf(pid_t homePid, pid_t homeTid) override;
 
  private:
   struct Task;

@@ -124,6 +124,8 @@ class ForkHost {
   // Queues SIGCHLD-like `sig` on the guest at `homePid` with si_pid `fromPid` from inside the
   // job's pid namespace (JobPidNamespace::queueSignal); false when it could not.
   virtual bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) = 0;
+  // True when `homeTid` is a thread of the guest process `homePid` that runs here.
+  virtual bool isThreadOf(pid_t homePid, pid_t homeTid) = 0;
 };
 
 class Supervisor {

@@ -54,7 +54,10 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
   switch (notif.data.nr) {
     case __NR_kill:
     case __NR_rt_sigqueueinfo: self = a0 == ids.getPid(); break;
-    case __NR_tkill: self = a0 == ids.getTid(); break;
+    case __NR_tkill:
+      self = a0 == ids.getTid() ||
+             (forkHost_ != nullptr && forkHost_->isThreadOf(ids.getPid(), static_cast<pid_t>(a0)));
+      break;
     case __NR_tgkill:
     case __NR_rt_tgsigqueueinfo:
       // Every thread of the job's process runs here, at its home tid: a signal to any of them
