@@ -183,6 +183,13 @@ void Deputy::flushSignals() {
     }
     channel_->send(message);
   }
+  for (int sig : takeThreadSignals()) {
+    capnp::MallocMessageBuilder message(16);
+    auto root = message.initRoot<proto::ToRemote>();
+    root.setSignal(sig);
+    root.setSignalThread(true);
+    channel_->send(message);
+  }
 }
 
 void Deputy::handle(proto::ToDeputy::Reader message) {

@@ -34,6 +34,10 @@ std::atomic<int32_t> lastChildStatus{0};
 // deputy thread: the urgent byte raises SIGURG in the thread that owns that channel.
 __attribute__((tls_model("initial-exec"))) thread_local std::atomic<bool> cancelRequested{false};
 
+// Arrivals of signals the home kernel directed at this deputy thread (SI_TKILL), per thread.
+__attribute__((tls_model("initial-exec"))) thread_local std::atomic<uint32_t>
+    threadArrivals[MAX_SIGNAL + 1];
+
 // Set in the leader when a deputy thread handed it an exec.
 std::atomic<bool> execHandoff{false};
 
@@ -66,7 +70,12 @@ void onSignal(int sig, siginfo_t* info, void* context) {
       lastChildPid.store(info->si_pid, std::memory_order_relaxed);
       lastChildStatus.store(info->si_status, std::memory_order_relaxed);
     }
-    arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+    if (info != nullptr && info->si_code == SI_TKILL) {
+      // tgkill/tkill at home named this deputy thread: it goes to this thread's guest thread.
+      threadArrivals[sig].fetch_add(1, std::memory_order_relaxed);
+    } else {
+      arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+    }
   }
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
   auto* uc = static_cast<ucontext_t*>(context);
@@ -134,6 +143,20 @@ std::vector<int> takePendingSignals() {
     }
     // Standard signals do not queue (signal(7)); real-time ones do.
     if (sig < 32) {
+      n = 1;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+      result.push_back(sig);
+    }
+  }
+  return result;
+}
+
+std::vector<int> takeThreadSignals() {
+  std::vector<int> result;
+  for (int sig = 1; sig <= MAX_SIGNAL; sig++) {
+    uint32_t n = threadArrivals[sig].exchange(0, std::memory_order_relaxed);
+    if (n > 0 && sig < 32) {
       n = 1;
     }
     for (uint32_t i = 0; i < n; i++) {

@@ -59,6 +59,11 @@ inline bool signalsPending() {
 // times as it arrived, a standard one once). Call with signals blocked.
 std::vector<int> takePendingSignals();
 
+// Takes the signals that the home kernel directed at the calling deputy thread (tgkill/tkill of
+// its tid: si_code SI_TKILL), in the same order; they belong to this thread's guest thread.
+// Independent of signalsPending(). Call with signals blocked.
+std::vector<int> takeThreadSignals();
+
 // si_pid and si_status of the last SIGCHLD that arrived (0, 0 before any).
 struct ChildSignalInfo {
   int32_t pid;

@@ -177,4 +177,8 @@ struct ToRemote {
   # With `signal` SIGCHLD: si_pid and si_status of the home kernel's siginfo (the home child).
   signalPid @4 :Int32;
   signalStatus @5 :Int32;
+  signalThread @6 :Bool;
+  # With `signal`: the home kernel directed it at this channel's deputy thread (tgkill, tkill;
+  # si_code SI_TKILL), so it is queued on this channel's guest thread; otherwise on the guest
+  # process (any thread that does not block it takes it).
 }

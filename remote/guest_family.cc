@@ -120,6 +120,8 @@ void RoutedGuest::queueSignal(int sig, const siginfo_t* info) {
   }
 }
 
+void RoutedGuest::queueThreadSignal(int sig) { syscall(SYS_tgkill, tgid_, pid_, sig); }
+
 std::string RoutedGuest::procFile(const std::string& name) { return readNodeProcFile(pid_, name); }
 
 kj::Maybe<int> RoutedGuest::nextEvent() {

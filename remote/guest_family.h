@@ -88,6 +88,7 @@ class RoutedGuest final : public GuestProcess {
   // Process-directed (to the thread group): the guest's kernel picks a thread that does not
   // block it, as the home kernel does for a signal to P.
   void queueSignal(int sig, const siginfo_t* info) override;
+  void queueThreadSignal(int sig) override;
   std::string procFile(const std::string& name) override;
   int eventFd() const override { return threadEnd_.get() >= 0 ? threadEnd_.get() : events_.fd(); }
   // A thread: its end, once, as an exit status 0.

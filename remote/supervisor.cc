@@ -406,7 +406,8 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
     KJ_IF_MAYBE (message, channel_.receive()) {
       auto root = (*message)->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
-        deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus());
+        deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus(),
+                      root.getSignalThread());
         continue;
       }
       if (isMine(root)) {
@@ -512,7 +513,8 @@ void Supervisor::onIdleMessage() {
   KJ_IF_MAYBE (m, message) {
     auto root = (*m)->getRoot<proto::ToRemote>();
     if (root.isSignal()) {
-      deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus());
+      deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus(),
+                    root.getSignalThread());
     } else {
       spdlog::debug("message from the deputy outside a call, ignored");
     }
@@ -524,7 +526,7 @@ void Supervisor::onIdleMessage() {
   }
 }
 
-void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status) {
+void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status, bool toThread) {
   if (sig <= 0 || sig >= 65 || guest_ <= 0) {
     return;
   }
@@ -547,6 +549,10 @@ void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status) {
     info.si_uid = start_.getIds().getUid();
     info.si_value.sival_int = status;
     guestProcess_->queueSignal(sig, &info);
+    return;
+  }
+  if (toThread) {
+    guestProcess_->queueThreadSignal(sig);  // tgkill at home named this task's deputy thread
     return;
   }
   guestProcess_->queueSignal(sig, nullptr);

@@ -200,7 +200,8 @@ class Supervisor {
   void onChildEvent();
   // Queues `sig` on the guest; for SIGCHLD, `fromPid` and `status` are the home siginfo's
   // si_pid and si_status (0: unknown).
-  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0);
+  // `toThread`: the home kernel directed it at this task's deputy thread (signalThread).
+  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0, bool toThread = false);
   // True when the guest has a pending signal it does not block (it will act on it as soon as
   // its current syscall returns).
   bool guestHasSignalToTake();

@@ -987,3 +987,24 @@ TEST_CASE("deputy thread: a ForkRequest with thread starts a deputy thread with 
   REQUIRE(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 0);
 }
+
+TEST_CASE("deputy a tgkill of its thread is marked for the guest thread, a kill is not",
+          "[deputy][signal][thread]") {
+  ForkedDeputy d;
+  REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));
+  REQUIRE(syscall(SYS_tgkill, d.pid, d.pid, SIGUSR1) == 0);
+  auto m = d.receive();
+  REQUIRE(m.get() != nullptr);
+  auto first = m->getRoot<proto::ToRemote>();
+  REQUIRE(first.isSignal());
+  CHECK(first.getSignal() == SIGUSR1);
+  CHECK(first.getSignalThread());
+  REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));
+  REQUIRE(kill(d.pid, SIGUSR2) == 0);
+  auto n = d.receive();
+  REQUIRE(n.get() != nullptr);
+  auto second = n->getRoot<proto::ToRemote>();
+  REQUIRE(second.isSignal());
+  CHECK(second.getSignal() == SIGUSR2);
+  CHECK(!second.getSignalThread());
+}
