@@ -11,7 +11,11 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
+#include <set>
+#include <thread>
 
 #include <capnp/message.h>
 #include <kj/debug.h>
@@ -45,6 +49,21 @@ std::string bytesToString(capnp::Data::Reader data) {
   }
 }
 
+// Every Deputy of this process, one per deputy thread: a fork child closes the channels of the
+// threads it does not have.
+std::mutex liveMutex;
+std::set<Deputy*> liveDeputies;
+
+// An exec that a deputy thread hands to the leader deputy thread (Deputy::handleExec).
+struct ExecHandoff {
+  proto::ExecRequest::Reader request;
+  bool done = false;
+  int64_t result = 0;
+};
+std::mutex handoffMutex;
+std::condition_variable handoffDone;
+ExecHandoff* pendingHandoff = nullptr;  // one at a time; guarded by handoffMutex
+
 }  // namespace
 
 void printMosrunMessage(const std::string& text) {
@@ -64,12 +83,17 @@ void printMosrunMessage(const std::string& text) {
 
 Deputy::Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel)
     : options_(std::move(options)),
+      leader_(options_.leader),
       fds_(fds),
       channel_(kj::mv(channel)),
       executor_(fds, options_.jobExe, getpid()) {
   // The channel's socket moves when the job dup2()s onto its number (executor.h).
   fds_.add(channel_->fd(), [this](int, int newFd) { channel_->replaceFd(kj::AutoCloseFd(newFd)); });
-  if (!options_.runDir.empty()) {
+  {
+    std::lock_guard<std::mutex> lock(liveMutex);
+    liveDeputies.insert(this);
+  }
+  if (!options_.runDir.empty() && options_.leader) {
     try {
       record_ = OwnedJobRecord::create(options_.runDir, "jobs", getpid(), getpid(),
                                        options_.homeNode, options_.command);
@@ -79,6 +103,15 @@ Deputy::Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel
       spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
     }
   }
+}
+
+Deputy::~Deputy() {
+  {
+    std::lock_guard<std::mutex> lock(liveMutex);
+    liveDeputies.erase(this);
+  }
+  // The number stays open until channel_ is destroyed after us: never reused while reserved.
+  fds_.remove(channel_->fd());
 }
 
 void Deputy::run() {
@@ -114,6 +147,7 @@ void Deputy::run() {
 void Deputy::waitForMessage() {
   for (;;) {
     flushSignals();
+    serveExecHandoff();
     if (channel_->hasBuffered()) {
       return;
     }
@@ -147,6 +181,13 @@ void Deputy::flushSignals() {
       root.setSignalPid(child.pid);
       root.setSignalStatus(child.status);
     }
+    channel_->send(message);
+  }
+  for (int sig : takeThreadSignals()) {
+    capnp::MallocMessageBuilder message(16);
+    auto root = message.initRoot<proto::ToRemote>();
+    root.setSignal(sig);
+    root.setSignalThread(true);
     channel_->send(message);
   }
 }
@@ -195,10 +236,13 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
     reply.setRet(-EINVAL);
   }
   auto reply = replyMessage.getRoot<proto::ToRemote>().getReply();
-  if (reply.getRet() == -EINTR && signalsPending()) {
+  // The cancel is this thread's own (another deputy thread may have taken the shared pending
+  // flag meanwhile).
+  bool cancelled = takeCancel();
+  if (reply.getRet() == -EINTR && (signalsPending() || cancelled)) {
     reply.setInterrupted(true);
   }
-  if (takeCancel()) {
+  if (cancelled) {
     // Consume the urgent byte that carried the cancel; a call that finished anyway still
     // answers normally (the supervisor drops answers for calls the guest left).
     char oob;
@@ -217,22 +261,59 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
 // at its exec stop and sends it away again. Success never returns: our descriptors are all
 // close-on-exec, so the supervisor sees the channel close and ends the old guest.
 void Deputy::handleExec(proto::ExecRequest::Reader request) {
-  auto replyWith = [&](int64_t ret) {
-    capnp::MallocMessageBuilder message;
-    auto reply = message.initRoot<proto::ToRemote>().initReply();
-    reply.setSeq(request.getSeq());
-    reply.setRet(ret);
-    flushSignals();
-    channel_->send(message);
-  };
+  int64_t ret;
+  if (leader_) {
+    ret = execAtHome(request);
+  } else {
+    // A thread's exec is run by the leader deputy thread: the migration agent traces the
+    // leader, and the exec ends every other thread either way (docs/design.md, "Threads").
+    ExecHandoff handoff{request};
+    {
+      std::unique_lock<std::mutex> lock(handoffMutex);
+      handoffDone.wait(lock, [] { return pendingHandoff == nullptr; });
+      pendingHandoff = &handoff;
+    }
+    requestExecHandoff(getpid());
+    std::unique_lock<std::mutex> lock(handoffMutex);
+    handoffDone.wait(lock, [&] { return handoff.done; });
+    ret = handoff.result;
+  }
+  capnp::MallocMessageBuilder message;
+  auto reply = message.initRoot<proto::ToRemote>().initReply();
+  reply.setSeq(request.getSeq());
+  reply.setRet(ret);
+  flushSignals();
+  channel_->send(message);
+}
+
+void Deputy::serveExecHandoff() {
+  if (!leader_ || !takeExecHandoff()) {
+    return;
+  }
+  ExecHandoff* handoff;
+  {
+    std::lock_guard<std::mutex> lock(handoffMutex);
+    handoff = pendingHandoff;
+  }
+  if (handoff == nullptr) {
+    return;
+  }
+  int64_t ret = execAtHome(handoff->request);  // returns only when the exec failed
+  std::lock_guard<std::mutex> lock(handoffMutex);
+  pendingHandoff = nullptr;
+  handoff->result = ret;
+  handoff->done = true;
+  handoffDone.notify_all();
+}
+
+int64_t Deputy::execAtHome(proto::ExecRequest::Reader request) {
   int dirfd = request.getDirfd();
   if (dirfd != AT_FDCWD && fds_.contains(dirfd)) {
-    replyWith(-EBADF);
-    return;
+    return -EBADF;
   }
   std::string path = bytesToString(request.getPath());
   switch (executor_.classifyPath(dirfd, path.c_str())) {
-    case Executor::ProcPath::RESERVED_FD: replyWith(-ENOENT); return;
+    case Executor::ProcPath::RESERVED_FD: return -ENOENT;
     case Executor::ProcPath::EXE:
       if (!options_.jobExe.empty()) {
         path = options_.jobExe;  // re-exec of /proc/self/exe means the job's program
@@ -325,7 +406,7 @@ void Deputy::handleExec(proto::ExecRequest::Reader request) {
     r->state = static_cast<uint32_t>(JobState::REMOTE);
     r->node = options_.node;
   }
-  replyWith(-err);
+  return -err;
 }
 
 void Deputy::handleFork(proto::ForkRequest::Reader request) {
@@ -335,15 +416,28 @@ void Deputy::handleFork(proto::ForkRequest::Reader request) {
   std::vector<kj::byte> token(tokenBytes.begin(), tokenBytes.end());
   // Signals recorded so far belong to the parent; every signal stays blocked across the fork.
   flushSignals();
-  pid_t child = fork();
-  if (child == 0) {
-    becomeForkChild(port, kj::arrayPtr(token.data(), token.size()));
-    return;  // back to run(): the child's loop on its own channel
+  int64_t ret;
+  if (request.getThread()) {
+    ret = startThread(port, kj::arrayPtr(token.data(), token.size()));
+  } else {
+    pid_t child;
+    {
+      // Other deputy threads must not hold these across fork(2): the child would find them
+      // locked forever.
+      std::lock_guard<std::mutex> live(liveMutex);
+      std::lock_guard<std::mutex> reserved(fds_.mutex());
+      child = fork();
+    }
+    if (child == 0) {
+      becomeForkChild(port, kj::arrayPtr(token.data(), token.size()));
+      return;  // back to run(): the child's loop on its own channel
+    }
+    ret = child < 0 ? -errno : child;
   }
   capnp::MallocMessageBuilder message;
   auto reply = message.initRoot<proto::ToRemote>().initReply();
   reply.setSeq(seq);
-  reply.setRet(child < 0 ? -errno : child);
+  reply.setRet(ret);
   flushSignals();
   channel_->send(message);
 }
@@ -351,7 +445,20 @@ void Deputy::handleFork(proto::ForkRequest::Reader request) {
 void Deputy::becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token) {
   pid_t self = getpid();
   executor_.setPid(self);
-  // The parent's channel stays the parent's: close our copy of it.
+  // The parent's channels (ours and its other deputy threads') stay the parent's: close our
+  // copies. This thread is the child's only one, so it is the child's leader.
+  leader_ = true;
+  {
+    std::lock_guard<std::mutex> lock(liveMutex);
+    for (Deputy* other : liveDeputies) {
+      if (other != this) {
+        fds_.remove(other->channel_->fd());
+        close(other->channel_->fd());
+      }
+    }
+    liveDeputies.clear();
+    liveDeputies.insert(this);
+  }
   int old = channel_->fd();
   fds_.remove(old);
   int fd = connectJobSocket(options_.address, port, 5000, fds_);
@@ -385,6 +492,64 @@ void Deputy::becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token) 
     } catch (kj::Exception& e) {
       spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
     }
+  }
+}
+
+pid_t Deputy::startThread(uint16_t port, kj::ArrayPtr<const kj::byte> token) {
+  std::mutex mutex;
+  std::condition_variable reported;
+  bool done = false;
+  pid_t result = -EAGAIN;
+  std::function<void(pid_t)> report = [&](pid_t tid) {
+    std::lock_guard<std::mutex> lock(mutex);
+    result = tid;
+    done = true;
+    reported.notify_all();
+  };
+  try {
+    // Every signal stays blocked in the new thread (it inherits our mask) outside its windows.
+    std::thread([options = options_, fds = &fds_, port,
+                 bytes = std::vector<kj::byte>(token.begin(), token.end()), &report]() mutable {
+      threadMain(std::move(options), fds, port, std::move(bytes), report);
+    }).detach();
+  } catch (std::system_error& e) {
+    return -EAGAIN;
+  }
+  std::unique_lock<std::mutex> lock(mutex);
+  reported.wait(lock, [&] { return done; });
+  return result;
+}
+
+void Deputy::threadMain(DeputyOptions options, ReservedFds* fds, uint16_t port,
+                        std::vector<kj::byte> token, const std::function<void(pid_t)>& reportTid) {
+  pid_t tid = static_cast<pid_t>(::syscall(SYS_gettid));
+  // Connected from this thread: the socket's owner (SIGURG for a cancel) is this thread.
+  int fd = connectJobSocket(options.address, port, 5000, *fds);
+  if (fd < 0) {
+    spdlog::warn("deputy thread of job {}: node {} unreachable: {}", getpid(), options.node,
+                 strerror(-fd));
+    reportTid(fd);
+    return;
+  }
+  kj::byte hello[8 + 32 + 4];
+  memcpy(hello, HELLO_CHILD, 8);
+  memset(hello + 8, 0, 32);
+  memcpy(hello + 8, token.data(), kj::min(token.size(), size_t(32)));
+  int32_t id = tid;
+  memcpy(hello + 40, &id, 4);
+  if (send(fd, hello, sizeof(hello), MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof(hello))) {
+    int err = errno;
+    fds->remove(fd);
+    close(fd);
+    reportTid(-err);
+    return;
+  }
+  reportTid(tid);  // the caller's objects are gone from here on
+  options.leader = false;
+  try {
+    Deputy deputy(std::move(options), *fds, kj::heap<Channel>(kj::AutoCloseFd(fd)));
+    deputy.run();
+  } catch (DeputyThreadEnded&) {
   }
 }
 
@@ -516,6 +681,11 @@ void Deputy::handleExit(proto::GuestExit::Reader exit) {
 }
 
 void Deputy::nodeDied() {
+  if (!leader_) {
+    // The guest thread ended (its task closed the channel), or the whole job is ending and the
+    // leader hears why on its own channel.
+    throw DeputyThreadEnded{};
+  }
   fail("node " + std::to_string(options_.node) + " died; job " + std::to_string(getpid()) + " lost",
        EXIT_NODE_DIED);
 }

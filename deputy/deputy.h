@@ -12,6 +12,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -38,7 +39,12 @@ struct DeputyOptions {
   std::string command;                // for the job record
   std::string selfExe;                // our own executable, for the next migration agent
   std::vector<std::string> selfArgv;  // our argv without "--image PATH", for the next agent
+  bool leader = true;  // false: the deputy thread of one guest thread (Deputy::threadMain)
 };
+
+// Thrown inside a deputy thread (not the leader) when its channel closed: its guest thread ended
+// (or the job is ending), so the thread returns.
+struct DeputyThreadEnded {};
 
 class Deputy {
  public:
@@ -47,6 +53,7 @@ class Deputy {
   // options.runDir is not empty.
   Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel);
   KJ_DISALLOW_COPY(Deputy);
+  ~Deputy();
 
   // The loop: wait (signals open only inside ppoll), receive, dispatch, until the job ends.
   // Never returns: the process exits or dies as the guest did.
@@ -67,6 +74,11 @@ class Deputy {
  private:
   void handleSyscall(proto::SyscallRequest::Reader request);
   void handleExec(proto::ExecRequest::Reader request);
+  // Performs `request` in this thread: does not return when the exec succeeded; otherwise
+  // returns -errno with the deputy's state restored.
+  int64_t execAtHome(proto::ExecRequest::Reader request);
+  // The leader runs an exec that a deputy thread handed over (requestExecHandoff, signals.h).
+  void serveExecHandoff();
   // fork/vfork/clone of the guest (docs/design.md, "Fork mirroring"): forks this process; the
   // parent replies the child's pid, the child opens its own job channel (becomeForkChild).
   void handleFork(proto::ForkRequest::Reader request);
@@ -74,6 +86,12 @@ class Deputy {
   // supervisor at `port` proved by `token`, and a job record of its own. Exits 112 when the
   // supervisor cannot be reached.
   void becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token);
+  // clone(CLONE_THREAD) of the guest (docs/design.md, "Threads"): starts a deputy thread that
+  // connects to `port` with `token` and serves the guest thread; returns its home tid or -errno.
+  pid_t startThread(uint16_t port, kj::ArrayPtr<const kj::byte> token);
+  // The body of a deputy thread (startThread). `reportTid` receives its tid or -errno once.
+  static void threadMain(DeputyOptions options, ReservedFds* fds, uint16_t port,
+                         std::vector<kj::byte> token, const std::function<void(pid_t)>& reportTid);
   void handleFetchFile(proto::FetchFile::Reader request);
   [[noreturn]] void handleExit(proto::GuestExit::Reader exit);
   [[noreturn]] void nodeDied();
@@ -82,6 +100,9 @@ class Deputy {
   void waitForMessage();
 
   DeputyOptions options_;
+  // The deputy of the guest process (its thread group leader's task: GuestExit, stops, node
+  // death end the process); false for the deputy thread of one guest thread.
+  bool leader_;
   ReservedFds& fds_;
   kj::Own<Channel> channel_;
   Executor executor_;

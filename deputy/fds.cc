@@ -42,17 +42,25 @@ int ReservedFds::dupHigh(int fd) {
 }
 
 int ReservedFds::moveHigh(int fd, OnMove onMove) {
+  std::lock_guard<std::mutex> lock(mutex_);
   int high = dupHigh(fd);
   close(fd);
   fds_[high] = kj::mv(onMove);
   return high;
 }
 
-void ReservedFds::add(int fd, OnMove onMove) { fds_[fd] = kj::mv(onMove); }
+void ReservedFds::add(int fd, OnMove onMove) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  fds_[fd] = kj::mv(onMove);
+}
 
-void ReservedFds::remove(int fd) { fds_.erase(fd); }
+void ReservedFds::remove(int fd) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  fds_.erase(fd);
+}
 
 std::vector<int> ReservedFds::list() const {
+  std::lock_guard<std::mutex> lock(mutex_);
   std::vector<int> result;
   for (auto& entry : fds_) {
     result.push_back(entry.first);
@@ -61,6 +69,7 @@ std::vector<int> ReservedFds::list() const {
 }
 
 int ReservedFds::relocate(int fd) {
+  std::lock_guard<std::mutex> lock(mutex_);
   auto it = fds_.find(fd);
   KJ_REQUIRE(it != fds_.end(), "not a reserved descriptor", fd);
   int high = dupHigh(fd);

@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <map>
+#include <mutex>
 #include <vector>
 
 namespace mos::deputy {
@@ -32,8 +33,14 @@ class ReservedFds {
   void remove(int fd);
 
   // True when `fd` (as the kernel reads an fd argument: the low 32 bits) is ours.
-  bool contains(int fd) const { return fds_.count(fd) != 0; }
-  bool empty() const { return fds_.empty(); }
+  bool contains(int fd) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return fds_.count(fd) != 0;
+  }
+  bool empty() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return fds_.empty();
+  }
   // Ascending.
   std::vector<int> list() const;
 
@@ -42,10 +49,15 @@ class ReservedFds {
   // Throws kj::Exception (FAILED) on EMFILE.
   int relocate(int fd);
 
+  // Every method locks this: deputy threads (one per guest thread) share the set. A fork holds
+  // it across fork(2), so the child never inherits it locked by a thread it does not have.
+  std::mutex& mutex() const { return mutex_; }
+
  private:
   // The highest free number at or below topFd(), a close-on-exec duplicate of `fd`.
   static int dupHigh(int fd);
 
+  mutable std::mutex mutex_;
   std::map<int, OnMove> fds_;
 };
 

@@ -1,5 +1,6 @@
 #include "signals.h"
 
+#include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -29,8 +30,16 @@ std::atomic<uint32_t> arrivals[MAX_SIGNAL + 1];
 std::atomic<int32_t> lastChildPid{0};
 std::atomic<int32_t> lastChildStatus{0};
 
-// Set when the supervisor asked to cancel the call in progress (see requestCancelSignals).
-std::atomic<bool> cancelRequested{false};
+// Set when the supervisor asked to cancel the call in progress (see requestCancelSignals). Per
+// deputy thread: the urgent byte raises SIGURG in the thread that owns that channel.
+__attribute__((tls_model("initial-exec"))) thread_local std::atomic<bool> cancelRequested{false};
+
+// Arrivals of signals the home kernel directed at this deputy thread (SI_TKILL), per thread.
+__attribute__((tls_model("initial-exec"))) thread_local std::atomic<uint32_t>
+    threadArrivals[MAX_SIGNAL + 1];
+
+// Set in the leader when a deputy thread handed it an exec.
+std::atomic<bool> execHandoff{false};
 
 bool isFault(int sig) {
   return sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGSYS;
@@ -48,7 +57,11 @@ void onSignal(int sig, siginfo_t* info, void* context) {
   if (sig < 1 || sig > MAX_SIGNAL) {
     return;
   }
-  if (sig == SIGURG && info != nullptr && info->si_code == SI_KERNEL) {
+  if (sig == SIGURG && info != nullptr && info->si_code == SI_QUEUE &&
+      info->si_value.sival_int == EXEC_HANDOFF_VALUE && info->si_pid == getpid()) {
+    // A deputy thread hands its exec to us, the leader (requestExecHandoff).
+    execHandoff.store(true, std::memory_order_relaxed);
+  } else if (sig == SIGURG && info != nullptr && info->si_code == SI_KERNEL) {
     // Urgent data on the job channel (the socket's owner is our thread): the supervisor cancels
     // the forwarded call in progress, because the guest left it. Not a signal of the job.
     cancelRequested.store(true, std::memory_order_relaxed);
@@ -57,7 +70,12 @@ void onSignal(int sig, siginfo_t* info, void* context) {
       lastChildPid.store(info->si_pid, std::memory_order_relaxed);
       lastChildStatus.store(info->si_status, std::memory_order_relaxed);
     }
-    arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+    if (info != nullptr && info->si_code == SI_TKILL) {
+      // tgkill/tkill at home named this deputy thread: it goes to this thread's guest thread.
+      threadArrivals[sig].fetch_add(1, std::memory_order_relaxed);
+    } else {
+      arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+    }
   }
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
   auto* uc = static_cast<ucontext_t*>(context);
@@ -134,6 +152,20 @@ std::vector<int> takePendingSignals() {
   return result;
 }
 
+std::vector<int> takeThreadSignals() {
+  std::vector<int> result;
+  for (int sig = 1; sig <= MAX_SIGNAL; sig++) {
+    uint32_t n = threadArrivals[sig].exchange(0, std::memory_order_relaxed);
+    if (n > 0 && sig < 32) {
+      n = 1;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+      result.push_back(sig);
+    }
+  }
+  return result;
+}
+
 ChildSignalInfo lastChildSignal() {
   return {lastChildPid.load(std::memory_order_relaxed),
           lastChildStatus.load(std::memory_order_relaxed)};
@@ -148,6 +180,18 @@ void recordSignal(int sig) {
   arrivals[sig].fetch_add(1, std::memory_order_relaxed);
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
 }
+
+void requestExecHandoff(pid_t leader) {
+  siginfo_t info = {};
+  info.si_signo = SIGURG;
+  info.si_code = SI_QUEUE;
+  info.si_pid = getpid();
+  info.si_uid = getuid();
+  info.si_value.sival_int = EXEC_HANDOFF_VALUE;
+  syscall(SYS_rt_tgsigqueueinfo, getpid(), leader, SIGURG, &info);
+}
+
+bool takeExecHandoff() { return execHandoff.exchange(false, std::memory_order_relaxed); }
 
 long interruptibleSyscall(long nr, const uint64_t (&args)[6]) {
   sigset_t saved;

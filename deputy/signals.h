@@ -16,7 +16,9 @@
 // A signal that arrives once the kernel is entered interrupts the call itself (the handler has
 // no SA_RESTART), which also returns -EINTR.
 //
-// Not thread safe across deputy threads yet: one pending set per process.
+// Deputy threads (one per guest thread) share the recorded set and the pending flag, so a signal
+// may be forwarded by another thread than the one it interrupted (docs/design.md, "Threads");
+// the cancel flag is per thread.
 
 #include <signal.h>
 
@@ -57,6 +59,11 @@ inline bool signalsPending() {
 // times as it arrived, a standard one once). Call with signals blocked.
 std::vector<int> takePendingSignals();
 
+// Takes the signals that the home kernel directed at the calling deputy thread (tgkill/tkill of
+// its tid: si_code SI_TKILL), in the same order; they belong to this thread's guest thread.
+// Independent of signalsPending(). Call with signals blocked.
+std::vector<int> takeThreadSignals();
+
 // si_pid and si_status of the last SIGCHLD that arrived (0, 0 before any).
 struct ChildSignalInfo {
   int32_t pid;
@@ -72,6 +79,14 @@ void recordSignal(int sig);
 // kernel's SIGURG (si_code SI_KERNEL) interrupts the call like a job signal would, without being
 // forwarded as one. SIGURG therefore always has our handler, even when the job ignores it.
 bool takeCancel();
+
+// A deputy thread hands an exec to the leader deputy thread (tid `leader`, the process's pid):
+// a SIGURG queued to it with a marker (si_code SI_QUEUE, our pid, EXEC_HANDOFF_VALUE), which
+// interrupts its wait or forwarded call like a signal and is not a job signal. takeExecHandoff()
+// is true (once) in the process after it arrived.
+inline constexpr int EXEC_HANDOFF_VALUE = 0x6d6f7365;
+void requestExecHandoff(pid_t leader);
+bool takeExecHandoff();
 
 // Runs system call `nr` with `args` through deputy_syscall with every signal unblocked, then
 // restores the caller's mask. Returns the kernel's result; -EINTR when a signal arrived before

@@ -118,6 +118,10 @@ struct ForkRequest {
   seq @0 :UInt64;
   port @1 :UInt16;
   token @2 :Data;
+  thread @3 :Bool;
+  # clone with CLONE_THREAD (docs/design.md, "Threads"): the deputy starts a thread instead of
+  # forking. The reply's ret is the new thread's home tid; the thread opens the channel as a
+  # child does and sends its tid in the pid's place; it serves the guest thread made at that tid.
 }
 
 struct GuestExit {
@@ -173,4 +177,8 @@ struct ToRemote {
   # With `signal` SIGCHLD: si_pid and si_status of the home kernel's siginfo (the home child).
   signalPid @4 :Int32;
   signalStatus @5 :Int32;
+  signalThread @6 :Bool;
+  # With `signal`: the home kernel directed it at this channel's deputy thread (tgkill, tkill;
+  # si_code SI_TKILL), so it is queued on this channel's guest thread; otherwise on the guest
+  # process (any thread that does not block it takes it).
 }

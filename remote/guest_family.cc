@@ -1,5 +1,6 @@
 #include "guest_family.h"
 
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
@@ -28,7 +29,8 @@ namespace mos::remote {
 
 namespace {
 
-constexpr int ERESTARTNOINTR = 513;  // include/linux/errno.h
+constexpr int ERESTARTNOINTR = 513;             // include/linux/errno.h
+constexpr unsigned PIDFD_THREAD_FLAG = O_EXCL;  // PIDFD_THREAD, linux/pidfd.h (Linux 6.9)
 constexpr size_t TOKEN_BYTES = 32;
 constexpr int CHILD_HELLO_MS = 5000;
 // How long a child guest waits for its deputy's channel before it is killed (its home deputy
@@ -45,14 +47,15 @@ class OwnedFlatReader : private WordsHolder, public capnp::FlatArrayMessageReade
       : WordsHolder{kj::mv(words)}, capnp::FlatArrayMessageReader(this->words) {}
 };
 
-// The JobStart of a child task: the parent's, with the child's home pid as pid and tid.
-kj::Own<capnp::MessageReader> childJobStart(proto::JobStart::Reader parent, pid_t homePid) {
+// The JobStart of a child task: the parent's, with the child's home pid and tid.
+kj::Own<capnp::MessageReader> childJobStart(proto::JobStart::Reader parent, pid_t homePid,
+                                            pid_t homeTid) {
   capnp::MallocMessageBuilder message;
   auto start = message.initRoot<proto::JobStart>();
   start.setHomeNode(parent.getHomeNode());
   start.setIds(parent.getIds());
   start.getIds().setPid(homePid);
-  start.getIds().setTid(homePid);
+  start.getIds().setTid(homeTid);
   start.setCommand(parent.getCommand());
   return kj::heap<OwnedFlatReader>(capnp::messageToFlatArray(message));
 }
@@ -110,12 +113,30 @@ int RoutedUnotify::receive(seccomp_notif& notif) {
 }
 
 void RoutedGuest::queueSignal(int sig, const siginfo_t* info) {
-  queueSignalOnNode(pid_, sig, info);
+  if (info == nullptr) {
+    ::kill(tgid_, sig);
+  } else {
+    syscall(SYS_rt_sigqueueinfo, tgid_, sig, info);
+  }
 }
+
+void RoutedGuest::queueThreadSignal(int sig) { syscall(SYS_tgkill, tgid_, pid_, sig); }
 
 std::string RoutedGuest::procFile(const std::string& name) { return readNodeProcFile(pid_, name); }
 
-void RoutedGuest::kill() { ::kill(pid_, SIGKILL); }
+kj::Maybe<int> RoutedGuest::nextEvent() {
+  if (threadEnd_.get() < 0) {
+    return events_.pop();
+  }
+  struct pollfd pfd = {threadEnd_.get(), POLLIN, 0};
+  if (threadEndReported_ || poll(&pfd, 1, 0) <= 0) {
+    return nullptr;
+  }
+  threadEndReported_ = true;
+  return 0;  // "exited 0": the task ends; only the process's end is the job's status
+}
+
+void RoutedGuest::kill() { ::kill(tgid_, SIGKILL); }
 
 GuestFamily::GuestFamily(SupervisorOptions options, kj::Own<SeccompUnotify> listener,
                          kj::AutoCloseFd sigchld, JobPidNamespace pidNamespace)
@@ -136,7 +157,9 @@ void GuestFamily::run(Supervisor& first, pid_t pid) {
   firstStart_ = first.jobStart();
   auto task = std::make_unique<Task>();
   task->pid = pid;
+  task->tgid = pid;
   task->homePid = firstStart_.getIds().getPid();
+  task->homeTid = task->homePid;
   auto unotify = kj::heap<RoutedUnotify>(*listener_);
   auto guest = kj::heap<RoutedGuest>(pid);
   task->unotify = unotify.get();
@@ -155,6 +178,10 @@ void GuestFamily::run(Supervisor& first, pid_t pid) {
       std::lock_guard<std::mutex> lock(mutex_);
       for (auto it = tasks_.begin(); it != tasks_.end();) {
         Task& each = *it->second;
+        if (each.ended && each.isThread) {
+          // A thread is never reaped; a SIGKILL would end its whole process.
+          each.reaped = true;
+        }
         if (each.ended && !each.reaped && each.pid > 0) {
           ::kill(each.pid, SIGKILL);  // the main thread reaps it
         }
@@ -415,10 +442,11 @@ void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
   SupervisorOptions options = options_;
   options.fd = fd.release();
   task.ownedSupervisor = kj::heap<Supervisor>(
-      options, childJobStart(firstStart_, task.homePid), kj::mv(task.pendingUnotify),
+      options, childJobStart(firstStart_, task.homePid, task.homeTid), kj::mv(task.pendingUnotify),
       kj::mv(task.pendingGuest), [](int status) { throw TaskEnded{status}; });
   task.supervisor = task.ownedSupervisor.get();
   task.supervisor->setForkHost(this);
+  task.supervisor->setThreadTask(task.isThread);
   startWorker(task);
 }
 
@@ -439,7 +467,7 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
     probe.rdi = notif.data.args[0];
     switch (rewriteAsSiblingClone(probe)) {
       case ForkKind::PROCESS: break;
-      case ForkKind::THREAD: return supervisor.unsupported(notif, ENOSYS, "threads come later");
+      case ForkKind::THREAD: return cloneThread(supervisor, *task, notif);
       case ForkKind::UNSUPPORTED:
         return supervisor.unsupported(notif, EINVAL, "clone flags a guest may not use");
     }
@@ -447,7 +475,26 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
     onMain([&] { answer = interruptForRewrite(*task, notif); });
     return answer;
   }
-  // Step 3: the restarted clone. The deputy forks first; the child's channel is expected.
+  // Step 3: the restarted clone.
+  return mirrorClone(supervisor, *task, notif, false);
+}
+
+Answer GuestFamily::cloneThread(Supervisor& supervisor, Task& task, const seccomp_notif& notif) {
+  constexpr unsigned long REFUSED = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC |
+                                    CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_PIDFD |
+                                    CLONE_VFORK | CLONE_PARENT;
+  unsigned long flags = notif.data.args[0];
+  if ((flags & REFUSED) != 0 ||
+      (flags & (CLONE_VM | CLONE_SIGHAND)) != (CLONE_VM | CLONE_SIGHAND)) {
+    return supervisor.unsupported(notif, EINVAL, "clone flags a guest thread may not use");
+  }
+  return mirrorClone(supervisor, task, notif, true);
+}
+
+Answer GuestFamily::mirrorClone(Supervisor& supervisor, Task& parent, const seccomp_notif& notif,
+                                bool thread) {
+  Task* task = &parent;
+  // The deputy forks (or starts a thread) first; the child's channel is expected.
   std::lock_guard<std::mutex> forkLock(forkMutex_);
   std::string token(TOKEN_BYTES, '\0');
   KJ_SYSCALL(getrandom(token.data(), token.size(), 0));
@@ -458,7 +505,8 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
     expected_.push_back(Expected{token});
   });
   int64_t home = supervisor.askDeputyToFork(
-      notif.id, port, kj::arrayPtr(reinterpret_cast<const kj::byte*>(token.data()), token.size()));
+      notif.id, port, kj::arrayPtr(reinterpret_cast<const kj::byte*>(token.data()), token.size()),
+      thread);
   auto forget = [&] {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = expected_.begin(); it != expected_.end(); ++it) {
@@ -481,11 +529,13 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
     }
   }
   pid_t child = -1;
-  onMain([&] { child = runFork(*task, notif, static_cast<pid_t>(home), token); });
+  onMain([&] { child = runFork(*task, notif, static_cast<pid_t>(home), token, thread); });
   if (child <= 0) {
+    // Its deputy (child or thread) finds its channel closed, or never accepted.
     forget();
-    spdlog::error("job {}: the fork of guest {} failed here; home child {} has no guest",
-                  firstStart_.getIds().getPid(), task->homePid, home);
+    spdlog::error("job {}: the {} of guest {} failed here; home {} {} has no guest",
+                  firstStart_.getIds().getPid(), thread ? "thread creation" : "fork", task->homeTid,
+                  thread ? "thread" : "child", home);
   }
   return Answer::drop();
 }
@@ -493,6 +543,16 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
 bool GuestFamily::queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) {
   std::lock_guard<std::mutex> reaperLock(reaperMutex_);
   return pidNamespace_.queueSignal(homePid, sig, fromPid, uid, value) == 0;
+}
+
+bool GuestFamily::isThreadOf(pid_t homePid, pid_t homeTid) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& [pid, task] : tasks_) {
+    if (task->homePid == homePid && task->homeTid == homeTid && !task->ended) {
+      return true;
+    }
+  }
+  return false;
 }
 
 Answer GuestFamily::interruptForRewrite(Task& task, const seccomp_notif& notif) {
@@ -535,7 +595,7 @@ Answer GuestFamily::interruptForRewrite(Task& task, const seccomp_notif& notif) 
 }
 
 pid_t GuestFamily::runFork(Task& task, const seccomp_notif& notif, pid_t homePid,
-                           const std::string& token) {
+                           const std::string& token, bool thread) {
   pid_t g = task.pid;
   if (ptrace(PTRACE_SEIZE, g, 0, PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE) !=
       0) {
@@ -575,11 +635,41 @@ pid_t GuestFamily::runFork(Task& task, const seccomp_notif& notif, pid_t homePid
   unsigned long message = 0;
   ptrace(PTRACE_GETEVENTMSG, g, 0, &message);
   pid_t child = static_cast<pid_t>(message);
+  // The id the job's namespace gave it (NSpid's last field) must be the home one: a tid or pid
+  // still taken there (a guest not yet reaped) would make the kernel take the next free one.
+  std::string procStatus = readNodeProcFile(child, "status");
+  size_t nspid = procStatus.find("NSpid:");
+  if (nspid != std::string::npos) {
+    size_t end = procStatus.find('\n', nspid);
+    size_t last = procStatus.find_last_of(" \t", end);
+    pid_t inside = static_cast<pid_t>(atoi(procStatus.c_str() + last + 1));
+    if (inside != homePid) {
+      spdlog::error(
+          "job {}: guest {} {} was given id {} in the job's namespace, not its home id {}",
+          firstStart_.getIds().getPid(), thread ? "thread" : "child", child, inside, homePid);
+    }
+  }
   auto created = std::make_unique<Task>();
   created->pid = child;
-  created->homePid = homePid;
   created->pendingUnotify = kj::heap<RoutedUnotify>(*listener_);
-  created->pendingGuest = kj::heap<RoutedGuest>(child);
+  if (thread) {
+    created->homePid = task.homePid;
+    created->homeTid = homePid;
+    created->tgid = task.tgid;
+    created->isThread = true;
+    // The thread's end, which no waitpid of ours reports (it is not our child).
+    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, child, PIDFD_THREAD_FLAG));
+    if (pidfd < 0) {
+      spdlog::warn("pidfd_open(PIDFD_THREAD) of guest thread {}: {}; its end goes unnoticed", child,
+                   strerror(errno));
+    }
+    created->pendingGuest = kj::heap<RoutedGuest>(child, task.tgid, kj::AutoCloseFd(pidfd));
+  } else {
+    created->homePid = homePid;
+    created->homeTid = homePid;
+    created->tgid = child;
+    created->pendingGuest = kj::heap<RoutedGuest>(child);
+  }
   created->unotify = created->pendingUnotify.get();
   created->guest = created->pendingGuest.get();
   Task* c = created.get();
@@ -592,10 +682,12 @@ pid_t GuestFamily::runFork(Task& task, const seccomp_notif& notif, pid_t homePid
     if (t == child && (childStatus < 0 || isExitStatus(childStatus))) {
       continue;
     }
-    user_regs_struct now;
-    ptrace(PTRACE_GETREGS, t, 0, &now);
-    restoreArgumentRegisters(now, task.savedRegs);
-    ptrace(PTRACE_SETREGS, t, 0, &now);
+    if (!thread) {  // a thread's clone was not rewritten
+      user_regs_struct now;
+      ptrace(PTRACE_GETREGS, t, 0, &now);
+      restoreArgumentRegisters(now, task.savedRegs);
+      ptrace(PTRACE_SETREGS, t, 0, &now);
+    }
     ptrace(PTRACE_DETACH, t, 0, 0);
   }
   std::lock_guard<std::mutex> lock(mutex_);

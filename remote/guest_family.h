@@ -8,9 +8,10 @@
 //                a child of the supervisor: CLONE_PARENT) and routes each wait status to its
 //                task, owns ptrace and runs the forks one at a time (ns_last_pid is never raced),
 //                and accepts the child deputies' job channels.
-//   one worker thread per task (a guest process now; a guest thread later, each with its own
-//                deputy thread and channel): a Supervisor loop over its own channel, its routed
-//                notifications and its routed wait statuses, doing the blocking round trips.
+//   one worker thread per task (a guest process, or one more thread of one: each with its own
+//                deputy process or deputy thread and channel): a Supervisor loop over its own
+//                channel, its routed notifications and its routed wait statuses (a thread's
+//                end: a PIDFD_THREAD pidfd), doing the blocking round trips.
 //
 // A task's worker reaches the kernel through RoutedUnotify (the shared listener's SEND,
 // ID_VALID, ADDFD; RECV is the main thread's) and RoutedGuest (the guest's memory, signals,
@@ -73,24 +74,36 @@ class RoutedUnotify final : public SeccompUnotify {
   PollQueue<seccomp_notif> queue_;
 };
 
-// A guest process as one task sees it: its wait statuses come from the main thread, which reaps.
+// A guest process, or one thread of it, as one task sees it: a process's wait statuses come
+// from the main thread, which reaps; a thread's end from a pidfd of that thread (PIDFD_THREAD).
 class RoutedGuest final : public GuestProcess {
  public:
-  explicit RoutedGuest(pid_t pid) : pid_(pid), memory_(pid) {}
+  // The process `pid` (its leader).
+  explicit RoutedGuest(pid_t pid) : pid_(pid), tgid_(pid), memory_(pid) {}
+  // Thread `tid` of process `tgid` (not its leader); `pidfd` polls readable once it ended.
+  RoutedGuest(pid_t tid, pid_t tgid, kj::AutoCloseFd pidfd)
+      : pid_(tid), tgid_(tgid), memory_(tid), threadEnd_(kj::mv(pidfd)) {}
   pid_t pid() const override { return pid_; }
   GuestMemory& memory() override { return memory_; }
+  // Process-directed (to the thread group): the guest's kernel picks a thread that does not
+  // block it, as the home kernel does for a signal to P.
   void queueSignal(int sig, const siginfo_t* info) override;
+  void queueThreadSignal(int sig) override;
   std::string procFile(const std::string& name) override;
-  int eventFd() const override { return events_.fd(); }
-  kj::Maybe<int> nextEvent() override { return events_.pop(); }
-  // SIGKILL only: the main thread reaps it and reports the death to no one (the task ended).
+  int eventFd() const override { return threadEnd_.get() >= 0 ? threadEnd_.get() : events_.fd(); }
+  // A thread: its end, once, as an exit status 0.
+  kj::Maybe<int> nextEvent() override;
+  // SIGKILL of the whole process: the main thread reaps it and reports the death to no one.
   void kill() override;
   void push(int status) { events_.push(status); }
 
  private:
   pid_t pid_;
+  pid_t tgid_;
   ProcessMemory memory_;
   PollQueue<int> events_;
+  kj::AutoCloseFd threadEnd_;
+  bool threadEndReported_ = false;
 };
 
 // Thrown by a task's Supervisor where a job's supervisor would exit: the task ends, the job
@@ -115,6 +128,7 @@ class GuestFamily final : public ForkHost {
   // ForkHost (called by a task's worker thread).
   Answer forkGuest(Supervisor& task, const seccomp_notif& notif) override;
   bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) override;
+  bool isThreadOf(pid_t homePid, pid_t homeTid) override;
 
  private:
   struct Task;
@@ -126,8 +140,11 @@ class GuestFamily final : public ForkHost {
     Task* task = nullptr;  // when the task exists and waits for its channel
   };
   struct Task {
-    pid_t pid = -1;                    // node pid of the guest
-    pid_t homePid = -1;                // its home pid
+    pid_t pid = -1;                    // node pid (a thread: node tid) of the guest
+    pid_t homePid = -1;                // its home pid (a thread: its process's)
+    pid_t homeTid = -1;                // its home tid (a process: its leader's, homePid)
+    pid_t tgid = -1;                   // node pid of its process (a process: pid)
+    bool isThread = false;             // a guest thread that is not its process's leader
     RoutedUnotify* unotify = nullptr;  // owned by supervisor (or pendingUnotify)
     RoutedGuest* guest = nullptr;      // owned by supervisor
     Supervisor* supervisor = nullptr;
@@ -163,7 +180,14 @@ class GuestFamily final : public ForkHost {
   Task* findTask(pid_t pid);
   // The main-thread halves of a fork (see forkGuest).
   Answer interruptForRewrite(Task& task, const seccomp_notif& notif);
-  pid_t runFork(Task& task, const seccomp_notif& notif, pid_t homePid, const std::string& token);
+  // `homeId`: the child's home pid, or for a thread (`thread`) the new thread's home tid.
+  pid_t runFork(Task& task, const seccomp_notif& notif, pid_t homeId, const std::string& token,
+                bool thread);
+  // clone with CLONE_THREAD (docs/design.md, "Threads"): a deputy thread first, then the guest
+  // thread at its home tid. Called by `task`'s worker.
+  Answer cloneThread(Supervisor& supervisor, Task& task, const seccomp_notif& notif);
+  // The deputy forks or starts a thread, then the guest's kernel runs the clone (worker side).
+  Answer mirrorClone(Supervisor& supervisor, Task& task, const seccomp_notif& notif, bool thread);
   // waitpid(pid) on the main thread, routing an exit or a group stop met meanwhile to its task.
   int waitTraced(pid_t pid);
   void route(pid_t pid, int status);

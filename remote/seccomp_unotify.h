@@ -106,6 +106,10 @@ class GuestProcess {
   // killably, so the signal acts when that call is answered. Failures (guest gone) are ignored.
   virtual void queueSignal(int sig, const siginfo_t* info) = 0;
 
+  // Queues `sig` on this guest thread itself (tgkill(2)), for a signal the home kernel directed
+  // at its deputy thread. A process's only thread: queueSignal.
+  virtual void queueThreadSignal(int sig) { queueSignal(sig, nullptr); }
+
   // The content of the guest's /proc/PID/`name` ("status", "maps", ...), or "" when it is gone.
   virtual std::string procFile(const std::string& name) = 0;
 

@@ -136,13 +136,14 @@ void Supervisor::serveTask() {
   }
 }
 
-int64_t Supervisor::askDeputyToFork(uint64_t seq, uint16_t port,
-                                    kj::ArrayPtr<const kj::byte> token) {
+int64_t Supervisor::askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token,
+                                    bool thread) {
   capnp::MallocMessageBuilder message;
   auto fork = message.initRoot<proto::ToDeputy>().initFork();
   fork.setSeq(seq);
   fork.setPort(port);
   fork.setToken(token);
+  fork.setThread(thread);
   KJ_IF_MAYBE (reply, callHome(message, seq)) {
     return (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
   }
@@ -337,9 +338,10 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
     case HandlerId::IOV: return handleIov(notif);
     case HandlerId::KILL: return handleKill(notif);
     case HandlerId::SET_TID_ADDRESS:
-      // set_tid_address(2) answers the caller's tid: the home tid. The clear-child-tid address
-      // only matters for threads, which a guest cannot create yet.
-      return Answer::of(start_.getIds().getTid());
+      // set_tid_address(2): run by the guest's kernel, which keeps the clear-child-tid address
+      // (a thread's exit zeroes and wakes it) and answers the caller's tid in the job's pid
+      // namespace: its home tid. A value argument only: nothing is read.
+      return Answer::cont();
     case HandlerId::IOCTL:
     case HandlerId::FCNTL:
     case HandlerId::PSELECT: {
@@ -394,7 +396,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
       if (n > 0) {
         break;
       }
-      if (guestHasSignalToTake()) {
+      if (guestHasSignalToTake() || guestGone()) {
         spdlog::debug("guest has a signal pending during call {}; cancelling it at home", seq);
         char cancel = 'c';
         send(channel_.fd(), &cancel, 1, MSG_OOB | MSG_NOSIGNAL);
@@ -404,7 +406,8 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
     KJ_IF_MAYBE (message, channel_.receive()) {
       auto root = (*message)->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
-        deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus());
+        deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus(),
+                      root.getSignalThread());
         continue;
       }
       if (isMine(root)) {
@@ -432,7 +435,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
         }
         return kj::mv(*r);
       }
-      if (guestHasSignalToTake()) {
+      if (guestHasSignalToTake() || guestGone()) {
         // Answer the row's restart code (-ERESTARTSYS, -ERESTARTNOHAND) with the signal pending:
         // on its way out of the syscall the guest's kernel runs the handler and then restarts
         // the call or returns EINTR as SA_RESTART says, or stops, or dies: exactly what a native
@@ -510,7 +513,8 @@ void Supervisor::onIdleMessage() {
   KJ_IF_MAYBE (m, message) {
     auto root = (*m)->getRoot<proto::ToRemote>();
     if (root.isSignal()) {
-      deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus());
+      deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus(),
+                    root.getSignalThread());
     } else {
       spdlog::debug("message from the deputy outside a call, ignored");
     }
@@ -522,7 +526,7 @@ void Supervisor::onIdleMessage() {
   }
 }
 
-void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status) {
+void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status, bool toThread) {
   if (sig <= 0 || sig >= 65 || guest_ <= 0) {
     return;
   }
@@ -547,7 +551,21 @@ void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status) {
     guestProcess_->queueSignal(sig, &info);
     return;
   }
+  if (toThread) {
+    guestProcess_->queueThreadSignal(sig);  // tgkill at home named this task's deputy thread
+    return;
+  }
   guestProcess_->queueSignal(sig, nullptr);
+}
+
+bool Supervisor::guestGone() {
+  std::string status = guestProcess_->procFile("status");
+  if (status.empty()) {
+    return true;
+  }
+  size_t at = status.find("State:\t");
+  return at != std::string::npos && at + 7 < status.size() &&
+         (status[at + 7] == 'Z' || status[at + 7] == 'X');
 }
 
 bool Supervisor::guestHasSignalToTake() {
@@ -563,6 +581,12 @@ void Supervisor::onChildEvent() {
       status = *event;
     } else {
       return;
+    }
+    if (threadTask_) {
+      // The guest thread ended: its deputy thread ends when the channel closes. The process's
+      // end is reported by its leader's task.
+      guest_ = -1;
+      endJob(0);
     }
     capnp::MallocMessageBuilder message;
     auto root = message.initRoot<proto::ToDeputy>();
@@ -605,7 +629,9 @@ void Supervisor::onChildEvent() {
 }
 
 void Supervisor::endJob(int status) {
-  if (guest_ > 0) {
+  // A thread's task leaves the process to its leader's task: a deputy thread ends only with its
+  // guest thread or with the whole deputy (then the leader's channel closes too).
+  if (guest_ > 0 && !threadTask_) {
     guestProcess_->kill();
   }
   pidNamespace_ = JobPidNamespace();

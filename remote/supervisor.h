@@ -1,11 +1,12 @@
 #pragma once
 // The supervisor: one process per job on the remote node (started by mosd with the job
-// channel as a descriptor); one Supervisor object, in a thread of its own, per guest process of
-// the job (GuestFamily, guest_family.h: forks are mirrored). It restores the migration image
-// into a fresh stub (libmigrate), then serves the guest's seccomp user notifications: local answers
-// from the Ids cache, forwarded calls over the job channel to the deputy, file-backed mmap from the
-// content cache, execve sent home (design decision 2). It is the guest's parent and reports its
-// exit, stop and continue to the deputy; it forwards the deputy's signals to the guest.
+// channel as a descriptor); one Supervisor object, in a thread of its own, per guest process and
+// per guest thread of the job (GuestFamily, guest_family.h: forks and threads are mirrored). It
+// restores the migration image into a fresh stub (libmigrate), then serves the guest's seccomp user
+// notifications: local answers from the Ids cache, forwarded calls over the job channel to the
+// deputy, file-backed mmap from the content cache, execve sent home (design decision 2). It is the
+// guest's parent and reports its exit, stop and continue to the deputy; it forwards the deputy's
+// signals to the guest.
 //
 // The notification loop, and only it, does receive → look up → route → handler → respond
 // (STYLE.md). Routine races — the guest died (ENOENT from NOTIF_SEND), a notification was
@@ -123,6 +124,8 @@ class ForkHost {
   // Queues SIGCHLD-like `sig` on the guest at `homePid` with si_pid `fromPid` from inside the
   // job's pid namespace (JobPidNamespace::queueSignal); false when it could not.
   virtual bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) = 0;
+  // True when `homeTid` is a thread of the guest process `homePid` that runs here.
+  virtual bool isThreadOf(pid_t homePid, pid_t homeTid) = 0;
 };
 
 class Supervisor {
@@ -160,9 +163,13 @@ class Supervisor {
                   kj::Function<void(int)> exit, ForkHost* host);
   // The loop of a task, until its guest ends or its deputy goes (then `exit` is called).
   void serveTask();
-  // Asks the deputy to fork (ForkRequest); returns the child's home pid or -errno. Ends the task
-  // when the deputy is gone.
-  int64_t askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token);
+  // Asks the deputy to fork, or with `thread` to start a deputy thread (ForkRequest); returns
+  // the child's home pid (the thread's home tid) or -errno. Ends the task when the deputy is gone.
+  int64_t askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token,
+                          bool thread = false);
+  // This task serves one thread of a guest process, not its leader (docs/design.md, "Threads"):
+  // its end is not the job's, and a closed channel does not kill the process.
+  void setThreadTask(bool thread) { threadTask_ = thread; }
   // handleUnsupported for a ForkHost: logs once, answers -err.
   Answer unsupported(const seccomp_notif& notif, int err, const char* why) {
     return handleUnsupported(notif, err, why);
@@ -193,10 +200,14 @@ class Supervisor {
   void onChildEvent();
   // Queues `sig` on the guest; for SIGCHLD, `fromPid` and `status` are the home siginfo's
   // si_pid and si_status (0: unknown).
-  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0);
+  // `toThread`: the home kernel directed it at this task's deputy thread (signalThread).
+  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0, bool toThread = false);
   // True when the guest has a pending signal it does not block (it will act on it as soon as
   // its current syscall returns).
   bool guestHasSignalToTake();
+  // True when the guest (this task's thread) is gone or a zombie: a sibling thread's exit_group
+  // or exec killed it while its call blocks at home.
+  bool guestGone();
   [[noreturn]] void endJob(int status);
 
   // Waits for the next ToRemote message that `isMine` accepts, delivering signal messages that
@@ -257,6 +268,7 @@ class Supervisor {
   std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
   ForkHost* forkHost_ = nullptr;
+  bool threadTask_ = false;   // setThreadTask
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
 };
 

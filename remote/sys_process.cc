@@ -42,22 +42,29 @@ Answer Supervisor::handleIds(const seccomp_notif& notif) {
 }
 
 // kill(2), tkill(2), tgkill(2), rt_sigqueueinfo(2), rt_tgsigqueueinfo(2). A signal the job sends
-// to itself (raise, abort, os.kill(os.getpid())) names its home pid, which is also its pid in
-// its own pid namespace here: the guest's kernel runs the call itself (values only, and the
-// namespace holds no other process the guest may reach), so delivery, si_code (SI_USER,
-// SI_TKILL) and si_pid are the kernel's own. Every other target lives at home: forwarded,
+// to itself or to one of its threads (raise, abort, os.kill(os.getpid())) names its home pid, which
+// is also its pid in its own pid namespace here: the guest's kernel runs the call itself (values
+// only, and the namespace holds no other process the guest may reach), so delivery, si_code
+// (SI_USER, SI_TKILL) and si_pid are the kernel's own. Every other target lives at home: forwarded,
 // executed by the home kernel.
 Answer Supervisor::handleKill(const seccomp_notif& notif) {
   auto ids = start_.getIds();
   int64_t a0 = static_cast<int32_t>(notif.data.args[0]);
-  int64_t a1 = static_cast<int32_t>(notif.data.args[1]);
   bool self = false;
   switch (notif.data.nr) {
     case __NR_kill:
     case __NR_rt_sigqueueinfo: self = a0 == ids.getPid(); break;
-    case __NR_tkill: self = a0 == ids.getTid(); break;
+    case __NR_tkill:
+      self = a0 == ids.getTid() ||
+             (forkHost_ != nullptr && forkHost_->isThreadOf(ids.getPid(), static_cast<pid_t>(a0)));
+      break;
     case __NR_tgkill:
-    case __NR_rt_tgsigqueueinfo: self = a0 == ids.getPid() && a1 == ids.getTid(); break;
+    case __NR_rt_tgsigqueueinfo:
+      // Every thread of the job's process runs here, at its home tid: a signal to any of them
+      // (pthread_kill, pthread_cancel) is the guest's kernel's own, and a tid that is not one of
+      // them gets ESRCH there, as at home.
+      self = a0 == ids.getPid();
+      break;
   }
   if (!self) {
     const SyscallEntry* entry = findSyscall(notif.data.nr);
@@ -129,8 +136,10 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
     }
     return Answer::of((*reply)->getRoot<proto::ToRemote>().getReply().getRet());
   }
-  // The channel closed: the exec succeeded at home and the old image is gone there too.
+  // The channel closed: the exec succeeded at home and the old image is gone there too. Every
+  // thread of the old image ends with it (the home exec ended the other deputy threads).
   spdlog::info("job {} exec'd at home; its old guest {} ends", start_.getIds().getPid(), guest_);
+  guestProcess_->kill();
   endJob(0);
 }
 

@@ -2,7 +2,8 @@
 // /proc/self/task, getpid shared; a thread blocked in read(2) of a pipe never blocks its
 // siblings (one computes and exits meanwhile); tgkill(2) reaches exactly the thread it names; a
 // signal without SA_RESTART interrupts only the read of the thread it was sent to; pthread_cancel
-// of a thread blocked in read runs its cleanup; futex-based mutex and condition variable.
+// of a thread blocked in read runs its cleanup; a robust mutex held by a thread that exits;
+// futex-based mutex and condition variable.
 
 #include <dirent.h>
 #include <pthread.h>
@@ -243,6 +244,30 @@ int main() {
             &detachedRan) == 0);
   CHECK(pthread_detach(detached) == 0);
   CHECK(conf::waitUntil([&] { return detachedRan.load(); }));
+
+  // A robust mutex whose owner thread exits holding it: the owner's tid in the futex word is its
+  // gettid, and the kernel's walk of its robust list at exit gives the next locker EOWNERDEAD.
+  static pthread_mutex_t robust;
+  pthread_mutexattr_t robustAttr;
+  CHECK(pthread_mutexattr_init(&robustAttr) == 0);
+  CHECK(pthread_mutexattr_setrobust(&robustAttr, PTHREAD_MUTEX_ROBUST) == 0);
+  CHECK(pthread_mutex_init(&robust, &robustAttr) == 0);
+  static std::atomic<bool> ownerWordIsTid{false};
+  pthread_t owner;
+  CHECK(pthread_create(
+            &owner, nullptr,
+            [](void*) -> void* {
+              pthread_mutex_lock(&robust);
+              auto word = reinterpret_cast<std::atomic<uint32_t>*>(&robust.__data.__lock);
+              ownerWordIsTid = (word->load() & 0x3fffffff) == static_cast<uint32_t>(rawGettid());
+              return nullptr;  // exits holding it
+            },
+            nullptr) == 0);
+  CHECK(pthread_join(owner, nullptr) == 0);
+  CHECK(ownerWordIsTid);
+  CHECK(pthread_mutex_lock(&robust) == EOWNERDEAD);
+  CHECK(pthread_mutex_consistent(&robust) == 0);
+  CHECK(pthread_mutex_unlock(&robust) == 0);
 
   // Mutex and condition variable (futexes on private memory) between 3 consumers.
   Queue q;

@@ -882,3 +882,129 @@ TEST_CASE("deputy fork: the parent replies the child's pid, the child opens its 
   REQUIRE(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 0);
 }
+
+TEST_CASE("deputy thread: a ForkRequest with thread starts a deputy thread with its own channel",
+          "[deputy][thread]") {
+  int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(listener >= 0);
+  kj::AutoCloseFd listenerOwner(listener);
+  sockaddr_in address = {};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0);
+  REQUIRE(listen(listener, 4) == 0);
+  socklen_t length = sizeof(address);
+  REQUIRE(getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length) == 0);
+  // A pipe the deputy inherits: its thread blocks reading it.
+  int pipeFds[2];
+  REQUIRE(pipe(pipeFds) == 0);
+
+  ForkedDeputy d;
+  std::string token(32, 'h');
+  {
+    capnp::MallocMessageBuilder message;
+    auto fork = message.initRoot<proto::ToDeputy>().initFork();
+    fork.setSeq(6);
+    fork.setPort(ntohs(address.sin_port));
+    fork.setToken(kj::arrayPtr(reinterpret_cast<const kj::byte*>(token.data()), token.size()));
+    fork.setThread(true);
+    d.send(message);
+  }
+  auto reply = d.receive();
+  REQUIRE(reply.get() != nullptr);
+  auto r = reply->getRoot<proto::ToRemote>();
+  REQUIRE(r.isReply());
+  CHECK(r.getReply().getSeq() == 6);
+  pid_t tid = static_cast<pid_t>(r.getReply().getRet());
+  REQUIRE(tid > 0);
+  CHECK(tid != d.pid);
+  std::string task = "/proc/" + std::to_string(d.pid) + "/task/" + std::to_string(tid);
+  CHECK(access(task.c_str(), F_OK) == 0);  // a thread of the deputy process, not a child
+
+  struct pollfd pfd = {listener, POLLIN, 0};
+  REQUIRE(poll(&pfd, 1, 30000) == 1);
+  int fd = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+  REQUIRE(fd >= 0);
+  char hello[44];
+  REQUIRE(recv(fd, hello, sizeof(hello), MSG_WAITALL) == sizeof(hello));
+  CHECK(memcmp(hello, "UMOSCHLD", 8) == 0);
+  CHECK(std::string(hello + 8, 32) == token);
+  int32_t id;
+  memcpy(&id, hello + 40, 4);
+  CHECK(id == tid);
+
+  // The thread's read blocks in that thread; the leader still serves its own channel.
+  Channel threadChannel{kj::AutoCloseFd(fd)};
+  {
+    capnp::MallocMessageBuilder message;
+    auto request = message.initRoot<proto::ToDeputy>().initSyscall();
+    request.setSeq(7);
+    request.setNr(__NR_read);
+    auto args = request.initArgs(6);
+    args.set(0, pipeFds[0]);
+    args.set(2, 4);
+    auto out = request.initOut(1);
+    out[0].setArg(1);
+    out[0].setSize(4);
+    threadChannel.send(message);
+  }
+  REQUIRE(waitBlockedIn(tid, __NR_read, pipeFds[0]));
+  d.sendSyscall(__NR_getppid, {});
+  auto leader = d.receive();
+  REQUIRE(leader.get() != nullptr);
+  CHECK(leader->getRoot<proto::ToRemote>().getReply().getRet() == getpid());
+  REQUIRE(write(pipeFds[1], "abcd", 4) == 4);
+  {
+    struct pollfd tpfd = {threadChannel.fd(), POLLIN, 0};
+    REQUIRE((threadChannel.hasBuffered() || poll(&tpfd, 1, 30000) == 1));
+    KJ_IF_MAYBE (m, threadChannel.receive()) {
+      auto read = (*m)->getRoot<proto::ToRemote>().getReply();
+      CHECK(read.getSeq() == 7);
+      CHECK(read.getRet() == 4);
+      REQUIRE(read.getOut().size() == 1);
+      CHECK(std::string(read.getOut()[0].asChars().begin(), 4) == "abcd");
+    } else {
+      FAIL("the deputy thread closed its channel");
+    }
+  }
+  // Closing its channel ends the thread (its guest thread ended); the process goes on.
+  threadChannel.replaceFd(kj::AutoCloseFd());
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  while (access(task.c_str(), F_OK) == 0) {
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    REQUIRE(now.tv_sec - start.tv_sec < 30);
+    usleep(2000);
+  }
+  d.sendSyscall(__NR_getppid, {});
+  auto after = d.receive();
+  REQUIRE(after.get() != nullptr);
+  CHECK(after->getRoot<proto::ToRemote>().getReply().getRet() == getpid());
+  close(pipeFds[0]);
+  close(pipeFds[1]);
+  sendExit(d, 0, 0);
+  int status = d.wait();
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
+TEST_CASE("deputy a tgkill of its thread is marked for the guest thread, a kill is not",
+          "[deputy][signal][thread]") {
+  ForkedDeputy d;
+  REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));
+  REQUIRE(syscall(SYS_tgkill, d.pid, d.pid, SIGUSR1) == 0);
+  auto m = d.receive();
+  REQUIRE(m.get() != nullptr);
+  auto first = m->getRoot<proto::ToRemote>();
+  REQUIRE(first.isSignal());
+  CHECK(first.getSignal() == SIGUSR1);
+  CHECK(first.getSignalThread());
+  REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));
+  REQUIRE(kill(d.pid, SIGUSR2) == 0);
+  auto n = d.receive();
+  REQUIRE(n.get() != nullptr);
+  auto second = n->getRoot<proto::ToRemote>();
+  REQUIRE(second.isSignal());
+  CHECK(second.getSignal() == SIGUSR2);
+  CHECK(!second.getSignalThread());
+}
