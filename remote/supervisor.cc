@@ -333,6 +333,7 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
   switch (entry->handler) {
     case HandlerId::NONE: return forwardRegular(notif, entry->args);
     case HandlerId::IDS: return handleIds(notif);
+    case HandlerId::SAME_IDS: return handleSameIds(notif);
     case HandlerId::EXEC: return handleExec(notif);
     case HandlerId::IOV: return handleIov(notif);
     case HandlerId::KILL: return handleKill(notif);

@@ -220,6 +220,9 @@ class Supervisor {
   // --- handlers (sys_*.cc), one per irregular HandlerId; regular rows use forwardRegular
   Answer forwardRegular(const seccomp_notif& notif, const ArgSpec (&specs)[6]);
   Answer handleIds(const seccomp_notif& notif);
+  // setuid(2), setgid(2), setreuid(2), setregid(2), setresuid(2), setresgid(2), setfsuid(2),
+  // setfsgid(2) that change nothing (make, sudo-aware tools restore their own ids).
+  Answer handleSameIds(const seccomp_notif& notif);
   Answer handleMmap(const seccomp_notif& notif);
   Answer handleExec(const seccomp_notif& notif);
   Answer handleIov(const seccomp_notif& notif);

@@ -41,6 +41,51 @@ Answer Supervisor::handleIds(const seccomp_notif& notif) {
   return handleUnsupported(notif, ENOSYS, "no cached id for this call");
 }
 
+// setuid(2), setreuid(2), setresuid(2), setfsuid(2) and their gid twins. The job's credentials
+// live at home and the supervisor answers getuid and friends from the Ids cache, so a real change
+// is refused (EPERM, logged once: it comes in a later issue). A call that changes nothing —
+// every id it names is -1 or the job's current one — succeeds, as it would natively; GNU make
+// does this around each child it starts. The saved id is taken to be the effective one (true of
+// every job that did not exec a set-id program). setfsuid/setfsgid return the previous fs id
+// (the effective one) and never fail (setfsuid(2)).
+Answer Supervisor::handleSameIds(const seccomp_notif& notif) {
+  auto ids = start_.getIds();
+  bool uidCall = false;
+  switch (notif.data.nr) {
+    case __NR_setuid:
+    case __NR_setreuid:
+    case __NR_setresuid:
+    case __NR_setfsuid: uidCall = true; break;
+  }
+  uint32_t real = uidCall ? ids.getUid() : ids.getGid();
+  uint32_t effective = uidCall ? ids.getEuid() : ids.getEgid();
+  auto arg = [&](int i) { return static_cast<uint32_t>(notif.data.args[i]); };
+  auto keeps = [](uint32_t id, uint32_t current) { return id == uint32_t(-1) || id == current; };
+  bool same = false;
+  switch (notif.data.nr) {
+    case __NR_setuid:
+    case __NR_setgid: same = arg(0) == real && arg(0) == effective; break;
+    case __NR_setreuid:
+    case __NR_setregid: same = keeps(arg(0), real) && keeps(arg(1), effective); break;
+    case __NR_setresuid:
+    case __NR_setresgid:
+      same = keeps(arg(0), real) && keeps(arg(1), effective) && keeps(arg(2), effective);
+      break;
+    case __NR_setfsuid:
+    case __NR_setfsgid:
+      if (arg(0) != effective) {
+        (void)handleUnsupported(notif, EPERM, "a change of the fs id comes in a later issue");
+      }
+      return Answer::of(effective);
+  }
+  if (same) {
+    return Answer::of(0);
+  }
+  return handleUnsupported(notif, EPERM,
+                           "credential changes of a guest come in a later issue (the id cache "
+                           "would go stale)");
+}
+
 // kill(2), tkill(2), tgkill(2), rt_sigqueueinfo(2), rt_tgsigqueueinfo(2). A signal the job sends
 // to itself (raise, abort, os.kill(os.getpid())) names its home pid, which is also its pid in
 // its own pid namespace here: the guest's kernel runs the call itself (values only, and the

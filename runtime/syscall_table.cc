@@ -176,6 +176,8 @@ constexpr const char* FORK_LATER = "clone3 is not mirrored yet (glibc falls back
 constexpr const char* MOUNTS = "mounts belong to the home node; a guest cannot change them";
 constexpr const char* CREDS =
     "credential changes of a guest come in a later issue (the id cache would go stale)";
+// The set*id rows that change nothing succeed (SAME_IDS); a real change is refused with EPERM
+// and the same reason.
 constexpr const char* HOST_ADMIN = "administers the remote node, which the guest must not touch";
 constexpr const char* SYSV_SHM = "System V shared memory cannot span nodes";
 constexpr const char* KERNEL_AIO = "kernel AIO contexts cannot span nodes";
@@ -302,27 +304,27 @@ constexpr SyscallEntry ROWS[] = {
     emulate(__NR_getuid, "getuid", PROC, IDS),
     deny(__NR_syslog, "syslog", OTHER, EPERM, HOST_ADMIN),
     emulate(__NR_getgid, "getgid", PROC, IDS),
-    deny(__NR_setuid, "setuid", PROC, EPERM, CREDS),
-    deny(__NR_setgid, "setgid", PROC, EPERM, CREDS),
+    emulate(__NR_setuid, "setuid", PROC, SAME_IDS),
+    emulate(__NR_setgid, "setgid", PROC, SAME_IDS),
     emulate(__NR_geteuid, "geteuid", PROC, IDS),
     emulate(__NR_getegid, "getegid", PROC, IDS),
     forward(__NR_setpgid, "setpgid", PROC, {VAL, VAL}),
     forward(__NR_getppid, "getppid", PROC, {}),
     forward(__NR_getpgrp, "getpgrp", PROC, {}),
     forward(__NR_setsid, "setsid", PROC, {}),
-    deny(__NR_setreuid, "setreuid", PROC, EPERM, CREDS),
-    deny(__NR_setregid, "setregid", PROC, EPERM, CREDS),
+    emulate(__NR_setreuid, "setreuid", PROC, SAME_IDS),
+    emulate(__NR_setregid, "setregid", PROC, SAME_IDS),
     forward(__NR_getgroups, "getgroups", PROC, {VAL, outArray(0, INT_BYTES)}),
     deny(__NR_setgroups, "setgroups", PROC, EPERM, CREDS),
-    deny(__NR_setresuid, "setresuid", PROC, EPERM, CREDS),
+    emulate(__NR_setresuid, "setresuid", PROC, SAME_IDS),
     forward(__NR_getresuid, "getresuid", PROC,
             {outStruct(INT_BYTES), outStruct(INT_BYTES), outStruct(INT_BYTES)}),
-    deny(__NR_setresgid, "setresgid", PROC, EPERM, CREDS),
+    emulate(__NR_setresgid, "setresgid", PROC, SAME_IDS),
     forward(__NR_getresgid, "getresgid", PROC,
             {outStruct(INT_BYTES), outStruct(INT_BYTES), outStruct(INT_BYTES)}),
     forward(__NR_getpgid, "getpgid", PROC, {VAL}),
-    deny(__NR_setfsuid, "setfsuid", PROC, EPERM, CREDS),
-    deny(__NR_setfsgid, "setfsgid", PROC, EPERM, CREDS),
+    emulate(__NR_setfsuid, "setfsuid", PROC, SAME_IDS),
+    emulate(__NR_setfsgid, "setfsgid", PROC, SAME_IDS),
     forward(__NR_getsid, "getsid", PROC, {VAL}),
     local(__NR_rt_sigpending, "rt_sigpending", SIGNAL),
     local(__NR_rt_sigtimedwait, "rt_sigtimedwait", SIGNAL),
@@ -552,9 +554,11 @@ constexpr Conformance CONFORMANCE[] = {
     checks("fork_pipe", {__NR_pipe}),
     checks("fork_wait", {__NR_wait4, __NR_waitid}),
     checks("identity",
-           {__NR_futex, __NR_getegid, __NR_geteuid, __NR_getgid, __NR_getgroups, __NR_getpgid,
-            __NR_getpgrp, __NR_getpid, __NR_getppid, __NR_getresgid, __NR_getresuid, __NR_getsid,
-            __NR_gettid, __NR_getuid, __NR_set_tid_address}),
+           {__NR_futex,     __NR_getegid,  __NR_geteuid,  __NR_getgid,    __NR_getgroups,
+            __NR_getpgid,   __NR_getpgrp,  __NR_getpid,   __NR_getppid,   __NR_getresgid,
+            __NR_getresuid, __NR_getsid,   __NR_gettid,   __NR_getuid,    __NR_set_tid_address,
+            __NR_setfsgid,  __NR_setfsuid, __NR_setregid, __NR_setresgid, __NR_setresuid,
+            __NR_setreuid}),
     checks("kernel_ids", {__NR_tgkill}),
     checks("misc", {__NR_fgetxattr, __NR_flistxattr, __NR_fremovexattr, __NR_fsetxattr,
                     __NR_getrandom, __NR_getxattr, __NR_inotify_add_watch, __NR_inotify_init1,
@@ -837,6 +841,7 @@ const char* handlerName(HandlerId handler) {
     case HandlerId::PSELECT: return "PSELECT";
     case HandlerId::SOCKMSG: return "SOCKMSG";
     case HandlerId::OPEN: return "OPEN";
+    case HandlerId::SAME_IDS: return "SAME_IDS";
   }
   return "?";
 }

@@ -25,7 +25,6 @@ ISSUE_6_PENDING = {
     "test_python_multiprocessing_pool": "issue 6: multiprocessing forks, shares memory",
     "test_python_thread_pool_executor": "issue 6: threads in a guest",
     "test_xz_two_threads": "issue 6: threads in a guest",
-    "test_make_j2_builds_zlib_like_native": "issue 6: make forks, gcc vforks",
 }
 
 
