@@ -29,6 +29,32 @@ std::atomic<uint32_t> arrivals[MAX_SIGNAL + 1];
 std::atomic<int32_t> lastChildPid{0};
 std::atomic<int32_t> lastChildStatus{0};
 
+// The siginfo of each recorded arrival: for a standard signal the first one since the last take,
+// for a real-time signal up to RT_INFOS per signal (in arrival order). Written by the handler,
+// read with every signal blocked, like `arrivals`.
+constexpr uint32_t RT_INFOS = 16;
+siginfo_t firstInfo[MAX_SIGNAL + 1];
+siginfo_t rtInfos[MAX_SIGNAL + 1][RT_INFOS];
+
+void keepInfo(int sig, const siginfo_t* info, uint32_t before) {
+  siginfo_t* slot = nullptr;
+  if (sig < 32) {
+    slot = before == 0 ? &firstInfo[sig] : nullptr;
+  } else if (before < RT_INFOS) {
+    slot = &rtInfos[sig][before];
+  }
+  if (slot == nullptr) {
+    return;
+  }
+  if (info != nullptr) {
+    *slot = *info;
+  } else {
+    memset(slot, 0, sizeof(*slot));
+    slot->si_code = SI_USER;
+  }
+  slot->si_signo = sig;
+}
+
 // Set when the supervisor asked to cancel the call in progress (see requestCancelSignals).
 std::atomic<bool> cancelRequested{false};
 
@@ -57,7 +83,7 @@ void onSignal(int sig, siginfo_t* info, void* context) {
       lastChildPid.store(info->si_pid, std::memory_order_relaxed);
       lastChildStatus.store(info->si_status, std::memory_order_relaxed);
     }
-    arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+    keepInfo(sig, info, arrivals[sig].fetch_add(1, std::memory_order_relaxed));
   }
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
   auto* uc = static_cast<ucontext_t*>(context);
@@ -112,8 +138,8 @@ const sigset_t& openSignalMask() {
   return empty;
 }
 
-std::vector<int> takePendingSignals() {
-  std::vector<int> result;
+std::vector<siginfo_t> takePendingSignalInfos() {
+  std::vector<siginfo_t> result;
   if (!signalsPending()) {
     return result;
   }
@@ -125,11 +151,27 @@ std::vector<int> takePendingSignals() {
     }
     // Standard signals do not queue (signal(7)); real-time ones do.
     if (sig < 32) {
-      n = 1;
+      result.push_back(firstInfo[sig]);
+      continue;
     }
     for (uint32_t i = 0; i < n; i++) {
-      result.push_back(sig);
+      if (i < RT_INFOS) {
+        result.push_back(rtInfos[sig][i]);
+      } else {
+        siginfo_t info = {};
+        info.si_signo = sig;
+        info.si_code = SI_USER;
+        result.push_back(info);
+      }
     }
+  }
+  return result;
+}
+
+std::vector<int> takePendingSignals() {
+  std::vector<int> result;
+  for (const siginfo_t& info : takePendingSignalInfos()) {
+    result.push_back(info.si_signo);
   }
   return result;
 }
@@ -145,7 +187,7 @@ void recordSignal(int sig) {
   if (sig < 1 || sig > MAX_SIGNAL) {
     return;
   }
-  arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+  keepInfo(sig, nullptr, arrivals[sig].fetch_add(1, std::memory_order_relaxed));
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
 }
 

@@ -57,6 +57,13 @@ inline bool signalsPending() {
 // times as it arrived, a standard one once). Call with signals blocked.
 std::vector<int> takePendingSignals();
 
+// Takes the recorded signals as takePendingSignals() does, each with the siginfo the kernel
+// gave the handler: for a standard signal the first arrival's since the last take (the kernel
+// keeps the first siginfo of a pending standard signal), for a real-time one each arrival's (a
+// signal recorded by recordSignal(), or an arrival beyond the RT_INFOS kept, has only si_signo
+// and si_code SI_USER).
+std::vector<siginfo_t> takePendingSignalInfos();
+
 // si_pid and si_status of the last SIGCHLD that arrived (0, 0 before any).
 struct ChildSignalInfo {
   int32_t pid;

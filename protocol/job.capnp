@@ -173,4 +173,7 @@ struct ToRemote {
   # With `signal` SIGCHLD: si_pid and si_status of the home kernel's siginfo (the home child).
   signalPid @4 :Int32;
   signalStatus @5 :Int32;
+  signalInfo @6 :Data;
+  # With `signal`: the home kernel's siginfo_t (128 bytes, x86-64) as the deputy's handler received
+  # it (si_code, si_pid, si_uid, si_status, si_value...); the guest queues it on itself.
 }

@@ -89,6 +89,12 @@ kj::Maybe<T> PollQueue<T>::pop() {
   return kj::mv(value);
 }
 
+template <typename T>
+bool PollQueue<T>::empty() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return values_.empty();
+}
+
 struct GuestFamily::Call {
   const std::function<void()>* work;
   std::mutex mutex;
@@ -493,6 +499,47 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
 bool GuestFamily::queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) {
   std::lock_guard<std::mutex> reaperLock(reaperMutex_);
   return pidNamespace_.queueSignal(homePid, sig, fromPid, uid, value) == 0;
+}
+
+InjectOutcome GuestFamily::queueAsGuest(pid_t pid, const std::vector<siginfo_t>& signals,
+                                        kj::Maybe<PendingAnswer> answer) {
+  InjectOutcome outcome = InjectOutcome::FAILED;
+  onMain([&] {
+    InjectRequest request;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      Task* task = findTask(pid);
+      if (task == nullptr || task->ended) {
+        outcome = InjectOutcome::GONE;
+        return;
+      }
+      // Only this thread receives notifications, so none can become received-and-unanswered
+      // (a wait only SIGKILL ends) while the session runs; one already queued would block the
+      // session's interrupt.
+      if (answer == nullptr && task->unotify->hasQueued()) {
+        outcome = InjectOutcome::BUSY;
+        return;
+      }
+      request.homePid = task->homePid;
+    }
+    request.pid = pid;
+    request.signals = signals;
+    request.answer = answer;
+    InjectHost host;
+    host.send = [this](uint64_t id, int64_t value) {
+      seccomp_notif_resp resp = {};
+      resp.id = id;
+      if (value < 0 && value >= -4095) {
+        resp.error = static_cast<int32_t>(value);
+      } else {
+        resp.val = value;
+      }
+      return listener_->send(resp);
+    };
+    host.wait = [this](pid_t p) { return waitTraced(p); };
+    outcome = injectSignals(request, host);
+  });
+  return outcome;
 }
 
 Answer GuestFamily::interruptForRewrite(Task& task, const seccomp_notif& notif) {

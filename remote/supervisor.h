@@ -37,6 +37,7 @@
 
 #include "channel.h"
 #include "file_cache.h"
+#include "guest_signal.h"
 #include "job.capnp.h"
 #include "job_registry.h"
 #include "marshal.h"
@@ -123,6 +124,11 @@ class ForkHost {
   // Queues SIGCHLD-like `sig` on the guest at `homePid` with si_pid `fromPid` from inside the
   // job's pid namespace (JobPidNamespace::queueSignal); false when it could not.
   virtual bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) = 0;
+  // Makes guest `pid` (a pid of this node) queue `signals` on itself, with their siginfo as the
+  // home kernel wrote it, answering the notification of `answer` on the way when it waits in
+  // one (guest_signal.h). BUSY (no `answer`): the guest waits in a notification not answered yet.
+  virtual InjectOutcome queueAsGuest(pid_t pid, const std::vector<siginfo_t>& signals,
+                                     kj::Maybe<PendingAnswer> answer) = 0;
 };
 
 class Supervisor {
@@ -191,9 +197,22 @@ class Supervisor {
   Answer dispatch(const seccomp_notif& notif);
   void onIdleMessage();
   void onChildEvent();
-  // Queues `sig` on the guest; for SIGCHLD, `fromPid` and `status` are the home siginfo's
-  // si_pid and si_status (0: unknown).
-  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0);
+  // Delivers `sig` to the guest; for SIGCHLD, `fromPid` and `status` are the home siginfo's
+  // si_pid and si_status (0: unknown); `info`, when not null, is the whole home siginfo. In a
+  // family (forkHost_) a signal with its siginfo is deferred: the guest queues it itself
+  // (flushDeferred, or with the answer of the call in progress: respond); SIGKILL, SIGCONT and
+  // signals without a siginfo are queued at once from here.
+  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0,
+                     const siginfo_t* info = nullptr);
+  void deliverSignal(proto::ToRemote::Reader message);
+  // Queues `info` from outside the guest (tgkill, or the reaper for SIGCHLD's si_pid): si_code
+  // reads SI_TKILL or SI_QUEUE.
+  void queueFromOutside(const siginfo_t& info);
+  // Has the guest queue the deferred signals now, unless it waits in a notification (then they
+  // go with its answer).
+  void flushDeferred();
+  // The temporary signal mask of the call in progress (pselect6, ppoll, epoll_pwait*), if any.
+  kj::Maybe<uint64_t> currentCallMask();
   // True when the guest has a pending signal it does not block (it will act on it as soon as
   // its current syscall returns).
   bool guestHasSignalToTake();
@@ -260,6 +279,8 @@ class Supervisor {
   std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
   ForkHost* forkHost_ = nullptr;
+  std::vector<siginfo_t> deferred_;         // home signals the guest has not queued yet
+  const seccomp_notif* current_ = nullptr;  // the notification being served
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
 };
 
