@@ -108,6 +108,24 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
     const SyscallEntry* entry = findSyscall(notif.data.nr);
     return forwardRegular(notif, entry->args);
   }
+  int64_t sig = notif.data.nr == __NR_tgkill ? static_cast<int32_t>(notif.data.args[2]) : a1;
+  bool generated =
+      notif.data.nr == __NR_kill || notif.data.nr == __NR_tkill || notif.data.nr == __NR_tgkill;
+  if (forkHost_ != nullptr && generated && sig > 0 && sig <= 64 && sig != SIGKILL &&
+      sig != SIGSTOP) {
+    // The guest's kernel would name its uid on this node (nobody) as the sender: the guest
+    // queues the siginfo the home kernel writes instead (the job's home pid and real uid), with
+    // the answer, so it still arrives before kill returns (respond, guest_signal.h).
+    siginfo_t info = {};
+    info.si_signo = static_cast<int>(sig);
+    info.si_code = notif.data.nr == __NR_kill ? SI_USER : SI_TKILL;
+    info.si_pid = ids.getPid();
+    info.si_uid = ids.getUid();
+    deferred_.push_back(info);
+    return Answer::of(0);
+  }
+  // A probe (signal 0), an invalid number (the kernel's EINVAL), SIGKILL or SIGSTOP, or a
+  // siginfo the job queues itself (kept as given, as natively): the guest's kernel runs it.
   return Answer::cont();
 }
 
