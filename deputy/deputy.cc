@@ -177,6 +177,9 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
       return;
     case proto::ToDeputy::CONTINUED: return;
     case proto::ToDeputy::FORK: handleFork(message.getFork()); return;
+    case proto::ToDeputy::CHILD_DISPOSITION:
+      mirrorChildDisposition(message.getChildDisposition());
+      return;
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
                static_cast<int>(message.which()));

@@ -127,6 +127,18 @@ void installSignalHandlers() {
   }
 }
 
+void mirrorChildDisposition(int mode) {
+  struct sigaction action = {};
+  if (mode == 1) {
+    action.sa_handler = SIG_IGN;
+  } else {
+    action.sa_sigaction = onSignal;
+    action.sa_flags = SA_SIGINFO | (mode == 2 ? SA_NOCLDWAIT : 0);
+    sigfillset(&action.sa_mask);
+  }
+  sigaction(SIGCHLD, &action, nullptr);
+}
+
 void blockAllSignals() {
   sigset_t all;
   sigfillset(&all);

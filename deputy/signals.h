@@ -42,6 +42,11 @@ namespace mos::deputy {
 // Idempotent. Throws kj::Exception (FAILED) if sigaction(2) fails on a standard signal.
 void installSignalHandlers();
 
+// SIGCHLD's disposition as the guest set it (ToDeputy.childDisposition): 0 our recording
+// handler, 1 SIG_IGN, 2 our handler with SA_NOCLDWAIT. With 1 or 2 the home kernel reaps the
+// job's children itself, and wait(2) blocks until they are all gone, then fails with ECHILD.
+void mirrorChildDisposition(int mode);
+
 // Blocks every signal (sigprocmask(2)); the deputy's state outside its two windows.
 void blockAllSignals();
 

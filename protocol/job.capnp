@@ -138,6 +138,10 @@ struct ToDeputy {
     stopped @6 :Int32;     # the guest entered a group stop by this signal (job control)
     continued @7 :Void;    # the guest left a group stop
     fork @8 :ForkRequest;
+    childDisposition @9 :UInt8;
+    # The guest set SIGCHLD's disposition: 0 a handler or SIG_DFL, 1 SIG_IGN, 2 SA_NOCLDWAIT
+    # (with a handler or SIG_DFL). The deputy sets its own likewise, so the home kernel reaps
+    # the job's children itself exactly when the guest's kernel would (wait(2), NOTES).
   }
 }
 

@@ -59,6 +59,13 @@ kj::Own<capnp::MessageReader> childJobStart(proto::JobStart::Reader parent, pid_
 
 bool isExitStatus(int status) { return WIFEXITED(status) || WIFSIGNALED(status); }
 
+// The state letter of /proc/PID/stat (R, S, D, T, t, Z...), or 0 when it is unreadable.
+char processState(pid_t pid) {
+  std::string stat = readNodeProcFile(pid, "stat");
+  size_t close = stat.rfind(')');
+  return close != std::string::npos && close + 2 < stat.size() ? stat[close + 2] : 0;
+}
+
 }  // namespace
 
 template <typename T>
@@ -517,6 +524,14 @@ InjectOutcome GuestFamily::queueAsGuest(pid_t pid, const std::vector<siginfo_t>&
       // (a wait only SIGKILL ends) while the session runs; one already queued would block the
       // session's interrupt.
       if (answer == nullptr && task->unotify->hasQueued()) {
+        outcome = InjectOutcome::BUSY;
+        return;
+      }
+      // A guest in an uninterruptible or killable wait (a vfork parent until its child execs or
+      // exits) would not stop for the interrupt, and this thread would wait for it while the
+      // child's notifications wait for this thread: later. No such wait can begin meanwhile
+      // (a fork needs this thread).
+      if (answer == nullptr && processState(pid) == 'D') {
         outcome = InjectOutcome::BUSY;
         return;
       }

@@ -161,7 +161,9 @@ void Session::putBack() {
 }
 
 InjectOutcome Session::run() {
-  if (ptrace(PTRACE_SEIZE, pid_, 0, PTRACE_O_SUSPEND_SECCOMP | PTRACE_O_TRACESYSGOOD) != 0) {
+  // Not PTRACE_O_SUSPEND_SECCOMP yet: a guest entering a syscall before it stops would run it
+  // past its filter (a read on a content-cache shadow descriptor, say).
+  if (ptrace(PTRACE_SEIZE, pid_, 0, PTRACE_O_TRACESYSGOOD) != 0) {
     spdlog::warn("cannot trace guest {} to queue its signals: {}", pid_, strerror(errno));
     KJ_IF_MAYBE (answer, request_.answer) {
       host_.send(answer->id, answer->value);
@@ -183,7 +185,9 @@ InjectOutcome Session::run() {
     ptrace(PTRACE_DETACH, pid_, 0, 0);
     return InjectOutcome::STOPPED;
   }
-  if (ptrace(PTRACE_GETREGS, pid_, 0, &saved_) != 0) {
+  // Stopped: only our injected calls run from here until the filter is back (below).
+  if (ptrace(PTRACE_GETREGS, pid_, 0, &saved_) != 0 ||
+      ptrace(PTRACE_SETOPTIONS, pid_, 0, PTRACE_O_TRACESYSGOOD | PTRACE_O_SUSPEND_SECCOMP) != 0) {
     ptrace(PTRACE_DETACH, pid_, 0, 0);
     return InjectOutcome::FAILED;
   }
@@ -270,6 +274,7 @@ InjectOutcome Session::run() {
     spdlog::warn("guest {}: the signal session failed; {} signal(s) not queued", pid_,
                  request_.signals.size());
   }
+  ptrace(PTRACE_SETOPTIONS, pid_, 0, PTRACE_O_TRACESYSGOOD);  // the filter applies again
   // Back inside get_signal, before the restart logic: a trap after the last injected call.
   if (sawSyscallStop_) {
     ptrace(PTRACE_INTERRUPT, pid_, 0, 0);

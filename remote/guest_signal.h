@@ -19,7 +19,8 @@
 // mask saved for after the handler, exactly what the native call does (signal(7), pselect(2)).
 //
 // The session (everything on the thread that traces the guest):
-//   1. PTRACE_SEIZE (SUSPEND_SECCOMP | TRACESYSGOOD), PTRACE_INTERRUPT; when the guest waits in a
+//   1. PTRACE_SEIZE (TRACESYSGOOD; SUSPEND_SECCOMP only once stopped, or a syscall the guest
+//      enters meanwhile would skip its filter), PTRACE_INTERRUPT; when the guest waits in a
 //      received notification, answer it now (the interrupt then stops it on its way out).
 //   2. At the interrupt stop (inside the kernel's get_signal, before the syscall restart logic)
 //      save the registers; a `syscall` instruction to reuse: the guest's own (rip - 2) when it
@@ -69,8 +70,9 @@ enum class InjectOutcome {
   STOPPED,  // the guest is in a group stop: nothing queued, nothing answered; it is untouched
   GONE,     // the guest ended (its status was routed by `wait`)
   FAILED,   // ptrace refused (logged): nothing queued; the answer, if any, was sent as it was
-  BUSY,     // (idle sessions) the guest waits in a notification its task has not answered yet:
-            // nothing done; queue the signals when answering it
+  BUSY,     // (idle sessions) the guest waits in a notification its task has not answered yet,
+            // or in a wait only SIGKILL ends (a vfork parent): nothing done; queue the signals
+            // when answering it, or try again a little later
 };
 
 // The kernel calls a session needs from its owner: answering a notification on the shared

@@ -177,6 +177,13 @@ void Supervisor::serve() {
 }
 
 bool Supervisor::turn(int timeoutMs) {
+  if (!deferred_.empty()) {
+    // Home signals the guest could not queue yet (it waited in a vfork): try again soon.
+    flushDeferred();
+    if (!deferred_.empty() && (timeoutMs < 0 || timeoutMs > DEFERRED_RETRY_MS)) {
+      timeoutMs = DEFERRED_RETRY_MS;
+    }
+  }
   if (channel_.hasBuffered()) {
     onIdleMessage();
     return true;
@@ -352,6 +359,9 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
   if (entry->handler == HandlerId::MMAP) {
     return handleMmap(notif);
   }
+  if (entry->handler == HandlerId::SIGACTION) {
+    return handleSigaction(notif);
+  }
   switch (entry->route) {
     case Route::LOCAL:
       // The filter allows these; a notification means an argument-dependent rule sent it here.
@@ -425,6 +435,14 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
       if (n > 0) {
         break;
       }
+      if (!deferred_.empty()) {
+        // A home signal crossed this request (the deputy sent it while idle, then began the
+        // call): cancel the call so the guest can take it. Again every 50 ms: a cancel that
+        // reaches the deputy before its call starts is consumed as stale.
+        char cancel = 'c';
+        send(channel_.fd(), &cancel, 1, MSG_OOB | MSG_NOSIGNAL);
+        continue;
+      }
       if (guestHasSignalToTake()) {
         spdlog::debug("guest has a signal pending during call {}; cancelling it at home", seq);
         char cancel = 'c';
@@ -485,6 +503,12 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
 
 kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessageBuilder& request,
                                                               uint64_t seq) {
+  if (!deferred_.empty() && current_ != nullptr && current_->id == seq) {
+    // Home signals the guest has not taken yet arrived before this call: it is cut short
+    // before it starts, as natively by a signal pending at its entry; respond() lets the guest
+    // take them and restart the call or return EINTR (guest_signal.h).
+    return nullptr;
+  }
   bool interrupted;
   KJ_IF_MAYBE (reply, roundTrip(request, seq, &interrupted)) {
     if (interrupted) {

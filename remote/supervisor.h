@@ -112,6 +112,10 @@ uint64_t statusMask(const std::string& status, const char* key);
 // signal of this node to take (milliseconds).
 inline constexpr int CANCEL_CHECK_MS = 50;
 
+// How often the supervisor tries again to have the guest queue home signals while it cannot
+// stop (a vfork parent waiting for its child), milliseconds.
+inline constexpr int DEFERRED_RETRY_MS = 10;
+
 class Supervisor;
 
 // Runs a guest's fork/vfork/clone of a process (GuestFamily): the notification loop of a task
@@ -246,6 +250,9 @@ class Supervisor {
   Answer handleExec(const seccomp_notif& notif);
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);
+  // rt_sigaction(2) of SIGCHLD with a new disposition (the filter sends only those): told to
+  // the deputy, then run by the guest's kernel.
+  Answer handleSigaction(const seccomp_notif& notif);
   Answer handleSockmsg(const seccomp_notif& notif);  // sys_socket.cc
   // An open (handler OPEN: open, openat, openat2) of `path` relative to `dirfd` with open(2)
   // `flags`, when `path` is one of the job's own /proc files that describe its user part

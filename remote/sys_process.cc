@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 
+#include <capnp/message.h>
 #include <kj/debug.h>
 #include <spdlog/spdlog.h>
 
@@ -84,6 +85,26 @@ Answer Supervisor::handleSameIds(const seccomp_notif& notif) {
   return handleUnsupported(notif, EPERM,
                            "credential changes of a guest come in a later issue (the id cache "
                            "would go stale)");
+}
+
+// rt_sigaction(2) of SIGCHLD with a new action: the deputy takes the same disposition, so the
+// home kernel (where the job's children and their zombies are) reaps them itself when the guest
+// ignores SIGCHLD or sets SA_NOCLDWAIT. The guest's kernel then runs the call (it re-reads the
+// action; a job that changes it meanwhile only confuses itself).
+Answer Supervisor::handleSigaction(const seccomp_notif& notif) {
+  uint64_t action[2];  // struct kernel_sigaction: handler, flags
+  if (guestProcess_->memory().read(
+          RemotePtr<void>(notif.data.args[1]),
+          std::span<uint8_t>(reinterpret_cast<uint8_t*>(action), sizeof(action))) != 0) {
+    return Answer::cont();  // the guest's kernel answers EFAULT
+  }
+  int mode = action[0] == reinterpret_cast<uint64_t>(SIG_IGN) ? 1
+             : (action[1] & SA_NOCLDWAIT) != 0                ? 2
+                                                              : 0;
+  capnp::MallocMessageBuilder message(16);
+  message.initRoot<proto::ToDeputy>().setChildDisposition(static_cast<uint8_t>(mode));
+  channel_.send(message);
+  return Answer::cont();
 }
 
 // kill(2), tkill(2), tgkill(2), rt_sigqueueinfo(2), rt_tgsigqueueinfo(2). A signal the job sends

@@ -131,6 +131,12 @@ constexpr SyscallEntry localUnlessFileBacked(int nr, const char* name, uint32_t 
   return row(nr, name, Route::LOCAL, classes, args, handler, 0, nullptr);
 }
 
+// Run by the remote kernel, after `handler` looked at the calls the filter sends it (an
+// argument-dependent rule in seccomp_filter.cc).
+constexpr SyscallEntry localAfter(int nr, const char* name, uint32_t classes, HandlerId handler) {
+  return row(nr, name, Route::LOCAL, classes, {}, handler, 0, nullptr);
+}
+
 // Answered by the supervisor alone.
 constexpr SyscallEntry emulate(int nr, const char* name, uint32_t classes, HandlerId handler) {
   return row(nr, name, Route::EMULATE, classes, {}, handler, 0, nullptr);
@@ -209,7 +215,7 @@ constexpr SyscallEntry ROWS[] = {
     local(__NR_mprotect, "mprotect", MEMORY),
     local(__NR_munmap, "munmap", MEMORY),
     local(__NR_brk, "brk", MEMORY),
-    local(__NR_rt_sigaction, "rt_sigaction", SIGNAL),
+    localAfter(__NR_rt_sigaction, "rt_sigaction", SIGNAL, SIGACTION),
     local(__NR_rt_sigprocmask, "rt_sigprocmask", SIGNAL),
     local(__NR_rt_sigreturn, "rt_sigreturn", SIGNAL),
     forward(__NR_ioctl, "ioctl", DESC, {FD, VAL}, IOCTL),
@@ -741,9 +747,10 @@ constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
   switch (e.route) {
     case Route::LOCAL:
       // Local calls never see the home node, so none may take a path; the only conditional
-      // local row is mmap.
+      // local rows are mmap and rt_sigaction.
       return e.err == 0 && e.why == nullptr && !takesPath(e) &&
-             (e.handler == HandlerId::NONE || (e.handler == HandlerId::MMAP && e.nr == __NR_mmap));
+             (e.handler == HandlerId::NONE || (e.handler == HandlerId::MMAP && e.nr == __NR_mmap) ||
+              (e.handler == HandlerId::SIGACTION && e.nr == __NR_rt_sigaction));
     case Route::EMULATE: return e.err == 0 && e.why == nullptr && e.handler != HandlerId::NONE;
     case Route::FORWARD:
       return e.err == 0 && e.why == nullptr && e.handler != HandlerId::MMAP &&
@@ -842,6 +849,7 @@ const char* handlerName(HandlerId handler) {
     case HandlerId::SOCKMSG: return "SOCKMSG";
     case HandlerId::OPEN: return "OPEN";
     case HandlerId::SAME_IDS: return "SAME_IDS";
+    case HandlerId::SIGACTION: return "SIGACTION";
   }
   return "?";
 }
