@@ -483,6 +483,11 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
   };
   if (home <= 0) {
     forget();
+    if (home == -EINTR) {
+      // A signal for the guest came first (no home child exists): fork restarts after its
+      // handler, as natively (kernel/fork.c answers -ERESTARTNOINTR), never EINTR.
+      return Answer::of(-ERESTARTNOINTR);
+    }
     return Answer::of(home < 0 ? home : -EAGAIN);
   }
   {
