@@ -171,16 +171,19 @@ void Deputy::flushSignals() {
     char oob;
     recv(channel_->fd(), &oob, 1, MSG_OOB | MSG_DONTWAIT);
   }
-  for (int sig : takePendingSignals()) {
-    capnp::MallocMessageBuilder message(16);
+  for (const siginfo_t& info : takePendingSignalInfos()) {
+    int sig = info.si_signo;
+    capnp::MallocMessageBuilder message(32);
     auto root = message.initRoot<proto::ToRemote>();
     root.setSignal(sig);
     if (sig == SIGCHLD) {
-      // The home child that ended (the guest's wait4 goes home too): si_pid for its handler.
-      auto child = lastChildSignal();
-      root.setSignalPid(child.pid);
-      root.setSignalStatus(child.status);
+      // The home child that changed state (the guest's wait4 goes home too): si_pid for its
+      // handler.
+      root.setSignalPid(info.si_pid);
+      root.setSignalStatus(info.si_status);
     }
+    // The whole siginfo: the guest queues it on itself (remote/guest_signal.h).
+    root.setSignalInfo(kj::arrayPtr(reinterpret_cast<const kj::byte*>(&info), sizeof(info)));
     channel_->send(message);
   }
   for (int sig : takeThreadSignals()) {
@@ -215,6 +218,9 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
       return;
     case proto::ToDeputy::CONTINUED: return;
     case proto::ToDeputy::FORK: handleFork(message.getFork()); return;
+    case proto::ToDeputy::CHILD_DISPOSITION:
+      mirrorChildDisposition(message.getChildDisposition());
+      return;
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
                static_cast<int>(message.which()));

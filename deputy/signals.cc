@@ -41,6 +41,33 @@ __attribute__((tls_model("initial-exec"))) thread_local std::atomic<uint32_t>
 // Set in the leader when a deputy thread handed it an exec.
 std::atomic<bool> execHandoff{false};
 
+// The siginfo of each recorded arrival: for a standard signal the first one since the last take,
+// for a real-time signal up to RT_INFOS per signal (in arrival order). Written by the handler,
+// read with every signal blocked, like `arrivals`.
+constexpr uint32_t RT_INFOS = 16;
+siginfo_t firstInfo[MAX_SIGNAL + 1];
+siginfo_t rtInfos[MAX_SIGNAL + 1][RT_INFOS];
+
+void keepInfo(int sig, const siginfo_t* info, uint32_t before) {
+  siginfo_t* slot = nullptr;
+  if (sig < 32) {
+    slot = before == 0 ? &firstInfo[sig] : nullptr;
+  } else if (before < RT_INFOS) {
+    slot = &rtInfos[sig][before];
+  }
+  if (slot == nullptr) {
+    return;
+  }
+  if (info != nullptr) {
+    *slot = *info;
+  } else {
+    memset(slot, 0, sizeof(*slot));
+    slot->si_code = SI_USER;
+  }
+  slot->si_signo = sig;
+}
+
+
 bool isFault(int sig) {
   return sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGSYS;
 }
@@ -74,7 +101,7 @@ void onSignal(int sig, siginfo_t* info, void* context) {
       // tgkill/tkill at home named this deputy thread: it goes to this thread's guest thread.
       threadArrivals[sig].fetch_add(1, std::memory_order_relaxed);
     } else {
-      arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+      keepInfo(sig, info, arrivals[sig].fetch_add(1, std::memory_order_relaxed));
     }
   }
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
@@ -119,6 +146,18 @@ void installSignalHandlers() {
   }
 }
 
+void mirrorChildDisposition(int mode) {
+  struct sigaction action = {};
+  if (mode == 1) {
+    action.sa_handler = SIG_IGN;
+  } else {
+    action.sa_sigaction = onSignal;
+    action.sa_flags = SA_SIGINFO | (mode == 2 ? SA_NOCLDWAIT : 0);
+    sigfillset(&action.sa_mask);
+  }
+  sigaction(SIGCHLD, &action, nullptr);
+}
+
 void blockAllSignals() {
   sigset_t all;
   sigfillset(&all);
@@ -130,8 +169,8 @@ const sigset_t& openSignalMask() {
   return empty;
 }
 
-std::vector<int> takePendingSignals() {
-  std::vector<int> result;
+std::vector<siginfo_t> takePendingSignalInfos() {
+  std::vector<siginfo_t> result;
   if (!signalsPending()) {
     return result;
   }
@@ -143,10 +182,18 @@ std::vector<int> takePendingSignals() {
     }
     // Standard signals do not queue (signal(7)); real-time ones do.
     if (sig < 32) {
-      n = 1;
+      result.push_back(firstInfo[sig]);
+      continue;
     }
     for (uint32_t i = 0; i < n; i++) {
-      result.push_back(sig);
+      if (i < RT_INFOS) {
+        result.push_back(rtInfos[sig][i]);
+      } else {
+        siginfo_t info = {};
+        info.si_signo = sig;
+        info.si_code = SI_USER;
+        result.push_back(info);
+      }
     }
   }
   return result;
@@ -166,6 +213,14 @@ std::vector<int> takeThreadSignals() {
   return result;
 }
 
+std::vector<int> takePendingSignals() {
+  std::vector<int> result;
+  for (const siginfo_t& info : takePendingSignalInfos()) {
+    result.push_back(info.si_signo);
+  }
+  return result;
+}
+
 ChildSignalInfo lastChildSignal() {
   return {lastChildPid.load(std::memory_order_relaxed),
           lastChildStatus.load(std::memory_order_relaxed)};
@@ -177,7 +232,7 @@ void recordSignal(int sig) {
   if (sig < 1 || sig > MAX_SIGNAL) {
     return;
   }
-  arrivals[sig].fetch_add(1, std::memory_order_relaxed);
+  keepInfo(sig, nullptr, arrivals[sig].fetch_add(1, std::memory_order_relaxed));
   __atomic_store_n(&deputy_signals_pending, 1, __ATOMIC_SEQ_CST);
 }
 

@@ -44,6 +44,11 @@ namespace mos::deputy {
 // Idempotent. Throws kj::Exception (FAILED) if sigaction(2) fails on a standard signal.
 void installSignalHandlers();
 
+// SIGCHLD's disposition as the guest set it (ToDeputy.childDisposition): 0 our recording
+// handler, 1 SIG_IGN, 2 our handler with SA_NOCLDWAIT. With 1 or 2 the home kernel reaps the
+// job's children itself, and wait(2) blocks until they are all gone, then fails with ECHILD.
+void mirrorChildDisposition(int mode);
+
 // Blocks every signal (sigprocmask(2)); the deputy's state outside its two windows.
 void blockAllSignals();
 
@@ -63,6 +68,12 @@ std::vector<int> takePendingSignals();
 // its tid: si_code SI_TKILL), in the same order; they belong to this thread's guest thread.
 // Independent of signalsPending(). Call with signals blocked.
 std::vector<int> takeThreadSignals();
+// Takes the recorded signals as takePendingSignals() does, each with the siginfo the kernel
+// gave the handler: for a standard signal the first arrival's since the last take (the kernel
+// keeps the first siginfo of a pending standard signal), for a real-time one each arrival's (a
+// signal recorded by recordSignal(), or an arrival beyond the RT_INFOS kept, has only si_signo
+// and si_code SI_USER).
+std::vector<siginfo_t> takePendingSignalInfos();
 
 // si_pid and si_status of the last SIGCHLD that arrived (0, 0 before any).
 struct ChildSignalInfo {

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 
@@ -342,9 +343,18 @@ Agent::~Agent() {}
 
 void Agent::cancel() {
   if (control_.get() >= 0) {
+    // Opened before the agent is told to go, so its pid cannot have been reused meanwhile.
+    int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0));
     char c = 'c';
     (void)!::write(control_.get(), &c, 1);
     control_ = nullptr;
+    if (pidfd >= 0) {
+      pollfd p = {pidfd, POLLIN, 0};
+      // The caller's handlers run without SA_RESTART: a signal only shortens the wait.
+      while (::poll(&p, 1, 5000) < 0 && errno == EINTR) {
+      }
+      ::close(pidfd);
+    }
   }
 }
 

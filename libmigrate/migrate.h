@@ -117,7 +117,9 @@ class Agent {
   ~Agent();
 
   // The caller's execve failed: the agent exits without touching the caller (ptrace detaches
-  // on the tracer's exit).
+  // on the tracer's exit). Returns once the agent has exited (pidfd_open(2) polls readable; at
+  // most 5 s), so the caller is no longer traced: an exec retried at once (execvp's PATH search)
+  // can seize it again instead of failing with EPERM (ptrace(2): the tracee is already traced).
   void cancel();
 
   // The agent's pid (not a child of the caller: it is reparented to init or a subreaper).

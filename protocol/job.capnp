@@ -142,6 +142,10 @@ struct ToDeputy {
     stopped @6 :Int32;     # the guest entered a group stop by this signal (job control)
     continued @7 :Void;    # the guest left a group stop
     fork @8 :ForkRequest;
+    childDisposition @9 :UInt8;
+    # The guest set SIGCHLD's disposition: 0 a handler or SIG_DFL, 1 SIG_IGN, 2 SA_NOCLDWAIT
+    # (with a handler or SIG_DFL). The deputy sets its own likewise, so the home kernel reaps
+    # the job's children itself exactly when the guest's kernel would (wait(2), NOTES).
   }
 }
 
@@ -181,4 +185,7 @@ struct ToRemote {
   # With `signal`: the home kernel directed it at this channel's deputy thread (tgkill, tkill;
   # si_code SI_TKILL), so it is queued on this channel's guest thread; otherwise on the guest
   # process (any thread that does not block it takes it).
+  signalInfo @7 :Data;
+  # With `signal`: the home kernel's siginfo_t (128 bytes, x86-64) as the deputy's handler received
+  # it (si_code, si_pid, si_uid, si_status, si_value...); the guest queues it on itself.
 }

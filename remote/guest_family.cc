@@ -62,6 +62,13 @@ kj::Own<capnp::MessageReader> childJobStart(proto::JobStart::Reader parent, pid_
 
 bool isExitStatus(int status) { return WIFEXITED(status) || WIFSIGNALED(status); }
 
+// The state letter of /proc/PID/stat (R, S, D, T, t, Z...), or 0 when it is unreadable.
+char processState(pid_t pid) {
+  std::string stat = readNodeProcFile(pid, "stat");
+  size_t close = stat.rfind(')');
+  return close != std::string::npos && close + 2 < stat.size() ? stat[close + 2] : 0;
+}
+
 }  // namespace
 
 template <typename T>
@@ -90,6 +97,12 @@ kj::Maybe<T> PollQueue<T>::pop() {
   T value = std::move(values_.front());
   values_.pop_front();
   return kj::mv(value);
+}
+
+template <typename T>
+bool PollQueue<T>::empty() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return values_.empty();
 }
 
 struct GuestFamily::Call {
@@ -518,6 +531,11 @@ Answer GuestFamily::mirrorClone(Supervisor& supervisor, Task& parent, const secc
   };
   if (home <= 0) {
     forget();
+    if (home == -EINTR) {
+      // A signal for the guest came first (no home child exists): fork restarts after its
+      // handler, as natively (kernel/fork.c answers -ERESTARTNOINTR), never EINTR.
+      return Answer::of(-ERESTARTNOINTR);
+    }
     return Answer::of(home < 0 ? home : -EAGAIN);
   }
   {
@@ -553,6 +571,53 @@ bool GuestFamily::isThreadOf(pid_t homePid, pid_t homeTid) {
     }
   }
   return false;
+InjectOutcome GuestFamily::queueAsGuest(pid_t pid, const std::vector<siginfo_t>& signals,
+                                        kj::Maybe<PendingAnswer> answer) {
+  InjectOutcome outcome = InjectOutcome::FAILED;
+  onMain([&] {
+    InjectRequest request;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      Task* task = findTask(pid);
+      if (task == nullptr || task->ended) {
+        outcome = InjectOutcome::GONE;
+        return;
+      }
+      // Only this thread receives notifications, so none can become received-and-unanswered
+      // (a wait only SIGKILL ends) while the session runs; one already queued would block the
+      // session's interrupt.
+      if (answer == nullptr && task->unotify->hasQueued()) {
+        outcome = InjectOutcome::BUSY;
+        return;
+      }
+      // A guest in an uninterruptible or killable wait (a vfork parent until its child execs or
+      // exits) would not stop for the interrupt, and this thread would wait for it while the
+      // child's notifications wait for this thread: later. No such wait can begin meanwhile
+      // (a fork needs this thread).
+      if (answer == nullptr && processState(pid) == 'D') {
+        outcome = InjectOutcome::BUSY;
+        return;
+      }
+      request.homePid = task->homePid;
+    }
+    request.pid = pid;
+    request.signals = signals;
+    request.answer = answer;
+    InjectHost host;
+    host.send = [this](uint64_t id, int64_t value) {
+      seccomp_notif_resp resp = {};
+      resp.id = id;
+      if (value < 0 && value >= -4095) {
+        resp.error = static_cast<int32_t>(value);
+      } else {
+        resp.val = value;
+      }
+      return listener_->send(resp);
+    };
+    host.wait = [this](pid_t p) { return waitTraced(p); };
+    outcome = injectSignals(request, host);
+  });
+  return outcome;
 }
 
 Answer GuestFamily::interruptForRewrite(Task& task, const seccomp_notif& notif) {

@@ -49,6 +49,7 @@ class PollQueue {
   void push(T value);
   // The oldest value, or nullptr when empty.
   kj::Maybe<T> pop();
+  bool empty();
 
  private:
   std::mutex mutex_;
@@ -68,6 +69,8 @@ class RoutedUnotify final : public SeccompUnotify {
     return shared_.addFd(addfd);
   }
   void push(const seccomp_notif& notif) { queue_.push(notif); }
+  // True while a routed notification waits for its task (received, not answered).
+  bool hasQueued() { return !queue_.empty(); }
 
  private:
   SeccompUnotify& shared_;
@@ -129,6 +132,8 @@ class GuestFamily final : public ForkHost {
   Answer forkGuest(Supervisor& task, const seccomp_notif& notif) override;
   bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) override;
   bool isThreadOf(pid_t homePid, pid_t homeTid) override;
+  InjectOutcome queueAsGuest(pid_t pid, const std::vector<siginfo_t>& signals,
+                             kj::Maybe<PendingAnswer> answer) override;
 
  private:
   struct Task;

@@ -178,6 +178,13 @@ void Supervisor::serve() {
 }
 
 bool Supervisor::turn(int timeoutMs) {
+  if (!deferred_.empty()) {
+    // Home signals the guest could not queue yet (it waited in a vfork): try again soon.
+    flushDeferred();
+    if (!deferred_.empty() && (timeoutMs < 0 || timeoutMs > DEFERRED_RETRY_MS)) {
+      timeoutMs = DEFERRED_RETRY_MS;
+    }
+  }
   if (channel_.hasBuffered()) {
     onIdleMessage();
     return true;
@@ -290,13 +297,43 @@ void Supervisor::serveNotification() {
     // ENOENT: the guest left the wait (signal, death) between poll and receive.
     return;
   }
+  current_ = &notif;
   Answer answer = dispatch(notif);
   respond(notif.id, answer);
+  current_ = nullptr;
+  flushDeferred();
 }
 
 void Supervisor::respond(uint64_t id, const Answer& answer) {
   if (answer.kind == Answer::DROP) {
     return;
+  }
+  if (answer.kind == Answer::VALUE && forkHost_ != nullptr && current_ != nullptr &&
+      current_->id == id) {
+    // Home signals still to queue, or a call cut short whose own signal mask decides what the
+    // guest takes: the guest queues them and takes the answer in one session (guest_signal.h).
+    bool interrupted = answer.value == -restartCode(current_->data.nr);
+    kj::Maybe<uint64_t> mask = interrupted ? currentCallMask() : nullptr;
+    if (!deferred_.empty() || mask != nullptr) {
+      std::vector<siginfo_t> signals = std::move(deferred_);
+      deferred_.clear();
+      PendingAnswer pending;
+      pending.id = id;
+      pending.value = answer.value;
+      pending.interrupted = interrupted;
+      pending.callMask = mask;
+      switch (forkHost_->queueAsGuest(guest_, signals, pending)) {
+        case InjectOutcome::DONE:
+        case InjectOutcome::GONE:
+        case InjectOutcome::BUSY: return;
+        case InjectOutcome::STOPPED:
+        case InjectOutcome::FAILED:
+          for (const siginfo_t& info : signals) {
+            queueFromOutside(info);
+          }
+          return;
+      }
+    }
   }
   seccomp_notif_resp resp = {};
   resp.id = id;
@@ -323,6 +360,9 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
   if (entry->handler == HandlerId::MMAP) {
     return handleMmap(notif);
   }
+  if (entry->handler == HandlerId::SIGACTION) {
+    return handleSigaction(notif);
+  }
   switch (entry->route) {
     case Route::LOCAL:
       // The filter allows these; a notification means an argument-dependent rule sent it here.
@@ -334,6 +374,7 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
   switch (entry->handler) {
     case HandlerId::NONE: return forwardRegular(notif, entry->args);
     case HandlerId::IDS: return handleIds(notif);
+    case HandlerId::SAME_IDS: return handleSameIds(notif);
     case HandlerId::EXEC: return handleExec(notif);
     case HandlerId::IOV: return handleIov(notif);
     case HandlerId::KILL: return handleKill(notif);
@@ -396,6 +437,14 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
       if (n > 0) {
         break;
       }
+      if (!deferred_.empty()) {
+        // A home signal crossed this request (the deputy sent it while idle, then began the
+        // call): cancel the call so the guest can take it. Again every 50 ms: a cancel that
+        // reaches the deputy before its call starts is consumed as stale.
+        char cancel = 'c';
+        send(channel_.fd(), &cancel, 1, MSG_OOB | MSG_NOSIGNAL);
+        continue;
+      }
       if (guestHasSignalToTake() || guestGone()) {
         spdlog::debug("guest has a signal pending during call {}; cancelling it at home", seq);
         char cancel = 'c';
@@ -406,8 +455,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
     KJ_IF_MAYBE (message, channel_.receive()) {
       auto root = (*message)->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
-        deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus(),
-                      root.getSignalThread());
+        deliverSignal(root);
         continue;
       }
       if (isMine(root)) {
@@ -435,7 +483,11 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
         }
         return kj::mv(*r);
       }
-      if (guestHasSignalToTake() || guestGone()) {
+      // In a family, deferred home signals (not on the guest yet) or a call with a signal mask
+      // of its own: respond() lets the guest decide, with the signals queued (guest_signal.h).
+      bool decideInGuest = forkHost_ != nullptr && current_ != nullptr && current_->id == seq &&
+                           (!deferred_.empty() || currentCallMask() != nullptr);
+      if (decideInGuest || guestHasSignalToTake() || guestGone()) {
         // Answer the row's restart code (-ERESTARTSYS, -ERESTARTNOHAND) with the signal pending:
         // on its way out of the syscall the guest's kernel runs the handler and then restarts
         // the call or returns EINTR as SA_RESTART says, or stops, or dies: exactly what a native
@@ -453,6 +505,12 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
 
 kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessageBuilder& request,
                                                               uint64_t seq) {
+  if (!deferred_.empty() && current_ != nullptr && current_->id == seq) {
+    // Home signals the guest has not taken yet arrived before this call: it is cut short
+    // before it starts, as natively by a signal pending at its entry; respond() lets the guest
+    // take them and restart the call or return EINTR (guest_signal.h).
+    return nullptr;
+  }
   bool interrupted;
   KJ_IF_MAYBE (reply, roundTrip(request, seq, &interrupted)) {
     if (interrupted) {
@@ -513,8 +571,8 @@ void Supervisor::onIdleMessage() {
   KJ_IF_MAYBE (m, message) {
     auto root = (*m)->getRoot<proto::ToRemote>();
     if (root.isSignal()) {
-      deliverSignal(root.getSignal(), root.getSignalPid(), root.getSignalStatus(),
-                    root.getSignalThread());
+      deliverSignal(root);
+      flushDeferred();
     } else {
       spdlog::debug("message from the deputy outside a call, ignored");
     }
@@ -526,33 +584,69 @@ void Supervisor::onIdleMessage() {
   }
 }
 
-void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status, bool toThread) {
+void Supervisor::deliverSignal(proto::ToRemote::Reader message) {
+  auto bytes = message.getSignalInfo();
+  siginfo_t info;
+  bool whole = bytes.size() == sizeof(info);
+  if (whole) {
+    memcpy(&info, bytes.begin(), sizeof(info));
+  }
+  deliverSignal(message.getSignal(), message.getSignalPid(), message.getSignalStatus(),
+                whole ? &info : nullptr, message.getSignalThread());
+}
+
+void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status, const siginfo_t* info,
+                               bool toThread) {
   if (sig <= 0 || sig >= 65 || guest_ <= 0) {
     return;
   }
+  spdlog::debug("signal {} to guest {}", sig, guest_);
+  if (toThread) {
+    guestProcess_->queueThreadSignal(sig);  // tgkill at home named this task's deputy thread
+    return;
+  }
+  siginfo_t home = {};
+  if (info != nullptr) {
+    home = *info;
+  } else {
+    home.si_code = SI_USER;
+    if (sig == SIGCHLD && fromPid > 0) {
+      home.si_code = CLD_EXITED;
+      home.si_pid = fromPid;
+      home.si_uid = start_.getIds().getUid();
+      home.si_status = status;
+    }
+  }
+  home.si_signo = sig;
+  if (forkHost_ != nullptr && info != nullptr && sig != SIGKILL && sig != SIGCONT) {
+    // The guest queues it itself, with this siginfo (flushDeferred, or respond).
+    deferred_.push_back(home);
+    return;
+  }
+  queueFromOutside(home);
+}
+
+void Supervisor::queueFromOutside(const siginfo_t& home) {
+  int sig = home.si_signo;
   // Queued only: a guest inside a received notification waits killably, so the signal acts when
   // that call is answered (roundTrip), or at once if the guest is computing.
-  spdlog::debug("signal {} to guest {}", sig, guest_);
-  if (sig == SIGCHLD && fromPid > 0) {
+  if (sig == SIGCHLD && home.si_pid > 0) {
     // The home child's pid as si_pid (a handler may compare it with fork's result). The kernel
     // lets only a process itself queue CLD_* codes, so si_code reads SI_QUEUE; si_status is in
     // si_value's place. Queued from inside the job's pid namespace (the kernel zeroes si_pid
     // of a signal from outside); from here when there is no namespace (tests).
-    if (forkHost_ != nullptr && forkHost_->queueFromInside(start_.getIds().getPid(), sig, fromPid,
-                                                           start_.getIds().getUid(), status)) {
+    if (forkHost_ != nullptr &&
+        forkHost_->queueFromInside(start_.getIds().getPid(), sig, home.si_pid,
+                                   start_.getIds().getUid(), home.si_status)) {
       return;
     }
     siginfo_t info = {};
     info.si_signo = SIGCHLD;
     info.si_code = SI_QUEUE;
-    info.si_pid = fromPid;
+    info.si_pid = home.si_pid;
     info.si_uid = start_.getIds().getUid();
-    info.si_value.sival_int = status;
+    info.si_value.sival_int = home.si_status;
     guestProcess_->queueSignal(sig, &info);
-    return;
-  }
-  if (toThread) {
-    guestProcess_->queueThreadSignal(sig);  // tgkill at home named this task's deputy thread
     return;
   }
   guestProcess_->queueSignal(sig, nullptr);
@@ -566,6 +660,43 @@ bool Supervisor::guestGone() {
   size_t at = status.find("State:\t");
   return at != std::string::npos && at + 7 < status.size() &&
          (status[at + 7] == 'Z' || status[at + 7] == 'X');
+}
+
+void Supervisor::flushDeferred() {
+  if (deferred_.empty() || forkHost_ == nullptr || guest_ <= 0) {
+    return;
+  }
+  std::vector<siginfo_t> signals = std::move(deferred_);
+  deferred_.clear();
+  switch (forkHost_->queueAsGuest(guest_, signals, nullptr)) {
+    case InjectOutcome::DONE:
+    case InjectOutcome::GONE: return;
+    case InjectOutcome::BUSY:
+      // A notification of the guest waits in our queue: they go with its answer.
+      deferred_ = std::move(signals);
+      return;
+    case InjectOutcome::STOPPED:
+    case InjectOutcome::FAILED:
+      for (const siginfo_t& info : signals) {
+        queueFromOutside(info);
+      }
+      return;
+  }
+}
+
+kj::Maybe<uint64_t> Supervisor::currentCallMask() {
+  if (current_ == nullptr) {
+    return nullptr;
+  }
+  uint64_t args[6];
+  for (int i = 0; i < 6; i++) {
+    args[i] = current_->data.args[i];
+  }
+  GuestMemory& memory = guestProcess_->memory();
+  return callSignalMask(current_->data.nr, args, [&](uint64_t at, void* out, size_t bytes) {
+    return memory.read(RemotePtr<void>(at),
+                       std::span<uint8_t>(static_cast<uint8_t*>(out), bytes)) == 0;
+  });
 }
 
 bool Supervisor::guestHasSignalToTake() {

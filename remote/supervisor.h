@@ -38,6 +38,7 @@
 
 #include "channel.h"
 #include "file_cache.h"
+#include "guest_signal.h"
 #include "job.capnp.h"
 #include "job_registry.h"
 #include "marshal.h"
@@ -112,6 +113,10 @@ uint64_t statusMask(const std::string& status, const char* key);
 // signal of this node to take (milliseconds).
 inline constexpr int CANCEL_CHECK_MS = 50;
 
+// How often the supervisor tries again to have the guest queue home signals while it cannot
+// stop (a vfork parent waiting for its child), milliseconds.
+inline constexpr int DEFERRED_RETRY_MS = 10;
+
 class Supervisor;
 
 // Runs a guest's fork/vfork/clone of a process (GuestFamily): the notification loop of a task
@@ -126,6 +131,11 @@ class ForkHost {
   virtual bool queueFromInside(pid_t homePid, int sig, pid_t fromPid, uid_t uid, int value) = 0;
   // True when `homeTid` is a thread of the guest process `homePid` that runs here.
   virtual bool isThreadOf(pid_t homePid, pid_t homeTid) = 0;
+  // Makes guest `pid` (a pid of this node) queue `signals` on itself, with their siginfo as the
+  // home kernel wrote it, answering the notification of `answer` on the way when it waits in
+  // one (guest_signal.h). BUSY (no `answer`): the guest waits in a notification not answered yet.
+  virtual InjectOutcome queueAsGuest(pid_t pid, const std::vector<siginfo_t>& signals,
+                                     kj::Maybe<PendingAnswer> answer) = 0;
 };
 
 class Supervisor {
@@ -198,10 +208,24 @@ class Supervisor {
   Answer dispatch(const seccomp_notif& notif);
   void onIdleMessage();
   void onChildEvent();
-  // Queues `sig` on the guest; for SIGCHLD, `fromPid` and `status` are the home siginfo's
-  // si_pid and si_status (0: unknown).
-  // `toThread`: the home kernel directed it at this task's deputy thread (signalThread).
-  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0, bool toThread = false);
+  // Delivers `sig` to the guest; for SIGCHLD, `fromPid` and `status` are the home siginfo's
+  // si_pid and si_status (0: unknown); `info`, when not null, is the whole home siginfo. In a
+  // family (forkHost_) a signal with its siginfo is deferred: the guest queues it itself
+  // (flushDeferred, or with the answer of the call in progress: respond); SIGKILL, SIGCONT and
+  // signals without a siginfo are queued at once from here.
+  // `toThread`: the home kernel directed it at this task's deputy thread (signalThread): queued
+  // on this task's guest thread at once.
+  void deliverSignal(int sig, int32_t fromPid = 0, int32_t status = 0,
+                     const siginfo_t* info = nullptr, bool toThread = false);
+  void deliverSignal(proto::ToRemote::Reader message);
+  // Queues `info` from outside the guest (tgkill, or the reaper for SIGCHLD's si_pid): si_code
+  // reads SI_TKILL or SI_QUEUE.
+  void queueFromOutside(const siginfo_t& info);
+  // Has the guest queue the deferred signals now, unless it waits in a notification (then they
+  // go with its answer).
+  void flushDeferred();
+  // The temporary signal mask of the call in progress (pselect6, ppoll, epoll_pwait*), if any.
+  kj::Maybe<uint64_t> currentCallMask();
   // True when the guest has a pending signal it does not block (it will act on it as soon as
   // its current syscall returns).
   bool guestHasSignalToTake();
@@ -231,10 +255,16 @@ class Supervisor {
   // --- handlers (sys_*.cc), one per irregular HandlerId; regular rows use forwardRegular
   Answer forwardRegular(const seccomp_notif& notif, const ArgSpec (&specs)[6]);
   Answer handleIds(const seccomp_notif& notif);
+  // setuid(2), setgid(2), setreuid(2), setregid(2), setresuid(2), setresgid(2), setfsuid(2),
+  // setfsgid(2) that change nothing (make, sudo-aware tools restore their own ids).
+  Answer handleSameIds(const seccomp_notif& notif);
   Answer handleMmap(const seccomp_notif& notif);
   Answer handleExec(const seccomp_notif& notif);
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);
+  // rt_sigaction(2) of SIGCHLD with a new disposition (the filter sends only those): told to
+  // the deputy, then run by the guest's kernel.
+  Answer handleSigaction(const seccomp_notif& notif);
   Answer handleSockmsg(const seccomp_notif& notif);  // sys_socket.cc
   // An open (handler OPEN: open, openat, openat2) of `path` relative to `dirfd` with open(2)
   // `flags`, when `path` is one of the job's own /proc files that describe its user part
@@ -269,6 +299,8 @@ class Supervisor {
   uint64_t nextFetchId_ = 1;
   ForkHost* forkHost_ = nullptr;
   bool threadTask_ = false;   // setThreadTask
+  std::vector<siginfo_t> deferred_;         // home signals the guest has not queued yet
+  const seccomp_notif* current_ = nullptr;  // the notification being served
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
 };
 

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <sstream>
 
+#include <capnp/message.h>
 #include <kj/debug.h>
 #include <spdlog/spdlog.h>
 
@@ -39,6 +40,71 @@ Answer Supervisor::handleIds(const seccomp_notif& notif) {
     case __NR_getegid: return Answer::of(ids.getEgid());
   }
   return handleUnsupported(notif, ENOSYS, "no cached id for this call");
+}
+
+// setuid(2), setreuid(2), setresuid(2), setfsuid(2) and their gid twins. The job's credentials
+// live at home and the supervisor answers getuid and friends from the Ids cache, so a real change
+// is refused (EPERM, logged once: it comes in a later issue). A call that changes nothing —
+// every id it names is -1 or the job's current one — succeeds, as it would natively; GNU make
+// does this around each child it starts. The saved id is taken to be the effective one (true of
+// every job that did not exec a set-id program). setfsuid/setfsgid return the previous fs id
+// (the effective one) and never fail (setfsuid(2)).
+Answer Supervisor::handleSameIds(const seccomp_notif& notif) {
+  auto ids = start_.getIds();
+  bool uidCall = false;
+  switch (notif.data.nr) {
+    case __NR_setuid:
+    case __NR_setreuid:
+    case __NR_setresuid:
+    case __NR_setfsuid: uidCall = true; break;
+  }
+  uint32_t real = uidCall ? ids.getUid() : ids.getGid();
+  uint32_t effective = uidCall ? ids.getEuid() : ids.getEgid();
+  auto arg = [&](int i) { return static_cast<uint32_t>(notif.data.args[i]); };
+  auto keeps = [](uint32_t id, uint32_t current) { return id == uint32_t(-1) || id == current; };
+  bool same = false;
+  switch (notif.data.nr) {
+    case __NR_setuid:
+    case __NR_setgid: same = arg(0) == real && arg(0) == effective; break;
+    case __NR_setreuid:
+    case __NR_setregid: same = keeps(arg(0), real) && keeps(arg(1), effective); break;
+    case __NR_setresuid:
+    case __NR_setresgid:
+      same = keeps(arg(0), real) && keeps(arg(1), effective) && keeps(arg(2), effective);
+      break;
+    case __NR_setfsuid:
+    case __NR_setfsgid:
+      if (arg(0) != effective) {
+        (void)handleUnsupported(notif, EPERM, "a change of the fs id comes in a later issue");
+      }
+      return Answer::of(effective);
+  }
+  if (same) {
+    return Answer::of(0);
+  }
+  return handleUnsupported(notif, EPERM,
+                           "credential changes of a guest come in a later issue (the id cache "
+                           "would go stale)");
+}
+
+// rt_sigaction(2) of SIGCHLD with a new action: the deputy takes the same disposition, so the
+// home kernel (where the job's children and their zombies are) reaps them itself when the guest
+// ignores SIGCHLD or sets SA_NOCLDWAIT. The guest's kernel then runs the call (it re-reads the
+// action; a job that changes it meanwhile only confuses itself).
+Answer Supervisor::handleSigaction(const seccomp_notif& notif) {
+  uint64_t action[2];  // struct kernel_sigaction: handler, flags
+  if (guestProcess_->memory().read(
+          RemotePtr<void>(notif.data.args[1]),
+          std::span<uint8_t>(reinterpret_cast<uint8_t*>(action), sizeof(action))) != 0) {
+    return Answer::cont();  // the guest's kernel answers EFAULT
+  }
+  int mode = action[0] == reinterpret_cast<uint64_t>(SIG_IGN) ? 1
+             : (action[1] & SA_NOCLDWAIT) != 0                ? 2
+                                                              : 0;
+  capnp::MallocMessageBuilder message(16);
+  message.initRoot<proto::ToDeputy>().setChildDisposition(static_cast<uint8_t>(mode));
+  channel_.send(message);
+  return Answer::cont();
 }
 
 // kill(2), tkill(2), tgkill(2), rt_sigqueueinfo(2), rt_tgsigqueueinfo(2). A signal the job sends
@@ -70,6 +136,24 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
     const SyscallEntry* entry = findSyscall(notif.data.nr);
     return forwardRegular(notif, entry->args);
   }
+  int64_t sig = notif.data.nr == __NR_tgkill ? static_cast<int32_t>(notif.data.args[2]) : a1;
+  bool generated =
+      notif.data.nr == __NR_kill || notif.data.nr == __NR_tkill || notif.data.nr == __NR_tgkill;
+  if (forkHost_ != nullptr && generated && sig > 0 && sig <= 64 && sig != SIGKILL &&
+      sig != SIGSTOP) {
+    // The guest's kernel would name its uid on this node (nobody) as the sender: the guest
+    // queues the siginfo the home kernel writes instead (the job's home pid and real uid), with
+    // the answer, so it still arrives before kill returns (respond, guest_signal.h).
+    siginfo_t info = {};
+    info.si_signo = static_cast<int>(sig);
+    info.si_code = notif.data.nr == __NR_kill ? SI_USER : SI_TKILL;
+    info.si_pid = ids.getPid();
+    info.si_uid = ids.getUid();
+    deferred_.push_back(info);
+    return Answer::of(0);
+  }
+  // A probe (signal 0), an invalid number (the kernel's EINVAL), SIGKILL or SIGSTOP, or a
+  // siginfo the job queues itself (kept as given, as natively): the guest's kernel runs it.
   return Answer::cont();
 }
 

@@ -3,6 +3,7 @@
 #include <asm/unistd.h>
 #include <linux/audit.h>
 #include <linux/seccomp.h>
+#include <signal.h>
 #include <seccomp.h>
 #include <stddef.h>
 #include <string.h>
@@ -50,6 +51,12 @@ std::vector<sock_filter> buildBody() {
       check(seccomp_rule_add(f.ctx, SCMP_ACT_ALLOW, e.nr, 1,
                              SCMP_A3(SCMP_CMP_MASKED_EQ, MAP_ANONYMOUS, MAP_ANONYMOUS)),
             e.name);
+    } else if (e.handler == HandlerId::SIGACTION) {
+      // Every signal but SIGCHLD, and any query, stay local; a new SIGCHLD disposition is seen
+      // by the supervisor first (it decides whether the home kernel reaps the job's children).
+      check(seccomp_rule_add(f.ctx, SCMP_ACT_ALLOW, e.nr, 1, SCMP_A0(SCMP_CMP_NE, SIGCHLD)),
+            e.name);
+      check(seccomp_rule_add(f.ctx, SCMP_ACT_ALLOW, e.nr, 1, SCMP_A1(SCMP_CMP_EQ, 0)), e.name);
     } else {
       KJ_ASSERT(e.handler == HandlerId::NONE, e.name);
       check(seccomp_rule_add(f.ctx, SCMP_ACT_ALLOW, e.nr, 0), e.name);

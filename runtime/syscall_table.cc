@@ -131,6 +131,12 @@ constexpr SyscallEntry localUnlessFileBacked(int nr, const char* name, uint32_t 
   return row(nr, name, Route::LOCAL, classes, args, handler, 0, nullptr);
 }
 
+// Run by the remote kernel, after `handler` looked at the calls the filter sends it (an
+// argument-dependent rule in seccomp_filter.cc).
+constexpr SyscallEntry localAfter(int nr, const char* name, uint32_t classes, HandlerId handler) {
+  return row(nr, name, Route::LOCAL, classes, {}, handler, 0, nullptr);
+}
+
 // Answered by the supervisor alone.
 constexpr SyscallEntry emulate(int nr, const char* name, uint32_t classes, HandlerId handler) {
   return row(nr, name, Route::EMULATE, classes, {}, handler, 0, nullptr);
@@ -176,6 +182,8 @@ constexpr const char* FORK_LATER = "clone3 is not mirrored yet (glibc falls back
 constexpr const char* MOUNTS = "mounts belong to the home node; a guest cannot change them";
 constexpr const char* CREDS =
     "credential changes of a guest come in a later issue (the id cache would go stale)";
+// The set*id rows that change nothing succeed (SAME_IDS); a real change is refused with EPERM
+// and the same reason.
 constexpr const char* HOST_ADMIN = "administers the remote node, which the guest must not touch";
 constexpr const char* SYSV_SHM = "System V shared memory cannot span nodes";
 constexpr const char* KERNEL_AIO = "kernel AIO contexts cannot span nodes";
@@ -207,7 +215,7 @@ constexpr SyscallEntry ROWS[] = {
     local(__NR_mprotect, "mprotect", MEMORY),
     local(__NR_munmap, "munmap", MEMORY),
     local(__NR_brk, "brk", MEMORY),
-    local(__NR_rt_sigaction, "rt_sigaction", SIGNAL),
+    localAfter(__NR_rt_sigaction, "rt_sigaction", SIGNAL, SIGACTION),
     local(__NR_rt_sigprocmask, "rt_sigprocmask", SIGNAL),
     local(__NR_rt_sigreturn, "rt_sigreturn", SIGNAL),
     forward(__NR_ioctl, "ioctl", DESC, {FD, VAL}, IOCTL),
@@ -302,27 +310,27 @@ constexpr SyscallEntry ROWS[] = {
     emulate(__NR_getuid, "getuid", PROC, IDS),
     deny(__NR_syslog, "syslog", OTHER, EPERM, HOST_ADMIN),
     emulate(__NR_getgid, "getgid", PROC, IDS),
-    deny(__NR_setuid, "setuid", PROC, EPERM, CREDS),
-    deny(__NR_setgid, "setgid", PROC, EPERM, CREDS),
+    emulate(__NR_setuid, "setuid", PROC, SAME_IDS),
+    emulate(__NR_setgid, "setgid", PROC, SAME_IDS),
     emulate(__NR_geteuid, "geteuid", PROC, IDS),
     emulate(__NR_getegid, "getegid", PROC, IDS),
     forward(__NR_setpgid, "setpgid", PROC, {VAL, VAL}),
     forward(__NR_getppid, "getppid", PROC, {}),
     forward(__NR_getpgrp, "getpgrp", PROC, {}),
     forward(__NR_setsid, "setsid", PROC, {}),
-    deny(__NR_setreuid, "setreuid", PROC, EPERM, CREDS),
-    deny(__NR_setregid, "setregid", PROC, EPERM, CREDS),
+    emulate(__NR_setreuid, "setreuid", PROC, SAME_IDS),
+    emulate(__NR_setregid, "setregid", PROC, SAME_IDS),
     forward(__NR_getgroups, "getgroups", PROC, {VAL, outArray(0, INT_BYTES)}),
     deny(__NR_setgroups, "setgroups", PROC, EPERM, CREDS),
-    deny(__NR_setresuid, "setresuid", PROC, EPERM, CREDS),
+    emulate(__NR_setresuid, "setresuid", PROC, SAME_IDS),
     forward(__NR_getresuid, "getresuid", PROC,
             {outStruct(INT_BYTES), outStruct(INT_BYTES), outStruct(INT_BYTES)}),
-    deny(__NR_setresgid, "setresgid", PROC, EPERM, CREDS),
+    emulate(__NR_setresgid, "setresgid", PROC, SAME_IDS),
     forward(__NR_getresgid, "getresgid", PROC,
             {outStruct(INT_BYTES), outStruct(INT_BYTES), outStruct(INT_BYTES)}),
     forward(__NR_getpgid, "getpgid", PROC, {VAL}),
-    deny(__NR_setfsuid, "setfsuid", PROC, EPERM, CREDS),
-    deny(__NR_setfsgid, "setfsgid", PROC, EPERM, CREDS),
+    emulate(__NR_setfsuid, "setfsuid", PROC, SAME_IDS),
+    emulate(__NR_setfsgid, "setfsgid", PROC, SAME_IDS),
     forward(__NR_getsid, "getsid", PROC, {VAL}),
     local(__NR_rt_sigpending, "rt_sigpending", SIGNAL),
     local(__NR_rt_sigtimedwait, "rt_sigtimedwait", SIGNAL),
@@ -552,9 +560,11 @@ constexpr Conformance CONFORMANCE[] = {
     checks("fork_pipe", {__NR_pipe}),
     checks("fork_wait", {__NR_wait4, __NR_waitid}),
     checks("identity",
-           {__NR_futex, __NR_getegid, __NR_geteuid, __NR_getgid, __NR_getgroups, __NR_getpgid,
-            __NR_getpgrp, __NR_getpid, __NR_getppid, __NR_getresgid, __NR_getresuid, __NR_getsid,
-            __NR_gettid, __NR_getuid, __NR_set_tid_address}),
+           {__NR_futex,     __NR_getegid,  __NR_geteuid,  __NR_getgid,    __NR_getgroups,
+            __NR_getpgid,   __NR_getpgrp,  __NR_getpid,   __NR_getppid,   __NR_getresgid,
+            __NR_getresuid, __NR_getsid,   __NR_gettid,   __NR_getuid,    __NR_set_tid_address,
+            __NR_setfsgid,  __NR_setfsuid, __NR_setregid, __NR_setresgid, __NR_setresuid,
+            __NR_setreuid}),
     checks("kernel_ids", {__NR_tgkill}),
     checks("misc", {__NR_fgetxattr, __NR_flistxattr, __NR_fremovexattr, __NR_fsetxattr,
                     __NR_getrandom, __NR_getxattr, __NR_inotify_add_watch, __NR_inotify_init1,
@@ -737,9 +747,10 @@ constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
   switch (e.route) {
     case Route::LOCAL:
       // Local calls never see the home node, so none may take a path; the only conditional
-      // local row is mmap.
+      // local rows are mmap and rt_sigaction.
       return e.err == 0 && e.why == nullptr && !takesPath(e) &&
-             (e.handler == HandlerId::NONE || (e.handler == HandlerId::MMAP && e.nr == __NR_mmap));
+             (e.handler == HandlerId::NONE || (e.handler == HandlerId::MMAP && e.nr == __NR_mmap) ||
+              (e.handler == HandlerId::SIGACTION && e.nr == __NR_rt_sigaction));
     case Route::EMULATE: return e.err == 0 && e.why == nullptr && e.handler != HandlerId::NONE;
     case Route::FORWARD:
       return e.err == 0 && e.why == nullptr && e.handler != HandlerId::MMAP &&
@@ -837,6 +848,8 @@ const char* handlerName(HandlerId handler) {
     case HandlerId::PSELECT: return "PSELECT";
     case HandlerId::SOCKMSG: return "SOCKMSG";
     case HandlerId::OPEN: return "OPEN";
+    case HandlerId::SAME_IDS: return "SAME_IDS";
+    case HandlerId::SIGACTION: return "SIGACTION";
   }
   return "?";
 }

@@ -90,6 +90,10 @@ enum class HandlerId : uint8_t {
                     // (maps, status, ...) are served by the supervisor; every other path is regular
   FORK,             // fork, vfork, clone of a process: mirrored, the deputy forks at home
                     // (docs/design.md, "Fork mirroring"); clone with CLONE_THREAD: ENOSYS
+  SIGACTION,        // rt_sigaction: LOCAL, but a new SIGCHLD disposition is notified first and
+                    // mirrored to the deputy (SIG_IGN and SA_NOCLDWAIT reap children at home)
+  SAME_IDS,         // setuid, setresuid, setfsuid, ... (and the gid calls): succeed when they
+                    // change nothing (every id named is the job's cached one or -1), else EPERM
 };
 
 // What the deputy does around a call it executes because the job's fd table and /proc/self are

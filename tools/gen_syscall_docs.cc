@@ -81,6 +81,10 @@ std::string handlerNote(const SyscallEntry& e) {
     case HandlerId::SOCKMSG: return "msghdr, its iovecs and control data are marshalled";
     case HandlerId::OPEN:
       return "the job's own /proc files (maps, status, ...) are snapshots of the guest's";
+    case HandlerId::SIGACTION:
+      return "a new SIGCHLD disposition is mirrored to the deputy (SIG_IGN, SA_NOCLDWAIT)";
+    case HandlerId::SAME_IDS:
+      return "succeeds when it changes nothing (the job's own ids); a real change fails with EPERM";
   }
   return "";
 }

@@ -23,7 +23,6 @@ from conftest import BUILD, PYTHON, STATE
 # removes it from this list (all of them: delete the list and the marks go with it).
 ISSUE_6_PENDING = {
     "test_python_multiprocessing_pool": "issue 6: multiprocessing forks, shares memory",
-    "test_make_j2_builds_zlib_like_native": "issue 6: make forks, gcc vforks",
 }
 
 

@@ -77,5 +77,15 @@ int main() {
   if (n > 0) {
     CHECK_FAILS(getgroups(n - 1 == 0 ? -1 : n - 1, list.data()), EINVAL);
   }
+  // Credential calls that change nothing succeed (GNU make does them around every child).
+  uid_t uid = getuid(), euid = geteuid();
+  gid_t gid = getgid(), egid = getegid();
+  CHECK(setreuid(static_cast<uid_t>(-1), static_cast<uid_t>(-1)) == 0);
+  CHECK(setresuid(uid, euid, static_cast<uid_t>(-1)) == 0);
+  CHECK(setregid(gid, egid) == 0);
+  CHECK(setresgid(static_cast<gid_t>(-1), egid, static_cast<gid_t>(-1)) == 0);
+  CHECK(syscall(SYS_setfsuid, euid) == static_cast<long>(euid));
+  CHECK(syscall(SYS_setfsgid, egid) == static_cast<long>(egid));
+  CHECK(getuid() == uid && geteuid() == euid && getgid() == gid && getegid() == egid);
   return conf::finish();
 }

@@ -1,8 +1,8 @@
-// The ids that the kernel itself writes agree with getpid(2)/gettid(2): the tid FUTEX_LOCK_PI
-// stores in a futex word (futex(2)), and si_pid/si_code of a signal a process sends itself with
-// kill(2) and tgkill(2). On a remote node these come from the guest's own kernel, so they hold
-// only because the guest's pid there is its home pid (docs/design.md, "Home ids in the guest's
-// kernel").
+// The ids that the kernel itself writes agree with getpid(2)/gettid(2)/getuid(2): the tid
+// FUTEX_LOCK_PI stores in a futex word (futex(2)), and si_pid/si_code/si_uid of a signal a
+// process sends itself with kill(2) and tgkill(2). On a remote node the guest's pid there is its
+// home pid (docs/design.md, "Home ids in the guest's kernel"), and its uid there is the node's
+// nobody: si_uid must still be the job's uid.
 
 #include <linux/futex.h>
 #include <signal.h>
@@ -14,10 +14,12 @@
 
 static volatile sig_atomic_t seenPid;
 static volatile sig_atomic_t seenCode;
+static volatile sig_atomic_t seenUid;
 
 static void handler(int, siginfo_t* info, void*) {
   seenPid = info->si_pid;
   seenCode = info->si_code;
+  seenUid = static_cast<sig_atomic_t>(info->si_uid);
 }
 
 int main() {
@@ -43,11 +45,13 @@ int main() {
   CHECK(kill(pid, SIGUSR1) == 0);
   CHECK(seenPid == pid);
   CHECK(seenCode == SI_USER);
+  CHECK(static_cast<uid_t>(seenUid) == getuid());
 
   seenPid = -1;
   CHECK(syscall(SYS_tgkill, pid, tid, SIGUSR1) == 0);
   CHECK(seenPid == pid);
   CHECK(seenCode == SI_TKILL);
+  CHECK(static_cast<uid_t>(seenUid) == getuid());
 
   // A blocked one is taken with its sender by sigtimedwait.
   sigset_t block;
@@ -58,7 +62,7 @@ int main() {
   siginfo_t si = {};
   timespec tmo = {5, 0};
   CHECK(sigtimedwait(&block, &si, &tmo) == SIGUSR2);
-  CHECK(si.si_pid == pid && si.si_code == SI_USER);
+  CHECK(si.si_pid == pid && si.si_code == SI_USER && si.si_uid == getuid());
 
   return conf::finish();
 }

@@ -107,3 +107,35 @@ TEST_CASE("a deputy that cannot be executed ends the job with status 125", "[mig
   REQUIRE(WIFEXITED(run.status));
   CHECK(WEXITSTATUS(run.status) == 125);
 }
+
+TEST_CASE("an exec retried at once after a cancelled one can be seized again", "[migrate][agent]") {
+  // execvp's PATH search: each failed execve cancels its agent and the next one starts at once.
+  // The old agent must have let go of the caller by then, or PTRACE_SEIZE fails with EPERM.
+  REQUIRE(prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    mos::migrate::AgentConfig config;
+    config.deputyPath = "/nonexistent/deputy";
+    config.deputyArgv = {"migrate_test_deputy"};
+    config.imagePath = "/tmp/mos-agent-retry-" + std::to_string(getpid()) + ".img";
+    for (int round = 0; round < 50; round++) {
+      try {
+        mos::migrate::Agent agent = mos::migrate::Agent::start(config);
+        execl("/nonexistent/program", "program", static_cast<char*>(nullptr));
+        agent.cancel();
+      } catch (kj::Exception& e) {
+        fprintf(stderr, "round %d: Agent::start: %s\n", round, e.getDescription().cStr());
+        _exit(100 + (round > 0));
+      }
+    }
+    _exit(0);
+  }
+  int status = -1;
+  REQUIRE(waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);  // 101: a later round found the caller still traced
+  // Reap the agents (orphans of the child; we are their subreaper).
+  while (waitpid(-1, nullptr, WNOHANG) > 0) {
+  }
+}
