@@ -50,6 +50,11 @@ struct KernelSigaction {
   uint64_t handler, flags, restorer, mask;
 };
 
+// A reason why this process cannot be captured, worded for the user (no KJ condition text).
+[[noreturn]] void refuse(kj::String why) {
+  throw kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::mv(why));
+}
+
 int countThreads(pid_t pid) {
   std::string path = procPath(pid, "task");
   DIR* dir = ::opendir(path.c_str());
@@ -140,20 +145,25 @@ Copy describeMapping(pid_t pid, const MapsEntry& e, proto::Mapping::Builder m) {
   if (e.inode == 0 || e.path.empty() || (e.shared && e.devMajor == 0 && e.devMinor == 1)) {
     // Anonymous memory, private or shared (shmem shows as "/dev/zero (deleted)"): the sharing
     // with other processes does not survive a move, the bytes do.
-    KJ_REQUIRE(!(e.shared && e.path.rfind("/SYSV", 0) == 0),
-               "System V shared memory cannot be checkpointed", e.path);
+    if (e.shared && e.path.rfind("/SYSV", 0) == 0) {
+      refuse(kj::str("System V shared memory cannot be checkpointed or moved (", e.path, ")"));
+    }
     m.setKind(proto::Mapping::Kind::ANONYMOUS);
     return Copy::PRESENT;
   }
   if (endsWith(" (deleted)") || e.path[0] != '/') {
     // No file has this content any more (a deleted file, a memfd): every page travels.
-    KJ_REQUIRE(!(e.shared && (e.prot & PROT_WRITE)),
-               "a shared writable mapping of a deleted file cannot be checkpointed", e.path);
+    if (e.shared && (e.prot & PROT_WRITE)) {
+      refuse(kj::str("a shared writable mapping of a deleted file or memfd cannot be checkpointed ",
+                     "or moved (", e.path, ")"));
+    }
     m.setKind(proto::Mapping::Kind::ANONYMOUS);
     return Copy::EVERY;
   }
-  KJ_REQUIRE(!(e.shared && (e.prot & PROT_WRITE)),
-             "a shared writable file mapping cannot be checkpointed or moved", e.path);
+  if (e.shared && (e.prot & PROT_WRITE)) {
+    refuse(
+        kj::str("a shared writable file mapping cannot be checkpointed or moved (", e.path, ")"));
+  }
   m.setKind(proto::Mapping::Kind::FILE);
   m.setOffset(e.offset);
   char range[64];
@@ -375,7 +385,10 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
   auto started = std::chrono::steady_clock::now();
   CaptureStats stats;
   int threads = countThreads(pid);
-  KJ_REQUIRE(threads == 1, "only single-threaded processes can be captured yet", pid, threads);
+  if (threads != 1) {
+    refuse(kj::str("it has ", threads,
+                   " threads: only single-threaded processes can be captured yet"));
+  }
   PtraceTask task(pid);
 
   ptrace_rseq_configuration rseq{};

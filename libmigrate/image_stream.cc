@@ -11,7 +11,7 @@ namespace mos::migrate {
 
 namespace {
 
-constexpr size_t DIGEST_BYTES = crypto_generichash_BYTES;  // 32: BLAKE2b-256
+constexpr size_t DIGEST_BYTES = sizeof(XXH128_canonical_t);  // 16: XXH3-128, big-endian
 
 // Limits of the reader: a header of at most 256 MiB (a process has at most 65530 mappings by
 // default, about 10 MiB of header), frames of a few words.
@@ -29,10 +29,17 @@ capnp::ReaderOptions frameOptions() {
   return o;
 }
 
-void initHash(crypto_generichash_state* state) {
-  static bool ready = sodium_init() >= 0;
-  KJ_REQUIRE(ready, "libsodium failed to initialise");
-  crypto_generichash_init(state, nullptr, 0, DIGEST_BYTES);
+void initHash(XXH3_state_t* state) { XXH3_128bits_reset(state); }
+
+void hash(XXH3_state_t* state, const void* data, size_t size) {
+  XXH3_128bits_update(state, data, size);
+}
+
+// The digest of what `state` has seen, in its canonical (big-endian) bytes.
+XXH128_canonical_t digestOf(const XXH3_state_t* state) {
+  XXH128_canonical_t out;
+  XXH128_canonicalFromHash(&out, XXH3_128bits_digest(state));
+  return out;
 }
 
 // A stream error whose description is the sentence alone (no KJ condition text): it is shown to
@@ -48,7 +55,7 @@ void initHash(crypto_generichash_state* state) {
 ImageWriter::ImageWriter(kj::OutputStream& out) : out_(out) { initHash(&hash_); }
 
 void ImageWriter::write(const void* data, size_t size) {
-  crypto_generichash_update(&hash_, static_cast<const unsigned char*>(data), size);
+  hash(&hash_, data, size);
   out_.write(data, size);
   bytes_ += size;
 }
@@ -74,13 +81,12 @@ void ImageWriter::writePages(uint64_t start, std::span<const uint8_t> bytes) {
 }
 
 void ImageWriter::finish() {
-  uint8_t digest[DIGEST_BYTES];
-  crypto_generichash_final(&hash_, digest, sizeof(digest));
+  XXH128_canonical_t digest = digestOf(&hash_);
   capnp::MallocMessageBuilder message(64);
   auto end = message.initRoot<proto::Frame>().initEnd();
   end.setRuns(runs_);
   end.setPages(pages_);
-  end.setDigest(kj::arrayPtr(digest, sizeof(digest)));
+  end.setDigest(kj::arrayPtr(digest.digest, sizeof(digest.digest)));
   kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
   out_.write(words.begin(), words.size() * sizeof(capnp::word));
   bytes_ += words.size() * sizeof(capnp::word);
@@ -126,7 +132,7 @@ class ImageReader::HashingInput final : public kj::InputStream {
       pos_ += k;
       n += k;
     }
-    crypto_generichash_update(&hash_, out, n);
+    hash(&hash_, out, n);
     total_ += n;
     return n;
   }
@@ -134,7 +140,7 @@ class ImageReader::HashingInput final : public kj::InputStream {
   // True when nothing at all follows (end of file).
   bool atEnd() { return fill() == 0; }
 
-  crypto_generichash_state snapshot() const { return hash_; }
+  const XXH3_state_t& state() const { return hash_; }
   uint64_t total() const { return total_; }
 
   const char* what = "the magic";
@@ -153,7 +159,7 @@ class ImageReader::HashingInput final : public kj::InputStream {
   uint8_t buffer_[65536];
   size_t pos_ = 0;
   size_t len_ = 0;
-  crypto_generichash_state hash_;
+  XXH3_state_t hash_;
   uint64_t total_ = 0;
 };
 
@@ -194,7 +200,8 @@ kj::Maybe<ImageReader::Run> ImageReader::nextRun() {
   if (ended_) {
     return nullptr;
   }
-  crypto_generichash_state before = input_->snapshot();
+  XXH3_state_t before;
+  XXH3_copyState(&before, &input_->state());
   input_->what = "a frame";
   kj::Own<capnp::MallocMessageBuilder> copy;
   try {
@@ -211,12 +218,11 @@ kj::Maybe<ImageReader::Run> ImageReader::nextRun() {
   auto frame = copy->getRoot<proto::Frame>().asReader();
   if (frame.isEnd()) {
     auto end = frame.getEnd();
-    uint8_t digest[DIGEST_BYTES];
-    crypto_generichash_final(&before, digest, sizeof(digest));
+    XXH128_canonical_t digest = digestOf(&before);
     auto expected = end.getDigest();
-    if (expected.size() != DIGEST_BYTES || memcmp(expected.begin(), digest, DIGEST_BYTES) != 0) {
-      streamError(
-          kj::str("migration image corrupt: its BLAKE2b digest does not match its contents"));
+    if (expected.size() != DIGEST_BYTES ||
+        memcmp(expected.begin(), digest.digest, DIGEST_BYTES) != 0) {
+      streamError(kj::str("migration image corrupt: its digest does not match its contents"));
     }
     if (end.getRuns() != runs_ || end.getPages() != pages_ || pages_ != header().getPageCount()) {
       streamError(kj::str("migration image corrupt: it ends after ", runs_, " runs and ", pages_,

@@ -1,9 +1,10 @@
 #pragma once
 // The migration stream (protocol/migration.capnp, protocol/migration.md): MAGIC, an ImageHeader
-// message, page-run frames, an end frame with a BLAKE2b-256 digest of everything before it.
+// message, page-run frames, an end frame with an XXH3-128 digest of everything before it.
 // The writer and the reader hold one frame at a time, never the stream.
 
-#include <sodium.h>
+#define XXH_STATIC_LINKING_ONLY  // XXH3_state_t by value, so a state can be copied
+#include <xxhash.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -41,7 +42,7 @@ class ImageWriter {
  private:
   void write(const void* data, size_t size);
   kj::OutputStream& out_;
-  crypto_generichash_state hash_;
+  XXH3_state_t hash_;
   uint64_t runs_ = 0;
   uint64_t pages_ = 0;
   uint64_t bytes_ = 0;

@@ -132,8 +132,8 @@ struct Frame {
       count @1 :UInt32;
     }
     end :group {
-      # The last message of a stream. `digest` is BLAKE2b-256 (libsodium crypto_generichash,
-      # no key) of every byte of the stream before this message, MAGIC included.
+      # The last message of a stream. `digest` is XXH3-128 (xxHash, canonical big-endian
+      # bytes) of every byte of the stream before this message, MAGIC included.
       runs @2 :UInt64;
       pages @3 :UInt64;
       digest @4 :Data;

@@ -9,7 +9,8 @@
 2. resume: start NAME again, checkpoint it, SIGKILL the original, `mosrun -R FILE`, create
    DIR/go and write "go\n" to mosrun's standard input: the resumed process must pass.
 NAME=corrupt checks instead that damaged checkpoints are refused with a clear error; NAME=
-unresumable that a checkpoint holding a pipe and a socket is refused naming both.
+unresumable that a checkpoint holding a pipe and a socket is refused naming both; NAME=refused
+that a process with two threads or a shared writable file mapping is not checkpointed and runs on.
 Needs root (ptrace of a non-child, PR_SET_MM); exits 77 (skip) otherwise.
 """
 import os
@@ -41,9 +42,9 @@ class Case:
         self.mosrun = os.path.join(build, 'tools', 'mosrun')
         self.tmp = tempfile.mkdtemp(prefix=f'umosix-migrate-{name}-')
 
-    def start(self, program=None):
+    def start(self, program=None, *args):
         work = tempfile.mkdtemp(dir=self.tmp)
-        proc = subprocess.Popen([program or self.program, work], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([program or self.program, work, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.PIPE)
         wait_for(f'{self.name} to be ready',
                  lambda: os.path.exists(os.path.join(work, 'ready')) or proc.poll() is not None)
@@ -129,6 +130,18 @@ class Case:
         resumed = self.resume(good)
         self.finish(resumed, work, 'resumed from the good checkpoint')
 
+    def run_refused(self, mode, expected):
+        self.program = os.path.join(self.build, 'tests', 'migrate', 'migrate_refused')
+        proc, work = self.start(None, mode)
+        image = os.path.join(self.tmp, mode + '.img')
+        r = subprocess.run([self.migrate, str(proc.pid), 'checkpoint', image],
+                           capture_output=True, text=True, timeout=DEADLINE)
+        print(f'--- migrate ({mode}): {r.returncode}\n{r.stderr}', end='')
+        assert r.returncode == 1, f'migrate did not refuse ({r.returncode})'
+        assert expected in r.stderr, f'"{expected}" not in the error'
+        assert not [f for f in os.listdir(self.tmp) if f.startswith(mode)], 'a file was left'
+        self.finish(proc, work, f'original after the refused checkpoint ({mode})')
+
     def run_unresumable(self):
         proc, work = self.start()
         image = os.path.join(self.tmp, 'pipe.img')
@@ -148,6 +161,9 @@ def main():
             case.run_corrupt()
         elif name == 'unresumable':
             case.run_unresumable()
+        elif name == 'refused':
+            case.run_refused('thread', 'only single-threaded processes can be captured yet')
+            case.run_refused('shared_file', 'a shared writable file mapping cannot be checkpointed')
         else:
             case.run()
     finally:
