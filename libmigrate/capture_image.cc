@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <linux/prctl.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstring>
+#include <map>
 
 #include <kj/debug.h>
 
@@ -177,7 +179,29 @@ Copy describeMapping(pid_t pid, const MapsEntry& e, proto::Mapping::Builder m) {
   return e.shared ? Copy::NONE : Copy::WRITTEN;
 }
 
-void describeFiles(pid_t pid, proto::ImageHeader::Builder header) {
+// Descriptors that are read ends of pipes (their queued bytes are asked with FIONREAD).
+std::vector<int> pipeReadEnds(pid_t pid) {
+  std::vector<int> out;
+  std::string dirPath = procPath(pid, "fd");
+  DIR* dir = ::opendir(dirPath.c_str());
+  KJ_REQUIRE(dir != nullptr, "cannot list descriptors", dirPath, strerror(errno));
+  while (dirent* e = ::readdir(dir)) {
+    struct stat st;
+    if (e->d_name[0] == '.' || ::stat((dirPath + "/" + e->d_name).c_str(), &st) != 0 ||
+        !S_ISFIFO(st.st_mode)) {
+      continue;
+    }
+    std::string info = readProcFile(procPath(pid, (std::string("fdinfo/") + e->d_name).c_str()));
+    if ((procField(info, "flags:", 8) & O_ACCMODE) != O_WRONLY) {
+      out.push_back(atoi(e->d_name));
+    }
+  }
+  ::closedir(dir);
+  return out;
+}
+
+void describeFiles(pid_t pid, proto::ImageHeader::Builder header,
+                   const std::map<int, uint32_t>& unread) {
   std::string dirPath = procPath(pid, "fd");
   DIR* dir = ::opendir(dirPath.c_str());
   KJ_REQUIRE(dir != nullptr, "cannot list descriptors", dirPath, strerror(errno));
@@ -206,6 +230,9 @@ void describeFiles(pid_t pid, proto::ImageHeader::Builder header) {
       // Pipes ("pipe:[N]"), sockets ("socket:[N]"), anonymous inodes ("anon_inode:[eventfd]").
       if (::stat(fdPath.c_str(), &st) == 0 && S_ISFIFO(st.st_mode)) {
         f.setKind(proto::OpenFile::Kind::PIPE);
+        f.setIno(st.st_ino);
+        auto it = unread.find(fds[i]);
+        f.setUnread(it == unread.end() ? 0 : it->second);
       } else if (::stat(fdPath.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
         f.setKind(proto::OpenFile::Kind::SOCKET);
       } else {
@@ -303,12 +330,13 @@ struct Injected {
   itimerval timers[3]{};
   uint64_t tidAddress = 0;
   bool tidAddressKnown = false;
+  std::map<int, uint32_t> pipeUnread;  // read end -> bytes queued
 };
 
 // The state only the process itself can ask the kernel for. Leaves registers and mask as
 // `resume` and `mask` say, also when it throws.
 Injected injectQueries(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
-                       uint64_t mask) {
+                       uint64_t mask, const std::vector<int>& pipes) {
   Injected out;
   task.setSyscallInstruction(insn);
   task.setSigmask(~0ull);
@@ -343,6 +371,13 @@ Injected injectQueries(PtraceTask& task, RemotePtr<uint8_t> insn, const user_reg
   for (int which = 0; which < 3; ++which) {
     task.syscallOrThrow("getitimer", __NR_getitimer, {uint64_t(which), scratch});
     read(&out.timers[which], sizeof(itimerval));
+  }
+  for (int fd : pipes) {
+    int queued = 0;
+    if (task.syscall(__NR_ioctl, {uint64_t(fd), FIONREAD, scratch}) == 0) {
+      read(&queued, sizeof(queued));
+    }
+    out.pipeUnread[fd] = queued;
   }
   long r = task.syscall(__NR_prctl, {PR_GET_TID_ADDRESS, scratch, 0, 0, 0});
   if (r == 0) {
@@ -419,7 +454,7 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
     }
   }
   KJ_REQUIRE(!insn.isNull(), "the process has no vDSO with a syscall instruction", pid);
-  Injected injected = injectQueries(task, insn, regs, sigmask);
+  Injected injected = injectQueries(task, insn, regs, sigmask, pipeReadEnds(pid));
   stats.injectedSyscalls = task.injected();
   maps = readMaps(pid);  // without the scratch page
 
@@ -505,7 +540,7 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
   header.setPersonality(strtoul(readProcFile(procPath(pid, "personality")).c_str(), nullptr, 16));
   header.setUmask(procField(readProcFile(procPath(pid, "status")), "Umask:", 8));
   header.setCwd(bytesOf(readLink(procPath(pid, "cwd"))));
-  describeFiles(pid, header);
+  describeFiles(pid, header, injected.pipeUnread);
 
   // Mappings, and the runs of pages the stream carries (pagemap(5)).
   std::string pagemapPath = procPath(pid, "pagemap");

@@ -113,6 +113,29 @@ bool inherited(proto::OpenFile::Reader f) {
          f.getKind() != proto::OpenFile::Kind::DIRECTORY;
 }
 
+// The pipes whose both ends are among the resumed descriptors: recreated by restoreImage.
+// Key: the pipe's inode; value: its descriptors.
+std::map<uint64_t, std::vector<proto::OpenFile::Reader>> internalPipes(
+    proto::ImageHeader::Reader header) {
+  std::map<uint64_t, std::vector<proto::OpenFile::Reader>> all;
+  for (auto f : header.getFiles()) {
+    if (f.getKind() == proto::OpenFile::Kind::PIPE && !inherited(f) && f.getIno() != 0) {
+      all[f.getIno()].push_back(f);
+    }
+  }
+  std::map<uint64_t, std::vector<proto::OpenFile::Reader>> out;
+  for (auto& [ino, ends] : all) {
+    bool reader = false, writer = false;
+    for (auto f : ends) {
+      (f.getFlags() & O_ACCMODE) == O_WRONLY ? writer = true : reader = true;
+    }
+    if (reader && writer) {
+      out.emplace(ino, ends);
+    }
+  }
+  return out;
+}
+
 struct KernelSigaction {
   uint64_t handler, flags, restorer, mask;
 };
@@ -174,6 +197,7 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
   if (::stat(cwd.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
     problems.push_back("the working directory " + cwd + " is gone");
   }
+  auto pipes = internalPipes(header);
   for (auto f : header.getFiles()) {
     if (inherited(f)) {
       continue;
@@ -182,8 +206,13 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
     std::string fd = "fd " + std::to_string(f.getFd()) + ": ";
     switch (f.getKind()) {
       case proto::OpenFile::Kind::PIPE:
-        problems.push_back(fd + "a pipe (" + path +
-                           ") cannot be resumed: the process at its other end is gone");
+        if (!pipes.count(f.getIno())) {
+          problems.push_back(fd + "a pipe (" + path +
+                             ") cannot be resumed: the process at its other end is gone");
+        } else if (f.getUnread() != 0) {
+          problems.push_back(fd + "a pipe (" + path + ") of the process's own holds " +
+                             std::to_string(f.getUnread()) + " unread bytes (not kept yet)");
+        }
         break;
       case proto::OpenFile::Kind::SOCKET:
         problems.push_back(fd + "a socket (" + path + ") cannot be resumed");
@@ -392,8 +421,35 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     }
   }
   task.syscall(__NR_close_range, {3, ~0u, 0});
+  // Pipes of the process's own: a new pipe each, its ends moved above every image descriptor
+  // first so that placing one end never closes the other.
+  uint64_t above = 3;
   for (auto file : header.getFiles()) {
-    if (inherited(file)) {
+    above = std::max<uint64_t>(above, file.getFd() + 1);
+  }
+  for (auto& [ino, ends] : internalPipes(header)) {
+    task.syscallOrThrow("pipe2", __NR_pipe2, {scratch, 0});
+    int pair[2];
+    task.readMem(scratchPtr, std::span<uint8_t>(reinterpret_cast<uint8_t*>(pair), sizeof(pair)));
+    uint64_t high[2];
+    for (int i = 0; i < 2; ++i) {
+      high[i] =
+          task.syscallOrThrow("fcntl(F_DUPFD)", __NR_fcntl, {uint64_t(pair[i]), F_DUPFD, above});
+      task.syscallOrThrow("close", __NR_close, {uint64_t(pair[i])});
+    }
+    for (auto file : ends) {
+      uint64_t from = high[(file.getFlags() & O_ACCMODE) == O_WRONLY ? 1 : 0];
+      uint64_t fd = file.getFd();
+      task.syscallOrThrow("dup3", __NR_dup3,
+                          {from, fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
+      task.syscallOrThrow("fcntl(F_SETFL)", __NR_fcntl,
+                          {fd, F_SETFL, file.getFlags() & uint64_t(O_NONBLOCK)});
+    }
+    task.syscallOrThrow("close", __NR_close, {high[0]});
+    task.syscallOrThrow("close", __NR_close, {high[1]});
+  }
+  for (auto file : header.getFiles()) {
+    if (inherited(file) || file.getKind() == proto::OpenFile::Kind::PIPE) {
       continue;
     }
     std::string path = pathOf(file.getPath());

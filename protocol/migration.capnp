@@ -75,13 +75,15 @@ struct OpenFile {
   closeOnExec @4 :Bool;
   offset @5 :Int64;          # fdinfo pos, bytes
   dev @6 :UInt64;            # identity of the file when it was captured
-  ino @7 :UInt64;
+  ino @7 :UInt64;             # for a pipe: the pipe's inode, shared by its two ends
+  unread @8 :UInt32;          # pipe: bytes queued in it when captured (FIONREAD)
 
   enum Kind {
     regular @0;              # reopened by path, checked by identity, seeked to offset
     directory @1;            # reopened by path
     device @2;               # character device: reopened by path (/dev/null, a tty)
-    pipe @3;                 # cannot be reopened: its other end belongs to another process
+    pipe @3;                 # recreated when both ends are the process's own and it is empty;
+                             # otherwise its other end belongs to another process: cannot
     socket @4;               # cannot be reopened
     other @5;                # anon inodes (eventfd, epoll, signalfd, timerfd...): cannot
   }

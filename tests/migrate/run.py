@@ -10,7 +10,8 @@
    DIR/go and write "go\n" to mosrun's standard input: the resumed process must pass.
 NAME=corrupt checks instead that damaged checkpoints are refused with a clear error; NAME=
 unresumable that a checkpoint holding a pipe and a socket is refused naming both; NAME=refused
-that a process with two threads or a shared writable file mapping is not checkpointed and runs on.
+that a process with two threads or a shared writable file mapping is not checkpointed and runs on;
+NAME=xz that xz, checkpointed while it compresses and resumed, writes what a native run writes.
 Needs root (ptrace of a non-child, PR_SET_MM); exits 77 (skip) otherwise.
 """
 import os
@@ -142,11 +143,45 @@ class Case:
         assert not [f for f in os.listdir(self.tmp) if f.startswith(mode)], 'a file was left'
         self.finish(proc, work, f'original after the refused checkpoint ({mode})')
 
+    def run_xz(self):
+        """A real program: xz -6 of 6 MB, checkpointed while it compresses, killed, resumed: its
+        output file (reopened by path and offset, the self-pipe recreated) is byte-identical to
+        a native run's."""
+        import random
+        xz = shutil.which('xz')
+        if xz is None:
+            print('no xz: skipped')
+            sys.exit(77)
+        rng = random.Random(8)
+        words = [''.join(rng.choice('abcdefghij') for _ in range(rng.randint(2, 9)))
+                 for _ in range(5000)]
+        src = os.path.join(self.tmp, 'in.txt')
+        with open(src, 'w') as f:
+            f.write(' '.join(rng.choice(words) for _ in range(1000000)))
+        native = os.path.join(self.tmp, 'native.xz')
+        with open(native, 'wb') as out:
+            subprocess.run([xz, '-6', '-c', src], stdout=out, check=True, timeout=600)
+        moved = os.path.join(self.tmp, 'moved.xz')
+        with open(moved, 'wb') as out:
+            proc = subprocess.Popen([xz, '-6', '-c', src], stdout=out, stdin=subprocess.DEVNULL)
+        wait_for('xz to write', lambda: os.path.getsize(moved) > 0 or proc.poll() is not None,
+                 600)
+        assert proc.poll() is None, 'xz ended before its checkpoint: make the input larger'
+        image = os.path.join(self.tmp, 'xz.img')
+        self.checkpoint(proc, image)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        print(f'checkpointed after {os.path.getsize(moved)} of {os.path.getsize(native)} bytes')
+        r = subprocess.run([self.mosrun, '-R', image], timeout=600, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, f'resumed xz failed ({r.returncode})'
+        assert open(moved, 'rb').read() == open(native, 'rb').read(), 'outputs differ'
+
     def run_unresumable(self):
         proc, work = self.start()
         image = os.path.join(self.tmp, 'pipe.img')
         self.checkpoint(proc, image)
-        self.refused(image, 'fd 7: a pipe', 'fd 8: a socket')
+        self.refused(image, 'fd 7: a pipe (pipe:', "of the process's own holds 1 unread bytes",
+                     'fd 8: a socket', 'fd 12: a pipe (pipe:', 'the process at its other end is gone')
         self.finish(proc, work, 'original after its checkpoint')
 
 
@@ -161,6 +196,8 @@ def main():
             case.run_corrupt()
         elif name == 'unresumable':
             case.run_unresumable()
+        elif name == 'xz':
+            case.run_xz()
         elif name == 'refused':
             case.run_refused('thread', 'only single-threaded processes can be captured yet')
             case.run_refused('shared_file', 'a shared writable file mapping cannot be checkpointed')
