@@ -22,6 +22,7 @@
 #include <capnp/message.h>
 #include <kj/debug.h>
 
+#include "checkpoint.h"
 #include "image_io.h"
 #include "migrate.h"
 #include "ptrace_task.h"
@@ -221,6 +222,41 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
   }
 }
 
+// At the PTRACE_EVENT_EXEC stop of the restore stub: the checkpoint goes into the caller.
+[[noreturn]] void resumeAtExec(pid_t pid, const AgentConfig& config) {
+  std::vector<int> pending;  // signals that arrived during the restore, delivered after it
+  try {
+    // The stub's execve has not returned yet: step to its syscall-exit stop.
+    KJ_SYSCALL(::ptrace(PTRACE_SYSCALL, pid, 0, 0));
+    for (;;) {
+      int status = waitTask(pid);
+      KJ_REQUIRE(WIFSTOPPED(status), "the process ended", describeStatus(status));
+      if (isSyscallStop(status)) {
+        break;
+      }
+      if (int sig = passStop(pid, status, PTRACE_SYSCALL, true)) {
+        pending.push_back(sig);
+      }
+    }
+    int fd;
+    KJ_SYSCALL(fd = ::open(config.resumeImagePath.c_str(), O_RDONLY | O_CLOEXEC),
+               config.resumeImagePath);
+    kj::AutoCloseFd owner(fd);
+    kj::FdInputStream in(fd);
+    ImageReader reader(in);
+    restoreImage(reader, pid);
+    for (int sig : pending) {
+      ::kill(pid, sig);
+    }
+    ::_exit(0);
+  } catch (kj::Exception& e) {
+    fprintf(stderr, "mosrun: resuming %s failed: %s\n", config.resumeImagePath.c_str(),
+            e.getDescription().cStr());
+    ::kill(pid, SIGKILL);
+    ::_exit(1);
+  }
+}
+
 [[noreturn]] void runAgent(pid_t caller, const AgentConfig& config, int readyFd, int controlFd) {
   ::setsid();
   int devnull = ::open("/dev/null", O_RDWR | O_CLOEXEC);
@@ -265,6 +301,9 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
         ::_exit(0);
       }
       if (ptraceEvent(status) == PTRACE_EVENT_EXEC) {
+        if (!config.resumeImagePath.empty()) {
+          resumeAtExec(caller, config);
+        }
         migrateAtExec(caller, config);
       }
       passStop(caller, status, PTRACE_CONT, false);

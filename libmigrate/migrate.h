@@ -100,10 +100,15 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
 // deputy fails, it says so on stderr, removes the image and makes the process exit_group(125).
 // The deputy runs with an empty environment. Call start() while the caller is single-threaded:
 // the agent is a fork of it that runs C++ code.
+//
+// Resume mode (`resumeImagePath` set, the other fields unused): at the exec event, which must be
+// the caller's execRestoreStub() (checkpoint.h), the agent restores the checkpoint file into the
+// caller with restoreImage() and lets it run; on failure it says why on stderr and kills it.
 struct AgentConfig {
   std::string deputyPath;               // absolute path of mos-deputy
   std::vector<std::string> deputyArgv;  // argv[0..] of the deputy; "--image PATH" is appended
   std::string imagePath;
+  std::string resumeImagePath;  // a checkpoint file (migration stream)
 };
 
 class Agent {

@@ -137,6 +137,17 @@ RemotePtr<char> PtraceTask::writeString(RemotePtr<char> addr, const std::string&
   return addr + (s.size() + 1);
 }
 
+RemotePtr<uint8_t> PtraceTask::findSyscallInstruction(uint64_t start, uint64_t end) {
+  std::vector<uint8_t> code(end - start);
+  readMem(RemotePtr<uint8_t>(start), code);
+  for (size_t i = 0; i + 1 < code.size(); ++i) {
+    if (code[i] == 0x0f && code[i + 1] == 0x05) {
+      return RemotePtr<uint8_t>(start + i);
+    }
+  }
+  return RemotePtr<uint8_t>();
+}
+
 int PtraceTask::waitSyscallStop(bool entry) {
   for (;;) {
     int status;
@@ -164,6 +175,7 @@ int PtraceTask::waitSyscallStop(bool entry) {
 long PtraceTask::syscall(long nr, std::initializer_list<uint64_t> args) {
   KJ_REQUIRE(!syscallInsn_.isNull(), "no syscall instruction known in the task");
   KJ_REQUIRE(args.size() <= 6);
+  ++injected_;
   user_regs_struct regs = getRegs();
   uint64_t a[6] = {};
   size_t i = 0;

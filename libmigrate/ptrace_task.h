@@ -72,6 +72,10 @@ class PtraceTask {
   // Writes `s` and a NUL; returns the address just past the NUL.
   RemotePtr<char> writeString(RemotePtr<char> addr, const std::string& s);
 
+  // The address of the first `syscall` instruction (0f 05) in [start, end), or null. Used with
+  // the vDSO's range (rr's find_syscall_instruction_in_vdso): every process has one there.
+  RemotePtr<uint8_t> findSyscallInstruction(uint64_t start, uint64_t end);
+
   // Where injected syscalls execute: the address of a `syscall` instruction (0f 05) in the task.
   void setSyscallInstruction(RemotePtr<uint8_t> insn) { syscallInsn_ = insn; }
   // While an injected syscall runs, called repeatedly (every few milliseconds) until the
@@ -88,6 +92,8 @@ class PtraceTask {
   long syscall(long nr, std::initializer_list<uint64_t> args);
   // Like syscall() but throws kj::Exception (FAILED) naming `what` when the result is -errno.
   uint64_t syscallOrThrow(const char* what, long nr, std::initializer_list<uint64_t> args);
+  // How many syscalls this object has injected.
+  uint64_t injected() const { return injected_; }
 
  private:
   int waitSyscallStop(bool entry);
@@ -97,6 +103,7 @@ class PtraceTask {
   kj::AutoCloseFd mem_;
   RemotePtr<uint8_t> syscallInsn_;
   std::function<void()> whileInSyscall_;
+  uint64_t injected_ = 0;
 };
 
 }  // namespace mos::migrate

@@ -1,6 +1,7 @@
 // mosrun: start a program as a umosix job (docs/mosrun.1.md).
 //
 //   mosrun [-r NODE] PROGRAM [ARGS...]
+//   mosrun -R FILE
 //
 // The process the shell waits on is the job itself (design decision 1): mosrun checks its
 // arguments and the target node, starts a migration agent, and execs PROGRAM in place. At the
@@ -30,6 +31,7 @@
 #include <fmt/format.h>
 #include <kj/debug.h>
 
+#include "checkpoint.h"
 #include "config.h"
 #include "log.h"
 #include "map_file.h"
@@ -145,6 +147,47 @@ void startTracer(const std::string& file, uint32_t node) {
   close(ready[0]);
 }
 
+// -R FILE: the whole checkpoint is read and checked (digest, counts, files, descriptors, CPU)
+// before anything happens to this process; then an agent restores it into this very process
+// after it has exec'd the restore stub, so the shell's job is the resumed process.
+[[noreturn]] void resume(const std::string& file) {
+  std::string path = std::filesystem::absolute(file).string();
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    fail(EXIT_MOSRUN_FAILED, fmt::format("cannot open {}: {}", file, strerror(errno)));
+  }
+  std::vector<std::string> problems;
+  try {
+    kj::AutoCloseFd owner(fd);
+    kj::FdInputStream in(fd);
+    mos::migrate::ImageReader reader(in);
+    reader.verifyToEnd();
+    problems = mos::migrate::checkResumable(reader.header());
+  } catch (kj::Exception& e) {
+    fail(EXIT_MOSRUN_FAILED, fmt::format("cannot resume {}: {}", file, e.getDescription().cStr()));
+  }
+  if (!problems.empty()) {
+    for (auto& p : problems) {
+      fmt::print(stderr, "mosrun: cannot resume {}: {}\n", file, p);
+    }
+    fflush(stderr);
+    _exit(EXIT_MOSRUN_FAILED);
+  }
+  mos::migrate::AgentConfig config;
+  config.resumeImagePath = path;
+  mos::migrate::Agent agent;
+  try {
+    agent = mos::migrate::Agent::start(config);
+  } catch (kj::Exception& e) {
+    fail(EXIT_MOSRUN_FAILED,
+         fmt::format("cannot start the migration agent: {}", e.getDescription().cStr()));
+  }
+  mos::migrate::execRestoreStub();
+  int err = errno;
+  agent.cancel();
+  fail(EXIT_MOSRUN_FAILED, fmt::format("cannot exec the restore stub: {}", strerror(err)));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -161,6 +204,11 @@ int main(int argc, char** argv) {
   app.add_flag("--trace{-}", traceFile,
                "trace the job's trapped system calls from its start with mostrace(1), to stderr "
                "or, as --trace=FILE, to FILE (with -r)");
+  std::string resumeFile;
+  app.add_option("-R,--resume", resumeFile,
+                 "resume the job checkpointed in FILE (migrate PID checkpoint FILE) at home, in "
+                 "this process; its files are reopened by path and offset")
+      ->type_name("FILE");
   app.prefix_command();
   app.footer(
       "PROGRAM [ARGS...] follow the options; everything from PROGRAM on is the program's own.\n"
@@ -178,6 +226,15 @@ int main(int argc, char** argv) {
   std::vector<std::string> command = app.remaining();
   if (!command.empty() && command[0] == "--") {
     command.erase(command.begin());
+  }
+  if (!resumeFile.empty()) {
+    if (!command.empty()) {
+      fail(EXIT_MOSRUN_FAILED, "-R FILE takes no PROGRAM: the checkpoint is the program");
+    }
+    if (remote.has_value()) {
+      fail(EXIT_MOSRUN_FAILED, "-R with -r is not implemented yet: resume at home, then migrate");
+    }
+    resume(resumeFile);
   }
   if (command.empty()) {
     fail(EXIT_MOSRUN_FAILED, "no PROGRAM given (see mosrun --help)");

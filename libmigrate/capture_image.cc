@@ -1,0 +1,649 @@
+// captureImage(): a stopped, running process to a migration stream (checkpoint.h).
+// Steps: registers with the restart and rseq fixups, xsave state, signal mask and queues
+// (ptrace); dispositions, sigaltstack, itimers, tid address (injected syscalls, every signal
+// blocked, one scratch page mapped and unmapped again); mappings and process state (/proc);
+// then the header and the touched pages, streamed one run at a time.
+#include <dirent.h>
+#include <elf.h>
+#include <fcntl.h>
+#include <linux/prctl.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstring>
+#include <map>
+
+#include <kj/debug.h>
+
+#include "checkpoint.h"
+#include "image_internal.h"
+#include "proc_maps.h"
+#include "ptrace_task.h"
+
+namespace mos::migrate {
+
+namespace {
+
+constexpr uint64_t PM_PRESENT = 1ull << 63;
+constexpr uint64_t PM_SWAP = 1ull << 62;
+constexpr uint64_t PM_FILE_OR_SHARED = 1ull << 61;
+
+struct ptrace_rseq_configuration {
+  uint64_t rseqAbiPointer;
+  uint32_t rseqAbiSize;
+  uint32_t signature;
+  uint32_t flags;
+  uint32_t pad;
+};
+constexpr int PTRACE_GET_RSEQ_CONFIGURATION_REQUEST = 0x420f;
+
+struct KernelSigaction {
+  uint64_t handler, flags, restorer, mask;
+};
+
+// A reason why this process cannot be captured, worded for the user (no KJ condition text).
+[[noreturn]] void refuse(kj::String why) {
+  throw kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::mv(why));
+}
+
+int countThreads(pid_t pid) {
+  std::string path = procPath(pid, "task");
+  DIR* dir = ::opendir(path.c_str());
+  KJ_REQUIRE(dir != nullptr, "cannot list threads", path, strerror(errno));
+  int n = 0;
+  while (dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] != '.') {
+      ++n;
+    }
+  }
+  ::closedir(dir);
+  return n;
+}
+
+// Fields of /proc/PID/stat, 1-based as in proc(5).
+std::vector<uint64_t> statFields(pid_t pid) {
+  std::string text = readProcFile(procPath(pid, "stat"));
+  size_t close = text.rfind(')');
+  KJ_REQUIRE(close != std::string::npos, "unparsable /proc/PID/stat", pid);
+  std::vector<uint64_t> fields(4, 0);
+  const char* p = text.c_str() + close + 2;
+  p = strchr(p, ' ');
+  while (p != nullptr && *p) {
+    ++p;
+    fields.push_back(strtoull(p, nullptr, 10));
+    p = strchr(p, ' ');
+  }
+  KJ_REQUIRE(fields.size() > 51, "short /proc/PID/stat", pid, fields.size());
+  return fields;
+}
+
+// A "Key:\tvalue" line of a /proc status-like file, parsed with strtoull in `base`.
+uint64_t procField(const std::string& text, const char* key, int base) {
+  size_t at = text.find(key);
+  KJ_REQUIRE(at != std::string::npos, "missing /proc field", key);
+  return strtoull(text.c_str() + at + strlen(key), nullptr, base);
+}
+
+std::string readLink(const std::string& path) {
+  char buf[PATH_MAX];
+  ssize_t n;
+  KJ_SYSCALL(n = ::readlink(path.c_str(), buf, sizeof(buf) - 1), path);
+  return std::string(buf, n);
+}
+
+kj::ArrayPtr<const kj::byte> bytesOf(const std::string& s) {
+  return kj::arrayPtr(reinterpret_cast<const kj::byte*>(s.data()), s.size());
+}
+
+// Which pages of a mapping the stream carries.
+enum class Copy { NONE, PRESENT, WRITTEN, EVERY };
+
+// Fills `m` from a maps line; returns which pages to copy.
+Copy describeMapping(pid_t pid, const MapsEntry& e, proto::Mapping::Builder m) {
+  m.setStart(e.start);
+  m.setEnd(e.end);
+  m.setProt(e.prot);
+  m.setShared(e.shared);
+  m.setName(e.path);
+  auto endsWith = [&](const char* suffix) {
+    size_t n = strlen(suffix);
+    return e.path.size() >= n && e.path.compare(e.path.size() - n, n, suffix) == 0;
+  };
+  if (e.path == "[vdso]") {
+    m.setKind(proto::Mapping::Kind::VDSO);
+    return Copy::NONE;
+  }
+  if (e.path == "[vvar]") {
+    m.setKind(proto::Mapping::Kind::VVAR);
+    return Copy::NONE;
+  }
+  if (e.path == "[vvar_vclock]") {
+    m.setKind(proto::Mapping::Kind::VVAR_VCLOCK);
+    return Copy::NONE;
+  }
+  if (e.path == "[vsyscall]") {
+    m.setKind(proto::Mapping::Kind::VSYSCALL);
+    return Copy::NONE;
+  }
+  if (e.path == "[stack]") {
+    m.setKind(proto::Mapping::Kind::STACK);
+    return Copy::PRESENT;
+  }
+  if (e.path == "[heap]") {
+    m.setKind(proto::Mapping::Kind::HEAP);
+    return Copy::PRESENT;
+  }
+  if (e.inode == 0 || e.path.empty() || (e.shared && e.devMajor == 0 && e.devMinor == 1)) {
+    // Anonymous memory, private or shared (shmem shows as "/dev/zero (deleted)"): the sharing
+    // with other processes does not survive a move, the bytes do.
+    if (e.shared && e.path.rfind("/SYSV", 0) == 0) {
+      refuse(kj::str("System V shared memory cannot be checkpointed or moved (", e.path, ")"));
+    }
+    m.setKind(proto::Mapping::Kind::ANONYMOUS);
+    return Copy::PRESENT;
+  }
+  if (endsWith(" (deleted)") || e.path[0] != '/') {
+    // No file has this content any more (a deleted file, a memfd): every page travels.
+    if (e.shared && (e.prot & PROT_WRITE)) {
+      refuse(kj::str("a shared writable mapping of a deleted file or memfd cannot be checkpointed ",
+                     "or moved (", e.path, ")"));
+    }
+    m.setKind(proto::Mapping::Kind::ANONYMOUS);
+    return Copy::EVERY;
+  }
+  if (e.shared && (e.prot & PROT_WRITE)) {
+    refuse(
+        kj::str("a shared writable file mapping cannot be checkpointed or moved (", e.path, ")"));
+  }
+  m.setKind(proto::Mapping::Kind::FILE);
+  m.setOffset(e.offset);
+  char range[64];
+  snprintf(range, sizeof(range), "map_files/%" PRIx64 "-%" PRIx64, e.start, e.end);
+  struct stat st;
+  if (::stat(procPath(pid, range).c_str(), &st) != 0) {
+    KJ_SYSCALL(::stat(e.path.c_str(), &st), e.path);
+  }
+  KJ_REQUIRE(st.st_ino == e.inode, "a mapped file was replaced under its path", e.path);
+  setFileRef(m.initFile(), e.path, st);
+  return e.shared ? Copy::NONE : Copy::WRITTEN;
+}
+
+// Descriptors that are read ends of pipes (their queued bytes are asked with FIONREAD).
+std::vector<int> pipeReadEnds(pid_t pid) {
+  std::vector<int> out;
+  std::string dirPath = procPath(pid, "fd");
+  DIR* dir = ::opendir(dirPath.c_str());
+  KJ_REQUIRE(dir != nullptr, "cannot list descriptors", dirPath, strerror(errno));
+  while (dirent* e = ::readdir(dir)) {
+    struct stat st;
+    if (e->d_name[0] == '.' || ::stat((dirPath + "/" + e->d_name).c_str(), &st) != 0 ||
+        !S_ISFIFO(st.st_mode)) {
+      continue;
+    }
+    std::string info = readProcFile(procPath(pid, (std::string("fdinfo/") + e->d_name).c_str()));
+    if ((procField(info, "flags:", 8) & O_ACCMODE) != O_WRONLY) {
+      out.push_back(atoi(e->d_name));
+    }
+  }
+  ::closedir(dir);
+  return out;
+}
+
+void describeFiles(pid_t pid, proto::ImageHeader::Builder header,
+                   const std::map<int, uint32_t>& unread) {
+  std::string dirPath = procPath(pid, "fd");
+  DIR* dir = ::opendir(dirPath.c_str());
+  KJ_REQUIRE(dir != nullptr, "cannot list descriptors", dirPath, strerror(errno));
+  std::vector<int> fds;
+  while (dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] != '.') {
+      fds.push_back(atoi(e->d_name));
+    }
+  }
+  ::closedir(dir);
+  std::sort(fds.begin(), fds.end());
+  auto list = header.initFiles(fds.size());
+  for (size_t i = 0; i < fds.size(); ++i) {
+    auto f = list[i];
+    std::string fdPath = dirPath + "/" + std::to_string(fds[i]);
+    f.setFd(fds[i]);
+    std::string link = readLink(fdPath);
+    f.setPath(bytesOf(link));
+    std::string info = readProcFile(procPath(pid, ("fdinfo/" + std::to_string(fds[i])).c_str()));
+    uint32_t flags = procField(info, "flags:", 8);
+    f.setFlags(flags & ~O_CLOEXEC);
+    f.setCloseOnExec(flags & O_CLOEXEC);
+    f.setOffset(static_cast<int64_t>(procField(info, "pos:", 10)));
+    struct stat st;
+    if (::stat(fdPath.c_str(), &st) != 0 || link.empty() || link[0] != '/') {
+      // Pipes ("pipe:[N]"), sockets ("socket:[N]"), anonymous inodes ("anon_inode:[eventfd]").
+      if (::stat(fdPath.c_str(), &st) == 0 && S_ISFIFO(st.st_mode)) {
+        f.setKind(proto::OpenFile::Kind::PIPE);
+        f.setIno(st.st_ino);
+        auto it = unread.find(fds[i]);
+        f.setUnread(it == unread.end() ? 0 : it->second);
+      } else if (::stat(fdPath.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+        f.setKind(proto::OpenFile::Kind::SOCKET);
+      } else {
+        f.setKind(proto::OpenFile::Kind::OTHER);
+      }
+      continue;
+    }
+    f.setDev(st.st_dev);
+    f.setIno(st.st_ino);
+    if (S_ISREG(st.st_mode)) {
+      f.setKind(proto::OpenFile::Kind::REGULAR);
+    } else if (S_ISDIR(st.st_mode)) {
+      f.setKind(proto::OpenFile::Kind::DIRECTORY);
+    } else if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) {
+      f.setKind(proto::OpenFile::Kind::DEVICE);
+    } else if (S_ISFIFO(st.st_mode)) {
+      f.setKind(proto::OpenFile::Kind::PIPE);  // a named pipe: its writer is another process
+    } else if (S_ISSOCK(st.st_mode)) {
+      f.setKind(proto::OpenFile::Kind::SOCKET);
+    } else {
+      f.setKind(proto::OpenFile::Kind::OTHER);
+    }
+  }
+}
+
+// Register state as the process must resume: an interrupted system call re-issued (CRIU's
+// fixup, compel/arch/x86/src/lib/infect.c; the kernel's own in arch_do_signal_or_restart,
+// which no longer runs once we have injected calls), a restartable sequence aborted.
+user_regs_struct resumableRegs(PtraceTask& task, user_regs_struct regs,
+                               const ptrace_rseq_configuration& rseq) {
+  if (static_cast<int64_t>(regs.orig_rax) >= 0) {
+    switch (static_cast<int64_t>(regs.rax)) {
+      case -512:  // ERESTARTSYS
+      case -513:  // ERESTARTNOINTR
+      case -514:  // ERESTARTNOHAND
+        regs.rax = regs.orig_rax;
+        regs.rip -= 2;
+        break;
+      case -516:  // ERESTART_RESTARTBLOCK: the kernel's restart block (a fresh process: EINTR)
+        regs.rax = __NR_restart_syscall;
+        regs.rip -= 2;
+        break;
+      default: break;
+    }
+  }
+  regs.orig_rax = static_cast<uint64_t>(-1);
+  if (rseq.rseqAbiPointer != 0) {
+    uint64_t csPtr = 0;
+    task.readMem(RemotePtr<uint8_t>(rseq.rseqAbiPointer + 8),
+                 std::span<uint8_t>(reinterpret_cast<uint8_t*>(&csPtr), 8));
+    if (csPtr != 0) {
+      struct {
+        uint32_t version, flags;
+        uint64_t startIp, postCommitOffset, abortIp;
+      } cs{};
+      task.readMem(RemotePtr<uint8_t>(csPtr),
+                   std::span<uint8_t>(reinterpret_cast<uint8_t*>(&cs), sizeof(cs)));
+      if (regs.rip >= cs.startIp && regs.rip < cs.startIp + cs.postCommitOffset) {
+        regs.rip = cs.abortIp;
+      }
+    }
+  }
+  return regs;
+}
+
+std::vector<siginfo_t> peekQueue(pid_t pid, bool shared) {
+  std::vector<siginfo_t> out;
+  for (;;) {
+    __ptrace_peeksiginfo_args args{};
+    args.off = out.size();
+    args.flags = shared ? PTRACE_PEEKSIGINFO_SHARED : 0;
+    args.nr = 32;
+    siginfo_t buf[32];
+    long n;
+    KJ_SYSCALL(n = ::ptrace(PTRACE_PEEKSIGINFO, pid, &args, buf), pid);
+    if (n == 0) {
+      return out;
+    }
+    out.insert(out.end(), buf, buf + n);
+  }
+}
+
+void setPending(capnp::List<proto::PendingSignal>::Builder list,
+                const std::vector<siginfo_t>& infos, bool shared) {
+  for (size_t i = 0; i < infos.size(); ++i) {
+    list[i].setShared(shared);
+    list[i].setSiginfo(
+        kj::arrayPtr(reinterpret_cast<const kj::byte*>(&infos[i]), sizeof(siginfo_t)));
+  }
+}
+
+struct Injected {
+  std::vector<std::pair<int, KernelSigaction>> actions;
+  stack_t altStack{};
+  itimerval timers[3]{};
+  uint64_t tidAddress = 0;
+  bool tidAddressKnown = false;
+  std::map<int, uint32_t> pipeUnread;  // read end -> bytes queued
+};
+
+// The state only the process itself can ask the kernel for. Leaves registers and mask as
+// `resume` and `mask` say, also when it throws.
+Injected injectQueries(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
+                       uint64_t mask, const std::vector<int>& pipes) {
+  Injected out;
+  task.setSyscallInstruction(insn);
+  task.setSigmask(~0ull);
+  uint64_t scratch = 0;
+  KJ_DEFER({
+    if (scratch != 0) {
+      task.syscall(__NR_munmap, {scratch, IMAGE_PAGE});
+    }
+    task.setRegs(resume);
+    task.setSigmask(mask);
+  });
+  scratch = task.syscallOrThrow(
+      "mmap(scratch)", __NR_mmap,
+      {0, IMAGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, ~0ull, 0});
+  RemotePtr<uint8_t> at(scratch);
+  auto read = [&](void* into, size_t size) {
+    task.readMem(at, std::span<uint8_t>(static_cast<uint8_t*>(into), size));
+  };
+  for (int sig = 1; sig <= 64; ++sig) {
+    if (sig == SIGKILL || sig == SIGSTOP) {
+      continue;
+    }
+    task.syscallOrThrow("rt_sigaction", __NR_rt_sigaction, {uint64_t(sig), 0, scratch, 8});
+    KernelSigaction act{};
+    read(&act, sizeof(act));
+    if (act.handler != 0 /* SIG_DFL */) {
+      out.actions.emplace_back(sig, act);
+    }
+  }
+  task.syscallOrThrow("sigaltstack", __NR_sigaltstack, {0, scratch});
+  read(&out.altStack, sizeof(out.altStack));
+  for (int which = 0; which < 3; ++which) {
+    task.syscallOrThrow("getitimer", __NR_getitimer, {uint64_t(which), scratch});
+    read(&out.timers[which], sizeof(itimerval));
+  }
+  for (int fd : pipes) {
+    int queued = 0;
+    if (task.syscall(__NR_ioctl, {uint64_t(fd), FIONREAD, scratch}) == 0) {
+      read(&queued, sizeof(queued));
+    }
+    out.pipeUnread[fd] = queued;
+  }
+  long r = task.syscall(__NR_prctl, {PR_GET_TID_ADDRESS, scratch, 0, 0, 0});
+  if (r == 0) {
+    read(&out.tidAddress, sizeof(out.tidAddress));
+    out.tidAddressKnown = true;
+  }
+  return out;
+}
+
+uint64_t toUs(const timeval& tv) { return uint64_t(tv.tv_sec) * 1000000 + tv.tv_usec; }
+
+}  // namespace
+
+SeizedProcess::SeizedProcess(pid_t pid) : pid_(pid) {
+  KJ_SYSCALL(::ptrace(PTRACE_SEIZE, pid, 0, PTRACE_O_TRACESYSGOOD), "cannot trace the process",
+             pid);
+  KJ_ON_SCOPE_FAILURE(::ptrace(PTRACE_DETACH, pid, 0, 0));
+  KJ_SYSCALL(::ptrace(PTRACE_INTERRUPT, pid, 0, 0), pid);
+  for (;;) {
+    int status = waitTask(pid);
+    KJ_REQUIRE(WIFSTOPPED(status), "the process ended", pid, describeStatus(status));
+    if (ptraceEvent(status) == PTRACE_EVENT_STOP) {
+      return;
+    }
+    // A signal on its way in before our interrupt: deliver it; the interrupt stop follows.
+    KJ_SYSCALL(::ptrace(PTRACE_CONT, pid, 0, ptraceEvent(status) ? 0 : WSTOPSIG(status)), pid);
+  }
+}
+
+SeizedProcess::~SeizedProcess() { detach(); }
+
+void SeizedProcess::detach() {
+  if (attached_) {
+    attached_ = false;
+    ::ptrace(PTRACE_DETACH, pid_, 0, 0);
+  }
+}
+
+CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
+  auto started = std::chrono::steady_clock::now();
+  CaptureStats stats;
+  int threads = countThreads(pid);
+  if (threads != 1) {
+    refuse(kj::str("it has ", threads,
+                   " threads: only single-threaded processes can be captured yet"));
+  }
+  PtraceTask task(pid);
+
+  ptrace_rseq_configuration rseq{};
+  if (::ptrace(static_cast<__ptrace_request>(PTRACE_GET_RSEQ_CONFIGURATION_REQUEST), pid,
+               sizeof(rseq), &rseq) < 0) {
+    rseq = {};
+  }
+  user_regs_struct regs = resumableRegs(task, task.getRegs(), rseq);
+  std::vector<uint8_t> xstate = task.getXstate();
+  uint64_t sigmask = task.getSigmask();
+  std::vector<siginfo_t> privateQueue = peekQueue(pid, false);
+  std::vector<siginfo_t> sharedQueue = peekQueue(pid, true);
+  uint64_t robustHead = 0;
+  size_t robustLen = 0;
+  {
+    uint64_t head = 0;
+    long r = ::syscall(SYS_get_robust_list, pid, &head, &robustLen);
+    if (r == 0) {
+      robustHead = head;
+    }
+  }
+
+  std::vector<MapsEntry> maps = readMaps(pid);
+  RemotePtr<uint8_t> insn;
+  for (const MapsEntry& e : maps) {
+    if (e.path == "[vdso]") {
+      insn = task.findSyscallInstruction(e.start, e.end);
+    }
+  }
+  KJ_REQUIRE(!insn.isNull(), "the process has no vDSO with a syscall instruction", pid);
+  Injected injected = injectQueries(task, insn, regs, sigmask, pipeReadEnds(pid));
+  stats.injectedSyscalls = task.injected();
+  maps = readMaps(pid);  // without the scratch page
+
+  capnp::MallocMessageBuilder message;
+  auto header = message.initRoot<proto::ImageHeader>();
+  header.setVersion(proto::MIGRATION_VERSION);
+  header.setArch("x86_64");
+  struct utsname uts;
+  KJ_SYSCALL(::uname(&uts));
+  header.setKernelRelease(uts.release);
+  timespec now;
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  header.setCapturedAtNs(int64_t(now.tv_sec) * 1000000000 + now.tv_nsec);
+  header.setSourcePid(pid);
+  auto cpu = header.initCpu();
+  cpu.setXsaveFeatures(xsaveFeatures(xstate));
+  cpu.setXsaveSize(xstate.size());
+
+  {
+    std::string comm = readProcFile(procPath(pid, "comm"));
+    while (!comm.empty() && comm.back() == '\n') {
+      comm.pop_back();
+    }
+    header.setCommand(comm);
+    std::string cmdline = readProcFile(procPath(pid, "cmdline"));
+    std::vector<std::string> args;
+    for (size_t start = 0; start < cmdline.size();) {
+      size_t nul = cmdline.find('\0', start);
+      nul = nul == std::string::npos ? cmdline.size() : nul;
+      args.push_back(cmdline.substr(start, nul - start));
+      start = nul + 1;
+    }
+    auto argv = header.initArgv(args.size());
+    for (size_t i = 0; i < args.size(); ++i) {
+      argv.set(i, bytesOf(args[i]));
+    }
+    struct stat exeStat;
+    KJ_SYSCALL(::stat(procPath(pid, "exe").c_str(), &exeStat), pid);
+    setFileRef(header.initExe(), readLink(procPath(pid, "exe")), exeStat);
+  }
+
+  auto thread = header.initThreads(1)[0];
+  thread.setTid(pid);
+  thread.setRegs(kj::arrayPtr(reinterpret_cast<const kj::byte*>(&regs), sizeof(regs)));
+  thread.setXstate(kj::arrayPtr(xstate.data(), xstate.size()));
+  thread.setSigBlocked(sigmask);
+  setPending(thread.initPending(privateQueue.size()), privateQueue, false);
+  thread.setAltStackSp(reinterpret_cast<uint64_t>(injected.altStack.ss_sp));
+  thread.setAltStackFlags(injected.altStack.ss_flags);
+  thread.setAltStackSize(injected.altStack.ss_size);
+  thread.setRseqAddr(rseq.rseqAbiPointer);
+  thread.setRseqSize(rseq.rseqAbiSize);
+  thread.setRseqSignature(rseq.signature);
+  thread.setRobustListHead(robustHead);
+  thread.setRobustListLen(robustLen);
+  thread.setTidAddress(injected.tidAddress);
+  thread.setTidAddressKnown(injected.tidAddressKnown);
+
+  auto actions = header.initSigActions(injected.actions.size());
+  for (size_t i = 0; i < injected.actions.size(); ++i) {
+    auto& [sig, act] = injected.actions[i];
+    actions[i].setSigno(sig);
+    actions[i].setHandler(act.handler);
+    actions[i].setFlags(act.flags);
+    actions[i].setRestorer(act.restorer);
+    actions[i].setMask(act.mask);
+  }
+  setPending(header.initPending(sharedQueue.size()), sharedQueue, true);
+  proto::TimerValue::Builder timers[3] = {header.initTimerReal(), header.initTimerVirtual(),
+                                          header.initTimerProf()};
+  for (int i = 0; i < 3; ++i) {
+    uint64_t interval = toUs(injected.timers[i].it_interval);
+    uint64_t value = toUs(injected.timers[i].it_value);
+    if (value == 0 && interval != 0) {
+      // A periodic timer that has fired while its signal is still queued reads as 0: the kernel
+      // re-arms ITIMER_REAL only when the signal is dequeued, and setitimer with a zero value
+      // would disarm it. It is due again one interval on.
+      value = interval;
+    }
+    timers[i].setIntervalUs(interval);
+    timers[i].setValueUs(value);
+  }
+  header.setPersonality(strtoul(readProcFile(procPath(pid, "personality")).c_str(), nullptr, 16));
+  header.setUmask(procField(readProcFile(procPath(pid, "status")), "Umask:", 8));
+  header.setCwd(bytesOf(readLink(procPath(pid, "cwd"))));
+  describeFiles(pid, header, injected.pipeUnread);
+
+  // Mappings, and the runs of pages the stream carries (pagemap(5)).
+  std::string pagemapPath = procPath(pid, "pagemap");
+  int pagemapFd;
+  KJ_SYSCALL(pagemapFd = ::open(pagemapPath.c_str(), O_RDONLY | O_CLOEXEC), pagemapPath);
+  kj::AutoCloseFd pagemapOwner(pagemapFd);
+  struct Run {
+    uint64_t start;
+    uint32_t pages;
+  };
+  std::vector<Run> runs;
+  uint64_t pageCount = 0;
+  auto mappingList = header.initMappings(maps.size());
+  for (size_t i = 0; i < maps.size(); ++i) {
+    const MapsEntry& e = maps[i];
+    Copy copy = describeMapping(pid, e, mappingList[i]);
+    if (copy == Copy::NONE) {
+      continue;
+    }
+    bool joinable = false;  // runs never cross a mapping boundary
+    auto addPage = [&](uint64_t addr) {
+      if (joinable && runs.back().start + uint64_t(runs.back().pages) * IMAGE_PAGE == addr &&
+          runs.back().pages < MAX_RUN_PAGES) {
+        runs.back().pages += 1;
+      } else {
+        runs.push_back({addr, 1});
+      }
+      joinable = true;
+      pageCount += 1;
+    };
+    constexpr size_t CHUNK = 8192;
+    std::vector<uint64_t> entries(CHUNK);
+    for (uint64_t a = e.start; a < e.end; a += CHUNK * IMAGE_PAGE) {
+      size_t pages = std::min<uint64_t>(CHUNK, (e.end - a) / IMAGE_PAGE);
+      if (copy == Copy::EVERY) {
+        for (size_t p = 0; p < pages; ++p) {
+          addPage(a + p * IMAGE_PAGE);
+        }
+        continue;
+      }
+      ssize_t n;
+      KJ_SYSCALL(n = ::pread(pagemapFd, entries.data(), pages * 8, (a / IMAGE_PAGE) * 8),
+                 pagemapPath);
+      KJ_REQUIRE(static_cast<size_t>(n) == pages * 8, "short pagemap read", pid, a);
+      for (size_t p = 0; p < pages; ++p) {
+        uint64_t pm = entries[p];
+        bool take = copy == Copy::PRESENT
+                        ? (pm & (PM_PRESENT | PM_SWAP)) != 0
+                        : ((pm & PM_PRESENT) && !(pm & PM_FILE_OR_SHARED)) || (pm & PM_SWAP);
+        if (take) {
+          addPage(a + p * IMAGE_PAGE);
+        } else {
+          joinable = false;
+        }
+      }
+    }
+  }
+  header.setPageCount(pageCount);
+
+  // mm layout: /proc/PID/stat fields 26-28 and 45-51 (proc(5)); brk is the end of [heap].
+  std::vector<uint64_t> f = statFields(pid);
+  auto mm = header.initMm();
+  mm.setStartCode(f[26]);
+  mm.setEndCode(f[27]);
+  mm.setStartStack(f[28]);
+  mm.setStartData(f[45]);
+  mm.setEndData(f[46]);
+  mm.setStartBrk(f[47]);
+  mm.setArgStart(f[48]);
+  mm.setArgEnd(f[49]);
+  mm.setEnvStart(f[50]);
+  mm.setEnvEnd(f[51]);
+  uint64_t brk = f[47];
+  for (const MapsEntry& e : maps) {
+    if (e.path == "[heap]") {
+      brk = e.end;
+    }
+  }
+  mm.setBrk(brk);
+  std::string auxv = readProcFile(procPath(pid, "auxv"));
+  header.setAuxv(bytesOf(auxv));
+
+  ImageWriter writer(sink);
+  writer.writeHeader(message);
+  std::vector<uint8_t> buffer(MAX_RUN_PAGES * IMAGE_PAGE);
+  for (const Run& run : runs) {
+    std::span<uint8_t> out(buffer.data(), uint64_t(run.pages) * IMAGE_PAGE);
+    size_t fast = task.readMemFast(RemotePtr<uint8_t>(run.start), out);
+    if (fast < out.size()) {
+      // PROT_NONE pages or a partial copy: /proc/PID/mem forces its way (FOLL_FORCE).
+      task.readMem(RemotePtr<uint8_t>(run.start + fast), out.subspan(fast));
+    }
+    writer.writePages(run.start, out);
+  }
+  writer.finish();
+
+  stats.mappings = maps.size();
+  stats.runs = writer.runs();
+  stats.pages = writer.pages();
+  stats.bytes = writer.bytes();
+  stats.frozen = std::chrono::duration_cast<std::chrono::microseconds>(
+      std::chrono::steady_clock::now() - started);
+  return stats;
+}
+
+}  // namespace mos::migrate

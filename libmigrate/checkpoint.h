@@ -1,0 +1,103 @@
+#pragma once
+// Capture and restore of a running single-threaded process as a migration stream
+// (protocol/migration.capnp): the foundation of live migration and of checkpoints (issue 8).
+//
+// Both directions work on a process that the caller already ptraces and holds in a stop, and
+// reach inside it only by syscall injection (ptrace_task.h): no code of ours runs in the
+// process, no parasite blob is loaded (docs/design.md "Migration of a running process").
+//
+// Sources: CRIU (cr-dump.c dump_task_*, pie/restorer.c, compel infect.c), rr AutoRemoteSyscalls;
+// ptrace(2) (PTRACE_PEEKSIGINFO, PTRACE_GET_RSEQ_CONFIGURATION, PTRACE_GETSIGMASK), proc(5)
+// (maps, pagemap, fdinfo, status, personality), prctl(2) PR_SET_MM_MAP, PR_GET_TID_ADDRESS,
+// arch_prctl(2) ARCH_MAP_VDSO_64, rt_sigqueueinfo(2).
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include <kj/io.h>
+
+#include "image_stream.h"
+
+namespace mos::migrate {
+
+// Seizes `pid` (PTRACE_SEIZE with PTRACE_O_TRACESYSGOOD, then PTRACE_INTERRUPT) and waits until
+// it is in a ptrace stop; signals that arrive on the way are delivered, not lost. The process is
+// never killed if the caller dies (no PTRACE_O_EXITKILL): ptrace detaches on the tracer's exit.
+// Throws kj::Exception (FAILED) when it cannot be traced (EPERM: another tracer, permissions;
+// ESRCH) or ends meanwhile.
+class SeizedProcess {
+ public:
+  explicit SeizedProcess(pid_t pid);
+  ~SeizedProcess();
+  KJ_DISALLOW_COPY(SeizedProcess);
+  pid_t pid() const { return pid_; }
+  // Lets the process run on (PTRACE_DETACH). The destructor does it too.
+  void detach();
+
+ private:
+  pid_t pid_;
+  bool attached_ = true;
+};
+
+struct CaptureStats {
+  uint64_t mappings = 0;
+  uint64_t runs = 0;
+  uint64_t pages = 0;
+  uint64_t bytes = 0;  // of the stream
+  uint64_t injectedSyscalls = 0;
+  std::chrono::microseconds frozen{0};  // from the first to the last ptrace request
+};
+
+// Writes the migration stream of `pid` to `sink`: MAGIC, the header (registers, xsave state and
+// the CPU's xsave feature mask, mappings with file identities, mm layout, auxv, brk, signal mask,
+// pending signals with their siginfo, dispositions, sigaltstack, itimers, rseq, robust list,
+// tid address, personality, umask, cwd, open descriptors as path+offset+flags), every touched
+// private page once in address order (pagemap: untouched pages are never sent, file pages
+// only where the process wrote them), and the end frame.
+// The process is left stopped where it was, with its registers, mask and memory unchanged, and
+// an interrupted system call set up to be re-issued when it resumes (as the kernel would have).
+// Dispositions, sigaltstack, itimers and the tid address are read by injecting rt_sigaction,
+// sigaltstack, getitimer and prctl(PR_GET_TID_ADDRESS) into the process, with every signal
+// blocked meanwhile.
+// Preconditions: the caller ptraces `pid` (SeizedProcess, or PTRACE_O_TRACESYSGOOD set) and it
+// is in a ptrace stop; it has one thread.
+// Throws kj::Exception (FAILED) naming the reason when the process cannot be captured (a second
+// thread, a shared writable file mapping, no vDSO) or on I/O errors of `sink`.
+CaptureStats captureImage(pid_t pid, kj::OutputStream& sink);
+
+// Why a stream cannot be resumed at home, one readable sentence per reason, empty if it can:
+// a mapped file that changed or is gone (identity: device, inode, size, mtime), an open
+// descriptor that cannot be reopened (a socket, a pipe to another process or one of its own that
+// holds data, other than fds 0..2; an anonymous inode; a file that is gone or replaced), a CPU whose xsave state does not cover the image's, another
+// architecture, a vDSO layout of another size.
+// Descriptors 0, 1 and 2 that are pipes, sockets or terminals are not reasons: the resumed
+// process keeps the ones of the process it is restored into (a shell job's terminal).
+std::vector<std::string> checkResumable(proto::ImageHeader::Reader header);
+
+struct RestoreStats {
+  uint64_t pages = 0;
+  uint64_t injectedSyscalls = 0;
+};
+
+// Rebuilds the process of `source` in `pid` and lets it run (PTRACE_DETACH): every mapping of
+// the image at its address (files reopened by path, anonymous and written pages from the
+// stream), the vDSO moved to the image's address (ARCH_MAP_VDSO_64), mm layout and auxv
+// (PR_SET_MM_MAP), /proc/PID/exe (PR_SET_MM_EXE_FILE when allowed), name, personality, umask,
+// cwd, descriptors by path and offset, self-pipes recreated, dispositions, sigaltstack, itimers, robust list, tid
+// address, rseq, pending signals (re-queued), then xsave state, registers and signal mask.
+// Preconditions: `pid` is the caller's tracee (PTRACE_O_TRACESYSGOOD set), stopped at the
+// syscall-exit stop of its execve of the restore stub (execRestoreStub); checkResumable() of the
+// header is empty. Stub pages and all of the stub's descriptors but 0..2 are gone afterwards.
+// Throws kj::Exception (FAILED) when a step fails; the process is then half rebuilt and the
+// caller must kill it.
+RestoreStats restoreImage(ImageReader& source, pid_t pid);
+
+// execveat(2) of the restore stub (embedded in libmigrate: a few static pages at
+// 0x3f0000000000 that exit with status 127 unless a tracer takes over). Returns only on failure,
+// with errno set.
+void execRestoreStub();
+
+}  // namespace mos::migrate
