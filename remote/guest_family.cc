@@ -571,6 +571,8 @@ bool GuestFamily::isThreadOf(pid_t homePid, pid_t homeTid) {
     }
   }
   return false;
+}
+
 InjectOutcome GuestFamily::queueAsGuest(pid_t pid, const std::vector<siginfo_t>& signals,
                                         kj::Maybe<PendingAnswer> answer) {
   InjectOutcome outcome = InjectOutcome::FAILED;

@@ -116,6 +116,7 @@ Answer Supervisor::handleSigaction(const seccomp_notif& notif) {
 Answer Supervisor::handleKill(const seccomp_notif& notif) {
   auto ids = start_.getIds();
   int64_t a0 = static_cast<int32_t>(notif.data.args[0]);
+  int64_t a1 = static_cast<int32_t>(notif.data.args[1]);
   bool self = false;
   switch (notif.data.nr) {
     case __NR_kill:
@@ -137,8 +138,12 @@ Answer Supervisor::handleKill(const seccomp_notif& notif) {
     return forwardRegular(notif, entry->args);
   }
   int64_t sig = notif.data.nr == __NR_tgkill ? static_cast<int32_t>(notif.data.args[2]) : a1;
-  bool generated =
-      notif.data.nr == __NR_kill || notif.data.nr == __NR_tkill || notif.data.nr == __NR_tgkill;
+  // A signal to a sibling thread (pthread_kill, pthread_cancel) is left to the guest's kernel:
+  // the injected siginfo below is queued by the calling thread on itself.
+  int64_t targetTid = notif.data.nr == __NR_tgkill ? a1 : a0;
+  bool toSibling = notif.data.nr != __NR_kill && targetTid != ids.getTid();
+  bool generated = !toSibling && (notif.data.nr == __NR_kill || notif.data.nr == __NR_tkill ||
+                                  notif.data.nr == __NR_tgkill);
   if (forkHost_ != nullptr && generated && sig > 0 && sig <= 64 && sig != SIGKILL &&
       sig != SIGSTOP) {
     // The guest's kernel would name its uid on this node (nobody) as the sender: the guest
