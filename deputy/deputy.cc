@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -335,15 +336,21 @@ void Deputy::handleFork(proto::ForkRequest::Reader request) {
   std::vector<kj::byte> token(tokenBytes.begin(), tokenBytes.end());
   // Signals recorded so far belong to the parent; every signal stays blocked across the fork.
   flushSignals();
+  timespec before, after;
+  clock_gettime(CLOCK_MONOTONIC, &before);
   pid_t child = fork();
   if (child == 0) {
     becomeForkChild(port, kj::arrayPtr(token.data(), token.size()));
     return;  // back to run(): the child's loop on its own channel
   }
+  int err = errno;
+  clock_gettime(CLOCK_MONOTONIC, &after);
   capnp::MallocMessageBuilder message;
   auto reply = message.initRoot<proto::ToRemote>().initReply();
   reply.setSeq(seq);
-  reply.setRet(child < 0 ? -errno : child);
+  reply.setRet(child < 0 ? -err : child);
+  reply.setHomeNs(uint64_t(after.tv_sec - before.tv_sec) * 1000000000u + uint64_t(after.tv_nsec) -
+                  uint64_t(before.tv_nsec));
   flushSignals();
   channel_->send(message);
 }

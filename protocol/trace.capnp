@@ -42,6 +42,9 @@ struct TraceEvent {
   transitUs @12 :UInt32;   # totalUs minus homeUs: marshalling and the network, microseconds
   seq @13 :UInt64;         # per-publisher sequence number, from 1
   lost @14 :UInt64;        # events this publisher dropped so far (no room in mosd's socket)
+  resultUnknown @15 :Bool; # the guest's own kernel ran the call after the supervisor let it
+                           # continue (a file-backed mmap from the content cache, a signal the
+                           # job sends itself): `result` is 0 and means nothing (strace's `?`)
 }
 
 struct TraceFilter {

@@ -130,6 +130,7 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
     return Answer::of((*reply)->getRoot<proto::ToRemote>().getReply().getRet());
   }
   // The channel closed: the exec succeeded at home and the old image is gone there too.
+  trace_->finish(0);
   spdlog::info("job {} exec'd at home; its old guest {} ends", start_.getIds().getPid(), guest_);
   endJob(0);
 }

@@ -124,6 +124,7 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
   out.setTotalUs(r.totalUs);
   out.setHomeUs(r.homeUs);
   out.setTransitUs(r.transitUs);
+  out.setResultUnknown(r.resultUnknown);
 }
 
 TraceRecord fromProto(proto::TraceEvent::Reader e) {
@@ -152,6 +153,7 @@ TraceRecord fromProto(proto::TraceEvent::Reader e) {
   r.totalUs = e.getTotalUs();
   r.homeUs = e.getHomeUs();
   r.transitUs = e.getTransitUs();
+  r.resultUnknown = e.getResultUnknown();
   return r;
 }
 
@@ -267,11 +269,21 @@ void TraceCall::setPayload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t 
   p.length = std::max<uint64_t>(length, data.size());
 }
 
+void TraceCall::begin(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node,
+                      uint32_t homeNode, int nr, const unsigned long long (&args)[6]) {
+  uint64_t copy[6];
+  std::copy(std::begin(args), std::end(args), copy);
+  begin(publisher, pid, tid, node, homeNode, nr, copy);
+}
+
 void TraceCall::publish(int64_t result, TraceRoute route) {
   record_.result = result;
   record_.route = route;
   uint64_t us = (clockNs(CLOCK_MONOTONIC) - startMonotonicNs_) / 1000;
   record_.totalUs = uint32_t(std::min<uint64_t>(us, UINT32_MAX));
+  if (homeNs_ != 0) {
+    record_.homeUs = uint32_t(std::min<uint64_t>(homeNs_ / 1000, UINT32_MAX));
+  }
   record_.transitUs = record_.totalUs > record_.homeUs ? record_.totalUs - record_.homeUs : 0;
   publisher_->publish(record_);
   publisher_ = nullptr;

@@ -104,8 +104,17 @@ class TracePublisher {
 //   trace.finish(answer.value, route);        // publishes
 class TraceCall {
  public:
+  // A call nobody traces (every member returns at once).
+  TraceCall() = default;
   TraceCall(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
             int nr, const uint64_t (&args)[6]) {
+    if (KJ_UNLIKELY(publisher.active())) {
+      begin(publisher, pid, tid, node, homeNode, nr, args);
+    }
+  }
+  // The same with a seccomp_notif's arguments (__u64 is unsigned long long).
+  TraceCall(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
+            int nr, const unsigned long long (&args)[6]) {
     if (KJ_UNLIKELY(publisher.active())) {
       begin(publisher, pid, tid, node, homeNode, nr, args);
     }
@@ -126,22 +135,51 @@ class TraceCall {
       record_.homeUs = us;
     }
   }
+  // Adds `ns` nanoseconds at home (SyscallReply.homeNs of each round trip the call made); once
+  // any is added, it replaces what home() set.
+  void addHomeNs(uint64_t ns) {
+    if (KJ_UNLIKELY(active())) {
+      homeNs_ += ns;
+    }
+  }
+  // The route finish(result) reports (FORWARDED until set).
+  void setRoute(TraceRoute route) {
+    if (KJ_UNLIKELY(active())) {
+      record_.route = route;
+    }
+  }
   // Publishes the call with what the guest sees (`result`: >= 0 or -errno) and its route.
   void finish(int64_t result, TraceRoute route) {
     if (KJ_UNLIKELY(active())) {
       publish(result, route);
     }
   }
+  void finish(int64_t result) {
+    if (KJ_UNLIKELY(active())) {
+      publish(result, record_.route);
+    }
+  }
+  // Publishes a call the guest's own kernel ran (SECCOMP_USER_NOTIF_FLAG_CONTINUE): its result
+  // is not known here (`= ?`).
+  void finishContinued() {
+    if (KJ_UNLIKELY(active())) {
+      record_.resultUnknown = true;
+      publish(0, record_.route);
+    }
+  }
 
  private:
   void begin(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
              int nr, const uint64_t (&args)[6]);
+  void begin(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
+             int nr, const unsigned long long (&args)[6]);
   void setPayload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t length);
   void publish(int64_t result, TraceRoute route);
 
   TracePublisher* publisher_ = nullptr;
   TraceRecord record_;
   uint64_t startMonotonicNs_ = 0;
+  uint64_t homeNs_ = 0;
 };
 
 // A subscriber's TraceSink that hands every event to `onEvent` (in order) and the end to `onEnd`.

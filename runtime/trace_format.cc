@@ -419,6 +419,9 @@ std::string argText(const SyscallEntry& row, int i, const TraceRecord& r, size_t
 }
 
 std::string resultText(const TraceRecord& r, const char* name) {
+  if (r.resultUnknown) {
+    return "?";
+  }
   if (r.failed()) {
     int err = int(-r.result);
     std::string desc;
