@@ -286,6 +286,30 @@ std::string fcntlArgs(const TraceRecord& r) {
     case F_SETOWN:
     case F_SETPIPE_SZ:
     case F_ADD_SEALS: return fmt::format("{}, {}", out, int64_t(r.args[2]));
+    case F_SETLK:
+    case F_SETLKW:
+    case F_OFD_SETLK:
+    case F_OFD_SETLKW: {
+      // strace: {l_type=F_RDLCK, l_whence=SEEK_SET, l_start=1073741824, l_len=1}
+      const TracePayload& p = r.payloads[2];
+      if (!p.present || p.data.size() < sizeof(struct flock)) {
+        break;
+      }
+      struct flock lock;
+      memcpy(&lock, p.data.data(), sizeof lock);
+      const char* type = lock.l_type == F_RDLCK   ? "F_RDLCK"
+                         : lock.l_type == F_WRLCK ? "F_WRLCK"
+                         : lock.l_type == F_UNLCK ? "F_UNLCK"
+                                                  : nullptr;
+      const char* whence = lock.l_whence == SEEK_SET   ? "SEEK_SET"
+                           : lock.l_whence == SEEK_CUR ? "SEEK_CUR"
+                           : lock.l_whence == SEEK_END ? "SEEK_END"
+                                                       : nullptr;
+      return fmt::format("{}, {{l_type={}, l_whence={}, l_start={}, l_len={}}}", out,
+                         type ? type : std::to_string(lock.l_type),
+                         whence ? whence : std::to_string(lock.l_whence), int64_t(lock.l_start),
+                         int64_t(lock.l_len));
+    }
   }
   return fmt::format("{}, {}", out, hexOrZero(r.args[2]));
 }

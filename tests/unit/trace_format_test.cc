@@ -216,6 +216,27 @@ TEST_CASE("ls -la's calls match strace: statx, xattrs, statfs, access, getdents6
       R"(pread64(3, "\6\0\0\0\4\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0"..., 784, 64) = 784)");
 }
 
+TEST_CASE("sqlite's record locks are decoded as strace decodes them", "[trace][format]") {
+  // strace 6.1, natively: sqlite3 th.db "select count(*) from t;"
+  struct flock lock = {};
+  lock.l_type = F_RDLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = 1073741826;
+  lock.l_len = 510;
+  auto setlk = record(__NR_fcntl, {3, F_SETLK, BUF_ADDR}, 0);
+  payload(setlk, 2, std::string(reinterpret_cast<const char*>(&lock), sizeof lock));
+  CHECK(
+      call(setlk) ==
+      "fcntl(3, F_SETLK, {l_type=F_RDLCK, l_whence=SEEK_SET, l_start=1073741826, l_len=510}) = 0");
+  lock.l_type = F_UNLCK;
+  lock.l_start = 0;
+  lock.l_len = 0;
+  auto unlock = record(__NR_fcntl, {3, F_SETLK, BUF_ADDR}, 0);
+  payload(unlock, 2, std::string(reinterpret_cast<const char*>(&lock), sizeof lock));
+  CHECK(call(unlock) ==
+        "fcntl(3, F_SETLK, {l_type=F_UNLCK, l_whence=SEEK_SET, l_start=0, l_len=0}) = 0");
+}
+
 TEST_CASE("signals, restart codes and unknown syscalls have strace's names", "[trace][format]") {
   CHECK(call(record(__NR_kill, {77, SIGTERM}, 0)) == "kill(77, SIGTERM)                       = 0");
   CHECK(mos::signalName(SIGRTMIN + 3) == "SIGRTMIN+3");
