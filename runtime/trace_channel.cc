@@ -37,6 +37,15 @@ constexpr size_t MAX_DATAGRAM = 512 << 10;
 constexpr size_t MAX_QUEUED = 4096;  // events per subscriber before the oldest are dropped
 constexpr size_t MAX_BATCH = 256;    // events per TraceSink.events call
 
+// getdents64's buffer: kept whole up to MAX_PAYLOAD_BYTES, so the entries can be counted.
+bool isDirents(int nr, unsigned arg) {
+  return (nr == __NR_getdents64 || nr == __NR_getdents) && arg == 1;
+}
+// connect's and bind's address.
+bool isSockaddr(int nr, unsigned arg) {
+  return (nr == __NR_connect || nr == __NR_bind) && arg == 1;
+}
+
 sockaddr_un unixAddress(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -109,9 +118,11 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
     bool isStruct =
         kind == ArgKind::IN_STRUCT || kind == ArgKind::OUT_STRUCT || kind == ArgKind::INOUT_STRUCT;
     bool isPath = kind == ArgKind::PATH || kind == ArgKind::PATH_OR_NULL;
-    size_t wanted = isPath     ? PATH_KEPT_BYTES  // strace never cuts a path
-                    : isStruct ? std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES)
-                               : payloadBytes;
+    size_t wanted = isPath                ? PATH_KEPT_BYTES  // strace never cuts a path
+                    : isStruct            ? std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES)
+                    : isDirents(r.nr, i)  ? MAX_PAYLOAD_BYTES  // strace counts the entries
+                    : isSockaddr(r.nr, i) ? STRUCT_KEPT_BYTES  // decoded like a struct
+                                          : payloadBytes;
     size_t keep = std::min<size_t>(p.data.size(), wanted);
     auto payload = payloads[at++];
     payload.setArg(uint8_t(i));
@@ -261,8 +272,10 @@ void TraceCall::setPayload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t 
     return;
   }
   // Keep what toProto will send at most; it cuts again by kind.
-  size_t keep =
-      std::min<size_t>(data.size(), std::max<size_t>(publisher_->payloadBytes(), PATH_KEPT_BYTES));
+  size_t cap = isDirents(record_.nr, unsigned(arg))
+                   ? MAX_PAYLOAD_BYTES
+                   : std::max<size_t>(publisher_->payloadBytes(), PATH_KEPT_BYTES);
+  size_t keep = std::min<size_t>(data.size(), cap);
   TracePayload& p = record_.payloads[arg];
   p.present = true;
   p.data.assign(reinterpret_cast<const char*>(data.begin()), keep);

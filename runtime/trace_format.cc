@@ -6,7 +6,12 @@
 #include <sys/sysmacros.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <termios.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -260,11 +265,107 @@ const char* nameOf(uint64_t value, std::span<const NamedValue> table) {
   return nullptr;
 }
 
+constexpr NamedValue RLIMITS[] = {
+    {RLIMIT_CPU, "RLIMIT_CPU"},           {RLIMIT_FSIZE, "RLIMIT_FSIZE"},
+    {RLIMIT_DATA, "RLIMIT_DATA"},         {RLIMIT_STACK, "RLIMIT_STACK"},
+    {RLIMIT_CORE, "RLIMIT_CORE"},         {RLIMIT_RSS, "RLIMIT_RSS"},
+    {RLIMIT_NPROC, "RLIMIT_NPROC"},       {RLIMIT_NOFILE, "RLIMIT_NOFILE"},
+    {RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK"},   {RLIMIT_AS, "RLIMIT_AS"},
+    {RLIMIT_LOCKS, "RLIMIT_LOCKS"},       {RLIMIT_SIGPENDING, "RLIMIT_SIGPENDING"},
+    {RLIMIT_MSGQUEUE, "RLIMIT_MSGQUEUE"}, {RLIMIT_NICE, "RLIMIT_NICE"},
+    {RLIMIT_RTPRIO, "RLIMIT_RTPRIO"},     {RLIMIT_RTTIME, "RLIMIT_RTTIME"},
+};
+constexpr NamedValue ADDRESS_FAMILIES[] = {
+    {AF_UNSPEC, "AF_UNSPEC"}, {AF_UNIX, "AF_UNIX"},       {AF_INET, "AF_INET"},
+    {AF_INET6, "AF_INET6"},   {AF_NETLINK, "AF_NETLINK"}, {AF_PACKET, "AF_PACKET"},
+};
+constexpr NamedValue SOCKET_TYPES[] = {
+    {SOCK_STREAM, "SOCK_STREAM"}, {SOCK_DGRAM, "SOCK_DGRAM"},         {SOCK_RAW, "SOCK_RAW"},
+    {SOCK_RDM, "SOCK_RDM"},       {SOCK_SEQPACKET, "SOCK_SEQPACKET"}, {SOCK_PACKET, "SOCK_PACKET"},
+};
+
+// strace's rlim64_t: RLIM64_INFINITY, N*1024 for multiples of 1 KiB, else N.
+std::string rlimitValue(uint64_t v) {
+  if (v == UINT64_MAX) {
+    return "RLIM64_INFINITY";
+  }
+  if (v > 1024 && v % 1024 == 0) {
+    return fmt::format("{}*1024", v / 1024);
+  }
+  return std::to_string(v);
+}
+
+// A struct rlimit64 payload as strace shows it; the address when it was not captured.
+std::string rlimitText(const TracePayload& p, uint64_t address) {
+  if (address == 0) {
+    return "NULL";
+  }
+  if (!p.present || p.data.size() < 2 * sizeof(uint64_t)) {
+    return fmt::format("{:#x}", address);
+  }
+  uint64_t limits[2];
+  memcpy(limits, p.data.data(), sizeof limits);
+  return fmt::format("{{rlim_cur={}, rlim_max={}}}", rlimitValue(limits[0]),
+                     rlimitValue(limits[1]));
+}
+
+// socket(2)'s arguments: AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC, and the protocol (IPPROTO_IP for an
+// internet socket's 0, as strace shows it).
+std::string socketArgs(const TraceRecord& r) {
+  const char* family = nameOf(r.args[0], ADDRESS_FAMILIES);
+  uint64_t type = r.args[1];
+  const char* base = nameOf(type & 0xf, SOCKET_TYPES);
+  std::string typeText = base ? base : std::to_string(type & 0xf);
+  if (type & SOCK_CLOEXEC) typeText += "|SOCK_CLOEXEC";
+  if (type & SOCK_NONBLOCK) typeText += "|SOCK_NONBLOCK";
+  std::string protocol = std::to_string(r.args[2]);
+  if ((r.args[0] == AF_INET || r.args[0] == AF_INET6) && r.args[2] == 0) {
+    protocol = "IPPROTO_IP";
+  }
+  return fmt::format("{}, {}, {}", family ? family : std::to_string(r.args[0]), typeText, protocol);
+}
+
+// A sockaddr in-buffer (connect, bind): AF_UNIX and AF_INET decoded as strace does; other
+// families and short buffers fall back to the quoted bytes.
+std::string sockaddrText(const TracePayload& p, uint64_t address, size_t limit) {
+  if (address == 0) {
+    return "NULL";
+  }
+  if (!p.present) {
+    return fmt::format("{:#x}", address);
+  }
+  if (p.data.size() >= sizeof(sa_family_t) && p.data.size() == p.length) {
+    sa_family_t family;
+    memcpy(&family, p.data.data(), sizeof family);
+    if (family == AF_UNIX) {
+      std::string path = p.data.substr(sizeof family);
+      if (!path.empty() && path[0] == '\0') {
+        return fmt::format("{{sa_family=AF_UNIX, sun_path=@{}}}",
+                           quoteString(path.substr(1), SIZE_MAX, false));
+      }
+      path = path.substr(0, path.find('\0'));
+      return fmt::format("{{sa_family=AF_UNIX, sun_path={}}}", quoteString(path, SIZE_MAX, false));
+    }
+    if (family == AF_INET && p.data.size() >= sizeof(sockaddr_in)) {
+      sockaddr_in sin;
+      memcpy(&sin, p.data.data(), sizeof sin);
+      char text[INET_ADDRSTRLEN];
+      inet_ntop(AF_INET, &sin.sin_addr, text, sizeof text);
+      return fmt::format("{{sa_family=AF_INET, sin_port=htons({}), sin_addr=inet_addr(\"{}\")}}",
+                         ntohs(sin.sin_port), text);
+    }
+  }
+  return quoteString(p.data, limit, p.length > p.data.size());
+}
+
 // The arguments of ioctl and fcntl after the descriptor, which their rows leave to the handler:
 // strace's `TCGETS, 0x7ffd...`, `F_SETFD, FD_CLOEXEC`, `F_GETFL`.
 std::string ioctlArgs(const TraceRecord& r) {
   const char* name = nameOf(r.args[1], IOCTL_REQUESTS);
   std::string request = name ? name : fmt::format("{:#x}", r.args[1]);
+  if (r.args[1] == FIOCLEX || r.args[1] == FIONCLEX) {
+    return request;  // strace: ioctl(3, FIOCLEX); the argument is not used
+  }
   return fmt::format("{}, {}", request, hexOrZero(r.args[2]));
 }
 
@@ -462,6 +563,13 @@ std::string resultText(const TraceRecord& r, const char* name) {
     const char* head = err >= 512 && err <= 516 ? "?" : "-1";
     return fmt::format("{} {} ({})", head, errnoName(err), desc);
   }
+  if (r.nr == __NR_fcntl && r.result > 0 && (r.args[1] == F_GETFD || r.args[1] == F_GETFL)) {
+    // strace: 0x1 (flags FD_CLOEXEC), 0x8002 (flags O_RDWR|O_LARGEFILE)
+    std::string flagText = r.args[1] == F_GETFD
+                               ? (r.result == FD_CLOEXEC ? "FD_CLOEXEC" : std::to_string(r.result))
+                               : openFlags(uint64_t(r.result));
+    return fmt::format("{:#x} (flags {})", uint64_t(r.result), flagText);
+  }
   if (name && returnsAddress(name)) {
     return fmt::format("{:#x}", uint64_t(r.result));
   }
@@ -554,6 +662,33 @@ std::string TraceFormatter::call(const TraceRecord& r) const {
       if (i == 1 && row->handler == HandlerId::FCNTL) {
         text += fcntlArgs(r);
         break;
+      }
+      if (r.nr == __NR_socket) {
+        text += socketArgs(r);
+        break;
+      }
+      if ((r.nr == __NR_connect || r.nr == __NR_bind) && i == 1) {
+        text += sockaddrText(r.payloads[1], r.args[1], options_.stringLimit);
+        continue;
+      }
+      if (r.nr == __NR_prlimit64 && i == 1) {
+        const char* resource = nameOf(r.args[1], RLIMITS);
+        text += resource ? resource : std::to_string(r.args[1]);
+        continue;
+      }
+      if (r.nr == __NR_prlimit64 && (i == 2 || i == 3)) {
+        text += (i == 3 && r.failed()) ? pointer(r.args[3]) : rlimitText(r.payloads[i], r.args[i]);
+        continue;
+      }
+      if (r.nr == __NR_getcwd && i == 0 && !r.failed() && r.payloads[0].present) {
+        // strace shows the path without the NUL the result counts.
+        TracePayload path = r.payloads[0];
+        if (!path.data.empty() && path.data.back() == '\0' && path.length == path.data.size()) {
+          path.data.pop_back();
+          path.length--;
+        }
+        text += bufferText(path, r.args[0], SIZE_MAX);
+        continue;
       }
       text += argText(*row, i, r, options_.stringLimit);
     }

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -201,12 +202,18 @@ TEST_CASE("ls -la's calls match strace: statx, xattrs, statfs, access, getdents6
 
   CHECK(call(record(__NR_ioctl, {1, TCGETS, 0x7fff9d1e50b0}, -ENOTTY)) ==
         "ioctl(1, TCGETS, 0x7fff9d1e50b0)        = -1 ENOTTY (Inappropriate ioctl for device)");
+  CHECK(call(record(__NR_ioctl, {3, FIOCLEX, 0}, 0)) ==
+        "ioctl(3, FIOCLEX)                       = 0");
   CHECK(call(record(__NR_lseek, {3, uint64_t(-60), SEEK_CUR}, 54)) ==
         "lseek(3, -60, SEEK_CUR)                 = 54");
   CHECK(call(record(__NR_fcntl, {3, F_SETFD, uint64_t(FD_CLOEXEC)}, 0)) ==
         "fcntl(3, F_SETFD, FD_CLOEXEC)           = 0");
   CHECK(call(record(__NR_fcntl, {3, F_GETFL, 0}, O_RDWR)) ==
-        "fcntl(3, F_GETFL)                       = 2");
+        "fcntl(3, F_GETFL)                       = 0x2 (flags O_RDWR)");
+  CHECK(call(record(__NR_fcntl, {3, F_GETFD, 0}, FD_CLOEXEC)) ==
+        "fcntl(3, F_GETFD)                       = 0x1 (flags FD_CLOEXEC)");
+  CHECK(call(record(__NR_fcntl, {0, F_GETFD, 0}, 0)) ==
+        "fcntl(0, F_GETFD)                       = 0");
 
   auto pr = record(__NR_pread64, {3, BUF_ADDR, 784, 64}, 784);
   payload(pr, 1, std::string("\6\0\0\0\4\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0", 32),
@@ -235,6 +242,39 @@ TEST_CASE("sqlite's record locks are decoded as strace decodes them", "[trace][f
   payload(unlock, 2, std::string(reinterpret_cast<const char*>(&lock), sizeof lock));
   CHECK(call(unlock) ==
         "fcntl(3, F_SETLK, {l_type=F_UNLCK, l_whence=SEEK_SET, l_start=0, l_len=0}) = 0");
+}
+
+TEST_CASE("python's and ls's socket, connect, prlimit64 and getcwd match strace",
+          "[trace][format]") {
+  // strace 6.1, natively (python3 -c with socket.connect, resource.getrlimit; ls -la).
+  CHECK(call(record(__NR_socket, {AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0}, 3)) ==
+        "socket(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC|SOCK_NONBLOCK, 0) = 3");
+  CHECK(call(record(__NR_socket, {AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0}, 3)) ==
+        "socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 3");
+  std::string nscd("\1\0/var/run/nscd/socket", 22);
+  nscd.resize(110, '\0');
+  auto local = record(__NR_connect, {3, BUF_ADDR, 110}, -ENOENT);
+  payload(local, 1, nscd);
+  CHECK(call(local) ==
+        "connect(3, {sa_family=AF_UNIX, sun_path=\"/var/run/nscd/socket\"}, 110) = -1 ENOENT (No "
+        "such file or directory)");
+  sockaddr_in sin = {};
+  sin.sin_family = AF_INET;
+  sin.sin_port = htons(1);
+  sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  auto inet = record(__NR_connect, {3, BUF_ADDR, sizeof sin}, -ECONNREFUSED);
+  payload(inet, 1, std::string(reinterpret_cast<const char*>(&sin), sizeof sin));
+  CHECK(call(inet) ==
+        "connect(3, {sa_family=AF_INET, sin_port=htons(1), sin_addr=inet_addr(\"127.0.0.1\")}, 16) "
+        "= -1 ECONNREFUSED (Connection refused)");
+  uint64_t stack[2] = {8192 * 1024, UINT64_MAX};
+  auto rl = record(__NR_prlimit64, {0, RLIMIT_STACK, 0, BUF_ADDR}, 0);
+  payload(rl, 3, std::string(reinterpret_cast<const char*>(stack), sizeof stack));
+  CHECK(call(rl) ==
+        "prlimit64(0, RLIMIT_STACK, NULL, {rlim_cur=8192*1024, rlim_max=RLIM64_INFINITY}) = 0");
+  auto cwd = record(__NR_getcwd, {BUF_ADDR, 4096}, 27);
+  payload(cwd, 0, std::string("/srv/umosix-home/tracehook\0", 27));
+  CHECK(call(cwd) == "getcwd(\"/srv/umosix-home/tracehook\", 4096) = 27");
 }
 
 TEST_CASE("signals, restart codes and unknown syscalls have strace's names", "[trace][format]") {
