@@ -310,6 +310,9 @@ kj::Promise<void> CallbackTraceSink::events(EventsContext context) {
   for (auto event : params.getEvents()) {
     onEvent_(fromProto(event));
   }
+  if (onBatch_) {
+    onBatch_();
+  }
   return kj::READY_NOW;
 }
 

@@ -185,9 +185,11 @@ class TraceCall {
 // A subscriber's TraceSink that hands every event to `onEvent` (in order) and the end to `onEnd`.
 class CallbackTraceSink final : public proto::TraceSink::Server {
  public:
+  // `onBatch` (optional) runs after the events of each TraceSink.events call.
   CallbackTraceSink(std::function<void(TraceRecord&&)> onEvent,
-                    std::function<void(const std::string&)> onEnd)
-      : onEvent_(kj::mv(onEvent)), onEnd_(kj::mv(onEnd)) {}
+                    std::function<void(const std::string&)> onEnd,
+                    std::function<void()> onBatch = nullptr)
+      : onEvent_(kj::mv(onEvent)), onEnd_(kj::mv(onEnd)), onBatch_(kj::mv(onBatch)) {}
 
   // Events mosd dropped for this subscriber (it fell 4096 events behind).
   uint64_t dropped() const { return dropped_; }
@@ -199,6 +201,7 @@ class CallbackTraceSink final : public proto::TraceSink::Server {
  private:
   std::function<void(TraceRecord&&)> onEvent_;
   std::function<void(const std::string&)> onEnd_;
+  std::function<void()> onBatch_;
   uint64_t dropped_ = 0;
 };
 
