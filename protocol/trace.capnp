@@ -45,6 +45,9 @@ struct TraceEvent {
   resultUnknown @15 :Bool; # the guest's own kernel ran the call after the supervisor let it
                            # continue (a file-backed mmap from the content cache, a signal the
                            # job sends itself): `result` is 0 and means nothing (strace's `?`)
+  jobPid @16 :Int32;       # the job the event belongs to (the home pid Node.traceJob names): the
+                           # job's first process, also for the events of its forked processes,
+                           # whose own home pid is `homePid`; 0 from an older publisher: homePid
 }
 
 struct TraceFilter {

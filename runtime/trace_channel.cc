@@ -171,7 +171,9 @@ TraceRecord fromProto(proto::TraceEvent::Reader e) {
 // ---- TracePublisher
 
 TracePublisher::TracePublisher(const std::string& runDir, uint32_t homeNode, int32_t homePid)
-    : control_(mapTraceControl(runDir, homeNode, homePid)), socketPath_(traceSocketPath(runDir)) {}
+    : control_(mapTraceControl(runDir, homeNode, homePid)),
+      socketPath_(traceSocketPath(runDir)),
+      jobPid_(homePid) {}
 
 TracePublisher::~TracePublisher() {
   int fd = socket_.load();
@@ -223,6 +225,7 @@ bool TracePublisher::publish(const TraceRecord& record) {
   capnp::MallocMessageBuilder message;
   auto event = message.initRoot<proto::TraceEvent>();
   toProto(record, payloadBytes(), event);
+  event.setJobPid(jobPid_);
   event.setSeq(seq_.fetch_add(1, std::memory_order_relaxed) + 1);
   event.setLost(lost_.load(std::memory_order_relaxed));
   auto words = capnp::messageToFlatArray(message);
@@ -533,7 +536,8 @@ bool TraceHub::receiveAll(int fd) {
     KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
                    capnp::FlatArrayMessageReader reader(flat);
                    auto event = reader.getRoot<proto::TraceEvent>();
-                   auto it = jobs_.find(Key{event.getHomeNode(), event.getHomePid()});
+                   int32_t job = event.getJobPid() != 0 ? event.getJobPid() : event.getHomePid();
+                   auto it = jobs_.find(Key{event.getHomeNode(), job});
                    if (it == jobs_.end()) {
                      return;  // the last subscriber left after the publisher looked
                    }

@@ -94,6 +94,7 @@ class TracePublisher {
   std::vector<int> retired_;  // broken connections, closed with the publisher
   std::atomic<uint64_t> seq_{0};
   std::atomic<uint64_t> lost_{0};
+  int32_t jobPid_ = 0;  // the job's home pid: TraceEvent.jobPid, mosd's key for the subscriptions
 };
 
 // One trapped call being traced, for the supervisor: while nobody listens the constructor is one
