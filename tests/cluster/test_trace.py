@@ -326,3 +326,36 @@ def test_summary_counts_match_the_lines_of_the_same_calls(cluster, home, tmp):
     assert total == sum(counts.values())
     assert routes == dict(by_route)
     assert counts["read"] > 2 and errors["openat"] >= 1  # cat's reads; missing.txt
+
+
+FORK = """
+import os
+pid = os.fork()
+if pid == 0:
+    with open("a.txt") as f:
+        f.read()
+    os._exit(3)
+print(os.waitpid(pid, 0)[1] >> 8, pid)
+"""
+
+
+def test_forked_processes_are_in_the_jobs_trace(cluster, home, tmp):
+    (home / "a.txt").write_text("child\n")
+    (home / "fork.py").write_text(FORK)
+    out = tmp / "fork.trace"
+    cp = cluster.mosrun([f"--trace={out}", PYTHON, "fork.py"], cwd=home)
+    assert cp.returncode == 0, cp.stderr
+    status, child = cp.stdout.split()
+    assert status == b"3"
+    by_pid = defaultdict(list)
+    for line in out.read_text().splitlines():
+        m = TRACE_LINE.match(line)
+        assert m, line
+        by_pid[int(m.group(1))].append(re.sub(r" +", " ", f"{m.group(4)}({m.group(5)}) = "
+                                                          f"{m.group(6)}"))
+    assert len(by_pid) == 2, sorted(by_pid)
+    child_calls = by_pid[int(child)]
+    assert 'openat(AT_FDCWD, "a.txt", O_RDONLY|O_CLOEXEC) = 3' in child_calls, child_calls
+    assert any(c.startswith('read(3, "child\\n"') for c in child_calls), child_calls
+    parent = [p for p in by_pid if p != int(child)][0]
+    assert any(c.startswith("wait4(") and c.endswith(f"= {child}") for c in by_pid[parent])
