@@ -16,6 +16,7 @@
 
 #include "marshal.h"
 #include "supervisor.h"
+#include "trace_payloads.h"
 
 namespace mos::remote {
 
@@ -113,6 +114,9 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
     for (size_t i = 0; i < strings.size(); i++) {
       list.set(
           i, kj::arrayPtr(reinterpret_cast<const kj::byte*>(strings[i].data()), strings[i].size()));
+    }
+    if (KJ_UNLIKELY(trace_->active())) {
+      traceExecStrings(*trace_, at ? 1 : 0, path, which == 0, strings);
     }
   }
   std::string status = guestProcess_->procFile("status");

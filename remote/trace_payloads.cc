@@ -65,4 +65,23 @@ void traceReplyPayloads(TraceCall& trace, const ArgSpec (&specs)[6],
   }
 }
 
+void traceExecStrings(TraceCall& trace, int pathArg, const std::string& path, bool isArgv,
+                      const std::vector<std::string>& strings) {
+  auto bytes = [](const std::string& s) {
+    return kj::arrayPtr(reinterpret_cast<const kj::byte*>(s.data()), s.size());
+  };
+  if (isArgv) {
+    trace.payload(pathArg, bytes(path), path.size());
+    std::string joined;
+    for (const std::string& s : strings) {
+      joined += s;
+      joined += '\0';
+    }
+    trace.payload(pathArg + 1, bytes(joined), joined.size());
+  } else {
+    uint32_t count = uint32_t(strings.size());
+    trace.payload(pathArg + 2, kj::arrayPtr(reinterpret_cast<const kj::byte*>(&count), 4), 4);
+  }
+}
+
 }  // namespace mos::remote

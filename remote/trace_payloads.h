@@ -4,6 +4,8 @@
 // never read from the guest again for tracing.
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "job.capnp.h"
 #include "syscall_table.h"
@@ -26,5 +28,12 @@ void traceRequestPayloads(TraceCall& trace, const ArgSpec (&specs)[6], const uin
 void traceReplyPayloads(TraceCall& trace, const ArgSpec (&specs)[6],
                         proto::SyscallRequest::Reader request, proto::SyscallReply::Reader reply,
                         int64_t result);
+
+// execve(2)/execveat(2) as strace shows them: the path (argument `pathArg`), then for `isArgv`
+// the argv strings, each with its NUL, as argument pathArg + 1's payload; else the number of
+// environment strings as argument pathArg + 2's (4 bytes; trace_format shows `/* N vars */`).
+// Preconditions: trace.active().
+void traceExecStrings(TraceCall& trace, int pathArg, const std::string& path, bool isArgv,
+                      const std::vector<std::string>& strings);
 
 }  // namespace mos::remote

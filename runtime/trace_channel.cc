@@ -41,6 +41,10 @@ constexpr size_t MAX_BATCH = 256;    // events per TraceSink.events call
 bool isDirents(int nr, unsigned arg) {
   return (nr == __NR_getdents64 || nr == __NR_getdents) && arg == 1;
 }
+// execve's and execveat's argv strings.
+bool isExecArgv(int nr, unsigned arg) {
+  return (nr == __NR_execve && arg == 1) || (nr == __NR_execveat && arg == 2);
+}
 // connect's and bind's address.
 bool isSockaddr(int nr, unsigned arg) {
   return (nr == __NR_connect || nr == __NR_bind) && arg == 1;
@@ -122,6 +126,7 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
                     : isStruct            ? std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES)
                     : isDirents(r.nr, i)  ? MAX_PAYLOAD_BYTES  // strace counts the entries
                     : isSockaddr(r.nr, i) ? STRUCT_KEPT_BYTES  // decoded like a struct
+                    : isExecArgv(r.nr, i) ? PATH_KEPT_BYTES    // each string cut when shown
                                           : payloadBytes;
     size_t keep = std::min<size_t>(p.data.size(), wanted);
     auto payload = payloads[at++];

@@ -327,6 +327,45 @@ std::string socketArgs(const TraceRecord& r) {
 
 // A sockaddr in-buffer (connect, bind): AF_UNIX and AF_INET decoded as strace does; other
 // families and short buffers fall back to the quoted bytes.
+// execve's argv and envp as strace shows them: ["cat", "a.txt"], 0x7ffd... /* 27 vars */.
+std::string execArgs(const TraceRecord& r, int argvArg, size_t limit) {
+  const TracePayload& argv = r.payloads[argvArg];
+  std::string out;
+  if (r.args[argvArg] == 0) {
+    out = "NULL";
+  } else if (!argv.present) {
+    out = fmt::format("{:#x}", r.args[argvArg]);
+  } else {
+    out = "[";
+    size_t at = 0;
+    int n = 0;
+    for (;;) {
+      size_t nul = argv.data.find('\0', at);
+      if (nul == std::string::npos) {
+        break;  // a string cut by the publisher: shown as `...`
+      }
+      out += n++ ? ", " : "";
+      out += quoteString(std::string_view(argv.data).substr(at, nul - at), limit, false);
+      at = nul + 1;
+    }
+    if (argv.length > argv.data.size()) {
+      out += n ? ", ..." : "...";
+    }
+    out += "]";
+  }
+  const TracePayload& envp = r.payloads[argvArg + 1];
+  uint64_t address = r.args[argvArg + 1];
+  if (address == 0) {
+    return out + ", NULL";
+  }
+  if (envp.present && envp.data.size() == 4) {
+    uint32_t count;
+    memcpy(&count, envp.data.data(), 4);
+    return out + fmt::format(", {:#x} /* {} var{} */", address, count, count == 1 ? "" : "s");
+  }
+  return out + fmt::format(", {:#x}", address);
+}
+
 std::string sockaddrText(const TracePayload& p, uint64_t address, size_t limit) {
   if (address == 0) {
     return "NULL";
@@ -648,7 +687,11 @@ std::string TraceFormatter::call(const TraceRecord& r) const {
   } else {
     text = fmt::format("{}(", row->name);
     int count = 0;
-    for (int i = 0; i < 6 && row->args[i].kind != ArgKind::NONE; i++) {
+    // execve's argv and envp are HANDLED (no kind): shown from the handler's payloads.
+    auto execStrings = [&](int i) {
+      return (r.nr == __NR_execve && i == 1) || (r.nr == __NR_execveat && i == 2);
+    };
+    for (int i = 0; i < 6 && (row->args[i].kind != ArgKind::NONE || execStrings(i)); i++) {
       const ValRule* rule = valRule(row->name, i);
       if (rule && rule->style == ValStyle::OPEN_MODE && (r.args[i - 1] & O_CREAT) == 0 &&
           (r.args[i - 1] & O_TMPFILE) != O_TMPFILE) {
@@ -661,6 +704,14 @@ std::string TraceFormatter::call(const TraceRecord& r) const {
       }
       if (i == 1 && row->handler == HandlerId::FCNTL) {
         text += fcntlArgs(r);
+        break;
+      }
+      if (r.nr == __NR_execve && i == 1) {
+        text += execArgs(r, 1, options_.stringLimit);
+        break;
+      }
+      if (r.nr == __NR_execveat && i == 2) {
+        text += execArgs(r, 2, options_.stringLimit) + ", " + valText(*row, 4, r);
         break;
       }
       if (r.nr == __NR_socket) {

@@ -277,6 +277,24 @@ TEST_CASE("python's and ls's socket, connect, prlimit64 and getcwd match strace"
   CHECK(call(cwd) == "getcwd(\"/srv/umosix-home/tracehook\", 4096) = 27");
 }
 
+TEST_CASE("execve shows its path, argv and the number of environment strings as strace does",
+          "[trace][format]") {
+  // strace 6.1: execve("/usr/bin/cat", ["cat", "a.txt"], 0x7ffc5a1c8f48 /* 27 vars */) = 0
+  auto exec = record(__NR_execve, {PATH_ADDR, BUF_ADDR, 0x7ffc5a1c8f48}, 0);
+  payload(exec, 0, "/usr/bin/cat");
+  payload(exec, 1, std::string("cat\0a.txt\0", 10));
+  uint32_t vars = 27;
+  payload(exec, 2, std::string(reinterpret_cast<const char*>(&vars), 4));
+  CHECK(call(exec) ==
+        "execve(\"/usr/bin/cat\", [\"cat\", \"a.txt\"], 0x7ffc5a1c8f48 /* 27 vars */) = 0");
+  auto missing = record(__NR_execve, {PATH_ADDR, BUF_ADDR, 0x7ffc5a1c8f48}, -ENOENT);
+  payload(missing, 0, "/usr/local/bin/cat");
+  payload(missing, 1, std::string("cat\0a.txt\0b", 11), 13);
+  CHECK(call(missing) ==
+        "execve(\"/usr/local/bin/cat\", [\"cat\", \"a.txt\", ...], 0x7ffc5a1c8f48) = -1 ENOENT (No "
+        "such file or directory)");
+}
+
 TEST_CASE("signals, restart codes and unknown syscalls have strace's names", "[trace][format]") {
   CHECK(call(record(__NR_kill, {77, SIGTERM}, 0)) == "kill(77, SIGTERM)                       = 0");
   CHECK(mos::signalName(SIGRTMIN + 3) == "SIGRTMIN+3");
