@@ -12,7 +12,6 @@ import random
 import re
 import signal
 import subprocess
-import time
 from collections import defaultdict
 from pathlib import Path
 
