@@ -770,6 +770,15 @@ TEST_CASE("TraceCall is inert while nobody listens and publishes a whole call wh
     CHECK(received[0].pid == 777);
     CHECK(received[0].startNs > 0);
     CHECK(received[0].transitUs == received[0].totalUs);
+
+    // A forked process of the job publishes through the job's publisher under its own home pid:
+    // mosd routes it by the job (TraceEvent.jobPid), so the job's subscriber gets it.
+    mos::TraceCall child(publisher, 779, 779, 1, 1, __NR_close, args);
+    child.addHomeNs(5000);
+    child.finish(0, mos::TraceRoute::FORWARDED);
+    REQUIRE(waitFor(port, waitScope, [&]() { return received.size() >= 2; }));
+    CHECK(received[1].pid == 779);
+    CHECK(received[1].homeUs == 5);
   }
   uv_run(&loop, UV_RUN_NOWAIT);
   uv_loop_close(&loop);
