@@ -8,6 +8,7 @@
 #include <sys/ioctl.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -327,6 +328,57 @@ std::string socketArgs(const TraceRecord& r) {
 
 // A sockaddr in-buffer (connect, bind): AF_UNIX and AF_INET decoded as strace does; other
 // families and short buffers fall back to the quoted bytes.
+// In strace's order (xlat/clone_flags.in).
+constexpr FlagName CLONE_FLAGS[] = {
+    {CLONE_VM, "CLONE_VM"},
+    {CLONE_FS, "CLONE_FS"},
+    {CLONE_FILES, "CLONE_FILES"},
+    {CLONE_SIGHAND, "CLONE_SIGHAND"},
+    {CLONE_PIDFD, "CLONE_PIDFD"},
+    {CLONE_PTRACE, "CLONE_PTRACE"},
+    {CLONE_VFORK, "CLONE_VFORK"},
+    {CLONE_PARENT, "CLONE_PARENT"},
+    {CLONE_THREAD, "CLONE_THREAD"},
+    {CLONE_NEWNS, "CLONE_NEWNS"},
+    {CLONE_SYSVSEM, "CLONE_SYSVSEM"},
+    {CLONE_SETTLS, "CLONE_SETTLS"},
+    {CLONE_PARENT_SETTID, "CLONE_PARENT_SETTID"},
+    {CLONE_CHILD_CLEARTID, "CLONE_CHILD_CLEARTID"},
+    {CLONE_UNTRACED, "CLONE_UNTRACED"},
+    {CLONE_CHILD_SETTID, "CLONE_CHILD_SETTID"},
+    {CLONE_NEWCGROUP, "CLONE_NEWCGROUP"},
+    {CLONE_NEWUTS, "CLONE_NEWUTS"},
+    {CLONE_NEWIPC, "CLONE_NEWIPC"},
+    {CLONE_NEWUSER, "CLONE_NEWUSER"},
+    {CLONE_NEWPID, "CLONE_NEWPID"},
+    {CLONE_NEWNET, "CLONE_NEWNET"},
+    {CLONE_IO, "CLONE_IO"},
+};
+
+// clone(2) as strace shows it on x86-64 (flags, stack, parent_tid, child_tid, tls):
+// child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD, child_tidptr=0x...
+std::string cloneArgs(const TraceRecord& r) {
+  uint64_t bits = r.args[0];
+  std::string text = fmt::format("child_stack={}, flags=", pointer(r.args[1]));
+  uint64_t named = bits & ~uint64_t(CSIGNAL);
+  std::string names = named != 0 ? flags(named, CLONE_FLAGS, "") : "";
+  int sig = int(bits & CSIGNAL);
+  if (sig != 0) {
+    names += (names.empty() ? "" : "|") + signalName(sig);
+  }
+  text += names.empty() ? "0" : names;
+  if (bits & CLONE_PARENT_SETTID) {
+    text += fmt::format(", parent_tid={}", pointer(r.args[2]));
+  }
+  if (bits & (CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID)) {
+    text += fmt::format(", child_tidptr={}", pointer(r.args[3]));
+  }
+  if (bits & CLONE_SETTLS) {
+    text += fmt::format(", tls={}", pointer(r.args[4]));
+  }
+  return text;
+}
+
 // execve's argv and envp as strace shows them: ["cat", "a.txt"], 0x7ffd... /* 27 vars */.
 std::string execArgs(const TraceRecord& r, int argvArg, size_t limit) {
   const TracePayload& argv = r.payloads[argvArg];
@@ -712,6 +764,10 @@ std::string TraceFormatter::call(const TraceRecord& r) const {
       }
       if (r.nr == __NR_execveat && i == 2) {
         text += execArgs(r, 2, options_.stringLimit) + ", " + valText(*row, 4, r);
+        break;
+      }
+      if (r.nr == __NR_clone) {
+        text += cloneArgs(r);
         break;
       }
       if (r.nr == __NR_socket) {

@@ -295,6 +295,21 @@ TEST_CASE("execve shows its path, argv and the number of environment strings as 
         "such file or directory)");
 }
 
+TEST_CASE("clone shows its flags, exit signal and the pointers they use as strace does",
+          "[trace][format]") {
+  // strace 6.1, python's os.fork():
+  // clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD,
+  //       child_tidptr=0x7f3c8a5e8a10) = 27723
+  auto fork =
+      record(__NR_clone,
+             {CLONE_CHILD_CLEARTID | CLONE_CHILD_SETTID | SIGCHLD, 0, 0, 0x7f3c8a5e8a10, 0}, 27723);
+  CHECK(call(fork) ==
+        "clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD, "
+        "child_tidptr=0x7f3c8a5e8a10) = 27723");
+  auto bare = record(__NR_clone, {SIGCHLD, 0, 0, 0, 0}, 5);
+  CHECK(call(bare) == "clone(child_stack=NULL, flags=SIGCHLD)  = 5");
+}
+
 TEST_CASE("signals, restart codes and unknown syscalls have strace's names", "[trace][format]") {
   CHECK(call(record(__NR_kill, {77, SIGTERM}, 0)) == "kill(77, SIGTERM)                       = 0");
   CHECK(mos::signalName(SIGRTMIN + 3) == "SIGRTMIN+3");
