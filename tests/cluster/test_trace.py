@@ -302,6 +302,7 @@ def test_summary_counts_match_the_lines_of_the_same_calls(cluster, home, tmp):
             assert b"attached" in line, (line, t.stderr.read())
         job.popen.stdin.write(b"go\n")
         job.popen.stdin.close()
+        job.popen.stdin = None  # communicate() would flush it
         status, out, _ = job.wait(timeout=120)
         assert status == 1 and out == (home / "big.txt").read_bytes()
         for t in tracers:
@@ -357,4 +358,5 @@ def test_forked_processes_are_in_the_jobs_trace(cluster, home, tmp):
     assert 'openat(AT_FDCWD, "a.txt", O_RDONLY|O_CLOEXEC) = 3' in child_calls, child_calls
     assert any(c.startswith('read(3, "child\\n"') for c in child_calls), child_calls
     parent = [p for p in by_pid if p != int(child)][0]
-    assert any(c.startswith("wait4(") and c.endswith(f"= {child}") for c in by_pid[parent])
+    waits = [c for c in by_pid[parent] if c.startswith("wait4(")]
+    assert any(c.endswith(f"= {child.decode()}") for c in waits), waits
