@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -422,6 +423,8 @@ void Deputy::handleFork(proto::ForkRequest::Reader request) {
   std::vector<kj::byte> token(tokenBytes.begin(), tokenBytes.end());
   // Signals recorded so far belong to the parent; every signal stays blocked across the fork.
   flushSignals();
+  timespec before, after;
+  clock_gettime(CLOCK_MONOTONIC, &before);
   int64_t ret;
   if (request.getThread()) {
     ret = startThread(port, kj::arrayPtr(token.data(), token.size()));
@@ -440,10 +443,13 @@ void Deputy::handleFork(proto::ForkRequest::Reader request) {
     }
     ret = child < 0 ? -errno : child;
   }
+  clock_gettime(CLOCK_MONOTONIC, &after);
   capnp::MallocMessageBuilder message;
   auto reply = message.initRoot<proto::ToRemote>().initReply();
   reply.setSeq(seq);
   reply.setRet(ret);
+  reply.setHomeNs(uint64_t(after.tv_sec - before.tv_sec) * 1000000000u + uint64_t(after.tv_nsec) -
+                  uint64_t(before.tv_nsec));
   flushSignals();
   channel_->send(message);
 }

@@ -156,6 +156,9 @@ struct SyscallReply {
                            # when the row says so, else full size
   interrupted @3 :Bool;    # a signal interrupted the deputy's call (ret is -EINTR); the
                            # supervisor decides whether the guest sees EINTR or a restart
+  homeNs @4 :UInt64;       # nanoseconds the call took at home (CLOCK_MONOTONIC around the
+                           # deputy's syscall, or its fork): what tracing reports as the time
+                           # at home; 0 when nothing was executed (a refused request)
 }
 
 struct FileInfo {

@@ -42,6 +42,12 @@ struct TraceEvent {
   transitUs @12 :UInt32;   # totalUs minus homeUs: marshalling and the network, microseconds
   seq @13 :UInt64;         # per-publisher sequence number, from 1
   lost @14 :UInt64;        # events this publisher dropped so far (no room in mosd's socket)
+  resultUnknown @15 :Bool; # the guest's own kernel ran the call after the supervisor let it
+                           # continue (a file-backed mmap from the content cache, a signal the
+                           # job sends itself): `result` is 0 and means nothing (strace's `?`)
+  jobPid @16 :Int32;       # the job the event belongs to (the home pid Node.traceJob names): the
+                           # job's first process, also for the events of its forked processes,
+                           # whose own home pid is `homePid`; 0 from an older publisher: homePid
 }
 
 struct TraceFilter {

@@ -25,8 +25,21 @@
 #include "marshal.h"
 #include "migrate.h"
 #include "seccomp_filter.h"
+#include "trace_payloads.h"
 
 namespace mos::remote {
+
+namespace {
+// What an untraced supervisor points at: never active, never written to (shared by threads).
+TracePublisher& untracedPublisher() {
+  static TracePublisher publisher;
+  return publisher;
+}
+TraceCall& untracedCall() {
+  static TraceCall call;
+  return call;
+}
+}  // namespace
 
 Answer Answer::interrupted(int nr) { return Answer::of(-restartCode(nr)); }
 
@@ -49,7 +62,9 @@ std::string readStatus(pid_t pid) {
 Supervisor::Supervisor(SupervisorOptions options)
     : options_(std::move(options)),
       channel_(kj::AutoCloseFd(options_.fd)),
-      exit_([](int status) { _exit(status); }) {
+      exit_([](int status) { _exit(status); }),
+      tracePublisher_(&untracedPublisher()),
+      trace_(&untracedCall()) {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGCHLD);
@@ -69,7 +84,9 @@ Supervisor::Supervisor(SupervisorOptions options, kj::Own<capnp::MessageReader> 
       jobStart_(kj::mv(jobStart)),
       guest_(guest->pid()),
       guestProcess_(kj::mv(guest)),
-      unotify_(kj::mv(unotify)) {
+      unotify_(kj::mv(unotify)),
+      tracePublisher_(options_.trace != nullptr ? options_.trace : &untracedPublisher()),
+      trace_(&untracedCall()) {
   start_ = jobStart_->getRoot<proto::JobStart>();
   ownedCache_ = kj::heap<FileCache>(options_.cacheDir, options_.peerNode);
   cache_ = ownedCache_.get();
@@ -81,6 +98,15 @@ int Supervisor::run() {
   } catch (kj::Exception& e) {
     spdlog::error("job start failed: {}", e.getDescription().cStr());
     return 1;
+  }
+  // The job's trace stream, keyed by its home pid: every task of the family publishes to it.
+  try {
+    ownedTrace_ =
+        kj::heap<TracePublisher>(options_.runDir, options_.peerNode, start_.getIds().getPid());
+    options_.trace = ownedTrace_.get();
+    tracePublisher_ = options_.trace;
+  } catch (kj::Exception& e) {
+    spdlog::warn("job {}: not traceable: {}", start_.getIds().getPid(), e.getDescription().cStr());
   }
   try {
     startGuest();
@@ -145,7 +171,8 @@ int64_t Supervisor::askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<co
   fork.setToken(token);
   fork.setThread(thread);
   KJ_IF_MAYBE (reply, callHome(message, seq)) {
-    return (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
+    forkResult_ = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
+    return forkResult_;
   }
   return -EINTR;
 }
@@ -298,10 +325,60 @@ void Supervisor::serveNotification() {
     return;
   }
   current_ = &notif;
-  Answer answer = dispatch(notif);
-  respond(notif.id, answer);
+  if (KJ_UNLIKELY(tracePublisher_->active())) {
+    serveTraced(notif);
+  } else {
+    Answer answer = dispatch(notif);
+    respond(notif.id, answer);
+  }
   current_ = nullptr;
   flushDeferred();
+}
+
+void Supervisor::serveTraced(const seccomp_notif& notif) {
+  auto ids = start_.getIds();
+  TraceCall trace(*tracePublisher_, ids.getPid(), ids.getTid(), options_.node, options_.peerNode,
+                  notif.data.nr, notif.data.args);
+  const SyscallEntry* entry =
+      notif.data.arch == AUDIT_ARCH_X86_64 ? findSyscall(notif.data.nr) : nullptr;
+  // The route the table gives; handlers that answer otherwise say so (setRoute).
+  TraceRoute route = TraceRoute::DENIED;
+  if (entry != nullptr) {
+    switch (entry->route) {
+      case Route::LOCAL: route = TraceRoute::LOCAL_ANSWER; break;
+      case Route::DENY: route = TraceRoute::DENIED; break;
+      case Route::EMULATE: route = TraceRoute::EMULATED; break;
+      case Route::FORWARD:
+        route =
+            entry->handler == HandlerId::MMAP ? TraceRoute::LOCAL_ANSWER : TraceRoute::FORWARDED;
+        break;
+    }
+  }
+  trace.setRoute(route);
+  trace_ = &trace;
+  forkResult_ = 0;
+  KJ_DEFER(trace_ = &untracedCall());
+  Answer answer = dispatch(notif);
+  respond(notif.id, answer);
+  switch (answer.kind) {
+    case Answer::VALUE: trace.finish(answer.value); break;
+    case Answer::CONTINUE:
+      // The guest's own kernel runs it (a file-backed mmap of a cached file, a signal to itself).
+      trace.setRoute(TraceRoute::LOCAL_ANSWER);
+      trace.finishContinued();
+      break;
+    case Answer::DROP:
+      if (entry != nullptr && entry->handler == HandlerId::FORK) {
+        // A fork's first notification is only restarted as clone(CLONE_PARENT); the restarted
+        // one is the call, and its result is the home child's pid.
+        if (forkResult_ != 0) {
+          trace.finish(forkResult_);
+        }
+        break;
+      }
+      trace.finishContinued();  // the guest left the call (a signal, death)
+      break;
+  }
 }
 
 void Supervisor::respond(uint64_t id, const Answer& answer) {
@@ -410,6 +487,7 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
 }
 
 Answer Supervisor::handleUnsupported(const seccomp_notif& notif, int err, const char* why) {
+  trace_->setRoute(TraceRoute::DENIED);
   int nr = notif.data.nr;
   if (reported_.insert(nr).second) {
     const SyscallEntry* entry = findSyscall(nr);
@@ -477,6 +555,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
         [seq](proto::ToRemote::Reader m) { return m.isReply() && m.getReply().getSeq() == seq; },
         seq);
     KJ_IF_MAYBE (r, reply) {
+      trace_->addHomeNs((*r)->getRoot<proto::ToRemote>().getReply().getHomeNs());
       if (!(*r)->getRoot<proto::ToRemote>().getReply().getInterrupted()) {
         if (record_.get() != nullptr) {
           record_.get()->syscalls.fetch_add(1, std::memory_order_relaxed);
@@ -540,11 +619,15 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
     // The memory we read may belong to a task that is no longer the one that trapped.
     return Answer::drop();
   }
+  if (KJ_UNLIKELY(trace_->active())) {
+    traceRequestPayloads(*trace_, specs, args, request.asReader());
+  }
   const SyscallEntry* entry = findSyscall(notif.data.nr);
   if (entry != nullptr && entry->handler == HandlerId::OPEN) {
     // The path is already in the request: an open of the job's own /proc files is served here.
     KJ_IF_MAYBE (open, describeOpen(specs, args, request.asReader())) {
       KJ_IF_MAYBE (answer, serveJobProcFile(notif, open->path, open->dirfd, open->flags)) {
+        trace_->setRoute(TraceRoute::LOCAL_ANSWER);
         return *answer;
       }
     }
@@ -554,7 +637,12 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
     if (r.getOut().size() > 0 && !idValid(notif.id)) {
       return Answer::drop();
     }
-    return Answer::of(unmarshalReply(notif.data.nr, specs, args, r, memory));
+    int64_t result = unmarshalReply(notif.data.nr, specs, args, r, memory);
+    if (KJ_UNLIKELY(trace_->active())) {
+      traceReplyPayloads(*trace_, specs, message.getRoot<proto::ToDeputy>().getSyscall(), r,
+                         result);
+    }
+    return Answer::of(result);
   }
   return Answer::interrupted(notif.data.nr);
 }

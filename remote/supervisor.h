@@ -45,6 +45,7 @@
 #include "seccomp_unotify.h"
 #include "pid_namespace.h"
 #include "syscall_table.h"
+#include "trace_channel.h"
 
 namespace mos::remote {
 
@@ -54,6 +55,9 @@ struct SupervisorOptions {
   uint32_t peerNode = 0;  // the job's home node
   std::string runDir;     // for the guest's job record
   std::string cacheDir;   // the content cache
+  // The job's trace stream (docs/design.md "Tracing"), one per job, shared by every task of it;
+  // nullptr: calls are not traced (run() makes one for the job it starts).
+  TracePublisher* trace = nullptr;
 };
 
 // What the notification loop answers a notification with.
@@ -203,6 +207,8 @@ class Supervisor {
   // else is logged and told to the deputy (status 1).
   [[noreturn]] void endJobAfter(const kj::Exception& e);
   void serveNotification();
+  // serveNotification while someone traces the job: the same, and one TraceEvent.
+  void serveTraced(const seccomp_notif& notif);
   void respond(uint64_t id, const Answer& answer);
   bool idValid(uint64_t id) { return unotify_->idValid(id); }
   Answer dispatch(const seccomp_notif& notif);
@@ -302,6 +308,13 @@ class Supervisor {
   std::vector<siginfo_t> deferred_;         // home signals the guest has not queued yet
   const seccomp_notif* current_ = nullptr;  // the notification being served
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
+  // Tracing (trace_channel.h): the job's publisher (a disabled one when untraced) and the call
+  // being traced, which handlers feed (payloads, time at home, route); an inert TraceCall
+  // outside serveTraced.
+  kj::Own<TracePublisher> ownedTrace_;
+  TracePublisher* tracePublisher_;
+  TraceCall* trace_;
+  int64_t forkResult_ = 0;  // the home child's pid of the fork being traced (askDeputyToFork)
 };
 
 }  // namespace mos::remote

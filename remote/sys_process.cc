@@ -17,6 +17,7 @@
 
 #include "marshal.h"
 #include "supervisor.h"
+#include "trace_payloads.h"
 
 namespace mos::remote {
 
@@ -210,6 +211,9 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
       list.set(
           i, kj::arrayPtr(reinterpret_cast<const kj::byte*>(strings[i].data()), strings[i].size()));
     }
+    if (KJ_UNLIKELY(trace_->active())) {
+      traceExecStrings(*trace_, at ? 1 : 0, path, which == 0, strings);
+    }
   }
   std::string status = guestProcess_->procFile("status");
   auto mask = [&](const char* key) { return statusMask(status, key); };
@@ -227,6 +231,7 @@ Answer Supervisor::handleExec(const seccomp_notif& notif) {
   }
   // The channel closed: the exec succeeded at home and the old image is gone there too. Every
   // thread of the old image ends with it (the home exec ended the other deputy threads).
+  trace_->finish(0);
   spdlog::info("job {} exec'd at home; its old guest {} ends", start_.getIds().getPid(), guest_);
   guestProcess_->kill();
   endJob(0);

@@ -37,6 +37,19 @@ constexpr size_t MAX_DATAGRAM = 512 << 10;
 constexpr size_t MAX_QUEUED = 4096;  // events per subscriber before the oldest are dropped
 constexpr size_t MAX_BATCH = 256;    // events per TraceSink.events call
 
+// getdents64's buffer: kept whole up to MAX_PAYLOAD_BYTES, so the entries can be counted.
+bool isDirents(int nr, unsigned arg) {
+  return (nr == __NR_getdents64 || nr == __NR_getdents) && arg == 1;
+}
+// execve's and execveat's argv strings.
+bool isExecArgv(int nr, unsigned arg) {
+  return (nr == __NR_execve && arg == 1) || (nr == __NR_execveat && arg == 2);
+}
+// connect's and bind's address.
+bool isSockaddr(int nr, unsigned arg) {
+  return (nr == __NR_connect || nr == __NR_bind) && arg == 1;
+}
+
 sockaddr_un unixAddress(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -109,9 +122,12 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
     bool isStruct =
         kind == ArgKind::IN_STRUCT || kind == ArgKind::OUT_STRUCT || kind == ArgKind::INOUT_STRUCT;
     bool isPath = kind == ArgKind::PATH || kind == ArgKind::PATH_OR_NULL;
-    size_t wanted = isPath     ? PATH_KEPT_BYTES  // strace never cuts a path
-                    : isStruct ? std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES)
-                               : payloadBytes;
+    size_t wanted = isPath                ? PATH_KEPT_BYTES  // strace never cuts a path
+                    : isStruct            ? std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES)
+                    : isDirents(r.nr, i)  ? MAX_PAYLOAD_BYTES  // strace counts the entries
+                    : isSockaddr(r.nr, i) ? STRUCT_KEPT_BYTES  // decoded like a struct
+                    : isExecArgv(r.nr, i) ? PATH_KEPT_BYTES    // each string cut when shown
+                                          : payloadBytes;
     size_t keep = std::min<size_t>(p.data.size(), wanted);
     auto payload = payloads[at++];
     payload.setArg(uint8_t(i));
@@ -124,6 +140,7 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
   out.setTotalUs(r.totalUs);
   out.setHomeUs(r.homeUs);
   out.setTransitUs(r.transitUs);
+  out.setResultUnknown(r.resultUnknown);
 }
 
 TraceRecord fromProto(proto::TraceEvent::Reader e) {
@@ -152,13 +169,16 @@ TraceRecord fromProto(proto::TraceEvent::Reader e) {
   r.totalUs = e.getTotalUs();
   r.homeUs = e.getHomeUs();
   r.transitUs = e.getTransitUs();
+  r.resultUnknown = e.getResultUnknown();
   return r;
 }
 
 // ---- TracePublisher
 
 TracePublisher::TracePublisher(const std::string& runDir, uint32_t homeNode, int32_t homePid)
-    : control_(mapTraceControl(runDir, homeNode, homePid)), socketPath_(traceSocketPath(runDir)) {}
+    : control_(mapTraceControl(runDir, homeNode, homePid)),
+      socketPath_(traceSocketPath(runDir)),
+      jobPid_(homePid) {}
 
 TracePublisher::~TracePublisher() {
   int fd = socket_.load();
@@ -210,6 +230,7 @@ bool TracePublisher::publish(const TraceRecord& record) {
   capnp::MallocMessageBuilder message;
   auto event = message.initRoot<proto::TraceEvent>();
   toProto(record, payloadBytes(), event);
+  event.setJobPid(jobPid_);
   event.setSeq(seq_.fetch_add(1, std::memory_order_relaxed) + 1);
   event.setLost(lost_.load(std::memory_order_relaxed));
   auto words = capnp::messageToFlatArray(message);
@@ -259,12 +280,21 @@ void TraceCall::setPayload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t 
     return;
   }
   // Keep what toProto will send at most; it cuts again by kind.
-  size_t keep =
-      std::min<size_t>(data.size(), std::max<size_t>(publisher_->payloadBytes(), PATH_KEPT_BYTES));
+  size_t cap = isDirents(record_.nr, unsigned(arg))
+                   ? MAX_PAYLOAD_BYTES
+                   : std::max<size_t>(publisher_->payloadBytes(), PATH_KEPT_BYTES);
+  size_t keep = std::min<size_t>(data.size(), cap);
   TracePayload& p = record_.payloads[arg];
   p.present = true;
   p.data.assign(reinterpret_cast<const char*>(data.begin()), keep);
   p.length = std::max<uint64_t>(length, data.size());
+}
+
+void TraceCall::begin(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node,
+                      uint32_t homeNode, int nr, const unsigned long long (&args)[6]) {
+  uint64_t copy[6];
+  std::copy(std::begin(args), std::end(args), copy);
+  begin(publisher, pid, tid, node, homeNode, nr, copy);
 }
 
 void TraceCall::publish(int64_t result, TraceRoute route) {
@@ -272,6 +302,9 @@ void TraceCall::publish(int64_t result, TraceRoute route) {
   record_.route = route;
   uint64_t us = (clockNs(CLOCK_MONOTONIC) - startMonotonicNs_) / 1000;
   record_.totalUs = uint32_t(std::min<uint64_t>(us, UINT32_MAX));
+  if (homeNs_ != 0) {
+    record_.homeUs = uint32_t(std::min<uint64_t>(homeNs_ / 1000, UINT32_MAX));
+  }
   record_.transitUs = record_.totalUs > record_.homeUs ? record_.totalUs - record_.homeUs : 0;
   publisher_->publish(record_);
   publisher_ = nullptr;
@@ -284,6 +317,9 @@ kj::Promise<void> CallbackTraceSink::events(EventsContext context) {
   dropped_ += params.getDropped();
   for (auto event : params.getEvents()) {
     onEvent_(fromProto(event));
+  }
+  if (onBatch_) {
+    onBatch_();
   }
   return kj::READY_NOW;
 }
@@ -505,7 +541,8 @@ bool TraceHub::receiveAll(int fd) {
     KJ_IF_MAYBE (e, kj::runCatchingExceptions([&]() {
                    capnp::FlatArrayMessageReader reader(flat);
                    auto event = reader.getRoot<proto::TraceEvent>();
-                   auto it = jobs_.find(Key{event.getHomeNode(), event.getHomePid()});
+                   int32_t job = event.getJobPid() != 0 ? event.getJobPid() : event.getHomePid();
+                   auto it = jobs_.find(Key{event.getHomeNode(), job});
                    if (it == jobs_.end()) {
                      return;  // the last subscriber left after the publisher looked
                    }

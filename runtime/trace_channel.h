@@ -94,6 +94,7 @@ class TracePublisher {
   std::vector<int> retired_;  // broken connections, closed with the publisher
   std::atomic<uint64_t> seq_{0};
   std::atomic<uint64_t> lost_{0};
+  int32_t jobPid_ = 0;  // the job's home pid: TraceEvent.jobPid, mosd's key for the subscriptions
 };
 
 // One trapped call being traced, for the supervisor: while nobody listens the constructor is one
@@ -104,8 +105,17 @@ class TracePublisher {
 //   trace.finish(answer.value, route);        // publishes
 class TraceCall {
  public:
+  // A call nobody traces (every member returns at once).
+  TraceCall() = default;
   TraceCall(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
             int nr, const uint64_t (&args)[6]) {
+    if (KJ_UNLIKELY(publisher.active())) {
+      begin(publisher, pid, tid, node, homeNode, nr, args);
+    }
+  }
+  // The same with a seccomp_notif's arguments (__u64 is unsigned long long).
+  TraceCall(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
+            int nr, const unsigned long long (&args)[6]) {
     if (KJ_UNLIKELY(publisher.active())) {
       begin(publisher, pid, tid, node, homeNode, nr, args);
     }
@@ -126,30 +136,61 @@ class TraceCall {
       record_.homeUs = us;
     }
   }
+  // Adds `ns` nanoseconds at home (SyscallReply.homeNs of each round trip the call made); once
+  // any is added, it replaces what home() set.
+  void addHomeNs(uint64_t ns) {
+    if (KJ_UNLIKELY(active())) {
+      homeNs_ += ns;
+    }
+  }
+  // The route finish(result) reports (FORWARDED until set).
+  void setRoute(TraceRoute route) {
+    if (KJ_UNLIKELY(active())) {
+      record_.route = route;
+    }
+  }
   // Publishes the call with what the guest sees (`result`: >= 0 or -errno) and its route.
   void finish(int64_t result, TraceRoute route) {
     if (KJ_UNLIKELY(active())) {
       publish(result, route);
     }
   }
+  void finish(int64_t result) {
+    if (KJ_UNLIKELY(active())) {
+      publish(result, record_.route);
+    }
+  }
+  // Publishes a call the guest's own kernel ran (SECCOMP_USER_NOTIF_FLAG_CONTINUE): its result
+  // is not known here (`= ?`).
+  void finishContinued() {
+    if (KJ_UNLIKELY(active())) {
+      record_.resultUnknown = true;
+      publish(0, record_.route);
+    }
+  }
 
  private:
   void begin(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
              int nr, const uint64_t (&args)[6]);
+  void begin(TracePublisher& publisher, int32_t pid, int32_t tid, uint32_t node, uint32_t homeNode,
+             int nr, const unsigned long long (&args)[6]);
   void setPayload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t length);
   void publish(int64_t result, TraceRoute route);
 
   TracePublisher* publisher_ = nullptr;
   TraceRecord record_;
   uint64_t startMonotonicNs_ = 0;
+  uint64_t homeNs_ = 0;
 };
 
 // A subscriber's TraceSink that hands every event to `onEvent` (in order) and the end to `onEnd`.
 class CallbackTraceSink final : public proto::TraceSink::Server {
  public:
+  // `onBatch` (optional) runs after the events of each TraceSink.events call.
   CallbackTraceSink(std::function<void(TraceRecord&&)> onEvent,
-                    std::function<void(const std::string&)> onEnd)
-      : onEvent_(kj::mv(onEvent)), onEnd_(kj::mv(onEnd)) {}
+                    std::function<void(const std::string&)> onEnd,
+                    std::function<void()> onBatch = nullptr)
+      : onEvent_(kj::mv(onEvent)), onEnd_(kj::mv(onEnd)), onBatch_(kj::mv(onBatch)) {}
 
   // Events mosd dropped for this subscriber (it fell 4096 events behind).
   uint64_t dropped() const { return dropped_; }
@@ -161,6 +202,7 @@ class CallbackTraceSink final : public proto::TraceSink::Server {
  private:
   std::function<void(TraceRecord&&)> onEvent_;
   std::function<void(const std::string&)> onEnd_;
+  std::function<void()> onBatch_;
   uint64_t dropped_ = 0;
 };
 

@@ -6,7 +6,13 @@
 #include <sys/sysmacros.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sched.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <termios.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -260,11 +266,197 @@ const char* nameOf(uint64_t value, std::span<const NamedValue> table) {
   return nullptr;
 }
 
+constexpr NamedValue RLIMITS[] = {
+    {RLIMIT_CPU, "RLIMIT_CPU"},           {RLIMIT_FSIZE, "RLIMIT_FSIZE"},
+    {RLIMIT_DATA, "RLIMIT_DATA"},         {RLIMIT_STACK, "RLIMIT_STACK"},
+    {RLIMIT_CORE, "RLIMIT_CORE"},         {RLIMIT_RSS, "RLIMIT_RSS"},
+    {RLIMIT_NPROC, "RLIMIT_NPROC"},       {RLIMIT_NOFILE, "RLIMIT_NOFILE"},
+    {RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK"},   {RLIMIT_AS, "RLIMIT_AS"},
+    {RLIMIT_LOCKS, "RLIMIT_LOCKS"},       {RLIMIT_SIGPENDING, "RLIMIT_SIGPENDING"},
+    {RLIMIT_MSGQUEUE, "RLIMIT_MSGQUEUE"}, {RLIMIT_NICE, "RLIMIT_NICE"},
+    {RLIMIT_RTPRIO, "RLIMIT_RTPRIO"},     {RLIMIT_RTTIME, "RLIMIT_RTTIME"},
+};
+constexpr NamedValue ADDRESS_FAMILIES[] = {
+    {AF_UNSPEC, "AF_UNSPEC"}, {AF_UNIX, "AF_UNIX"},       {AF_INET, "AF_INET"},
+    {AF_INET6, "AF_INET6"},   {AF_NETLINK, "AF_NETLINK"}, {AF_PACKET, "AF_PACKET"},
+};
+constexpr NamedValue SOCKET_TYPES[] = {
+    {SOCK_STREAM, "SOCK_STREAM"}, {SOCK_DGRAM, "SOCK_DGRAM"},         {SOCK_RAW, "SOCK_RAW"},
+    {SOCK_RDM, "SOCK_RDM"},       {SOCK_SEQPACKET, "SOCK_SEQPACKET"}, {SOCK_PACKET, "SOCK_PACKET"},
+};
+
+// strace's rlim64_t: RLIM64_INFINITY, N*1024 for multiples of 1 KiB, else N.
+std::string rlimitValue(uint64_t v) {
+  if (v == UINT64_MAX) {
+    return "RLIM64_INFINITY";
+  }
+  if (v > 1024 && v % 1024 == 0) {
+    return fmt::format("{}*1024", v / 1024);
+  }
+  return std::to_string(v);
+}
+
+// A struct rlimit64 payload as strace shows it; the address when it was not captured.
+std::string rlimitText(const TracePayload& p, uint64_t address) {
+  if (address == 0) {
+    return "NULL";
+  }
+  if (!p.present || p.data.size() < 2 * sizeof(uint64_t)) {
+    return fmt::format("{:#x}", address);
+  }
+  uint64_t limits[2];
+  memcpy(limits, p.data.data(), sizeof limits);
+  return fmt::format("{{rlim_cur={}, rlim_max={}}}", rlimitValue(limits[0]),
+                     rlimitValue(limits[1]));
+}
+
+// socket(2)'s arguments: AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC, and the protocol (IPPROTO_IP for an
+// internet socket's 0, as strace shows it).
+std::string socketArgs(const TraceRecord& r) {
+  const char* family = nameOf(r.args[0], ADDRESS_FAMILIES);
+  uint64_t type = r.args[1];
+  const char* base = nameOf(type & 0xf, SOCKET_TYPES);
+  std::string typeText = base ? base : std::to_string(type & 0xf);
+  if (type & SOCK_CLOEXEC) typeText += "|SOCK_CLOEXEC";
+  if (type & SOCK_NONBLOCK) typeText += "|SOCK_NONBLOCK";
+  std::string protocol = std::to_string(r.args[2]);
+  if ((r.args[0] == AF_INET || r.args[0] == AF_INET6) && r.args[2] == 0) {
+    protocol = "IPPROTO_IP";
+  }
+  return fmt::format("{}, {}, {}", family ? family : std::to_string(r.args[0]), typeText, protocol);
+}
+
+// A sockaddr in-buffer (connect, bind): AF_UNIX and AF_INET decoded as strace does; other
+// families and short buffers fall back to the quoted bytes.
+// In strace's order (xlat/clone_flags.in).
+constexpr FlagName CLONE_FLAGS[] = {
+    {CLONE_VM, "CLONE_VM"},
+    {CLONE_FS, "CLONE_FS"},
+    {CLONE_FILES, "CLONE_FILES"},
+    {CLONE_SIGHAND, "CLONE_SIGHAND"},
+    {CLONE_PIDFD, "CLONE_PIDFD"},
+    {CLONE_PTRACE, "CLONE_PTRACE"},
+    {CLONE_VFORK, "CLONE_VFORK"},
+    {CLONE_PARENT, "CLONE_PARENT"},
+    {CLONE_THREAD, "CLONE_THREAD"},
+    {CLONE_NEWNS, "CLONE_NEWNS"},
+    {CLONE_SYSVSEM, "CLONE_SYSVSEM"},
+    {CLONE_SETTLS, "CLONE_SETTLS"},
+    {CLONE_PARENT_SETTID, "CLONE_PARENT_SETTID"},
+    {CLONE_CHILD_CLEARTID, "CLONE_CHILD_CLEARTID"},
+    {CLONE_UNTRACED, "CLONE_UNTRACED"},
+    {CLONE_CHILD_SETTID, "CLONE_CHILD_SETTID"},
+    {CLONE_NEWCGROUP, "CLONE_NEWCGROUP"},
+    {CLONE_NEWUTS, "CLONE_NEWUTS"},
+    {CLONE_NEWIPC, "CLONE_NEWIPC"},
+    {CLONE_NEWUSER, "CLONE_NEWUSER"},
+    {CLONE_NEWPID, "CLONE_NEWPID"},
+    {CLONE_NEWNET, "CLONE_NEWNET"},
+    {CLONE_IO, "CLONE_IO"},
+};
+
+// clone(2) as strace shows it on x86-64 (flags, stack, parent_tid, child_tid, tls):
+// child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD, child_tidptr=0x...
+std::string cloneArgs(const TraceRecord& r) {
+  uint64_t bits = r.args[0];
+  std::string text = fmt::format("child_stack={}, flags=", pointer(r.args[1]));
+  uint64_t named = bits & ~uint64_t(CSIGNAL);
+  std::string names = named != 0 ? flags(named, CLONE_FLAGS, "") : "";
+  int sig = int(bits & CSIGNAL);
+  if (sig != 0) {
+    names += (names.empty() ? "" : "|") + signalName(sig);
+  }
+  text += names.empty() ? "0" : names;
+  if (bits & CLONE_PARENT_SETTID) {
+    text += fmt::format(", parent_tid={}", pointer(r.args[2]));
+  }
+  if (bits & (CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID)) {
+    text += fmt::format(", child_tidptr={}", pointer(r.args[3]));
+  }
+  if (bits & CLONE_SETTLS) {
+    text += fmt::format(", tls={}", pointer(r.args[4]));
+  }
+  return text;
+}
+
+// execve's argv and envp as strace shows them: ["cat", "a.txt"], 0x7ffd... /* 27 vars */.
+std::string execArgs(const TraceRecord& r, int argvArg, size_t limit) {
+  const TracePayload& argv = r.payloads[argvArg];
+  std::string out;
+  if (r.args[argvArg] == 0) {
+    out = "NULL";
+  } else if (!argv.present) {
+    out = fmt::format("{:#x}", r.args[argvArg]);
+  } else {
+    out = "[";
+    size_t at = 0;
+    int n = 0;
+    for (;;) {
+      size_t nul = argv.data.find('\0', at);
+      if (nul == std::string::npos) {
+        break;  // a string cut by the publisher: shown as `...`
+      }
+      out += n++ ? ", " : "";
+      out += quoteString(std::string_view(argv.data).substr(at, nul - at), limit, false);
+      at = nul + 1;
+    }
+    if (argv.length > argv.data.size()) {
+      out += n ? ", ..." : "...";
+    }
+    out += "]";
+  }
+  const TracePayload& envp = r.payloads[argvArg + 1];
+  uint64_t address = r.args[argvArg + 1];
+  if (address == 0) {
+    return out + ", NULL";
+  }
+  if (envp.present && envp.data.size() == 4) {
+    uint32_t count;
+    memcpy(&count, envp.data.data(), 4);
+    return out + fmt::format(", {:#x} /* {} var{} */", address, count, count == 1 ? "" : "s");
+  }
+  return out + fmt::format(", {:#x}", address);
+}
+
+std::string sockaddrText(const TracePayload& p, uint64_t address, size_t limit) {
+  if (address == 0) {
+    return "NULL";
+  }
+  if (!p.present) {
+    return fmt::format("{:#x}", address);
+  }
+  if (p.data.size() >= sizeof(sa_family_t) && p.data.size() == p.length) {
+    sa_family_t family;
+    memcpy(&family, p.data.data(), sizeof family);
+    if (family == AF_UNIX) {
+      std::string path = p.data.substr(sizeof family);
+      if (!path.empty() && path[0] == '\0') {
+        return fmt::format("{{sa_family=AF_UNIX, sun_path=@{}}}",
+                           quoteString(path.substr(1), SIZE_MAX, false));
+      }
+      path = path.substr(0, path.find('\0'));
+      return fmt::format("{{sa_family=AF_UNIX, sun_path={}}}", quoteString(path, SIZE_MAX, false));
+    }
+    if (family == AF_INET && p.data.size() >= sizeof(sockaddr_in)) {
+      sockaddr_in sin;
+      memcpy(&sin, p.data.data(), sizeof sin);
+      char text[INET_ADDRSTRLEN];
+      inet_ntop(AF_INET, &sin.sin_addr, text, sizeof text);
+      return fmt::format("{{sa_family=AF_INET, sin_port=htons({}), sin_addr=inet_addr(\"{}\")}}",
+                         ntohs(sin.sin_port), text);
+    }
+  }
+  return quoteString(p.data, limit, p.length > p.data.size());
+}
+
 // The arguments of ioctl and fcntl after the descriptor, which their rows leave to the handler:
 // strace's `TCGETS, 0x7ffd...`, `F_SETFD, FD_CLOEXEC`, `F_GETFL`.
 std::string ioctlArgs(const TraceRecord& r) {
   const char* name = nameOf(r.args[1], IOCTL_REQUESTS);
   std::string request = name ? name : fmt::format("{:#x}", r.args[1]);
+  if (r.args[1] == FIOCLEX || r.args[1] == FIONCLEX) {
+    return request;  // strace: ioctl(3, FIOCLEX); the argument is not used
+  }
   return fmt::format("{}, {}", request, hexOrZero(r.args[2]));
 }
 
@@ -286,6 +478,30 @@ std::string fcntlArgs(const TraceRecord& r) {
     case F_SETOWN:
     case F_SETPIPE_SZ:
     case F_ADD_SEALS: return fmt::format("{}, {}", out, int64_t(r.args[2]));
+    case F_SETLK:
+    case F_SETLKW:
+    case F_OFD_SETLK:
+    case F_OFD_SETLKW: {
+      // strace: {l_type=F_RDLCK, l_whence=SEEK_SET, l_start=1073741824, l_len=1}
+      const TracePayload& p = r.payloads[2];
+      if (!p.present || p.data.size() < sizeof(struct flock)) {
+        break;
+      }
+      struct flock lock;
+      memcpy(&lock, p.data.data(), sizeof lock);
+      const char* type = lock.l_type == F_RDLCK   ? "F_RDLCK"
+                         : lock.l_type == F_WRLCK ? "F_WRLCK"
+                         : lock.l_type == F_UNLCK ? "F_UNLCK"
+                                                  : nullptr;
+      const char* whence = lock.l_whence == SEEK_SET   ? "SEEK_SET"
+                           : lock.l_whence == SEEK_CUR ? "SEEK_CUR"
+                           : lock.l_whence == SEEK_END ? "SEEK_END"
+                                                       : nullptr;
+      return fmt::format("{}, {{l_type={}, l_whence={}, l_start={}, l_len={}}}", out,
+                         type ? type : std::to_string(lock.l_type),
+                         whence ? whence : std::to_string(lock.l_whence), int64_t(lock.l_start),
+                         int64_t(lock.l_len));
+    }
   }
   return fmt::format("{}, {}", out, hexOrZero(r.args[2]));
 }
@@ -419,6 +635,9 @@ std::string argText(const SyscallEntry& row, int i, const TraceRecord& r, size_t
 }
 
 std::string resultText(const TraceRecord& r, const char* name) {
+  if (r.resultUnknown) {
+    return "?";
+  }
   if (r.failed()) {
     int err = int(-r.result);
     std::string desc;
@@ -434,6 +653,13 @@ std::string resultText(const TraceRecord& r, const char* name) {
     }
     const char* head = err >= 512 && err <= 516 ? "?" : "-1";
     return fmt::format("{} {} ({})", head, errnoName(err), desc);
+  }
+  if (r.nr == __NR_fcntl && r.result > 0 && (r.args[1] == F_GETFD || r.args[1] == F_GETFL)) {
+    // strace: 0x1 (flags FD_CLOEXEC), 0x8002 (flags O_RDWR|O_LARGEFILE)
+    std::string flagText = r.args[1] == F_GETFD
+                               ? (r.result == FD_CLOEXEC ? "FD_CLOEXEC" : std::to_string(r.result))
+                               : openFlags(uint64_t(r.result));
+    return fmt::format("{:#x} (flags {})", uint64_t(r.result), flagText);
   }
   if (name && returnsAddress(name)) {
     return fmt::format("{:#x}", uint64_t(r.result));
@@ -513,7 +739,11 @@ std::string TraceFormatter::call(const TraceRecord& r) const {
   } else {
     text = fmt::format("{}(", row->name);
     int count = 0;
-    for (int i = 0; i < 6 && row->args[i].kind != ArgKind::NONE; i++) {
+    // execve's argv and envp are HANDLED (no kind): shown from the handler's payloads.
+    auto execStrings = [&](int i) {
+      return (r.nr == __NR_execve && i == 1) || (r.nr == __NR_execveat && i == 2);
+    };
+    for (int i = 0; i < 6 && (row->args[i].kind != ArgKind::NONE || execStrings(i)); i++) {
       const ValRule* rule = valRule(row->name, i);
       if (rule && rule->style == ValStyle::OPEN_MODE && (r.args[i - 1] & O_CREAT) == 0 &&
           (r.args[i - 1] & O_TMPFILE) != O_TMPFILE) {
@@ -527,6 +757,45 @@ std::string TraceFormatter::call(const TraceRecord& r) const {
       if (i == 1 && row->handler == HandlerId::FCNTL) {
         text += fcntlArgs(r);
         break;
+      }
+      if (r.nr == __NR_execve && i == 1) {
+        text += execArgs(r, 1, options_.stringLimit);
+        break;
+      }
+      if (r.nr == __NR_execveat && i == 2) {
+        text += execArgs(r, 2, options_.stringLimit) + ", " + valText(*row, 4, r);
+        break;
+      }
+      if (r.nr == __NR_clone) {
+        text += cloneArgs(r);
+        break;
+      }
+      if (r.nr == __NR_socket) {
+        text += socketArgs(r);
+        break;
+      }
+      if ((r.nr == __NR_connect || r.nr == __NR_bind) && i == 1) {
+        text += sockaddrText(r.payloads[1], r.args[1], options_.stringLimit);
+        continue;
+      }
+      if (r.nr == __NR_prlimit64 && i == 1) {
+        const char* resource = nameOf(r.args[1], RLIMITS);
+        text += resource ? resource : std::to_string(r.args[1]);
+        continue;
+      }
+      if (r.nr == __NR_prlimit64 && (i == 2 || i == 3)) {
+        text += (i == 3 && r.failed()) ? pointer(r.args[3]) : rlimitText(r.payloads[i], r.args[i]);
+        continue;
+      }
+      if (r.nr == __NR_getcwd && i == 0 && !r.failed() && r.payloads[0].present) {
+        // strace shows the path without the NUL the result counts.
+        TracePayload path = r.payloads[0];
+        if (!path.data.empty() && path.data.back() == '\0' && path.length == path.data.size()) {
+          path.data.pop_back();
+          path.length--;
+        }
+        text += bufferText(path, r.args[0], SIZE_MAX);
+        continue;
       }
       text += argText(*row, i, r, options_.stringLimit);
     }

@@ -43,12 +43,13 @@ struct TraceRecord {
   TracePayload payloads[6];
   int64_t result = 0;  // >= 0, or -errno
   TraceRoute route = TraceRoute::FORWARDED;
-  uint64_t startNs = 0;    // CLOCK_REALTIME of the trap, ns since the epoch
-  uint32_t totalUs = 0;    // trap to answer
-  uint32_t homeUs = 0;     // at home (forwarded calls)
-  uint32_t transitUs = 0;  // totalUs - homeUs
+  uint64_t startNs = 0;        // CLOCK_REALTIME of the trap, ns since the epoch
+  uint32_t totalUs = 0;        // trap to answer
+  uint32_t homeUs = 0;         // at home (forwarded calls)
+  uint32_t transitUs = 0;      // totalUs - homeUs
+  bool resultUnknown = false;  // the guest's kernel ran it (CONTINUE): shown as `= ?`
 
-  bool failed() const { return result < 0 && result >= -4095; }
+  bool failed() const { return !resultUnknown && result < 0 && result >= -4095; }
 };
 
 // How lines look (strace's options of the same letters).

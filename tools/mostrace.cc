@@ -64,6 +64,7 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
   TraceSummary summary;
   std::string endReason;
   uint64_t received = 0;  // events the sink got, before our own filter
+  bool interactive = isatty(fileno(out));
 
   uv_loop_t loop;
   uv_loop_init(&loop);
@@ -84,13 +85,18 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
             summary.add(record);
           } else {
             fmt::print(out, "{}\n", formatter.line(record));
-            fflush(out);
+            // A terminal sees each line at once; a file is flushed once per batch (below): a
+            // write(2) per line is what kept mostrace behind a fast job.
+            if (interactive) {
+              fflush(out);
+            }
           }
         },
         [&](const std::string& reason) {
           endReason = reason;
           if (fulfiller->isWaiting()) fulfiller->fulfill();
-        });
+        },
+        [&]() { fflush(out); });
     auto& sinkRef = *sink;
     proto::TraceSink::Client sinkClient = kj::mv(sink);
 
@@ -147,9 +153,17 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
                      // those mosd has for us, then detach.
                      auto stats = subscription.statsRequest().send().wait(waitScope);
                      uint64_t target = stats.getDelivered() + stats.getQueued();
+                     // Give up only when nothing arrives for 5 s (mosd gone): a long backlog
+                     // is written out in full.
                      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+                     uint64_t seen = received;
                      while (received < target && std::chrono::steady_clock::now() < deadline) {
                        port.afterDelay(5).wait(waitScope);
+                       fflush(out);
+                       if (received != seen) {
+                         seen = received;
+                         deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+                       }
                      }
                      endReason = "the job exited";
                    }

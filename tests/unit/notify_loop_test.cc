@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -284,13 +285,14 @@ class ScriptedDeputy {
   }
 
   // --- for the script (the deputy's thread)
-  void reply(uint64_t seq, int64_t ret, std::vector<std::string> out = {},
-             bool interrupted = false) {
+  void reply(uint64_t seq, int64_t ret, std::vector<std::string> out = {}, bool interrupted = false,
+             uint64_t homeNs = 0) {
     capnp::MallocMessageBuilder message;
     auto r = message.initRoot<proto::ToRemote>().initReply();
     r.setSeq(seq);
     r.setRet(ret);
     r.setInterrupted(interrupted);
+    r.setHomeNs(homeNs);
     auto list = r.initOut(out.size());
     for (size_t i = 0; i < out.size(); i++) {
       list.set(i, kj::arrayPtr(reinterpret_cast<const kj::byte*>(out[i].data()), out[i].size()));
@@ -415,6 +417,9 @@ proto::ToDeputy::Reader rootOf(const kj::Array<capnp::word>& words,
 // forwarded calls in its process, with its signal handlers.
 struct WithRealDeputy {};
 
+// The trace stream the next Loop's supervisor publishes to (nullptr: untraced).
+TracePublisher* loopTrace = nullptr;
+
 // One job's supervisor loop over the fakes, with the deputy played by a script or the real one.
 struct Loop {
   FakeKernel& kernel;
@@ -483,6 +488,7 @@ struct Loop {
     options.node = 2;
     options.peerNode = 1;
     options.cacheDir = cacheDir;
+    options.trace = loopTrace;
     auto fakeUnotify = kj::heap<FakeUnotify>(kernel);
     auto fakeGuest = kj::heap<FakeGuest>(kernel);
     unotify = fakeUnotify.get();
@@ -900,4 +906,118 @@ TEST_CASE("with the real deputy: a read gets the pipe's bytes; a signal at home 
         std::vector<std::string>{answer(first, 5), "signal 10", answer(second, -ERESTARTSYS)});
   close(p[0]);
   close(p[1]);
+}
+
+namespace {
+
+// mosd's end of RUN_DIR/trace.sock, played by the test: the events the supervisor publishes.
+struct TraceListener {
+  std::string runDir;
+  kj::AutoCloseFd listening;
+  kj::AutoCloseFd connection;
+  TraceControl* control = nullptr;
+
+  TraceListener() {
+    char dir[] = "/tmp/notify-loop-trace-XXXXXX";
+    REQUIRE(mkdtemp(dir) != nullptr);
+    runDir = dir;
+    listening = kj::AutoCloseFd(socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::string path = traceSocketPath(runDir);
+    memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    REQUIRE(bind(listening.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(listen(listening.get(), 4) == 0);
+    control = mapTraceControl(runDir, 1, HOME_PID);
+  }
+  ~TraceListener() {
+    unmapTraceControl(control);
+    std::filesystem::remove_all(runDir);
+  }
+
+  // The next event the publisher sent, within DEADLINE.
+  TraceRecord next() {
+    if (connection.get() < 0) {
+      struct pollfd pfd = {listening.get(), POLLIN, 0};
+      REQUIRE(poll(&pfd, 1, int(std::chrono::milliseconds(DEADLINE).count())) == 1);
+      connection = kj::AutoCloseFd(accept4(listening.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      REQUIRE(connection.get() >= 0);
+    }
+    struct pollfd pfd = {connection.get(), POLLIN, 0};
+    REQUIRE(poll(&pfd, 1, int(std::chrono::milliseconds(DEADLINE).count())) == 1);
+    auto words = kj::heapArray<capnp::word>(64 << 10);
+    ssize_t n = recv(connection.get(), words.begin(), words.asBytes().size(), 0);
+    REQUIRE(n > 0);
+    capnp::FlatArrayMessageReader reader(words.slice(0, size_t(n) / sizeof(capnp::word)));
+    return fromProto(reader.getRoot<proto::TraceEvent>());
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a traced job's calls are published with their route, payloads and time at home",
+          "[remote][notify][trace]") {
+  TraceListener listener;
+  TracePublisher publisher(listener.runDir, 1, HOME_PID);
+  loopTrace = &publisher;
+  KJ_DEFER(loopTrace = nullptr);
+  FakeKernel kernel;
+  Loop loop(kernel, [](proto::ToDeputy::Reader m, ScriptedDeputy& d) {
+    if (m.isSyscall()) {
+      auto call = m.getSyscall();
+      if (call.getNr() == __NR_read) {
+        d.reply(call.getSeq(), 5, {"hello"}, false, 7000);  // 7 µs at home
+      } else {
+        d.reply(call.getSeq(), -EBADF, {}, false, 3000);
+      }
+    }
+  });
+
+  SECTION("while nobody listens nothing is published") {
+    loop.unotify->trap(__NR_read, {3, BUF, 16});
+    loop.serve();
+    CHECK(publisher.published() == 0);
+  }
+
+  SECTION("each call is one event, in order, as the guest saw it") {
+    listener.control->payloadBytes = 64;
+    listener.control->listeners = 1;
+    TraceFormatter format({32, false, false, 0, true});
+
+    loop.unotify->trap(__NR_read, {3, BUF, 16});
+    loop.serve();
+    TraceRecord read = listener.next();
+    // strace pads the call to column 39 before " = ".
+    CHECK(format.line(read) ==
+          "[pid 4242 node 2 forwarded] read(3, \"hello\", 16)                    = 5");
+    CHECK(read.pid == HOME_PID);
+    CHECK(read.homeNode == 1);
+    CHECK(read.homeUs == 7);
+    CHECK(read.totalUs >= read.homeUs);
+    CHECK(read.transitUs == read.totalUs - read.homeUs);
+
+    memcpy(loop.guest->space.at(BUF).data(), "bye\n", 4);
+    loop.unotify->trap(__NR_write, {9, BUF, 4});
+    loop.serve();
+    TraceRecord write = listener.next();
+    CHECK(format.line(write) ==
+          "[pid 4242 node 2 forwarded] write(9, \"bye\\n\", 4)                    = -1 EBADF "
+          "(Bad file descriptor)");
+    CHECK(write.homeUs == 3);
+
+    loop.unotify->trap(__NR_getpid, {});
+    loop.serve();
+    CHECK(format.line(listener.next()) ==
+          "[pid 4242 node 2 emulated] getpid()                                = 4242");
+
+    loop.unotify->trap(__NR_io_uring_setup, {8, BUF});
+    loop.serve();
+    TraceRecord denied = listener.next();
+    CHECK(denied.route == TraceRoute::DENIED);
+    CHECK(denied.result == -ENOSYS);
+
+    CHECK(publisher.published() == 4);
+    CHECK(publisher.lost() == 0);
+    CHECK(loop.deputy->received(2).size() == 2);  // the read and the write went home
+  }
 }

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -201,12 +202,18 @@ TEST_CASE("ls -la's calls match strace: statx, xattrs, statfs, access, getdents6
 
   CHECK(call(record(__NR_ioctl, {1, TCGETS, 0x7fff9d1e50b0}, -ENOTTY)) ==
         "ioctl(1, TCGETS, 0x7fff9d1e50b0)        = -1 ENOTTY (Inappropriate ioctl for device)");
+  CHECK(call(record(__NR_ioctl, {3, FIOCLEX, 0}, 0)) ==
+        "ioctl(3, FIOCLEX)                       = 0");
   CHECK(call(record(__NR_lseek, {3, uint64_t(-60), SEEK_CUR}, 54)) ==
         "lseek(3, -60, SEEK_CUR)                 = 54");
   CHECK(call(record(__NR_fcntl, {3, F_SETFD, uint64_t(FD_CLOEXEC)}, 0)) ==
         "fcntl(3, F_SETFD, FD_CLOEXEC)           = 0");
   CHECK(call(record(__NR_fcntl, {3, F_GETFL, 0}, O_RDWR)) ==
-        "fcntl(3, F_GETFL)                       = 2");
+        "fcntl(3, F_GETFL)                       = 0x2 (flags O_RDWR)");
+  CHECK(call(record(__NR_fcntl, {3, F_GETFD, 0}, FD_CLOEXEC)) ==
+        "fcntl(3, F_GETFD)                       = 0x1 (flags FD_CLOEXEC)");
+  CHECK(call(record(__NR_fcntl, {0, F_GETFD, 0}, 0)) ==
+        "fcntl(0, F_GETFD)                       = 0");
 
   auto pr = record(__NR_pread64, {3, BUF_ADDR, 784, 64}, 784);
   payload(pr, 1, std::string("\6\0\0\0\4\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0", 32),
@@ -214,6 +221,93 @@ TEST_CASE("ls -la's calls match strace: statx, xattrs, statfs, access, getdents6
   CHECK(
       call(pr) ==
       R"(pread64(3, "\6\0\0\0\4\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0@\0\0\0\0\0\0\0"..., 784, 64) = 784)");
+}
+
+TEST_CASE("sqlite's record locks are decoded as strace decodes them", "[trace][format]") {
+  // strace 6.1, natively: sqlite3 th.db "select count(*) from t;"
+  struct flock lock = {};
+  lock.l_type = F_RDLCK;
+  lock.l_whence = SEEK_SET;
+  lock.l_start = 1073741826;
+  lock.l_len = 510;
+  auto setlk = record(__NR_fcntl, {3, F_SETLK, BUF_ADDR}, 0);
+  payload(setlk, 2, std::string(reinterpret_cast<const char*>(&lock), sizeof lock));
+  CHECK(
+      call(setlk) ==
+      "fcntl(3, F_SETLK, {l_type=F_RDLCK, l_whence=SEEK_SET, l_start=1073741826, l_len=510}) = 0");
+  lock.l_type = F_UNLCK;
+  lock.l_start = 0;
+  lock.l_len = 0;
+  auto unlock = record(__NR_fcntl, {3, F_SETLK, BUF_ADDR}, 0);
+  payload(unlock, 2, std::string(reinterpret_cast<const char*>(&lock), sizeof lock));
+  CHECK(call(unlock) ==
+        "fcntl(3, F_SETLK, {l_type=F_UNLCK, l_whence=SEEK_SET, l_start=0, l_len=0}) = 0");
+}
+
+TEST_CASE("python's and ls's socket, connect, prlimit64 and getcwd match strace",
+          "[trace][format]") {
+  // strace 6.1, natively (python3 -c with socket.connect, resource.getrlimit; ls -la).
+  CHECK(call(record(__NR_socket, {AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0}, 3)) ==
+        "socket(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC|SOCK_NONBLOCK, 0) = 3");
+  CHECK(call(record(__NR_socket, {AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0}, 3)) ==
+        "socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_IP) = 3");
+  std::string nscd("\1\0/var/run/nscd/socket", 22);
+  nscd.resize(110, '\0');
+  auto local = record(__NR_connect, {3, BUF_ADDR, 110}, -ENOENT);
+  payload(local, 1, nscd);
+  CHECK(call(local) ==
+        "connect(3, {sa_family=AF_UNIX, sun_path=\"/var/run/nscd/socket\"}, 110) = -1 ENOENT (No "
+        "such file or directory)");
+  sockaddr_in sin = {};
+  sin.sin_family = AF_INET;
+  sin.sin_port = htons(1);
+  sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  auto inet = record(__NR_connect, {3, BUF_ADDR, sizeof sin}, -ECONNREFUSED);
+  payload(inet, 1, std::string(reinterpret_cast<const char*>(&sin), sizeof sin));
+  CHECK(call(inet) ==
+        "connect(3, {sa_family=AF_INET, sin_port=htons(1), sin_addr=inet_addr(\"127.0.0.1\")}, 16) "
+        "= -1 ECONNREFUSED (Connection refused)");
+  uint64_t stack[2] = {8192 * 1024, UINT64_MAX};
+  auto rl = record(__NR_prlimit64, {0, RLIMIT_STACK, 0, BUF_ADDR}, 0);
+  payload(rl, 3, std::string(reinterpret_cast<const char*>(stack), sizeof stack));
+  CHECK(call(rl) ==
+        "prlimit64(0, RLIMIT_STACK, NULL, {rlim_cur=8192*1024, rlim_max=RLIM64_INFINITY}) = 0");
+  auto cwd = record(__NR_getcwd, {BUF_ADDR, 4096}, 27);
+  payload(cwd, 0, std::string("/srv/umosix-home/tracehook\0", 27));
+  CHECK(call(cwd) == "getcwd(\"/srv/umosix-home/tracehook\", 4096) = 27");
+}
+
+TEST_CASE("execve shows its path, argv and the number of environment strings as strace does",
+          "[trace][format]") {
+  // strace 6.1: execve("/usr/bin/cat", ["cat", "a.txt"], 0x7ffc5a1c8f48 /* 27 vars */) = 0
+  auto exec = record(__NR_execve, {PATH_ADDR, BUF_ADDR, 0x7ffc5a1c8f48}, 0);
+  payload(exec, 0, "/usr/bin/cat");
+  payload(exec, 1, std::string("cat\0a.txt\0", 10));
+  uint32_t vars = 27;
+  payload(exec, 2, std::string(reinterpret_cast<const char*>(&vars), 4));
+  CHECK(call(exec) ==
+        "execve(\"/usr/bin/cat\", [\"cat\", \"a.txt\"], 0x7ffc5a1c8f48 /* 27 vars */) = 0");
+  auto missing = record(__NR_execve, {PATH_ADDR, BUF_ADDR, 0x7ffc5a1c8f48}, -ENOENT);
+  payload(missing, 0, "/usr/local/bin/cat");
+  payload(missing, 1, std::string("cat\0a.txt\0b", 11), 13);
+  CHECK(call(missing) ==
+        "execve(\"/usr/local/bin/cat\", [\"cat\", \"a.txt\", ...], 0x7ffc5a1c8f48) = -1 ENOENT (No "
+        "such file or directory)");
+}
+
+TEST_CASE("clone shows its flags, exit signal and the pointers they use as strace does",
+          "[trace][format]") {
+  // strace 6.1, python's os.fork():
+  // clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD,
+  //       child_tidptr=0x7f3c8a5e8a10) = 27723
+  auto fork =
+      record(__NR_clone,
+             {CLONE_CHILD_CLEARTID | CLONE_CHILD_SETTID | SIGCHLD, 0, 0, 0x7f3c8a5e8a10, 0}, 27723);
+  CHECK(call(fork) ==
+        "clone(child_stack=NULL, flags=CLONE_CHILD_CLEARTID|CLONE_CHILD_SETTID|SIGCHLD, "
+        "child_tidptr=0x7f3c8a5e8a10) = 27723");
+  auto bare = record(__NR_clone, {SIGCHLD, 0, 0, 0, 0}, 5);
+  CHECK(call(bare) == "clone(child_stack=NULL, flags=SIGCHLD)  = 5");
 }
 
 TEST_CASE("signals, restart codes and unknown syscalls have strace's names", "[trace][format]") {
@@ -691,6 +785,15 @@ TEST_CASE("TraceCall is inert while nobody listens and publishes a whole call wh
     CHECK(received[0].pid == 777);
     CHECK(received[0].startNs > 0);
     CHECK(received[0].transitUs == received[0].totalUs);
+
+    // A forked process of the job publishes through the job's publisher under its own home pid:
+    // mosd routes it by the job (TraceEvent.jobPid), so the job's subscriber gets it.
+    mos::TraceCall child(publisher, 779, 779, 1, 1, __NR_close, args);
+    child.addHomeNs(5000);
+    child.finish(0, mos::TraceRoute::FORWARDED);
+    REQUIRE(waitFor(port, waitScope, [&]() { return received.size() >= 2; }));
+    CHECK(received[1].pid == 779);
+    CHECK(received[1].homeUs == 5);
   }
   uv_run(&loop, UV_RUN_NOWAIT);
   uv_loop_close(&loop);
