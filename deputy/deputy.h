@@ -75,6 +75,10 @@ class Deputy {
   // supervisor cannot be reached.
   void becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token);
   void handleFetchFile(proto::FetchFile::Reader request);
+  // mps -d: hooks the new record's counters to the channel and publishes our descriptors.
+  void startInspection();
+  // Republishes the reserved descriptors into the record (they changed).
+  void publishReserved();
   [[noreturn]] void handleExit(proto::GuestExit::Reader exit);
   [[noreturn]] void nodeDied();
   [[noreturn]] void fail(const std::string& text, int status);
@@ -86,6 +90,7 @@ class Deputy {
   kj::Own<Channel> channel_;
   Executor executor_;
   OwnedJobRecord record_;
+  uint64_t publishedFds_ = ~uint64_t{0};  // ReservedFds::generation() last published
 };
 
 // Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.

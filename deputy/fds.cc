@@ -45,12 +45,19 @@ int ReservedFds::moveHigh(int fd, OnMove onMove) {
   int high = dupHigh(fd);
   close(fd);
   fds_[high] = kj::mv(onMove);
+  generation_++;
   return high;
 }
 
-void ReservedFds::add(int fd, OnMove onMove) { fds_[fd] = kj::mv(onMove); }
+void ReservedFds::add(int fd, OnMove onMove) {
+  fds_[fd] = kj::mv(onMove);
+  generation_++;
+}
 
-void ReservedFds::remove(int fd) { fds_.erase(fd); }
+void ReservedFds::remove(int fd) {
+  fds_.erase(fd);
+  generation_++;
+}
 
 std::vector<int> ReservedFds::list() const {
   std::vector<int> result;
@@ -72,6 +79,7 @@ int ReservedFds::relocate(int fd) {
     close(fd);
   }
   fds_[high] = kj::mv(onMove);
+  generation_++;
   return high;
 }
 

@@ -5,6 +5,7 @@
 // names one sees EBADF, dup2 onto one moves ours elsewhere first, close_range skips them,
 // /proc/self/fd listings hide them (executor.h).
 
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <vector>
@@ -36,6 +37,9 @@ class ReservedFds {
   bool empty() const { return fds_.empty(); }
   // Ascending.
   std::vector<int> list() const;
+  // Changes with every add, remove, move and relocation (the deputy republishes the list for
+  // mps -d when it changed).
+  uint64_t generation() const { return generation_; }
 
   // Moves reserved `fd` out of the way (the job wants its number): duplicates it to another high
   // number, tells its owner, and reserves the new number instead. Returns the new number.
@@ -47,6 +51,7 @@ class ReservedFds {
   static int dupHigh(int fd);
 
   std::map<int, OnMove> fds_;
+  uint64_t generation_ = 0;
 };
 
 }  // namespace mos::deputy

@@ -186,6 +186,9 @@ class Supervisor {
   // else is logged and told to the deputy (status 1).
   [[noreturn]] void endJobAfter(const kj::Exception& e);
   void serveNotification();
+  // mps -d: counts the call just answered by its route (the trace's: forwarded when it went
+  // home, emulated, local answer, denied), trap to answer (since `startNs`).
+  void countRoute(const seccomp_notif& notif, uint64_t homeCallsBefore, uint64_t startNs);
   void respond(uint64_t id, const Answer& answer);
   bool idValid(uint64_t id) { return unotify_->idValid(id); }
   Answer dispatch(const seccomp_notif& notif);
@@ -258,6 +261,7 @@ class Supervisor {
   uint64_t nextFetchId_ = 1;
   ForkHost* forkHost_ = nullptr;
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
+  uint64_t homeCalls_ = 0;    // round trips to the deputy that completed (countRoute)
 };
 
 }  // namespace mos::remote
