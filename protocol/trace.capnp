@@ -42,12 +42,29 @@ struct TraceEvent {
   transitUs @12 :UInt32;   # totalUs minus homeUs: marshalling and the network, microseconds
   seq @13 :UInt64;         # per-publisher sequence number, from 1
   lost @14 :UInt64;        # events this publisher dropped so far (no room in mosd's socket)
+  stack @15 :List(StackFrame);  # the guest's user-space call stack at the trap, innermost
+                                # first (mostrace -k); empty unless a subscriber of the job asked
+                                # for stacks (TraceFilter.stacks)
+}
+
+struct StackFrame {
+  # One frame of a guest's stack, unwound on the remote node from the trapped thread's
+  # registers (remote/guest_stack.h) and symbolised from the ELF symbol tables of the job's own
+  # files (the content cache's copies).
+  ip @0 :UInt64;           # frame 0: the address after the syscall instruction; others: the
+                           # return address into the frame
+  module @1 :Data;         # the file mapped at ip, named by its home path; empty if anonymous
+  symbol @2 :Text;         # the function symbol containing ip (gdb's choice among aliases);
+                           # empty when none
+  offset @3 :UInt64;       # ip minus the symbol's address, bytes
 }
 
 struct TraceFilter {
   syscalls @0 :List(Int32);  # syscall numbers to deliver; empty: all
   failedOnly @1 :Bool;       # only calls whose result is an error (strace -Z)
   payloadBytes @2 :UInt32;   # bytes of each payload wanted (strace -s); 0: the default, 32
+  stacks @3 :Bool;           # the guest's stack at each call (mostrace -k, strace -k): the
+                             # supervisor unwinds only while at least one subscriber asks
 }
 
 interface TraceSink {

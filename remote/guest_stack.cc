@@ -471,4 +471,25 @@ std::vector<StackFrame> GuestStacks::capture(pid_t tid, uint64_t ip, const uint6
   return {};
 }
 
+void traceGuestStack(TraceCall& trace, GuestStacks& stacks, const seccomp_notif& notif,
+                     const std::function<std::string(const std::string&)>& homePath) {
+  if (!trace.wantsStack()) {
+    if (KJ_UNLIKELY(trace.active() && stacks.sampling())) {
+      stacks.stop();  // traced, but no subscriber wants stacks any more
+    }
+    return;
+  }
+  uint64_t args[6];
+  for (int i = 0; i < 6; i++) {
+    args[i] = notif.data.args[i];
+  }
+  std::vector<TraceFrame> frames;
+  for (StackFrame& f :
+       stacks.capture(static_cast<pid_t>(notif.pid), notif.data.instruction_pointer, args)) {
+    std::string module = homePath && !f.module.empty() ? homePath(f.module) : f.module;
+    frames.push_back(TraceFrame{f.ip, kj::mv(module), kj::mv(f.symbol), f.offset});
+  }
+  trace.stack(kj::mv(frames));
+}
+
 }  // namespace mos::remote

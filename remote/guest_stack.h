@@ -33,8 +33,14 @@
 #include <string>
 #include <vector>
 
+#include <linux/seccomp.h>
+
+#include <functional>
+
 #include <kj/common.h>
 #include <kj/io.h>
+
+#include "trace_channel.h"
 
 namespace mos::remote {
 
@@ -116,5 +122,14 @@ class GuestStacks {
   std::map<pid_t, std::unique_ptr<GuestStackSampler>> samplers_;
   bool warned_ = false;  // perf unavailable: logged once
 };
+
+// The trace hook's step for stacks (mostrace -k; docs/design.md "Tracing"), called by the
+// supervisor between the TraceCall's construction and the answer to `notif`, while the guest
+// thread still waits: when a subscriber asked for stacks, unwinds the thread that trapped
+// (notif.pid) into the event, modules named by `homePath` (content-cache path -> the job's home
+// path; identity when empty). When nobody asks any more, closes the samplers. Costs nothing
+// when the event is not traced (one branch in TraceCall::wantsStack).
+void traceGuestStack(TraceCall& trace, GuestStacks& stacks, const seccomp_notif& notif,
+                     const std::function<std::string(const std::string&)>& homePath);
 
 }  // namespace mos::remote

@@ -709,4 +709,20 @@ std::string TraceSummary::render() const {
   return out;
 }
 
+std::string stackLines(const TraceRecord& record) {
+  if (record.stack.empty()) {
+    return " > unexpected_backtracing_error [0x0]\n";
+  }
+  std::string out;
+  for (const TraceFrame& f : record.stack) {
+    std::string where = f.module.empty() ? "?" : f.module;
+    if (f.symbol.empty()) {
+      out += fmt::format(" > {}() [{:#x}]\n", where, f.ip);
+    } else {
+      out += fmt::format(" > {}({}+{:#x}) [{:#x}]\n", where, f.symbol, f.offset, f.ip);
+    }
+  }
+  return out;
+}
+
 }  // namespace mos

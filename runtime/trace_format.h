@@ -33,6 +33,14 @@ struct TracePayload {
 };
 
 // One trapped call.
+// One frame of a guest stack (protocol/trace.capnp StackFrame; mostrace -k).
+struct TraceFrame {
+  uint64_t ip = 0;
+  std::string module;  // home path of the mapped file; "" if anonymous
+  std::string symbol;  // "" when unknown
+  uint64_t offset = 0;
+};
+
 struct TraceRecord {
   int32_t pid = 0;  // as the job sees it (home pid)
   int32_t tid = 0;  // as the job sees it (home tid)
@@ -43,10 +51,11 @@ struct TraceRecord {
   TracePayload payloads[6];
   int64_t result = 0;  // >= 0, or -errno
   TraceRoute route = TraceRoute::FORWARDED;
-  uint64_t startNs = 0;    // CLOCK_REALTIME of the trap, ns since the epoch
-  uint32_t totalUs = 0;    // trap to answer
-  uint32_t homeUs = 0;     // at home (forwarded calls)
-  uint32_t transitUs = 0;  // totalUs - homeUs
+  uint64_t startNs = 0;           // CLOCK_REALTIME of the trap, ns since the epoch
+  uint32_t totalUs = 0;           // trap to answer
+  uint32_t homeUs = 0;            // at home (forwarded calls)
+  uint32_t transitUs = 0;         // totalUs - homeUs
+  std::vector<TraceFrame> stack;  // -k: the guest's stack at the trap, innermost first
 
   bool failed() const { return result < 0 && result >= -4095; }
 };
@@ -77,6 +86,11 @@ class TraceFormatter {
   TraceFormatOptions options_;
   uint64_t previousNs_ = 0;
 };
+
+// strace -k's lines for `record`'s stack, one per frame, each ending in a newline:
+// ` > /lib/x86_64-linux-gnu/libc.so.6(write+0x14) [0x7f3c2a914350]` (`(+0x...)` without a symbol,
+// `unexpected_backtracing_error` when the stack is empty).
+std::string stackLines(const TraceRecord& record);
 
 // `s` as strace quotes it: `"` ... `"` with \n \t \r \v \f \" \\ escapes, other bytes outside
 // 0x20-0x7e in octal (3 digits when an octal digit follows), cut to `limit` bytes and followed by

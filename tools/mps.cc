@@ -6,6 +6,9 @@
 
 #include <fcntl.h>
 
+#include <climits>
+#include <cstdlib>
+
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <ctime>
@@ -331,7 +334,7 @@ int run(int argc, char** argv) {
   bool json = false;
   std::string mapPath, nodeText, portText, keyPath;
   uint32_t timeoutMs = 3000;
-  std::optional<int32_t> deputyPid;
+  std::optional<std::string> deputyPid;
   app.add_flag("--json", json, "print a JSON array instead of a table");
   app.add_option("-d,--deputy", deputyPid,
                  "show the deputy's view of job process PID: where it runs, its fds, signals, "
@@ -345,6 +348,16 @@ int run(int argc, char** argv) {
   app.set_version_flag("--version", UMOSIX_VERSION);
   CLI11_PARSE(app, argc, argv);
   initLogging("mps", spdlog::level::warn);
+  int32_t pid = 0;
+  if (deputyPid) {
+    char* end = nullptr;
+    long value = strtol(deputyPid->c_str(), &end, 10);
+    if (deputyPid->empty() || *end != '\0' || value <= 0 || value > INT32_MAX) {
+      fmt::print(stderr, "mps: -d: '{}' is not a process id\n", *deputyPid);
+      return 2;
+    }
+    pid = static_cast<int32_t>(value);
+  }
 
   NodeConfig config;
   Ipv4 address;
@@ -365,8 +378,8 @@ int run(int argc, char** argv) {
   }
 
   if (deputyPid) {
-    return inspect(*deputyPid, json, config, MapFile::fromPath(config.mapPath), address,
-                   *credentials, timeoutMs);
+    return inspect(pid, json, config, MapFile::fromPath(config.mapPath), address, *credentials,
+                   timeoutMs);
   }
 
   std::vector<JobInfo> jobs;

@@ -12,6 +12,8 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -30,7 +32,10 @@
 #include <thread>
 #include <vector>
 
+#include <capnp/serialize.h>
+
 #include "seccomp_unotify.h"
+#include "trace_channel.h"
 
 namespace mos::remote {
 namespace {
@@ -302,6 +307,79 @@ TEST_CASE(
   REQUIRE(waitpid(child.pid, &status, 0) == child.pid);
   CHECK(WIFEXITED(status));
   child.pid = -1;
+}
+
+TEST_CASE("the trace hook puts the stack into the event only while a subscriber asks for it",
+          "[remote][stack][trace]") {
+  if (geteuid() != 0 || !perfUsable()) {
+    WARN("needs root and perf events, skipped");
+    return;
+  }
+  // mosd's end of the publishers' socket, and the job's control record, in a run dir of ours.
+  char dir[] = "/tmp/guest_stack_test.XXXXXX";
+  REQUIRE(mkdtemp(dir) != nullptr);
+  std::string runDir = dir;
+  KJ_DEFER(std::filesystem::remove_all(runDir));
+  int hub = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  REQUIRE(hub >= 0);
+  kj::AutoCloseFd ownedHub(hub);
+  sockaddr_un addr = {};
+  addr.sun_family = AF_UNIX;
+  strncpy(addr.sun_path, traceSocketPath(runDir).c_str(), sizeof(addr.sun_path) - 1);
+  REQUIRE(bind(hub, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  REQUIRE(listen(hub, 4) == 0);
+  TraceControl* control = mapTraceControl(runDir, 1, 4242);
+  KJ_DEFER(unmapTraceControl(control));
+  TracePublisher publisher(runDir, 1, 4242);
+
+  TrappedChild child;
+  child.waitForRead();
+  GuestStacks stacks;
+  // A first traced call with stacks wanted makes the sampler (its own stack comes from
+  // /proc/PID/syscall); stacks are asked for before the trap, as a running subscription does.
+  control->listeners = 1;
+  control->stackListeners = 1;
+  REQUIRE(write(child.stdinWrite.get(), "x", 1) == 1);
+  seccomp_notif notif = child.receive();
+  uint64_t args[6];
+  for (int i = 0; i < 6; i++) {
+    args[i] = notif.data.args[i];
+  }
+  {
+    TraceCall trace(publisher, 4242, 4242, 2, 1, notif.data.nr, args);
+    REQUIRE(trace.wantsStack());
+    traceGuestStack(trace, stacks, notif,
+                    [](const std::string& path) { return "/home-of" + path; });
+    trace.finish(6, TraceRoute::FORWARDED);
+  }
+  CHECK(stacks.sampling());
+  int connection = accept4(hub, nullptr, nullptr, SOCK_CLOEXEC);
+  REQUIRE(connection >= 0);
+  kj::AutoCloseFd ownedConnection(connection);
+  auto receive = [&]() {
+    kj::Array<capnp::word> buffer = kj::heapArray<capnp::word>(1 << 14);
+    ssize_t n = recv(connection, buffer.begin(), buffer.size() * sizeof(capnp::word), 0);
+    REQUIRE(n > 0);
+    capnp::FlatArrayMessageReader reader(buffer.slice(0, size_t(n) / sizeof(capnp::word)));
+    return fromProto(reader.getRoot<proto::TraceEvent>());
+  };
+  TraceRecord event = receive();
+  REQUIRE(!event.stack.empty());
+  CHECK(event.stack[0].symbol == "write");
+  CHECK(event.stack[0].module.rfind("/home-of/", 0) == 0);
+  CHECK(stackLines(event).rfind(" > /home-of/", 0) == 0);
+  child.finish(notif.id);
+
+  // Stacks no longer wanted: the next traced call has none, and the samplers close.
+  control->stackListeners = 0;
+  {
+    TraceCall trace(publisher, 4242, 4242, 2, 1, notif.data.nr, args);
+    CHECK(!trace.wantsStack());
+    traceGuestStack(trace, stacks, notif, nullptr);
+    trace.finish(0, TraceRoute::FORWARDED);
+  }
+  CHECK(!stacks.sampling());
+  CHECK(receive().stack.empty());
 }
 
 }  // namespace
