@@ -291,11 +291,8 @@ void Supervisor::serveNotification() {
     // ENOENT: the guest left the wait (signal, death) between poll and receive.
     return;
   }
-  uint64_t homeCallsBefore = homeCalls_;
-  uint64_t startNs = realtimeNs();
   Answer answer = dispatch(notif);
   respond(notif.id, answer);
-  countRoute(notif, homeCallsBefore, startNs);
 }
 
 void Supervisor::respond(uint64_t id, const Answer& answer) {
@@ -318,6 +315,7 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
 }
 
 Answer Supervisor::dispatch(const seccomp_notif& notif) {
+  RouteCount count(*this, notif);  // mps -d: counted by route when the dispatch returns
   int nr = notif.data.nr;
   const SyscallEntry* entry =
       (notif.data.arch == AUDIT_ARCH_X86_64 && nr >= 0) ? findSyscall(nr) : nullptr;

@@ -186,9 +186,19 @@ class Supervisor {
   // else is logged and told to the deputy (status 1).
   [[noreturn]] void endJobAfter(const kj::Exception& e);
   void serveNotification();
-  // mps -d: counts the call just answered by its route (the trace's: forwarded when it went
-  // home, emulated, local answer, denied), trap to answer (since `startNs`).
+  // mps -d: counts the call just dispatched by its route (the trace's: forwarded when it went
+  // home, emulated, local answer, denied), with its time since `startNs`.
   void countRoute(const seccomp_notif& notif, uint64_t homeCallsBefore, uint64_t startNs);
+  // Calls countRoute for `notif` when it goes out of scope (the top of dispatch()).
+  struct RouteCount {
+    RouteCount(Supervisor& s, const seccomp_notif& n)
+        : supervisor(s), notif(n), homeCallsBefore(s.homeCalls_), startNs(realtimeNs()) {}
+    ~RouteCount() { supervisor.countRoute(notif, homeCallsBefore, startNs); }
+    KJ_DISALLOW_COPY(RouteCount);
+    Supervisor& supervisor;
+    const seccomp_notif& notif;
+    uint64_t homeCallsBefore, startNs;
+  };
   void respond(uint64_t id, const Answer& answer);
   bool idValid(uint64_t id) { return unotify_->idValid(id); }
   Answer dispatch(const seccomp_notif& notif);
