@@ -42,7 +42,10 @@ struct TraceEvent {
   transitUs @12 :UInt32;   # totalUs minus homeUs: marshalling and the network, microseconds
   seq @13 :UInt64;         # per-publisher sequence number, from 1
   lost @14 :UInt64;        # events this publisher dropped so far (no room in mosd's socket)
-  stack @15 :List(StackFrame);  # the guest's user-space call stack at the trap, innermost
+  resultUnknown @15 :Bool; # the guest's own kernel ran the call after the supervisor let it
+                           # continue (a file-backed mmap from the content cache, a signal the
+                           # job sends itself): `result` is 0 and means nothing (strace's `?`)
+  stack @16 :List(StackFrame);  # the guest's user-space call stack at the trap, innermost
                                 # first (mostrace -k); empty unless a subscriber of the job asked
                                 # for stacks (TraceFilter.stacks)
 }

@@ -88,6 +88,15 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
   out.setTid(r.tid);
   out.setNode(r.node);
   out.setHomeNode(r.homeNode);
+  auto stack = out.initStack(r.stack.size());  // -k
+  for (size_t i = 0; i < r.stack.size(); i++) {
+    const TraceFrame& f = r.stack[i];
+    stack[i].setIp(f.ip);
+    stack[i].setModule(
+        kj::arrayPtr(reinterpret_cast<const kj::byte*>(f.module.data()), f.module.size()));
+    stack[i].setSymbol(f.symbol);
+    stack[i].setOffset(f.offset);
+  }
   out.setNr(r.nr);
   auto args = out.initArgs(6);
   for (unsigned i = 0; i < 6; i++) {
@@ -124,15 +133,6 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
   out.setTotalUs(r.totalUs);
   out.setHomeUs(r.homeUs);
   out.setTransitUs(r.transitUs);
-  auto stack = out.initStack(r.stack.size());
-  for (size_t i = 0; i < r.stack.size(); i++) {
-    const TraceFrame& f = r.stack[i];
-    stack[i].setIp(f.ip);
-    stack[i].setModule(
-        kj::arrayPtr(reinterpret_cast<const kj::byte*>(f.module.data()), f.module.size()));
-    stack[i].setSymbol(f.symbol);
-    stack[i].setOffset(f.offset);
-  }
 }
 
 TraceRecord fromProto(proto::TraceEvent::Reader e) {
@@ -141,6 +141,12 @@ TraceRecord fromProto(proto::TraceEvent::Reader e) {
   r.tid = e.getTid();
   r.node = e.getNode();
   r.homeNode = e.getHomeNode();
+  for (auto f : e.getStack()) {  // -k
+    auto module = f.getModule();
+    r.stack.push_back(TraceFrame{
+        f.getIp(), std::string(reinterpret_cast<const char*>(module.begin()), module.size()),
+        f.getSymbol(), f.getOffset()});
+  }
   r.nr = e.getNr();
   auto args = e.getArgs();
   for (unsigned i = 0; i < 6 && i < args.size(); i++) {
@@ -161,12 +167,6 @@ TraceRecord fromProto(proto::TraceEvent::Reader e) {
   r.totalUs = e.getTotalUs();
   r.homeUs = e.getHomeUs();
   r.transitUs = e.getTransitUs();
-  for (auto f : e.getStack()) {
-    auto module = f.getModule();
-    r.stack.push_back(TraceFrame{
-        f.getIp(), std::string(reinterpret_cast<const char*>(module.begin()), module.size()),
-        f.getSymbol(), f.getOffset()});
-  }
   return r;
 }
 

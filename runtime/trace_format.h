@@ -32,7 +32,6 @@ struct TracePayload {
   uint64_t length = 0;   // bytes the argument holds in full (>= data.size())
 };
 
-// One trapped call.
 // One frame of a guest stack (protocol/trace.capnp StackFrame; mostrace -k).
 struct TraceFrame {
   uint64_t ip = 0;
@@ -41,21 +40,22 @@ struct TraceFrame {
   uint64_t offset = 0;
 };
 
+// One trapped call.
 struct TraceRecord {
   int32_t pid = 0;  // as the job sees it (home pid)
   int32_t tid = 0;  // as the job sees it (home tid)
   uint32_t node = 0;
   uint32_t homeNode = 0;
+  std::vector<TraceFrame> stack;  // -k: the guest's stack at the trap, innermost first
   int nr = 0;
   uint64_t args[6] = {};
   TracePayload payloads[6];
   int64_t result = 0;  // >= 0, or -errno
   TraceRoute route = TraceRoute::FORWARDED;
-  uint64_t startNs = 0;           // CLOCK_REALTIME of the trap, ns since the epoch
-  uint32_t totalUs = 0;           // trap to answer
-  uint32_t homeUs = 0;            // at home (forwarded calls)
-  uint32_t transitUs = 0;         // totalUs - homeUs
-  std::vector<TraceFrame> stack;  // -k: the guest's stack at the trap, innermost first
+  uint64_t startNs = 0;    // CLOCK_REALTIME of the trap, ns since the epoch
+  uint32_t totalUs = 0;    // trap to answer
+  uint32_t homeUs = 0;     // at home (forwarded calls)
+  uint32_t transitUs = 0;  // totalUs - homeUs
 
   bool failed() const { return result < 0 && result >= -4095; }
 };
