@@ -33,6 +33,9 @@ struct TraceEvent {
   nr @4 :Int32;            # x86-64 syscall number (runtime/syscall_table.h names it)
   args @5 :List(UInt64);   # the 6 raw argument registers, as trapped
   payloads @6 :List(ArgPayload);  # decoded argument contents, at most one per argument
+  stack @16 :List(StackFrame);    # the guest's user-space call stack at the trap, innermost
+                                  # first (mostrace -k); empty unless a subscriber of the job asked
+                                  # for stacks (TraceFilter.stacks)
   result @7 :Int64;        # what the guest saw: >= 0, or -errno
   route @8 :TraceRoute;
   startNs @9 :UInt64;      # CLOCK_REALTIME of the trap on `node`, nanoseconds since the epoch
@@ -45,9 +48,6 @@ struct TraceEvent {
   resultUnknown @15 :Bool; # the guest's own kernel ran the call after the supervisor let it
                            # continue (a file-backed mmap from the content cache, a signal the
                            # job sends itself): `result` is 0 and means nothing (strace's `?`)
-  stack @16 :List(StackFrame);  # the guest's user-space call stack at the trap, innermost
-                                # first (mostrace -k); empty unless a subscriber of the job asked
-                                # for stacks (TraceFilter.stacks)
 }
 
 struct StackFrame {

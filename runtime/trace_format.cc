@@ -570,6 +570,11 @@ std::string TraceFormatter::line(const TraceRecord& r) {
       out += fmt::format(" (home {}, transit {})", seconds(r.homeUs), seconds(r.transitUs));
     }
   }
+  if (options_.stacks) {
+    std::string frames = stackLines(r);
+    frames.pop_back();  // the line itself ends without a newline
+    out += "\n" + frames;
+  }
   return out;
 }
 

@@ -68,6 +68,7 @@ struct TraceFormatOptions {
   bool relative = false;    // -r: seconds since the previous line, before it
   int timestamps = 0;       // -t: 1 wall clock, 2 with microseconds (-tt), 3 epoch seconds (-ttt)
   bool prefix = true;       // `[pid TID node N ROUTE] ` before the call
+  bool stacks = false;      // -k: after the line, the guest's stack as strace -k shows it
 };
 
 // Renders records into lines; keeps the previous timestamp for -r.
@@ -75,7 +76,8 @@ class TraceFormatter {
  public:
   explicit TraceFormatter(TraceFormatOptions options) : options_(options) {}
 
-  // One line without the newline: [timestamp ][prefix ]name(args) = result[ <T>].
+  // One line without the newline: [timestamp ][prefix ]name(args) = result[ <T>]; with
+  // `stacks`, followed by the stackLines() (the last without its newline).
   std::string line(const TraceRecord& record);
 
   // The call and result alone, exactly as strace prints them: `name(args)`, padded with spaces to

@@ -59,8 +59,8 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
     filter = TraceFilter::parse(e);  // strace: the last trace= wins
   }
   filter.setFailedOnly(options.failed);
-  TraceFormatter formatter(
-      {options.stringLimit, options.durations, options.relative, options.timestamps, true});
+  TraceFormatter formatter({options.stringLimit, options.durations, options.relative,
+                            options.timestamps, true, options.stacks});
   TraceSummary summary;
   std::string endReason;
   uint64_t received = 0;  // events the sink got, before our own filter
@@ -84,9 +84,6 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
             summary.add(record);
           } else {
             fmt::print(out, "{}\n", formatter.line(record));
-            if (options.stacks) {
-              fmt::print(out, "{}", stackLines(record));
-            }
             fflush(out);
           }
         },

@@ -368,6 +368,12 @@ TEST_CASE("the trace hook puts the stack into the event only while a subscriber 
   CHECK(event.stack[0].symbol == "write");
   CHECK(event.stack[0].module.rfind("/home-of/", 0) == 0);
   CHECK(stackLines(event).rfind(" > /home-of/", 0) == 0);
+  TraceFormatter withStacks({32, false, false, 0, false, true});
+  std::string shown = withStacks.line(event);
+  CHECK(shown.find("write(") == 0);
+  CHECK(shown.find("\n > /home-of/") != std::string::npos);
+  CHECK(shown.find("(write+0x") != std::string::npos);
+  CHECK(shown.back() != '\n');
   child.finish(notif.id);
 
   // Stacks no longer wanted: the next traced call has none, and the samplers close.
