@@ -19,9 +19,9 @@ signal.signal(signal.SIGUSR1, lambda s, f: None)   # caught
 signal.signal(signal.SIGPIPE, signal.SIG_IGN)      # ignored
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 r, w = os.pipe()
-f = open("data.txt", "rb")
-f.read(5)
-print("ready", r, w, f.fileno(), flush=True)
+f = os.open("data.txt", os.O_RDONLY)
+os.read(f, 5)
+print("ready", r, w, f, flush=True)
 os.read(r, 100)
 '''
 
@@ -108,7 +108,7 @@ def test_mps_d_shows_a_blocked_forwarded_read_and_the_home_fd_table(cluster, hom
                      re.M), text
     assert f"node 2 (pid {rec['remotePid']} there)" in text
     for n, target in ls_fds(cluster, pid).items():
-        assert re.search(rf"^ +{n}  \S+ +\d+  {re.escape(target)}", text, re.M), (n, text)
+        assert re.search(rf"^ *{n}  \S+ +\d+  {re.escape(target)}", text, re.M), (n, text)
 
     os.kill(pid, signal.SIGKILL)
     job.wait(timeout=60)
