@@ -170,8 +170,13 @@ void printDeputyView(proto::DeputyView::Reader view, kj::Maybe<proto::GuestView:
     fmt::print("  in flight     {}  tid {}  for {}\n", callText(call), call.getTid(),
                duration(call.getElapsedUs()));
   }
-  fmt::print("  at home       {} calls executed, {}\n", view.getSyscalls(),
-             routeText(view.getHome()));
+  auto home = view.getHome();
+  fmt::print("  at home       {} calls answered; {} executed here{}\n", view.getSyscalls(),
+             home.getCalls(),
+             home.getCalls() == 0
+                 ? std::string()
+                 : fmt::format(", mean {}, max {}", duration(home.getTotalUs() / home.getCalls()),
+                               duration(home.getMaxUs())));
   fmt::print("  channel       {} bytes in, {} bytes out (at home)\n", view.getBytesIn(),
              view.getBytesOut());
   if (remote) {
