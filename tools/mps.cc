@@ -1,5 +1,4 @@
-// mps: lists the jobs whose home is this node, as the local mosd reports them; `mps -d PID`
-// shows the deputy's view of one job process (docs/mps.1.md).
+// mps: lists the jobs whose home is this node, as the local mosd reports them (docs/mps.1.md).
 
 #include <fmt/format.h>
 #include <kj/debug.h>
