@@ -189,9 +189,19 @@ struct UnwindTarget {
   pid_t tid;
   const TrappedRegs* regs;
   void* upt;  // libunwind-ptrace's per-process state (maps, ELF images); never ptrace()s here
+  // Guest pages read so far (the thread stays stopped during one unwind): one process_vm_readv
+  // per page instead of one per word.
+  std::map<uint64_t, std::vector<uint8_t>> pages;
 };
 
-UnwindTarget& targetOf(void* arg) { return *static_cast<UnwindTarget*>(arg); }
+constexpr uint64_t PAGE = 4096;
+
+// The unwind in progress on this thread. Accessors use it rather than their `arg`: libunwind's
+// ptrace helpers call back into the address space's accessors with their own state (the UPT
+// handle) as `arg`.
+thread_local UnwindTarget* currentTarget = nullptr;
+
+UnwindTarget& targetOf(void*) { return *currentTarget; }
 
 int findProcInfo(unw_addr_space_t as, unw_word_t ip, unw_proc_info_t* pi, int needUnwindInfo,
                  void* arg) {
@@ -210,9 +220,28 @@ int accessMem(unw_addr_space_t, unw_word_t addr, unw_word_t* value, int write, v
   if (write) {
     return -UNW_EREADONLYREG;  // the guest is never written while unwinding
   }
-  struct iovec local = {value, sizeof(*value)};
+  UnwindTarget& target = targetOf(arg);
+  uint64_t page = addr & ~(PAGE - 1);
+  if (addr - page <= PAGE - sizeof(*value)) {
+    auto it = target.pages.find(page);
+    if (it == target.pages.end()) {
+      std::vector<uint8_t> bytes(PAGE);
+      struct iovec local = {bytes.data(), PAGE};
+      struct iovec remote = {reinterpret_cast<void*>(page), PAGE};
+      if (process_vm_readv(target.tid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(PAGE)) {
+        bytes.clear();  // unreadable: remembered, so it is not asked again
+      }
+      it = target.pages.emplace(page, kj::mv(bytes)).first;
+    }
+    if (it->second.empty()) {
+      return -UNW_EINVAL;
+    }
+    memcpy(value, it->second.data() + (addr - page), sizeof(*value));
+    return 0;
+  }
+  struct iovec local = {value, sizeof(*value)};  // a word across two pages
   struct iovec remote = {reinterpret_cast<void*>(addr), sizeof(*value)};
-  ssize_t n = process_vm_readv(targetOf(arg).tid, &local, 1, &remote, 1, 0);
+  ssize_t n = process_vm_readv(target.tid, &local, 1, &remote, 1, 0);
   return n == static_cast<ssize_t>(sizeof(*value)) ? 0 : -UNW_EINVAL;
 }
 
@@ -407,7 +436,9 @@ std::vector<StackFrame> unwindGuest(pid_t tid, const TrappedRegs& regs, size_t m
     return frames;
   }
   KJ_DEFER(_UPT_destroy(upt));
-  UnwindTarget target{tid, &regs, upt};
+  UnwindTarget target{tid, &regs, upt, {}};
+  currentTarget = &target;
+  KJ_DEFER(currentTarget = nullptr);
   std::vector<MappedFile> maps = readMappedFiles(tid);
 
   unw_cursor_t cursor;
