@@ -147,6 +147,7 @@ struct TrappedChild {
     char text[16] = {};
     REQUIRE(read(stdoutRead.get(), text, sizeof(text)) == 6);
     CHECK(std::string(text) == "stack\n");
+    stdinWrite = nullptr;  // no second write
     int status = 0;
     REQUIRE(waitpid(pid, &status, 0) == pid);
     CHECK(WIFEXITED(status));
@@ -304,6 +305,7 @@ TEST_CASE(
   REQUIRE(ptrace(PTRACE_DETACH, child.pid, 0, 0) == 0);
   char text[16] = {};
   REQUIRE(read(child.stdoutRead.get(), text, sizeof(text)) == 6);
+  child.stdinWrite = nullptr;
   REQUIRE(waitpid(child.pid, &status, 0) == child.pid);
   CHECK(WIFEXITED(status));
   child.pid = -1;
@@ -374,6 +376,33 @@ TEST_CASE("the trace hook puts the stack into the event only while a subscriber 
   CHECK(shown.find("\n > /home-of/") != std::string::npos);
   CHECK(shown.find("(write+0x") != std::string::npos);
   CHECK(shown.back() != '\n');
+  // Answer it; the second write traps with the sampler in place: the whole stack, sampled.
+  seccomp_notif_resp resp = {};
+  resp.id = notif.id;
+  resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+  REQUIRE(child.listener->send(resp) == 0);
+  char firstText[8] = {};
+  REQUIRE(read(child.stdoutRead.get(), firstText, sizeof(firstText)) == 6);
+  REQUIRE(write(child.stdinWrite.get(), "y", 1) == 1);
+  notif = child.receive();
+  for (int i = 0; i < 6; i++) {
+    args[i] = notif.data.args[i];
+  }
+  {
+    TraceCall trace(publisher, 4242, 4242, 2, 1, notif.data.nr, args);
+    traceGuestStack(trace, stacks, notif,
+                    [](const std::string& path) { return "/home-of" + path; });
+    trace.finish(6, TraceRoute::FORWARDED);
+  }
+  TraceRecord second = receive();
+  std::vector<std::string> names;
+  for (const TraceFrame& f : second.stack) {
+    names.push_back(f.symbol);
+  }
+  REQUIRE(names.size() >= 4);
+  CHECK(std::vector<std::string>(names.begin(), names.begin() + 4) ==
+        std::vector<std::string>{"write", "inner", "outer", "main"});
+  CHECK(second.stack[1].module == "/home-of" STACK_PROGRAM);
   child.finish(notif.id);
 
   // Stacks no longer wanted: the next traced call has none, and the samplers close.

@@ -1,7 +1,8 @@
 /* A program with a known call stack at its one write(2): main -> outer -> inner -> write.
  * Built with -g -O0 (tests/unit/meson.build) for tests/unit/guest_stack_test.cc, which compares
  * the stack unwound at the trapped write with gdb's backtrace at the same syscall. It first
- * reads one byte from stdin, so a test can get ready while it waits. */
+ * reads one byte from stdin, so a test can get ready while it waits; a second byte makes it
+ * write again. */
 #include <string.h>
 #include <unistd.h>
 
@@ -19,5 +20,8 @@ int main(void) {
     return 1;
   }
   outer("stack\n");
+  if (read(0, &c, 1) == 1) {  /* a second byte: a second write, for a test that wants two */
+    outer("stack\n");
+  }
   return 0;
 }
