@@ -100,6 +100,7 @@ Deputy::Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel
                                        options_.homeNode, options_.command);
       record_.get()->node = options_.node;
       record_.get()->state = static_cast<uint32_t>(JobState::MIGRATING);
+      startInspection();
     } catch (kj::Exception& e) {
       spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
     }
@@ -113,6 +114,25 @@ Deputy::~Deputy() {
   }
   // The number stays open until channel_ is destroyed after us: never reused while reserved.
   fds_.remove(channel_->fd());
+}
+
+void Deputy::startInspection() {
+  JobStats& stats = record_.get()->stats;
+  channel_->countBytesInto(&stats.bytesOut, &stats.bytesIn);
+  publishReserved();
+}
+
+void Deputy::publishReserved() {
+  publishedFds_ = fds_.generation();
+  JobRecord* r = record_.get();
+  if (r == nullptr) {
+    return;
+  }
+  std::vector<int> fds = fds_.list();
+  for (int i = 0; i < JobStats::MAX_RESERVED; i++) {
+    r->stats.reserved[i].store(i < static_cast<int>(fds.size()) ? fds[i] : -1,
+                               std::memory_order_relaxed);
+  }
 }
 
 void Deputy::run() {
@@ -207,6 +227,7 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
         r->remotePid = message.getStarted();
         r->node = options_.node;
         r->state = static_cast<uint32_t>(JobState::REMOTE);
+        r->stats.sinceNs.store(realtimeNs(), std::memory_order_relaxed);
       }
       spdlog::debug("job {} runs on node {} as pid {}", getpid(), options_.node,
                     message.getStarted());
@@ -230,6 +251,18 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
 void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
   // A small first segment: most replies are a few words; out-buffers get their own segment.
   capnp::MallocMessageBuilder replyMessage(128);
+  // mps -d: the call is in flight at home until its reply is built (slot 0: our only thread).
+  JobRecord* record = record_.get();
+  uint64_t startNs = 0;
+  if (record != nullptr) {
+    uint64_t args[6] = {};
+    auto wire = request.getArgs();
+    for (unsigned i = 0; i < 6 && i < wire.size(); i++) {
+      args[i] = wire[i];
+    }
+    beginCall(record->stats.inFlight[0], getpid(), request.getNr(), args);
+    startNs = record->stats.inFlight[0].startNs.load(std::memory_order_relaxed);
+  }
   try {
     executor_.execute(request, replyMessage);
   } catch (kj::Exception& e) {
@@ -241,6 +274,10 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
     auto reply = replyMessage.initRoot<proto::ToRemote>().initReply();
     reply.setSeq(request.getSeq());
     reply.setRet(-EINVAL);
+  }
+  if (record != nullptr) {
+    endCall(record->stats.inFlight[0]);
+    countCall(record->stats.routes[0], (realtimeNs() - startNs) / 1000);
   }
   auto reply = replyMessage.getRoot<proto::ToRemote>().getReply();
   // The cancel is this thread's own (another deputy thread may have taken the shared pending
@@ -257,6 +294,9 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
   }
   if (auto* r = record_.get()) {
     r->syscalls.store(r->syscalls.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    if (fds_.generation() != publishedFds_) {
+      publishReserved();  // a dup2 onto one of ours moved it
+    }
   }
   // Signals first: the supervisor must deliver them before it decides what the guest sees.
   flushSignals();
@@ -501,6 +541,7 @@ void Deputy::becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token) 
                                        options_.command);
       record_.get()->node = options_.node;
       record_.get()->state = static_cast<uint32_t>(JobState::REMOTE);
+      startInspection();
     } catch (kj::Exception& e) {
       spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
     }

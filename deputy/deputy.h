@@ -93,6 +93,10 @@ class Deputy {
   static void threadMain(DeputyOptions options, ReservedFds* fds, uint16_t port,
                          std::vector<kj::byte> token, const std::function<void(pid_t)>& reportTid);
   void handleFetchFile(proto::FetchFile::Reader request);
+  // mps -d: hooks the new record's counters to the channel and publishes our descriptors.
+  void startInspection();
+  // Republishes the reserved descriptors into the record (they changed).
+  void publishReserved();
   [[noreturn]] void handleExit(proto::GuestExit::Reader exit);
   [[noreturn]] void nodeDied();
   [[noreturn]] void fail(const std::string& text, int status);
@@ -107,6 +111,7 @@ class Deputy {
   kj::Own<Channel> channel_;
   Executor executor_;
   OwnedJobRecord record_;
+  uint64_t publishedFds_ = ~uint64_t{0};  // ReservedFds::generation() last published
 };
 
 // Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.

@@ -46,17 +46,20 @@ int ReservedFds::moveHigh(int fd, OnMove onMove) {
   int high = dupHigh(fd);
   close(fd);
   fds_[high] = kj::mv(onMove);
+  generation_++;
   return high;
 }
 
 void ReservedFds::add(int fd, OnMove onMove) {
   std::lock_guard<std::mutex> lock(mutex_);
   fds_[fd] = kj::mv(onMove);
+  generation_++;
 }
 
 void ReservedFds::remove(int fd) {
   std::lock_guard<std::mutex> lock(mutex_);
   fds_.erase(fd);
+  generation_++;
 }
 
 std::vector<int> ReservedFds::list() const {
@@ -81,6 +84,7 @@ int ReservedFds::relocate(int fd) {
     close(fd);
   }
   fds_[high] = kj::mv(onMove);
+  generation_++;
   return high;
 }
 

@@ -5,6 +5,8 @@
 // names one sees EBADF, dup2 onto one moves ours elsewhere first, close_range skips them,
 // /proc/self/fd listings hide them (executor.h).
 
+#include <atomic>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -43,6 +45,9 @@ class ReservedFds {
   }
   // Ascending.
   std::vector<int> list() const;
+  // Changes with every add, remove, move and relocation (the deputy republishes the list for
+  // mps -d when it changed).
+  uint64_t generation() const { return generation_.load(std::memory_order_relaxed); }
 
   // Moves reserved `fd` out of the way (the job wants its number): duplicates it to another high
   // number, tells its owner, and reserves the new number instead. Returns the new number.
@@ -59,6 +64,7 @@ class ReservedFds {
 
   mutable std::mutex mutex_;
   std::map<int, OnMove> fds_;
+  std::atomic<uint64_t> generation_{0};
 };
 
 }  // namespace mos::deputy

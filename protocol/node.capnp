@@ -7,6 +7,7 @@ using Cxx = import "/capnp/c++.capnp";
 $Cxx.namespace("mos::proto");
 
 using Trace = import "trace.capnp";
+using Inspect = import "inspect.capnp";
 
 struct NodeStatus {
   nodeId @0 :UInt32;
@@ -39,4 +40,13 @@ interface Node {
   # (JobInfo.node); events flow until the subscription is dropped or the job leaves
   # (TraceSink.ended, not sent yet). A job whose guest has not arrived yet is traced from its
   # first call here (mosrun --trace subscribes before the job starts).
+  inspectJob @4 (pid :Int32) -> (view :Inspect.DeputyView);
+  # The deputy's view of job process `pid` of this node (mps -d): its record, fd table, cwd and
+  # signals at home, the calls it is executing. view.error says why there is none ("no job
+  # process with pid 42 has its home on node 1"). The remote numbers come from inspectGuest on
+  # the node where it runs (view.node).
+  inspectGuest @5 (homePid :Int32, homeNode :UInt32) -> (view :Inspect.GuestView);
+  # The remote side of job process `homePid` of node `homeNode` whose guest runs on this node:
+  # its supervisor's counters per route, content cache and channel bytes (view.found false when
+  # this node has no record of it).
 }

@@ -25,6 +25,18 @@ struct ArgPayload {
                       # publisher keeps at most TraceFilter.payloadBytes of each)
 }
 
+struct StackFrame {
+  # One frame of a guest's stack, unwound on the remote node from the trapped thread's
+  # registers (remote/guest_stack.h) and symbolised from the ELF symbol tables of the job's own
+  # files (the content cache's copies).
+  ip @0 :UInt64;           # frame 0: the address after the syscall instruction; others: the
+                           # return address into the frame
+  module @1 :Data;         # the file mapped at ip, named by its home path; empty if anonymous
+  symbol @2 :Text;         # the function symbol containing ip (gdb's choice among aliases);
+                           # empty when none
+  offset @3 :UInt64;       # ip minus the symbol's address, bytes
+}
+
 struct TraceEvent {
   homePid @0 :Int32;       # the process as the job sees it (its home pid)
   tid @1 :Int32;           # the thread as the job sees it (home tid; equals homePid when single)
@@ -33,6 +45,9 @@ struct TraceEvent {
   nr @4 :Int32;            # x86-64 syscall number (runtime/syscall_table.h names it)
   args @5 :List(UInt64);   # the 6 raw argument registers, as trapped
   payloads @6 :List(ArgPayload);  # decoded argument contents, at most one per argument
+  stack @17 :List(StackFrame);    # the guest's user-space call stack at the trap, innermost
+                                  # first (mostrace -k); empty unless a subscriber of the job asked
+                                  # for stacks (TraceFilter.stacks)
   result @7 :Int64;        # what the guest saw: >= 0, or -errno
   route @8 :TraceRoute;
   startNs @9 :UInt64;      # CLOCK_REALTIME of the trap on `node`, nanoseconds since the epoch
@@ -54,6 +69,8 @@ struct TraceFilter {
   syscalls @0 :List(Int32);  # syscall numbers to deliver; empty: all
   failedOnly @1 :Bool;       # only calls whose result is an error (strace -Z)
   payloadBytes @2 :UInt32;   # bytes of each payload wanted (strace -s); 0: the default, 32
+  stacks @3 :Bool;           # the guest's stack at each call (mostrace -k, strace -k): the
+                             # supervisor unwinds only while at least one subscriber asks
 }
 
 interface TraceSink {

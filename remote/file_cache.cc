@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <utility>
 
 #include <fmt/format.h>
 #include <kj/debug.h>
@@ -34,7 +35,25 @@ kj::Maybe<std::string> FileCache::lookup(proto::FileRef::Reader ref) {
     unlink(path.c_str());
     return nullptr;
   }
+  count(1, 0, 0);
   return path;
+}
+
+void FileCache::countInto(JobStats* stats) {
+  stats_ = stats;
+  count(std::exchange(hits_, 0), std::exchange(misses_, 0), std::exchange(bytes_, 0));
+}
+
+void FileCache::count(uint64_t hits, uint64_t misses, uint64_t bytes) {
+  if (stats_ == nullptr) {
+    hits_ += hits;
+    misses_ += misses;
+    bytes_ += bytes;
+    return;
+  }
+  stats_->cacheHits.fetch_add(hits, std::memory_order_relaxed);
+  stats_->cacheMisses.fetch_add(misses, std::memory_order_relaxed);
+  stats_->cacheBytes.fetch_add(bytes, std::memory_order_relaxed);
 }
 
 std::string FileCache::store(proto::FileRef::Reader ref, const std::function<void(int fd)>& fill) {
@@ -55,6 +74,7 @@ std::string FileCache::store(proto::FileRef::Reader ref, const std::function<voi
     unlink(temp.c_str());
     throw;
   }
+  count(0, 1, ref.getSize());
   return path;
 }
 

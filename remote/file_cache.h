@@ -11,6 +11,7 @@
 #include <kj/common.h>
 
 #include "image.capnp.h"
+#include "job_registry.h"
 
 namespace mos::remote {
 
@@ -33,9 +34,18 @@ class FileCache {
   // Throws kj::Exception (FAILED) when the received size differs from ref.size.
   std::string store(proto::FileRef::Reader ref, const std::function<void(int fd)>& fill);
 
+  // From now on counts lookups that hit, and files stored (misses: fetched from home) with their
+  // bytes, into `stats` (a guest record, mps -d), starting with what was counted before. May
+  // be shared by several caches of one job (atomic adds: hits and misses are rare events).
+  void countInto(JobStats* stats);
+
  private:
+  void count(uint64_t hits, uint64_t misses, uint64_t bytes);
+
   std::string dir_;
   uint32_t homeNode_;
+  JobStats* stats_ = nullptr;
+  uint64_t hits_ = 0, misses_ = 0, bytes_ = 0;  // before countInto
 };
 
 }  // namespace mos::remote

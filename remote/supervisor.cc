@@ -311,6 +311,8 @@ void Supervisor::startGuest() {
   record_.get()->node = options_.node;
   record_.get()->remotePid = guest_;
   record_.get()->state = static_cast<uint32_t>(JobState::REMOTE);
+  cache_->countInto(&record_.get()->stats);
+  channel_.countBytesInto(&record_.get()->stats.bytesOut, &record_.get()->stats.bytesIn);
   spdlog::info("job {} of node {} runs here as pid {}", start_.getIds().getPid(), options_.peerNode,
                guest_);
   capnp::MallocMessageBuilder message;
@@ -355,6 +357,11 @@ void Supervisor::serveTraced(const seccomp_notif& notif) {
     }
   }
   trace.setRoute(route);
+  // mostrace -k: the stack while the guest thread still waits in the notification.
+  traceGuestStack(trace, stacks_, notif, [this](const std::string& cachePath) {
+    auto it = homePaths_.find(cachePath);
+    return it != homePaths_.end() ? it->second : cachePath;
+  });
   trace_ = &trace;
   forkResult_ = 0;
   KJ_DEFER(trace_ = &untracedCall());
@@ -428,6 +435,7 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
 }
 
 Answer Supervisor::dispatch(const seccomp_notif& notif) {
+  RouteCount count(*this, notif);  // mps -d: counted by route when the dispatch returns
   int nr = notif.data.nr;
   const SyscallEntry* entry =
       (notif.data.arch == AUDIT_ARCH_X86_64 && nr >= 0) ? findSyscall(nr) : nullptr;
@@ -557,6 +565,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
     KJ_IF_MAYBE (r, reply) {
       trace_->addHomeNs((*r)->getRoot<proto::ToRemote>().getReply().getHomeNs());
       if (!(*r)->getRoot<proto::ToRemote>().getReply().getInterrupted()) {
+        homeCalls_++;
         if (record_.get() != nullptr) {
           record_.get()->syscalls.fetch_add(1, std::memory_order_relaxed);
         }
@@ -857,6 +866,27 @@ void Supervisor::endJob(int status) {
   record_.unlink();
   exit_(status);
   abort();  // exit_ does not return
+}
+
+void Supervisor::countRoute(const seccomp_notif& notif, uint64_t homeCallsBefore,
+                            uint64_t startNs) {
+  JobRecord* record = record_.get();
+  if (record == nullptr) {
+    return;  // a child task: its guest has no record here yet
+  }
+  // Indexes as TraceRoute: forwarded, emulated, localAnswer, denied.
+  int route = 2;
+  const SyscallEntry* entry = notif.data.arch == AUDIT_ARCH_X86_64 && notif.data.nr >= 0
+                                  ? findSyscall(static_cast<int>(notif.data.nr))
+                                  : nullptr;
+  if (homeCalls_ != homeCallsBefore) {
+    route = 0;
+  } else if (entry == nullptr || entry->route == Route::DENY) {
+    route = 3;
+  } else if (entry->route == Route::EMULATE) {
+    route = 1;
+  }
+  countCall(record->stats.routes[route], (realtimeNs() - startNs) / 1000);
 }
 
 }  // namespace mos::remote

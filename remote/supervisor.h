@@ -38,6 +38,7 @@
 
 #include "channel.h"
 #include "file_cache.h"
+#include "guest_stack.h"
 #include "guest_signal.h"
 #include "job.capnp.h"
 #include "job_registry.h"
@@ -282,6 +283,20 @@ class Supervisor {
   int64_t forwardPlain(uint64_t seq, int nr, std::initializer_list<uint64_t> args);
   Answer handleUnsupported(const seccomp_notif& notif, int err, const char* why);
 
+  // mps -d: counts the call just dispatched by its route (the trace's: forwarded when it went
+  // home, emulated, local answer, denied), with its time since `startNs`.
+  void countRoute(const seccomp_notif& notif, uint64_t homeCallsBefore, uint64_t startNs);
+  // Calls countRoute for `notif` when it goes out of scope (the top of dispatch()).
+  struct RouteCount {
+    RouteCount(Supervisor& s, const seccomp_notif& n)
+        : supervisor(s), notif(n), homeCallsBefore(s.homeCalls_), startNs(realtimeNs()) {}
+    ~RouteCount() { supervisor.countRoute(notif, homeCallsBefore, startNs); }
+    KJ_DISALLOW_COPY(RouteCount);
+    Supervisor& supervisor;
+    const seccomp_notif& notif;
+    uint64_t homeCallsBefore, startNs;
+  };
+
   // Fetches a home file's identity (and bytes into the cache when missing). Returns the local
   // cache path, or -errno from the deputy in `err`.
   kj::Maybe<std::string> fetchIntoCache(int fd, kj::ArrayPtr<const kj::byte> path, int& err,
@@ -300,7 +315,9 @@ class Supervisor {
   kj::Own<SeccompUnotify> unotify_;     // the guest's notification listener
   JobPidNamespace pidNamespace_;        // the guest's pid namespace; its reaper is our child
   OwnedJobRecord record_;
+  uint64_t homeCalls_ = 0;  // round trips to the deputy that completed (countRoute, mps -d)
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
+  GuestStacks stacks_;  // mostrace -k: samplers of this task's guest threads (serveTraced)
   std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
   ForkHost* forkHost_ = nullptr;

@@ -198,6 +198,9 @@ Answer Supervisor::handleMmap(const seccomp_notif& notif) {
     if ((openFlags & O_ACCMODE) != O_RDWR) {
       return Answer::of(-EACCES);
     }
+    if (record_.get() != nullptr) {
+      setStayReason(record_.get()->stats, "a shared writable file mapping (refused here)");
+    }
     return handleUnsupported(notif, ENODEV, "shared writable file mappings stay at home");
   }
   int err = 0;

@@ -18,6 +18,12 @@ namespace mos {
 namespace {
 constexpr size_t BUFFER_BYTES = 64 * 1024;
 constexpr uint32_t MAX_SEGMENTS = 512;
+
+void addBytes(std::atomic<uint64_t>* counter, size_t n) {
+  if (counter != nullptr) {
+    counter->store(counter->load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  }
+}
 }  // namespace
 
 capnp::ReaderOptions channelReaderOptions() {
@@ -64,6 +70,7 @@ void Channel::send(capnp::MessageBuilder& message) {
       }
       KJ_FAIL_SYSCALL("sendmsg", errno);
     }
+    addBytes(sent_, n);
     size_t left = n;
     while (first < iov.size() && left >= iov[first].iov_len) {
       left -= iov[first].iov_len;
@@ -83,6 +90,9 @@ ssize_t Channel::readSome(kj::byte* dst, size_t max) {
       kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "job channel lost", strerror(errno)));
     }
     KJ_FAIL_SYSCALL("read", errno);
+  }
+  if (n > 0) {
+    addBytes(received_, n);
   }
   return n;
 }

@@ -10,6 +10,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace mos {
@@ -51,6 +52,14 @@ class Channel {
   // Buffered bytes are kept.
   void replaceFd(kj::AutoCloseFd fd) { fd_ = kj::mv(fd); }
 
+  // From now on adds the bytes sent and received on the socket to `sent` and `received` (a job
+  // record's counters, mps -d), with relaxed loads and stores: the channel is their only writer.
+  // nullptr stops counting.
+  void countBytesInto(std::atomic<uint64_t>* sent, std::atomic<uint64_t>* received) {
+    sent_ = sent;
+    received_ = received;
+  }
+
  private:
   // Reads at least `min` bytes into `dst` from the buffer, then the socket. Returns the bytes
   // read, less than `min` only at end of stream.
@@ -63,6 +72,8 @@ class Channel {
   kj::Array<kj::byte> buffer_;  // 64 KiB
   size_t begin_ = 0;            // unread bytes are [begin_, end_)
   size_t end_ = 0;
+  std::atomic<uint64_t>* sent_ = nullptr;
+  std::atomic<uint64_t>* received_ = nullptr;
 };
 
 // Sets TCP_NODELAY and short keepalive probes (idle 2 s, interval 1 s, 3 probes) plus

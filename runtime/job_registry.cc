@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 
 #include <kj/debug.h>
 #include <kj/io.h>
@@ -31,6 +32,40 @@ void makeDirectories(const std::string& path) {
       }
     }
   }
+}
+
+void countCall(RouteCounter& counter, uint64_t us) {
+  counter.calls.store(counter.calls.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  counter.totalUs.store(counter.totalUs.load(std::memory_order_relaxed) + us,
+                        std::memory_order_relaxed);
+  if (us > counter.maxUs.load(std::memory_order_relaxed)) {
+    counter.maxUs.store(us, std::memory_order_relaxed);
+  }
+}
+
+uint64_t realtimeNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+void beginCall(CallSlot& slot, int32_t tid, int nr, const uint64_t (&args)[6]) {
+  slot.startNs.store(0, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_release);
+  slot.tid.store(tid, std::memory_order_relaxed);
+  slot.nr.store(nr, std::memory_order_relaxed);
+  for (int i = 0; i < 6; i++) {
+    slot.args[i].store(args[i], std::memory_order_relaxed);
+  }
+  slot.startNs.store(realtimeNs(), std::memory_order_release);
+}
+
+void endCall(CallSlot& slot) { slot.startNs.store(0, std::memory_order_release); }
+
+void setStayReason(JobStats& stats, const std::string& reason) {
+  size_t n = std::min(reason.size(), sizeof(stats.stayReason) - 1);
+  memset(stats.stayReason, 0, sizeof(stats.stayReason));
+  memcpy(stats.stayReason, reason.data(), n);
 }
 
 const char* jobStateName(JobState state) {
@@ -67,6 +102,10 @@ OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kin
   record->node = homeNode;
   record->state = static_cast<uint32_t>(JobState::HOME);
   strncpy(record->command, command.c_str(), sizeof(record->command) - 1);
+  record->stats.sinceNs = realtimeNs();
+  for (auto& fd : record->stats.reserved) {
+    fd = -1;
+  }
   std::atomic_thread_fence(std::memory_order_release);
   record->magic = JobRecord::MAGIC;
   result.record_ = record;
@@ -131,6 +170,86 @@ std::vector<JobSnapshot> readJobRecords(const std::string& runDir, const char* k
   std::sort(result.begin(), result.end(),
             [](const JobSnapshot& a, const JobSnapshot& b) { return a.homePid < b.homePid; });
   return result;
+}
+
+namespace {
+
+StatsSnapshot snapshotStats(const JobStats& stats) {
+  StatsSnapshot out;
+  out.sinceNs = stats.sinceNs.load(std::memory_order_relaxed);
+  out.bytesIn = stats.bytesIn.load(std::memory_order_relaxed);
+  out.bytesOut = stats.bytesOut.load(std::memory_order_relaxed);
+  for (int i = 0; i < JobStats::ROUTES; i++) {
+    out.routes[i] = RouteSnapshot{stats.routes[i].calls.load(std::memory_order_relaxed),
+                                  stats.routes[i].totalUs.load(std::memory_order_relaxed),
+                                  stats.routes[i].maxUs.load(std::memory_order_relaxed)};
+  }
+  out.cacheHits = stats.cacheHits.load(std::memory_order_relaxed);
+  out.cacheMisses = stats.cacheMisses.load(std::memory_order_relaxed);
+  out.cacheBytes = stats.cacheBytes.load(std::memory_order_relaxed);
+  for (const CallSlot& slot : stats.inFlight) {
+    uint64_t before = slot.startNs.load(std::memory_order_acquire);
+    if (before == 0) {
+      continue;
+    }
+    CallSnapshot call{before,
+                      slot.tid.load(std::memory_order_relaxed),
+                      slot.nr.load(std::memory_order_relaxed),
+                      {}};
+    for (int i = 0; i < 6; i++) {
+      call.args[i] = slot.args[i].load(std::memory_order_relaxed);
+    }
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (slot.startNs.load(std::memory_order_relaxed) == before) {
+      out.inFlight.push_back(call);
+    }
+  }
+  for (const auto& fd : stats.reserved) {
+    int n = fd.load(std::memory_order_relaxed);
+    if (n >= 0) {
+      out.reserved.push_back(n);
+    }
+  }
+  char reason[sizeof(stats.stayReason)];
+  memcpy(reason, stats.stayReason, sizeof(reason));
+  reason[sizeof(reason) - 1] = '\0';
+  out.stayReason = reason;
+  return out;
+}
+
+}  // namespace
+
+bool readJobRecord(const std::string& runDir, const char* kind, int32_t name, JobSnapshot& job,
+                   StatsSnapshot& stats) {
+  std::string path = runDir + "/" + kind + "/" + std::to_string(name);
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return false;
+  }
+  // Mapped, not read: the in-flight slots must be read in the order their protocol says.
+  void* p = mmap(nullptr, RECORD_BYTES, PROT_READ, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) {
+    return false;
+  }
+  KJ_DEFER(munmap(p, RECORD_BYTES));
+  const auto* record = static_cast<const JobRecord*>(p);
+  if (record->magic != JobRecord::MAGIC || (kill(record->ownerPid, 0) != 0 && errno != EPERM)) {
+    return false;
+  }
+  char command[sizeof(record->command)];
+  memcpy(command, record->command, sizeof(command));
+  command[sizeof(command) - 1] = '\0';
+  job = JobSnapshot{record->ownerPid,
+                    record->homePid,
+                    record->homeNode,
+                    record->node.load(),
+                    static_cast<JobState>(record->state.load()),
+                    record->remotePid.load(),
+                    record->syscalls.load(),
+                    command};
+  stats = snapshotStats(record->stats);
+  return true;
 }
 
 }  // namespace mos

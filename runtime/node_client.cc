@@ -174,6 +174,36 @@ std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 addr
       });
 }
 
+kj::Own<capnp::MallocMessageBuilder> inspectJob(const ClusterCredentials& credentials, Ipv4 address,
+                                                uint16_t port, uint32_t timeoutMs, int32_t pid) {
+  return runSync<kj::Own<capnp::MallocMessageBuilder>>(
+      credentials, address, port, timeoutMs, [pid](proto::Node::Client& node) {
+        auto request = node.inspectJobRequest();
+        request.setPid(pid);
+        return request.send().then([](auto response) {
+          auto copy = kj::heap<capnp::MallocMessageBuilder>();
+          copy->setRoot(response.getView());
+          return copy;
+        });
+      });
+}
+
+kj::Own<capnp::MallocMessageBuilder> inspectGuest(const ClusterCredentials& credentials,
+                                                  Ipv4 address, uint16_t port, uint32_t timeoutMs,
+                                                  int32_t homePid, uint32_t homeNode) {
+  return runSync<kj::Own<capnp::MallocMessageBuilder>>(
+      credentials, address, port, timeoutMs, [homePid, homeNode](proto::Node::Client& node) {
+        auto request = node.inspectGuestRequest();
+        request.setHomePid(homePid);
+        request.setHomeNode(homeNode);
+        return request.send().then([](auto response) {
+          auto copy = kj::heap<capnp::MallocMessageBuilder>();
+          copy->setRoot(response.getView());
+          return copy;
+        });
+      });
+}
+
 namespace {
 Ipv4 addressOf(const MapFile& map, uint32_t nodeId) {
   KJ_IF_MAYBE (address, map.lookup(nodeId)) {

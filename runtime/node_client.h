@@ -82,6 +82,14 @@ std::vector<JobInfo> listJobs(const ClusterCredentials& credentials, Ipv4 addres
 std::vector<JobInfo> listGuests(const ClusterCredentials& credentials, Ipv4 address, uint16_t port,
                                 uint32_t timeoutMs);
 
+// Node.inspectJob(pid) and Node.inspectGuest(homePid, homeNode) (protocol/inspect.capnp, mps -d):
+// the view, copied into a message of its own (its root).
+kj::Own<capnp::MallocMessageBuilder> inspectJob(const ClusterCredentials& credentials, Ipv4 address,
+                                                uint16_t port, uint32_t timeoutMs, int32_t pid);
+kj::Own<capnp::MallocMessageBuilder> inspectGuest(const ClusterCredentials& credentials,
+                                                  Ipv4 address, uint16_t port, uint32_t timeoutMs,
+                                                  int32_t homePid, uint32_t homeNode);
+
 // The same, addressing node `nodeId` of `map`. A node that is not in the map throws
 // kj::Exception (FAILED) "node N is not in the cluster map" before any connection is tried.
 NodeStatus queryStatus(const ClusterCredentials& credentials, const MapFile& map, uint32_t nodeId,

@@ -101,6 +101,15 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
   out.setTid(r.tid);
   out.setNode(r.node);
   out.setHomeNode(r.homeNode);
+  auto stack = out.initStack(r.stack.size());  // -k
+  for (size_t i = 0; i < r.stack.size(); i++) {
+    const TraceFrame& f = r.stack[i];
+    stack[i].setIp(f.ip);
+    stack[i].setModule(
+        kj::arrayPtr(reinterpret_cast<const kj::byte*>(f.module.data()), f.module.size()));
+    stack[i].setSymbol(f.symbol);
+    stack[i].setOffset(f.offset);
+  }
   out.setNr(r.nr);
   auto args = out.initArgs(6);
   for (unsigned i = 0; i < 6; i++) {
@@ -149,6 +158,12 @@ TraceRecord fromProto(proto::TraceEvent::Reader e) {
   r.tid = e.getTid();
   r.node = e.getNode();
   r.homeNode = e.getHomeNode();
+  for (auto f : e.getStack()) {  // -k
+    auto module = f.getModule();
+    r.stack.push_back(TraceFrame{
+        f.getIp(), std::string(reinterpret_cast<const char*>(module.begin()), module.size()),
+        f.getSymbol(), f.getOffset()});
+  }
   r.nr = e.getNr();
   auto args = e.getArgs();
   for (unsigned i = 0; i < 6 && i < args.size(); i++) {
@@ -342,6 +357,7 @@ class TraceHub::Subscription final : public proto::TraceSubscription::Server,
     }
     failedOnly_ = filter.getFailedOnly();
     payloadBytes_ = filter.getPayloadBytes();
+    stacks_ = filter.getStacks();
   }
   ~Subscription() {
     if (hub_ != nullptr) {
@@ -350,6 +366,7 @@ class TraceHub::Subscription final : public proto::TraceSubscription::Server,
   }
 
   uint32_t payloadBytes() const { return payloadBytes_; }
+  bool stacks() const { return stacks_; }
   void hubGone() { hub_ = nullptr; }
 
   // Queues one event if the filter wants it; starts a call to the sink when none is in flight.
@@ -421,6 +438,7 @@ class TraceHub::Subscription final : public proto::TraceSubscription::Server,
   std::set<int32_t> syscalls_;
   bool failedOnly_ = false;
   uint32_t payloadBytes_ = 0;
+  bool stacks_ = false;
   std::deque<kj::Array<capnp::word>> queue_;
   bool inFlight_ = false;
   size_t inFlightCount_ = 0;
@@ -466,6 +484,7 @@ void TraceHub::resetControls() {
       void* at = mmap(nullptr, CONTROL_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       if (at != MAP_FAILED) {
         static_cast<TraceControl*>(at)->listeners.store(0);
+        static_cast<TraceControl*>(at)->stackListeners.store(0);
         munmap(at, CONTROL_BYTES);
       }
     }
@@ -480,6 +499,7 @@ TraceHub::~TraceHub() {
       s->hubGone();
     }
     job.control->listeners.store(0);
+    job.control->stackListeners.store(0);
     unmapTraceControl(job.control);
   }
   unlink(socketPath_.c_str());
@@ -586,6 +606,7 @@ void TraceHub::detach(Subscription* subscription) {
   spdlog::info("trace subscriber of job {} of node {} left ({} left)", it->first.second,
                it->first.first, job.subscriptions.size());
   if (job.subscriptions.empty()) {
+    job.control->stackListeners.store(0);
     unmapTraceControl(job.control);
     jobs_.erase(it);
   } else {
@@ -595,10 +616,13 @@ void TraceHub::detach(Subscription* subscription) {
 
 void TraceHub::updatePayloadBytes(Job& job) {
   uint32_t most = 0;
+  uint32_t stacks = 0;
   for (Subscription* s : job.subscriptions) {
     most = std::max(most, s->payloadBytes());
+    stacks += s->stacks() ? 1 : 0;
   }
   job.control->payloadBytes.store(most);
+  job.control->stackListeners.store(stacks);
 }
 
 }  // namespace mos

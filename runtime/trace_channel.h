@@ -37,8 +37,9 @@ struct TraceControl {
   static constexpr uint32_t MAGIC = 0x54534f4d;  // "MOST"
   uint32_t magic;
   uint32_t version;
-  std::atomic<uint32_t> listeners;     // subscriptions mosd holds for the job now
-  std::atomic<uint32_t> payloadBytes;  // largest -s among them: bytes of each payload to keep
+  std::atomic<uint32_t> listeners;       // subscriptions mosd holds for the job now
+  std::atomic<uint32_t> payloadBytes;    // largest -s among them: bytes of each payload to keep
+  std::atomic<uint32_t> stackListeners;  // how many of them want stacks (-k)
 };
 
 // RUN_DIR/trace/<homeNode>-<homePid> and RUN_DIR/trace.sock.
@@ -75,6 +76,10 @@ class TracePublisher {
   }
   // Bytes of each payload worth capturing now (the subscribers' largest -s; at least 32).
   uint32_t payloadBytes() const;
+  // True while a subscriber wants the guest's stack at each call (mostrace -k).
+  bool wantsStacks() const {
+    return control_ != nullptr && control_->stackListeners.load(std::memory_order_relaxed) != 0;
+  }
 
   // Sends one event (seq and lost are filled here). Never blocks: when mosd's socket is full or
   // missing the event is dropped and counted. Returns false when it was dropped.
@@ -128,6 +133,14 @@ class TraceCall {
   void payload(int arg, kj::ArrayPtr<const kj::byte> data, uint64_t length) {
     if (KJ_UNLIKELY(active())) {
       setPayload(arg, data, length);
+    }
+  }
+  // True when the event will be published and a subscriber wants stacks: then the caller
+  // unwinds the guest (remote/guest_stack.h, traceGuestStack) and hands the frames to stack().
+  bool wantsStack() const { return active() && publisher_->wantsStacks(); }
+  void stack(std::vector<TraceFrame> frames) {
+    if (KJ_UNLIKELY(active())) {
+      record_.stack = kj::mv(frames);
     }
   }
   // Time the call spent executing at home, microseconds (forwarded calls).

@@ -839,6 +839,11 @@ std::string TraceFormatter::line(const TraceRecord& r) {
       out += fmt::format(" (home {}, transit {})", seconds(r.homeUs), seconds(r.transitUs));
     }
   }
+  if (options_.stacks) {
+    std::string frames = stackLines(r);
+    frames.pop_back();  // the line itself ends without a newline
+    out += "\n" + frames;
+  }
   return out;
 }
 
@@ -974,6 +979,22 @@ std::string TraceSummary::render() const {
     out += fmt::format("{:<10} {:>9} {:>9} {:>11} {:>11} {:>16} {:>19}\n", traceRouteName(route),
                        row.calls, row.errors, seconds(row.totalUs), row.totalUs / n, row.homeUs / n,
                        row.transitUs / n);
+  }
+  return out;
+}
+
+std::string stackLines(const TraceRecord& record) {
+  if (record.stack.empty()) {
+    return " > unexpected_backtracing_error [0x0]\n";
+  }
+  std::string out;
+  for (const TraceFrame& f : record.stack) {
+    std::string where = f.module.empty() ? "?" : f.module;
+    if (f.symbol.empty()) {
+      out += fmt::format(" > {}() [{:#x}]\n", where, f.ip);
+    } else {
+      out += fmt::format(" > {}({}+{:#x}) [{:#x}]\n", where, f.symbol, f.offset, f.ip);
+    }
   }
   return out;
 }

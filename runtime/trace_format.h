@@ -32,12 +32,21 @@ struct TracePayload {
   uint64_t length = 0;   // bytes the argument holds in full (>= data.size())
 };
 
+// One frame of a guest stack (protocol/trace.capnp StackFrame; mostrace -k).
+struct TraceFrame {
+  uint64_t ip = 0;
+  std::string module;  // home path of the mapped file; "" if anonymous
+  std::string symbol;  // "" when unknown
+  uint64_t offset = 0;
+};
+
 // One trapped call.
 struct TraceRecord {
   int32_t pid = 0;  // as the job sees it (home pid)
   int32_t tid = 0;  // as the job sees it (home tid)
   uint32_t node = 0;
   uint32_t homeNode = 0;
+  std::vector<TraceFrame> stack;  // -k: the guest's stack at the trap, innermost first
   int nr = 0;
   uint64_t args[6] = {};
   TracePayload payloads[6];
@@ -60,6 +69,7 @@ struct TraceFormatOptions {
   bool relative = false;    // -r: seconds since the previous line, before it
   int timestamps = 0;       // -t: 1 wall clock, 2 with microseconds (-tt), 3 epoch seconds (-ttt)
   bool prefix = true;       // `[pid TID node N ROUTE] ` before the call
+  bool stacks = false;      // -k: after the line, the guest's stack as strace -k shows it
 };
 
 // Renders records into lines; keeps the previous timestamp for -r.
@@ -67,7 +77,8 @@ class TraceFormatter {
  public:
   explicit TraceFormatter(TraceFormatOptions options) : options_(options) {}
 
-  // One line without the newline: [timestamp ][prefix ]name(args) = result[ <T>].
+  // One line without the newline: [timestamp ][prefix ]name(args) = result[ <T>]; with
+  // `stacks`, followed by the stackLines() (the last without its newline).
   std::string line(const TraceRecord& record);
 
   // The call and result alone, exactly as strace prints them: `name(args)`, padded with spaces to
@@ -78,6 +89,11 @@ class TraceFormatter {
   TraceFormatOptions options_;
   uint64_t previousNs_ = 0;
 };
+
+// strace -k's lines for `record`'s stack, one per frame, each ending in a newline:
+// ` > /lib/x86_64-linux-gnu/libc.so.6(write+0x14) [0x7f3c2a914350]` (`(+0x...)` without a symbol,
+// `unexpected_backtracing_error` when the stack is empty).
+std::string stackLines(const TraceRecord& record);
 
 // `s` as strace quotes it: `"` ... `"` with \n \t \r \v \f \" \\ escapes, other bytes outside
 // 0x20-0x7e in octal (3 digits when an octal digit follows), cut to `limit` bytes and followed by

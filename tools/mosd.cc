@@ -28,6 +28,7 @@
 #include "channel.h"
 #include "cluster_auth.h"
 #include "config.h"
+#include "inspect.h"
 #include "job_registry.h"
 #include "log.h"
 #include "map_file.h"
@@ -89,6 +90,19 @@ class NodeService final : public proto::Node::Server {
   kj::Promise<void> listGuests(ListGuestsContext context) override {
     auto jobs = readJobRecords(runDir_, "guests");
     fillJobs(context.getResults().initJobs(jobs.size()), jobs);
+    return kj::READY_NOW;
+  }
+
+  // mps -d (protocol/inspect.capnp): read from the records and /proc, never from the deputy.
+  kj::Promise<void> inspectJob(InspectJobContext context) override {
+    inspectDeputy(runDir_, nodeId_, context.getParams().getPid(), context.getResults().initView());
+    return kj::READY_NOW;
+  }
+
+  kj::Promise<void> inspectGuest(InspectGuestContext context) override {
+    auto params = context.getParams();
+    mos::inspectGuest(runDir_, nodeId_, params.getHomePid(), params.getHomeNode(),
+                      context.getResults().initView());
     return kj::READY_NOW;
   }
 

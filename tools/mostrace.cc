@@ -59,8 +59,8 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
     filter = TraceFilter::parse(e);  // strace: the last trace= wins
   }
   filter.setFailedOnly(options.failed);
-  TraceFormatter formatter(
-      {options.stringLimit, options.durations, options.relative, options.timestamps, true});
+  TraceFormatter formatter({options.stringLimit, options.durations, options.relative,
+                            options.timestamps, true, options.stacks});
   TraceSummary summary;
   std::string endReason;
   uint64_t received = 0;  // events the sink got, before our own filter
@@ -129,6 +129,7 @@ int trace(const Options& options, const ClusterCredentials& credentials, Ipv4 ad
                    }
                    wire.setFailedOnly(options.failed);
                    wire.setPayloadBytes(uint32_t(options.stringLimit));
+                   wire.setStacks(options.stacks);
                    request.setSink(kj::mv(sinkClient));
                    auto response = request.send().wait(waitScope);
                    auto subscription = response.getSubscription();
@@ -211,7 +212,8 @@ int run(int argc, char** argv) {
   app.add_flag("-r,--relative-timestamps", o.relative, "time since the previous call");
   app.add_flag("-t", o.timestamps, "wall clock time; -tt with microseconds, -ttt epoch seconds");
   app.add_flag("-Z,--failed", o.failed, "only calls that failed");
-  app.add_flag("-k,--stack-trace", o.stacks, "the guest's stack at each call (not yet)");
+  app.add_flag("-k,--stack-trace", o.stacks,
+               "the guest's user-space stack at each call, unwound on the remote node");
   app.add_option("-o,--output", o.output, "write the trace to FILE instead of stderr");
   app.add_option("--map", o.mapPath, "cluster map file (default $UMOSIX_MAP or /etc/umosix/map)");
   app.add_option("--node", o.nodeText,
@@ -239,11 +241,6 @@ int run(int argc, char** argv) {
       fmt::print(stderr, "mostrace: only -e trace=... is supported\n");
       return 2;
     }
-  }
-  if (o.stacks) {
-    fmt::print(stderr,
-               "mostrace: -k: stack traces are not implemented yet; tracing without "
-               "them\n");
   }
 
   NodeConfig config;

@@ -657,3 +657,119 @@ TEST_CASE("mps prints the jobs of the local mosd as a table and as JSON", "[node
   CHECK(downOut ==
         fmt::format("mps: cannot reach mosd at 127.0.0.1:{}: Connection refused\n", mosd.port));
 }
+
+TEST_CASE("mps -d shows a job process's place, fds, signals, calls in flight and counters",
+          "[node][mosd][mps][inspect]") {
+  MosdFixture mosd;
+  // This test process plays the deputy: its record, its fds, one call in flight at home. Its
+  // home is node 3 and its user part runs on node 1, so mps asks this same mosd for the remote
+  // numbers too (a guests record of this process).
+  pid_t self = getpid();
+  auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", self, self, 3, "reader --wait");
+  job.get()->node = 1;
+  job.get()->state = uint32_t(mos::JobState::REMOTE);
+  job.get()->remotePid = 31337;
+  job.get()->syscalls = 41;
+  int pipeFds[2];
+  REQUIRE(pipe(pipeFds) == 0);
+  kj::AutoCloseFd readEnd(pipeFds[0]), writeEnd(pipeFds[1]);
+  int file = open((mosd.dir + "/map").c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(file >= 0);
+  kj::AutoCloseFd ownedFile(file);
+  REQUIRE(lseek(file, 7, SEEK_SET) == 7);
+  auto& stats = job.get()->stats;
+  stats.reserved[0] = writeEnd.get();  // as if it were the deputy's own
+  mos::countCall(stats.routes[0], 10);
+  mos::countCall(stats.routes[0], 30);
+  stats.bytesIn = 1000;
+  stats.bytesOut = 2000;
+  uint64_t args[6] = {uint64_t(readEnd.get()), 0x7000, 100, 0, 0, 0};
+  mos::beginCall(stats.inFlight[0], self, 0, args);
+  auto guest = mos::OwnedJobRecord::create(mosd.runDir, "guests", self, self, 3, "reader");
+  guest.get()->remotePid = 31337;
+  mos::countCall(guest.get()->stats.routes[1], 2);  // one emulated call
+  guest.get()->stats.cacheHits = 4;
+  guest.get()->stats.cacheMisses = 2;
+  guest.get()->stats.cacheBytes = 123456;
+  mos::setStayReason(guest.get()->stats, "a shared writable file mapping (refused here)");
+
+  std::string base = std::string(MPS_PATH) + " --map " + mosd.dir + "/map --key " + mosd.dir +
+                     "/cluster.key --node 1 --port " + std::to_string(mosd.port);
+  auto [status, json] = runCapture(base + " -d " + std::to_string(self) + " --json");
+  REQUIRE(status == 0);
+  auto view = nlohmann::json::parse(json);
+  CHECK(view["pid"] == self);
+  CHECK(view["homeNode"] == 3);
+  CHECK(view["node"] == 1);
+  CHECK(view["state"] == "remote");
+  CHECK(view["command"] == "reader --wait");
+  CHECK(view["remotePid"] == 31337);
+  char cwd[PATH_MAX];
+  REQUIRE(getcwd(cwd, sizeof(cwd)) != nullptr);
+  CHECK(view["cwd"] == cwd);
+  CHECK(view["syscalls"] == 41);
+  CHECK(view["home"]["calls"] == 2);
+  CHECK(view["home"]["totalUs"] == 40);
+  CHECK(view["home"]["maxUs"] == 30);
+  CHECK(view["bytesIn"] == 1000);
+  CHECK(view["bytesOut"] == 2000);
+  CHECK(view["stayReason"] == "none");
+  REQUIRE(view["inFlight"].size() == 1);
+  CHECK(view["inFlight"][0]["syscall"] == "read");
+  CHECK(view["inFlight"][0]["call"] == fmt::format("read({}, 0x7000, 100)", readEnd.get()));
+  CHECK(view["inFlight"][0]["tid"] == self);
+  std::map<int, nlohmann::json> fds;
+  for (auto& fd : view["fds"]) {
+    fds[fd["fd"].get<int>()] = fd;
+  }
+  REQUIRE(fds.count(readEnd.get()) == 1);
+  CHECK(fds[readEnd.get()]["target"].get<std::string>().rfind("pipe:[", 0) == 0);
+  CHECK(fds[readEnd.get()]["deputy"] == false);
+  CHECK(fds[writeEnd.get()]["deputy"] == true);
+  CHECK(fds[writeEnd.get()]["flagNames"] == "O_WRONLY");
+  CHECK(fds[file]["target"] == mosd.dir + "/map");
+  CHECK(fds[file]["offset"] == 7);
+  CHECK(fds[file]["flagNames"] == "O_RDONLY|O_CLOEXEC");
+  auto remote = view["remote"];
+  CHECK(remote["found"] == true);
+  CHECK(remote["node"] == 1);
+  CHECK(remote["routes"][1] ==
+        nlohmann::json({{"route", "emulated"}, {"calls", 1}, {"totalUs", 2}, {"maxUs", 2}}));
+  CHECK(remote["cacheHits"] == 4);
+  CHECK(remote["cacheMisses"] == 2);
+  CHECK(remote["cacheBytes"] == 123456);
+  CHECK(remote["stayReason"] == "a shared writable file mapping (refused here)");
+
+  // The call's duration grows while it stays in flight; the text view says the same.
+  uint64_t first = view["inFlight"][0]["elapsedUs"];
+  std::this_thread::sleep_for(50ms);
+  auto [textStatus, text] = runCapture(base + " -d " + std::to_string(self));
+  CHECK(textStatus == 0);
+  CHECK_THAT(text,
+             Catch::Contains(fmt::format("job process {} (reader --wait), home node 3\n", self)));
+  CHECK_THAT(text,
+             Catch::Contains(fmt::format("  in flight     read({}, 0x7000, 100)  tid {}  for ",
+                                         readEnd.get(), self)));
+  CHECK_THAT(text, Catch::Contains("  content cache 4 hits, 2 misses, 123456 bytes fetched"));
+  CHECK_THAT(text, Catch::Contains("(deputy's own)"));
+  auto [againStatus, again] = runCapture(base + " -d " + std::to_string(self) + " --json");
+  CHECK(againStatus == 0);
+  CHECK(nlohmann::json::parse(again)["inFlight"][0]["elapsedUs"].get<uint64_t>() >= first + 50000);
+  mos::endCall(stats.inFlight[0]);
+  CHECK(nlohmann::json::parse(
+            runCapture(base + " -d " + std::to_string(self) + " --json").second)["inFlight"]
+            .empty());
+
+  // Not a job process, no such process, not a pid: one clear line each.
+  auto [notJob, notJobOut] = runCapture(base + " -d " + std::to_string(mosd.pid) + " 2>&1");
+  CHECK(notJob == 1);
+  CHECK(notJobOut == fmt::format("mps: process {} is not a umosix job process (no job record on "
+                                 "node 1)\n",
+                                 mosd.pid));
+  auto [gone, goneOut] = runCapture(base + " -d 4194303 2>&1");
+  CHECK(gone == 1);
+  CHECK(goneOut == "mps: no process with pid 4194303\n");
+  auto [bad, badOut] = runCapture(base + " -d x1 2>&1");
+  CHECK(bad == 2);
+  CHECK(badOut == "mps: -d: 'x1' is not a process id\n");
+}
