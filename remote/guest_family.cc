@@ -336,6 +336,7 @@ void GuestFamily::workerBody(Task* task) {
   } catch (kj::Exception& e) {
     spdlog::error("task {}: {}", task->homePid, e.getDescription().cStr());
   }
+  task->supervisor->unlinkRecord();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     task->ended = true;
@@ -419,6 +420,11 @@ void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
       kj::mv(task.pendingGuest), [](int status) { throw TaskEnded{status}; });
   task.supervisor = task.ownedSupervisor.get();
   task.supervisor->setForkHost(this);
+  task.supervisor->recordChildGuest();
+  if (auto it = inheritedNodeFds_.find(task.homePid); it != inheritedNodeFds_.end()) {
+    task.supervisor->inheritNodeFds(kj::mv(it->second));
+    inheritedNodeFds_.erase(it);
+  }
   startWorker(task);
 }
 
@@ -479,6 +485,11 @@ Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif
         e.homePid = static_cast<pid_t>(home);
       }
     }
+  }
+  {
+    // The child's fd table is a copy of the parent's: so is its set of node-local descriptors.
+    std::lock_guard<std::mutex> lock(mutex_);
+    inheritedNodeFds_[static_cast<pid_t>(home)] = supervisor.nodeFds();
   }
   pid_t child = -1;
   onMain([&] { child = runFork(*task, notif, static_cast<pid_t>(home), token); });
