@@ -15,7 +15,6 @@ SYSCALLS = BUILD / "tests" / "syscalls"
 ISSUE_6_PENDING = {
     "sc_clone_settid": "issue 6: clone with CLONE_*SETTID in a guest",
     "sc_kill_procs": "issue 6: fork; kill/tgkill between job processes",
-    "sc_shared_mem": "issue 6: fork; shared memory and futexes between job processes",
     "sc_threads": "issue 6: threads in a guest",
     "sc_wait_status": "issue 6: fork; wait4/waitid of job processes",
 }
