@@ -270,6 +270,17 @@ kj::Maybe<Answer> Supervisor::runJobShmCall(const seccomp_notif& notif, const Sy
   if (options_.shmDir.empty()) {
     return nullptr;
   }
+  // The common case first, without allocating: no path of the job's /dev/shm, no empty path.
+  bool mine = false;
+  for (auto in : request.getIn()) {
+    auto data = in.getData();
+    mine = mine ||
+           (in.getArg() < 6 && specs[in.getArg()].kind == ArgKind::PATH &&
+            (data.size() <= 1 || (data.size() > 9 && memcmp(data.begin(), "/dev/shm/", 9) == 0)));
+  }
+  if (!mine) {
+    return nullptr;
+  }
   int nr = notif.data.nr;
   uint64_t guestArgs[6];
   for (int i = 0; i < 6; i++) {
