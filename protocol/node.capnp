@@ -25,6 +25,11 @@ struct JobInfo {
   syscalls @4 :UInt64;     # forwarded syscalls so far
   remotePid @5 :Int32;     # the guest's pid on `node`, 0 when at home
   homeNode @6 :UInt32;     # the job's home node
+  parentPid @7 :Int32;     # listJobs: the process's parent at home (its home kernel's); 0 unknown
+  threads @8 :UInt32;      # threads of the process (listJobs: its home process; listGuests: the
+                           # guest); 0 unknown
+  stay @9 :Text;           # listGuests: why the guest stays on this node ("shares memory with
+                           # 4250 (MAP_SHARED|MAP_ANONYMOUS)", "maps System V shm"); "" none
 }
 
 interface Node {

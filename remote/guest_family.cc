@@ -376,6 +376,7 @@ void GuestFamily::workerBody(Task* task) {
   } catch (kj::Exception& e) {
     spdlog::error("task {}: {}", task->homePid, e.getDescription().cStr());
   }
+  task->supervisor->unlinkRecord();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     task->ended = true;
@@ -460,6 +461,11 @@ void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
   task.supervisor = task.ownedSupervisor.get();
   task.supervisor->setForkHost(this);
   task.supervisor->setThreadTask(task.isThread);
+  task.supervisor->recordChildGuest();
+  if (auto it = inheritedNodeFds_.find(task.homePid); it != inheritedNodeFds_.end()) {
+    task.supervisor->inheritNodeFds(kj::mv(it->second));
+    inheritedNodeFds_.erase(it);
+  }
   startWorker(task);
 }
 
@@ -545,6 +551,11 @@ Answer GuestFamily::mirrorClone(Supervisor& supervisor, Task& parent, const secc
         e.homePid = static_cast<pid_t>(home);
       }
     }
+  }
+  {
+    // The child's fd table is a copy of the parent's: so is its set of node-local descriptors.
+    std::lock_guard<std::mutex> lock(mutex_);
+    inheritedNodeFds_[static_cast<pid_t>(home)] = supervisor.nodeFds();
   }
   pid_t child = -1;
   onMain([&] { child = runFork(*task, notif, static_cast<pid_t>(home), token, thread); });

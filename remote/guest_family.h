@@ -168,6 +168,10 @@ class GuestFamily final : public ForkHost {
     user_regs_struct savedRegs = {};
   };
 
+  // Node-local descriptors of a forked child (by home pid), from its fork until its task starts.
+  // Guarded by mutex_.
+  std::map<pid_t, std::set<int>> inheritedNodeFds_;
+
   // Runs `work` on the main thread and waits for it (ptrace and waitpid are the main thread's).
   void onMain(const std::function<void()>& work);
   void serveListener();

@@ -114,7 +114,11 @@ JobPidNamespace JobPidNamespace::create() {
   int pair[2];
   KJ_SYSCALL(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair));
   kj::AutoCloseFd mine(pair[0]), theirs(pair[1]);
-  KJ_SYSCALL(::unshare(CLONE_NEWPID), "a pid namespace for the job");
+  // The job's IPC namespace too (docs/design.md, "Memory shared between job processes"): System V
+  // shared memory, semaphores and message queues of its guests are the job's alone, shared by
+  // its processes on this node and gone with them. CLONE_NEWIPC applies to us at once (we use no
+  // System V IPC), CLONE_NEWPID to our later children.
+  KJ_SYSCALL(::unshare(CLONE_NEWPID | CLONE_NEWIPC), "pid and IPC namespaces for the job");
   int pidfd;
   KJ_SYSCALL(pidfd = static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0)));
   kj::AutoCloseFd pidfdOwner(pidfd);

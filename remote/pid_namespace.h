@@ -41,7 +41,8 @@ class JobPidNamespace {
   // Moves the calling process's future children into a new pid namespace
   // (unshare(CLONE_NEWPID)) and forks its init, the reaper. From then on every fork of the
   // caller is born in the namespace; restore() with RestoreOptions::pid places the guest at its
-  // home pid there.
+  // home pid there. The caller itself moves into a new IPC namespace at once (CLONE_NEWIPC):
+  // the job's System V IPC, which its guests share.
   // Preconditions: the caller is single-threaded, has CAP_SYS_ADMIN, and has not created a pid
   // namespace for its children before (unshare allows it once per process).
   // Throws kj::Exception (FAILED) when the kernel refuses (EPERM without the capability, EINVAL,

@@ -14,6 +14,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -143,6 +144,10 @@ int Supervisor::run() {
     family.run(*this, guest_);
   }
   record_.unlink();
+  if (!options_.shmDir.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(options_.shmDir, ec);
+  }
   return 0;
 }
 
@@ -261,6 +266,14 @@ void Supervisor::receiveJobStart() {
              start_.getImage().getArch());
   ownedCache_ = kj::heap<FileCache>(options_.cacheDir, options_.peerNode);
   cache_ = ownedCache_.get();
+  if (!options_.runDir.empty()) {
+    // The job's /dev/shm here (sys_shm.cc), made at first use. One left by a supervisor of the
+    // same home pid that was killed is stale: its job is gone.
+    options_.shmDir = options_.runDir + "/shm/" + std::to_string(options_.peerNode) + "-" +
+                      std::to_string(start_.getIds().getPid());
+    std::error_code ec;
+    std::filesystem::remove_all(options_.shmDir, ec);
+  }
 }
 
 void Supervisor::rememberHomePath(const std::string& cachePath,
@@ -318,6 +331,21 @@ void Supervisor::startGuest() {
   capnp::MallocMessageBuilder message;
   message.initRoot<proto::ToDeputy>().setStarted(guest_);
   channel_.send(message);
+}
+
+void Supervisor::recordChildGuest() {
+  if (options_.runDir.empty()) {
+    return;
+  }
+  try {
+    record_ = OwnedJobRecord::create(options_.runDir, "guests", guest_, start_.getIds().getPid(),
+                                     options_.peerNode, start_.getCommand());
+    record_.get()->node = options_.node;
+    record_.get()->remotePid = guest_;
+    record_.get()->state = static_cast<uint32_t>(JobState::REMOTE);
+  } catch (kj::Exception& e) {
+    spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
+  }
 }
 
 void Supervisor::serveNotification() {
@@ -442,6 +470,11 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
   if (entry == nullptr) {
     return handleUnsupported(notif, ENOSYS, "no row in the syscall table");
   }
+  if (!nodeFds_.empty()) {
+    KJ_IF_MAYBE (answer, routeNodeFd(notif, *entry)) {
+      return *answer;
+    }
+  }
   if (entry->handler == HandlerId::MMAP) {
     return handleMmap(notif);
   }
@@ -489,6 +522,7 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
       return forkHost_->forkGuest(*this, notif);
     case HandlerId::OPEN:
       return forwardRegular(notif, entry->args);  // it serves the job's /proc files itself
+    case HandlerId::MEMFD: return handleMemfd(notif);
     case HandlerId::MMAP: break;
   }
   return handleUnsupported(notif, ENOSYS, "no handler");
@@ -632,6 +666,12 @@ Answer Supervisor::forwardRegular(const seccomp_notif& notif, const ArgSpec (&sp
     traceRequestPayloads(*trace_, specs, args, request.asReader());
   }
   const SyscallEntry* entry = findSyscall(notif.data.nr);
+  if (entry != nullptr &&
+      (entry->onNode == OnNode::SHM_PATH || entry->onNode == OnNode::SHM_OPEN)) {
+    KJ_IF_MAYBE (answer, runJobShmCall(notif, *entry, specs, request.asReader())) {
+      return *answer;
+    }
+  }
   if (entry != nullptr && entry->handler == HandlerId::OPEN) {
     // The path is already in the request: an open of the job's own /proc files is served here.
     KJ_IF_MAYBE (open, describeOpen(specs, args, request.asReader())) {

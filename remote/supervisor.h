@@ -30,6 +30,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <capnp/message.h>
@@ -59,6 +60,8 @@ struct SupervisorOptions {
   // The job's trace stream (docs/design.md "Tracing"), one per job, shared by every task of it;
   // nullptr: calls are not traced (run() makes one for the job it starts).
   TracePublisher* trace = nullptr;
+  std::string shmDir;     // the job's /dev/shm on this node (sys_shm.cc); made at first use,
+                          // removed when the job leaves the node. Empty: /dev/shm stays at home
 };
 
 // What the notification loop answers a notification with.
@@ -92,6 +95,10 @@ struct OpenCall {
 };
 kj::Maybe<OpenCall> describeOpen(const ArgSpec (&specs)[6], const uint64_t (&args)[6],
                                  proto::SyscallRequest::Reader request);
+
+// The name in the job's /dev/shm that `path` names ("/dev/shm/NAME": "NAME"), or "" when it names
+// none: not under /dev/shm/, or a name with a '/', "." or "..".
+std::string jobShmName(std::string_view path);
 
 // Reads `count` iovecs at guest address `at` into `iov` and their total length, capped at
 // MAX_FORWARD_BYTES, into `total`. Returns 0, EFAULT (unreadable) or EINVAL (the lengths
@@ -190,6 +197,13 @@ class Supervisor {
     return handleUnsupported(notif, err, why);
   }
   int channelFd() const { return channel_.fd(); }
+  // A job record for a forked guest (RUN_DIR/guests/<its node pid>), so mps lists every process
+  // of the job here; unlinkRecord() removes it when the task ends.
+  void recordChildGuest();
+  void unlinkRecord() { record_.unlink(); }
+  // The guest's node-local descriptors (sys_shm.cc): a forked child starts with its parent's.
+  const std::set<int>& nodeFds() const { return nodeFds_; }
+  void inheritNodeFds(std::set<int> fds) { nodeFds_ = kj::mv(fds); }
   proto::JobStart::Reader jobStart() const { return start_; }
 
  private:
@@ -273,6 +287,27 @@ class Supervisor {
   // the deputy, then run by the guest's kernel.
   Answer handleSigaction(const seccomp_notif& notif);
   Answer handleSockmsg(const seccomp_notif& notif);  // sys_socket.cc
+
+  // --- node-local objects (sys_shm.cc): the job's /dev/shm and memfds
+  Answer handleMemfd(const seccomp_notif& notif);
+  // A call that names a node-local descriptor, routed by its row's `onNode`; nullptr: it names
+  // none (or only as the dirfd of an absolute path), route it as usual.
+  kj::Maybe<Answer> routeNodeFd(const seccomp_notif& notif, const SyscallEntry& entry);
+  // A SHM_PATH or SHM_OPEN row whose marshalled `request` names the job's /dev/shm (or an empty
+  // path on a node-local descriptor): run here, in the job's shm directory; nullptr: it does not.
+  // A home path and a /dev/shm one together: EXDEV.
+  kj::Maybe<Answer> runJobShmCall(const seccomp_notif& notif, const SyscallEntry& entry,
+                                  const ArgSpec (&specs)[6], proto::SyscallRequest::Reader request);
+  // Makes `local` (ours, taken) the guest's descriptor at the number of a new placeholder memfd
+  // named `name` at home; answers that number.
+  Answer installNodeFd(const seccomp_notif& notif, int local, const std::string& name,
+                       bool cloexec);
+  // memfd_create(name) at home: the placeholder's number, or -errno (-EINTR: interrupted).
+  int64_t placeholderAtHome(uint64_t seq, const std::string& name, bool cloexec);
+  // A copy of the guest's descriptor `fd` (pidfd_getfd), or -errno.
+  int copyGuestFd(int fd);
+  // The job's /dev/shm directory here, made on first use.
+  const std::string& jobShmDir();
   // An open (handler OPEN: open, openat, openat2) of `path` relative to `dirfd` with open(2)
   // `flags`, when `path` is one of the job's own /proc files that describe its user part
   // (sys_proc.cc); nullptr: not such a file, forward as usual.
@@ -332,6 +367,8 @@ class Supervisor {
   TracePublisher* tracePublisher_;
   TraceCall* trace_;
   int64_t forkResult_ = 0;  // the home child's pid of the fork being traced (askDeputyToFork)
+  std::set<int> nodeFds_;     // node-local descriptors of the guest (sys_shm.cc)
+  bool shmDirMade_ = false;
 };
 
 }  // namespace mos::remote

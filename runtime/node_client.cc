@@ -143,6 +143,9 @@ std::vector<JobInfo> toJobInfos(capnp::List<proto::JobInfo>::Reader jobs) {
     info.syscalls = job.getSyscalls();
     info.remotePid = job.getRemotePid();
     info.homeNode = job.getHomeNode();
+    info.parentPid = job.getParentPid();
+    info.threads = job.getThreads();
+    info.stay = job.getStay();
     result.push_back(kj::mv(info));
   }
   return result;

@@ -113,8 +113,20 @@ constexpr SyscallEntry row(int nr, const char* name, Route route, uint32_t class
   SyscallEntry e{nr,         name, route, classes, {}, handler, err, why, atHomeOf(route, handler),
                  ERESTARTSYS};
   size_t i = 0;
+  bool fd = false, path = false;
   for (const ArgSpec& a : args) {
     e.args[i++] = a;
+    fd = fd || a.kind == ArgKind::FD;
+    path = path || a.kind == ArgKind::PATH || a.kind == ArgKind::PATH_OR_NULL;
+  }
+  // On a node-local descriptor the guest's own kernel runs a call that takes no path (the
+  // decision reads no memory); a call with a path and a node-local dirfd is refused (ENOTDIR)
+  // unless its row says better.
+  if (fd && !path && handler != HandlerId::EXEC &&
+      (route == Route::FORWARD || handler == HandlerId::MMAP)) {
+    e.onNode = OnNode::KERNEL;
+  } else if (fd && path && route == Route::FORWARD) {
+    e.onNode = OnNode::RELATIVE_REFUSED;
   }
   return e;
 }
@@ -178,6 +190,31 @@ constexpr SyscallEntry denyButHomeHelper(int nr, const char* name, uint32_t clas
   return e;
 }
 
+// Run by the remote kernel in the job's own IPC namespace on the node (one per job, made with its
+// pid namespace: docs/design.md, "Memory shared between job processes"): System V shared
+// memory, semaphores and message queues are the job's alone and shared by its processes there.
+constexpr SyscallEntry inJobIpcNamespace(int nr, const char* name, uint32_t classes) {
+  return local(nr, name, classes);
+}
+
+// OnNode: how a forwarded call treats the job's node-local objects (syscall_table.h).
+constexpr SyscallEntry closesNodeFd(SyscallEntry e) {
+  e.onNode = OnNode::CLOSE;
+  return e;
+}
+constexpr SyscallEntry dupsNodeFd(SyscallEntry e) {
+  e.onNode = OnNode::DUP;
+  return e;
+}
+constexpr SyscallEntry jobShmOnNode(SyscallEntry e) {
+  e.onNode = OnNode::SHM_PATH;
+  return e;
+}
+constexpr SyscallEntry opensJobShm(SyscallEntry e) {
+  e.onNode = OnNode::SHM_OPEN;
+  return e;
+}
+
 constexpr const char* FORK_LATER = "clone3 is not mirrored yet (glibc falls back to clone)";
 constexpr const char* MOUNTS = "mounts belong to the home node; a guest cannot change them";
 constexpr const char* CREDS =
@@ -185,7 +222,6 @@ constexpr const char* CREDS =
 // The set*id rows that change nothing succeed (SAME_IDS); a real change is refused with EPERM
 // and the same reason.
 constexpr const char* HOST_ADMIN = "administers the remote node, which the guest must not touch";
-constexpr const char* SYSV_SHM = "System V shared memory cannot span nodes";
 constexpr const char* KERNEL_AIO = "kernel AIO contexts cannot span nodes";
 constexpr const char* IO_URING =
     "io_uring operations bypass the seccomp sandbox and rings cannot span nodes";
@@ -203,11 +239,11 @@ using enum HandlerId;
 constexpr SyscallEntry ROWS[] = {
     forward(__NR_read, "read", DESC, {FD, outBuf(2), VAL}),
     forward(__NR_write, "write", DESC, {FD, inBuf(2), VAL}),
-    forward(__NR_open, "open", DESC | FILE, {PATH, VAL, VAL}, OPEN),
-    forward(__NR_close, "close", DESC, {FD}),
-    forward(__NR_stat, "stat", FILE, {PATH, outStruct(STAT_BYTES)}),
+    opensJobShm(forward(__NR_open, "open", DESC | FILE, {PATH, VAL, VAL}, OPEN)),
+    closesNodeFd(forward(__NR_close, "close", DESC, {FD})),
+    jobShmOnNode(forward(__NR_stat, "stat", FILE, {PATH, outStruct(STAT_BYTES)})),
     forward(__NR_fstat, "fstat", DESC, {FD, outStruct(STAT_BYTES)}),
-    forward(__NR_lstat, "lstat", FILE, {PATH, outStruct(STAT_BYTES)}),
+    jobShmOnNode(forward(__NR_lstat, "lstat", FILE, {PATH, outStruct(STAT_BYTES)})),
     noRestartAfterHandler(seenFromHome(
         HomeView::POLL, forward(__NR_poll, "poll", DESC, {inoutArray(1, POLLFD_BYTES), VAL, VAL}))),
     forward(__NR_lseek, "lseek", DESC, {FD, VAL, VAL}),
@@ -223,7 +259,7 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_pwrite64, "pwrite64", DESC, {FD, inBuf(2), VAL, VAL}),
     forward(__NR_readv, "readv", DESC, {FD, HANDLED, VAL}, IOV),
     forward(__NR_writev, "writev", DESC, {FD, HANDLED, VAL}, IOV),
-    forward(__NR_access, "access", FILE, {PATH, VAL}),
+    jobShmOnNode(forward(__NR_access, "access", FILE, {PATH, VAL})),
     forward(__NR_pipe, "pipe", DESC | IPC, {outStruct(FD_PAIR_BYTES)}),
     noRestartAfterHandler(seenFromHome(
         HomeView::SELECT,
@@ -234,11 +270,11 @@ constexpr SyscallEntry ROWS[] = {
     local(__NR_msync, "msync", MEMORY),
     local(__NR_mincore, "mincore", MEMORY),
     local(__NR_madvise, "madvise", MEMORY),
-    deny(__NR_shmget, "shmget", IPC | MEMORY, ENOSYS, SYSV_SHM),
-    deny(__NR_shmat, "shmat", IPC | MEMORY, ENOSYS, SYSV_SHM),
-    deny(__NR_shmctl, "shmctl", IPC | MEMORY, ENOSYS, SYSV_SHM),
-    forward(__NR_dup, "dup", DESC, {FD}),
-    forward(__NR_dup2, "dup2", DESC, {FD, NEW_FD}),
+    inJobIpcNamespace(__NR_shmget, "shmget", IPC | MEMORY),
+    inJobIpcNamespace(__NR_shmat, "shmat", IPC | MEMORY),
+    inJobIpcNamespace(__NR_shmctl, "shmctl", IPC | MEMORY),
+    dupsNodeFd(forward(__NR_dup, "dup", DESC, {FD})),
+    dupsNodeFd(forward(__NR_dup2, "dup2", DESC, {FD, NEW_FD})),
     local(__NR_pause, "pause", SIGNAL),
     local(__NR_nanosleep, "nanosleep", TIME),
     local(__NR_getitimer, "getitimer", TIME),
@@ -274,27 +310,34 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_wait4, "wait4", PROC, {VAL, outStruct(INT_BYTES), VAL, outStruct(RUSAGE_BYTES)}),
     forward(__NR_kill, "kill", SIGNAL | PROC, {VAL, VAL}, KILL),
     forward(__NR_uname, "uname", OTHER, {outStruct(UTSNAME_BYTES)}),
-    deny(__NR_shmdt, "shmdt", IPC | MEMORY, ENOSYS, SYSV_SHM),
-    forward(__NR_fcntl, "fcntl", DESC, {FD, VAL}, FCNTL),
+    inJobIpcNamespace(__NR_semget, "semget", IPC),
+    inJobIpcNamespace(__NR_semop, "semop", IPC),
+    inJobIpcNamespace(__NR_semctl, "semctl", IPC),
+    inJobIpcNamespace(__NR_shmdt, "shmdt", IPC | MEMORY),
+    inJobIpcNamespace(__NR_msgget, "msgget", IPC),
+    inJobIpcNamespace(__NR_msgsnd, "msgsnd", IPC),
+    inJobIpcNamespace(__NR_msgrcv, "msgrcv", IPC),
+    inJobIpcNamespace(__NR_msgctl, "msgctl", IPC),
+    dupsNodeFd(forward(__NR_fcntl, "fcntl", DESC, {FD, VAL}, FCNTL)),
     forward(__NR_flock, "flock", DESC, {FD, VAL}),
     forward(__NR_fsync, "fsync", DESC, {FD}),
     forward(__NR_fdatasync, "fdatasync", DESC, {FD}),
-    forward(__NR_truncate, "truncate", FILE, {PATH, VAL}),
+    jobShmOnNode(forward(__NR_truncate, "truncate", FILE, {PATH, VAL})),
     forward(__NR_ftruncate, "ftruncate", DESC, {FD, VAL}),
     forward(__NR_getdents, "getdents", DESC, {FD, outBuf(2), VAL}),
     forward(__NR_getcwd, "getcwd", FILE, {outBuf(1), VAL}),
     forward(__NR_chdir, "chdir", FILE, {PATH}),
     forward(__NR_fchdir, "fchdir", DESC, {FD}),
-    forward(__NR_rename, "rename", FILE, {PATH, PATH}),
+    jobShmOnNode(forward(__NR_rename, "rename", FILE, {PATH, PATH})),
     forward(__NR_mkdir, "mkdir", FILE, {PATH, VAL}),
     forward(__NR_rmdir, "rmdir", FILE, {PATH}),
     forward(__NR_creat, "creat", DESC | FILE, {PATH, VAL}),
-    forward(__NR_link, "link", FILE, {PATH, PATH}),
-    forward(__NR_unlink, "unlink", FILE, {PATH}),
+    jobShmOnNode(forward(__NR_link, "link", FILE, {PATH, PATH})),
+    jobShmOnNode(forward(__NR_unlink, "unlink", FILE, {PATH})),
     forward(__NR_symlink, "symlink", FILE, {STRING, PATH}),
     seenFromHome(HomeView::EXE_LINK,
                  forward(__NR_readlink, "readlink", FILE, {PATH, outBuf(2), VAL})),
-    forward(__NR_chmod, "chmod", FILE, {PATH, VAL}),
+    jobShmOnNode(forward(__NR_chmod, "chmod", FILE, {PATH, VAL})),
     forward(__NR_fchmod, "fchmod", DESC, {FD, VAL}),
     forward(__NR_chown, "chown", FILE, {PATH, VAL, VAL}),
     forward(__NR_fchown, "fchown", DESC, {FD, VAL, VAL}),
@@ -340,7 +383,7 @@ constexpr SyscallEntry ROWS[] = {
     local(__NR_sigaltstack, "sigaltstack", SIGNAL),
     forward(__NR_utime, "utime", FILE, {PATH, inStruct(UTIMBUF_BYTES)}),
     forward(__NR_mknod, "mknod", FILE, {PATH, VAL, VAL}),
-    forward(__NR_statfs, "statfs", FILE, {PATH, outStruct(STATFS_BYTES)}),
+    jobShmOnNode(forward(__NR_statfs, "statfs", FILE, {PATH, outStruct(STATFS_BYTES)})),
     forward(__NR_fstatfs, "fstatfs", DESC, {FD, outStruct(STATFS_BYTES)}),
     forward(__NR_getpriority, "getpriority", PROC, {VAL, VAL}),
     forward(__NR_setpriority, "setpriority", PROC, {VAL, VAL, VAL}),
@@ -394,6 +437,7 @@ constexpr SyscallEntry ROWS[] = {
                  forward(__NR_getdents64, "getdents64", DESC, {FD, outBuf(2), VAL})),
     emulate(__NR_set_tid_address, "set_tid_address", PROC, SET_TID_ADDRESS),
     local(__NR_restart_syscall, "restart_syscall", SIGNAL),
+    inJobIpcNamespace(__NR_semtimedop, "semtimedop", IPC),
     forward(__NR_fadvise64, "fadvise64", DESC, {FD, VAL, VAL, VAL}),
     deny(__NR_clock_settime, "clock_settime", TIME, EPERM, CLOCK_SET),
     local(__NR_clock_gettime, "clock_gettime", TIME),
@@ -411,20 +455,21 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_inotify_init, "inotify_init", DESC, {}),
     forward(__NR_inotify_add_watch, "inotify_add_watch", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_inotify_rm_watch, "inotify_rm_watch", DESC, {FD, VAL}),
-    forward(__NR_openat, "openat", DESC | FILE, {FD, PATH, VAL, VAL}, OPEN),
+    opensJobShm(forward(__NR_openat, "openat", DESC | FILE, {FD, PATH, VAL, VAL}, OPEN)),
     forward(__NR_mkdirat, "mkdirat", DESC | FILE, {FD, PATH, VAL}),
     forward(__NR_mknodat, "mknodat", DESC | FILE, {FD, PATH, VAL, VAL}),
     forward(__NR_fchownat, "fchownat", DESC | FILE, {FD, PATH, VAL, VAL, VAL}),
     forward(__NR_futimesat, "futimesat", DESC | FILE, {FD, PATH, inStruct(TIMEVAL_PAIR_BYTES)}),
-    forward(__NR_newfstatat, "newfstatat", DESC | FILE, {FD, PATH, outStruct(STAT_BYTES), VAL}),
-    forward(__NR_unlinkat, "unlinkat", DESC | FILE, {FD, PATH, VAL}),
-    forward(__NR_renameat, "renameat", DESC | FILE, {FD, PATH, FD, PATH}),
-    forward(__NR_linkat, "linkat", DESC | FILE, {FD, PATH, FD, PATH, VAL}),
+    jobShmOnNode(forward(__NR_newfstatat, "newfstatat", DESC | FILE,
+                         {FD, PATH, outStruct(STAT_BYTES), VAL})),
+    jobShmOnNode(forward(__NR_unlinkat, "unlinkat", DESC | FILE, {FD, PATH, VAL})),
+    jobShmOnNode(forward(__NR_renameat, "renameat", DESC | FILE, {FD, PATH, FD, PATH})),
+    jobShmOnNode(forward(__NR_linkat, "linkat", DESC | FILE, {FD, PATH, FD, PATH, VAL})),
     forward(__NR_symlinkat, "symlinkat", DESC | FILE, {STRING, FD, PATH}),
     seenFromHome(HomeView::EXE_LINK,
                  forward(__NR_readlinkat, "readlinkat", DESC | FILE, {FD, PATH, outBuf(3), VAL})),
-    forward(__NR_fchmodat, "fchmodat", DESC | FILE, {FD, PATH, VAL}),
-    forward(__NR_faccessat, "faccessat", DESC | FILE, {FD, PATH, VAL}),
+    jobShmOnNode(forward(__NR_fchmodat, "fchmodat", DESC | FILE, {FD, PATH, VAL})),
+    jobShmOnNode(forward(__NR_faccessat, "faccessat", DESC | FILE, {FD, PATH, VAL})),
     noRestartAfterHandler(
         seenFromHome(HomeView::SELECT, forward(__NR_pselect6, "pselect6", DESC,
                                                {VAL, inoutBits(0), inoutBits(0), inoutBits(0),
@@ -459,7 +504,7 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_signalfd4, "signalfd4", DESC | SIGNAL, ENOSYS, SIGNALFD),
     forward(__NR_eventfd2, "eventfd2", DESC | IPC, {VAL, VAL}),
     forward(__NR_epoll_create1, "epoll_create1", DESC, {VAL}),
-    forward(__NR_dup3, "dup3", DESC, {FD, NEW_FD, VAL}),
+    dupsNodeFd(forward(__NR_dup3, "dup3", DESC, {FD, NEW_FD, VAL})),
     forward(__NR_pipe2, "pipe2", DESC | IPC, {outStruct(FD_PAIR_BYTES), VAL}),
     forward(__NR_inotify_init1, "inotify_init1", DESC, {VAL}),
     forward(__NR_preadv, "preadv", DESC, {FD, HANDLED, VAL, VAL, VAL}, IOV),
@@ -479,14 +524,13 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_process_vm_readv, "process_vm_readv", PROC | MEMORY, EPERM, OTHER_MEMORY),
     deny(__NR_process_vm_writev, "process_vm_writev", PROC | MEMORY, EPERM, OTHER_MEMORY),
     deny(__NR_finit_module, "finit_module", OTHER, EPERM, HOST_ADMIN),
-    forward(__NR_renameat2, "renameat2", DESC | FILE, {FD, PATH, FD, PATH, VAL}),
+    jobShmOnNode(forward(__NR_renameat2, "renameat2", DESC | FILE, {FD, PATH, FD, PATH, VAL})),
     deny(__NR_seccomp, "seccomp", PROC, EPERM,
          "the guest's seccomp chain already holds the sandbox's listener"),
     local(__NR_getrandom, "getrandom", OTHER),
-    // The supervisor's /proc/self snapshots are memfds created at home (remote/sys_proc.cc).
-    denyButHomeHelper(__NR_memfd_create, "memfd_create", DESC | MEMORY, ENOSYS,
-                      "its descriptor would live at home but its mappings on the remote node",
-                      {STRING, VAL}),
+    // Created on the node, its number held at home by a memfd of the same name (which is also
+    // what the supervisor's /proc/self snapshots are, remote/sys_proc.cc).
+    forward(__NR_memfd_create, "memfd_create", DESC | MEMORY, {STRING, VAL}, MEMFD),
     deny(__NR_kexec_file_load, "kexec_file_load", OTHER, EPERM, HOST_ADMIN),
     deny(__NR_bpf, "bpf", OTHER, EPERM, "BPF programs would run in the remote node's kernel"),
     forward(__NR_execveat, "execveat", PROC | FILE | DESC, {FD, PATH, HANDLED, HANDLED, VAL}, EXEC),
@@ -497,7 +541,8 @@ constexpr SyscallEntry ROWS[] = {
             {FD, inoutStruct(LOFF_BYTES), FD, inoutStruct(LOFF_BYTES), VAL, VAL}),
     forward(__NR_preadv2, "preadv2", DESC, {FD, HANDLED, VAL, VAL, VAL, VAL}, IOV),
     forward(__NR_pwritev2, "pwritev2", DESC, {FD, HANDLED, VAL, VAL, VAL, VAL}, IOV),
-    forward(__NR_statx, "statx", DESC | FILE, {FD, PATH, VAL, VAL, outStruct(STATX_BYTES)}),
+    jobShmOnNode(
+        forward(__NR_statx, "statx", DESC | FILE, {FD, PATH, VAL, VAL, outStruct(STATX_BYTES)})),
     local(__NR_rseq, "rseq", PROC | MEMORY),
     deny(__NR_io_uring_setup, "io_uring_setup", DESC, ENOSYS, IO_URING),
     deny(__NR_io_uring_enter, "io_uring_enter", DESC, ENOSYS, IO_URING),
@@ -510,12 +555,12 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_fspick, "fspick", FILE, EPERM, MOUNTS),
     forward(__NR_pidfd_open, "pidfd_open", PROC | DESC, {VAL, VAL}),
     deny(__NR_clone3, "clone3", PROC, ENOSYS, FORK_LATER),
-    seenFromHome(HomeView::CLOSE_RANGE,
-                 forward(__NR_close_range, "close_range", DESC, {VAL, VAL, VAL})),
-    forward(__NR_openat2, "openat2", DESC | FILE, {FD, PATH, inBuf(3), VAL}, OPEN),
+    closesNodeFd(seenFromHome(HomeView::CLOSE_RANGE,
+                              forward(__NR_close_range, "close_range", DESC, {VAL, VAL, VAL}))),
+    opensJobShm(forward(__NR_openat2, "openat2", DESC | FILE, {FD, PATH, inBuf(3), VAL}, OPEN)),
     deny(__NR_pidfd_getfd, "pidfd_getfd", PROC | DESC, EPERM,
          "it would take a descriptor from another process's home fd table"),
-    forward(__NR_faccessat2, "faccessat2", DESC | FILE, {FD, PATH, VAL, VAL}),
+    jobShmOnNode(forward(__NR_faccessat2, "faccessat2", DESC | FILE, {FD, PATH, VAL, VAL})),
     noRestartAfterHandler(
         forward(__NR_epoll_pwait2, "epoll_pwait2", DESC,
                 {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), IGNORED, VAL})),
@@ -599,7 +644,8 @@ constexpr Conformance CONFORMANCE[] = {
     checks("pgrp_session", {__NR_fork}),
     checks("pipe_family", {__NR_select}),
     checks("restart_read", {__NR_nanosleep}),
-    checks("shared_mem", {__NR_memfd_create, __NR_shmat, __NR_shmctl, __NR_shmdt, __NR_shmget}),
+    checks("shared_mem", {__NR_memfd_create, __NR_semctl, __NR_semget, __NR_semop, __NR_semtimedop,
+                          __NR_shmat, __NR_shmctl, __NR_shmdt, __NR_shmget}),
     checks("threads", {__NR_clone3}),
     checks("vfork_exec", {__NR_execveat}),
     checks("wait_status", {__NR_pidfd_open}),
@@ -744,6 +790,36 @@ constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
   if (e.view == HomeView::EXE_LINK && !linksToABuffer(e)) {
     return false;
   }
+  // Node-local objects: the job's /dev/shm paths are run on the node only by regular forwarded
+  // rows with a path; its opens are the OPEN rows; descriptors are closed and duplicated at home.
+  switch (e.onNode) {
+    case OnNode::SHM_PATH:
+      if (!takesPath(e) || e.route != Route::FORWARD || e.handler != HandlerId::NONE) {
+        return false;
+      }
+      break;
+    case OnNode::SHM_OPEN:
+      if (e.handler != HandlerId::OPEN) {
+        return false;
+      }
+      break;
+    case OnNode::CLOSE:
+    case OnNode::DUP:
+      if (e.route != Route::FORWARD) {
+        return false;
+      }
+      break;
+    case OnNode::KERNEL:
+      if (takesPath(e) || e.handler == HandlerId::EXEC) {
+        return false;
+      }
+      break;
+    case OnNode::RELATIVE_REFUSED:
+    case OnNode::NONE: break;
+  }
+  if (e.handler == HandlerId::OPEN && e.onNode != OnNode::SHM_OPEN) {
+    return false;
+  }
   switch (e.route) {
     case Route::LOCAL:
       // Local calls never see the home node, so none may take a path; the only conditional
@@ -850,6 +926,7 @@ const char* handlerName(HandlerId handler) {
     case HandlerId::OPEN: return "OPEN";
     case HandlerId::SAME_IDS: return "SAME_IDS";
     case HandlerId::SIGACTION: return "SIGACTION";
+    case HandlerId::MEMFD: return "MEMFD";
   }
   return "?";
 }
@@ -863,6 +940,19 @@ const char* homeViewName(HomeView view) {
     case HomeView::SCM_RIGHTS: return "SCM_RIGHTS";
     case HomeView::FD_LISTING: return "FD_LISTING";
     case HomeView::EXE_LINK: return "EXE_LINK";
+  }
+  return "?";
+}
+
+const char* onNodeName(OnNode onNode) {
+  switch (onNode) {
+    case OnNode::NONE: return "NONE";
+    case OnNode::KERNEL: return "KERNEL";
+    case OnNode::RELATIVE_REFUSED: return "RELATIVE_REFUSED";
+    case OnNode::CLOSE: return "CLOSE";
+    case OnNode::DUP: return "DUP";
+    case OnNode::SHM_PATH: return "SHM_PATH";
+    case OnNode::SHM_OPEN: return "SHM_OPEN";
   }
   return "?";
 }

@@ -94,6 +94,31 @@ enum class HandlerId : uint8_t {
                     // mirrored to the deputy (SIG_IGN and SA_NOCLDWAIT reap children at home)
   SAME_IDS,         // setuid, setresuid, setfsuid, ... (and the gid calls): succeed when they
                     // change nothing (every id named is the job's cached one or -1), else EPERM
+  MEMFD,            // memfd_create: the memfd is made on the node (a node-local descriptor, see
+                    // OnNode), its number held at home by a memfd of the same name
+};
+
+// How a call treats the job's node-local objects (docs/design.md, "Memory shared between job
+// processes"): the files of the job's /dev/shm, which live in a directory of the job on the remote
+// node, and memfds. Their descriptors are *node-local*: the guest's own fd table holds the file,
+// and the same number in the home fd table holds a placeholder (a memfd named after the object),
+// so descriptor numbers stay the home kernel's. The supervisor keeps the set of node-local numbers
+// of each guest; a call that names none of them is routed as its row says.
+enum class OnNode : uint8_t {
+  NONE,              // no descriptor argument, or none that can be node-local
+  KERNEL,            // on a node-local descriptor the guest's kernel runs it (answered CONTINUE:
+                     // the decision is the descriptor's number, a value); a call that mixes a
+                     // node-local descriptor with a home one fails with EXDEV
+  RELATIVE_REFUSED,  // a path relative to a node-local descriptor: ENOTDIR (ENOENT when empty);
+                     // an absolute path ignores the descriptor and is routed as usual
+  CLOSE,             // close, close_range: closed at home (the placeholder), then on the node
+  DUP,               // dup, dup2, dup3, fcntl F_DUPFD*: the placeholder is duplicated at home, and
+                     // the node's file installed at the new number
+  SHM_PATH,          // a path under /dev/shm/ names the job's directory on the node, where the
+                     // supervisor runs the call; an empty path with AT_EMPTY_PATH on a node-local
+                     // descriptor too. A path at home and one in /dev/shm together: EXDEV
+  SHM_OPEN,          // open, openat, openat2 of /dev/shm/NAME: opened on the node, a node-local
+                     // descriptor
 };
 
 // What the deputy does around a call it executes because the job's fd table and /proc/self are
@@ -149,6 +174,7 @@ struct SyscallEntry {
                       // ERESTARTSYS or ERESTARTNOHAND (the guest sees it when a signal
                       // interrupts the call at home)
   HomeView view = HomeView::NONE;  // ARGS/MSGHDR: what the deputy does around the call
+  OnNode onNode = OnNode::NONE;    // what it does with the job's node-local objects
   const char* test = nullptr;      // the conformance program that checks it, natively and on a
                                    // remote node (tests/syscalls/<test>.cc); nullptr: none yet
 };
@@ -169,6 +195,7 @@ const char* argKindName(ArgKind kind);
 const char* handlerName(HandlerId handler);
 const char* atHomeName(AtHome atHome);
 const char* homeViewName(HomeView view);
+const char* onNodeName(OnNode onNode);
 
 // The restart code of syscall `nr` (its row's `restart`; ERESTARTSYS without a row).
 int restartCode(int nr);

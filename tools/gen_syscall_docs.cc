@@ -2,6 +2,7 @@
 // page), from the syscall table. `ninja -C build syscall-docs` regenerates the committed copy;
 // `--check FILE` fails when FILE differs from what the table says.
 
+#include <asm/unistd.h>
 #include <errno.h>
 #include <string.h>
 
@@ -85,6 +86,9 @@ std::string handlerNote(const SyscallEntry& e) {
       return "a new SIGCHLD disposition is mirrored to the deputy (SIG_IGN, SA_NOCLDWAIT)";
     case HandlerId::SAME_IDS:
       return "succeeds when it changes nothing (the job's own ids); a real change fails with EPERM";
+    case HandlerId::MEMFD:
+      return "made on the node (a node-local descriptor); a memfd of the same name holds its "
+             "number at home";
   }
   return "";
 }
@@ -111,6 +115,29 @@ std::string notes(const SyscallEntry& e) {
   }
   if (view != nullptr) {
     out += std::string(out.empty() ? "" : "; ") + "at home: " + view;
+  }
+  const char* onNode = nullptr;
+  switch (e.onNode) {
+    case OnNode::NONE:
+    case OnNode::KERNEL:  // said once above the table
+    case OnNode::RELATIVE_REFUSED: break;
+    case OnNode::CLOSE: onNode = "a node-local descriptor is closed at home and on the node"; break;
+    case OnNode::DUP:
+      onNode = "a node-local descriptor is duplicated at home and on the node";
+      break;
+    case OnNode::SHM_PATH:
+      onNode = "paths in /dev/shm/ run on the node, in the job's /dev/shm";
+      break;
+    case OnNode::SHM_OPEN:
+      onNode = "/dev/shm/NAME is opened on the node, in the job's /dev/shm (node-local)";
+      break;
+  }
+  if (onNode != nullptr) {
+    out += std::string(out.empty() ? "" : "; ") + onNode;
+  }
+  if (e.route == Route::LOCAL && (e.classes & IPC) && e.nr != __NR_futex &&
+      e.nr != __NR_futex_waitv) {
+    out += std::string(out.empty() ? "" : "; ") + "in the job's own IPC namespace on the node";
   }
   if (e.atHome == AtHome::HELPER) {
     out += "; the supervisor sends it home itself, with these arguments";
@@ -168,6 +195,13 @@ std::string render() {
        "`IGNORED_PTR` passed as NULL; `(handler)` decoded by the handler. A single call moves "
        "at most "
     << (MAX_FORWARD_BYTES >> 20) << " MiB each way; larger reads and writes are short.\n\n"
+    << "Memory shared between the processes of a job lives on the node where they run "
+       "(docs/design.md): System V IPC runs in the job's own IPC namespace there; files of "
+       "/dev/shm/ (POSIX shm, sem_open) live in the job's directory on the node, and memfds are "
+       "made there. Their descriptors are *node-local*: the guest's own fd table holds the file, "
+       "the home fd table a placeholder memfd at the same number. A call that takes a node-local "
+       "descriptor and no path is run by the guest's own kernel; the notes say where a row does "
+       "more.\n\n"
     << fmt::format("{} rows: {} local, {} forwarded, {} emulated, {} denied.\n\n", table.size(),
                    counts[static_cast<int>(Route::LOCAL)], counts[static_cast<int>(Route::FORWARD)],
                    counts[static_cast<int>(Route::EMULATE)], counts[static_cast<int>(Route::DENY)])

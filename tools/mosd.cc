@@ -22,6 +22,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,7 @@
 #include "map_file.h"
 #include "node.capnp.h"
 #include "programs.h"
+#include "stay_reason.h"
 #include "trace_channel.h"
 #include "uv_event_port.h"
 
@@ -60,6 +62,64 @@ void fillJobs(capnp::List<proto::JobInfo>::Builder out, const std::vector<JobSna
   }
 }
 
+// Field `index` (1-based) of /proc/PID/stat after the command ("3": state, "4": ppid, "20":
+// num_threads), or "" when the process is gone.
+std::string procStatField(pid_t pid, int index) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  size_t close = content.rfind(')');
+  if (close == std::string::npos) {
+    return "";
+  }
+  std::istringstream rest(content.substr(close + 1));
+  std::string field;
+  for (int i = 3; i <= index && rest >> field; i++) {
+    if (i == index) {
+      return field;
+    }
+  }
+  return "";
+}
+
+uint32_t procThreads(pid_t pid) {
+  std::string threads = procStatField(pid, 20);
+  return threads.empty() ? 0 : static_cast<uint32_t>(std::stoul(threads));
+}
+
+// Jobs at home: each record is one process of a job (a deputy, or the job while it runs here);
+// its parent and threads are the home kernel's.
+void fillHomeProcesses(capnp::List<proto::JobInfo>::Builder out,
+                       const std::vector<JobSnapshot>& jobs) {
+  for (size_t i = 0; i < jobs.size(); i++) {
+    std::string ppid = procStatField(jobs[i].homePid, 4);
+    out[i].setParentPid(ppid.empty() ? 0 : std::stoi(ppid));
+    out[i].setThreads(procThreads(jobs[i].homePid));
+  }
+}
+
+// Guests here: their threads, and why each stays on this node (stay_reason.h), from the shared
+// mappings of the guests of the same job (one supervisor serves every guest of a job here).
+void fillGuestProcesses(capnp::List<proto::JobInfo>::Builder out,
+                        const std::vector<JobSnapshot>& guests) {
+  std::map<std::pair<uint32_t, int32_t>, std::vector<size_t>> byJob;  // (home, owner) → guests
+  for (size_t i = 0; i < guests.size(); i++) {
+    out[i].setThreads(procThreads(guests[i].remotePid));
+    byJob[{guests[i].homeNode, guests[i].ownerPid}].push_back(i);
+  }
+  for (auto& [job, members] : byJob) {
+    std::vector<GuestMaps> maps;
+    for (size_t i : members) {
+      std::ifstream in("/proc/" + std::to_string(guests[i].remotePid) + "/maps");
+      std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      maps.push_back(GuestMaps{guests[i].homePid, sharedMappings(content)});
+    }
+    auto reasons = stayReasons(maps);
+    for (size_t k = 0; k < members.size(); k++) {
+      out[members[k]].setStay(reasons[k]);
+    }
+  }
+}
+
 // The Node interface of protocol/node.capnp, answered from the job registry of RUN_DIR.
 class NodeService final : public proto::Node::Server {
  public:
@@ -83,13 +143,17 @@ class NodeService final : public proto::Node::Server {
 
   kj::Promise<void> listJobs(ListJobsContext context) override {
     auto jobs = readJobRecords(runDir_, "jobs");
-    fillJobs(context.getResults().initJobs(jobs.size()), jobs);
+    auto out = context.getResults().initJobs(jobs.size());
+    fillJobs(out, jobs);
+    fillHomeProcesses(out, jobs);
     return kj::READY_NOW;
   }
 
   kj::Promise<void> listGuests(ListGuestsContext context) override {
     auto jobs = readJobRecords(runDir_, "guests");
-    fillJobs(context.getResults().initJobs(jobs.size()), jobs);
+    auto out = context.getResults().initJobs(jobs.size());
+    fillJobs(out, jobs);
+    fillGuestProcesses(out, jobs);
     return kj::READY_NOW;
   }
 

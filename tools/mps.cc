@@ -1,4 +1,5 @@
-// mps: lists the jobs whose home is this node, as the local mosd reports them (docs/mps.1.md).
+// mps: lists every process of the jobs whose home is this node, as the local mosd reports them,
+// with why a guest stays on its node as that node's mosd reports it (docs/mps.1.md).
 
 #include <fmt/format.h>
 #include <kj/debug.h>
@@ -12,7 +13,9 @@
 #include <cstdio>
 #include <ctime>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "config.h"
@@ -36,23 +39,86 @@ std::string where(const JobInfo& job) {
   return job.node == job.homeNode ? "home" : std::to_string(job.node);
 }
 
-void printTable(const std::vector<JobInfo>& jobs) {
-  fmt::print("{:>7}  {:<6}  {:<9}  {:>9}  {}\n", "PID", "WHERE", "STATE", "SYSCALLS", "COMMAND");
+// One process of a job: its home record, completed by its guest's record where it runs away.
+struct ProcessRow {
+  JobInfo home;
+  int32_t job = 0;  // the job's first process: the topmost ancestor that is listed too
+};
+
+// Every process the home mosd lists, with the threads and stay reason that the mosd of each
+// node where some run reports for their guests (a node that does not answer leaves them out).
+std::vector<ProcessRow> listProcesses(const std::vector<JobInfo>& jobs,
+                                      const ClusterCredentials& credentials, const MapFile& map,
+                                      uint32_t homeNode, uint16_t port, uint32_t timeoutMs) {
+  std::map<int32_t, int32_t> parentOf;
   for (const JobInfo& job : jobs) {
-    fmt::print("{:>7}  {:<6}  {:<9}  {:>9}  {}\n", job.homePid, where(job), job.state, job.syscalls,
-               job.command);
+    parentOf[job.homePid] = job.parentPid;
+  }
+  std::vector<ProcessRow> rows;
+  std::set<uint32_t> nodes;
+  for (const JobInfo& job : jobs) {
+    ProcessRow row{job, job.homePid};
+    for (int32_t up = job.parentPid; parentOf.count(up) > 0 && up != row.job; up = parentOf[up]) {
+      row.job = up;
+    }
+    if (job.node != job.homeNode && job.remotePid != 0) {
+      nodes.insert(job.node);
+    }
+    rows.push_back(std::move(row));
+  }
+  for (uint32_t node : nodes) {
+    std::vector<JobInfo> guests;
+    KJ_IF_MAYBE (address, map.lookup(node)) {
+      KJ_IF_MAYBE (e, kj::runCatchingExceptions(
+                          [&]() { guests = listGuests(credentials, *address, port, timeoutMs); })) {
+        fmt::print(stderr, "mps: {}\n", e->getDescription().cStr());
+      }
+    }
+    for (ProcessRow& row : rows) {
+      for (const JobInfo& guest : guests) {
+        if (row.home.node == node && guest.homeNode == homeNode &&
+            guest.homePid == row.home.homePid) {
+          row.home.threads = guest.threads;
+          row.home.stay = guest.stay;
+          if (row.home.remotePid == 0) {
+            row.home.remotePid = guest.remotePid;  // a forked child's deputy does not know it
+          }
+        }
+      }
+    }
+  }
+  return rows;
+}
+
+std::string orDash(int64_t value) { return value > 0 ? std::to_string(value) : "-"; }
+
+void printProcessTable(const std::vector<ProcessRow>& rows) {
+  fmt::print("{:>7}  {:>7}  {:<6}  {:<9}  {:>3}  {:>9}  {}\n", "PID", "PPID", "WHERE", "STATE",
+             "THR", "SYSCALLS", "COMMAND");
+  for (const ProcessRow& row : rows) {
+    const JobInfo& p = row.home;
+    fmt::print("{:>7}  {:>7}  {:<6}  {:<9}  {:>3}  {:>9}  {}\n", p.homePid, orDash(p.parentPid),
+               where(p), p.state, orDash(p.threads), p.syscalls, p.command);
+    if (!p.stay.empty()) {
+      fmt::print("{:>7}  stays on node {}: {}\n", "", p.node, p.stay);
+    }
   }
 }
 
-void printJson(const std::vector<JobInfo>& jobs) {
+void printProcessJson(const std::vector<ProcessRow>& rows) {
   auto array = nlohmann::json::array();
-  for (const JobInfo& job : jobs) {
-    array.push_back({{"pid", job.homePid},
-                     {"node", job.node},
-                     {"state", job.state},
-                     {"syscalls", job.syscalls},
-                     {"remotePid", job.remotePid},
-                     {"command", job.command}});
+  for (const ProcessRow& row : rows) {
+    const JobInfo& p = row.home;
+    array.push_back({{"pid", p.homePid},
+                     {"ppid", p.parentPid},
+                     {"job", row.job},
+                     {"node", p.node},
+                     {"state", p.state},
+                     {"threads", p.threads},
+                     {"syscalls", p.syscalls},
+                     {"remotePid", p.remotePid},
+                     {"stay", p.stay},
+                     {"command", p.command}});
   }
   fmt::print("{}\n", array.dump(2));
 }
@@ -333,8 +399,10 @@ int inspect(int32_t pid, bool json, const NodeConfig& config, const MapFile& map
 }
 
 int run(int argc, char** argv) {
-  CLI::App app("lists the umosix jobs whose home is this node, with where each one runs now",
-               "mps");
+  CLI::App app(
+      "lists every process of the umosix jobs whose home is this node: where each one "
+      "runs now, and why it stays there",
+      "mps");
   bool json = false;
   std::string mapPath, nodeText, portText, keyPath;
   uint32_t timeoutMs = 3000;
@@ -365,6 +433,7 @@ int run(int argc, char** argv) {
 
   NodeConfig config;
   Ipv4 address;
+  std::optional<MapFile> map;
   std::optional<ClusterCredentials> credentials;
   // Configuration errors are kj::Exceptions with a one-line description for the user (config.h).
   KJ_IF_MAYBE (
@@ -374,7 +443,8 @@ int run(int argc, char** argv) {
         if (!nodeText.empty()) config.nodeId = parseNodeId(nodeText, "--node");
         if (!portText.empty()) config.port = parsePort(portText, "--port");
         if (!keyPath.empty()) config.keyPath = keyPath;
-        address = resolveNodeId(config, MapFile::fromPath(config.mapPath));
+        map.emplace(MapFile::fromPath(config.mapPath));
+        address = resolveNodeId(config, *map);
         credentials.emplace(ClusterCredentials{config.nodeId, ClusterKey::load(config.keyPath)});
       })) {
     fmt::print(stderr, "mps: {}\n", e->getDescription().cStr());
@@ -392,10 +462,11 @@ int run(int argc, char** argv) {
     fmt::print(stderr, "mps: {}\n", e->getDescription().cStr());
     return 1;
   }
+  auto rows = listProcesses(jobs, *credentials, *map, config.nodeId, config.port, timeoutMs);
   if (json) {
-    printJson(jobs);
+    printProcessJson(rows);
   } else {
-    printTable(jobs);
+    printProcessTable(rows);
   }
   return 0;
 }

@@ -22,7 +22,9 @@ from conftest import BUILD, PYTHON, STATE
 # (sort --parallel does not: it falls back to one thread). strict: a test that passes fails the suite, so that whoever lands the mechanism
 # removes it from this list (all of them: delete the list and the marks go with it).
 ISSUE_6_PENDING = {
-    "test_python_multiprocessing_pool": "issue 6: multiprocessing forks, shares memory",
+    "test_python_multiprocessing_pool":
+        "issue 6: threads in a guest (Pool's handler threads, Queue's feeder thread); its shared "
+        "memory and sem_open work (test_python_multiprocessing_shared_memory)",
 }
 
 
@@ -318,6 +320,44 @@ def test_python_multiprocessing_pool(cluster, home):
     native, remote = remote_then_native(cluster, [PYTHON, "p.py"], home, home)
     same_output(native, remote, "multiprocessing")
     assert b"8000 [0, 0, 0, 0]\nthrough a queue\n" in native.stdout
+
+
+# multiprocessing without threads: a Lock (sem_open), a Value and an Array (the shared heap, a
+# file of /dev/shm mapped shared), a Semaphore, forked Processes.
+SHARED = r'''
+import multiprocessing as mp
+
+def add(counter, lock, n):
+    for _ in range(n):
+        with lock:
+            counter.value += 1
+
+def fill(array, done):
+    for i in range(len(array)):
+        array[i] = i * 1.5
+    done.release()
+
+if __name__ == "__main__":
+    counter, lock = mp.Value("i", 0, lock=False), mp.Lock()
+    procs = [mp.Process(target=add, args=(counter, lock, 2000)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    print(counter.value, [p.exitcode for p in procs])
+    array, done = mp.Array("d", 10), mp.Semaphore(0)
+    p = mp.Process(target=fill, args=(array, done))
+    p.start()
+    print(done.acquire(timeout=60), list(array))
+    p.join()
+'''
+
+
+def test_python_multiprocessing_shared_memory(cluster, home):
+    (home / "s.py").write_text(SHARED)
+    native, remote = remote_then_native(cluster, [PYTHON, "s.py"], home, home)
+    same_output(native, remote, "multiprocessing shared memory")
+    assert native.stdout.startswith(b"8000 [0, 0, 0, 0]\nTrue [0.0, 1.5, 3.0")
 
 
 @pending

@@ -13,7 +13,6 @@ SYSCALLS = BUILD / "tests" / "syscalls"
 # cannot do yet (ENOSYS), so their remote runs are expected to fail. strict: a run that passes
 # fails the suite, so that whoever lands the mechanism removes the program from this list.
 ISSUE_6_PENDING = {
-    "sc_shared_mem": "issue 6: fork; shared memory and futexes between job processes",
 }
 
 

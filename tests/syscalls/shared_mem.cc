@@ -3,7 +3,8 @@
 // visible as a file in /dev/shm), SysV shm (shmget/shmat), with futex wait/wake on the shared
 // pages (a ping-pong between parent and child); memfd_create mapped shared across fork; named
 // semaphores (sem_open), process-shared unnamed ones (sem_init) and SysV ones (semget/semop); a
-// process-shared mutex, and a robust one whose owner dies.
+// process-shared mutex, and a robust one whose owner dies. Under mosrun all of it lives on the
+// node where the job runs (docs/design.md, "Memory shared between job processes").
 
 #include <fcntl.h>
 #include <linux/futex.h>
@@ -108,6 +109,17 @@ int main() {
   CHECK(ftruncate(fd, 1 << 20) == 0);
   struct stat st;
   CHECK(stat(("/dev/shm" + shmName).c_str(), &st) == 0 && st.st_size == (1 << 20));
+  CHECK(st.st_uid == geteuid() && (st.st_mode & 07777) == 0600);
+  CHECK(fstat(fd, &st) == 0 && st.st_size == (1 << 20) && S_ISREG(st.st_mode));
+  CHECK_FAILS(shm_open(shmName.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600), EEXIST);
+  // A duplicate (as Python's mmap module makes one) maps the same pages; closing it keeps them.
+  int dupFd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  CHECK(dupFd > fd && (fcntl(dupFd, F_GETFD) & FD_CLOEXEC) != 0);
+  auto* viaDup =
+      static_cast<char*>(mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, dupFd, 0));
+  CHECK(viaDup != MAP_FAILED);
+  CHECK(close(dupFd) == 0);
+  CHECK_FAILS(fcntl(dupFd, F_GETFD), EBADF);
   auto* shm = static_cast<char*>(mmap(nullptr, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
   CHECK(shm != MAP_FAILED);
   auto* shmWord = new (shm) std::atomic<int>(0);
@@ -126,18 +138,26 @@ int main() {
   });
   CHECK(pingParent(shmWord));
   conf::expectClean(child, "shm ping-pong");
+  if (viaDup != MAP_FAILED) {
+    CHECK(viaDup[0] == shm[0] && viaDup[0] != 0);  // the futex word, seen through the duplicate
+    munmap(viaDup, 4096);
+  }
   CHECK(memcmp(shm + 65536, "written by the child", 21) == 0);
   char viaRead[21] = {};
   CHECK(pread(fd, viaRead, sizeof viaRead, 65536) == sizeof viaRead);
   CHECK(memcmp(viaRead, "written by the child", 21) == 0);
   CHECK(shm_unlink(shmName.c_str()) == 0);
   CHECK_FAILS(shm_open(shmName.c_str(), O_RDWR, 0), ENOENT);
+  CHECK_FAILS(stat(("/dev/shm" + shmName).c_str(), &st), ENOENT);
+  CHECK(fstat(fd, &st) == 0 && st.st_nlink == 0);  // still open: unlinked, not gone
   munmap(shm, 1 << 20);
   close(fd);
 
   // SysV shm, attached before fork.
   int id = shmget(IPC_PRIVATE, 65536, IPC_CREAT | 0600);
   CHECK(id >= 0);
+  struct shmid_ds ds;
+  CHECK(shmctl(id, IPC_STAT, &ds) == 0 && ds.shm_segsz == 65536);
   auto* sysv = static_cast<char*>(shmat(id, nullptr, 0));
   CHECK(sysv != reinterpret_cast<char*>(-1));
   CHECK(shmctl(id, IPC_RMID, nullptr) == 0);  // freed at the last detach
@@ -150,6 +170,25 @@ int main() {
   conf::expectClean(child, "sysv ping-pong");
   CHECK(strcmp(sysv + 100, "sysv") == 0);
   CHECK(shmdt(sysv) == 0);
+  // A segment the child attaches by id after the fork, and writes.
+  int later = shmget(IPC_PRIVATE, 4096, IPC_CREAT | 0600);
+  CHECK(later >= 0);
+  child = conf::spawn([&] {
+    auto* mine = static_cast<char*>(shmat(later, nullptr, 0));
+    if (mine == reinterpret_cast<char*>(-1)) {
+      return 1;
+    }
+    strcpy(mine, "attached in the child");
+    return shmdt(mine);
+  });
+  conf::expectClean(child, "SysV shmat by id");
+  auto* laterMem = static_cast<char*>(shmat(later, nullptr, SHM_RDONLY));
+  CHECK(laterMem != reinterpret_cast<char*>(-1));
+  if (laterMem != reinterpret_cast<char*>(-1)) {
+    CHECK(strcmp(laterMem, "attached in the child") == 0);
+    CHECK(shmdt(laterMem) == 0);
+  }
+  CHECK(shmctl(later, IPC_RMID, nullptr) == 0);
 
   // Named semaphores: a ping-pong of two, the child opening them again by name.
   std::string semA = "/umosix-sc-sema-" + tag;
@@ -235,6 +274,10 @@ int main() {
   // memfd: the child maps the inherited descriptor and writes; the parent's mapping sees it.
   int mfd = memfd_create("umosix-sc", MFD_CLOEXEC);
   CHECK(mfd >= 0);
+  char link[64] = {};
+  CHECK(readlink(("/proc/self/fd/" + std::to_string(mfd)).c_str(), link, sizeof link - 1) > 0);
+  CHECK(strcmp(link, "/memfd:umosix-sc (deleted)") == 0);
+  CHECK((fcntl(mfd, F_GETFD) & FD_CLOEXEC) != 0);
   CHECK(ftruncate(mfd, 65536) == 0);
   auto* mem = static_cast<char*>(mmap(nullptr, 65536, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0));
   CHECK(mem != MAP_FAILED);
@@ -273,7 +316,14 @@ int main() {
   CHECK(semtimedop(sem, &take, 1, &thirty) == 0);
   conf::expectClean(child, "SysV semaphore");
   CHECK(semctl(sem, 0, GETVAL) == 0 && semctl(sem, 1, GETVAL) == 0);
+  // A wait that times out, and SETVAL seen by a child.
+  struct timespec short_ = {0, 50 * 1000 * 1000};
+  CHECK_FAILS(semtimedop(sem, &take, 1, &short_), EAGAIN);
+  CHECK(semctl(sem, 1, SETVAL, 5) == 0);
+  child = conf::spawn([&] { return semctl(sem, 1, GETVAL) == 5 ? 0 : 1; });
+  conf::expectClean(child, "SysV semaphore value");
   CHECK(semctl(sem, 0, IPC_RMID) == 0);
+  CHECK_FAILS(semctl(sem, 0, GETVAL), EINVAL);
 
   munmap(anon, 1 << 20);
   return conf::finish();

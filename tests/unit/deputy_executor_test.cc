@@ -425,7 +425,7 @@ TEST_CASE("deputy refuses a msghdr that points outside the request's buffers", "
   close(sv[1]);
 }
 
-TEST_CASE("deputy runs memfd_create, a DENY row, as the supervisor's home helper",
+TEST_CASE("deputy runs memfd_create, the placeholder of a node-local memfd and /proc snapshot",
           "[deputy][table]") {
   Harness h;
   int64_t fd = h.ret({__NR_memfd_create, {0, MFD_CLOEXEC}, {{0, withNul("maps")}}, {}});

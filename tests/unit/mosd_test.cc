@@ -601,36 +601,68 @@ std::pair<int, std::string> runCapture(const std::string& command) {
 }
 }  // namespace
 
-TEST_CASE("mps prints the jobs of the local mosd as a table and as JSON", "[node][mosd][mps]") {
+TEST_CASE("mps prints every process of the local mosd's jobs as a table and as JSON",
+          "[node][mosd][mps]") {
   MosdFixture mosd;
-  auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 4242, 4242, 1, "sleep 100");
+  // A job whose process is this test (its parent and threads are read from /proc) and one whose
+  // process is gone (a pid just reaped: nothing to read).
+  pid_t gone = fork();
+  if (gone == 0) {
+    _exit(0);
+  }
+  REQUIRE(waitpid(gone, nullptr, 0) == gone);
+  pid_t self = getpid();
+  auto job = mos::OwnedJobRecord::create(mosd.runDir, "jobs", self, self, 1, "sleep 100");
   job.get()->node = 2;
   job.get()->state = uint32_t(mos::JobState::REMOTE);
   job.get()->syscalls = 10523;
   job.get()->remotePid = 31337;
-  auto home = mos::OwnedJobRecord::create(mosd.runDir, "jobs", 77, 77, 1, "make -j4");
+  auto home = mos::OwnedJobRecord::create(mosd.runDir, "jobs", gone, gone, 1, "make -j4");
 
   std::string base = std::string(MPS_PATH) + " --map " + mosd.dir + "/map --key " + mosd.dir +
-                     "/cluster.key --node 1 --port " + std::to_string(mosd.port);
-  auto [status, table] = runCapture(base);
+                     "/cluster.key --node 1 --port " + std::to_string(mosd.port) +
+                     " --timeout 3000";
+  auto [status, table] = runCapture(base + " 2>/dev/null");
   CHECK(status == 0);
-  CHECK(table ==
-        "    PID  WHERE   STATE       SYSCALLS  COMMAND\n"
-        "     77  home    home               0  make -j4\n"
-        "   4242  2       remote         10523  sleep 100\n");
+  auto threads = [] {
+    std::ifstream in("/proc/self/status");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("Threads:", 0) == 0) {
+        return std::stoi(line.substr(8));
+      }
+    }
+    return 0;
+  }();
+  std::vector<std::string> lines;
+  lines.push_back("    PID     PPID  WHERE   STATE      THR   SYSCALLS  COMMAND");
+  lines.push_back(
+      fmt::format("{:>7}  {:>7}  home    home         -          0  make -j4", gone, "-"));
+  lines.push_back(fmt::format("{:>7}  {:>7}  2       remote     {:>3}      10523  sleep 100", self,
+                              getppid(), threads));
+  if (gone > self) {
+    std::swap(lines[1], lines[2]);
+  }
+  CHECK(table == lines[0] + "\n" + lines[1] + "\n" + lines[2] + "\n");
 
-  auto [jsonStatus, json] = runCapture(base + " --json");
+  // Node 2 is not in the map: its guests' details are missing, nothing else.
+  auto [jsonStatus, json] = runCapture(base + " --json 2>/dev/null");
   CHECK(jsonStatus == 0);
   auto parsed = nlohmann::json::parse(json);
   REQUIRE(parsed.is_array());
   REQUIRE(parsed.size() == 2);
-  CHECK(parsed[1] == nlohmann::json({{"pid", 4242},
-                                     {"node", 2},
-                                     {"state", "remote"},
-                                     {"syscalls", 10523},
-                                     {"remotePid", 31337},
-                                     {"command", "sleep 100"}}));
-  CHECK(parsed[0]["node"] == 1);
+  auto mine = parsed[gone > self ? 0 : 1];
+  CHECK(mine == nlohmann::json({{"pid", self},
+                                {"ppid", getppid()},
+                                {"job", self},
+                                {"node", 2},
+                                {"state", "remote"},
+                                {"threads", threads},
+                                {"syscalls", 10523},
+                                {"remotePid", 31337},
+                                {"stay", ""},
+                                {"command", "sleep 100"}}));
+  CHECK(parsed[gone > self ? 1 : 0]["node"] == 1);
 
   // Another key: refused, one clear line, exit 1; mosd keeps serving.
   writeKey(mosd.dir + "/other.key", 0x33);

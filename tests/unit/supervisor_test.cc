@@ -136,3 +136,18 @@ TEST_CASE("signal masks are read from /proc status lines", "[remote][signal]") {
   CHECK(mos::remote::statusMask(status, "NoSuchKey:") == 0);
   CHECK(mos::remote::readStatus(-5) == "");
 }
+
+TEST_CASE("names of the job's /dev/shm are flat names right under /dev/shm/", "[remote][shm]") {
+  using mos::remote::jobShmName;
+  CHECK(jobShmName("/dev/shm/sem.mp-x1") == "sem.mp-x1");
+  CHECK(jobShmName("/dev/shm/umosix-sc-shm-42") == "umosix-sc-shm-42");
+  // Not the job's: /dev/shm itself, subdirectories, dot names, other places, relative paths.
+  CHECK(jobShmName("/dev/shm") == "");
+  CHECK(jobShmName("/dev/shm/") == "");
+  CHECK(jobShmName("/dev/shm/a/b") == "");
+  CHECK(jobShmName("/dev/shm/.") == "");
+  CHECK(jobShmName("/dev/shm/..") == "");
+  CHECK(jobShmName("/dev/shmx/a") == "");
+  CHECK(jobShmName("/tmp/dev/shm/a") == "");
+  CHECK(jobShmName("dev/shm/a") == "");
+}

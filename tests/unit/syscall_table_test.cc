@@ -316,7 +316,7 @@ TEST_CASE("the calls glibc programs need have the route design decision 4 gives 
     CHECK(row(name).handler == HandlerId::FORK);
   }
   for (const char* name : {"clone3", "io_uring_setup", "io_uring_enter", "io_uring_register",
-                           "memfd_create", "sendmmsg", "recvmmsg"}) {
+                           "sendmmsg", "recvmmsg"}) {
     INFO(name);
     CHECK(row(name).route == Route::DENY);
     CHECK(row(name).err == ENOSYS);
@@ -361,8 +361,7 @@ TEST_CASE("what the deputy executes follows from the route and the handler",
   for (const SyscallEntry& e : syscallTable()) {
     INFO(e.name);
     if (e.route != Route::FORWARD) {
-      // Only memfd_create, for the supervisor's /proc/self snapshots, goes home off-route.
-      CHECK(e.atHome == (e.nr == __NR_memfd_create ? AtHome::HELPER : AtHome::NEVER));
+      CHECK(e.atHome == AtHome::NEVER);
     } else if (e.handler == HandlerId::IOV || e.handler == HandlerId::EXEC ||
                e.handler == HandlerId::FORK) {
       CHECK(e.atHome == AtHome::NEVER);  // read/write, an ExecRequest or a ForkRequest
@@ -404,9 +403,49 @@ TEST_CASE("what the deputy executes follows from the route and the handler",
     INFO(name);
     CHECK(row(name).atHome == AtHome::NEVER);
   }
-  CHECK(row("memfd_create").route == Route::DENY);
+  // memfd_create makes a node-local memfd and its placeholder at home (a memfd of the same name,
+  // also the supervisor's /proc/self snapshots): the deputy runs it with its kinds.
+  CHECK(row("memfd_create").route == Route::FORWARD);
+  CHECK(row("memfd_create").handler == HandlerId::MEMFD);
+  CHECK(row("memfd_create").atHome == AtHome::ARGS);
   CHECK(row("memfd_create").args[0].kind == ArgKind::STRING);
   CHECK(row("memfd_create").args[1].kind == ArgKind::VAL);
+}
+
+TEST_CASE("System V IPC runs in the job's IPC namespace on the node", "[runtime][syscalls]") {
+  for (const char* name : {"shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtimedop",
+                           "semctl", "msgget", "msgsnd", "msgrcv", "msgctl"}) {
+    INFO(name);
+    CHECK(row(name).route == Route::LOCAL);
+  }
+}
+
+TEST_CASE("node-local descriptors and /dev/shm paths are columns of the table",
+          "[runtime][syscalls]") {
+  for (const char* name : {"open", "openat", "openat2"}) {
+    INFO(name);
+    CHECK(row(name).onNode == OnNode::SHM_OPEN);
+  }
+  for (const char* name : {"stat", "lstat", "newfstatat", "statx", "access", "faccessat",
+                           "faccessat2", "unlink", "unlinkat", "link", "linkat", "rename",
+                           "renameat", "renameat2", "truncate", "chmod", "fchmodat", "statfs"}) {
+    INFO(name);
+    CHECK(row(name).onNode == OnNode::SHM_PATH);
+  }
+  CHECK(row("close").onNode == OnNode::CLOSE);
+  CHECK(row("close_range").onNode == OnNode::CLOSE);
+  for (const char* name : {"dup", "dup2", "dup3", "fcntl"}) {
+    INFO(name);
+    CHECK(row(name).onNode == OnNode::DUP);
+  }
+  // The rest follows from the kinds: a descriptor without a path runs in the guest's kernel.
+  for (const char* name :
+       {"read", "write", "pread64", "ftruncate", "fstat", "lseek", "readv", "fallocate", "mmap"}) {
+    INFO(name);
+    CHECK(row(name).onNode == OnNode::KERNEL);
+  }
+  CHECK(row("mkdirat").onNode == OnNode::RELATIVE_REFUSED);
+  CHECK(row("getpid").onNode == OnNode::NONE);
 }
 
 TEST_CASE("descriptor arguments are columns: FD must be open, NEW_FD is assigned",
