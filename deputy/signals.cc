@@ -67,7 +67,6 @@ void keepInfo(int sig, const siginfo_t* info, uint32_t before) {
   slot->si_signo = sig;
 }
 
-
 bool isFault(int sig) {
   return sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE || sig == SIGSYS;
 }
@@ -97,8 +96,10 @@ void onSignal(int sig, siginfo_t* info, void* context) {
       lastChildPid.store(info->si_pid, std::memory_order_relaxed);
       lastChildStatus.store(info->si_status, std::memory_order_relaxed);
     }
-    if (info != nullptr && info->si_code == SI_TKILL) {
-      // tgkill/tkill at home named this deputy thread: it goes to this thread's guest thread.
+    if (info != nullptr && info->si_code == SI_TKILL && syscall(SYS_gettid) != getpid()) {
+      // tgkill/tkill at home named this deputy thread (not the main one, whose guest thread is
+      // the process's own, and whose arrivals keep their siginfo): it goes to this thread's
+      // guest thread.
       threadArrivals[sig].fetch_add(1, std::memory_order_relaxed);
     } else {
       keepInfo(sig, info, arrivals[sig].fetch_add(1, std::memory_order_relaxed));

@@ -71,9 +71,9 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink);
 // Why a stream cannot be resumed at home, one readable sentence per reason, empty if it can:
 // a mapped file that changed or is gone (identity: device, inode, size, mtime), an open
 // descriptor that cannot be reopened (a socket, a pipe to another process or one of its own that
-// holds data, other than fds 0..2; an anonymous inode; a file that is gone or replaced), a CPU whose xsave state does not cover the image's, another
-// architecture, a vDSO layout of another size.
-// Descriptors 0, 1 and 2 that are pipes, sockets or terminals are not reasons: the resumed
+// holds data, other than fds 0..2; an anonymous inode; a file that is gone or replaced), a CPU
+// whose xsave state does not cover the image's, another architecture, a vDSO layout of another
+// size. Descriptors 0, 1 and 2 that are pipes, sockets or terminals are not reasons: the resumed
 // process keeps the ones of the process it is restored into (a shell job's terminal).
 std::vector<std::string> checkResumable(proto::ImageHeader::Reader header);
 
@@ -86,11 +86,11 @@ struct RestoreStats {
 // the image at its address (files reopened by path, anonymous and written pages from the
 // stream), the vDSO moved to the image's address (ARCH_MAP_VDSO_64), mm layout and auxv
 // (PR_SET_MM_MAP), /proc/PID/exe (PR_SET_MM_EXE_FILE when allowed), name, personality, umask,
-// cwd, descriptors by path and offset, self-pipes recreated, dispositions, sigaltstack, itimers, robust list, tid
-// address, rseq, pending signals (re-queued), then xsave state, registers and signal mask.
-// Preconditions: `pid` is the caller's tracee (PTRACE_O_TRACESYSGOOD set), stopped at the
-// syscall-exit stop of its execve of the restore stub (execRestoreStub); checkResumable() of the
-// header is empty. Stub pages and all of the stub's descriptors but 0..2 are gone afterwards.
+// cwd, descriptors by path and offset, self-pipes recreated, dispositions, sigaltstack, itimers,
+// robust list, tid address, rseq, pending signals (re-queued), then xsave state, registers and
+// signal mask. Preconditions: `pid` is the caller's tracee (PTRACE_O_TRACESYSGOOD set), stopped at
+// the syscall-exit stop of its execve of the restore stub (execRestoreStub); checkResumable() of
+// the header is empty. Stub pages and all of the stub's descriptors but 0..2 are gone afterwards.
 // Throws kj::Exception (FAILED) when a step fails; the process is then half rebuilt and the
 // caller must kill it.
 RestoreStats restoreImage(ImageReader& source, pid_t pid);

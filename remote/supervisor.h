@@ -60,8 +60,8 @@ struct SupervisorOptions {
   // The job's trace stream (docs/design.md "Tracing"), one per job, shared by every task of it;
   // nullptr: calls are not traced (run() makes one for the job it starts).
   TracePublisher* trace = nullptr;
-  std::string shmDir;     // the job's /dev/shm on this node (sys_shm.cc); made at first use,
-                          // removed when the job leaves the node. Empty: /dev/shm stays at home
+  std::string shmDir;  // the job's /dev/shm on this node (sys_shm.cc); made at first use,
+                       // removed when the job leaves the node. Empty: /dev/shm stays at home
 };
 
 // What the notification loop answers a notification with.
@@ -352,11 +352,11 @@ class Supervisor {
   OwnedJobRecord record_;
   uint64_t homeCalls_ = 0;  // round trips to the deputy that completed (countRoute, mps -d)
   std::map<std::string, std::string> homePaths_;  // cache file → home path, this job's maps
-  GuestStacks stacks_;  // mostrace -k: samplers of this task's guest threads (serveTraced)
+  GuestStacks stacks_;      // mostrace -k: samplers of this task's guest threads (serveTraced)
   std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
   ForkHost* forkHost_ = nullptr;
-  bool threadTask_ = false;   // setThreadTask
+  bool threadTask_ = false;                 // setThreadTask
   std::vector<siginfo_t> deferred_;         // home signals the guest has not queued yet
   const seccomp_notif* current_ = nullptr;  // the notification being served
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
@@ -367,7 +367,7 @@ class Supervisor {
   TracePublisher* tracePublisher_;
   TraceCall* trace_;
   int64_t forkResult_ = 0;  // the home child's pid of the fork being traced (askDeputyToFork)
-  std::set<int> nodeFds_;     // node-local descriptors of the guest (sys_shm.cc)
+  std::set<int> nodeFds_;   // node-local descriptors of the guest (sys_shm.cc)
   bool shmDirMade_ = false;
 };
 

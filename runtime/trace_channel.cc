@@ -41,6 +41,8 @@ constexpr size_t MAX_BATCH = 256;    // events per TraceSink.events call
 bool isDirents(int nr, unsigned arg) {
   return (nr == __NR_getdents64 || nr == __NR_getdents) && arg == 1;
 }
+// getcwd's buffer: a path, which strace never cuts.
+bool isCwd(int nr, unsigned arg) { return nr == __NR_getcwd && arg == 0; }
 // execve's and execveat's argv strings.
 bool isExecArgv(int nr, unsigned arg) {
   return (nr == __NR_execve && arg == 1) || (nr == __NR_execveat && arg == 2);
@@ -130,7 +132,7 @@ void toProto(const TraceRecord& r, uint32_t payloadBytes, proto::TraceEvent::Bui
     ArgKind kind = row ? row->args[i].kind : ArgKind::NONE;
     bool isStruct =
         kind == ArgKind::IN_STRUCT || kind == ArgKind::OUT_STRUCT || kind == ArgKind::INOUT_STRUCT;
-    bool isPath = kind == ArgKind::PATH || kind == ArgKind::PATH_OR_NULL;
+    bool isPath = kind == ArgKind::PATH || kind == ArgKind::PATH_OR_NULL || isCwd(r.nr, i);
     size_t wanted = isPath                ? PATH_KEPT_BYTES  // strace never cuts a path
                     : isStruct            ? std::max<size_t>(payloadBytes, STRUCT_KEPT_BYTES)
                     : isDirents(r.nr, i)  ? MAX_PAYLOAD_BYTES  // strace counts the entries

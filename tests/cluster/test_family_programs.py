@@ -22,9 +22,6 @@ from conftest import BUILD, PYTHON, STATE
 # (sort --parallel does not: it falls back to one thread). strict: a test that passes fails the suite, so that whoever lands the mechanism
 # removes it from this list (all of them: delete the list and the marks go with it).
 ISSUE_6_PENDING = {
-    "test_python_multiprocessing_pool":
-        "issue 6: threads in a guest (Pool's handler threads, Queue's feeder thread); its shared "
-        "memory and sem_open work (test_python_multiprocessing_shared_memory)",
 }
 
 

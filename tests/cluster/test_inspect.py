@@ -21,7 +21,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 r, w = os.pipe()
 f = os.open("data.txt", os.O_RDONLY)
 os.read(f, 5)
-print("ready", r, w, f, flush=True)
+print(r, w, f, "ready", flush=True)  # the numbers first: read_until(b"ready") has them
 os.read(r, 100)
 '''
 
@@ -49,7 +49,7 @@ def test_mps_d_shows_a_blocked_forwarded_read_and_the_home_fd_table(cluster, hom
     out = job.read_until(b"ready", timeout=60)
     rec = cluster.wait_remote(job, "blocked_read.py")
     pid = rec["pid"]
-    r, w, f = (int(x) for x in out.split(b"ready", 1)[1].split()[:3])
+    r, w, f = (int(x) for x in out.split(b"ready", 1)[0].split()[-3:])
 
     def blocked_view():
         cp = mps_d(cluster, pid, "--json")
