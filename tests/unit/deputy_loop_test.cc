@@ -988,7 +988,10 @@ TEST_CASE("deputy thread: a ForkRequest with thread starts a deputy thread with 
   CHECK(WEXITSTATUS(status) == 0);
 }
 
-TEST_CASE("deputy a tgkill of its thread is marked for the guest thread, a kill is not",
+// A tgkill of the main deputy thread travels with its siginfo (SI_TKILL, the sender), which the
+// guest queues on its own main thread; only other deputy threads' tgkills are marked
+// signalThread (deputy_loop's thread cases).
+TEST_CASE("deputy a tgkill of its main thread carries its siginfo, a kill is process-wide",
           "[deputy][signal][thread]") {
   ForkedDeputy d;
   REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));
@@ -998,7 +1001,12 @@ TEST_CASE("deputy a tgkill of its thread is marked for the guest thread, a kill 
   auto first = m->getRoot<proto::ToRemote>();
   REQUIRE(first.isSignal());
   CHECK(first.getSignal() == SIGUSR1);
-  CHECK(first.getSignalThread());
+  CHECK(!first.getSignalThread());
+  siginfo_t info = {};
+  REQUIRE(first.getSignalInfo().size() == sizeof(info));
+  memcpy(&info, first.getSignalInfo().begin(), sizeof(info));
+  CHECK(info.si_code == SI_TKILL);
+  CHECK(info.si_pid == getpid());
   REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));
   REQUIRE(kill(d.pid, SIGUSR2) == 0);
   auto n = d.receive();
