@@ -738,6 +738,16 @@ void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status, const s
     return;
   }
   spdlog::debug("signal {} to guest {}", sig, guest_);
+  if (sig != SIGKILL && sig != SIGSTOP && sig != SIGCONT) {
+    // A signal the guest ignores and does not block (SIG_IGN: the SIGINT of a background job)
+    // is discarded when it is generated (signal(7); the kernel's sig_ignored): queueing it would
+    // only disturb the call the guest waits in.
+    std::string status = guestProcess_->procFile("status");
+    uint64_t bit = uint64_t{1} << (sig - 1);
+    if ((statusMask(status, "SigIgn:") & ~statusMask(status, "SigBlk:") & bit) != 0) {
+      return;
+    }
+  }
   if (toThread) {
     guestProcess_->queueThreadSignal(sig);  // tgkill at home named this task's deputy thread
     return;
