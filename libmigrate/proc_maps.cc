@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <sstream>
@@ -56,6 +57,22 @@ std::vector<MapsEntry> readMaps(pid_t pid) {
     out.push_back(std::move(e));
   }
   return out;
+}
+
+VdsoLayout vdsoLayout(const std::vector<MapsEntry>& maps) {
+  VdsoLayout l;
+  uint64_t low = ~0ull;
+  for (const MapsEntry& e : maps) {
+    if (e.path == "[vdso]") {
+      l.vdsoStart = e.start;
+      l.vdsoSize = e.end - e.start;
+      low = std::min(low, e.start);
+    } else if (e.path == "[vvar]" || e.path == "[vvar_vclock]") {
+      low = std::min(low, e.start);
+    }
+  }
+  l.areaStart = l.present() ? low : 0;
+  return l;
 }
 
 }  // namespace mos::migrate

@@ -66,30 +66,6 @@ bool isVdsoKind(proto::Mapping::Kind k) {
          k == proto::Mapping::Kind::VVAR_VCLOCK;
 }
 
-// The vDSO area of one address space: [vvar][vvar_vclock][vdso] on 6.13+ kernels.
-struct VdsoLayout {
-  uint64_t areaStart = 0;  // lowest of vvar, vvar_vclock, vdso
-  uint64_t vdsoStart = 0;
-  uint64_t vdsoSize = 0;
-  bool present() const { return vdsoSize != 0; }
-};
-
-VdsoLayout localLayout(const std::vector<MapsEntry>& maps) {
-  VdsoLayout l;
-  uint64_t low = ~0ull;
-  for (const MapsEntry& e : maps) {
-    if (e.path == "[vdso]") {
-      l.vdsoStart = e.start;
-      l.vdsoSize = e.end - e.start;
-      low = std::min(low, e.start);
-    } else if (e.path == "[vvar]" || e.path == "[vvar_vclock]") {
-      low = std::min(low, e.start);
-    }
-  }
-  l.areaStart = l.present() ? low : 0;
-  return l;
-}
-
 VdsoLayout imageLayout(proto::MigrationImage::Reader image) {
   VdsoLayout l;
   uint64_t low = ~0ull;
@@ -271,7 +247,7 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
              imageFeatures, localFeatures);
 
   std::vector<MapsEntry> stubMaps = readMaps(pid);
-  VdsoLayout local = localLayout(stubMaps);
+  VdsoLayout local = vdsoLayout(stubMaps);
   uint64_t stubStart = ~0ull, stubEnd = 0, scratch = 0;
   for (const MapsEntry& e : stubMaps) {
     if (e.start >= STUB_BASE && e.end <= STUB_LIMIT) {
@@ -358,7 +334,7 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
                local.vdsoStart - local.areaStart);
     uint64_t base = wanted.vdsoStart - (local.vdsoStart - local.areaStart);
     task.syscallOrThrow("arch_prctl(ARCH_MAP_VDSO_64)", __NR_arch_prctl, {ARCH_MAP_VDSO_64, base});
-    VdsoLayout now = localLayout(readMaps(pid));
+    VdsoLayout now = vdsoLayout(readMaps(pid));
     KJ_REQUIRE(now.vdsoStart == wanted.vdsoStart && now.vdsoSize == wanted.vdsoSize,
                "restore: vDSO did not land at the image's address", now.vdsoStart,
                wanted.vdsoStart);

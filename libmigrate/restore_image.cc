@@ -67,30 +67,6 @@ uint64_t localXcr0() {
   return (uint64_t(hi) << 32) | lo;
 }
 
-// The vDSO area of one address space: [vvar][vvar_vclock][vdso] on 6.13+ kernels.
-struct VdsoLayout {
-  uint64_t areaStart = 0;
-  uint64_t vdsoStart = 0;
-  uint64_t vdsoSize = 0;
-  bool present() const { return vdsoSize != 0; }
-};
-
-VdsoLayout layoutOf(const std::vector<MapsEntry>& maps) {
-  VdsoLayout l;
-  uint64_t low = ~0ull;
-  for (const MapsEntry& e : maps) {
-    if (e.path == "[vdso]") {
-      l.vdsoStart = e.start;
-      l.vdsoSize = e.end - e.start;
-      low = std::min(low, e.start);
-    } else if (e.path == "[vvar]" || e.path == "[vvar_vclock]") {
-      low = std::min(low, e.start);
-    }
-  }
-  l.areaStart = l.present() ? low : 0;
-  return l;
-}
-
 VdsoLayout layoutOf(proto::ImageHeader::Reader header) {
   VdsoLayout l;
   uint64_t low = ~0ull;
@@ -162,7 +138,7 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
                            .cStr());
   }
   VdsoLayout image = layoutOf(header);
-  VdsoLayout local = layoutOf(readMaps(::getpid()));
+  VdsoLayout local = vdsoLayout(readMaps(::getpid()));
   if (image.present() && (!local.present() || image.vdsoSize != local.vdsoSize ||
                           image.vdsoStart - image.areaStart != local.vdsoStart - local.areaStart)) {
     problems.push_back(kj::str("this kernel's vDSO differs from the image's (", image.vdsoSize,
@@ -256,7 +232,7 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
              localXstate.size());
 
   std::vector<MapsEntry> stubMaps = readMaps(pid);
-  VdsoLayout local = layoutOf(stubMaps);
+  VdsoLayout local = vdsoLayout(stubMaps);
   uint64_t stubStart = ~0ull, stubEnd = 0, scratch = 0;
   RemotePtr<uint8_t> stubInsn;
   for (const MapsEntry& e : stubMaps) {
@@ -371,7 +347,7 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
   if (wanted.present()) {
     uint64_t base = wanted.vdsoStart - (local.vdsoStart - local.areaStart);
     task.syscallOrThrow("arch_prctl(ARCH_MAP_VDSO_64)", __NR_arch_prctl, {ARCH_MAP_VDSO_64, base});
-    VdsoLayout now = layoutOf(readMaps(pid));
+    VdsoLayout now = vdsoLayout(readMaps(pid));
     KJ_REQUIRE(now.vdsoStart == wanted.vdsoStart, "the vDSO did not land at the image's address",
                now.vdsoStart, wanted.vdsoStart);
   }
