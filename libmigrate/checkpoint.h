@@ -100,4 +100,23 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid);
 // with errno set.
 void execRestoreStub();
 
+// Writes the migration stream of `pid` (a running single-threaded process that nobody traces)
+// to `file`, atomically: a temporary file beside it (`FILE.tmp.PID`, mode 0600) is written,
+// fsync'd and renamed over `file`, so `file` is either absent, its previous content, or a
+// complete new checkpoint. The process is stopped only for the capture (SeizedProcess, then
+// captureImage) and runs on. Throws kj::Exception (FAILED) naming the reason (the process
+// cannot be traced or captured, a write fails); the temporary file is then removed and `file`
+// is untouched.
+CaptureStats writeCheckpoint(pid_t pid, const std::string& file);
+
+// `mosrun -C FILE -A MINUTES` (MOSIX's automatic checkpoints): starts a checkpointer for the
+// calling process, which is about to exec the job's program. The checkpointer is a grandchild
+// of the caller in its own session (never a child the job could wait for, never sent the
+// terminal's signals); it waits until the caller has exec'd (a close-on-exec pipe), then every
+// `interval` writes writeCheckpoint(caller, file), replacing the previous checkpoint, until the
+// job ends (it sleeps in poll(2) on the job's pidfd). A checkpoint that fails is reported on
+// the job's standard error and retried at the next interval; the job is never disturbed.
+// Throws kj::Exception (FAILED) if the checkpointer cannot be started (fork, pidfd_open).
+void startCheckpointer(const std::string& file, std::chrono::milliseconds interval);
+
 }  // namespace mos::migrate

@@ -52,27 +52,10 @@ int checkpoint(pid_t pid, const std::string& file) {
         "not implemented yet",
         pid));
   }
-  // The image goes to a temporary file beside FILE, renamed over it when complete: FILE is
-  // either absent, the old checkpoint, or a complete new one.
-  std::string tmp = fmt::format("{}.tmp.{}", file, getpid());
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    fail(fmt::format("cannot create {}: {}", tmp, strerror(errno)));
-  }
-  kj::AutoCloseFd owner(fd);
   mos::migrate::CaptureStats stats;
   try {
-    kj::FdOutputStream out(fd);
-    kj::BufferedOutputStreamWrapper buffered(out);
-    {
-      mos::migrate::SeizedProcess process(pid);
-      stats = mos::migrate::captureImage(pid, buffered);
-    }  // detached: the process runs on while the rest of the file is flushed
-    buffered.flush();
-    KJ_SYSCALL(fsync(fd), tmp);
-    KJ_SYSCALL(rename(tmp.c_str(), file.c_str()), tmp, file);
+    stats = mos::migrate::writeCheckpoint(pid, file);
   } catch (kj::Exception& e) {
-    unlink(tmp.c_str());
     fail(fmt::format("cannot checkpoint pid {}: {}", pid, e.getDescription().cStr()));
   }
   fmt::print(

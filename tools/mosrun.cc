@@ -19,7 +19,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -209,6 +212,19 @@ int main(int argc, char** argv) {
                  "resume the job checkpointed in FILE (migrate PID checkpoint FILE) at home, in "
                  "this process; its files are reopened by path and offset")
       ->type_name("FILE");
+  std::string checkpointFile;
+  auto* checkpointOption =
+      app.add_option("-C,--checkpoint", checkpointFile,
+                     "with -A: write the job's checkpoints to FILE (each one replaces the last, "
+                     "atomically); `mosrun -R FILE` resumes the latest")
+          ->type_name("FILE");
+  double checkpointMinutes = 0;
+  app.add_option("-A,--auto-checkpoint", checkpointMinutes,
+                 "checkpoint the job every MINUTES (a decimal: 0.5 is 30 s) to the -C FILE while "
+                 "it runs at home")
+      ->type_name("MINUTES")
+      ->check(CLI::PositiveNumber)
+      ->needs(checkpointOption);
   app.prefix_command();
   app.footer(
       "PROGRAM [ARGS...] follow the options; everything from PROGRAM on is the program's own.\n"
@@ -234,10 +250,23 @@ int main(int argc, char** argv) {
     if (remote.has_value()) {
       fail(EXIT_MOSRUN_FAILED, "-R with -r is not implemented yet: resume at home, then migrate");
     }
+    if (!checkpointFile.empty()) {
+      fail(EXIT_MOSRUN_FAILED,
+           "-R with -C/-A is not implemented yet: checkpoint the resumed job with `migrate PID "
+           "checkpoint FILE`");
+    }
     resume(resumeFile);
   }
   if (command.empty()) {
     fail(EXIT_MOSRUN_FAILED, "no PROGRAM given (see mosrun --help)");
+  }
+  if (!checkpointFile.empty() && checkpointMinutes <= 0) {
+    fail(EXIT_MOSRUN_FAILED, "-C FILE needs -A MINUTES (the checkpoint interval)");
+  }
+  if (!checkpointFile.empty() && remote.has_value()) {
+    fail(EXIT_MOSRUN_FAILED,
+         "-C/-A with -r is not implemented yet: periodic checkpoints are taken of a job that runs "
+         "at home");
   }
   mos::initLogging("mosrun", spdlog::level::warn);
 
@@ -336,6 +365,17 @@ int main(int argc, char** argv) {
   if (program.empty()) {
     fail(err == ENOENT ? EXIT_NOT_FOUND : EXIT_NOT_EXECUTABLE,
          fmt::format("{}: {}", command[0], err == ENOENT ? "command not found" : strerror(err)));
+  }
+  if (!checkpointFile.empty()) {
+    std::string path = std::filesystem::absolute(checkpointFile).string();
+    auto interval =
+        std::chrono::milliseconds(std::max<int64_t>(1, std::llround(checkpointMinutes * 60'000.0)));
+    try {
+      mos::migrate::startCheckpointer(path, interval);
+    } catch (kj::Exception& e) {
+      fail(EXIT_MOSRUN_FAILED,
+           fmt::format("cannot start the checkpointer: {}", e.getDescription().cStr()));
+    }
   }
   execv(program.c_str(), execArgv.data());
   err = errno;

@@ -43,9 +43,9 @@ class Case:
         self.mosrun = os.path.join(build, 'tools', 'mosrun')
         self.tmp = tempfile.mkdtemp(prefix=f'umosix-migrate-{name}-')
 
-    def start(self, program=None, *args):
+    def start(self, program=None, *args, prefix=()):
         work = tempfile.mkdtemp(dir=self.tmp)
-        proc = subprocess.Popen([program or self.program, work, *args], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([*prefix, program or self.program, work, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.PIPE)
         wait_for(f'{self.name} to be ready',
                  lambda: os.path.exists(os.path.join(work, 'ready')) or proc.poll() is not None)
@@ -176,6 +176,35 @@ class Case:
         assert r.returncode == 0, f'resumed xz failed ({r.returncode})'
         assert open(moved, 'rb').read() == open(native, 'rb').read(), 'outputs differ'
 
+    def run_auto(self):
+        """mosrun -C FILE -A MINUTES: the memory test, checkpointed every 0.12 s while it waits.
+        The original passes after several checkpoints; a checkpoint taken after it was ready,
+        resumed once it is killed, passes too."""
+        self.program = os.path.join(self.build, 'tests', 'migrate', 'migrate_memory')
+        for phase in ('original', 'resumed'):
+            image = os.path.join(self.tmp, phase + '.img')
+            proc, work = self.start(prefix=(self.mosrun, '-C', image, '-A', '0.002'))
+            ready = os.stat(os.path.join(work, 'ready')).st_mtime_ns
+            seen = set()
+
+            def rewritten_after_ready():
+                try:
+                    st = os.stat(image)  # each checkpoint is a new file renamed over the last
+                except FileNotFoundError:
+                    return False
+                if st.st_mtime_ns > ready:
+                    seen.add(st.st_ino)
+                return len(seen) >= 3
+            wait_for('three checkpoints after ready', rewritten_after_ready)
+            if phase == 'original':
+                self.finish(proc, work, 'original after periodic checkpoints')
+                continue
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            # The checkpointer ends with the job: the file stays the last complete checkpoint.
+            wait_for('the checkpointer to end', lambda: not checkpointer_alive(image))
+            self.finish(self.resume(image), work, 'resumed from a periodic checkpoint')
+
     def run_unresumable(self):
         proc, work = self.start()
         image = os.path.join(self.tmp, 'pipe.img')
@@ -183,6 +212,19 @@ class Case:
         self.refused(image, 'fd 7: a pipe (pipe:', "of the process's own holds 1 unread bytes",
                      'fd 8: a socket', 'fd 12: a pipe (pipe:', 'the process at its other end is gone')
         self.finish(proc, work, 'original after its checkpoint')
+
+
+def checkpointer_alive(image):
+    """Whether a process still has a temporary file of `image` open or is about to write one:
+    any mosrun process whose command line names `image` (the checkpointer is a fork of it)."""
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            cmdline = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\0')
+        except OSError:
+            continue
+        if image.encode() in cmdline and os.path.basename(cmdline[0]) == b'mosrun':
+            return True
+    return False
 
 
 def main():
@@ -196,6 +238,8 @@ def main():
             case.run_corrupt()
         elif name == 'unresumable':
             case.run_unresumable()
+        elif name == 'auto':
+            case.run_auto()
         elif name == 'xz':
             case.run_xz()
         elif name == 'refused':
