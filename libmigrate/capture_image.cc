@@ -179,9 +179,17 @@ Copy describeMapping(pid_t pid, const MapsEntry& e, proto::Mapping::Builder m) {
   return e.shared ? Copy::NONE : Copy::WRITTEN;
 }
 
-// Descriptors that are read ends of pipes (their queued bytes are asked with FIONREAD).
-std::vector<int> pipeReadEnds(pid_t pid) {
-  std::vector<int> out;
+// A pipe end among the process's descriptors.
+struct PipeEnd {
+  int fd;
+  ino_t ino;
+  bool writer;
+};
+
+// Descriptors that are ends of anonymous pipes; read ends' queued bytes are asked with FIONREAD,
+// and a pipe whose write end is the process's own too has them drained and written back.
+std::vector<PipeEnd> pipeEnds(pid_t pid) {
+  std::vector<PipeEnd> out;
   std::string dirPath = procPath(pid, "fd");
   DIR* dir = ::opendir(dirPath.c_str());
   KJ_REQUIRE(dir != nullptr, "cannot list descriptors", dirPath, strerror(errno));
@@ -192,16 +200,23 @@ std::vector<int> pipeReadEnds(pid_t pid) {
       continue;
     }
     std::string info = readProcFile(procPath(pid, (std::string("fdinfo/") + e->d_name).c_str()));
-    if ((procField(info, "flags:", 8) & O_ACCMODE) != O_WRONLY) {
-      out.push_back(atoi(e->d_name));
-    }
+    out.push_back(
+        {atoi(e->d_name), st.st_ino, (procField(info, "flags:", 8) & O_ACCMODE) == O_WRONLY});
   }
   ::closedir(dir);
   return out;
 }
 
+// What the injected queries learnt of one pipe (keyed by a read end's descriptor).
+struct PipeState {
+  uint32_t unread = 0;  // bytes queued (FIONREAD)
+  uint32_t size = 0;    // capacity (F_GETPIPE_SZ), bytes
+  std::string data;     // the queued bytes, when the write end is the process's own too
+  bool drained = false;
+};
+
 void describeFiles(pid_t pid, proto::ImageHeader::Builder header,
-                   const std::map<int, uint32_t>& unread) {
+                   const std::map<int, PipeState>& pipes) {
   std::string dirPath = procPath(pid, "fd");
   DIR* dir = ::opendir(dirPath.c_str());
   KJ_REQUIRE(dir != nullptr, "cannot list descriptors", dirPath, strerror(errno));
@@ -231,8 +246,14 @@ void describeFiles(pid_t pid, proto::ImageHeader::Builder header,
       if (::stat(fdPath.c_str(), &st) == 0 && S_ISFIFO(st.st_mode)) {
         f.setKind(proto::OpenFile::Kind::PIPE);
         f.setIno(st.st_ino);
-        auto it = unread.find(fds[i]);
-        f.setUnread(it == unread.end() ? 0 : it->second);
+        auto it = pipes.find(fds[i]);
+        if (it != pipes.end()) {
+          f.setUnread(it->second.unread);
+          f.setPipeSize(it->second.size);
+          if (it->second.drained) {
+            f.setPipeData(bytesOf(it->second.data));
+          }
+        }
       } else if (::stat(fdPath.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
         f.setKind(proto::OpenFile::Kind::SOCKET);
       } else {
@@ -330,13 +351,41 @@ struct Injected {
   itimerval timers[3]{};
   uint64_t tidAddress = 0;
   bool tidAddressKnown = false;
-  std::map<int, uint32_t> pipeUnread;  // read end -> bytes queued
+  std::map<int, PipeState> pipes;  // by read end
 };
+
+// The bytes queued in a pipe whose both ends are the process's own: read out of it with an
+// injected read(2) into a temporary mapping and written straight back with write(2) (the pipe
+// is then empty, so its capacity takes them in one call), so the process finds its pipe as it
+// was. Throws kj::Exception naming the descriptor if the pipe gives fewer bytes than FIONREAD
+// said or does not take them back (the process would then have lost them; with every signal
+// blocked and the process stopped, nothing else touches the pipe).
+std::string drainAndRefill(PtraceTask& task, int readFd, int writeFd, size_t queued) {
+  size_t length = (queued + IMAGE_PAGE - 1) / IMAGE_PAGE * IMAGE_PAGE;
+  uint64_t buffer = task.syscallOrThrow(
+      "mmap(pipe buffer)", __NR_mmap,
+      {0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, ~0ull, 0});
+  KJ_DEFER(task.syscall(__NR_munmap, {buffer, length}));
+  long got = task.syscall(__NR_read, {uint64_t(readFd), buffer, queued});
+  KJ_REQUIRE(got == long(queued), "a pipe of the process's own did not give its queued bytes",
+             readFd, queued, got);
+  std::string data(queued, '\0');
+  task.readMem(RemotePtr<uint8_t>(buffer),
+               std::span<uint8_t>(reinterpret_cast<uint8_t*>(data.data()), data.size()));
+  size_t put = 0;
+  while (put < queued) {
+    long n = task.syscall(__NR_write, {uint64_t(writeFd), buffer + put, queued - put});
+    KJ_REQUIRE(n > 0, "the bytes of a pipe of the process's own could not be written back", writeFd,
+               queued - put, n);
+    put += size_t(n);
+  }
+  return data;
+}
 
 // The state only the process itself can ask the kernel for. Leaves registers and mask as
 // `resume` and `mask` say, also when it throws.
 Injected injectQueries(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
-                       uint64_t mask, const std::vector<int>& pipes) {
+                       uint64_t mask, const std::vector<PipeEnd>& pipes) {
   Injected out;
   task.setSyscallInstruction(insn);
   task.setSigmask(~0ull);
@@ -372,12 +421,24 @@ Injected injectQueries(PtraceTask& task, RemotePtr<uint8_t> insn, const user_reg
     task.syscallOrThrow("getitimer", __NR_getitimer, {uint64_t(which), scratch});
     read(&out.timers[which], sizeof(itimerval));
   }
-  for (int fd : pipes) {
+  for (const PipeEnd& end : pipes) {
+    if (end.writer) {
+      continue;
+    }
+    PipeState& state = out.pipes[end.fd];
     int queued = 0;
-    if (task.syscall(__NR_ioctl, {uint64_t(fd), FIONREAD, scratch}) == 0) {
+    if (task.syscall(__NR_ioctl, {uint64_t(end.fd), FIONREAD, scratch}) == 0) {
       read(&queued, sizeof(queued));
     }
-    out.pipeUnread[fd] = queued;
+    state.unread = static_cast<uint32_t>(queued);
+    long size = task.syscall(__NR_fcntl, {uint64_t(end.fd), F_GETPIPE_SZ});
+    state.size = size > 0 ? static_cast<uint32_t>(size) : 0;
+    auto writer = std::find_if(pipes.begin(), pipes.end(),
+                               [&](const PipeEnd& w) { return w.writer && w.ino == end.ino; });
+    if (queued > 0 && writer != pipes.end()) {
+      state.data = drainAndRefill(task, end.fd, writer->fd, static_cast<size_t>(queued));
+      state.drained = true;
+    }
   }
   long r = task.syscall(__NR_prctl, {PR_GET_TID_ADDRESS, scratch, 0, 0, 0});
   if (r == 0) {
@@ -454,7 +515,7 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
     }
   }
   KJ_REQUIRE(!insn.isNull(), "the process has no vDSO with a syscall instruction", pid);
-  Injected injected = injectQueries(task, insn, regs, sigmask, pipeReadEnds(pid));
+  Injected injected = injectQueries(task, insn, regs, sigmask, pipeEnds(pid));
   stats.injectedSyscalls = task.injected();
   maps = readMaps(pid);  // without the scratch page
 
@@ -540,7 +601,7 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
   header.setPersonality(strtoul(readProcFile(procPath(pid, "personality")).c_str(), nullptr, 16));
   header.setUmask(procField(readProcFile(procPath(pid, "status")), "Umask:", 8));
   header.setCwd(bytesOf(readLink(procPath(pid, "cwd"))));
-  describeFiles(pid, header, injected.pipeUnread);
+  describeFiles(pid, header, injected.pipes);
 
   // Mappings, and the runs of pages the stream carries (pagemap(5)).
   std::string pagemapPath = procPath(pid, "pagemap");

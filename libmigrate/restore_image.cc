@@ -89,6 +89,40 @@ bool inherited(proto::OpenFile::Reader f) {
          f.getKind() != proto::OpenFile::Kind::DIRECTORY;
 }
 
+// A recreated pipe gets its capacity back (F_SETPIPE_SZ) and the bytes that were queued in it
+// (written from a temporary mapping of the process while the pipe is new, empty and blocking,
+// so one write(2) takes them all). Throws kj::Exception when the pipe cannot hold them.
+void refillPipe(PtraceTask& task, int readFd, int writeFd,
+                const std::vector<proto::OpenFile::Reader>& ends) {
+  uint32_t size = 0;
+  kj::ArrayPtr<const kj::byte> data;
+  for (auto end : ends) {
+    size = std::max(size, end.getPipeSize());
+    if (end.getPipeData().size() > 0) {
+      data = end.getPipeData();
+    }
+  }
+  if (size > 0 && size != 65536) {
+    long r = task.syscall(__NR_fcntl, {uint64_t(readFd), F_SETPIPE_SZ, size});
+    KJ_REQUIRE(r >= 0 || data.size() <= 65536,
+               kj::str("cannot give a recreated pipe its capacity of ", size,
+                       " bytes (F_SETPIPE_SZ: ", strerror(int(-r)), ") for its ", data.size(),
+                       " queued bytes"));
+  }
+  if (data.size() == 0) {
+    return;
+  }
+  uint64_t length = (data.size() + IMAGE_PAGE - 1) / IMAGE_PAGE * IMAGE_PAGE;
+  uint64_t buffer = task.syscallOrThrow(
+      "mmap(pipe buffer)", __NR_mmap,
+      {0, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, ~0ull, 0});
+  KJ_DEFER(task.syscall(__NR_munmap, {buffer, length}));
+  task.writeMem(RemotePtr<uint8_t>(buffer), std::span<const uint8_t>(data.begin(), data.size()));
+  long n = task.syscall(__NR_write, {uint64_t(writeFd), buffer, data.size()});
+  KJ_REQUIRE(n == long(data.size()), "a recreated pipe did not take its queued bytes back",
+             data.size(), n);
+}
+
 // The pipes whose both ends are among the resumed descriptors: recreated by restoreImage.
 // Key: the pipe's inode; value: its descriptors.
 std::map<uint64_t, std::vector<proto::OpenFile::Reader>> internalPipes(
@@ -185,9 +219,10 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
         if (!pipes.count(f.getIno())) {
           problems.push_back(fd + "a pipe (" + path +
                              ") cannot be resumed: the process at its other end is gone");
-        } else if (f.getUnread() != 0) {
+        } else if (f.getUnread() != 0 && f.getPipeData().size() != f.getUnread()) {
           problems.push_back(fd + "a pipe (" + path + ") of the process's own holds " +
-                             std::to_string(f.getUnread()) + " unread bytes (not kept yet)");
+                             std::to_string(f.getUnread()) +
+                             " unread bytes that the image does not carry");
         }
         break;
       case proto::OpenFile::Kind::SOCKET:
@@ -407,6 +442,7 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     task.syscallOrThrow("pipe2", __NR_pipe2, {scratch, 0});
     int pair[2];
     task.readMem(scratchPtr, std::span<uint8_t>(reinterpret_cast<uint8_t*>(pair), sizeof(pair)));
+    refillPipe(task, pair[0], pair[1], ends);
     uint64_t high[2];
     for (int i = 0; i < 2; ++i) {
       high[i] =

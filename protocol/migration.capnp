@@ -77,12 +77,17 @@ struct OpenFile {
   dev @6 :UInt64;            # identity of the file when it was captured
   ino @7 :UInt64;             # for a pipe: the pipe's inode, shared by its two ends
   unread @8 :UInt32;          # pipe: bytes queued in it when captured (FIONREAD)
+  pipeData @9 :Data;          # pipe, read end, both ends the process's own: those queued bytes
+                              # (read out by injection and written back at capture), written
+                              # into the recreated pipe on restore
+  pipeSize @10 :UInt32;       # pipe: its capacity in bytes (F_GETPIPE_SZ), 0 if unknown;
+                              # restored with F_SETPIPE_SZ
 
   enum Kind {
     regular @0;              # reopened by path, checked by identity, seeked to offset
     directory @1;            # reopened by path
     device @2;               # character device: reopened by path (/dev/null, a tty)
-    pipe @3;                 # recreated when both ends are the process's own and it is empty;
+    pipe @3;                 # recreated when both ends are the process's own, with its bytes;
                              # otherwise its other end belongs to another process: cannot
     socket @4;               # cannot be reopened
     other @5;                # anon inodes (eventfd, epoll, signalfd, timerfd...): cannot

@@ -1,7 +1,7 @@
-// A process with a pipe to another process and a socket open (beyond fds 0..2), and a pipe of
-// its own that holds unread data, can be checkpointed, but its checkpoint cannot be resumed:
-// mosrun -R refuses it and names each descriptor (run.py checks the messages). The original
-// runs on unharmed.
+// A process with a pipe to another process and a socket open (beyond fds 0..2) can be
+// checkpointed, but its checkpoint cannot be resumed: mosrun -R refuses it and names each of
+// those descriptors, and not the pipe of its own that holds unread data, which the image carries
+// (run.py checks the messages). The original runs on unharmed and reads that data.
 #include <signal.h>
 #include <sys/socket.h>
 
