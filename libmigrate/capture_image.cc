@@ -57,7 +57,24 @@ struct KernelSigaction {
   throw kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__, kj::mv(why));
 }
 
-int countThreads(pid_t pid) {
+// The tasks of `pid` (/proc/PID/task), the thread group leader first, the others in tid order.
+std::vector<pid_t> listThreads(pid_t pid) {
+  std::string path = procPath(pid, "task");
+  DIR* dir = ::opendir(path.c_str());
+  KJ_REQUIRE(dir != nullptr, "cannot list threads", path, strerror(errno));
+  std::vector<pid_t> out;
+  while (dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] != '.' && atoi(e->d_name) != pid) {
+      out.push_back(atoi(e->d_name));
+    }
+  }
+  ::closedir(dir);
+  std::sort(out.begin(), out.end());
+  out.insert(out.begin(), pid);
+  return out;
+}
+
+[[maybe_unused]] int countThreads(pid_t pid) {
   std::string path = procPath(pid, "task");
   DIR* dir = ::opendir(path.c_str());
   KJ_REQUIRE(dir != nullptr, "cannot list threads", path, strerror(errno));
@@ -93,6 +110,12 @@ uint64_t procField(const std::string& text, const char* key, int base) {
   size_t at = text.find(key);
   KJ_REQUIRE(at != std::string::npos, "missing /proc field", key);
   return strtoull(text.c_str() + at + strlen(key), nullptr, base);
+}
+
+// Whether this process is the tracer of task `tid` (TracerPid of /proc/TID/status).
+bool tracedByUs(pid_t tid) {
+  std::string status = readProcFile("/proc/" + std::to_string(tid) + "/status");
+  return static_cast<pid_t>(procField(status, "TracerPid:", 10)) == ::getpid();
 }
 
 std::string readLink(const std::string& path) {
@@ -382,6 +405,43 @@ std::string drainAndRefill(PtraceTask& task, int readFd, int writeFd, size_t que
   return data;
 }
 
+// sigaltstack(2) and the clear-child-tid address of a task other than the one injectQueries
+// runs in: both are per thread, and only the thread itself can ask for them. Leaves registers
+// and mask as `resume` and `mask` say.
+struct ThreadQueries {
+  stack_t altStack{};
+  uint64_t tidAddress = 0;
+  bool tidAddressKnown = false;
+};
+
+ThreadQueries injectThreadQueries(PtraceTask& task, RemotePtr<uint8_t> insn,
+                                  const user_regs_struct& resume, uint64_t mask) {
+  ThreadQueries out;
+  task.setSyscallInstruction(insn);
+  task.setSigmask(~0ull);
+  uint64_t scratch = 0;
+  KJ_DEFER({
+    if (scratch != 0) {
+      task.syscall(__NR_munmap, {scratch, IMAGE_PAGE});
+    }
+    task.setRegs(resume);
+    task.setSigmask(mask);
+  });
+  scratch = task.syscallOrThrow(
+      "mmap(scratch)", __NR_mmap,
+      {0, IMAGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, ~0ull, 0});
+  RemotePtr<uint8_t> at(scratch);
+  task.syscallOrThrow("sigaltstack", __NR_sigaltstack, {0, scratch});
+  task.readMem(at,
+               std::span<uint8_t>(reinterpret_cast<uint8_t*>(&out.altStack), sizeof(out.altStack)));
+  if (task.syscall(__NR_prctl, {PR_GET_TID_ADDRESS, scratch, 0, 0, 0}) == 0) {
+    task.readMem(at, std::span<uint8_t>(reinterpret_cast<uint8_t*>(&out.tidAddress),
+                                        sizeof(out.tidAddress)));
+    out.tidAddressKnown = true;
+  }
+  return out;
+}
+
 // The state only the process itself can ask the kernel for. Leaves registers and mask as
 // `resume` and `mask` say, also when it throws.
 Injected injectQueries(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
@@ -452,60 +512,110 @@ uint64_t toUs(const timeval& tv) { return uint64_t(tv.tv_sec) * 1000000 + tv.tv_
 
 }  // namespace
 
-SeizedProcess::SeizedProcess(pid_t pid) : pid_(pid) {
-  KJ_SYSCALL(::ptrace(PTRACE_SEIZE, pid, 0, PTRACE_O_TRACESYSGOOD), "cannot trace the process",
-             pid);
-  KJ_ON_SCOPE_FAILURE(::ptrace(PTRACE_DETACH, pid, 0, 0));
-  KJ_SYSCALL(::ptrace(PTRACE_INTERRUPT, pid, 0, 0), pid);
+namespace {
+
+// PTRACE_SEIZE + PTRACE_INTERRUPT of one task, then its interrupt stop (signals on their way in
+// are delivered, not lost). Returns false if the task is gone (a thread that exited meanwhile).
+bool seizeTask(pid_t tid) {
+  if (::ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD) < 0) {
+    if (errno == ESRCH) {
+      return false;
+    }
+    KJ_FAIL_SYSCALL("cannot trace the process", errno, tid);
+  }
+  KJ_ON_SCOPE_FAILURE(::ptrace(PTRACE_DETACH, tid, 0, 0));
+  KJ_SYSCALL(::ptrace(PTRACE_INTERRUPT, tid, 0, 0), tid);
   for (;;) {
-    int status = waitTask(pid);
-    KJ_REQUIRE(WIFSTOPPED(status), "the process ended", pid, describeStatus(status));
+    int status = waitTask(tid);
+    KJ_REQUIRE(WIFSTOPPED(status), "the process ended", tid, describeStatus(status));
     if (ptraceEvent(status) == PTRACE_EVENT_STOP) {
-      return;
+      return true;
     }
     // A signal on its way in before our interrupt: deliver it; the interrupt stop follows.
-    KJ_SYSCALL(::ptrace(PTRACE_CONT, pid, 0, ptraceEvent(status) ? 0 : WSTOPSIG(status)), pid);
+    KJ_SYSCALL(::ptrace(PTRACE_CONT, tid, 0, ptraceEvent(status) ? 0 : WSTOPSIG(status)), tid);
+  }
+}
+
+}  // namespace
+
+SeizedProcess::SeizedProcess(pid_t pid) : pid_(pid) {
+  KJ_ON_SCOPE_FAILURE(detach());
+  // Every task; listed again until a pass finds no new one (a task that runs until it is
+  // seized may start threads; once all are stopped, none can).
+  for (bool found = true; found;) {
+    found = false;
+    for (pid_t tid : listThreads(pid)) {
+      if (std::find(tasks_.begin(), tasks_.end(), tid) != tasks_.end()) {
+        continue;
+      }
+      if (seizeTask(tid)) {
+        tasks_.push_back(tid);
+        found = true;
+      } else {
+        KJ_REQUIRE(tid != pid, "the process ended", pid);
+      }
+    }
   }
 }
 
 SeizedProcess::~SeizedProcess() { detach(); }
 
 void SeizedProcess::detach() {
-  if (attached_) {
-    attached_ = false;
-    ::ptrace(PTRACE_DETACH, pid_, 0, 0);
+  // The leader last: a thread that runs on before it never finds its process half traced.
+  for (auto it = tasks_.rbegin(); it != tasks_.rend(); ++it) {
+    ::ptrace(PTRACE_DETACH, *it, 0, 0);
   }
+  tasks_.clear();
 }
 
 CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
   auto started = std::chrono::steady_clock::now();
   CaptureStats stats;
-  int threads = countThreads(pid);
-  if (threads != 1) {
-    refuse(kj::str("it has ", threads,
-                   " threads: only single-threaded processes can be captured yet"));
-  }
-  PtraceTask task(pid);
-
-  ptrace_rseq_configuration rseq{};
-  if (::ptrace(static_cast<__ptrace_request>(PTRACE_GET_RSEQ_CONFIGURATION_REQUEST), pid,
-               sizeof(rseq), &rseq) < 0) {
-    rseq = {};
-  }
-  user_regs_struct regs = resumableRegs(task, task.getRegs(), rseq);
-  std::vector<uint8_t> xstate = task.getXstate();
-  uint64_t sigmask = task.getSigmask();
-  std::vector<siginfo_t> privateQueue = peekQueue(pid, false);
-  std::vector<siginfo_t> sharedQueue = peekQueue(pid, true);
-  uint64_t robustHead = 0;
-  size_t robustLen = 0;
-  {
-    uint64_t head = 0;
-    long r = ::syscall(SYS_get_robust_list, pid, &head, &robustLen);
-    if (r == 0) {
-      robustHead = head;
+  std::vector<pid_t> tids = listThreads(pid);
+  for (pid_t tid : tids) {
+    if (!tracedByUs(tid)) {
+      refuse(kj::str("its thread ", tid,
+                     " is not stopped for the capture (every task must be seized first)"));
     }
   }
+  // Per-thread state, the leader first (threads[0] of the image).
+  struct TaskState {
+    pid_t tid;
+    ptrace_rseq_configuration rseq{};
+    user_regs_struct regs;
+    std::vector<uint8_t> xstate;
+    uint64_t sigmask;
+    std::vector<siginfo_t> queue;
+    uint64_t robustHead = 0;
+    size_t robustLen = 0;
+    ThreadQueries injected;
+  };
+  std::vector<TaskState> states;
+  for (pid_t tid : tids) {
+    PtraceTask t(tid);
+    TaskState st;
+    st.tid = tid;
+    if (::ptrace(static_cast<__ptrace_request>(PTRACE_GET_RSEQ_CONFIGURATION_REQUEST), tid,
+                 sizeof(st.rseq), &st.rseq) < 0) {
+      st.rseq = {};
+    }
+    st.regs = resumableRegs(t, t.getRegs(), st.rseq);
+    st.xstate = t.getXstate();
+    st.sigmask = t.getSigmask();
+    st.queue = peekQueue(tid, false);
+    uint64_t head = 0;
+    if (::syscall(SYS_get_robust_list, tid, &head, &st.robustLen) == 0) {
+      st.robustHead = head;
+    } else {
+      st.robustLen = 0;
+    }
+    states.push_back(std::move(st));
+  }
+  PtraceTask task(pid);
+  const user_regs_struct& regs = states[0].regs;
+  const std::vector<uint8_t>& xstate = states[0].xstate;
+  uint64_t sigmask = states[0].sigmask;
+  std::vector<siginfo_t> sharedQueue = peekQueue(pid, true);
 
   std::vector<MapsEntry> maps = readMaps(pid);
   RemotePtr<uint8_t> insn;
@@ -517,6 +627,14 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
   KJ_REQUIRE(!insn.isNull(), "the process has no vDSO with a syscall instruction", pid);
   Injected injected = injectQueries(task, insn, regs, sigmask, pipeEnds(pid));
   stats.injectedSyscalls = task.injected();
+  states[0].injected.altStack = injected.altStack;
+  states[0].injected.tidAddress = injected.tidAddress;
+  states[0].injected.tidAddressKnown = injected.tidAddressKnown;
+  for (size_t i = 1; i < states.size(); ++i) {
+    PtraceTask t(states[i].tid);
+    states[i].injected = injectThreadQueries(t, insn, states[i].regs, states[i].sigmask);
+    stats.injectedSyscalls += t.injected();
+  }
   maps = readMaps(pid);  // without the scratch page
 
   capnp::MallocMessageBuilder message;
@@ -557,22 +675,26 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
     setFileRef(header.initExe(), readLink(procPath(pid, "exe")), exeStat);
   }
 
-  auto thread = header.initThreads(1)[0];
-  thread.setTid(pid);
-  thread.setRegs(kj::arrayPtr(reinterpret_cast<const kj::byte*>(&regs), sizeof(regs)));
-  thread.setXstate(kj::arrayPtr(xstate.data(), xstate.size()));
-  thread.setSigBlocked(sigmask);
-  setPending(thread.initPending(privateQueue.size()), privateQueue, false);
-  thread.setAltStackSp(reinterpret_cast<uint64_t>(injected.altStack.ss_sp));
-  thread.setAltStackFlags(injected.altStack.ss_flags);
-  thread.setAltStackSize(injected.altStack.ss_size);
-  thread.setRseqAddr(rseq.rseqAbiPointer);
-  thread.setRseqSize(rseq.rseqAbiSize);
-  thread.setRseqSignature(rseq.signature);
-  thread.setRobustListHead(robustHead);
-  thread.setRobustListLen(robustLen);
-  thread.setTidAddress(injected.tidAddress);
-  thread.setTidAddressKnown(injected.tidAddressKnown);
+  auto threadList = header.initThreads(states.size());
+  for (size_t i = 0; i < states.size(); ++i) {
+    const TaskState& st = states[i];
+    auto thread = threadList[i];
+    thread.setTid(st.tid);
+    thread.setRegs(kj::arrayPtr(reinterpret_cast<const kj::byte*>(&st.regs), sizeof(st.regs)));
+    thread.setXstate(kj::arrayPtr(st.xstate.data(), st.xstate.size()));
+    thread.setSigBlocked(st.sigmask);
+    setPending(thread.initPending(st.queue.size()), st.queue, false);
+    thread.setAltStackSp(reinterpret_cast<uint64_t>(st.injected.altStack.ss_sp));
+    thread.setAltStackFlags(st.injected.altStack.ss_flags);
+    thread.setAltStackSize(st.injected.altStack.ss_size);
+    thread.setRseqAddr(st.rseq.rseqAbiPointer);
+    thread.setRseqSize(st.rseq.rseqAbiSize);
+    thread.setRseqSignature(st.rseq.signature);
+    thread.setRobustListHead(st.robustHead);
+    thread.setRobustListLen(st.robustLen);
+    thread.setTidAddress(st.injected.tidAddress);
+    thread.setTidAddressKnown(st.injected.tidAddressKnown);
+  }
 
   auto actions = header.initSigActions(injected.actions.size());
   for (size_t i = 0; i < injected.actions.size(); ++i) {

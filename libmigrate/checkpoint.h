@@ -1,5 +1,5 @@
 #pragma once
-// Capture and restore of a running single-threaded process as a migration stream
+// Capture and restore of a running process, all its threads, as a migration stream
 // (protocol/migration.capnp): the foundation of live migration and of checkpoints (issue 8).
 //
 // Both directions work on a process that the caller already ptraces and holds in a stop, and
@@ -23,23 +23,24 @@
 
 namespace mos::migrate {
 
-// Seizes `pid` (PTRACE_SEIZE with PTRACE_O_TRACESYSGOOD, then PTRACE_INTERRUPT) and waits until
-// it is in a ptrace stop; signals that arrive on the way are delivered, not lost. The process is
-// never killed if the caller dies (no PTRACE_O_EXITKILL): ptrace detaches on the tracer's exit.
+// Seizes every task of `pid` (PTRACE_SEIZE with PTRACE_O_TRACESYSGOOD, then PTRACE_INTERRUPT,
+// the thread list read again until no new task appears) and waits until each is in a ptrace
+// stop; signals that arrive on the way are delivered, not lost. The process is never killed if
+// the caller dies (no PTRACE_O_EXITKILL): ptrace detaches on the tracer's exit.
 // Throws kj::Exception (FAILED) when it cannot be traced (EPERM: another tracer, permissions;
-// ESRCH) or ends meanwhile.
+// ESRCH) or ends meanwhile; the tasks seized so far are let go.
 class SeizedProcess {
  public:
   explicit SeizedProcess(pid_t pid);
   ~SeizedProcess();
   KJ_DISALLOW_COPY(SeizedProcess);
   pid_t pid() const { return pid_; }
-  // Lets the process run on (PTRACE_DETACH). The destructor does it too.
+  // Lets every task run on (PTRACE_DETACH, the leader last). The destructor does it too.
   void detach();
 
  private:
   pid_t pid_;
-  bool attached_ = true;
+  std::vector<pid_t> tasks_;  // seized, the leader first
 };
 
 struct CaptureStats {
@@ -62,10 +63,13 @@ struct CaptureStats {
 // Dispositions, sigaltstack, itimers and the tid address are read by injecting rt_sigaction,
 // sigaltstack, getitimer and prctl(PR_GET_TID_ADDRESS) into the process, with every signal
 // blocked meanwhile.
-// Preconditions: the caller ptraces `pid` (SeizedProcess, or PTRACE_O_TRACESYSGOOD set) and it
-// is in a ptrace stop; it has one thread.
-// Throws kj::Exception (FAILED) naming the reason when the process cannot be captured (a second
-// thread, a shared writable file mapping, no vDSO) or on I/O errors of `sink`.
+// Every thread is captured (threads[0] the leader): registers, xsave state, mask, own queue,
+// rseq and robust list from outside, its sigaltstack and tid address by injection into it.
+// Preconditions: the caller ptraces every task of `pid` (SeizedProcess, or one thread after
+// PTRACE_EVENT_EXEC; PTRACE_O_TRACESYSGOOD set) and each is in a ptrace stop.
+// Throws kj::Exception (FAILED) naming the reason when the process cannot be captured (a thread
+// not stopped by the caller, a shared writable file mapping, no vDSO) or on I/O errors of
+// `sink`.
 CaptureStats captureImage(pid_t pid, kj::OutputStream& sink);
 
 // Why a stream cannot be resumed at home, one readable sentence per reason, empty if it can:
@@ -87,12 +91,13 @@ struct RestoreStats {
 // stream), the vDSO moved to the image's address (ARCH_MAP_VDSO_64), mm layout and auxv
 // (PR_SET_MM_MAP), /proc/PID/exe (PR_SET_MM_EXE_FILE when allowed), name, personality, umask,
 // cwd, descriptors by path and offset, self-pipes recreated, dispositions, sigaltstack, itimers,
-// robust list, tid address, rseq, pending signals (re-queued), then xsave state, registers and
-// signal mask. Preconditions: `pid` is the caller's tracee (PTRACE_O_TRACESYSGOOD set), stopped at
-// the syscall-exit stop of its execve of the restore stub (execRestoreStub); checkResumable() of
-// the header is empty. Stub pages and all of the stub's descriptors but 0..2 are gone afterwards.
-// Throws kj::Exception (FAILED) when a step fails; the process is then half rebuilt and the
-// caller must kill it.
+// robust list, tid address, rseq, pending signals (re-queued), the other threads (clone3 with
+// set_tid: each gets its old id, which must be free; the caller needs CAP_SYS_ADMIN over the pid
+// namespace), then xsave state, registers and signal mask of every thread. Preconditions: `pid` is
+// the caller's tracee (PTRACE_O_TRACESYSGOOD set), stopped at the syscall-exit stop of its execve
+// of the restore stub (execRestoreStub); checkResumable() of the header is empty. Stub pages and
+// all of the stub's descriptors but 0..2 are gone afterwards. Throws kj::Exception (FAILED) when a
+// step fails; the process is then half rebuilt and the caller must kill it.
 RestoreStats restoreImage(ImageReader& source, pid_t pid);
 
 // execveat(2) of the restore stub (embedded in libmigrate: a few static pages at
@@ -100,7 +105,7 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid);
 // with errno set.
 void execRestoreStub();
 
-// Writes the migration stream of `pid` (a running single-threaded process that nobody traces)
+// Writes the migration stream of `pid` (a running process that nobody traces)
 // to `file`, atomically: a temporary file beside it (`FILE.tmp.PID`, mode 0600) is written,
 // fsync'd and renamed over `file`, so `file` is either absent, its previous content, or a
 // complete new checkpoint. The process is stopped only for the capture (SeizedProcess, then

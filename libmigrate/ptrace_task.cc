@@ -166,6 +166,12 @@ int PtraceTask::waitSyscallStop(bool entry) {
     } else {
       status = waitTask(pid_);
     }
+    int event = ptraceEvent(status);
+    if (event == PTRACE_EVENT_CLONE || event == PTRACE_EVENT_FORK || event == PTRACE_EVENT_VFORK) {
+      // An injected clone3 with PTRACE_O_TRACECLONE set: on to its exit stop.
+      KJ_SYSCALL(::ptrace(PTRACE_SYSCALL, pid_, 0, 0), pid_);
+      continue;
+    }
     KJ_REQUIRE(isSyscallStop(status), "injected syscall: unexpected stop", pid_,
                describeStatus(status));
     return status;

@@ -13,6 +13,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/prctl.h>
+#include <linux/sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -159,10 +160,8 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
         kj::str("the image is of another architecture (", header.getArch(), ")").cStr());
     return problems;
   }
-  if (header.getThreads().size() != 1) {
-    problems.push_back(kj::str("the image has ", header.getThreads().size(),
-                               " threads: only single-threaded processes resume yet")
-                           .cStr());
+  if (header.getThreads().size() == 0 || header.getThreads()[0].getTid() != header.getSourcePid()) {
+    problems.push_back("the image's first thread is not its process's leader");
     return problems;
   }
   uint64_t want = header.getCpu().getXsaveFeatures(), have = localXcr0();
@@ -241,6 +240,16 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
           problems.push_back(fd + path + " was replaced by another file since the image was taken");
         }
         break;
+    }
+  }
+  auto threads = header.getThreads();
+  for (size_t i = 1; i < threads.size(); ++i) {
+    // Each thread comes back with its id (clone3 set_tid): glibc keeps it in the thread's
+    // descriptor (pthread_kill, mutex owners), so another id would be a different thread.
+    pid_t tid = threads[i].getTid();
+    if (::kill(tid, 0) == 0 || errno != ESRCH) {
+      problems.push_back("thread id " + std::to_string(tid) +
+                         " of the image is in use here (its thread must get it back)");
     }
   }
   return problems;
@@ -534,7 +543,9 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     task.syscallOrThrow("rseq", __NR_rseq,
                         {thread.getRseqAddr(), thread.getRseqSize(), 0, thread.getRseqSignature()});
   }
-  auto queue = [&](proto::PendingSignal::Reader p) {
+  // A thread-directed signal is queued by its thread itself: the kernel lets a task queue a
+  // siginfo with a kernel or kill/tgkill si_code (SI_TKILL of pthread_kill) only on itself.
+  auto queue = [&](proto::PendingSignal::Reader p, PtraceTask& by) {
     auto info = p.getSiginfo();
     KJ_REQUIRE(info.size() == sizeof(siginfo_t), "bad siginfo in the image");
     siginfo_t si;
@@ -544,18 +555,89 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     }
     uint64_t at = writeScratch(&si, sizeof(si));
     if (p.getShared()) {
-      task.syscallOrThrow("rt_sigqueueinfo", __NR_rt_sigqueueinfo,
-                          {uint64_t(pid), uint64_t(si.si_signo), at});
+      by.syscallOrThrow("rt_sigqueueinfo", __NR_rt_sigqueueinfo,
+                        {uint64_t(pid), uint64_t(si.si_signo), at});
     } else {
-      task.syscallOrThrow("rt_tgsigqueueinfo", __NR_rt_tgsigqueueinfo,
-                          {uint64_t(pid), uint64_t(pid), uint64_t(si.si_signo), at});
+      by.syscallOrThrow("rt_tgsigqueueinfo", __NR_rt_tgsigqueueinfo,
+                        {uint64_t(pid), uint64_t(by.pid()), uint64_t(si.si_signo), at});
     }
   };
+
+  // 6b. The other threads: each made by clone3 from the leader with its own id (set_tid) and
+  // clear-child-tid address, stopped at birth (PTRACE_O_TRACECLONE: an auto-attached task starts
+  // in PTRACE_EVENT_STOP), then given its own registrations from inside (sigaltstack,
+  // robust list, rseq are per thread); registers and mask come last, at the end.
+  std::vector<PtraceTask> others;
+  auto threadList = header.getThreads();
+  if (threadList.size() > 1) {
+    KJ_SYSCALL(::ptrace(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE),
+               pid);
+  }
+  KJ_DEFER({
+    if (!others.empty()) {
+      ::ptrace(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACESYSGOOD);
+    }
+  });
+  for (size_t i = 1; i < threadList.size(); ++i) {
+    auto t = threadList[i];
+    KJ_REQUIRE(t.getRegs().size() == sizeof(user_regs_struct) &&
+                   t.getXstate().size() == imageXstate.size(),
+               "bad register blob in the image", t.getTid());
+    struct clone_args args {};
+    args.flags = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM;
+    if (t.getTidAddressKnown() && t.getTidAddress() != 0) {
+      args.flags |= CLONE_CHILD_CLEARTID;
+      args.child_tid = t.getTidAddress();
+    }
+    pid_t wantedTid = t.getTid();
+    uint64_t tidAt = writeScratch(&wantedTid, sizeof(wantedTid), 512);
+    args.set_tid = tidAt;
+    args.set_tid_size = 1;
+    long tid = task.syscall(__NR_clone3, {writeScratch(&args, sizeof(args)), sizeof(args)});
+    KJ_REQUIRE(tid == wantedTid,
+               kj::str("cannot give thread ", wantedTid, " its id back (clone3 with set_tid: ",
+                       tid < 0 ? strerror(int(-tid)) : "another id", ")"));
+    for (;;) {
+      int status = waitTask(tid);
+      KJ_REQUIRE(WIFSTOPPED(status), "a restored thread ended", tid, describeStatus(status));
+      if (ptraceEvent(status) == PTRACE_EVENT_STOP) {
+        break;
+      }
+      KJ_SYSCALL(::ptrace(PTRACE_CONT, tid, 0, 0), tid);
+    }
+    others.emplace_back(tid);
+    PtraceTask& other = others.back();
+    other.setSyscallInstruction(stubInsn);
+    other.setSigmask(~0ull);
+    stack_t ss{};
+    ss.ss_sp = reinterpret_cast<void*>(t.getAltStackSp());
+    ss.ss_size = t.getAltStackSize();
+    ss.ss_flags = t.getAltStackFlags() & ~SS_ONSTACK;
+    if (t.getAltStackSp() == 0 && ss.ss_size == 0) {
+      ss.ss_flags = SS_DISABLE;
+    }
+    other.syscallOrThrow("sigaltstack", __NR_sigaltstack, {writeScratch(&ss, sizeof(ss)), 0});
+    if (t.getRobustListHead() != 0) {
+      other.syscallOrThrow("set_robust_list", __NR_set_robust_list,
+                           {t.getRobustListHead(), t.getRobustListLen()});
+    }
+    if (t.getRseqAddr() != 0) {
+      other.syscallOrThrow("rseq", __NR_rseq,
+                           {t.getRseqAddr(), t.getRseqSize(), 0, t.getRseqSignature()});
+    }
+    stats.injectedSyscalls += other.injected();
+  }
+
   for (auto p : header.getPending()) {
-    queue(p);
+    queue(p, task);
   }
   for (auto p : thread.getPending()) {
-    queue(p);
+    queue(p, task);
+  }
+  for (size_t i = 1; i < threadList.size(); ++i) {
+    for (auto p : threadList[i].getPending()) {
+      queue(p, others[i - 1]);
+    }
   }
 
   // 7. The stub's pages, the last of the stub; /proc/PID/exe names the image's program when
@@ -581,7 +663,21 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
   task.setXstate(std::span<const uint8_t>(imageXstate.begin(), imageXstate.size()));
   task.setRegs(regs);
   task.setSigmask(thread.getSigBlocked());
-  stats.injectedSyscalls = task.injected();
+  stats.injectedSyscalls += task.injected();
+  for (size_t i = 0; i < others.size(); ++i) {
+    auto t = threadList[i + 1];
+    user_regs_struct r;
+    memcpy(&r, t.getRegs().begin(), sizeof(r));
+    r.orig_rax = static_cast<uint64_t>(-1);
+    others[i].setXstate(std::span<const uint8_t>(t.getXstate().begin(), t.getXstate().size()));
+    others[i].setRegs(r);
+    others[i].setSigmask(t.getSigBlocked());
+  }
+  ::ptrace(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACESYSGOOD);
+  for (auto& other : others) {
+    KJ_SYSCALL(::ptrace(PTRACE_DETACH, other.pid(), 0, 0), other.pid());
+  }
+  others.clear();
   KJ_SYSCALL(::ptrace(PTRACE_DETACH, pid, 0, 0), pid);
   return stats;
 }

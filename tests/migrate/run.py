@@ -144,7 +144,7 @@ class Case:
         assert not [f for f in os.listdir(self.tmp) if f.startswith(mode)], 'a file was left'
         self.finish(proc, work, f'original after the refused checkpoint ({mode})')
 
-    def run_xz(self):
+    def run_xz(self, threads=1):
         """A real program: xz -6 of 6 MB, checkpointed while it compresses, killed, resumed: its
         output file (reopened by path and offset, the self-pipe recreated) is byte-identical to
         a native run's."""
@@ -159,12 +159,15 @@ class Case:
         src = os.path.join(self.tmp, 'in.txt')
         with open(src, 'w') as f:
             f.write(' '.join(rng.choice(words) for _ in range(1000000)))
+        # Threaded: 1 MiB blocks, so output (the cue to checkpoint) starts long before the end
+        # while both workers compress.
+        args = ['-6'] if threads == 1 else ['-6', f'-T{threads}', '--block-size=1MiB']
         native = os.path.join(self.tmp, 'native.xz')
         with open(native, 'wb') as out:
-            subprocess.run([xz, '-6', '-c', src], stdout=out, check=True, timeout=600)
+            subprocess.run([xz, *args, '-c', src], stdout=out, check=True, timeout=600)
         moved = os.path.join(self.tmp, 'moved.xz')
         with open(moved, 'wb') as out:
-            proc = subprocess.Popen([xz, '-6', '-c', src], stdout=out, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen([xz, *args, '-c', src], stdout=out, stdin=subprocess.DEVNULL)
         wait_for('xz to write', lambda: os.path.getsize(moved) > 0 or proc.poll() is not None,
                  600)
         assert proc.poll() is None, 'xz ended before its checkpoint: make the input larger'
@@ -206,6 +209,15 @@ class Case:
             wait_for('the checkpointer to end', lambda: not checkpointer_alive(image))
             self.finish(self.resume(image), work, 'resumed from a periodic checkpoint')
 
+    def run_threads_in_use(self):
+        """A checkpoint of the threads test resumed while the original still runs: its threads'
+        ids are taken, and mosrun -R refuses it, naming them, before touching anything."""
+        proc, work = self.start()
+        image = os.path.join(self.tmp, 'in_use.img')
+        self.checkpoint(proc, image)
+        self.refused(image, 'of the image is in use here')
+        self.finish(proc, work, 'original beside its refused resume')
+
     def run_unresumable(self):
         proc, work = self.start()
         image = os.path.join(self.tmp, 'pipe.img')
@@ -240,12 +252,16 @@ def main():
             case.run_corrupt()
         elif name == 'unresumable':
             case.run_unresumable()
+        elif name == 'threads':
+            case.run()
+            case.run_threads_in_use()
         elif name == 'auto':
             case.run_auto()
         elif name == 'xz':
             case.run_xz()
+        elif name == 'xz_threads':
+            case.run_xz(threads=2)
         elif name == 'refused':
-            case.run_refused('thread', 'only single-threaded processes can be captured yet')
             case.run_refused('shared_file', 'a shared writable file mapping cannot be checkpointed')
         else:
             case.run()
