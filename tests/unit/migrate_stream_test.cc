@@ -2,6 +2,7 @@
 // (checkpoint.h checkResumable), without a process: streams are built in memory.
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -169,6 +170,20 @@ TEST_CASE("checkResumable names what cannot be resumed here", "[unit][migrate]")
   CHECK_THAT(only(), Catch::StartsWith("fd 5: a pipe"));
   h.initFiles(0);
 
-  h.initThreads(2);
-  CHECK_THAT(only(), Catch::Contains("only single-threaded processes resume yet"));
+  // Threads come back with their ids, which must be free here; threads[0] is the leader.
+  auto threads = h.initThreads(2);
+  threads[0].setTid(h.getSourcePid());
+  threads[1].setTid(getpid());  // taken: this test's own
+  CHECK_THAT(only(), Catch::Contains(
+                         kj::str("thread id ", getpid(), " of the image is in use here").cStr()));
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    _exit(0);
+  }
+  REQUIRE(waitpid(child, nullptr, 0) == child);
+  threads[1].setTid(child);  // free again
+  CHECK(mos::migrate::checkResumable(h.asReader()).empty());
+  threads[0].setTid(h.getSourcePid() + 1);
+  CHECK_THAT(only(), Catch::Contains("not its process's leader"));
 }
