@@ -1,6 +1,7 @@
 // mem_hold: a process holding M MiB of written heap, for bench/checkpoint.
 //
-//   mem_hold MIB DIR            fills MIB MiB with a pseudo-random pattern, creates DIR/ready,
+//   mem_hold MIB DIR            fills MIB MiB with a pseudo-random pattern, creates DIR/ready
+//                               (holding its pid),
 //                               then waits for a line on stdin, checks every byte, prints
 //                               `ok` and exits 0 (1 if a byte differs: a bad restore)
 //   mem_hold MIB DIR --floor F  the floor: writes the same MIB MiB from its own memory to file F
@@ -52,8 +53,13 @@ int main(int argc, char** argv) {
     printf("floor_ms=%.3f\n", took.count());
     return 0;
   }
+  // DIR/ready holds this process's pid, written whole before it appears (rename).
   std::string ready = std::string(argv[2]) + "/ready";
-  close(open(ready.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+  std::string tmp = ready + ".tmp";
+  FILE* f = fopen(tmp.c_str(), "w");
+  fprintf(f, "%d\n", getpid());
+  fclose(f);
+  rename(tmp.c_str(), ready.c_str());
   char line[16];
   if (fgets(line, sizeof(line), stdin) == nullptr) {
     return 1;
