@@ -116,6 +116,11 @@ Deputy::~Deputy() {
   fds_.remove(channel_->fd());
 }
 
+void Deputy::setImageToSend(kj::AutoCloseFd fd, uint64_t offset) {
+  imageFd_ = kj::mv(fd);
+  imageOffset_ = offset;
+}
+
 void Deputy::startInspection() {
   JobStats& stats = record_.get()->stats;
   channel_->countBytesInto(&stats.bytesOut, &stats.bytesIn);
@@ -242,6 +247,15 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
     case proto::ToDeputy::FORK: handleFork(message.getFork()); return;
     case proto::ToDeputy::CHILD_DISPOSITION:
       mirrorChildDisposition(message.getChildDisposition());
+      return;
+    case proto::ToDeputy::SEND_IMAGE:
+      if (imageFd_.get() >= 0) {
+        sendFileBytes(*channel_, imageFd_.get(), imageOffset_, UINT64_MAX);
+        fds_.remove(imageFd_.get());
+        imageFd_ = nullptr;
+      } else {
+        spdlog::warn("sendImage without a migration image to send, ignored");
+      }
       return;
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",

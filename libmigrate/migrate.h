@@ -21,6 +21,8 @@
 
 namespace mos::migrate {
 
+class ImageReader;  // image_stream.h
+
 // Captures the user part of `pid` into `image`.
 // Preconditions: the caller is pid's ptracer and pid is in a ptrace stop (for example the
 // PTRACE_EVENT_EXEC stop); pid has exactly one thread.
@@ -91,6 +93,20 @@ struct RestoredGuest {
 //   guest's own.
 RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& files,
                       const RestoreOptions& options);
+
+// restore() from a migration stream (checkpoint.h, protocol/migration.md): the guest of a job on
+// a node. Reads the header from `source`, resolves every mapped file with `files` (before
+// anything is forked), forks the stub as restore() does (options.pid, fdMap, PR_SET_PDEATHSIG),
+// then rebuilds it as restoreImage() does while the frames arrive: mappings, pages, vDSO, mm
+// layout, name, personality, dispositions, sigaltstack, itimers, robust list, tid address,
+// rseq, pending signals (re-queued), then privileges dropped and the seccomp filter installed
+// (its listener taken), the stub's pages unmapped, xsave, registers, mask; detached. Not taken
+// from the image: cwd, umask, descriptors, /proc/PID/exe (a guest's files are its deputy's).
+// The stream's digest is checked when its end frame is read, before the guest runs.
+// Throws kj::Exception (FAILED) when the image cannot run here (CPU, vDSO, threads) or the stream
+// is damaged; the stub is then killed and reaped. The caller's duties are restore()'s.
+RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
+                           const RestoreOptions& options);
 
 // A migration agent: a helper process (double-forked, so never a child the job could wait for)
 // that seizes the calling process, waits for its next successful execve, captures it at the

@@ -32,6 +32,7 @@
 
 #include <kj/debug.h>
 
+#include "image_internal.h"
 #include "migrate.h"
 #include "proc_maps.h"
 #include "ptrace_task.h"
@@ -89,53 +90,6 @@ uint64_t xfeatures(std::span<const uint8_t> xstate) {
     memcpy(&v, xstate.data() + 464, 8);
   }
   return v;
-}
-
-[[noreturn]] void childExecStub(int memfd, pid_t parent, const RestoreOptions& options,
-                                int highFd) {
-  // Only async-signal-safe calls from here on: the caller may have threads.
-  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (::getppid() != parent) {
-    ::_exit(127);
-  }
-  // A process group of its own whose parent (the caller) is in another group of the session:
-  // the group is not orphaned, so the kernel does not discard SIGTSTP/SIGTTIN/SIGTTOU sent to
-  // it (job control of a guest works, signal(7), credentials(7) "orphaned process group").
-  ::setpgid(0, 0);
-  // Only SIG_IGN survives exec; the image sets its own SIG_IGN set later.
-  struct sigaction dfl {};
-  dfl.sa_handler = SIG_DFL;
-  for (int sig = 1; sig < NSIG; ++sig) {
-    ::sigaction(sig, &dfl, nullptr);
-  }
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
-
-  int copies[64];
-  size_t n = std::min<size_t>(options.fdMap.size(), 64);
-  for (size_t i = 0; i < n; ++i) {
-    copies[i] = ::fcntl(options.fdMap[i].first, F_DUPFD_CLOEXEC, highFd);
-    if (copies[i] < 0) {
-      ::_exit(127);
-    }
-  }
-  if (!options.keepAllFds) {
-    ::syscall(SYS_close_range, 0u, ~0u, CLOSE_RANGE_CLOEXEC);
-  }
-  for (size_t i = 0; i < n; ++i) {
-    if (::dup2(copies[i], options.fdMap[i].second) < 0) {
-      ::_exit(127);
-    }
-  }
-  if (::ptrace(PTRACE_TRACEME, 0, 0, 0) != 0) {
-    ::_exit(127);
-  }
-  char name[] = "mos-stub";
-  char* argv[] = {name, nullptr};
-  char* envp[] = {nullptr};
-  ::syscall(SYS_execveat, memfd, "", argv, envp, AT_EMPTY_PATH);
-  ::_exit(127);
 }
 
 }  // namespace
@@ -203,7 +157,7 @@ RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& f
     KJ_SYSCALL(pid = ::fork());
   }
   if (pid == 0) {
-    childExecStub(memfd, parent, options, highFd);
+    execStubChild(memfd, parent, options, highFd);
   }
   memfdOwner = nullptr;
   bool detached = false;
