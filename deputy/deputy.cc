@@ -172,21 +172,28 @@ void Deputy::run() {
 
 void Deputy::waitForMessage() {
   for (;;) {
-    flushSignals();
+    // Until the migration stream has gone (sendImage), nothing but its bytes may follow JobStart
+    // on the channel: signals stay pending in the kernel, and are forwarded once it has gone.
+    bool holdSignals = imageFd_.get() >= 0;
+    if (!holdSignals) {
+      flushSignals();
+    }
     serveExecHandoff();
     if (channel_->hasBuffered()) {
       return;
     }
     struct pollfd pfd = {channel_->fd(), POLLIN, 0};
     // The only place besides a forwarded call where signals are open.
-    int n = ppoll(&pfd, 1, nullptr, &openSignalMask());
+    int n = ppoll(&pfd, 1, nullptr, holdSignals ? nullptr : &openSignalMask());
     if (n < 0) {
       if (errno == EINTR) {
         continue;
       }
       KJ_FAIL_SYSCALL("ppoll", errno);
     }
-    flushSignals();
+    if (!holdSignals) {
+      flushSignals();
+    }
     return;
   }
 }

@@ -532,6 +532,8 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     task.syscallOrThrow("rseq", __NR_rseq,
                         {thread.getRseqAddr(), thread.getRseqSize(), 0, thread.getRseqSignature()});
   }
+  // The process's pid as it sees itself (a guest lives in its job's pid namespace).
+  uint64_t self = task.syscallOrThrow("getpid", __NR_getpid, {});
   auto queue = [&](proto::PendingSignal::Reader p) {
     auto info = p.getSiginfo();
     KJ_REQUIRE(info.size() == sizeof(siginfo_t), "bad siginfo in the image");
@@ -543,10 +545,10 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     uint64_t at = writeScratch(&si, sizeof(si));
     if (p.getShared()) {
       task.syscallOrThrow("rt_sigqueueinfo", __NR_rt_sigqueueinfo,
-                          {uint64_t(pid), uint64_t(si.si_signo), at});
+                          {self, uint64_t(si.si_signo), at});
     } else {
       task.syscallOrThrow("rt_tgsigqueueinfo", __NR_rt_tgsigqueueinfo,
-                          {uint64_t(pid), uint64_t(pid), uint64_t(si.si_signo), at});
+                          {self, self, uint64_t(si.si_signo), at});
     }
   };
   for (auto p : header.getPending()) {
