@@ -117,7 +117,7 @@ class Deputy {
   Executor executor_;
   OwnedJobRecord record_;
   uint64_t publishedFds_ = ~uint64_t{0};  // ReservedFds::generation() last published
-  kj::AutoCloseFd imageFd_;                // setImageToSend
+  kj::AutoCloseFd imageFd_;               // setImageToSend
   uint64_t imageOffset_ = 0;
 };
 

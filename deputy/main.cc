@@ -174,7 +174,8 @@ int deputyMain(int argc, char** argv) {
     }
   }
   for (auto action : header.getSigActions()) {
-    if (action.getSigno() == SIGCHLD && action.getHandler() != reinterpret_cast<uint64_t>(SIG_IGN) &&
+    if (action.getSigno() == SIGCHLD &&
+        action.getHandler() != reinterpret_cast<uint64_t>(SIG_IGN) &&
         (action.getFlags() & SA_NOCLDWAIT) != 0) {
       noChildWait = true;
     }

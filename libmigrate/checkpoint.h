@@ -121,8 +121,7 @@ struct DeputyExec {
 // execve (detach it). When the execve fails, the timers, flags, signals (re-queued with their
 // siginfo), registers and mask are put back and kj::Exception (FAILED) names the errno: the
 // process can be detached and runs on at home.
-std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header,
-                            const DeputyExec& exec);
+std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header, const DeputyExec& exec);
 
 // execveat(2) of the restore stub (embedded in libmigrate: a few static pages at
 // 0x3f0000000000 that exit with status 127 unless a tracer takes over). Returns only on failure,

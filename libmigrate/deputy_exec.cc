@@ -28,8 +28,7 @@ uint64_t roundUp(uint64_t v) { return (v + PAGE - 1) & ~(PAGE - 1); }
 
 }  // namespace
 
-std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header,
-                            const DeputyExec& exec) {
+std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header, const DeputyExec& exec) {
   PtraceTask task(pid);
   const user_regs_struct savedRegs = task.getRegs();
   const uint64_t savedMask = task.getSigmask();
@@ -115,9 +114,9 @@ std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header,
     strings = task.writeString(strings, e);
   }
   table.push_back(0);
-  task.writeMem(RemotePtr<uint8_t>(pointers),
-                std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(table.data()),
-                                         table.size() * 8));
+  task.writeMem(
+      RemotePtr<uint8_t>(pointers),
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(table.data()), table.size() * 8));
   long r = task.syscall(__NR_execve, {path.addr(), pointers, pointers + envAt * 8});
   if (r == 0) {
     // The process is the deputy now, at its first instruction. Signals that arrived after the
@@ -161,8 +160,8 @@ std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header,
   task.syscall(__NR_munmap, {scratch, scratchSize});
   task.setRegs(savedRegs);
   task.setSigmask(savedMask);
-  KJ_FAIL_REQUIRE(kj::str("execve(", exec.path.c_str(), ") of the deputy failed: ",
-                          strerror(static_cast<int>(-r))));
+  KJ_FAIL_REQUIRE(kj::str("execve(", exec.path.c_str(),
+                          ") of the deputy failed: ", strerror(static_cast<int>(-r))));
 }
 
 }  // namespace mos::migrate

@@ -48,8 +48,7 @@ struct RestoreOptions;
 // `highFd` first) and no others unless options.keepAllFds, PTRACE_TRACEME, then execveat of the
 // stub in `memfd`. `parent` is what getppid() must return (0 in another pid namespace).
 // Only async-signal-safe calls: the caller may have threads. Never returns.
-[[noreturn]] void execStubChild(int memfd, pid_t parent, const RestoreOptions& options,
-                                int highFd);
+[[noreturn]] void execStubChild(int memfd, pid_t parent, const RestoreOptions& options, int highFd);
 
 inline std::string pathOf(capnp::Data::Reader bytes) {
   return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());

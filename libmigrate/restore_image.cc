@@ -415,69 +415,69 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   }
   task.syscallOrThrow("personality", __NR_personality, {header.getPersonality()});
   if (target.atHome) {
-  task.syscallOrThrow("umask", __NR_umask, {header.getUmask()});
-  task.syscallOrThrow("chdir", __NR_chdir, {writePath(pathOf(header.getCwd()))});
-  // Every descriptor of the stub goes but the inherited 0..2; then the image's come back.
-  std::set<int> keep;
-  for (auto f : header.getFiles()) {
-    if (inherited(f)) {
-      keep.insert(f.getFd());
+    task.syscallOrThrow("umask", __NR_umask, {header.getUmask()});
+    task.syscallOrThrow("chdir", __NR_chdir, {writePath(pathOf(header.getCwd()))});
+    // Every descriptor of the stub goes but the inherited 0..2; then the image's come back.
+    std::set<int> keep;
+    for (auto f : header.getFiles()) {
+      if (inherited(f)) {
+        keep.insert(f.getFd());
+      }
     }
-  }
-  for (int fd = 0; fd <= 2; ++fd) {
-    if (!keep.count(fd)) {
-      task.syscall(__NR_close, {uint64_t(fd)});
+    for (int fd = 0; fd <= 2; ++fd) {
+      if (!keep.count(fd)) {
+        task.syscall(__NR_close, {uint64_t(fd)});
+      }
     }
-  }
-  task.syscall(__NR_close_range, {3, ~0u, 0});
-  // Pipes of the process's own: a new pipe each, its ends moved above every image descriptor
-  // first so that placing one end never closes the other.
-  uint64_t above = 3;
-  for (auto file : header.getFiles()) {
-    above = std::max<uint64_t>(above, file.getFd() + 1);
-  }
-  for (auto& [ino, ends] : internalPipes(header)) {
-    task.syscallOrThrow("pipe2", __NR_pipe2, {scratch, 0});
-    int pair[2];
-    task.readMem(scratchPtr, std::span<uint8_t>(reinterpret_cast<uint8_t*>(pair), sizeof(pair)));
-    uint64_t high[2];
-    for (int i = 0; i < 2; ++i) {
-      high[i] =
-          task.syscallOrThrow("fcntl(F_DUPFD)", __NR_fcntl, {uint64_t(pair[i]), F_DUPFD, above});
-      task.syscallOrThrow("close", __NR_close, {uint64_t(pair[i])});
+    task.syscall(__NR_close_range, {3, ~0u, 0});
+    // Pipes of the process's own: a new pipe each, its ends moved above every image descriptor
+    // first so that placing one end never closes the other.
+    uint64_t above = 3;
+    for (auto file : header.getFiles()) {
+      above = std::max<uint64_t>(above, file.getFd() + 1);
     }
-    for (auto file : ends) {
-      uint64_t from = high[(file.getFlags() & O_ACCMODE) == O_WRONLY ? 1 : 0];
+    for (auto& [ino, ends] : internalPipes(header)) {
+      task.syscallOrThrow("pipe2", __NR_pipe2, {scratch, 0});
+      int pair[2];
+      task.readMem(scratchPtr, std::span<uint8_t>(reinterpret_cast<uint8_t*>(pair), sizeof(pair)));
+      uint64_t high[2];
+      for (int i = 0; i < 2; ++i) {
+        high[i] =
+            task.syscallOrThrow("fcntl(F_DUPFD)", __NR_fcntl, {uint64_t(pair[i]), F_DUPFD, above});
+        task.syscallOrThrow("close", __NR_close, {uint64_t(pair[i])});
+      }
+      for (auto file : ends) {
+        uint64_t from = high[(file.getFlags() & O_ACCMODE) == O_WRONLY ? 1 : 0];
+        uint64_t fd = file.getFd();
+        task.syscallOrThrow("dup3", __NR_dup3,
+                            {from, fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
+        task.syscallOrThrow("fcntl(F_SETFL)", __NR_fcntl,
+                            {fd, F_SETFL, file.getFlags() & uint64_t(O_NONBLOCK)});
+      }
+      task.syscallOrThrow("close", __NR_close, {high[0]});
+      task.syscallOrThrow("close", __NR_close, {high[1]});
+    }
+    for (auto file : header.getFiles()) {
+      if (inherited(file) || file.getKind() == proto::OpenFile::Kind::PIPE) {
+        continue;
+      }
+      std::string path = pathOf(file.getPath());
+      uint32_t flags = file.getFlags() & ~uint32_t(O_CREAT | O_EXCL | O_TRUNC);
+      long tmp = task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(path), flags, 0});
+      KJ_REQUIRE(tmp >= 0, kj::str("cannot reopen fd ", file.getFd(), " (", path.c_str(),
+                                   "): ", strerror(int(-tmp))));
       uint64_t fd = file.getFd();
-      task.syscallOrThrow("dup3", __NR_dup3,
-                          {from, fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
-      task.syscallOrThrow("fcntl(F_SETFL)", __NR_fcntl,
-                          {fd, F_SETFL, file.getFlags() & uint64_t(O_NONBLOCK)});
+      if (uint64_t(tmp) != fd) {
+        task.syscallOrThrow("dup3", __NR_dup3,
+                            {uint64_t(tmp), fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
+        task.syscallOrThrow("close", __NR_close, {uint64_t(tmp)});
+      } else if (file.getCloseOnExec()) {
+        task.syscallOrThrow("fcntl(F_SETFD)", __NR_fcntl, {fd, F_SETFD, FD_CLOEXEC});
+      }
+      if (file.getKind() == proto::OpenFile::Kind::REGULAR) {
+        task.syscallOrThrow("lseek", __NR_lseek, {fd, uint64_t(file.getOffset()), SEEK_SET});
+      }
     }
-    task.syscallOrThrow("close", __NR_close, {high[0]});
-    task.syscallOrThrow("close", __NR_close, {high[1]});
-  }
-  for (auto file : header.getFiles()) {
-    if (inherited(file) || file.getKind() == proto::OpenFile::Kind::PIPE) {
-      continue;
-    }
-    std::string path = pathOf(file.getPath());
-    uint32_t flags = file.getFlags() & ~uint32_t(O_CREAT | O_EXCL | O_TRUNC);
-    long tmp = task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(path), flags, 0});
-    KJ_REQUIRE(tmp >= 0, kj::str("cannot reopen fd ", file.getFd(), " (", path.c_str(),
-                                 "): ", strerror(int(-tmp))));
-    uint64_t fd = file.getFd();
-    if (uint64_t(tmp) != fd) {
-      task.syscallOrThrow("dup3", __NR_dup3,
-                          {uint64_t(tmp), fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
-      task.syscallOrThrow("close", __NR_close, {uint64_t(tmp)});
-    } else if (file.getCloseOnExec()) {
-      task.syscallOrThrow("fcntl(F_SETFD)", __NR_fcntl, {fd, F_SETFD, FD_CLOEXEC});
-    }
-    if (file.getKind() == proto::OpenFile::Kind::REGULAR) {
-      task.syscallOrThrow("lseek", __NR_lseek, {fd, uint64_t(file.getOffset()), SEEK_SET});
-    }
-  }
   }  // atHome
 
   // 6. Signals, timers, per-thread registrations.
@@ -566,9 +566,9 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   // this process may change it (CAP_SYS_RESOURCE and CAP_CHECKPOINT_RESTORE).
   long exeFd = -1;
   if (target.atHome) {
-    exeFd = task.syscall(__NR_openat, {uint64_t(AT_FDCWD),
-                                       writePath(pathOf(header.getExe().getPath())),
-                                       O_RDONLY | O_CLOEXEC, 0});
+    exeFd =
+        task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(pathOf(header.getExe().getPath())),
+                                   O_RDONLY | O_CLOEXEC, 0});
   }
   task.syscallOrThrow("munmap(stub)", __NR_munmap, {stubStart, stubEnd - stubStart});
   if (exeFd >= 0 && wanted.present()) {

@@ -115,8 +115,8 @@ std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
   while (std::chrono::steady_clock::now() < deadline) {
     mos::JobSnapshot job;
     mos::StatsSnapshot stats;
-    if (mos::readJobRecord(runDir, "jobs", pid, job, stats) &&
-        job.state == mos::JobState::REMOTE && job.node == node) {
+    if (mos::readJobRecord(runDir, "jobs", pid, job, stats) && job.state == mos::JobState::REMOTE &&
+        job.node == node) {
       return "";
     }
     if (pidfd >= 0) {
@@ -196,13 +196,13 @@ int moveToNode(pid_t pid, const std::string& target) {
   }
   // The deputy's options travel in its environment, one per line (mos-deputy(8)), so that its
   // argv stays the job's own.
-  std::vector<std::string> options = {"--node",     std::to_string(node),
-                                      "--address",  address.toString(),
-                                      "--port",     std::to_string(config.port),
+  std::vector<std::string> options = {"--node",      std::to_string(node),
+                                      "--address",   address.toString(),
+                                      "--port",      std::to_string(config.port),
                                       "--home-node", std::to_string(config.nodeId),
-                                      "--run-dir",  config.runDir,
-                                      "--key",      keyPath,
-                                      "--image",    imagePath};
+                                      "--run-dir",   config.runDir,
+                                      "--key",       keyPath,
+                                      "--image",     imagePath};
   std::string env = "UMOSIX_DEPUTY_ARGS=";
   for (auto& o : options) {
     env += o + "\n";
@@ -246,8 +246,7 @@ int moveToNode(pid_t pid, const std::string& target) {
       resend = mos::migrate::execDeputy(pid, header, exec);
     } catch (kj::Exception& e) {
       unlink(imagePath.c_str());
-      fail(fmt::format("cannot move pid {}, it stays at home: {}", pid,
-                       e.getDescription().cStr()));
+      fail(fmt::format("cannot move pid {}, it stays at home: {}", pid, e.getDescription().cStr()));
     }
   } catch (kj::Exception& e) {
     unlink(imagePath.c_str());
