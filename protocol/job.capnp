@@ -40,8 +40,9 @@ struct JobStart {
   # First message deputy → supervisor, after the "UMOSJOB1" hello.
   homeNode @0 :UInt32;
   ids @1 :Ids;
-  image @2 :Image.MigrationImage;
-  # The older one-message image; unset when `imageStreamed` (the only form deputies send now).
+  obsoleteImage @2 :AnyPointer;
+  # Was the one-message image (image.capnp MigrationImage, gone): never set; the image is the
+  # migration stream after this message (`imageStreamed`).
   command @3 :Text;        # for logs and mps
   imageStreamed @4 :Bool;
   # The job's migration stream (protocol/migration.md, the same bytes as a checkpoint file)
