@@ -6,7 +6,9 @@ refused move leaves it running at home, unharmed."""
 import os
 import subprocess
 
-from conftest import PYTHON, REMOTE, proc_alive, wait_until
+import pytest
+
+from conftest import BUILD, PYTHON, REMOTE, proc_alive, wait_until
 
 COUNTER = r'''
 import sys
@@ -184,3 +186,29 @@ def test_unknown_or_down_node_is_refused(cluster, home):
     status, out, err = job.wait(timeout=60)
     assert out == b"ready\nread 'at home\\n'\nrest 0\n", err
     assert status == 3
+
+
+# The zdtm programs of tests/migrate (each sets up one kind of state, signals DIR/ready, waits
+# for DIR/go and "go" on stdin, then verifies and prints PASS), moved home→remote instead of
+# through a checkpoint file.
+ZDTM = ["regs_fpu", "regs_avx512", "memory", "files", "signals", "handlers", "timers",
+        "robust_rseq", "blocked_read", "self_pipe"]
+
+
+@pytest.mark.parametrize("name", ZDTM)
+def test_zdtm_home_to_remote(cluster, home, name):
+    program = BUILD / "tests" / "migrate" / f"migrate_{name}"
+    work = home / "work"
+    work.mkdir()
+    job = cluster.start(1, ["mosrun", program, work], cwd=home, stdin=subprocess.PIPE)
+    wait_until(lambda: (work / "ready").exists() or job.popen.poll() is not None, 60,
+               what=f"{name} ready")
+    if job.popen.poll() == 77:
+        pytest.skip(f"{name}: not on this machine")
+    assert job.popen.poll() is None, job.popen.stdout.read()
+    cp = migrate(cluster, job.pid, job=job)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    (work / "go").touch()
+    feed(job, b"go\n")
+    status, out, err = job.wait(timeout=120)
+    assert status == 0 and b"PASS" in out, (status, out, err)
