@@ -116,6 +116,11 @@ Deputy::~Deputy() {
   fds_.remove(channel_->fd());
 }
 
+void Deputy::setImageToSend(kj::AutoCloseFd fd, uint64_t offset) {
+  imageFd_ = kj::mv(fd);
+  imageOffset_ = offset;
+}
+
 void Deputy::startInspection() {
   JobStats& stats = record_.get()->stats;
   channel_->countBytesInto(&stats.bytesOut, &stats.bytesIn);
@@ -167,21 +172,28 @@ void Deputy::run() {
 
 void Deputy::waitForMessage() {
   for (;;) {
-    flushSignals();
+    // Until the migration stream has gone (sendImage), nothing but its bytes may follow JobStart
+    // on the channel: signals stay pending in the kernel, and are forwarded once it has gone.
+    bool holdSignals = imageFd_.get() >= 0;
+    if (!holdSignals) {
+      flushSignals();
+    }
     serveExecHandoff();
     if (channel_->hasBuffered()) {
       return;
     }
     struct pollfd pfd = {channel_->fd(), POLLIN, 0};
     // The only place besides a forwarded call where signals are open.
-    int n = ppoll(&pfd, 1, nullptr, &openSignalMask());
+    int n = ppoll(&pfd, 1, nullptr, holdSignals ? nullptr : &openSignalMask());
     if (n < 0) {
       if (errno == EINTR) {
         continue;
       }
       KJ_FAIL_SYSCALL("ppoll", errno);
     }
-    flushSignals();
+    if (!holdSignals) {
+      flushSignals();
+    }
     return;
   }
 }
@@ -242,6 +254,15 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
     case proto::ToDeputy::FORK: handleFork(message.getFork()); return;
     case proto::ToDeputy::CHILD_DISPOSITION:
       mirrorChildDisposition(message.getChildDisposition());
+      return;
+    case proto::ToDeputy::SEND_IMAGE:
+      if (imageFd_.get() >= 0) {
+        sendFileBytes(*channel_, imageFd_.get(), imageOffset_, UINT64_MAX);
+        fds_.remove(imageFd_.get());
+        imageFd_ = nullptr;
+      } else {
+        spdlog::warn("sendImage without a migration image to send, ignored");
+      }
       return;
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",

@@ -64,6 +64,11 @@ class Deputy {
   // for `exit`, `failed` and successful execs.
   void handle(proto::ToDeputy::Reader message);
 
+  // The migration stream file whose bytes from `offset` on go to the supervisor when it sends
+  // sendImage (JobStart.imageStreamed). `fd` is one of the reserved descriptors (fds.h); it is
+  // closed and released once sent.
+  void setImageToSend(kj::AutoCloseFd fd, uint64_t offset);
+
   // Sends one ToRemote.signal per recorded signal (signals.h).
   void flushSignals();
 
@@ -112,6 +117,8 @@ class Deputy {
   Executor executor_;
   OwnedJobRecord record_;
   uint64_t publishedFds_ = ~uint64_t{0};  // ReservedFds::generation() last published
+  kj::AutoCloseFd imageFd_;               // setImageToSend
+  uint64_t imageOffset_ = 0;
 };
 
 // Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.

@@ -156,14 +156,40 @@ int deputyMain(int argc, char** argv) {
     return EXIT_CANNOT_RUN;
   }
   unlink(imagePath.c_str());
-  auto root = image->root();
-  options.jobExe = std::string(reinterpret_cast<const char*>(root.getExe().getPath().begin()),
-                               root.getExe().getPath().size());
-  options.command = imageCommand(root);
+  auto header = image->header();
+  options.jobExe = std::string(reinterpret_cast<const char*>(header.getExe().getPath().begin()),
+                               header.getExe().getPath().size());
+  options.command = imageCommand(header);
   // ps and top at home show the job's name, as for the native process (openMosix did the same).
-  if (root.hasCommand()) {
-    prctl(PR_SET_NAME, root.getCommand().cStr(), 0, 0, 0);
+  if (header.hasCommand()) {
+    prctl(PR_SET_NAME, header.getCommand().cStr(), 0, 0, 0);
   }
+  // A running job that `migrate` moved had its close-on-exec flags cleared so that its
+  // descriptors survived the exec of this program: they are the job's again (its own later
+  // execs at home depend on them). SIGCHLD's SA_NOCLDWAIT did not survive the exec either.
+  bool noChildWait = false;
+  for (auto file : header.getFiles()) {
+    if (file.getCloseOnExec()) {
+      fcntl(file.getFd(), F_SETFD, FD_CLOEXEC);
+    }
+  }
+  for (auto action : header.getSigActions()) {
+    if (action.getSigno() == SIGCHLD &&
+        action.getHandler() != reinterpret_cast<uint64_t>(SIG_IGN) &&
+        (action.getFlags() & SA_NOCLDWAIT) != 0) {
+      noChildWait = true;
+    }
+  }
+  int imageFd;
+  try {
+    imageFd = fds.moveHigh(image->releaseFd().release());
+  } catch (kj::Exception& e) {
+    printMosrunMessage(std::string("cannot keep the migration image open: ") +
+                       e.getDescription().cStr());
+    return EXIT_CANNOT_RUN;
+  }
+  kj::AutoCloseFd imageOwner(imageFd);
+  uint64_t headerEnd = image->headerEnd();
 
   std::optional<ClusterCredentials> credentials;
   try {
@@ -199,8 +225,9 @@ int deputyMain(int argc, char** argv) {
   auto channel = kj::heap<Channel>(kj::AutoCloseFd(fd));
   try {
     capnp::MallocMessageBuilder start;
-    fillJobStart(options.homeNode, root, options.command, start);
+    fillJobStart(options.homeNode, options.command, start);
     channel->send(start);
+    sendFileBytes(*channel, imageFd, 0, headerEnd);
   } catch (kj::Exception& e) {
     printMosrunMessage("cannot reach " + where + ": " + e.getDescription().cStr());
     return EXIT_CANNOT_RUN;
@@ -209,7 +236,12 @@ int deputyMain(int argc, char** argv) {
   spdlog::info("job {} ({}) sent to {}", getpid(), options.command, where);
 
   installSignalHandlers();
+  if (noChildWait) {
+    mirrorChildDisposition(2);
+  }
   Deputy deputy(std::move(options), fds, kj::mv(channel));
+  // The frames follow when the supervisor asks (sendImage); the loop sends them.
+  deputy.setImageToSend(kj::mv(imageOwner), headerEnd);
   deputy.run();
 }
 

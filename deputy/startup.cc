@@ -27,26 +27,48 @@ ImageFile::ImageFile(const std::string& path) {
   if (fd < 0) {
     KJ_FAIL_SYSCALL("open", errno, path);
   }
-  kj::AutoCloseFd owned(fd);
-  struct stat st;
-  KJ_SYSCALL(fstat(fd, &st), path);
-  size_ = st.st_size;
-  KJ_REQUIRE(size_ >= sizeof(capnp::word) && size_ % sizeof(capnp::word) == 0,
-             "not a migration image (size)", path, size_);
-  map_ = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  if (map_ == MAP_FAILED) {
-    map_ = nullptr;
-    KJ_FAIL_SYSCALL("mmap", errno, path);
+  fd_ = kj::AutoCloseFd(fd);
+  // MAGIC, then the header's segment table (capnp standard framing): its size in words.
+  uint32_t first[2] = {};
+  ssize_t n = pread(fd, first, sizeof(first), sizeof(migrate::IMAGE_MAGIC));
+  KJ_REQUIRE(n == sizeof(first), "not a umosix migration image (too short)", path);
+  uint32_t segments = first[0] + 1;
+  KJ_REQUIRE(segments <= 512, "migration image corrupt: its header does not parse", path);
+  uint64_t table = ((segments + 2) & ~uint32_t(1)) * sizeof(uint32_t);
+  auto sizes = kj::heapArray<uint32_t>(table / sizeof(uint32_t));
+  n = pread(fd, sizes.begin(), table, sizeof(migrate::IMAGE_MAGIC));
+  KJ_REQUIRE(n == static_cast<ssize_t>(table), "migration image truncated", path);
+  uint64_t words = 0;
+  for (uint32_t i = 0; i < segments; i++) {
+    words += sizes[i + 1];
   }
-  auto words = kj::arrayPtr(static_cast<const capnp::word*>(map_), size_ / sizeof(capnp::word));
-  reader_ = kj::heap<capnp::FlatArrayMessageReader>(words, channelReaderOptions());
-  root().getArch();  // validates the root pointer now rather than in the middle of JobStart
+  headerEnd_ = sizeof(migrate::IMAGE_MAGIC) + table + words * sizeof(capnp::word);
+  KJ_REQUIRE(headerEnd_ <= (uint64_t{256} << 20), "migration image corrupt: header too large");
+  headerBytes_ = kj::heapArray<kj::byte>(headerEnd_);
+  n = pread(fd, headerBytes_.begin(), headerEnd_, 0);
+  KJ_REQUIRE(n == static_cast<ssize_t>(headerEnd_), "migration image truncated", path);
+  headerStream_ = kj::heap<kj::ArrayInputStream>(headerBytes_.asPtr());
+  reader_ = kj::heap<migrate::ImageReader>(*headerStream_);
 }
 
-ImageFile::~ImageFile() {
-  reader_ = nullptr;
-  if (map_ != nullptr) {
-    munmap(map_, size_);
+void sendFileBytes(Channel& channel, int fd, uint64_t from, uint64_t to) {
+  constexpr size_t CHUNK = 1 << 20;
+  auto buffer = kj::heapArray<kj::byte>(CHUNK);
+  while (from < to) {
+    size_t want = static_cast<size_t>(kj::min(to - from, uint64_t(CHUNK)));
+    ssize_t n = pread(fd, buffer.begin(), want, static_cast<off_t>(from));
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      KJ_FAIL_SYSCALL("pread of the migration image", errno);
+    }
+    if (n == 0) {
+      KJ_REQUIRE(to == UINT64_MAX, "migration image shorter than expected", from, to);
+      return;
+    }
+    channel.sendBytes(buffer.begin(), n);
+    from += n;
   }
 }
 
@@ -213,22 +235,21 @@ int sendHello(int fd, const ClusterCredentials& credentials, int timeoutMs) {
   return err;
 }
 
-std::string imageCommand(proto::MigrationImage::Reader image) {
+std::string imageCommand(proto::ImageHeader::Reader header) {
   std::string command;
-  for (auto arg : image.getArgv()) {
+  for (auto arg : header.getArgv()) {
     if (!command.empty()) {
       command += ' ';
     }
     command.append(reinterpret_cast<const char*>(arg.begin()), arg.size());
   }
   if (command.empty()) {
-    command = image.getCommand();
+    command = header.getCommand();
   }
   return command;
 }
 
-void fillJobStart(uint32_t homeNode, proto::MigrationImage::Reader image,
-                  const std::string& command, capnp::MessageBuilder& message) {
+void fillJobStart(uint32_t homeNode, const std::string& command, capnp::MessageBuilder& message) {
   auto start = message.initRoot<proto::JobStart>();
   start.setHomeNode(homeNode);
   auto ids = start.initIds();
@@ -238,8 +259,8 @@ void fillJobStart(uint32_t homeNode, proto::MigrationImage::Reader image,
   ids.setEuid(geteuid());
   ids.setGid(getgid());
   ids.setEgid(getegid());
-  start.setImage(image);
   start.setCommand(command);
+  start.setImageStreamed(true);
 }
 
 }  // namespace mos::deputy

@@ -9,27 +9,41 @@
 
 #include "cluster_auth.h"
 #include "fds.h"
-#include "image.capnp.h"
+#include "channel.h"
+#include "image_stream.h"
 
 namespace mos::deputy {
 
-// A migration image read from its file (capnp standard framing, unpacked, as libmigrate writes
-// it), mapped privately. The descriptor is closed before returning.
+// A migration stream in a file (protocol/migration.md), as the migration agent or `migrate`
+// wrote it: its header parsed, its descriptor kept (the caller unlinks the path) so that the
+// stream can be sent to the node in two parts (JobStart.imageStreamed).
 class ImageFile {
  public:
-  // Maps `path`. Throws kj::Exception (FAILED) naming the path and the errno, or when the bytes
-  // are not a message.
+  // Opens `path` and reads MAGIC and the header (the frames stay in the file). Throws
+  // kj::Exception (FAILED) naming the path and the errno, or ImageReader's words for a damaged
+  // or foreign file.
   explicit ImageFile(const std::string& path);
-  ~ImageFile();
   KJ_DISALLOW_COPY(ImageFile);
 
-  proto::MigrationImage::Reader root() { return reader_->getRoot<proto::MigrationImage>(); }
+  proto::ImageHeader::Reader header() { return reader_->header(); }
+  int fd() const { return fd_.get(); }
+  // Bytes of MAGIC and the header: what goes right after JobStart.
+  uint64_t headerEnd() const { return headerEnd_; }
+  // Gives up the descriptor (the deputy keeps it until the supervisor asks for the frames).
+  kj::AutoCloseFd releaseFd() { return kj::mv(fd_); }
 
  private:
-  void* map_ = nullptr;
-  size_t size_ = 0;
-  kj::Own<capnp::MessageReader> reader_;
+  kj::AutoCloseFd fd_;
+  uint64_t headerEnd_ = 0;
+  kj::Array<kj::byte> headerBytes_;
+  kj::Own<kj::ArrayInputStream> headerStream_;
+  kj::Own<migrate::ImageReader> reader_;
 };
+
+// Sends bytes [from, to) of file `fd` over `channel` as raw bytes, 1 MiB at a time (pread: the
+// file offset is not used). `to` = UINT64_MAX: to the end of the file. Throws as Channel::send,
+// or FAILED on a read error.
+void sendFileBytes(Channel& channel, int fd, uint64_t from, uint64_t to);
 
 // Connects a TCP socket to address:port (numeric IPv4 or IPv6, else resolved with
 // getaddrinfo(3)) within `timeoutMs`, moves it to a reserved high number (fds.h), makes it
@@ -43,11 +57,10 @@ int connectJobSocket(const std::string& address, uint16_t port, int timeoutMs, R
 // connection instead of accepting (a wrong key or node id), -ETIMEDOUT, or another -errno.
 int sendHello(int fd, const ClusterCredentials& credentials, int timeoutMs);
 
-// Fills `start` from this process's ids, the image and `command`.
-void fillJobStart(uint32_t homeNode, proto::MigrationImage::Reader image,
-                  const std::string& command, capnp::MessageBuilder& message);
+// Fills `start` from this process's ids and `command`, with imageStreamed set: the stream follows.
+void fillJobStart(uint32_t homeNode, const std::string& command, capnp::MessageBuilder& message);
 
 // The job's command line for logs and mps: the image's argv joined by spaces, else its comm.
-std::string imageCommand(proto::MigrationImage::Reader image);
+std::string imageCommand(proto::ImageHeader::Reader header);
 
 }  // namespace mos::deputy

@@ -23,7 +23,7 @@
 #include <kj/debug.h>
 
 #include "checkpoint.h"
-#include "image_io.h"
+#include "proc_maps.h"
 #include "migrate.h"
 #include "ptrace_task.h"
 
@@ -81,28 +81,45 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
   return 0;
 }
 
+// The argv of `pid` (/proc/PID/cmdline split at NULs), empty if unreadable.
+std::vector<std::string> cmdlineOf(pid_t pid) {
+  std::vector<std::string> argv;
+  std::string text;
+  try {
+    text = readProcFile("/proc/" + std::to_string(pid) + "/cmdline");
+  } catch (kj::Exception&) {
+    return argv;
+  }
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\0', start);
+    if (end == std::string::npos) {
+      end = text.size();
+    }
+    argv.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return argv;
+}
+
+// Writes the migration stream of `pid` to `path` (mode 0600, replaced if it exists).
+void writeStreamFile(pid_t pid, const std::string& path) {
+  int fd;
+  KJ_SYSCALL(fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600), path);
+  kj::AutoCloseFd owner(fd);
+  kj::FdOutputStream out(fd);
+  kj::BufferedOutputStreamWrapper buffered(out);
+  captureImage(pid, buffered);
+  buffered.flush();
+}
+
 // At the PTRACE_EVENT_EXEC stop of the job's program: capture, write, turn into the deputy.
 [[noreturn]] void migrateAtExec(pid_t pid, const AgentConfig& config) {
   std::vector<std::string> jobArgv;  // the program's own argv, shown by ps for the deputy
-  try {
-    capnp::MallocMessageBuilder message;
-    auto image = message.initRoot<proto::MigrationImage>();
-    capture(pid, image);
-    for (auto arg : image.getArgv()) {
-      jobArgv.emplace_back(reinterpret_cast<const char*>(arg.begin()), arg.size());
-    }
-    writeImageFile(config.imagePath, message);
-  } catch (kj::Exception& e) {
-    fprintf(stderr, "mos-agent: cannot migrate pid %d, it runs at home: %s\n", pid,
-            e.getDescription().cStr());
-    ::ptrace(PTRACE_DETACH, pid, 0, 0);
-    ::_exit(1);
-  }
-
   std::vector<int> pending;  // signals that arrived during the injection, delivered after it
   try {
-    PtraceTask task(pid);
-    // The program's own execve has not returned yet: step to its syscall-exit stop.
+    // The program's own execve has not returned yet: step to its syscall-exit stop, where its
+    // registers are those its first instruction sees (rax 0), and capture it there.
     KJ_SYSCALL(::ptrace(PTRACE_SYSCALL, pid, 0, 0));
     for (;;) {
       int status = waitTask(pid);
@@ -114,7 +131,21 @@ int passStop(pid_t pid, int status, __ptrace_request resume, bool suppress) {
         pending.push_back(sig);
       }
     }
+    jobArgv = cmdlineOf(pid);
+    writeStreamFile(pid, config.imagePath);
+  } catch (kj::Exception& e) {
+    fprintf(stderr, "mos-agent: cannot migrate pid %d, it runs at home: %s\n", pid,
+            e.getDescription().cStr());
+    ::unlink(config.imagePath.c_str());
+    ::ptrace(PTRACE_DETACH, pid, 0, 0);
+    for (int sig : pending) {
+      ::kill(pid, sig);
+    }
+    ::_exit(1);
+  }
 
+  try {
+    PtraceTask task(pid);
     user_regs_struct regs = task.getRegs();
     // Strings and pointer arrays go below rsp: the image is captured, this memory is ours.
     // The deputy's own arguments travel in its environment (UMOSIX_DEPUTY_ARGS, one per line),

@@ -81,6 +81,11 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink);
 // process keeps the ones of the process it is restored into (a shell job's terminal).
 std::vector<std::string> checkResumable(proto::ImageHeader::Reader header);
 
+// The part of checkResumable() that is about this machine and not the home node's files: the
+// architecture, one thread, the CPU's xsave features, the vDSO's size and place in its area, the
+// restore stub's range. What a node checks before it runs an image as a guest.
+std::vector<std::string> checkRestorableHere(proto::ImageHeader::Reader header);
+
 struct RestoreStats {
   uint64_t pages = 0;
   uint64_t injectedSyscalls = 0;
@@ -99,6 +104,29 @@ struct RestoreStats {
 // all of the stub's descriptors but 0..2 are gone afterwards. Throws kj::Exception (FAILED) when a
 // step fails; the process is then half rebuilt and the caller must kill it.
 RestoreStats restoreImage(ImageReader& source, pid_t pid);
+
+// What execDeputy() executes.
+struct DeputyExec {
+  std::string path;               // absolute path of mos-deputy
+  std::vector<std::string> argv;  // its argv: the job's own, so that ps shows the job at home
+  std::vector<std::string> env;   // its whole environment (UMOSIX_DEPUTY_ARGS: its options)
+};
+
+// Turns the seized, captured process `pid` into its own deputy (design decision 1, for a process
+// that already runs: `migrate PID NODE`). By injection, with every signal blocked: disarms its
+// interval timers (they survive execve, and the guest has them from the image), takes every
+// pending signal off its queues (execve keeps them, the image holds them: they would be
+// delivered twice), clears FD_CLOEXEC on the descriptors `header` lists with closeOnExec (the
+// deputy sets them again from the image), then execve(exec.path, exec.argv, exec.env). The
+// deputy starts with every signal blocked.
+// Returns the signal numbers that were pending but are not in `header` (they arrived after the
+// capture): send them to the process again (kill) once it is detached; its deputy forwards them.
+// Preconditions: the caller ptraces `pid` (SeizedProcess) and it is stopped; `header` is the
+// image captureImage() just wrote of it. On success the process is left at the exit stop of the
+// execve (detach it). When the execve fails, the timers, flags, signals (re-queued with their
+// siginfo), registers and mask are put back and kj::Exception (FAILED) names the errno: the
+// process can be detached and runs on at home.
+std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header, const DeputyExec& exec);
 
 // execveat(2) of the restore stub (embedded in libmigrate: a few static pages at
 // 0x3f0000000000 that exit with status 127 unless a tracer takes over). Returns only on failure,

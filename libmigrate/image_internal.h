@@ -41,6 +41,15 @@ inline void setFileRef(proto::FileRef::Builder ref, const std::string& path,
   ref.setMode(st.st_mode);
 }
 
+struct RestoreOptions;
+
+// The child side of a restore on a node (restore(), restoreGuest()): PR_SET_PDEATHSIG, its own
+// process group, default dispositions, an empty mask, the fds of options.fdMap (copied above
+// `highFd` first) and no others unless options.keepAllFds, PTRACE_TRACEME, then execveat of the
+// stub in `memfd`. `parent` is what getppid() must return (0 in another pid namespace).
+// Only async-signal-safe calls: the caller may have threads. Never returns.
+[[noreturn]] void execStubChild(int memfd, pid_t parent, const RestoreOptions& options, int highFd);
+
 inline std::string pathOf(capnp::Data::Reader bytes) {
   return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
 }

@@ -21,18 +21,7 @@
 
 namespace mos::migrate {
 
-// Captures the user part of `pid` into `image`.
-// Preconditions: the caller is pid's ptracer and pid is in a ptrace stop (for example the
-// PTRACE_EVENT_EXEC stop); pid has exactly one thread.
-// Captures mappings (/proc/PID/maps), the bytes of private pages that differ from their file
-// (pagemap) and of all anonymous pages, registers (NT_PRSTATUS, including fs_base) and xsave
-// state (NT_X86_XSTATE), auxv, the mm layout, signal mask and SIG_IGN set, exe identity, rseq
-// registration. Mappings of deleted files and memfds travel as anonymous copies of every page.
-// A task stopped on its way out of an interrupted syscall gets CRIU's restart fixup (rax =
-// orig_rax, rip -= 2); one inside an rseq critical section resumes at its abort handler.
-// Throws kj::Exception (FAILED) with a readable description on any error (a second thread,
-// unreadable memory, a shared writable file mapping).
-void capture(pid_t pid, proto::MigrationImage::Builder image);
+class ImageReader;  // image_stream.h
 
 // Resolves a file of the image to a local path whose content equals the source file's (the
 // remote content cache). Called once per distinct file, before the stub is touched.
@@ -44,7 +33,7 @@ struct RestoreOptions {
   gid_t gid = 65534;
   bool dropPrivileges = true;
   // The seccomp program to install (seccomp_filter.h); empty: none (tests of restore alone).
-  // It must let the stub's own close(2) and munmap(2) through (allow, or notify: restore()
+  // It must let the stub's own close(2) and munmap(2) through (allow, or notify: restoreGuest()
   // answers notifications for its injected calls with SECCOMP_USER_NOTIF_FLAG_CONTINUE).
   std::span<const sock_filter> seccompFilter;
   // Flags OR'd into SECCOMP_FILTER_FLAG_NEW_LISTENER (e.g. SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV).
@@ -66,35 +55,39 @@ struct RestoredGuest {
   kj::AutoCloseFd listener;  // the seccomp user-notification fd; absent without a filter
 };
 
-// Forks a stub (a child of the caller, killed if the caller dies: PR_SET_PDEATHSIG), rebuilds
-// the image in it by ptrace syscall injection (mappings, page contents, mm layout, vDSO at the
-// image's address, registers, xsave, signal mask and SIG_IGN set), drops privileges, installs
-// the seccomp filter and takes its listener, then detaches and lets it run. The stub starts with
-// an empty fd table.
-// Throws kj::Exception (FAILED) when the image cannot be restored here (vDSO layout differs,
-// xsave features missing, a file cannot be resolved); the stub is killed and reaped first.
-// Exceptions thrown by `files` propagate unchanged (nothing is forked before all files resolve).
+// Restores the guest of a job on a node from a migration stream (checkpoint.h,
+// protocol/migration.md; the one image format, design decision 9). Reads the header from
+// `source`, resolves every mapped file with `files` (nothing is forked before all files
+// resolve), forks a stub (a child of the caller, killed if the caller dies: PR_SET_PDEATHSIG; at
+// options.pid in the caller's children's pid namespace; fds of options.fdMap only, unless
+// options.keepAllFds), then rebuilds it by ptrace syscall injection as restoreImage() does, while
+// the frames arrive: mappings (files at their resolved local paths), pages, vDSO at the image's
+// address, mm layout and auxv, name, personality, dispositions, sigaltstack, itimers, robust
+// list, tid address, rseq, pending signals (re-queued with their siginfo); then drops
+// privileges, installs the seccomp filter and takes its listener, unmaps the stub's pages, sets
+// xsave, registers and mask, detaches and lets it run. Not taken from the image: cwd, umask,
+// descriptors, /proc/PID/exe (a guest's files are its deputy's). The stream's digest is checked
+// when its end frame is read, before the guest runs.
+// Throws kj::Exception (FAILED) when the image cannot run here (CPU, vDSO, threads) or the
+// stream is damaged or truncated; the stub is then killed and reaped. Exceptions thrown by
+// `files` propagate unchanged.
 //
 // What the caller must know:
-// - restore() is synchronous (a few ms) and waitpid()s the stub by pid with __WALL while it
-//   works: no other code of the caller may reap with waitpid(-1) meanwhile.
+// - restoreGuest() is synchronous (a few ms plus the transfer) and waitpid()s the stub by pid
+//   with __WALL while it works: no other code of the caller may reap with waitpid(-1) meanwhile.
 // - The guest is the caller's child: reap it. Its PR_SET_PDEATHSIG(SIGKILL) fires when the
-//   *thread* that called restore() exits, so call it from a thread that lives as long as the
-//   guest should (the main thread).
-// - Restored: mappings, page contents, registers incl. fs_base/gs_base, xsave, signal mask, SIG_IGN
-//   set, mm layout (PR_SET_MM_MAP incl. auxv), rseq registration, vDSO address. Not restored yet:
-//   sigaltstack, set_tid_address, robust list, itimers, rlimits, pending signals, and
-//   /proc/PID/exe (it names the stub's memfd: the stub stays mapped until the last injected call).
-// - With a filter, restore's own injected close(2) of the stub's listener copy and the final
-//   munmap(2) pass through the filter; notifications for them are answered by restore() itself
-//   with SECCOMP_USER_NOTIF_FLAG_CONTINUE. The first notification the caller receives is the
-//   guest's own.
-RestoredGuest restore(proto::MigrationImage::Reader image, const FileResolver& files,
-                      const RestoreOptions& options);
+//   *thread* that called restoreGuest() exits, so call it from a thread that lives as long as
+//   the guest should (the main thread).
+// - With a filter, the injected close(2) of the stub's listener copy and the final munmap(2)
+//   pass through the filter; their notifications are answered by restoreGuest() itself with
+//   SECCOMP_USER_NOTIF_FLAG_CONTINUE. The first notification the caller receives is the guest's.
+RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
+                           const RestoreOptions& options);
 
 // A migration agent: a helper process (double-forked, so never a child the job could wait for)
-// that seizes the calling process, waits for its next successful execve, captures it at the
-// PTRACE_EVENT_EXEC stop, writes the image to `imagePath` (mode 0600), and turns the process into
+// that seizes the calling process, waits for its next successful execve, captures it at that
+// execve's syscall-exit stop (captureImage, before the program's first instruction), writes the
+// migration stream to `imagePath` (mode 0600), and turns the process into
 // its deputy by injecting execve(deputyPath, deputyArgv) (decision 1). If capture fails it
 // detaches and lets the new program run at home, and says so on stderr. If the execve of the
 // deputy fails, it says so on stderr, removes the image and makes the process exit_group(125).

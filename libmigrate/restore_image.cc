@@ -11,9 +11,13 @@
 //   7. the stub's pages unmapped (caught at the munmap's syscall-exit stop), /proc/PID/exe;
 //   8. xsave state, registers, signal mask; PTRACE_DETACH.
 #include <dirent.h>
+#include <linux/sched.h>
+#include <linux/seccomp.h>
+#include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/wait.h>
 #include <fcntl.h>
 #include <linux/prctl.h>
-#include <linux/sched.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -28,11 +32,13 @@
 #include <cpuid.h>
 #include <cstring>
 #include <map>
+#include <functional>
 #include <set>
 
 #include <kj/debug.h>
 
 #include "checkpoint.h"
+#include "migrate.h"
 #include "image_internal.h"
 #include "proc_maps.h"
 #include "ptrace_task.h"
@@ -153,7 +159,7 @@ struct KernelSigaction {
 
 }  // namespace
 
-std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
+std::vector<std::string> checkRestorableHere(proto::ImageHeader::Reader header) {
   std::vector<std::string> problems;
   if (header.getArch() != "x86_64") {
     problems.push_back(
@@ -178,13 +184,23 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
                                " bytes, ", local.vdsoSize, " here)")
                            .cStr());
   }
-  std::set<std::string> seen;
   for (auto m : header.getMappings()) {
     if (m.getStart() < STUB_LIMIT && m.getEnd() > STUB_BASE) {
       problems.push_back(
           kj::str("the image maps the restore stub's address range at ", kj::hex(m.getStart()))
               .cStr());
     }
+  }
+  return problems;
+}
+
+std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
+  std::vector<std::string> problems = checkRestorableHere(header);
+  if (!problems.empty() && header.getThreads().size() != 1) {
+    return problems;
+  }
+  std::set<std::string> seen;
+  for (auto m : header.getMappings()) {
     if (m.getKind() != Kind::FILE) {
       continue;
     }
@@ -255,17 +271,32 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
   return problems;
 }
 
-RestoreStats restoreImage(ImageReader& source, pid_t pid) {
-  // 1. Checks.
-  auto header = source.header();
-  std::vector<std::string> problems = checkResumable(header);
-  if (!problems.empty()) {
-    std::string all;
-    for (auto& p : problems) {
-      all += (all.empty() ? "" : "; ") + p;
-    }
-    KJ_FAIL_REQUIRE(kj::str("the image cannot be resumed here: ", all.c_str()));
+namespace {
+
+[[noreturn]] void failWith(const char* what, const std::vector<std::string>& problems) {
+  std::string all;
+  for (auto& p : problems) {
+    all += (all.empty() ? "" : "; ") + p;
   }
+  KJ_FAIL_REQUIRE(kj::str(what, all.c_str()));
+}
+
+// Where a rebuild happens and what it takes from the image beyond memory, registers and signals.
+struct Target {
+  // The local path of a mapped file of the image.
+  std::function<std::string(proto::FileRef::Reader)> mappedPath;
+  // At home: cwd, umask, descriptors and /proc/PID/exe are the image's. A guest has none of
+  // them (its files are its deputy's).
+  bool atHome = true;
+  // Called after every injected call of the image's state and before the stub's pages go: a
+  // guest drops its privileges and enters its sandbox there.
+  std::function<void(PtraceTask&, RemotePtr<uint8_t> scratch)> beforeStubUnmap;
+};
+
+// Stages 2 to 8 of the file comment, into the stopped restore stub `pid`; leaves it stopped with
+// the image's registers and mask, still traced.
+RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
+  auto header = source.header();
   auto thread = header.getThreads()[0];
   KJ_REQUIRE(thread.getRegs().size() == sizeof(user_regs_struct), "bad register blob in the image");
   PtraceTask task(pid);
@@ -329,7 +360,7 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     long fd = -1;
     uint64_t offset = 0;
     if (kind == Kind::FILE) {
-      std::string path = pathOf(m.getFile().getPath());
+      std::string path = target.mappedPath(m.getFile());
       auto it = mappedFds.find(path);
       if (it == mappedFds.end()) {
         long r = task.syscall(__NR_openat,
@@ -426,70 +457,72 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     task.syscallOrThrow("prctl(PR_SET_NAME)", __NR_prctl, {PR_SET_NAME, writePath(comm), 0, 0, 0});
   }
   task.syscallOrThrow("personality", __NR_personality, {header.getPersonality()});
-  task.syscallOrThrow("umask", __NR_umask, {header.getUmask()});
-  task.syscallOrThrow("chdir", __NR_chdir, {writePath(pathOf(header.getCwd()))});
-  // Every descriptor of the stub goes but the inherited 0..2; then the image's come back.
-  std::set<int> keep;
-  for (auto f : header.getFiles()) {
-    if (inherited(f)) {
-      keep.insert(f.getFd());
+  if (target.atHome) {
+    task.syscallOrThrow("umask", __NR_umask, {header.getUmask()});
+    task.syscallOrThrow("chdir", __NR_chdir, {writePath(pathOf(header.getCwd()))});
+    // Every descriptor of the stub goes but the inherited 0..2; then the image's come back.
+    std::set<int> keep;
+    for (auto f : header.getFiles()) {
+      if (inherited(f)) {
+        keep.insert(f.getFd());
+      }
     }
-  }
-  for (int fd = 0; fd <= 2; ++fd) {
-    if (!keep.count(fd)) {
-      task.syscall(__NR_close, {uint64_t(fd)});
+    for (int fd = 0; fd <= 2; ++fd) {
+      if (!keep.count(fd)) {
+        task.syscall(__NR_close, {uint64_t(fd)});
+      }
     }
-  }
-  task.syscall(__NR_close_range, {3, ~0u, 0});
-  // Pipes of the process's own: a new pipe each, its ends moved above every image descriptor
-  // first so that placing one end never closes the other.
-  uint64_t above = 3;
-  for (auto file : header.getFiles()) {
-    above = std::max<uint64_t>(above, file.getFd() + 1);
-  }
-  for (auto& [ino, ends] : internalPipes(header)) {
-    task.syscallOrThrow("pipe2", __NR_pipe2, {scratch, 0});
-    int pair[2];
-    task.readMem(scratchPtr, std::span<uint8_t>(reinterpret_cast<uint8_t*>(pair), sizeof(pair)));
-    refillPipe(task, pair[0], pair[1], ends);
-    uint64_t high[2];
-    for (int i = 0; i < 2; ++i) {
-      high[i] =
-          task.syscallOrThrow("fcntl(F_DUPFD)", __NR_fcntl, {uint64_t(pair[i]), F_DUPFD, above});
-      task.syscallOrThrow("close", __NR_close, {uint64_t(pair[i])});
+    task.syscall(__NR_close_range, {3, ~0u, 0});
+    // Pipes of the process's own: a new pipe each, its ends moved above every image descriptor
+    // first so that placing one end never closes the other.
+    uint64_t above = 3;
+    for (auto file : header.getFiles()) {
+      above = std::max<uint64_t>(above, file.getFd() + 1);
     }
-    for (auto file : ends) {
-      uint64_t from = high[(file.getFlags() & O_ACCMODE) == O_WRONLY ? 1 : 0];
+    for (auto& [ino, ends] : internalPipes(header)) {
+      task.syscallOrThrow("pipe2", __NR_pipe2, {scratch, 0});
+      int pair[2];
+      task.readMem(scratchPtr, std::span<uint8_t>(reinterpret_cast<uint8_t*>(pair), sizeof(pair)));
+      refillPipe(task, pair[0], pair[1], ends);
+      uint64_t high[2];
+      for (int i = 0; i < 2; ++i) {
+        high[i] =
+            task.syscallOrThrow("fcntl(F_DUPFD)", __NR_fcntl, {uint64_t(pair[i]), F_DUPFD, above});
+        task.syscallOrThrow("close", __NR_close, {uint64_t(pair[i])});
+      }
+      for (auto file : ends) {
+        uint64_t from = high[(file.getFlags() & O_ACCMODE) == O_WRONLY ? 1 : 0];
+        uint64_t fd = file.getFd();
+        task.syscallOrThrow("dup3", __NR_dup3,
+                            {from, fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
+        task.syscallOrThrow("fcntl(F_SETFL)", __NR_fcntl,
+                            {fd, F_SETFL, file.getFlags() & uint64_t(O_NONBLOCK)});
+      }
+      task.syscallOrThrow("close", __NR_close, {high[0]});
+      task.syscallOrThrow("close", __NR_close, {high[1]});
+    }
+    for (auto file : header.getFiles()) {
+      if (inherited(file) || file.getKind() == proto::OpenFile::Kind::PIPE) {
+        continue;
+      }
+      std::string path = pathOf(file.getPath());
+      uint32_t flags = file.getFlags() & ~uint32_t(O_CREAT | O_EXCL | O_TRUNC);
+      long tmp = task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(path), flags, 0});
+      KJ_REQUIRE(tmp >= 0, kj::str("cannot reopen fd ", file.getFd(), " (", path.c_str(),
+                                   "): ", strerror(int(-tmp))));
       uint64_t fd = file.getFd();
-      task.syscallOrThrow("dup3", __NR_dup3,
-                          {from, fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
-      task.syscallOrThrow("fcntl(F_SETFL)", __NR_fcntl,
-                          {fd, F_SETFL, file.getFlags() & uint64_t(O_NONBLOCK)});
+      if (uint64_t(tmp) != fd) {
+        task.syscallOrThrow("dup3", __NR_dup3,
+                            {uint64_t(tmp), fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
+        task.syscallOrThrow("close", __NR_close, {uint64_t(tmp)});
+      } else if (file.getCloseOnExec()) {
+        task.syscallOrThrow("fcntl(F_SETFD)", __NR_fcntl, {fd, F_SETFD, FD_CLOEXEC});
+      }
+      if (file.getKind() == proto::OpenFile::Kind::REGULAR) {
+        task.syscallOrThrow("lseek", __NR_lseek, {fd, uint64_t(file.getOffset()), SEEK_SET});
+      }
     }
-    task.syscallOrThrow("close", __NR_close, {high[0]});
-    task.syscallOrThrow("close", __NR_close, {high[1]});
-  }
-  for (auto file : header.getFiles()) {
-    if (inherited(file) || file.getKind() == proto::OpenFile::Kind::PIPE) {
-      continue;
-    }
-    std::string path = pathOf(file.getPath());
-    uint32_t flags = file.getFlags() & ~uint32_t(O_CREAT | O_EXCL | O_TRUNC);
-    long tmp = task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(path), flags, 0});
-    KJ_REQUIRE(tmp >= 0, kj::str("cannot reopen fd ", file.getFd(), " (", path.c_str(),
-                                 "): ", strerror(int(-tmp))));
-    uint64_t fd = file.getFd();
-    if (uint64_t(tmp) != fd) {
-      task.syscallOrThrow("dup3", __NR_dup3,
-                          {uint64_t(tmp), fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
-      task.syscallOrThrow("close", __NR_close, {uint64_t(tmp)});
-    } else if (file.getCloseOnExec()) {
-      task.syscallOrThrow("fcntl(F_SETFD)", __NR_fcntl, {fd, F_SETFD, FD_CLOEXEC});
-    }
-    if (file.getKind() == proto::OpenFile::Kind::REGULAR) {
-      task.syscallOrThrow("lseek", __NR_lseek, {fd, uint64_t(file.getOffset()), SEEK_SET});
-    }
-  }
+  }  // atHome
 
   // 6. Signals, timers, per-thread registrations.
   {
@@ -543,9 +576,12 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     task.syscallOrThrow("rseq", __NR_rseq,
                         {thread.getRseqAddr(), thread.getRseqSize(), 0, thread.getRseqSignature()});
   }
-  // A thread-directed signal is queued by its thread itself: the kernel lets a task queue a
-  // siginfo with a kernel or kill/tgkill si_code (SI_TKILL of pthread_kill) only on itself.
-  auto queue = [&](proto::PendingSignal::Reader p, PtraceTask& by) {
+  // The process's pid as it sees itself (a guest lives in its job's pid namespace).
+  uint64_t self = task.syscallOrThrow("getpid", __NR_getpid, {});
+  // A thread-directed signal is queued by its thread itself (`by`, whose id as it sees itself is
+  // `tid`): the kernel lets a task queue a siginfo with a kernel or kill/tgkill si_code (SI_TKILL
+  // of pthread_kill) only on itself.
+  auto queue = [&](proto::PendingSignal::Reader p, PtraceTask& by, uint64_t tid) {
     auto info = p.getSiginfo();
     KJ_REQUIRE(info.size() == sizeof(siginfo_t), "bad siginfo in the image");
     siginfo_t si;
@@ -556,10 +592,10 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     uint64_t at = writeScratch(&si, sizeof(si));
     if (p.getShared()) {
       by.syscallOrThrow("rt_sigqueueinfo", __NR_rt_sigqueueinfo,
-                        {uint64_t(pid), uint64_t(si.si_signo), at});
+                        {self, uint64_t(si.si_signo), at});
     } else {
       by.syscallOrThrow("rt_tgsigqueueinfo", __NR_rt_tgsigqueueinfo,
-                        {uint64_t(pid), uint64_t(by.pid()), uint64_t(si.si_signo), at});
+                        {self, tid, uint64_t(si.si_signo), at});
     }
   };
 
@@ -629,22 +665,29 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
   }
 
   for (auto p : header.getPending()) {
-    queue(p, task);
+    queue(p, task, self);
   }
   for (auto p : thread.getPending()) {
-    queue(p, task);
+    queue(p, task, self);
   }
   for (size_t i = 1; i < threadList.size(); ++i) {
     for (auto p : threadList[i].getPending()) {
-      queue(p, others[i - 1]);
+      queue(p, others[i - 1], uint64_t(threadList[i].getTid()));
     }
+  }
+
+  if (target.beforeStubUnmap) {
+    target.beforeStubUnmap(task, scratchPtr);
   }
 
   // 7. The stub's pages, the last of the stub; /proc/PID/exe names the image's program when
   // this process may change it (CAP_SYS_RESOURCE and CAP_CHECKPOINT_RESTORE).
-  long exeFd = task.syscall(
-      __NR_openat,
-      {uint64_t(AT_FDCWD), writePath(pathOf(header.getExe().getPath())), O_RDONLY | O_CLOEXEC, 0});
+  long exeFd = -1;
+  if (target.atHome) {
+    exeFd =
+        task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(pathOf(header.getExe().getPath())),
+                                   O_RDONLY | O_CLOEXEC, 0});
+  }
   task.syscallOrThrow("munmap(stub)", __NR_munmap, {stubStart, stubEnd - stubStart});
   if (exeFd >= 0 && wanted.present()) {
     RemotePtr<uint8_t> vdsoInsn =
@@ -678,8 +721,204 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     KJ_SYSCALL(::ptrace(PTRACE_DETACH, other.pid(), 0, 0), other.pid());
   }
   others.clear();
+  return stats;
+}
+
+}  // namespace
+
+RestoreStats restoreImage(ImageReader& source, pid_t pid) {
+  std::vector<std::string> problems = checkResumable(source.header());
+  if (!problems.empty()) {
+    failWith("the image cannot be resumed here: ", problems);
+  }
+  Target target;
+  target.mappedPath = [](proto::FileRef::Reader ref) { return pathOf(ref.getPath()); };
+  RestoreStats stats = rebuild(source, pid, target);
   KJ_SYSCALL(::ptrace(PTRACE_DETACH, pid, 0, 0), pid);
   return stats;
+}
+
+void execStubChild(int memfd, pid_t parent, const RestoreOptions& options, int highFd) {
+  // Only async-signal-safe calls from here on: the caller may have threads.
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) {
+    ::_exit(127);
+  }
+  // A process group of its own whose parent (the caller) is in another group of the session:
+  // the group is not orphaned, so the kernel does not discard SIGTSTP/SIGTTIN/SIGTTOU sent to
+  // it (job control of a guest works, signal(7), credentials(7) "orphaned process group").
+  ::setpgid(0, 0);
+  // Only SIG_IGN survives exec; the image sets its own dispositions later.
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  for (int sig = 1; sig < NSIG; ++sig) {
+    ::sigaction(sig, &dfl, nullptr);
+  }
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+
+  int copies[64];
+  size_t n = std::min<size_t>(options.fdMap.size(), 64);
+  for (size_t i = 0; i < n; ++i) {
+    copies[i] = ::fcntl(options.fdMap[i].first, F_DUPFD_CLOEXEC, highFd);
+    if (copies[i] < 0) {
+      ::_exit(127);
+    }
+  }
+  if (!options.keepAllFds) {
+    ::syscall(SYS_close_range, 0u, ~0u, CLOSE_RANGE_CLOEXEC);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (::dup2(copies[i], options.fdMap[i].second) < 0) {
+      ::_exit(127);
+    }
+  }
+  if (::ptrace(PTRACE_TRACEME, 0, 0, 0) != 0) {
+    ::_exit(127);
+  }
+  char name[] = "mos-stub";
+  char* argv[] = {name, nullptr};
+  char* envp[] = {nullptr};
+  ::syscall(SYS_execveat, memfd, "", argv, envp, AT_EMPTY_PATH);
+  ::_exit(127);
+}
+
+RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
+                           const RestoreOptions& options) {
+  // 1. Checks and files, before anything is forked.
+  auto header = source.header();
+  std::vector<std::string> problems = checkRestorableHere(header);
+  if (!problems.empty()) {
+    failWith("the image cannot run on this node: ", problems);
+  }
+  KJ_REQUIRE(options.fdMap.size() <= 64, "restoreGuest: too many fdMap entries");
+  KJ_REQUIRE(options.seccompFilter.size() * sizeof(sock_filter) <= SCRATCH_SIZE - 4096,
+             "restoreGuest: seccomp program too large", options.seccompFilter.size());
+  std::map<std::string, std::string> localPaths;  // home path -> local path
+  for (auto m : header.getMappings()) {
+    if (m.getKind() == Kind::FILE) {
+      std::string home = pathOf(m.getFile().getPath());
+      if (localPaths.find(home) == localPaths.end()) {
+        std::string local = files(m.getFile());
+        KJ_REQUIRE(!local.empty() && local.size() < 4000, "restoreGuest: unusable local path",
+                   local);
+        localPaths.emplace(home, std::move(local));
+      }
+    }
+  }
+
+  // 2. The stub, from a memfd, at the wanted pid.
+  int memfd;
+  KJ_SYSCALL(memfd = ::memfd_create("mos-stub", MFD_CLOEXEC));
+  kj::AutoCloseFd memfdOwner(memfd);
+  for (size_t done = 0; done < STUB_IMAGE_SIZE;) {
+    ssize_t n;
+    KJ_SYSCALL(n = ::write(memfd, STUB_IMAGE + done, STUB_IMAGE_SIZE - done));
+    done += n;
+  }
+  int highFd = memfd;
+  for (auto& [from, to] : options.fdMap) {
+    highFd = std::max({highFd, from, to});
+  }
+  highFd += 1;
+  pid_t parent = options.pid > 0 ? 0 : ::getpid();
+  pid_t pid;
+  if (options.pid > 0) {
+    pid_t tid = options.pid;
+    clone_args args{};
+    args.exit_signal = SIGCHLD;
+    args.set_tid = reinterpret_cast<uint64_t>(&tid);
+    args.set_tid_size = 1;
+    KJ_SYSCALL(pid = static_cast<pid_t>(::syscall(SYS_clone3, &args, sizeof(args))),
+               "clone3 of the stub at its pid", options.pid);
+  } else {
+    KJ_SYSCALL(pid = ::fork());
+  }
+  if (pid == 0) {
+    execStubChild(memfd, parent, options, highFd);
+  }
+  memfdOwner = nullptr;
+  bool detached = false;
+  KJ_DEFER(if (!detached) {
+    ::kill(pid, SIGKILL);
+    int ignored;
+    while (::waitpid(pid, &ignored, __WALL) < 0 && errno == EINTR) {
+    }
+  });
+  int status = waitTask(pid);
+  KJ_REQUIRE(WIFSTOPPED(status) && WSTOPSIG(status) == SIGTRAP, "restoreGuest: stub did not start",
+             describeStatus(status));
+  KJ_SYSCALL(::ptrace(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL));
+
+  // 3. The image, then credentials and the sandbox before the stub's pages go.
+  kj::AutoCloseFd listener;
+  Target target;
+  target.atHome = false;
+  target.mappedPath = [&](proto::FileRef::Reader ref) {
+    return localPaths.at(pathOf(ref.getPath()));
+  };
+  target.beforeStubUnmap = [&](PtraceTask& task, RemotePtr<uint8_t> scratchPtr) {
+    uint64_t scratch = scratchPtr.addr();
+    if (options.dropPrivileges) {
+      task.syscallOrThrow("setgroups", __NR_setgroups, {0, 0});
+      task.syscallOrThrow("setresgid", __NR_setresgid, {options.gid, options.gid, options.gid});
+      task.syscallOrThrow("setresuid", __NR_setresuid, {options.uid, options.uid, options.uid});
+      task.syscallOrThrow("prctl(PR_SET_PDEATHSIG)", __NR_prctl, {PR_SET_PDEATHSIG, SIGKILL});
+      task.syscallOrThrow("prctl(PR_SET_DUMPABLE)", __NR_prctl, {PR_SET_DUMPABLE, 1});
+    }
+    if (options.seccompFilter.empty()) {
+      return;
+    }
+    task.syscallOrThrow("prctl(PR_SET_NO_NEW_PRIVS)", __NR_prctl,
+                        {PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0});
+    RemotePtr<uint8_t> progAt = scratchPtr + 4096;
+    task.writeMem(progAt, std::span<const uint8_t>(
+                              reinterpret_cast<const uint8_t*>(options.seccompFilter.data()),
+                              options.seccompFilter.size() * sizeof(sock_filter)));
+    struct {
+      uint16_t len;
+      uint16_t pad[3];
+      uint64_t filter;
+    } fprog{static_cast<uint16_t>(options.seccompFilter.size()), {}, progAt.addr()};
+    task.writeValue(scratchPtr.cast<decltype(fprog)>(), fprog);
+    uint64_t remoteListener = task.syscallOrThrow(
+        "seccomp(SECCOMP_SET_MODE_FILTER)", __NR_seccomp,
+        {SECCOMP_SET_MODE_FILTER,
+         SECCOMP_FILTER_FLAG_NEW_LISTENER | static_cast<uint64_t>(options.seccompExtraFlags),
+         scratch});
+    int pidfd;
+    KJ_SYSCALL(pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)), pid);
+    kj::AutoCloseFd pidfdOwner(pidfd);
+    int fd;
+    KJ_SYSCALL(fd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remoteListener, 0)), pid);
+    listener = kj::AutoCloseFd(fd);
+    // From now on the filter applies to what we inject: answer its notifications with CONTINUE
+    // (our own calls, no pointer argument is judged).
+    task.setWhileInSyscall([fd, pid]() {
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 0) <= 0 || !(p.revents & POLLIN)) {
+        return;
+      }
+      seccomp_notif req{};
+      if (::ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, &req) != 0) {
+        return;
+      }
+      seccomp_notif_resp resp{};
+      resp.id = req.id;
+      resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+      KJ_REQUIRE(static_cast<pid_t>(req.pid) == pid, "notification from a stranger", req.pid);
+      ::ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
+    });
+    task.syscallOrThrow("close(listener)", __NR_close, {remoteListener});
+  };
+  rebuild(source, pid, target);
+  KJ_SYSCALL(::ptrace(PTRACE_DETACH, pid, 0, 0), pid);
+  detached = true;
+  RestoredGuest guest;
+  guest.pid = pid;
+  guest.listener = kj::mv(listener);
+  return guest;
 }
 
 void execRestoreStub() {

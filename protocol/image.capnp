@@ -1,7 +1,8 @@
 @0xdaf5519545c4aa4b;
-# The migration image: everything libmigrate captures of a process's user part, and everything it
-# needs to rebuild that user part in a fresh stub on another node. One format for every direction
-# (home→remote, remote→remote, remote→home, checkpoint file). Ordinals are append-only.
+# Parts of the migration image shared by protocol/migration.capnp (the stream: one format for
+# every direction, design decision 9) and job.capnp (FileRef). The first, one-message image
+# (MigrationImage, PageRun, ThreadState) is gone: the stream replaced it. Ordinals are
+# append-only.
 #
 # Units: addresses and sizes are bytes; page runs are page aligned (4096 bytes on x86-64).
 
@@ -42,25 +43,6 @@ struct Mapping {
   }
 }
 
-struct PageRun {
-  # Captured bytes of a contiguous range inside one mapping. Pages not covered by a run are
-  # either zero (anonymous) or the file's own content (file mappings).
-  start @0 :UInt64;
-  data @1 :Data;         # length is a multiple of the page size
-}
-
-struct ThreadState {
-  tid @0 :Int32;         # the id the job sees (a home tid)
-  regs @1 :Data;         # struct user_regs_struct as PTRACE_GETREGSET NT_PRSTATUS returns it
-                         # (includes fs_base and gs_base)
-  xstate @2 :Data;       # the NT_X86_XSTATE buffer (XSAVE layout of the source CPU)
-  sigBlocked @3 :UInt64; # blocked mask, bit (n-1) for signal n
-  rseqAddr @4 :UInt64;   # registered struct rseq (rseq(2)), 0 if none
-                         # (PTRACE_GET_RSEQ_CONFIGURATION); restore re-registers it
-  rseqSize @5 :UInt32;   # its registered length, bytes
-  rseqSignature @6 :UInt32;  # the abort signature it was registered with
-}
-
 struct MmLayout {
   # The mm fields of /proc/PID/stat that PR_SET_MM_MAP restores (prctl(2)).
   startCode @0 :UInt64;
@@ -74,18 +56,4 @@ struct MmLayout {
   argEnd @8 :UInt64;
   envStart @9 :UInt64;
   envEnd @10 :UInt64;
-}
-
-struct MigrationImage {
-  arch @0 :Text;             # "x86_64"
-  kernelRelease @1 :Text;    # uname -r of the source node, informative
-  mappings @2 :List(Mapping);
-  pages @3 :List(PageRun);
-  threads @4 :List(ThreadState);   # first cut: exactly one
-  mm @5 :MmLayout;
-  auxv @6 :Data;             # raw /proc/PID/auxv (pairs of UInt64)
-  sigIgnored @7 :UInt64;     # dispositions that are SIG_IGN, bit (n-1) for signal n
-  exe @8 :FileRef;           # /proc/PID/exe
-  command @9 :Text;          # /proc/PID/comm
-  argv @10 :List(Data);      # /proc/PID/cmdline split at NULs, informative (mps)
 }

@@ -40,8 +40,16 @@ struct JobStart {
   # First message deputy → supervisor, after the "UMOSJOB1" hello.
   homeNode @0 :UInt32;
   ids @1 :Ids;
-  image @2 :Image.MigrationImage;
+  obsoleteImage @2 :AnyPointer;
+  # Was the one-message image (image.capnp MigrationImage, gone): never set; the image is the
+  # migration stream after this message (`imageStreamed`).
   command @3 :Text;        # for logs and mps
+  imageStreamed @4 :Bool;
+  # The job's migration stream (protocol/migration.md, the same bytes as a checkpoint file)
+  # follows this message on the channel as raw bytes, in two parts: MAGIC and the header at
+  # once; the frames and the end frame when the supervisor asks with ToDeputy.sendImage, after
+  # it has fetched the image's files (FetchFile round trips need the channel free of pages).
+  # The supervisor restores the guest as the frames arrive; nothing holds the whole stream.
 }
 
 struct Buffer {
@@ -146,6 +154,9 @@ struct ToDeputy {
     # The guest set SIGCHLD's disposition: 0 a handler or SIG_DFL, 1 SIG_IGN, 2 SA_NOCLDWAIT
     # (with a handler or SIG_DFL). The deputy sets its own likewise, so the home kernel reaps
     # the job's children itself exactly when the guest's kernel would (wait(2), NOTES).
+    sendImage @10 :Void;
+    # After JobStart.imageStreamed: the supervisor has the header and every file it names;
+    # the deputy sends the rest of the migration stream (frames, end) as raw bytes now.
   }
 }
 

@@ -1,6 +1,6 @@
 @0xd954fe0036eb34b6;
 # The migration stream (design decision 9): what libmigrate's captureImage() writes and
-# restoreImage() reads, for a checkpoint file today and for live moves between nodes next.
+# restoreImage() reads, for a checkpoint file and for every move to a node (JobStart.imageStreamed, job.capnp).
 # The byte layout around these messages is documented in protocol/migration.md:
 #
 #   stream := MAGIC  header  frame*  end

@@ -16,12 +16,14 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include <capnp/message.h>
 #include <kj/debug.h>
 #include <spdlog/spdlog.h>
 
+#include "checkpoint.h"
 #include "guest_family.h"
 #include "marshal.h"
 #include "migrate.h"
@@ -262,8 +264,8 @@ void Supervisor::receiveJobStart() {
   start_.getCommand();
   KJ_REQUIRE(start_.getHomeNode() == options_.peerNode, "JobStart names another home node",
              start_.getHomeNode(), options_.peerNode);
-  KJ_REQUIRE(start_.getImage().getArch() == "x86_64", "image of another architecture",
-             start_.getImage().getArch());
+  KJ_REQUIRE(start_.getImageStreamed(),
+             "JobStart without a migration stream (a deputy of an older umosix?)");
   ownedCache_ = kj::heap<FileCache>(options_.cacheDir, options_.peerNode);
   cache_ = ownedCache_.get();
   if (!options_.runDir.empty()) {
@@ -313,9 +315,28 @@ void Supervisor::startGuest() {
   // signal is then handled by the supervisor's answer (see roundTrip), which is what makes a
   // signal the job sends itself arrive before kill(2) returns.
   options.seccompExtraFlags = SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV;
-  auto guest = migrate::restore(
-      start_.getImage(), [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); },
-      options);
+  auto resolve = [this](proto::FileRef::Reader ref) { return resolveImageFile(ref); };
+  // The migration stream follows JobStart: MAGIC and the header now; the frames once every
+  // file the header maps is in the content cache (fetching needs the channel free of pages).
+  // A deputy that stops sending in the middle of the stream must not hold this supervisor.
+  struct timeval streamTimeout = {30, 0}, none = {0, 0};
+  setsockopt(channel_.fd(), SOL_SOCKET, SO_RCVTIMEO, &streamTimeout, sizeof(streamTimeout));
+  KJ_DEFER(setsockopt(channel_.fd(), SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none)));
+  ChannelInputStream in(channel_);
+  migrate::ImageReader reader(in);
+  std::set<std::string> seen;
+  for (auto m : reader.header().getMappings()) {
+    if (m.getKind() == proto::Mapping::Kind::FILE &&
+        seen.insert(
+                std::string(m.getFile().getPath().asChars().begin(), m.getFile().getPath().size()))
+            .second) {
+      resolveImageFile(m.getFile());
+    }
+  }
+  capnp::MallocMessageBuilder ask(16);
+  ask.initRoot<proto::ToDeputy>().setSendImage();
+  channel_.send(ask);
+  auto guest = migrate::restoreGuest(reader, resolve, options);
   guest_ = guest.pid;
   // GuestFamily takes the listener and SIGCHLD (run()).
   listener_ = kj::mv(guest.listener);

@@ -83,6 +83,45 @@ void Channel::send(capnp::MessageBuilder& message) {
   }
 }
 
+void Channel::sendBytes(const void* data, size_t size) {
+  const char* at = static_cast<const char*>(data);
+  while (size > 0) {
+    ssize_t n = ::send(fd_.get(), at, size, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) {
+        continue;
+      }
+      if (errno == EPIPE || errno == ECONNRESET || errno == ETIMEDOUT) {
+        kj::throwFatalException(KJ_EXCEPTION(DISCONNECTED, "job channel lost", strerror(errno)));
+      }
+      KJ_FAIL_SYSCALL("send", errno);
+    }
+    addBytes(sent_, n);
+    at += n;
+    size -= n;
+  }
+}
+
+size_t Channel::receiveBytes(kj::byte* dst, size_t min, size_t max) {
+  size_t got = 0;
+  if (begin_ < end_) {
+    got = kj::min(end_ - begin_, max);
+    memcpy(dst, buffer_.begin() + begin_, got);
+    begin_ += got;
+  }
+  while (got < min) {
+    ssize_t n = readSome(dst + got, max - got);
+    if (n < 0) {
+      continue;  // EINTR
+    }
+    if (n == 0) {
+      break;
+    }
+    got += n;
+  }
+  return got;
+}
+
 ssize_t Channel::readSome(kj::byte* dst, size_t max) {
   ssize_t n = ::read(fd_.get(), dst, max);
   if (n < 0 && errno != EINTR) {

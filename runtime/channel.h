@@ -43,6 +43,14 @@ class Channel {
   // receive() (it may read lazily from the shared buffer).
   kj::Maybe<kj::Own<capnp::MessageReader>> receive();
 
+  // Sends `size` raw bytes (a migration stream after JobStart, protocol/job.capnp). Throws as
+  // send() does. Blocks until written.
+  void sendBytes(const void* data, size_t size);
+
+  // Reads between `min` and `max` raw bytes into `dst`, buffered bytes first. Returns the bytes
+  // read, less than `min` only at end of stream. Throws DISCONNECTED on a reset.
+  size_t receiveBytes(kj::byte* dst, size_t min, size_t max);
+
   // True when bytes of a next message are already buffered, so receive() will not wait for the
   // socket to become readable first (poll(2) on fd() would miss them).
   bool hasBuffered();
@@ -74,6 +82,19 @@ class Channel {
   size_t end_ = 0;
   std::atomic<uint64_t>* sent_ = nullptr;
   std::atomic<uint64_t>* received_ = nullptr;
+};
+
+// The raw bytes of a channel as a kj::InputStream (ImageReader reads a migration stream from it).
+// An end of stream inside a read is a short read, which ImageReader reports as truncated.
+class ChannelInputStream final : public kj::InputStream {
+ public:
+  explicit ChannelInputStream(Channel& channel) : channel_(channel) {}
+  size_t tryRead(void* buffer, size_t minBytes, size_t maxBytes) override {
+    return channel_.receiveBytes(static_cast<kj::byte*>(buffer), minBytes, maxBytes);
+  }
+
+ private:
+  Channel& channel_;
 };
 
 // Sets TCP_NODELAY and short keepalive probes (idle 2 s, interval 1 s, 3 probes) plus

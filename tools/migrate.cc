@@ -1,34 +1,52 @@
 // migrate: move a job process's user part, or checkpoint it (docs/migrate.1.md).
 //
+//   migrate PID NODE
 //   migrate PID checkpoint FILE
 //
-// Writes the migration image of PID (a job process running at home) to FILE and lets PID run
-// on; `mosrun -R FILE` resumes it. Moves between nodes (migrate PID NODE|home) are the next
-// step of issue 8 and are refused with a clear message for now.
+// NODE: moves the user part of PID, a job process running at home, to node NODE while it runs:
+// captures it (libmigrate's migration stream), turns PID into its own deputy (execve injected
+// into it, design decision 1) and waits until the deputy reports the guest running on NODE.
+// checkpoint: writes the migration image of PID to FILE and lets PID run on; `mosrun -R FILE`
+// resumes it. Moves of a job whose user part is already away (NODE to another node, `home`)
+// are refused for now.
 //
 // Exit status: 0 done; 1 refused or failed (the process keeps running where it was, FILE is not
 // created); 2 bad arguments.
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <kj/debug.h>
 
 #include "checkpoint.h"
+#include "cluster_auth.h"
+#include "config.h"
+#include "job_registry.h"
+#include "map_file.h"
+#include "node_client.h"
+#include "programs.h"
 
 namespace {
 
 constexpr int EXIT_REFUSED = 1;
 constexpr int EXIT_USAGE = 2;
+constexpr int NODE_CHECK_TIMEOUT_MS = 3000;
+constexpr auto START_TIMEOUT = std::chrono::seconds(60);
 
 [[noreturn]] void fail(const std::string& message) {
   fmt::print(stderr, "migrate: {}\n", message);
@@ -66,6 +84,186 @@ int checkpoint(pid_t pid, const std::string& file) {
   return 0;
 }
 
+bool isDeputy(pid_t pid) {
+  std::string exe = exeOf(pid);
+  return exe.size() >= 10 && exe.compare(exe.size() - 10, 10, "mos-deputy") == 0;
+}
+
+// Waits until the deputy of job `pid` reports its guest running on `node` (its job record), or the
+// job ends. Returns an empty string, or why not.
+std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
+  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  kj::AutoCloseFd owner(pidfd);
+  auto deadline = std::chrono::steady_clock::now() + START_TIMEOUT;
+  while (std::chrono::steady_clock::now() < deadline) {
+    mos::JobSnapshot job;
+    mos::StatsSnapshot stats;
+    if (mos::readJobRecord(runDir, "jobs", pid, job, stats) && job.state == mos::JobState::REMOTE &&
+        job.node == node) {
+      return "";
+    }
+    if (pidfd >= 0) {
+      pollfd p{pidfd, POLLIN, 0};
+      if (poll(&p, 1, 10) == 1) {
+        return "the job ended before its guest ran on the node (see its stderr)";
+      }
+    } else if (kill(pid, 0) != 0 && errno == ESRCH) {
+      return "the job ended before its guest ran on the node (see its stderr)";
+    } else {
+      usleep(10000);
+    }
+  }
+  return "the guest did not report running within 60 s";
+}
+
+int moveToNode(pid_t pid, const std::string& target) {
+  uint32_t node = 0;
+  try {
+    size_t used = 0;
+    unsigned long v = std::stoul(target, &used);
+    if (used != target.size() || v == 0 || v > UINT32_MAX) {
+      throw std::invalid_argument(target);
+    }
+    node = static_cast<uint32_t>(v);
+  } catch (std::exception&) {
+    fmt::print(stderr, "migrate: TARGET is a node id, `home` or `checkpoint`, not `{}`\n", target);
+    exit(EXIT_USAGE);
+  }
+  if (kill(pid, 0) != 0 && errno == ESRCH) {
+    fail(fmt::format("no process {}", pid));
+  }
+  mos::NodeConfig config;
+  mos::MapFile map;
+  try {
+    config = mos::configFromEnvironment();
+    map = mos::MapFile::fromPath(config.mapPath);
+    mos::resolveNodeId(config, map);
+  } catch (kj::Exception& e) {
+    fail(e.getDescription().cStr());
+  }
+  if (isDeputy(pid)) {
+    fail(fmt::format(
+        "pid {} runs on a remote node already (it is its deputy here): moves of a job that is "
+        "away are not implemented yet",
+        pid));
+  }
+  if (node == config.nodeId) {
+    fmt::print("migrate: pid {} already runs at home (node {})\n", pid, node);
+    return 0;
+  }
+  mos::Ipv4 address;
+  KJ_IF_MAYBE (a, map.lookup(node)) {
+    address = *a;
+  } else {
+    fail(fmt::format("node {} is not in the cluster map {}", node, config.mapPath));
+  }
+  std::string keyPath = std::filesystem::absolute(config.keyPath).string();
+  try {
+    mos::ClusterCredentials credentials{config.nodeId, mos::ClusterKey::load(keyPath)};
+    mos::queryStatus(credentials, address, config.port, NODE_CHECK_TIMEOUT_MS);
+  } catch (kj::Exception& e) {
+    fail(fmt::format("node {} ({}:{}) is down or unreachable, pid {} stays at home: {}", node,
+                     address.toString(), config.port, pid, e.getDescription().cStr()));
+  }
+  mos::migrate::DeputyExec exec;
+  try {
+    exec.path = mos::programPath("mos-deputy");
+  } catch (kj::Exception& e) {
+    fail(e.getDescription().cStr());
+  }
+  std::string imagePath = fmt::format("{}/images/{}.img", config.runDir, pid);
+  std::error_code ec;
+  std::filesystem::create_directories(config.runDir + "/images", ec);
+  if (ec) {
+    fail(fmt::format("cannot create {}/images: {}", config.runDir, ec.message()));
+  }
+  // The deputy's options travel in its environment, one per line (mos-deputy(8)), so that its
+  // argv stays the job's own.
+  std::vector<std::string> options = {"--node",      std::to_string(node),
+                                      "--address",   address.toString(),
+                                      "--port",      std::to_string(config.port),
+                                      "--home-node", std::to_string(config.nodeId),
+                                      "--run-dir",   config.runDir,
+                                      "--key",       keyPath,
+                                      "--image",     imagePath};
+  std::string env = "UMOSIX_DEPUTY_ARGS=";
+  for (auto& o : options) {
+    env += o + "\n";
+  }
+  exec.env = {env};
+
+  mos::migrate::CaptureStats stats;
+  std::vector<int> resend;
+  try {
+    mos::migrate::SeizedProcess process(pid);
+    // Counted once every task is stopped (none can start another now). libmigrate captures
+    // threads, but a guest's threads each need a deputy thread and channel on the node: not yet.
+    size_t threads = 0;
+    for (auto& entry : std::filesystem::directory_iterator(fmt::format("/proc/{}/task", pid))) {
+      (void)entry;
+      threads++;
+    }
+    if (threads > 1) {
+      fail(fmt::format(
+          "pid {} has {} threads: moving a multi-threaded process to a node is not implemented "
+          "yet (`migrate {} checkpoint FILE` captures it with its threads); it stays at home",
+          pid, threads, pid));
+    }
+    {
+      int fd = open(imagePath.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      if (fd < 0) {
+        fail(fmt::format("cannot create {}: {}", imagePath, strerror(errno)));
+      }
+      kj::AutoCloseFd owner(fd);
+      kj::FdOutputStream out(fd);
+      kj::BufferedOutputStreamWrapper buffered(out);
+      try {
+        stats = mos::migrate::captureImage(pid, buffered);
+        buffered.flush();
+      } catch (kj::Exception& e) {
+        unlink(imagePath.c_str());
+        fail(fmt::format("cannot move pid {}, it stays at home: {}", pid,
+                         e.getDescription().cStr()));
+      }
+    }
+    int fd = open(imagePath.c_str(), O_RDONLY | O_CLOEXEC);
+    KJ_REQUIRE(fd >= 0, "cannot reopen the image", imagePath, strerror(errno));
+    kj::AutoCloseFd owner(fd);
+    kj::FdInputStream in(fd);
+    mos::migrate::ImageReader reader(in);
+    auto header = reader.header();
+    for (auto arg : header.getArgv()) {
+      exec.argv.emplace_back(reinterpret_cast<const char*>(arg.begin()), arg.size());
+    }
+    if (exec.argv.empty()) {
+      exec.argv.push_back(exec.path);
+    }
+    try {
+      resend = mos::migrate::execDeputy(pid, header, exec);
+    } catch (kj::Exception& e) {
+      unlink(imagePath.c_str());
+      fail(fmt::format("cannot move pid {}, it stays at home: {}", pid, e.getDescription().cStr()));
+    }
+  } catch (kj::Exception& e) {
+    unlink(imagePath.c_str());
+    fail(fmt::format("cannot move pid {}: {}", pid, e.getDescription().cStr()));
+  }
+  // Detached: the process is the deputy now. Signals that came after the capture go to it again.
+  for (int sig : resend) {
+    kill(pid, sig);
+  }
+  std::string why = waitForGuest(pid, config.runDir, node);
+  if (!why.empty()) {
+    fail(fmt::format("pid {} did not start on node {}: {}", pid, node, why));
+  }
+  fmt::print(
+      "migrate: pid {} runs on node {}: {} pages ({:.1f} MiB) in {} runs, stopped {:.1f} ms for "
+      "the capture\n",
+      pid, node, stats.pages, stats.pages * 4096.0 / (1 << 20), stats.runs,
+      stats.frozen.count() / 1000.0);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -76,7 +274,8 @@ int main(int argc, char** argv) {
   std::string target;
   std::string file;
   app.add_option("PID", pid, "the job process")->required();
-  app.add_option("TARGET", target, "`checkpoint` (a node id or `home`: not implemented yet)")
+  app.add_option("TARGET", target,
+                 "a node id: move the job there (it must run at home); `checkpoint`: write FILE")
       ->required();
   app.add_option("FILE", file, "with `checkpoint`: the checkpoint file to write (mode 0600)");
   app.footer(
@@ -99,6 +298,8 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "migrate: FILE is only for `checkpoint`\n");
     return EXIT_USAGE;
   }
-  fail(fmt::format("moving pid {} to {} is not implemented yet (issue 8); only `checkpoint` is",
-                   pid, target));
+  if (target == "home") {
+    fail(fmt::format("pid {}: moves home are not implemented yet (issue 8)", pid));
+  }
+  return moveToNode(pid, target);
 }

@@ -25,6 +25,7 @@
 
 #include "cluster_auth.h"
 #include "deputy.h"
+#include "image_stream.h"
 #include "signals.h"
 
 using namespace mos;
@@ -485,19 +486,26 @@ TEST_CASE("deputy exec at home: failure answers -errno, success replaces the dep
 
 namespace {
 
+// A migration stream file (protocol/migration.md) with a header and no pages.
 std::string writeImage(const char* exe) {
   capnp::MallocMessageBuilder message;
-  auto image = message.initRoot<proto::MigrationImage>();
-  image.setArch("x86_64");
-  image.setCommand("the-job");
-  image.initExe().setPath(kj::StringPtr(exe).asBytes());
-  auto argv = image.initArgv(2);
+  auto header = message.initRoot<proto::ImageHeader>();
+  header.setVersion(proto::MIGRATION_VERSION);
+  header.setArch("x86_64");
+  header.setCommand("the-job");
+  header.initExe().setPath(kj::StringPtr(exe).asBytes());
+  auto argv = header.initArgv(2);
   argv.set(0, kj::StringPtr("the-job").asBytes());
   argv.set(1, kj::StringPtr("--flag").asBytes());
   char path[] = "/tmp/deputy-image-XXXXXX";
   int fd = mkstemp(path);
   REQUIRE(fd >= 0);
-  capnp::writeMessageToFd(fd, message);
+  {
+    kj::FdOutputStream out(fd);
+    migrate::ImageWriter writer(out);
+    writer.writeHeader(message);
+    writer.finish();
+  }
   close(fd);
   return path;
 }
@@ -679,10 +687,21 @@ TEST_CASE("mos-deputy starts the job: HELLO, JobStart, record, syscalls, exit st
     CHECK(start.getIds().getTid() == pid);
     CHECK(start.getIds().getUid() == getuid());
     CHECK(start.getCommand() == "the-job --flag");
-    CHECK(std::string(start.getImage().getExe().getPath().asChars().begin(),
-                      start.getImage().getExe().getPath().size()) == "/usr/bin/the-job");
+    CHECK(start.getImageStreamed());
   } else {
     FAIL("no JobStart");
+  }
+  startMessage = nullptr;
+  {
+    // The stream's header follows at once; its frames when asked for.
+    ChannelInputStream in(channel);
+    migrate::ImageReader reader(in);
+    CHECK(std::string(reader.header().getExe().getPath().asChars().begin(),
+                      reader.header().getExe().getPath().size()) == "/usr/bin/the-job");
+    capnp::MallocMessageBuilder ask;
+    ask.initRoot<proto::ToDeputy>().setSendImage();
+    channel.send(ask);
+    CHECK(reader.nextRun() == nullptr);  // the end frame, its digest checked
   }
   {
     capnp::MallocMessageBuilder message;

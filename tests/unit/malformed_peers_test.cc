@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "channel.h"
+#include "checkpoint.h"
 #include "cluster_auth.h"
 #include "deputy.h"
 #include "job.capnp.h"
@@ -582,17 +583,10 @@ std::string jobStart(bool plausible) {
   ids.setUid(65534);
   ids.setGid(65534);
   start.setCommand(randomBytes(below(16)).c_str());
-  auto image = start.initImage();
-  image.setArch(plausible || below(2) ? "x86_64" : "aarch64");
-  image.setCommand("fuzz");
-  auto path = "/nonexistent/" + std::to_string(rng());
-  image.initExe().setPath(bytesOf(path));
-  auto argv = image.initArgv(below(4));
-  for (uint i = 0; i < argv.size(); i++) {
-    argv.set(i, bytesOf(randomBytes(below(16))));
-  }
-  image.setAuxv(bytesOf(randomBytes(8 * below(8))));
-  return frameOf(message);
+  start.setImageStreamed(plausible || below(2));
+  // The migration stream's start, or garbage in its place.
+  std::string after = below(2) ? std::string("UMOSIMG\n", 8) : std::string();
+  return frameOf(message) + after + randomBytes(below(64));
 }
 
 bool badJob(uint16_t port, int kind) {
@@ -976,8 +970,8 @@ namespace {
 
 constexpr int SUPERVISOR_INPUTS = 60;
 
-// /bin/cat captured at its exec stop (the image mosrun's agent sends).
-std::unique_ptr<capnp::MallocMessageBuilder> catImage() {
+// /bin/cat captured at its exec stop: the migration stream mosrun's agent writes.
+std::string catImage() {
   pid_t pid = fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
@@ -988,13 +982,31 @@ std::unique_ptr<capnp::MallocMessageBuilder> catImage() {
   int status = 0;
   REQUIRE(waitpid(pid, &status, 0) == pid);
   REQUIRE(WIFSTOPPED(status));
-  auto message = std::make_unique<capnp::MallocMessageBuilder>();
-  auto error = kj::runCatchingExceptions(
-      [&]() { mos::migrate::capture(pid, message->initRoot<mos::proto::MigrationImage>()); });
+  kj::VectorOutputStream stream;
+  auto error = kj::runCatchingExceptions([&]() {
+    KJ_SYSCALL(ptrace(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACESYSGOOD));
+    mos::migrate::captureImage(pid, stream);
+  });
   kill(pid, SIGKILL);
   waitpid(pid, &status, 0);
   REQUIRE(error == nullptr);
-  return message;
+  auto bytes = stream.getArray();
+  return std::string(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+}
+
+// Bytes of MAGIC and the header at the start of a migration stream (capnp framing).
+size_t streamHeaderEnd(const std::string& stream) {
+  uint32_t segments;
+  memcpy(&segments, stream.data() + 8, 4);
+  segments += 1;
+  size_t table = ((segments + 2) & ~uint32_t(1)) * 4;
+  size_t words = 0;
+  for (uint32_t i = 0; i < segments; i++) {
+    uint32_t size;
+    memcpy(&size, stream.data() + 12 + 4 * i, 4);
+    words += size;
+  }
+  return 8 + table + words * 8;
 }
 
 template <typename T>
@@ -1021,7 +1033,10 @@ int nextReadable(mos::Channel& a, mos::Channel& b) {
 
 // Relays between the supervisor and the deputy until the guest waits in read(0) at home; true
 // then (the request went to the deputy), false when either side ended first.
-bool relayUntilGuestReadsStdin(mos::Channel& supervisor, mos::Channel& deputy, uint64_t& seq) {
+// `imageRest`: what follows the stream's header, sent (in the deputy's place) when the
+// supervisor asks for it with sendImage.
+bool relayUntilGuestReadsStdin(mos::Channel& supervisor, mos::Channel& deputy, uint64_t& seq,
+                               const std::string& imageRest = std::string()) {
   for (;;) {
     int side = nextReadable(supervisor, deputy);
     if (side < 0) {
@@ -1029,8 +1044,12 @@ bool relayUntilGuestReadsStdin(mos::Channel& supervisor, mos::Channel& deputy, u
     }
     if (side == 0) {
       KJ_IF_MAYBE (m, supervisor.receive()) {
-        forward<mos::proto::ToDeputy>(**m, deputy);
         auto root = (*m)->getRoot<mos::proto::ToDeputy>();
+        if (root.isSendImage()) {
+          supervisor.sendBytes(imageRest.data(), imageRest.size());
+          continue;
+        }
+        forward<mos::proto::ToDeputy>(**m, deputy);
         if (root.isSyscall() && root.getSyscall().getNr() == __NR_read &&
             root.getSyscall().getArgs().size() > 0 && root.getSyscall().getArgs()[0] == 0) {
           seq = root.getSyscall().getSeq();
@@ -1112,7 +1131,9 @@ TEST_CASE("the supervisor ends a job, never itself, on ToRemote messages that do
     WARN("needs root (the guest runs as nobody)");
     return;
   }
-  auto image = catImage();
+  std::string image = catImage();
+  size_t headerEnd = streamHeaderEnd(image);
+  std::string imageRest = image.substr(headerEnd);
   Mosd mosd;
   int ended = 0, survived = 0;
   for (int i = 0; i < SUPERVISOR_INPUTS; i++) {
@@ -1132,13 +1153,14 @@ TEST_CASE("the supervisor ends a job, never itself, on ToRemote messages that do
       ids.setPid(d.pid);
       ids.setTid(d.pid);
       start.setCommand("cat");
-      start.setImage(image->getRoot<mos::proto::MigrationImage>());
+      start.setImageStreamed(true);
       supervisor.send(message);
+      supervisor.sendBytes(image.data(), headerEnd);
     }
     mos::Channel deputy(kj::AutoCloseFd(dup(d.peer.get())));
     uint64_t seq = 0;
     INFO("input " << i << " (kind " << kind << ")\nmosd log:\n" << readFile(mosd.log));
-    REQUIRE(relayUntilGuestReadsStdin(supervisor, deputy, seq));
+    REQUIRE(relayUntilGuestReadsStdin(supervisor, deputy, seq, imageRest));
 
     std::string garbage;
     switch (kind) {

@@ -1,5 +1,6 @@
-// libmigrate capture + restore on this machine: a program captured at its exec stop and restored
-// into a fresh stub must behave exactly as if it had run natively.
+// libmigrate capture + restore of a guest on this machine: a program captured (captureImage) at
+// its exec stop and restored from the migration stream into a fresh stub (restoreGuest) must
+// behave exactly as if it had run natively.
 #include <fcntl.h>
 #include <poll.h>
 #include <seccomp.h>
@@ -22,17 +23,36 @@
 #include <catch2/catch.hpp>
 #include <kj/exception.h>
 
-#include "image_io.h"
+#include "checkpoint.h"
 #include "migrate.h"
 
 namespace {
 
-using mos::migrate::capture;
-using mos::migrate::restore;
 using mos::migrate::RestoreOptions;
 
+// A migration stream in memory.
+struct Image {
+  kj::VectorOutputStream bytes;
+  // A reader of the stream from its start; `in` must outlive it.
+  std::unique_ptr<mos::migrate::ImageReader> read(std::unique_ptr<kj::ArrayInputStream>& in) {
+    in = std::make_unique<kj::ArrayInputStream>(bytes.getArray());
+    return std::make_unique<mos::migrate::ImageReader>(*in);
+  }
+};
+
+// Captures the stopped tracee `pid` into a new Image; returns the error text, empty on success.
+std::string captureStopped(pid_t pid, Image& image) {
+  try {
+    KJ_SYSCALL(ptrace(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACESYSGOOD));
+    mos::migrate::captureImage(pid, image.bytes);
+  } catch (kj::Exception& e) {
+    return e.getDescription().cStr();
+  }
+  return "";
+}
+
 // Runs argv under PTRACE_TRACEME, captures it at its exec stop, kills it.
-std::unique_ptr<capnp::MallocMessageBuilder> captureAtExec(std::vector<std::string> args) {
+std::unique_ptr<Image> captureAtExec(std::vector<std::string> args) {
   pid_t pid = fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
@@ -49,18 +69,13 @@ std::unique_ptr<capnp::MallocMessageBuilder> captureAtExec(std::vector<std::stri
   REQUIRE(waitpid(pid, &status, 0) == pid);
   REQUIRE(WIFSTOPPED(status));
   REQUIRE(WSTOPSIG(status) == SIGTRAP);
-  auto message = std::make_unique<capnp::MallocMessageBuilder>();
-  std::string error;
-  try {
-    capture(pid, message->initRoot<mos::proto::MigrationImage>());
-  } catch (kj::Exception& e) {
-    error = e.getDescription().cStr();
-  }
+  auto image = std::make_unique<Image>();
+  std::string error = captureStopped(pid, *image);
   kill(pid, SIGKILL);
   REQUIRE(waitpid(pid, &status, 0) == pid);
   INFO(error);
   REQUIRE(error.empty());
-  return message;
+  return image;
 }
 
 std::string localPath(mos::proto::FileRef::Reader ref) {
@@ -74,7 +89,7 @@ struct Outcome {
 };
 
 // Restores `image` with stdout on a pipe; `whileRunning` runs between restore and reading.
-Outcome runRestored(mos::proto::MigrationImage::Reader image, RestoreOptions options,
+Outcome runRestored(Image& image, RestoreOptions options,
                     std::function<void(mos::migrate::RestoredGuest&)> whileRunning = {}) {
   int out[2];
   REQUIRE(pipe2(out, O_CLOEXEC) == 0);
@@ -84,7 +99,9 @@ Outcome runRestored(mos::proto::MigrationImage::Reader image, RestoreOptions opt
   std::string error;
   mos::migrate::RestoredGuest guest;
   try {
-    guest = restore(image, localPath, options);
+    std::unique_ptr<kj::ArrayInputStream> in;
+    auto reader = image.read(in);
+    guest = mos::migrate::restoreGuest(*reader, localPath, options);
   } catch (kj::Exception& e) {
     error = e.getDescription().cStr();
   }
@@ -127,43 +144,50 @@ std::vector<sock_filter> notifyOnGetppidAndClose() {
 }  // namespace
 
 TEST_CASE("restored echo prints its arguments and exits 0", "[migrate][restore]") {
-  auto message = captureAtExec({"/bin/echo", "hello", "world"});
-  auto image = message->getRoot<mos::proto::MigrationImage>().asReader();
-  REQUIRE(image.getThreads().size() == 1);
-  REQUIRE(std::string(image.getCommand().cStr()) == "echo");
+  auto image = captureAtExec({"/bin/echo", "hello", "world"});
+  {
+    std::unique_ptr<kj::ArrayInputStream> in;
+    auto reader = image->read(in);
+    auto header = reader->header();
+    REQUIRE(header.getThreads().size() == 1);
+    REQUIRE(std::string(header.getCommand().cStr()) == "echo");
+  }
   RestoreOptions options;
   options.dropPrivileges = false;
-  Outcome o = runRestored(image, options);
+  Outcome o = runRestored(*image, options);
   CHECK(o.output == "hello world\n");
   REQUIRE(WIFEXITED(o.status));
   CHECK(WEXITSTATUS(o.status) == 0);
 }
 
 TEST_CASE("restored python prints json and exits 3", "[migrate][restore]") {
-  auto message = captureAtExec(
+  auto image = captureAtExec(
       {"/usr/bin/python3", "-c", "import json,sys; print(json.dumps({\"a\":[1,2]})); sys.exit(3)"});
   RestoreOptions options;
   options.dropPrivileges = false;
-  Outcome o = runRestored(message->getRoot<mos::proto::MigrationImage>(), options);
+  Outcome o = runRestored(*image, options);
   CHECK(o.output == "{\"a\": [1, 2]}\n");
   REQUIRE(WIFEXITED(o.status));
   CHECK(WEXITSTATUS(o.status) == 3);
 }
 
 TEST_CASE("restored process has its vDSO at the image's address", "[migrate][restore]") {
-  auto message = captureAtExec({"/bin/cat", "/proc/self/maps"});
-  auto image = message->getRoot<mos::proto::MigrationImage>().asReader();
+  auto image = captureAtExec({"/bin/cat", "/proc/self/maps"});
   uint64_t start = 0, end = 0;
-  for (auto m : image.getMappings()) {
-    if (m.getKind() == mos::proto::Mapping::Kind::VDSO) {
-      start = m.getStart();
-      end = m.getEnd();
+  {
+    std::unique_ptr<kj::ArrayInputStream> in;
+    auto reader = image->read(in);
+    for (auto m : reader->header().getMappings()) {
+      if (m.getKind() == mos::proto::Mapping::Kind::VDSO) {
+        start = m.getStart();
+        end = m.getEnd();
+      }
     }
   }
   REQUIRE(start != 0);
   RestoreOptions options;
   options.dropPrivileges = false;
-  Outcome o = runRestored(image, options);
+  Outcome o = runRestored(*image, options);
   REQUIRE(WIFEXITED(o.status));
   CHECK(WEXITSTATUS(o.status) == 0);
   std::string vdsoLine;
@@ -184,10 +208,10 @@ TEST_CASE("restored process has its vDSO at the image's address", "[migrate][res
 }
 
 TEST_CASE("restored program sees its own pid from getpid", "[migrate][restore]") {
-  auto message = captureAtExec({MIGRATE_TEST_GETPPID});
+  auto image = captureAtExec({MIGRATE_TEST_GETPPID});
   RestoreOptions options;
   options.dropPrivileges = false;
-  Outcome o = runRestored(message->getRoot<mos::proto::MigrationImage>(), options);
+  Outcome o = runRestored(*image, options);
   REQUIRE(WIFEXITED(o.status));
   CHECK(WEXITSTATUS(o.status) == 0);
   int ppid = 0, pid = 0, uid = -1;
@@ -199,42 +223,40 @@ TEST_CASE("restored program sees its own pid from getpid", "[migrate][restore]")
 
 TEST_CASE("seccomp listener of a restored guest answers its getppid", "[migrate][restore]") {
   auto filter = notifyOnGetppidAndClose();
-  auto message = captureAtExec({MIGRATE_TEST_GETPPID});
+  auto image = captureAtExec({MIGRATE_TEST_GETPPID});
   RestoreOptions options;
   options.dropPrivileges = true;  // uid/gid 65534
   options.seccompFilter = filter;
   int getppids = 0, closes = 0, others = 0;
-  Outcome o =
-      runRestored(message->getRoot<mos::proto::MigrationImage>(), options,
-                  [&](mos::migrate::RestoredGuest& guest) {
-                    REQUIRE(guest.listener.get() >= 0);
-                    // Serve until the guest is gone (POLLHUP: no task uses the filter any more).
-                    for (;;) {
-                      pollfd p{guest.listener.get(), POLLIN, 0};
-                      REQUIRE(poll(&p, 1, 10000) == 1);
-                      if (!(p.revents & POLLIN)) {
-                        break;
-                      }
-                      seccomp_notif req{};
-                      if (ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_RECV, &req) != 0) {
-                        continue;  // the task died meanwhile
-                      }
-                      CHECK(static_cast<pid_t>(req.pid) == guest.pid);
-                      seccomp_notif_resp resp{};
-                      resp.id = req.id;
-                      if (req.data.nr == __NR_getppid) {
-                        resp.val = 4242;
-                        ++getppids;
-                      } else if (req.data.nr == __NR_close) {
-                        resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
-                        ++closes;
-                      } else {
-                        ++others;
-                        resp.error = -ENOSYS;
-                      }
-                      ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_SEND, &resp);
-                    }
-                  });
+  Outcome o = runRestored(*image, options, [&](mos::migrate::RestoredGuest& guest) {
+    REQUIRE(guest.listener.get() >= 0);
+    // Serve until the guest is gone (POLLHUP: no task uses the filter any more).
+    for (;;) {
+      pollfd p{guest.listener.get(), POLLIN, 0};
+      REQUIRE(poll(&p, 1, 10000) == 1);
+      if (!(p.revents & POLLIN)) {
+        break;
+      }
+      seccomp_notif req{};
+      if (ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_RECV, &req) != 0) {
+        continue;  // the task died meanwhile
+      }
+      CHECK(static_cast<pid_t>(req.pid) == guest.pid);
+      seccomp_notif_resp resp{};
+      resp.id = req.id;
+      if (req.data.nr == __NR_getppid) {
+        resp.val = 4242;
+        ++getppids;
+      } else if (req.data.nr == __NR_close) {
+        resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+        ++closes;
+      } else {
+        ++others;
+        resp.error = -ENOSYS;
+      }
+      ioctl(guest.listener.get(), SECCOMP_IOCTL_NOTIF_SEND, &resp);
+    }
+  });
   CHECK(getppids == 1);
   CHECK(closes >= 1);  // ld.so closes the libraries it mapped
   CHECK(others == 0);
@@ -247,36 +269,16 @@ TEST_CASE("seccomp listener of a restored guest answers its getppid", "[migrate]
   CHECK(uid == 65534);
 }
 
-TEST_CASE("image file round trip keeps the image", "[migrate][image]") {
-  auto message = captureAtExec({"/bin/echo", "file"});
-  char path[] = "/tmp/mos-image-XXXXXX";
-  int fd = mkstemp(path);
-  REQUIRE(fd >= 0);
-  close(fd);
-  mos::migrate::writeImageFile(path, *message);
-  struct stat st;
-  REQUIRE(stat(path, &st) == 0);
-  CHECK((st.st_mode & 0777) == 0600);
-  auto reader = mos::migrate::readImageFile(path);
-  unlink(path);
-  auto image = reader->getRoot<mos::proto::MigrationImage>();
-  auto original = message->getRoot<mos::proto::MigrationImage>().asReader();
-  REQUIRE(image.getPages().size() == original.getPages().size());
-  REQUIRE(image.getMappings().size() == original.getMappings().size());
-  RestoreOptions options;
-  options.dropPrivileges = false;
-  Outcome o = runRestored(image, options);
-  CHECK(o.output == "file\n");
-}
-
 TEST_CASE("restore refuses an image whose files cannot be resolved", "[migrate][restore]") {
-  auto message = captureAtExec({"/bin/echo", "x"});
+  auto image = captureAtExec({"/bin/echo", "x"});
   RestoreOptions options;
   options.dropPrivileges = false;
   bool threw = false;
   try {
-    restore(
-        message->getRoot<mos::proto::MigrationImage>(),
+    std::unique_ptr<kj::ArrayInputStream> in;
+    auto reader = image->read(in);
+    mos::migrate::restoreGuest(
+        *reader,
         [](mos::proto::FileRef::Reader) -> std::string {
           throw std::runtime_error("no such file in the cache");
         },
@@ -311,24 +313,24 @@ TEST_CASE("a process captured mid-run continues with its heap and TLS", "[migrat
   REQUIRE(waitpid(pid, &status, 0) == pid);  // SIGSTOP delivery stop
   REQUIRE(WIFSTOPPED(status));
   REQUIRE(WSTOPSIG(status) == SIGSTOP);
-  capnp::MallocMessageBuilder message;
-  std::string error;
-  try {
-    capture(pid, message.initRoot<mos::proto::MigrationImage>());
-  } catch (kj::Exception& e) {
-    error = e.getDescription().cStr();
-  }
+  Image image;
+  std::string error = captureStopped(pid, image);
   kill(pid, SIGKILL);
   REQUIRE(waitpid(pid, &status, 0) == pid);
   INFO(error);
   REQUIRE(error.empty());
-  auto image = message.getRoot<mos::proto::MigrationImage>().asReader();
-  bool heap = false;
-  for (auto m : image.getMappings()) {
-    heap = heap || m.getKind() == mos::proto::Mapping::Kind::HEAP;
+  {
+    std::unique_ptr<kj::ArrayInputStream> in;
+    auto reader = image.read(in);
+    auto header = reader->header();
+    bool heap = false;
+    for (auto m : header.getMappings()) {
+      heap = heap || m.getKind() == mos::proto::Mapping::Kind::HEAP;
+    }
+    CHECK(heap);
+    // glibc registered rseq; restore re-registers it
+    CHECK(header.getThreads()[0].getRseqAddr() != 0);
   }
-  CHECK(heap);
-  CHECK(image.getThreads()[0].getRseqAddr() != 0);  // glibc registered rseq; restore re-registers
   RestoreOptions options;
   options.dropPrivileges = false;
   Outcome o = runRestored(image, options);

@@ -11,10 +11,11 @@
 
 #include <kj/exception.h>
 
-#include "image_io.h"
-#include <cstdlib>
-#include <string>
+#include <fcntl.h>
 
+#include <cstdlib>
+
+#include "checkpoint.h"
 #include "migrate.h"
 
 int main(int argc, char** argv) {
@@ -39,10 +40,17 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    auto reader = mos::migrate::readImageFile(image.c_str());
+    int fd = ::open(image.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      std::fprintf(stderr, "migrate_test_deputy: %s: %s\n", image.c_str(), strerror(errno));
+      return 124;
+    }
+    kj::AutoCloseFd owner(fd);
     ::unlink(image.c_str());
+    kj::FdInputStream in(fd);
+    mos::migrate::ImageReader reader(in);
     // Started by an agent, the deputy's argv is the job's own (ps at home shows the job).
-    auto jobArgv = reader->getRoot<mos::proto::MigrationImage>().getArgv();
+    auto jobArgv = reader.header().getArgv();
     if (std::getenv("UMOSIX_DEPUTY_ARGS") != nullptr) {
       bool same = jobArgv.size() == static_cast<unsigned>(argc);
       for (int i = 0; same && i < argc; ++i) {
@@ -57,8 +65,8 @@ int main(int argc, char** argv) {
     mos::migrate::RestoreOptions options;
     options.dropPrivileges = false;
     options.keepAllFds = true;
-    auto guest = mos::migrate::restore(
-        reader->getRoot<mos::proto::MigrationImage>(),
+    auto guest = mos::migrate::restoreGuest(
+        reader,
         [](mos::proto::FileRef::Reader ref) {
           return std::string(reinterpret_cast<const char*>(ref.getPath().begin()),
                              ref.getPath().size());

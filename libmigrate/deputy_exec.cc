@@ -1,0 +1,167 @@
+// execDeputy(): a running job process, captured and still stopped, becomes its own deputy
+// (design decision 1, checkpoint.h). Everything is done by syscall injection at the vDSO's
+// `syscall` instruction, with every signal blocked, arguments in one scratch mapping that the
+// successful execve discards.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <map>
+
+#include <kj/debug.h>
+
+#include "checkpoint.h"
+#include "proc_maps.h"
+#include "ptrace_task.h"
+
+namespace mos::migrate {
+
+namespace {
+
+constexpr uint64_t PAGE = 4096;
+
+uint64_t roundUp(uint64_t v) { return (v + PAGE - 1) & ~(PAGE - 1); }
+
+}  // namespace
+
+std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header, const DeputyExec& exec) {
+  PtraceTask task(pid);
+  const user_regs_struct savedRegs = task.getRegs();
+  const uint64_t savedMask = task.getSigmask();
+  VdsoLayout vdso = vdsoLayout(readMaps(pid));
+  KJ_REQUIRE(vdso.present(), "the process has no vDSO");
+  RemotePtr<uint8_t> insn =
+      task.findSyscallInstruction(vdso.vdsoStart, vdso.vdsoStart + vdso.vdsoSize);
+  KJ_REQUIRE(!insn.isNull(), "no syscall instruction in the vDSO");
+  task.setSyscallInstruction(insn);
+  task.setSigmask(~0ull);
+
+  // Scratch: page 0 for small values, then the execve strings and pointer arrays.
+  size_t stringBytes = exec.path.size() + 1;
+  for (auto& a : exec.argv) {
+    stringBytes += a.size() + 1;
+  }
+  for (auto& e : exec.env) {
+    stringBytes += e.size() + 1;
+  }
+  size_t pointerBytes = (exec.argv.size() + exec.env.size() + 2) * 8;
+  uint64_t scratchSize = PAGE + roundUp(pointerBytes) + roundUp(stringBytes);
+  KJ_REQUIRE(scratchSize < (uint64_t{1} << 24), "deputy arguments too long");
+  uint64_t scratch =
+      task.syscallOrThrow("mmap(scratch)", __NR_mmap,
+                          {0, scratchSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                           static_cast<uint64_t>(-1), 0});
+
+  // Interval timers survive execve: the guest gets them from the image, so P's stop here.
+  itimerval timers[3] = {};
+  for (int which = 0; which < 3; ++which) {
+    task.syscallOrThrow("getitimer", __NR_getitimer, {uint64_t(which), scratch});
+    task.readMem(RemotePtr<uint8_t>(scratch),
+                 std::span<uint8_t>(reinterpret_cast<uint8_t*>(&timers[which]), sizeof(itimerval)));
+  }
+  itimerval zero{};
+  task.writeValue(RemotePtr<itimerval>(scratch), zero);
+  for (int which = 0; which < 3; ++which) {
+    task.syscallOrThrow("setitimer", __NR_setitimer, {uint64_t(which), scratch, 0});
+  }
+
+  // Pending signals survive execve too, and the image holds them: take them off the queues.
+  std::vector<siginfo_t> drained;
+  {
+    uint64_t all = ~0ull;
+    timespec now{0, 0};
+    task.writeValue(RemotePtr<uint64_t>(scratch), all);
+    task.writeValue(RemotePtr<timespec>(scratch + 16), now);
+    for (int guard = 0; guard < 100000; ++guard) {
+      long r = task.syscall(__NR_rt_sigtimedwait, {scratch, scratch + 64, scratch + 16, 8});
+      if (r <= 0) {
+        break;  // -EAGAIN: nothing left
+      }
+      siginfo_t si;
+      task.readMem(RemotePtr<uint8_t>(scratch + 64),
+                   std::span<uint8_t>(reinterpret_cast<uint8_t*>(&si), sizeof(si)));
+      drained.push_back(si);
+    }
+  }
+
+  // Close-on-exec descriptors must outlive the exec; the deputy sets the flags again.
+  std::vector<int> cleared;
+  for (auto f : header.getFiles()) {
+    if (f.getCloseOnExec()) {
+      if (task.syscall(__NR_fcntl, {uint64_t(f.getFd()), F_SETFD, 0}) == 0) {
+        cleared.push_back(f.getFd());
+      }
+    }
+  }
+
+  uint64_t pointers = scratch + PAGE;
+  RemotePtr<char> strings(pointers + roundUp(pointerBytes));
+  RemotePtr<char> path = strings;
+  strings = task.writeString(strings, exec.path);
+  std::vector<uint64_t> table;
+  for (auto& a : exec.argv) {
+    table.push_back(strings.addr());
+    strings = task.writeString(strings, a);
+  }
+  table.push_back(0);
+  size_t envAt = table.size();
+  for (auto& e : exec.env) {
+    table.push_back(strings.addr());
+    strings = task.writeString(strings, e);
+  }
+  table.push_back(0);
+  task.writeMem(
+      RemotePtr<uint8_t>(pointers),
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(table.data()), table.size() * 8));
+  long r = task.syscall(__NR_execve, {path.addr(), pointers, pointers + envAt * 8});
+  if (r == 0) {
+    // The process is the deputy now, at its first instruction. Signals that arrived after the
+    // capture are not in the image: the caller sends them again, and the deputy forwards them.
+    std::map<int, int> inImage;
+    for (auto p : header.getPending()) {
+      siginfo_t si;
+      memcpy(&si, p.getSiginfo().begin(), kj::min(sizeof(si), p.getSiginfo().size()));
+      inImage[si.si_signo]++;
+    }
+    for (auto t : header.getThreads()) {
+      for (auto p : t.getPending()) {
+        siginfo_t si;
+        memcpy(&si, p.getSiginfo().begin(), kj::min(sizeof(si), p.getSiginfo().size()));
+        inImage[si.si_signo]++;
+      }
+    }
+    std::vector<int> extra;
+    for (auto& si : drained) {
+      if (inImage[si.si_signo] > 0) {
+        inImage[si.si_signo]--;
+      } else {
+        extra.push_back(si.si_signo);
+      }
+    }
+    return extra;
+  }
+
+  // The exec failed: the process gets back everything it had, and runs on at home.
+  for (int fd : cleared) {
+    task.syscall(__NR_fcntl, {uint64_t(fd), F_SETFD, FD_CLOEXEC});
+  }
+  for (int which = 0; which < 3; ++which) {
+    task.writeValue(RemotePtr<itimerval>(scratch), timers[which]);
+    task.syscall(__NR_setitimer, {uint64_t(which), scratch, 0});
+  }
+  for (auto& si : drained) {
+    task.writeValue(RemotePtr<siginfo_t>(scratch), si);
+    task.syscall(__NR_rt_sigqueueinfo, {uint64_t(pid), uint64_t(si.si_signo), scratch});
+  }
+  task.syscall(__NR_munmap, {scratch, scratchSize});
+  task.setRegs(savedRegs);
+  task.setSigmask(savedMask);
+  KJ_FAIL_REQUIRE(kj::str("execve(", exec.path.c_str(),
+                          ") of the deputy failed: ", strerror(static_cast<int>(-r))));
+}
+
+}  // namespace mos::migrate
