@@ -417,6 +417,10 @@ void SeizedProcess::detach() {
 }
 
 CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
+  return captureImage(pid, sink, CaptureOptions{});
+}
+
+CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOptions& options) {
   auto started = std::chrono::steady_clock::now();
   CaptureStats stats;
   int threads = countThreads(pid);
@@ -622,6 +626,10 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
   mm.setBrk(brk);
   std::string auxv = readProcFile(procPath(pid, "auxv"));
   header.setAuxv(bytesOf(auxv));
+
+  if (options.editHeader) {
+    options.editHeader(header);
+  }
 
   ImageWriter writer(sink);
   writer.writeHeader(message);

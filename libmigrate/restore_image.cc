@@ -119,6 +119,11 @@ struct KernelSigaction {
 }  // namespace
 
 std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
+  return checkResumable(header, ResumeOptions{});
+}
+
+std::vector<std::string> checkResumable(proto::ImageHeader::Reader header,
+                                        const ResumeOptions& options) {
   std::vector<std::string> problems;
   if (header.getArch() != "x86_64") {
     problems.push_back(
@@ -168,6 +173,10 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
       problems.push_back("mapped file " + path + " changed since the image was taken");
     }
   }
+  if (options.intoDeputy) {
+    // The fd table and the cwd are the deputy's, which are the job's.
+    return problems;
+  }
   std::string cwd = pathOf(header.getCwd());
   struct stat st;
   if (::stat(cwd.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
@@ -212,9 +221,13 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
 }
 
 RestoreStats restoreImage(ImageReader& source, pid_t pid) {
+  return restoreImage(source, pid, ResumeOptions{});
+}
+
+RestoreStats restoreImage(ImageReader& source, pid_t pid, const ResumeOptions& options) {
   // 1. Checks.
   auto header = source.header();
-  std::vector<std::string> problems = checkResumable(header);
+  std::vector<std::string> problems = checkResumable(header, options);
   if (!problems.empty()) {
     std::string all;
     for (auto& p : problems) {
@@ -351,11 +364,11 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     KJ_REQUIRE(now.vdsoStart == wanted.vdsoStart, "the vDSO did not land at the image's address",
                now.vdsoStart, wanted.vdsoStart);
   }
+  prctl_mm_map map{};
   {
     auto mm = header.getMm();
     auto auxv = header.getAuxv();
     uint64_t auxvAt = writeScratch(auxv.begin(), auxv.size(), 4096);
-    prctl_mm_map map{};
     map.start_code = mm.getStartCode();
     map.end_code = mm.getEndCode();
     map.start_data = mm.getStartData();
@@ -381,68 +394,75 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
     comm.resize(std::min<size_t>(comm.size(), 15));
     task.syscallOrThrow("prctl(PR_SET_NAME)", __NR_prctl, {PR_SET_NAME, writePath(comm), 0, 0, 0});
   }
-  task.syscallOrThrow("personality", __NR_personality, {header.getPersonality()});
-  task.syscallOrThrow("umask", __NR_umask, {header.getUmask()});
-  task.syscallOrThrow("chdir", __NR_chdir, {writePath(pathOf(header.getCwd()))});
-  // Every descriptor of the stub goes but the inherited 0..2; then the image's come back.
-  std::set<int> keep;
-  for (auto f : header.getFiles()) {
-    if (inherited(f)) {
-      keep.insert(f.getFd());
+  if (options.intoDeputy) {
+    // The deputy's fd table is the job's: only the close-on-exec flags it cleared come back.
+    for (int fd : options.closeOnExec) {
+      task.syscallOrThrow("fcntl(F_SETFD)", __NR_fcntl, {uint64_t(fd), F_SETFD, FD_CLOEXEC});
     }
-  }
-  for (int fd = 0; fd <= 2; ++fd) {
-    if (!keep.count(fd)) {
-      task.syscall(__NR_close, {uint64_t(fd)});
+  } else {
+    task.syscallOrThrow("personality", __NR_personality, {header.getPersonality()});
+    task.syscallOrThrow("umask", __NR_umask, {header.getUmask()});
+    task.syscallOrThrow("chdir", __NR_chdir, {writePath(pathOf(header.getCwd()))});
+    // Every descriptor of the stub goes but the inherited 0..2; then the image's come back.
+    std::set<int> keep;
+    for (auto f : header.getFiles()) {
+      if (inherited(f)) {
+        keep.insert(f.getFd());
+      }
     }
-  }
-  task.syscall(__NR_close_range, {3, ~0u, 0});
-  // Pipes of the process's own: a new pipe each, its ends moved above every image descriptor
-  // first so that placing one end never closes the other.
-  uint64_t above = 3;
-  for (auto file : header.getFiles()) {
-    above = std::max<uint64_t>(above, file.getFd() + 1);
-  }
-  for (auto& [ino, ends] : internalPipes(header)) {
-    task.syscallOrThrow("pipe2", __NR_pipe2, {scratch, 0});
-    int pair[2];
-    task.readMem(scratchPtr, std::span<uint8_t>(reinterpret_cast<uint8_t*>(pair), sizeof(pair)));
-    uint64_t high[2];
-    for (int i = 0; i < 2; ++i) {
-      high[i] =
-          task.syscallOrThrow("fcntl(F_DUPFD)", __NR_fcntl, {uint64_t(pair[i]), F_DUPFD, above});
-      task.syscallOrThrow("close", __NR_close, {uint64_t(pair[i])});
+    for (int fd = 0; fd <= 2; ++fd) {
+      if (!keep.count(fd)) {
+        task.syscall(__NR_close, {uint64_t(fd)});
+      }
     }
-    for (auto file : ends) {
-      uint64_t from = high[(file.getFlags() & O_ACCMODE) == O_WRONLY ? 1 : 0];
+    task.syscall(__NR_close_range, {3, ~0u, 0});
+    // Pipes of the process's own: a new pipe each, its ends moved above every image descriptor
+    // first so that placing one end never closes the other.
+    uint64_t above = 3;
+    for (auto file : header.getFiles()) {
+      above = std::max<uint64_t>(above, file.getFd() + 1);
+    }
+    for (auto& [ino, ends] : internalPipes(header)) {
+      task.syscallOrThrow("pipe2", __NR_pipe2, {scratch, 0});
+      int pair[2];
+      task.readMem(scratchPtr, std::span<uint8_t>(reinterpret_cast<uint8_t*>(pair), sizeof(pair)));
+      uint64_t high[2];
+      for (int i = 0; i < 2; ++i) {
+        high[i] =
+            task.syscallOrThrow("fcntl(F_DUPFD)", __NR_fcntl, {uint64_t(pair[i]), F_DUPFD, above});
+        task.syscallOrThrow("close", __NR_close, {uint64_t(pair[i])});
+      }
+      for (auto file : ends) {
+        uint64_t from = high[(file.getFlags() & O_ACCMODE) == O_WRONLY ? 1 : 0];
+        uint64_t fd = file.getFd();
+        task.syscallOrThrow("dup3", __NR_dup3,
+                            {from, fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
+        task.syscallOrThrow("fcntl(F_SETFL)", __NR_fcntl,
+                            {fd, F_SETFL, file.getFlags() & uint64_t(O_NONBLOCK)});
+      }
+      task.syscallOrThrow("close", __NR_close, {high[0]});
+      task.syscallOrThrow("close", __NR_close, {high[1]});
+    }
+    for (auto file : header.getFiles()) {
+      if (inherited(file) || file.getKind() == proto::OpenFile::Kind::PIPE) {
+        continue;
+      }
+      std::string path = pathOf(file.getPath());
+      uint32_t flags = file.getFlags() & ~uint32_t(O_CREAT | O_EXCL | O_TRUNC);
+      long tmp = task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(path), flags, 0});
+      KJ_REQUIRE(tmp >= 0, kj::str("cannot reopen fd ", file.getFd(), " (", path.c_str(),
+                                   "): ", strerror(int(-tmp))));
       uint64_t fd = file.getFd();
-      task.syscallOrThrow("dup3", __NR_dup3,
-                          {from, fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
-      task.syscallOrThrow("fcntl(F_SETFL)", __NR_fcntl,
-                          {fd, F_SETFL, file.getFlags() & uint64_t(O_NONBLOCK)});
-    }
-    task.syscallOrThrow("close", __NR_close, {high[0]});
-    task.syscallOrThrow("close", __NR_close, {high[1]});
-  }
-  for (auto file : header.getFiles()) {
-    if (inherited(file) || file.getKind() == proto::OpenFile::Kind::PIPE) {
-      continue;
-    }
-    std::string path = pathOf(file.getPath());
-    uint32_t flags = file.getFlags() & ~uint32_t(O_CREAT | O_EXCL | O_TRUNC);
-    long tmp = task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(path), flags, 0});
-    KJ_REQUIRE(tmp >= 0, kj::str("cannot reopen fd ", file.getFd(), " (", path.c_str(),
-                                 "): ", strerror(int(-tmp))));
-    uint64_t fd = file.getFd();
-    if (uint64_t(tmp) != fd) {
-      task.syscallOrThrow("dup3", __NR_dup3,
-                          {uint64_t(tmp), fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
-      task.syscallOrThrow("close", __NR_close, {uint64_t(tmp)});
-    } else if (file.getCloseOnExec()) {
-      task.syscallOrThrow("fcntl(F_SETFD)", __NR_fcntl, {fd, F_SETFD, FD_CLOEXEC});
-    }
-    if (file.getKind() == proto::OpenFile::Kind::REGULAR) {
-      task.syscallOrThrow("lseek", __NR_lseek, {fd, uint64_t(file.getOffset()), SEEK_SET});
+      if (uint64_t(tmp) != fd) {
+        task.syscallOrThrow("dup3", __NR_dup3,
+                            {uint64_t(tmp), fd, file.getCloseOnExec() ? uint64_t(O_CLOEXEC) : 0});
+        task.syscallOrThrow("close", __NR_close, {uint64_t(tmp)});
+      } else if (file.getCloseOnExec()) {
+        task.syscallOrThrow("fcntl(F_SETFD)", __NR_fcntl, {fd, F_SETFD, FD_CLOEXEC});
+      }
+      if (file.getKind() == proto::OpenFile::Kind::REGULAR) {
+        task.syscallOrThrow("lseek", __NR_lseek, {fd, uint64_t(file.getOffset()), SEEK_SET});
+      }
     }
   }
 
@@ -524,16 +544,43 @@ RestoreStats restoreImage(ImageReader& source, pid_t pid) {
 
   // 7. The stub's pages, the last of the stub; /proc/PID/exe names the image's program when
   // this process may change it (CAP_SYS_RESOURCE and CAP_CHECKPOINT_RESTORE).
-  long exeFd = task.syscall(
-      __NR_openat,
-      {uint64_t(AT_FDCWD), writePath(pathOf(header.getExe().getPath())), O_RDONLY | O_CLOEXEC, 0});
+  std::string exePath = options.intoDeputy && !options.exePath.empty()
+                            ? options.exePath
+                            : pathOf(header.getExe().getPath());
+  long exeFd =
+      task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(exePath), O_RDONLY | O_CLOEXEC, 0});
   task.syscallOrThrow("munmap(stub)", __NR_munmap, {stubStart, stubEnd - stubStart});
   if (exeFd >= 0 && wanted.present()) {
     RemotePtr<uint8_t> vdsoInsn =
         task.findSyscallInstruction(wanted.vdsoStart, wanted.vdsoStart + wanted.vdsoSize);
     if (!vdsoInsn.isNull()) {
       task.setSyscallInstruction(vdsoInsn);
-      task.syscall(__NR_prctl, {PR_SET_MM, PR_SET_MM_EXE_FILE, uint64_t(exeFd), 0, 0});
+      long r = task.syscall(__NR_prctl, {PR_SET_MM, PR_SET_MM_EXE_FILE, uint64_t(exeFd), 0, 0});
+      if (r == -EPERM) {
+        // PR_SET_MM_EXE_FILE wants CAP_SYS_RESOURCE in the initial user namespace;
+        // PR_SET_MM_MAP's exe_fd only CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) in the
+        // process's own. The same map again, without auxv, from below the image's stack
+        // pointer (the stub's scratch is gone); those bytes are put back afterwards.
+        try {
+          user_regs_struct imageRegs;
+          memcpy(&imageRegs, thread.getRegs().begin(), sizeof(imageRegs));
+          uint64_t at = (imageRegs.rsp - 128 - sizeof(map)) & ~uint64_t{15};
+          std::vector<uint8_t> saved(sizeof(map));
+          task.readMem(RemotePtr<uint8_t>(at), std::span<uint8_t>(saved.data(), saved.size()));
+          prctl_mm_map withExe = map;
+          withExe.auxv = nullptr;
+          withExe.auxv_size = 0;
+          withExe.exe_fd = static_cast<__u32>(exeFd);
+          task.writeMem(RemotePtr<uint8_t>(at),
+                        std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(&withExe),
+                                                 sizeof(withExe)));
+          task.syscall(__NR_prctl, {PR_SET_MM, PR_SET_MM_MAP, at, sizeof(withExe), 0});
+          task.writeMem(RemotePtr<uint8_t>(at),
+                        std::span<const uint8_t>(saved.data(), saved.size()));
+        } catch (kj::Exception&) {
+          // No room below the stack pointer: /proc/PID/exe keeps naming the stub.
+        }
+      }
       task.syscall(__NR_close, {uint64_t(exeFd)});
     }
   }
