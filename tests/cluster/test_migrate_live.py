@@ -8,7 +8,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import PYTHON, wait_until
+import pytest
+
+from conftest import BUILD, PYTHON, wait_until
 
 # Computes a checksum in a loop long enough to be caught mid-run, then prints it and exits 7.
 COUNTER = r'''
@@ -179,3 +181,34 @@ def test_migrate_home_of_a_job_at_home_is_a_no_op(cluster, home):
     cp = cluster.run(1, ["migrate", str(os.getpid()), "home"])
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert b"already runs at home" in cp.stdout
+
+
+# The zdtm-style programs of tests/migrate (one kind of state each; run.py runs them through a
+# checkpoint file), here in the remote->home direction: started remote by mosrun, moved home
+# while they wait for "go", then they verify their state natively at home.
+ZDTM = ["regs_fpu", "regs_avx512", "memory", "files", "signals", "handlers", "timers",
+        "robust_rseq", "blocked_read", "self_pipe"]
+
+
+@pytest.mark.parametrize("name", ZDTM)
+def test_zdtm_program_moves_home(cluster, home, name):
+    program = BUILD / "tests" / "migrate" / f"migrate_{name}"
+    work = home / "work"
+    work.mkdir()
+    job = cluster.start(1, ["mosrun", "-r", "2", program, work], cwd=home, stdin=subprocess.PIPE)
+    wait_until(lambda: (work / "ready").exists() or job.popen.poll() is not None, timeout=60,
+               what=f"{name} ready")
+    if job.popen.poll() is not None:
+        status, out, err = job.wait(timeout=10)
+        if status == 77:
+            pytest.skip(out.decode(errors="replace").strip())
+        raise AssertionError(f"{name} ended before it was ready ({status}): {out!r} {err!r}")
+    pid = cluster.wait_remote(job, program.name)["pid"]
+    cp = migrate_home(cluster, pid)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert exe(pid) == str(program.resolve())
+    (work / "go").touch()
+    job.popen.stdin.write(b"go\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0 and b"PASS" in out, (status, out, err)
