@@ -26,9 +26,13 @@ sys.exit(7)
 '''
 
 # Blocks in a read of its standard input (a pipe: a forwarded read while remote), then echoes it.
+# Two more descriptors: one close-on-exec (Python's default), one inheritable.
 READER = r'''
 import os, sys
-print("ready", os.getpid(), flush=True)
+f = open(__file__)
+g = os.open(__file__, os.O_RDONLY)
+os.set_inheritable(g, True)
+print("ready", f.fileno(), g, flush=True)
 line = sys.stdin.readline()
 print("got", line.strip(), flush=True)
 sys.exit(3)
@@ -51,6 +55,17 @@ for line in sys.stdin:
     if line.strip() == "end":
         break
 sys.exit(0)
+'''
+
+# A memfd: a node-local object of the guest; the move is refused and the job goes on.
+MEMFD = r'''
+import os, sys
+fd = os.memfd_create("scratch")
+os.write(fd, b"node-local")
+print("ready", fd, flush=True)
+line = sys.stdin.readline()
+os.lseek(fd, 0, 0)
+print("got", line.strip(), os.read(fd, 100).decode(), flush=True)
 '''
 
 # A second thread: the move is refused and the job goes on.
@@ -79,6 +94,7 @@ def start(cluster, home, name, text, args=(), stdin=None):
     job = cluster.start(1, ["mosrun", "-r", "2", PYTHON, name] + [str(a) for a in args], cwd=home,
                         stdin=stdin)
     job.read_until(b"ready", timeout=60)
+    job.read_until(b"\n", timeout=60)
     rec = cluster.wait_remote(job, name)
     return job, rec["pid"]
 
@@ -128,12 +144,40 @@ def test_computing_job_moves_home_and_finishes(cluster, home):
     assert steps == [b"step %d" % i for i in range(0, n, 1000000)]
 
 
+STATE = Path("/run/umosix-cluster")
+
+
+def listing(path):
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
 def test_job_blocked_in_a_forwarded_read_moves_home(cluster, home):
     job, pid = start(cluster, home, "reader.py", READER, stdin=subprocess.PIPE)
+    cloexec_fd, inheritable_fd = (int(x) for x in job.out.split()[1:3])
     wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read")
+    assert str(pid) in listing(STATE / "node-1" / "run" / "control")
     cp = migrate_home(cluster, pid)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert exe(pid) == os.path.realpath(PYTHON)
+    # The job's descriptors, with their close-on-exec flags; none of the deputy's.
+    assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == sorted(
+        [0, 1, 2, cloexec_fd, inheritable_fd])
+
+    def cloexec(fd):
+        flags = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
+        return bool(int(flags, 8) & 0o2000000)
+
+    assert cloexec(cloexec_fd) and not cloexec(inheritable_fd)
+    assert not cloexec(0) and not cloexec(1)
+    # mps shows it at home; nothing of it is left on node 2, no image at home.
+    assert state_at_home(cluster, pid)
+    assert listing(STATE / "node-2" / "run" / "guests") == []
+    assert listing(STATE / "node-2" / "run" / "shm") == []
+    assert [f for f in listing(STATE / "node-1" / "run" / "images") if "home" in f] == []
+    assert str(pid) not in listing(STATE / "node-1" / "run" / "control")
     # The read was re-issued at home, natively: it blocks there until the data comes.
     wait_until(lambda: blocked_in_read(pid), timeout=60, what="the job blocked in read at home")
     job.popen.stdin.write(b"hello from home\n")
@@ -175,6 +219,19 @@ def test_threaded_job_is_refused_and_runs_on(cluster, home):
     status, out, err = job.wait(timeout=60)
     assert status == 0, (out, err)
     assert out.endswith(b"got still remote\n"), out
+
+
+def test_job_holding_a_node_local_memfd_is_refused_and_runs_on(cluster, home):
+    job, pid = start(cluster, home, "memfd.py", MEMFD, stdin=subprocess.PIPE)
+    cp = migrate_home(cluster, pid)
+    assert cp.returncode == 1, (cp.stdout, cp.stderr)
+    assert b"live on node 2" in cp.stderr, cp.stderr
+    assert exe(pid).endswith("mos-deputy")
+    job.popen.stdin.write(b"still remote\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    assert out.endswith(b"got still remote node-local\n"), out
 
 
 def test_migrate_home_of_a_job_at_home_is_a_no_op(cluster, home):
