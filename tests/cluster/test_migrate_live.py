@@ -131,6 +131,7 @@ def test_computing_job_moves_home_and_finishes(cluster, home):
     assert b"runs at home again" in cp.stdout
     # The same process, now the program itself, at home.
     assert b"pages" in cp.stdout, cp.stdout
+    print(cp.stdout.decode())
     if job.popen.poll() is None:
         if exe(pid) != os.path.realpath(PYTHON):
             st, o, e = job.wait(timeout=600)
