@@ -104,6 +104,7 @@ Deputy::Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel
     } catch (kj::Exception& e) {
       spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
     }
+    control_ = ControlSocket::open(options_.runDir, getpid(), fds_);
   }
 }
 
@@ -172,9 +173,11 @@ void Deputy::run() {
 
 void Deputy::waitForMessage() {
   for (;;) {
+    serveControl();
     // Until the migration stream has gone (sendImage), nothing but its bytes may follow JobStart
     // on the channel: signals stay pending in the kernel, and are forwarded once it has gone.
-    bool holdSignals = imageFd_.get() >= 0;
+    // During a move home they stay blocked too (pending in the kernel, they go home with the job).
+    bool holdSignals = imageFd_.get() >= 0 || moving();
     if (!holdSignals) {
       flushSignals();
     }
@@ -203,6 +206,9 @@ void Deputy::flushSignals() {
     // A cancel that arrived after its call had finished: just consume the urgent byte.
     char oob;
     recv(channel_->fd(), &oob, 1, MSG_OOB | MSG_DONTWAIT);
+  }
+  if (moving()) {
+    return;  // kept: they go home with the job, or to the guest if the move does not happen
   }
   for (const siginfo_t& info : takePendingSignalInfos()) {
     int sig = info.si_signo;
@@ -264,6 +270,10 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
         spdlog::warn("sendImage without a migration image to send, ignored");
       }
       return;
+    case proto::ToDeputy::MOVE_REFUSED:
+    case proto::ToDeputy::MOVE_IMAGE:
+    case proto::ToDeputy::MOVE_IMAGE_END:
+    case proto::ToDeputy::MOVED: handleMoveMessage(message); return;
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
                static_cast<int>(message.which()));
@@ -319,7 +329,9 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
       publishReserved();  // a dup2 onto one of ours moved it
     }
   }
-  // Signals first: the supervisor must deliver them before it decides what the guest sees.
+  // A move request first, then signals: the supervisor must know both before it decides what
+  // the guest sees.
+  serveControl();
   flushSignals();
   channel_->send(replyMessage);
 }
@@ -554,6 +566,15 @@ void Deputy::becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token) 
   channel_ = kj::heap<Channel>(kj::AutoCloseFd(fd));
   fds_.remove(fd);
   fds_.add(fd, [this](int, int newFd) { channel_->replaceFd(kj::AutoCloseFd(newFd)); });
+  // The control socket at our parent's pid is our parent's: ours is at our own pid.
+  if (control_.get() != nullptr) {
+    control_->abandon();
+    control_ = nullptr;
+  }
+  move_ = nullptr;
+  if (!options_.runDir.empty()) {
+    control_ = ControlSocket::open(options_.runDir, self, fds_);
+  }
   // The parent's record stays the parent's (our copy of the mapping is simply dropped).
   record_ = OwnedJobRecord();
   if (!options_.runDir.empty()) {
@@ -729,6 +750,9 @@ void Deputy::handleExit(proto::GuestExit::Reader exit) {
     r->state = static_cast<uint32_t>(JobState::EXITED);
   }
   record_.unlink();
+  if (control_.get() != nullptr) {
+    control_->unlinkPath();
+  }
   int sig = exit.getSignal();
   if (sig <= 0 || sig > 64) {
     _exit(exit.getStatus() & 0xff);
@@ -767,6 +791,9 @@ void Deputy::nodeDied() {
 void Deputy::fail(const std::string& text, int status) {
   printMosrunMessage(text);
   record_.unlink();
+  if (control_.get() != nullptr) {
+    control_->unlinkPath();
+  }
   _exit(status);
 }
 

@@ -19,10 +19,12 @@
 #include <kj/memory.h>
 
 #include "channel.h"
+#include "control.h"
 #include "executor.h"
 #include "fds.h"
 #include "job.capnp.h"
 #include "job_registry.h"
+#include "migrate.h"
 
 namespace mos::deputy {
 
@@ -108,6 +110,25 @@ class Deputy {
   // Blocks until the channel is readable, forwarding signals that arrive meanwhile.
   void waitForMessage();
 
+  // --- a live move home (move.cc; docs/design.md, "Migration of a running process")
+  // Accepts the requests pending on the control socket (after its SIGURG): starts a move home
+  // (ToRemote.move) or refuses. Sent before the reply of a call the request interrupted.
+  void serveControl();
+  // moveRefused, moveImage, moveImageEnd, moved.
+  void handleMoveMessage(proto::ToDeputy::Reader message);
+  // The next bytes of the stream, into the image file.
+  void writeMoveImage(capnp::Data::Reader data);
+  // The stream is complete: checks it, starts the migration agent, commits (or aborts).
+  void finishMoveImage(uint64_t bytes);
+  // Ends a move that did not happen: answers `reply` to `migrate`, forwards the signals kept
+  // meanwhile, and serves the guest again.
+  void endMove(const std::string& reply);
+  void abortMove(const std::string& why);
+  // The guest is gone: exec the restore stub; the agent rebuilds the job in this process.
+  [[noreturn]] void completeMoveHome();
+  // True while a move is in progress: signals stay pending in the kernel (they go with the job).
+  bool moving() const { return move_.get() != nullptr; }
+
   DeputyOptions options_;
   // The deputy of the guest process (its thread group leader's task: GuestExit, stops, node
   // death end the process); false for the deputy thread of one guest thread.
@@ -119,6 +140,17 @@ class Deputy {
   uint64_t publishedFds_ = ~uint64_t{0};  // ReservedFds::generation() last published
   kj::AutoCloseFd imageFd_;               // setImageToSend
   uint64_t imageOffset_ = 0;
+  kj::Own<ControlSocket> control_;  // the leader's; nullptr: none (logged)
+  struct MoveState {
+    kj::AutoCloseFd connection;  // to `migrate` (reserved); the agent reports on it
+    kj::AutoCloseFd file;        // the stream as it arrives (reserved)
+    std::string path;            // RUN_DIR/images/<pid>.home.img
+    uint64_t bytes = 0;
+    bool committed = false;
+    std::vector<int> closeOnExec;  // the job's descriptors with FD_CLOEXEC
+    migrate::Agent agent;
+  };
+  kj::Own<MoveState> move_;  // a move home in progress (move.cc)
 };
 
 // Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.

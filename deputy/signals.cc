@@ -41,6 +41,10 @@ __attribute__((tls_model("initial-exec"))) thread_local std::atomic<uint32_t>
 // Set in the leader when a deputy thread handed it an exec.
 std::atomic<bool> execHandoff{false};
 
+// The control socket's number (setControlFd) and its pending request.
+std::atomic<int> controlFd{-1};
+std::atomic<bool> controlRequested{false};
+
 // The siginfo of each recorded arrival: for a standard signal the first one since the last take,
 // for a real-time signal up to RT_INFOS per signal (in arrival order). Written by the handler,
 // read with every signal blocked, like `arrivals`.
@@ -87,6 +91,10 @@ void onSignal(int sig, siginfo_t* info, void* context) {
       info->si_value.sival_int == EXEC_HANDOFF_VALUE && info->si_pid == getpid()) {
     // A deputy thread hands its exec to us, the leader (requestExecHandoff).
     execHandoff.store(true, std::memory_order_relaxed);
+  } else if (sig == SIGURG && info != nullptr && info->si_code == POLL_IN &&
+             info->si_fd == controlFd.load(std::memory_order_relaxed) && info->si_fd >= 0) {
+    // `migrate` connected to our control socket (control.h): not a signal of the job.
+    controlRequested.store(true, std::memory_order_relaxed);
   } else if (sig == SIGURG && info != nullptr && info->si_code == SI_KERNEL) {
     // Urgent data on the job channel (the socket's owner is our thread): the supervisor cancels
     // the forwarded call in progress, because the guest left it. Not a signal of the job.
@@ -248,6 +256,10 @@ void requestExecHandoff(pid_t leader) {
 }
 
 bool takeExecHandoff() { return execHandoff.exchange(false, std::memory_order_relaxed); }
+
+void setControlFd(int fd) { controlFd.store(fd, std::memory_order_relaxed); }
+
+bool takeControlRequest() { return controlRequested.exchange(false, std::memory_order_relaxed); }
 
 long interruptibleSyscall(long nr, const uint64_t (&args)[6]) {
   sigset_t saved;

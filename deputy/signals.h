@@ -99,6 +99,13 @@ inline constexpr int EXEC_HANDOFF_VALUE = 0x6d6f7365;
 void requestExecHandoff(pid_t leader);
 bool takeExecHandoff();
 
+// The deputy's control socket (deputy/control.h) raises SIGURG with si_code POLL_IN and si_fd its
+// number when `migrate` connects (O_ASYNC, F_SETSIG); like a cancel, it interrupts the wait or
+// the forwarded call in progress and is not a job signal. setControlFd() names the socket (-1:
+// none); takeControlRequest() is true (once) after such a SIGURG.
+void setControlFd(int fd);
+bool takeControlRequest();
+
 // Runs system call `nr` with `args` through deputy_syscall with every signal unblocked, then
 // restores the caller's mask. Returns the kernel's result; -EINTR when a signal arrived before
 // or during the call (a signal recorded before the call cancels it without entering the kernel).

@@ -253,6 +253,24 @@ void writeStreamFile(pid_t pid, const std::string& path) {
   }
 }
 
+// Writes `line` to the report descriptor, if any (AgentConfig::reportFd).
+void report(const AgentConfig& config, const char* line) {
+  if (config.reportFd < 0) {
+    return;
+  }
+  size_t size = strlen(line), done = 0;
+  while (done < size) {
+    ssize_t n = ::write(config.reportFd, line + done, size - done);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n <= 0) {
+      return;
+    }
+    done += n;
+  }
+}
+
 // At the PTRACE_EVENT_EXEC stop of the restore stub: the checkpoint goes into the caller.
 [[noreturn]] void resumeAtExec(pid_t pid, const AgentConfig& config) {
   std::vector<int> pending;  // signals that arrived during the restore, delivered after it
@@ -275,14 +293,25 @@ void writeStreamFile(pid_t pid, const std::string& path) {
     kj::AutoCloseFd owner(fd);
     kj::FdInputStream in(fd);
     ImageReader reader(in);
-    restoreImage(reader, pid);
+    ResumeOptions options;
+    options.intoDeputy = config.resumeIntoDeputy;
+    options.exePath = config.resumeExePath;
+    options.closeOnExec = config.resumeCloseOnExec;
+    if (config.resumeIntoDeputy) {
+      // A live move's image, received by the deputy: it is of no use after this.
+      ::unlink(config.resumeImagePath.c_str());
+    }
+    RestoreStats stats = restoreImage(reader, pid, options);
     for (int sig : pending) {
       ::kill(pid, sig);
     }
+    report(config, kj::str("ok ", stats.pages, " ", stats.injectedSyscalls, "\n").cStr());
     ::_exit(0);
   } catch (kj::Exception& e) {
-    fprintf(stderr, "mosrun: resuming %s failed: %s\n", config.resumeImagePath.c_str(),
+    fprintf(stderr, "%s: resuming %s failed: %s\n",
+            config.resumeIntoDeputy ? "mos-agent" : "mosrun", config.resumeImagePath.c_str(),
             e.getDescription().cStr());
+    report(config, kj::str("failed: ", e.getDescription(), "; the job was killed\n").cStr());
     ::kill(pid, SIGKILL);
     ::_exit(1);
   }
@@ -295,7 +324,11 @@ void writeStreamFile(pid_t pid, const std::string& path) {
     ::dup2(devnull, 0);
     ::dup2(devnull, 1);
   }
-  closeAllExcept({readyFd, controlFd});
+  std::vector<int> keep = {readyFd, controlFd};
+  if (config.reportFd >= 0) {
+    keep.push_back(config.reportFd);
+  }
+  closeAllExcept(keep);
 
   ReadyMessage ready{0, ::getpid()};
   if (::ptrace(PTRACE_SEIZE, caller, 0, PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD) != 0) {
@@ -394,16 +427,19 @@ Agent Agent::start(const AgentConfig& config) {
   }
   Agent agent;
   agent.pid_ = msg.agent;
+  agent.helper_ = middle;
   agent.control_ = kj::mv(controlWrite);
   return agent;
 }
 
-Agent::Agent(Agent&& other) noexcept : pid_(other.pid_), control_(kj::mv(other.control_)) {
+Agent::Agent(Agent&& other) noexcept
+    : pid_(other.pid_), helper_(other.helper_), control_(kj::mv(other.control_)) {
   other.pid_ = -1;
 }
 
 Agent& Agent::operator=(Agent&& other) noexcept {
   pid_ = other.pid_;
+  helper_ = other.helper_;
   control_ = kj::mv(other.control_);
   other.pid_ = -1;
   return *this;

@@ -569,6 +569,10 @@ void SeizedProcess::detach() {
 }
 
 CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
+  return captureImage(pid, sink, CaptureOptions{});
+}
+
+CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOptions& options) {
   auto started = std::chrono::steady_clock::now();
   CaptureStats stats;
   std::vector<pid_t> tids = listThreads(pid);
@@ -805,6 +809,10 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {
   mm.setBrk(brk);
   std::string auxv = readProcFile(procPath(pid, "auxv"));
   header.setAuxv(bytesOf(auxv));
+
+  if (options.editHeader) {
+    options.editHeader(header);
+  }
 
   ImageWriter writer(sink);
   writer.writeHeader(message);

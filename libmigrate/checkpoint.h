@@ -14,6 +14,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,16 @@ struct CaptureStats {
 // `sink`.
 CaptureStats captureImage(pid_t pid, kj::OutputStream& sink);
 
+struct CaptureOptions {
+  // Called with the finished header before any byte is written to the sink: a live move from a
+  // remote node rewrites the content cache's file paths into the home node's (remote/guest_move).
+  // It may throw kj::Exception to refuse the capture; nothing has been written then.
+  std::function<void(proto::ImageHeader::Builder)> editHeader;
+};
+
+// captureImage with options.
+CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOptions& options);
+
 // Why a stream cannot be resumed at home, one readable sentence per reason, empty if it can:
 // a mapped file that changed or is gone (identity: device, inode, size, mtime), an open
 // descriptor that cannot be reopened (a socket, a pipe to another process or one of its own that
@@ -82,9 +93,27 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink);
 std::vector<std::string> checkResumable(proto::ImageHeader::Reader header);
 
 // The part of checkResumable() that is about this machine and not the home node's files: the
-// architecture, one thread, the CPU's xsave features, the vDSO's size and place in its area, the
+// architecture, the CPU's xsave features, the vDSO's size and place in its area, the
 // restore stub's range. What a node checks before it runs an image as a guest.
 std::vector<std::string> checkRestorableHere(proto::ImageHeader::Reader header);
+
+// How a stream is resumed. The default is a checkpoint's resume (mosrun -R): the process gets the
+// image's cwd, umask, personality and descriptors. `intoDeputy` is a live move of a remote
+// guest back into its deputy (docs/design.md, "Migration of a running process"): the process's
+// fd table, cwd, umask, personality and credentials are already the job's (the deputy executed
+// every call that changed them), so the image's are ignored; only the user part is rebuilt.
+struct ResumeOptions {
+  bool intoDeputy = false;
+  // intoDeputy: the job's executable at home, for /proc/PID/exe (the guest's names its stub).
+  std::string exePath;
+  // intoDeputy: descriptors that get FD_CLOEXEC back (the deputy cleared it so that they
+  // survived its exec of the restore stub).
+  std::vector<int> closeOnExec;
+};
+
+// checkResumable for `options`: with intoDeputy, the cwd and the descriptors are not reasons.
+std::vector<std::string> checkResumable(proto::ImageHeader::Reader header,
+                                        const ResumeOptions& options);
 
 struct RestoreStats {
   uint64_t pages = 0;
@@ -104,6 +133,8 @@ struct RestoreStats {
 // all of the stub's descriptors but 0..2 are gone afterwards. Throws kj::Exception (FAILED) when a
 // step fails; the process is then half rebuilt and the caller must kill it.
 RestoreStats restoreImage(ImageReader& source, pid_t pid);
+// restoreImage with options (see ResumeOptions).
+RestoreStats restoreImage(ImageReader& source, pid_t pid, const ResumeOptions& options);
 
 // What execDeputy() executes.
 struct DeputyExec {

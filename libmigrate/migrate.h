@@ -102,6 +102,15 @@ struct AgentConfig {
   std::vector<std::string> deputyArgv;  // argv[0..] of the deputy; "--image PATH" is appended
   std::string imagePath;
   std::string resumeImagePath;  // a checkpoint file (migration stream)
+  // Resume mode into a deputy (`migrate PID home`; checkpoint.h ResumeOptions.intoDeputy): the
+  // process keeps its fd table, cwd and umask; `resumeExePath` becomes /proc/PID/exe and the
+  // descriptors of `resumeCloseOnExec` get FD_CLOEXEC back. The image file is removed after use.
+  bool resumeIntoDeputy = false;
+  std::string resumeExePath;
+  std::vector<int> resumeCloseOnExec;
+  // >= 0: a descriptor of the caller that the agent keeps (all others are closed in it) and
+  // writes one line to when the resume is done: "ok PAGES INJECTED\n" or "failed: WHY\n".
+  int reportFd = -1;
 };
 
 class Agent {
@@ -122,9 +131,13 @@ class Agent {
 
   // The agent's pid (not a child of the caller: it is reparented to init or a subreaper).
   pid_t pid() const { return pid_; }
+  // The intermediate process of the double fork: a child of the caller, reaped by start(), whose
+  // SIGCHLD the caller may receive (a deputy drops it: it is not the job's).
+  pid_t helperPid() const { return helper_; }
 
  private:
-  pid_t pid_ = -1;           // the agent
+  pid_t pid_ = -1;  // the agent
+  pid_t helper_ = -1;
   kj::AutoCloseFd control_;  // CLOEXEC write end; a byte means cancel
 };
 

@@ -195,6 +195,11 @@ std::vector<std::string> checkRestorableHere(proto::ImageHeader::Reader header) 
 }
 
 std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
+  return checkResumable(header, ResumeOptions{});
+}
+
+std::vector<std::string> checkResumable(proto::ImageHeader::Reader header,
+                                        const ResumeOptions& options) {
   std::vector<std::string> problems = checkRestorableHere(header);
   if (!problems.empty() && header.getThreads().size() != 1) {
     return problems;
@@ -216,6 +221,10 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header) {
                uint64_t(st.st_size) != ref.getSize() || mtimeNs(st) != ref.getMtimeNs()) {
       problems.push_back("mapped file " + path + " changed since the image was taken");
     }
+  }
+  if (options.intoDeputy) {
+    // The fd table and the cwd are the deputy's, which are the job's.
+    return problems;
   }
   std::string cwd = pathOf(header.getCwd());
   struct stat st;
@@ -291,6 +300,12 @@ struct Target {
   // Called after every injected call of the image's state and before the stub's pages go: a
   // guest drops its privileges and enters its sandbox there.
   std::function<void(PtraceTask&, RemotePtr<uint8_t> scratch)> beforeStubUnmap;
+  // A live move of a remote guest back into its deputy (ResumeOptions::intoDeputy): the fd
+  // table, cwd, umask, personality and credentials are already the job's; only the close-on-exec
+  // flags the deputy cleared come back, and /proc/PID/exe names `exePath`.
+  bool intoDeputy = false;
+  std::vector<int> closeOnExec;
+  std::string exePath;
 };
 
 // Stages 2 to 8 of the file comment, into the stopped restore stub `pid`; leaves it stopped with
@@ -426,11 +441,11 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     KJ_REQUIRE(now.vdsoStart == wanted.vdsoStart, "the vDSO did not land at the image's address",
                now.vdsoStart, wanted.vdsoStart);
   }
+  prctl_mm_map map{};
   {
     auto mm = header.getMm();
     auto auxv = header.getAuxv();
     uint64_t auxvAt = writeScratch(auxv.begin(), auxv.size(), 4096);
-    prctl_mm_map map{};
     map.start_code = mm.getStartCode();
     map.end_code = mm.getEndCode();
     map.start_data = mm.getStartData();
@@ -456,8 +471,15 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     comm.resize(std::min<size_t>(comm.size(), 15));
     task.syscallOrThrow("prctl(PR_SET_NAME)", __NR_prctl, {PR_SET_NAME, writePath(comm), 0, 0, 0});
   }
-  task.syscallOrThrow("personality", __NR_personality, {header.getPersonality()});
-  if (target.atHome) {
+  if (target.intoDeputy) {
+    // The deputy's fd table is the job's: only the close-on-exec flags it cleared come back.
+    for (int fd : target.closeOnExec) {
+      task.syscallOrThrow("fcntl(F_SETFD)", __NR_fcntl, {uint64_t(fd), F_SETFD, FD_CLOEXEC});
+    }
+  } else {
+    task.syscallOrThrow("personality", __NR_personality, {header.getPersonality()});
+  }
+  if (target.atHome && !target.intoDeputy) {
     task.syscallOrThrow("umask", __NR_umask, {header.getUmask()});
     task.syscallOrThrow("chdir", __NR_chdir, {writePath(pathOf(header.getCwd()))});
     // Every descriptor of the stub goes but the inherited 0..2; then the image's come back.
@@ -591,8 +613,7 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     }
     uint64_t at = writeScratch(&si, sizeof(si));
     if (p.getShared()) {
-      by.syscallOrThrow("rt_sigqueueinfo", __NR_rt_sigqueueinfo,
-                        {self, uint64_t(si.si_signo), at});
+      by.syscallOrThrow("rt_sigqueueinfo", __NR_rt_sigqueueinfo, {self, uint64_t(si.si_signo), at});
     } else {
       by.syscallOrThrow("rt_tgsigqueueinfo", __NR_rt_tgsigqueueinfo,
                         {self, tid, uint64_t(si.si_signo), at});
@@ -684,9 +705,11 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   // this process may change it (CAP_SYS_RESOURCE and CAP_CHECKPOINT_RESTORE).
   long exeFd = -1;
   if (target.atHome) {
-    exeFd =
-        task.syscall(__NR_openat, {uint64_t(AT_FDCWD), writePath(pathOf(header.getExe().getPath())),
-                                   O_RDONLY | O_CLOEXEC, 0});
+    std::string exePath = target.intoDeputy && !target.exePath.empty()
+                              ? target.exePath
+                              : pathOf(header.getExe().getPath());
+    exeFd = task.syscall(__NR_openat,
+                         {uint64_t(AT_FDCWD), writePath(exePath), O_RDONLY | O_CLOEXEC, 0});
   }
   task.syscallOrThrow("munmap(stub)", __NR_munmap, {stubStart, stubEnd - stubStart});
   if (exeFd >= 0 && wanted.present()) {
@@ -694,7 +717,32 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
         task.findSyscallInstruction(wanted.vdsoStart, wanted.vdsoStart + wanted.vdsoSize);
     if (!vdsoInsn.isNull()) {
       task.setSyscallInstruction(vdsoInsn);
-      task.syscall(__NR_prctl, {PR_SET_MM, PR_SET_MM_EXE_FILE, uint64_t(exeFd), 0, 0});
+      long r = task.syscall(__NR_prctl, {PR_SET_MM, PR_SET_MM_EXE_FILE, uint64_t(exeFd), 0, 0});
+      if (r == -EPERM) {
+        // PR_SET_MM_EXE_FILE wants CAP_SYS_RESOURCE in the initial user namespace;
+        // PR_SET_MM_MAP's exe_fd only CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) in the
+        // process's own. The same map again, without auxv, from below the image's stack
+        // pointer (the stub's scratch is gone); those bytes are put back afterwards.
+        try {
+          user_regs_struct imageRegs;
+          memcpy(&imageRegs, thread.getRegs().begin(), sizeof(imageRegs));
+          uint64_t at = (imageRegs.rsp - 128 - sizeof(map)) & ~uint64_t{15};
+          std::vector<uint8_t> saved(sizeof(map));
+          task.readMem(RemotePtr<uint8_t>(at), std::span<uint8_t>(saved.data(), saved.size()));
+          prctl_mm_map withExe = map;
+          withExe.auxv = nullptr;
+          withExe.auxv_size = 0;
+          withExe.exe_fd = static_cast<__u32>(exeFd);
+          task.writeMem(RemotePtr<uint8_t>(at),
+                        std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(&withExe),
+                                                 sizeof(withExe)));
+          task.syscall(__NR_prctl, {PR_SET_MM, PR_SET_MM_MAP, at, sizeof(withExe), 0});
+          task.writeMem(RemotePtr<uint8_t>(at),
+                        std::span<const uint8_t>(saved.data(), saved.size()));
+        } catch (kj::Exception&) {
+          // No room below the stack pointer: /proc/PID/exe keeps naming the stub.
+        }
+      }
       task.syscall(__NR_close, {uint64_t(exeFd)});
     }
   }
@@ -727,12 +775,19 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
 }  // namespace
 
 RestoreStats restoreImage(ImageReader& source, pid_t pid) {
-  std::vector<std::string> problems = checkResumable(source.header());
+  return restoreImage(source, pid, ResumeOptions{});
+}
+
+RestoreStats restoreImage(ImageReader& source, pid_t pid, const ResumeOptions& options) {
+  std::vector<std::string> problems = checkResumable(source.header(), options);
   if (!problems.empty()) {
     failWith("the image cannot be resumed here: ", problems);
   }
   Target target;
   target.mappedPath = [](proto::FileRef::Reader ref) { return pathOf(ref.getPath()); };
+  target.intoDeputy = options.intoDeputy;
+  target.closeOnExec = options.closeOnExec;
+  target.exePath = options.exePath;
   RestoreStats stats = rebuild(source, pid, target);
   KJ_SYSCALL(::ptrace(PTRACE_DETACH, pid, 0, 0), pid);
   return stats;

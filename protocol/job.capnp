@@ -157,6 +157,18 @@ struct ToDeputy {
     sendImage @10 :Void;
     # After JobStart.imageStreamed: the supervisor has the header and every file it names;
     # the deputy sends the rest of the migration stream (frames, end) as raw bytes now.
+
+    # A live move of the guest home (ToRemote.move; docs/design.md, "Migration of a running
+    # process"). After a move request the supervisor answers with either `moveRefused` (nothing
+    # changed: the guest runs on here) or the migration stream of the stopped guest in
+    # `moveImage` chunks (the bytes of protocol/migration.md, in order, at most 1 MiB each)
+    # followed by `moveImageEnd`. Syscall requests of the guest may still come before either.
+    # The deputy then answers ToRemote.moveCommit or moveAbort; after a commit the supervisor
+    # kills the guest, sends `moved` and ends; after an abort the guest runs on here.
+    moveRefused @11 :Text;       # why the guest cannot move (threads, node-local objects...)
+    moveImage @12 :Data;         # the next bytes of the migration stream
+    moveImageEnd @13 :UInt64;    # the stream is complete: its length in bytes
+    moved @14 :Void;             # the guest is gone from this node: the job is the deputy's now
   }
 }
 
@@ -185,12 +197,20 @@ struct FileData {
   last @3 :Bool;
 }
 
+struct MoveRequest {
+  # `migrate PID home|NODE` reached the deputy: move the guest. Only home (0) is served yet.
+  target @0 :UInt32;       # the destination node id; 0: the home node
+}
+
 struct ToRemote {
   union {
     reply @0 :SyscallReply;
     signal @1 :Int32;      # a signal reached the job's home process: deliver it to the guest
     fileInfo @2 :FileInfo;
     fileData @3 :FileData;
+    move @8 :MoveRequest;  # sent before the reply of a call the request interrupted
+    moveCommit @9 :Void;   # the stream arrived whole and resumable: end the guest
+    moveAbort @10 :Text;   # the home node cannot resume the stream (why): the guest runs on
   }
   # With `signal` SIGCHLD: si_pid and si_status of the home kernel's siginfo (the home child).
   signalPid @4 :Int32;

@@ -24,6 +24,7 @@
 
 #include "channel.h"
 #include "guest_fork.h"
+#include "stay_reason.h"
 
 namespace mos::remote {
 
@@ -466,6 +467,10 @@ void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
     task.supervisor->inheritNodeFds(kj::mv(it->second));
     inheritedNodeFds_.erase(it);
   }
+  if (auto it = inheritedHomePaths_.find(task.homePid); it != inheritedHomePaths_.end()) {
+    task.supervisor->inheritHomePaths(kj::mv(it->second));
+    inheritedHomePaths_.erase(it);
+  }
   startWorker(task);
 }
 
@@ -556,6 +561,7 @@ Answer GuestFamily::mirrorClone(Supervisor& supervisor, Task& parent, const secc
     // The child's fd table is a copy of the parent's: so is its set of node-local descriptors.
     std::lock_guard<std::mutex> lock(mutex_);
     inheritedNodeFds_[static_cast<pid_t>(home)] = supervisor.nodeFds();
+    inheritedHomePaths_[static_cast<pid_t>(home)] = supervisor.homePaths();
   }
   pid_t child = -1;
   onMain([&] { child = runFork(*task, notif, static_cast<pid_t>(home), token, thread); });
@@ -616,21 +622,97 @@ InjectOutcome GuestFamily::queueAsGuest(pid_t pid, const std::vector<siginfo_t>&
     request.pid = pid;
     request.signals = signals;
     request.answer = answer;
-    InjectHost host;
-    host.send = [this](uint64_t id, int64_t value) {
-      seccomp_notif_resp resp = {};
-      resp.id = id;
-      if (value < 0 && value >= -4095) {
-        resp.error = static_cast<int32_t>(value);
-      } else {
-        resp.val = value;
-      }
-      return listener_->send(resp);
-    };
-    host.wait = [this](pid_t p) { return waitTraced(p); };
-    outcome = injectSignals(request, host);
+    outcome = injectSignals(request, mainHost());
   });
   return outcome;
+}
+
+InjectHost GuestFamily::mainHost() {
+  InjectHost host;
+  host.send = [this](uint64_t id, int64_t value) {
+    seccomp_notif_resp resp = {};
+    resp.id = id;
+    if (value < 0 && value >= -4095) {
+      resp.error = static_cast<int32_t>(value);
+    } else {
+      resp.val = value;
+    }
+    return listener_->send(resp);
+  };
+  host.wait = [this](pid_t p) { return waitTraced(p); };
+  return host;
+}
+
+MoveResult GuestFamily::moveCapture(pid_t pid, kj::Maybe<uint64_t> answerId, kj::OutputStream& sink,
+                                    std::function<void(proto::ImageHeader::Builder)> editHeader) {
+  MoveResult result;
+  onMain([&] {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      Task* task = findTask(pid);
+      if (task == nullptr || task->ended) {
+        result.outcome = MoveOutcome::GONE;
+        return;
+      }
+      // As for a signal session (queueAsGuest): a notification already routed to the task
+      // would keep the guest from stopping, and so would a wait only SIGKILL ends.
+      if (answerId == nullptr && (task->unotify->hasQueued() || processState(pid) == 'D')) {
+        result.outcome = MoveOutcome::BUSY;
+        return;
+      }
+    }
+    MoveRequest request;
+    request.pid = pid;
+    request.answerId = answerId;
+    request.sink = &sink;
+    request.editHeader = kj::mv(editHeader);
+    result = captureForMove(request, mainHost());
+  });
+  return result;
+}
+
+void GuestFamily::moveFinish(pid_t pid, bool commit) {
+  onMain([&] { finishMove(pid, commit, mainHost()); });
+}
+
+std::string GuestFamily::moveRefusal(pid_t pid) {
+  std::vector<GuestMaps> guests;
+  size_t self = 0;
+  int threads = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Task* task = findTask(pid);
+    if (task == nullptr || task->ended) {
+      return "the guest has ended";
+    }
+    for (auto& [p, t] : tasks_) {
+      if (t->ended) {
+        continue;
+      }
+      if (t->tgid == task->tgid) {
+        threads++;
+      }
+      if (t->isThread) {
+        continue;
+      }
+      if (t.get() == task) {
+        self = guests.size();
+      }
+      GuestMaps maps;
+      maps.homePid = t->homePid;
+      maps.shared = sharedMappings(readNodeProcFile(t->pid, "maps"));
+      guests.push_back(kj::mv(maps));
+    }
+  }
+  if (threads > 1) {
+    return "it has " + std::to_string(threads) +
+           " threads: only single-threaded processes move yet";
+  }
+  std::vector<std::string> reasons = stayReasons(guests);
+  if (self < reasons.size() && reasons[self].rfind("shares memory", 0) == 0) {
+    return "it " + reasons[self];
+  }
+  return "";
 }
 
 Answer GuestFamily::interruptForRewrite(Task& task, const seccomp_notif& notif) {

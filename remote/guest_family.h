@@ -134,6 +134,10 @@ class GuestFamily final : public ForkHost {
   bool isThreadOf(pid_t homePid, pid_t homeTid) override;
   InjectOutcome queueAsGuest(pid_t pid, const std::vector<siginfo_t>& signals,
                              kj::Maybe<PendingAnswer> answer) override;
+  MoveResult moveCapture(pid_t pid, kj::Maybe<uint64_t> answerId, kj::OutputStream& sink,
+                         std::function<void(proto::ImageHeader::Builder)> editHeader) override;
+  void moveFinish(pid_t pid, bool commit) override;
+  std::string moveRefusal(pid_t pid) override;
 
  private:
   struct Task;
@@ -171,6 +175,10 @@ class GuestFamily final : public ForkHost {
   // Node-local descriptors of a forked child (by home pid), from its fork until its task starts.
   // Guarded by mutex_.
   std::map<pid_t, std::set<int>> inheritedNodeFds_;
+  // Cache file -> home path of a forked child's parent (by home pid), until its task starts.
+  std::map<pid_t, std::map<std::string, std::string>> inheritedHomePaths_;
+  // The InjectHost of the main thread: answers on the shared listener, waitTraced.
+  InjectHost mainHost();
 
   // Runs `work` on the main thread and waits for it (ptrace and waitpid are the main thread's).
   void onMain(const std::function<void()>& work);

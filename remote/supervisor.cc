@@ -219,6 +219,9 @@ bool Supervisor::turn(int timeoutMs) {
       timeoutMs = DEFERRED_RETRY_MS;
     }
   }
+  if (moveRequested_ && deferred_.empty() && current_ == nullptr && runMove(nullptr)) {
+    return true;  // refused or aborted (the guest runs on); a commit ends the task
+  }
   if (channel_.hasBuffered()) {
     onIdleMessage();
     return true;
@@ -441,6 +444,15 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
   if (answer.kind == Answer::DROP) {
     return;
   }
+  if (moveRequested_ && answer.kind == Answer::VALUE && current_ != nullptr && current_->id == id &&
+      deferred_.empty() && moveMayCut() &&
+      (answer.value == -512 || answer.value == -513 || answer.value == -514)) {
+    // The call was cut short for a move home: the move answers it (the call restarts wherever
+    // the guest resumes). A refused move has answered it too.
+    if (runMove(id)) {
+      return;
+    }
+  }
   if (answer.kind == Answer::VALUE && forkHost_ != nullptr && current_ != nullptr &&
       current_->id == id) {
     // Home signals still to queue, or a call cut short whose own signal mask decides what the
@@ -578,10 +590,10 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
       if (n > 0) {
         break;
       }
-      if (!deferred_.empty()) {
-        // A home signal crossed this request (the deputy sent it while idle, then began the
-        // call): cancel the call so the guest can take it. Again every 50 ms: a cancel that
-        // reaches the deputy before its call starts is consumed as stale.
+      if (!deferred_.empty() || (moveRequested_ && moveMayCut())) {
+        // A home signal (or a move request) crossed this request (the deputy sent it while idle,
+        // then began the call): cancel the call so the guest can take it. Again every 50 ms: a
+        // cancel that reaches the deputy before its call starts is consumed as stale.
         char cancel = 'c';
         send(channel_.fd(), &cancel, 1, MSG_OOB | MSG_NOSIGNAL);
         continue;
@@ -597,6 +609,10 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
       auto root = (*message)->getRoot<proto::ToRemote>();
       if (root.isSignal()) {
         deliverSignal(root);
+        continue;
+      }
+      if (root.isMove()) {
+        onMoveRequest(root.getMove());
         continue;
       }
       if (isMine(root)) {
@@ -630,7 +646,8 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
       // of its own: respond() lets the guest decide, with the signals queued (guest_signal.h).
       bool decideInGuest = forkHost_ != nullptr && current_ != nullptr && current_->id == seq &&
                            (!deferred_.empty() || currentCallMask() != nullptr);
-      if (decideInGuest || guestHasSignalToTake() || guestGone()) {
+      bool forMove = moveRequested_ && moveMayCut() && current_ != nullptr && current_->id == seq;
+      if (decideInGuest || forMove || guestHasSignalToTake() || guestGone()) {
         // Answer the row's restart code (-ERESTARTSYS, -ERESTARTNOHAND) with the signal pending:
         // on its way out of the syscall the guest's kernel runs the handler and then restarts
         // the call or returns EINTR as SA_RESTART says, or stops, or dies: exactly what a native
@@ -652,6 +669,10 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessa
     // Home signals the guest has not taken yet arrived before this call: it is cut short
     // before it starts, as natively by a signal pending at its entry; respond() lets the guest
     // take them and restart the call or return EINTR (guest_signal.h).
+    return nullptr;
+  }
+  if (moveRequested_ && moveMayCut() && current_ != nullptr && current_->id == seq) {
+    // A move home is due: the call does not start here; it restarts after the move.
     return nullptr;
   }
   bool interrupted;
@@ -731,6 +752,8 @@ void Supervisor::onIdleMessage() {
     if (root.isSignal()) {
       deliverSignal(root);
       flushDeferred();
+    } else if (root.isMove()) {
+      onMoveRequest(root.getMove());  // run by the next turn
     } else {
       spdlog::debug("message from the deputy outside a call, ignored");
     }

@@ -39,8 +39,9 @@
 
 #include "channel.h"
 #include "file_cache.h"
-#include "guest_stack.h"
+#include "guest_move.h"
 #include "guest_signal.h"
+#include "guest_stack.h"
 #include "job.capnp.h"
 #include "job_registry.h"
 #include "marshal.h"
@@ -148,6 +149,17 @@ class ForkHost {
   // one (guest_signal.h). BUSY (no `answer`): the guest waits in a notification not answered yet.
   virtual InjectOutcome queueAsGuest(pid_t pid, const std::vector<siginfo_t>& signals,
                                      kj::Maybe<PendingAnswer> answer) = 0;
+  // A live move of guest `pid` (guest_move.h): captures it into `sink` on the thread that traces
+  // the guests, answering notification `answerId` (-ERESTARTNOINTR) on the way when it waits in
+  // one. BUSY (no `answerId`): a notification of the guest waits in its task; serve it first.
+  // DONE leaves the guest stopped until moveFinish().
+  virtual MoveResult moveCapture(pid_t pid, kj::Maybe<uint64_t> answerId, kj::OutputStream& sink,
+                                 std::function<void(proto::ImageHeader::Builder)> editHeader) = 0;
+  // Ends a DONE capture: `commit` kills and reaps the guest, else it runs on here.
+  virtual void moveFinish(pid_t pid, bool commit) = 0;
+  // Why guest `pid` cannot move off this node now (other threads of its process, memory it
+  // shares with other guests of the job), one sentence; "" when it can.
+  virtual std::string moveRefusal(pid_t pid) = 0;
 };
 
 class Supervisor {
@@ -204,6 +216,12 @@ class Supervisor {
   // The guest's node-local descriptors (sys_shm.cc): a forked child starts with its parent's.
   const std::set<int>& nodeFds() const { return nodeFds_; }
   void inheritNodeFds(std::set<int> fds) { nodeFds_ = kj::mv(fds); }
+  // Cache file -> home path of the files the guest maps: a forked child starts with its
+  // parent's (a move home names the home files).
+  const std::map<std::string, std::string>& homePaths() const { return homePaths_; }
+  void inheritHomePaths(std::map<std::string, std::string> paths) {
+    homePaths_.insert(paths.begin(), paths.end());
+  }
   proto::JobStart::Reader jobStart() const { return start_; }
 
  private:
@@ -254,6 +272,22 @@ class Supervisor {
   // or exec killed it while its call blocks at home.
   bool guestGone();
   [[noreturn]] void endJob(int status);
+
+  // --- a live move home (sys_move.cc; docs/design.md, "Migration of a running process")
+  // ToRemote.move from the deputy: refused at once (moveRefused) or noted for the loop.
+  void onMoveRequest(proto::MoveRequest::Reader request);
+  // Runs the noted move: captures the guest into the channel (ToDeputy.moveImage), waits for the
+  // deputy's verdict, then ends the task (commit) or lets the guest run on (abort, refusal).
+  // `answerId`: the notification the guest waits in (answered to restart). False: BUSY, a
+  // notification of the guest must be served first.
+  bool runMove(kj::Maybe<uint64_t> answerId);
+  // The header's files as the home node knows them: content-cache paths to home paths and
+  // identities; throws (a refusal) for a mapped file that only this node has.
+  void editMoveHeader(proto::ImageHeader::Builder header);
+  void sendMoveRefused(const std::string& why);
+  // True when the call being served may be cut short for a move: not a fork (its registers are
+  // rewritten between its two notifications).
+  bool moveMayCut();
 
   // Waits for the next ToRemote message that `isMine` accepts, delivering signal messages that
   // arrive meanwhile. Returns nullptr when the deputy closed the channel. While it waits for the
@@ -369,6 +403,7 @@ class Supervisor {
   int64_t forkResult_ = 0;  // the home child's pid of the fork being traced (askDeputyToFork)
   std::set<int> nodeFds_;   // node-local descriptors of the guest (sys_shm.cc)
   bool shmDirMade_ = false;
+  bool moveRequested_ = false;  // the deputy asked for a move home (onMoveRequest)
 };
 
 }  // namespace mos::remote

@@ -5,10 +5,13 @@
 //
 // NODE: moves the user part of PID, a job process running at home, to node NODE while it runs:
 // captures it (libmigrate's migration stream), turns PID into its own deputy (execve injected
-// into it, design decision 1) and waits until the deputy reports the guest running on NODE.
+// into it, design decision 1) and waits until the deputy reports the guest running on NODE. A job
+// that runs on another node already is first brought home (below), then sent to NODE.
+// home: brings the user part of PID (a job running on a remote node; PID is its deputy) back
+// home, where it runs natively again in the same process: asks the deputy through its control
+// socket (RUN_DIR/control/PID, deputy/control.h) and waits until the job runs at home.
 // checkpoint: writes the migration image of PID to FILE and lets PID run on; `mosrun -R FILE`
-// resumes it. Moves of a job whose user part is already away (NODE to another node, `home`)
-// are refused for now.
+// resumes it.
 //
 // Exit status: 0 done; 1 refused or failed (the process keeps running where it was, FILE is not
 // created); 2 bad arguments.
@@ -16,8 +19,10 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -84,6 +89,23 @@ int checkpoint(pid_t pid, const std::string& file) {
   return 0;
 }
 
+// TracerPid of /proc/PID/status; -1 if unreadable.
+pid_t tracerOf(pid_t pid) {
+  FILE* f = fopen(fmt::format("/proc/{}/status", pid).c_str(), "re");
+  if (f == nullptr) {
+    return -1;
+  }
+  char line[256];
+  pid_t tracer = -1;
+  while (fgets(line, sizeof(line), f) != nullptr) {
+    if (sscanf(line, "TracerPid: %d", &tracer) == 1) {
+      break;
+    }
+  }
+  fclose(f);
+  return tracer;
+}
+
 bool isDeputy(pid_t pid) {
   std::string exe = exeOf(pid);
   return exe.size() >= 10 && exe.compare(exe.size() - 10, 10, "mos-deputy") == 0;
@@ -116,7 +138,114 @@ std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
   return "the guest did not report running within 60 s";
 }
 
-int moveToNode(pid_t pid, const std::string& target) {
+// migrate PID home: one request line to the deputy's control socket, then its answer, or the
+// migration agent's once the job runs at home (deputy/control.h).
+int moveHome(pid_t pid, int timeoutSeconds) {
+  if (kill(pid, 0) != 0 && errno == ESRCH) {
+    fail(fmt::format("no process {}", pid));
+  }
+  if (!isDeputy(pid)) {
+    fmt::print("migrate: pid {} already runs at home\n", pid);
+    return 0;
+  }
+  std::string runDir;
+  try {
+    runDir = mos::configFromEnvironment().runDir;
+  } catch (kj::Exception& e) {
+    fail(e.getDescription().cStr());
+  }
+  std::string path = fmt::format("{}/control/{}", runDir, pid);
+  struct sockaddr_un address = {};
+  address.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(address.sun_path)) {
+    fail(fmt::format("the control socket path {} is too long", path));
+  }
+  memcpy(address.sun_path, path.c_str(), path.size() + 1);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    fail(fmt::format("socket: {}", strerror(errno)));
+  }
+  kj::AutoCloseFd owner(fd);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) < 0) {
+    fail(
+        fmt::format("cannot reach the deputy of pid {} at {}: {} (is UMOSIX_RUN_DIR the one of "
+                    "its home node?)",
+                    pid, path, strerror(errno)));
+  }
+  auto started = std::chrono::steady_clock::now();
+  const char request[] = "home\n";
+  if (send(fd, request, sizeof(request) - 1, MSG_NOSIGNAL) != sizeof(request) - 1) {
+    fail(fmt::format("cannot ask the deputy of pid {}: {}", pid, strerror(errno)));
+  }
+  // The answer: one line from the deputy (refused) or from the migration agent (ok, failed).
+  std::string answer;
+  auto deadline = started + std::chrono::seconds(timeoutSeconds);
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    deadline - std::chrono::steady_clock::now())
+                    .count();
+    if (left <= 0) {
+      fail(
+          fmt::format("no answer from the deputy of pid {} within {} s (is the job stopped?); "
+                      "the move may still happen",
+                      pid, timeoutSeconds));
+    }
+    struct pollfd pfd = {fd, POLLIN, 0};
+    int n = poll(&pfd, 1, static_cast<int>(std::min<long>(left, 1000)));
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n <= 0) {
+      continue;
+    }
+    char buffer[512];
+    ssize_t got = read(fd, buffer, sizeof(buffer));
+    if (got < 0 && errno == EINTR) {
+      continue;
+    }
+    if (got <= 0) {
+      break;
+    }
+    answer.append(buffer, got);
+    if (answer.find('\n') != std::string::npos) {
+      break;
+    }
+  }
+  while (!answer.empty() && (answer.back() == '\n' || answer.back() == '\r')) {
+    answer.pop_back();
+  }
+  double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  if (answer.rfind("ok", 0) == 0) {
+    unsigned long long pages = 0, injected = 0;
+    sscanf(answer.c_str(), "ok %llu %llu", &pages, &injected);
+    fmt::print(
+        "migrate: pid {} runs at home again: {} pages ({:.1f} MiB), {} injected syscalls, "
+        "{:.3f} s\n",
+        pid, pages, pages * 4096.0 / (1 << 20), injected, seconds);
+    return 0;
+  }
+  if (answer.rfind("refused: ", 0) == 0) {
+    fail(
+        fmt::format("pid {} cannot move home: {}; it runs on where it was", pid, answer.substr(9)));
+  }
+  if (answer.rfind("failed: ", 0) == 0) {
+    fail(fmt::format("moving pid {} home failed: {}", pid, answer.substr(8)));
+  }
+  if (answer.empty()) {
+    if (kill(pid, 0) != 0 && errno == ESRCH) {
+      fail(fmt::format("pid {} ended during the move", pid));
+    }
+    if (!isDeputy(pid)) {
+      fmt::print("migrate: pid {} runs at home again ({:.3f} s)\n", pid, seconds);
+      return 0;
+    }
+    fail(fmt::format("the deputy of pid {} closed the connection without an answer", pid));
+  }
+  fail(fmt::format("unexpected answer from the deputy of pid {}: {}", pid, answer));
+}
+
+int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
   uint32_t node = 0;
   try {
     size_t used = 0;
@@ -142,10 +271,20 @@ int moveToNode(pid_t pid, const std::string& target) {
     fail(e.getDescription().cStr());
   }
   if (isDeputy(pid)) {
-    fail(fmt::format(
-        "pid {} runs on a remote node already (it is its deputy here): moves of a job that is "
-        "away are not implemented yet",
-        pid));
+    // Away already: remote -> remote goes through home for now (the image travels node ->
+    // home -> NODE and the job runs at home for the moment in between).
+    mos::JobSnapshot job;
+    mos::StatsSnapshot stats;
+    if (mos::readJobRecord(config.runDir, "jobs", pid, job, stats) &&
+        job.state == mos::JobState::REMOTE && job.node == node) {
+      fmt::print("migrate: pid {} already runs on node {}\n", pid, node);
+      return 0;
+    }
+    moveHome(pid, timeoutSeconds);
+    // The agent that restored it lets it go right after its answer.
+    for (int i = 0; i < 1000 && tracerOf(pid) != 0; ++i) {
+      usleep(10000);
+    }
   }
   if (node == config.nodeId) {
     fmt::print("migrate: pid {} already runs at home (node {})\n", pid, node);
@@ -275,9 +414,13 @@ int main(int argc, char** argv) {
   std::string file;
   app.add_option("PID", pid, "the job process")->required();
   app.add_option("TARGET", target,
-                 "a node id: move the job there (it must run at home); `checkpoint`: write FILE")
+                 "a node id: move the job there; `home`: bring it home; `checkpoint`: write FILE")
       ->required();
   app.add_option("FILE", file, "with `checkpoint`: the checkpoint file to write (mode 0600)");
+  int timeoutSeconds = 600;
+  app.add_option("--timeout", timeoutSeconds,
+                 "with `home` or a NODE for a job that is away: seconds to wait for its move home "
+                 "(default 600)");
   app.footer(
       "Exit status: 0 done; 1 refused or failed (the process keeps running where it was); 2 bad "
       "arguments.");
@@ -299,7 +442,7 @@ int main(int argc, char** argv) {
     return EXIT_USAGE;
   }
   if (target == "home") {
-    fail(fmt::format("pid {}: moves home are not implemented yet (issue 8)", pid));
+    return moveHome(pid, timeoutSeconds);
   }
-  return moveToNode(pid, target);
+  return moveToNode(pid, target, timeoutSeconds);
 }
