@@ -246,6 +246,7 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
         r->node = options_.node;
         r->state = static_cast<uint32_t>(JobState::REMOTE);
         r->stats.sinceNs.store(realtimeNs(), std::memory_order_relaxed);
+        noteArrival(r, options_.node);
       }
       spdlog::debug("job {} runs on node {} as pid {}", getpid(), options_.node,
                     message.getStarted());
@@ -583,6 +584,10 @@ void Deputy::becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token) 
                                        options_.command);
       record_.get()->node = options_.node;
       record_.get()->state = static_cast<uint32_t>(JobState::REMOTE);
+      if (record_.get()->moves == 0) {
+        // Born on the node (a guest's fork): its trail starts there, not at home.
+        record_.get()->trail[0] = options_.node;
+      }
       startInspection();
     } catch (kj::Exception& e) {
       spdlog::warn("no job record for mps: {}", e.getDescription().cStr());

@@ -254,6 +254,7 @@ void Deputy::completeMoveHome() {
     r->state = static_cast<uint32_t>(JobState::HOME);
     r->node = options_.homeNode;
     r->remotePid = 0;
+    noteArrival(r, options_.homeNode);
     r->stats.sinceNs.store(realtimeNs(), std::memory_order_relaxed);
   }
   if (control_.get() != nullptr) {

@@ -30,6 +30,10 @@ struct JobInfo {
                            # guest); 0 unknown
   stay @9 :Text;           # listGuests: why the guest stays on this node ("shares memory with
                            # 4250 (MAP_SHARED|MAP_ANONYMOUS)", "maps System V shm"); "" none
+  moves @10 :UInt32;       # listJobs: how often the running user part moved to another node
+                           # (migrate; a move home counts; an exec's trip home and back to the
+                           # same node does not)
+  trail @11 :List(UInt32); # listJobs: the nodes it has run on, oldest first (the last 16)
 }
 
 interface Node {

@@ -78,6 +78,38 @@ const char* jobStateName(JobState state) {
   return "unknown";
 }
 
+namespace {
+
+// This process's start time, clock ticks after boot (proc(5): /proc/self/stat field 22).
+uint64_t ownStartTime() {
+  char buf[1024];
+  int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return 0;
+  }
+  ssize_t n = read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  if (n <= 0) {
+    return 0;
+  }
+  buf[n] = '\0';
+  const char* p = strrchr(buf, ')');
+  if (p == nullptr) {
+    return 0;
+  }
+  // Fields 3.. follow the command; field 22 is the 20th of them.
+  unsigned long long value = 0;
+  for (int field = 3; field <= 22 && p != nullptr; field++) {
+    p = strchr(p + 1, ' ');
+    if (p != nullptr && field == 22) {
+      value = strtoull(p + 1, nullptr, 10);
+    }
+  }
+  return value;
+}
+
+}  // namespace
+
 OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kind, int32_t name,
                                       int32_t homePid, uint32_t homeNode,
                                       const std::string& command) {
@@ -86,9 +118,24 @@ OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kin
   OwnedJobRecord result;
   result.path_ = dir + "/" + std::to_string(name);
   int fd;
-  KJ_SYSCALL(fd = open(result.path_.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644),
-             result.path_);
+  KJ_SYSCALL(fd = open(result.path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644), result.path_);
   kj::AutoCloseFd owned(fd);
+  // The trail of an earlier record of this very process (same owner pid and home pid).
+  uint32_t moves = 0, trailLength = 0;
+  uint32_t trail[JobRecord::TRAIL_SLOTS] = {};
+  {
+    JobRecord old;
+    if (pread(fd, &old, sizeof(old), 0) == static_cast<ssize_t>(sizeof(old)) &&
+        old.magic == JobRecord::MAGIC && old.ownerPid == getpid() && old.homePid == homePid &&
+        old.ownerStart == ownStartTime()) {
+      moves = old.moves.load();
+      trailLength = old.trailLength.load();
+      for (uint32_t i = 0; i < JobRecord::TRAIL_SLOTS; i++) {
+        trail[i] = old.trail[i].load();
+      }
+    }
+  }
+  KJ_SYSCALL(ftruncate(fd, 0), result.path_);
   KJ_SYSCALL(ftruncate(fd, RECORD_BYTES));
   void* p = mmap(nullptr, RECORD_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
@@ -97,6 +144,7 @@ OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kin
   auto* record = new (p) JobRecord{};
   record->version = 1;
   record->ownerPid = getpid();
+  record->ownerStart = ownStartTime();
   record->homePid = homePid;
   record->homeNode = homeNode;
   record->node = homeNode;
@@ -106,11 +154,48 @@ OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kin
   for (auto& fd : record->stats.reserved) {
     fd = -1;
   }
+  if (trailLength > 0) {
+    record->moves = moves;
+    record->trailLength = trailLength;
+    for (uint32_t i = 0; i < JobRecord::TRAIL_SLOTS; i++) {
+      record->trail[i] = trail[i];
+    }
+  } else {
+    noteArrival(record, homeNode);
+  }
   std::atomic_thread_fence(std::memory_order_release);
   record->magic = JobRecord::MAGIC;
   result.record_ = record;
   return result;
 }
+
+void noteArrival(JobRecord* record, uint32_t node) {
+  uint32_t length = record->trailLength.load(std::memory_order_relaxed);
+  if (length > 0 && record->trail[(length - 1) % JobRecord::TRAIL_SLOTS].load(
+                        std::memory_order_relaxed) == node) {
+    return;
+  }
+  if (length > 0) {
+    record->moves.fetch_add(1, std::memory_order_relaxed);
+  }
+  record->trail[length % JobRecord::TRAIL_SLOTS].store(node, std::memory_order_relaxed);
+  record->trailLength.store(length + 1, std::memory_order_release);
+}
+
+namespace {
+
+// The trail of `record`, oldest first.
+std::vector<uint32_t> trailOf(const JobRecord& record) {
+  uint32_t length = record.trailLength.load(std::memory_order_acquire);
+  uint32_t first = length > JobRecord::TRAIL_SLOTS ? length - JobRecord::TRAIL_SLOTS : 0;
+  std::vector<uint32_t> out;
+  for (uint32_t i = first; i < length; i++) {
+    out.push_back(record.trail[i % JobRecord::TRAIL_SLOTS].load(std::memory_order_relaxed));
+  }
+  return out;
+}
+
+}  // namespace
 
 OwnedJobRecord::OwnedJobRecord(OwnedJobRecord&& other) noexcept
     : record_(other.record_), path_(std::move(other.path_)) {
@@ -164,7 +249,8 @@ std::vector<JobSnapshot> readJobRecords(const std::string& runDir, const char* k
     copy.command[sizeof(copy.command) - 1] = '\0';
     result.push_back(JobSnapshot{copy.ownerPid, copy.homePid, copy.homeNode, copy.node.load(),
                                  static_cast<JobState>(copy.state.load()), copy.remotePid.load(),
-                                 copy.syscalls.load(), copy.command});
+                                 copy.syscalls.load(), copy.command, copy.moves.load(),
+                                 trailOf(copy)});
   }
   closedir(d);
   std::sort(result.begin(), result.end(),
@@ -247,7 +333,9 @@ bool readJobRecord(const std::string& runDir, const char* kind, int32_t name, Jo
                     static_cast<JobState>(record->state.load()),
                     record->remotePid.load(),
                     record->syscalls.load(),
-                    command};
+                    command,
+                    record->moves.load(),
+                    trailOf(*record)};
   stats = snapshotStats(record->stats);
   return true;
 }

@@ -86,15 +86,31 @@ struct JobRecord {
   std::atomic<uint64_t> syscalls;  // forwarded syscalls so far
   char command[64];                // NUL terminated
   JobStats stats;
+  // Where the job's user part has been (`mps`: MOVES, `trail`), kept across the deputy
+  // generations of one process (an exec at home, a move home and out again): node ids in
+  // arrival order, the last TRAIL_SLOTS of them (entry i at trail[i % TRAIL_SLOTS]).
+  static constexpr uint32_t TRAIL_SLOTS = 16;
+  std::atomic<uint32_t> moves;        // arrivals on another node than the last one
+  std::atomic<uint32_t> trailLength;  // arrivals recorded in all (the first is the start)
+  std::atomic<uint32_t> trail[TRAIL_SLOTS];
+  uint64_t ownerStart;  // the owner's start time (proc(5) stat field 22, clock ticks): with
+                        // ownerPid, which process wrote the trail (pids are reused)
 };
+
+// Records that the user part of the job of `record` now runs on `node` (the home node id for
+// home): appended to its trail and counted as a move unless it is where it was. Owner only.
+void noteArrival(JobRecord* record, uint32_t node);
 
 // A record this process owns, mapped shared. Moving only; unmaps (and, if asked, unlinks) on
 // destruction.
 class OwnedJobRecord {
  public:
   // Creates RUN_DIR/<kind>/<name> (kind is "jobs" or "guests"), creating directories as needed,
-  // maps it and fills the constant fields. The descriptor is closed before returning, so the
-  // record holds no fd of the job's table. Throws kj::Exception (FAILED) on I/O errors.
+  // maps it and fills the constant fields. A record of the same process that was there (this
+  // pid owned it: an earlier deputy of this process, before an exec or a move) passes on its
+  // move count and trail; otherwise the trail starts at `homeNode`. The descriptor is closed before
+  // returning, so the record holds no fd of the job's table. Throws kj::Exception (FAILED) on I/O
+  // errors.
   static OwnedJobRecord create(const std::string& runDir, const char* kind, int32_t name,
                                int32_t homePid, uint32_t homeNode, const std::string& command);
   OwnedJobRecord() = default;
@@ -126,6 +142,8 @@ struct JobSnapshot {
   int32_t remotePid;
   uint64_t syscalls;
   std::string command;
+  uint32_t moves = 0;
+  std::vector<uint32_t> trail;  // node ids, oldest first (at most JobRecord::TRAIL_SLOTS)
 };
 
 // A copy of one record's inspection counters and in-flight calls, as read by mosd.

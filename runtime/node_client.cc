@@ -146,6 +146,10 @@ std::vector<JobInfo> toJobInfos(capnp::List<proto::JobInfo>::Reader jobs) {
     info.parentPid = job.getParentPid();
     info.threads = job.getThreads();
     info.stay = job.getStay();
+    info.moves = job.getMoves();
+    for (uint32_t node : job.getTrail()) {
+      info.trail.push_back(node);
+    }
     result.push_back(kj::mv(info));
   }
   return result;

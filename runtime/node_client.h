@@ -35,9 +35,11 @@ struct JobInfo {
   uint64_t syscalls = 0;
   int32_t remotePid = 0;
   uint32_t homeNode = 0;
-  int32_t parentPid = 0;  // listJobs: the parent at home; 0 unknown
-  uint32_t threads = 0;   // 0 unknown
-  std::string stay;       // listGuests: why the guest stays on its node ("" none)
+  int32_t parentPid = 0;        // listJobs: the parent at home; 0 unknown
+  uint32_t threads = 0;         // 0 unknown
+  std::string stay;             // listGuests: why the guest stays on its node ("" none)
+  uint32_t moves = 0;           // listJobs: moves of the user part between nodes
+  std::vector<uint32_t> trail;  // listJobs: the nodes it has run on, oldest first
 };
 
 // An open RPC connection to one mosd.

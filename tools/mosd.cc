@@ -59,6 +59,11 @@ void fillJobs(capnp::List<proto::JobInfo>::Builder out, const std::vector<JobSna
     info.setSyscalls(job.syscalls);
     info.setRemotePid(job.remotePid);
     info.setHomeNode(job.homeNode);
+    info.setMoves(job.moves);
+    auto trail = info.initTrail(job.trail.size());
+    for (size_t k = 0; k < job.trail.size(); k++) {
+      trail.set(k, job.trail[k]);
+    }
   }
 }
 

@@ -93,12 +93,13 @@ std::vector<ProcessRow> listProcesses(const std::vector<JobInfo>& jobs,
 std::string orDash(int64_t value) { return value > 0 ? std::to_string(value) : "-"; }
 
 void printProcessTable(const std::vector<ProcessRow>& rows) {
-  fmt::print("{:>7}  {:>7}  {:<6}  {:<9}  {:>3}  {:>9}  {}\n", "PID", "PPID", "WHERE", "STATE",
-             "THR", "SYSCALLS", "COMMAND");
+  fmt::print("{:>7}  {:>7}  {:<6}  {:<9}  {:>3}  {:>5}  {:>9}  {}\n", "PID", "PPID", "WHERE",
+             "STATE", "THR", "MOVES", "SYSCALLS", "COMMAND");
   for (const ProcessRow& row : rows) {
     const JobInfo& p = row.home;
-    fmt::print("{:>7}  {:>7}  {:<6}  {:<9}  {:>3}  {:>9}  {}\n", p.homePid, orDash(p.parentPid),
-               where(p), p.state, orDash(p.threads), p.syscalls, p.command);
+    fmt::print("{:>7}  {:>7}  {:<6}  {:<9}  {:>3}  {:>5}  {:>9}  {}\n", p.homePid,
+               orDash(p.parentPid), where(p), p.state, orDash(p.threads), p.moves, p.syscalls,
+               p.command);
     if (!p.stay.empty()) {
       fmt::print("{:>7}  stays on node {}: {}\n", "", p.node, p.stay);
     }
@@ -118,6 +119,8 @@ void printProcessJson(const std::vector<ProcessRow>& rows) {
                      {"syscalls", p.syscalls},
                      {"remotePid", p.remotePid},
                      {"stay", p.stay},
+                     {"moves", p.moves},
+                     {"trail", p.trail},
                      {"command", p.command}});
   }
   fmt::print("{}\n", array.dump(2));
