@@ -275,7 +275,8 @@ InjectOutcome Session::run() {
         rax = (pending & ~blocked) ? answer->value : -ERESTARTNOINTR;
       }
     }
-  } else if (inSyscall && rax == -ERESTARTSYS && isNotified(static_cast<int64_t>(saved_.orig_rax))) {
+  } else if (inSyscall && rax == -ERESTARTSYS &&
+             isNotified(static_cast<int64_t>(saved_.orig_rax))) {
     // The guest was waiting for a notification that nobody had received yet: our interrupt
     // took it out of that wait (the kernel dequeues an unreceived notification and answers
     // ERESTARTSYS), so the call has run nowhere. Natively the signal came just before the

@@ -428,8 +428,8 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
       current_->id == id) {
     // Home signals still to queue, or a call cut short whose own signal mask decides what the
     // guest takes: the guest queues them and takes the answer in one session (guest_signal.h).
-    bool interrupted = !neverInterrupted(current_->data.nr) &&
-                       answer.value == -restartCode(current_->data.nr);
+    bool interrupted =
+        !neverInterrupted(current_->data.nr) && answer.value == -restartCode(current_->data.nr);
     kj::Maybe<uint64_t> mask = interrupted ? currentCallMask() : nullptr;
     if (!deferred_.empty() || mask != nullptr) {
       std::vector<siginfo_t> signals = std::move(deferred_);
@@ -605,8 +605,8 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
       trace_->addHomeNs((*r)->getRoot<proto::ToRemote>().getReply().getHomeNs());
       // A call no signal cuts short (close, dup2...) is never reported interrupted by the
       // deputy, which runs it with signals blocked; its result stands in any case.
-      bool standing = current_ != nullptr && current_->id == seq &&
-                      neverInterrupted(current_->data.nr);
+      bool standing =
+          current_ != nullptr && current_->id == seq && neverInterrupted(current_->data.nr);
       if (standing || !(*r)->getRoot<proto::ToRemote>().getReply().getInterrupted()) {
         homeCalls_++;
         if (record_.get() != nullptr) {

@@ -786,8 +786,7 @@ constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
     return false;
   }
   if (e.restart != ERESTARTSYS && !(e.restart == ERESTARTNOHAND && e.route == Route::FORWARD) &&
-      !(e.restart == NEVER_INTERRUPTED && e.route == Route::FORWARD &&
-        e.atHome == AtHome::ARGS)) {
+      !(e.restart == NEVER_INTERRUPTED && e.route == Route::FORWARD && e.atHome == AtHome::ARGS)) {
     return false;
   }
   if (e.handler == HandlerId::OPEN && !opensAPath(e)) {

@@ -485,8 +485,8 @@ TEST_CASE("restart codes are a column: ERESTARTNOHAND for the poll, select and e
                                         "epoll_pwait", "epoll_pwait2"});
   // Calls that never block: no signal cuts them short (a close undone by SIGCHLD leaked a
   // pipeline's write end at home).
-  CHECK(never == std::set<std::string>{"close", "close_range", "dup", "dup2", "dup3", "pipe",
-                                       "pipe2"});
+  CHECK(never ==
+        std::set<std::string>{"close", "close_range", "dup", "dup2", "dup3", "pipe", "pipe2"});
   CHECK(neverInterrupted(__NR_close));
   CHECK(!neverInterrupted(__NR_read));
   CHECK(restartCode(__NR_read) == ERESTARTSYS);
