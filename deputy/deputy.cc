@@ -25,6 +25,7 @@
 #include "migrate.h"
 #include "signals.h"
 #include "startup.h"
+#include "syscall_table.h"
 
 namespace mos::deputy {
 
@@ -315,7 +316,10 @@ void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {
   // The cancel is this thread's own (another deputy thread may have taken the shared pending
   // flag meanwhile).
   bool cancelled = takeCancel();
-  if (reply.getRet() == -EINTR && (signalsPending() || cancelled)) {
+  // A call no signal cuts short (close, dup2...) ran with signals blocked: its EINTR, if any,
+  // is the kernel's own result, never an interruption.
+  if (reply.getRet() == -EINTR && (signalsPending() || cancelled) &&
+      !neverInterrupted(static_cast<int>(request.getNr()))) {
     reply.setInterrupted(true);
   }
   if (cancelled) {

@@ -451,7 +451,16 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
     case HomeView::FD_LISTING:
     case HomeView::EXE_LINK: break;
   }
-  int64_t ret = interruptibleSyscall(nr, args);
+  int64_t ret;
+  if (row->restart == NEVER_INTERRUPTED) {
+    // close, dup2, pipe...: a native call never looks at signals, so it runs with ours blocked
+    // (they stay pending and are sent after it); a close must never be cut short and left
+    // undone (docs/design.md, "Signals").
+    long r = ::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]);
+    ret = r < 0 ? -errno : r;
+  } else {
+    ret = interruptibleSyscall(nr, args);
+  }
   if (row->view == HomeView::FD_LISTING && ret > 0) {
     ret = filterProcFdListing(nr, fdArg(args[0]), args, ret);
   }

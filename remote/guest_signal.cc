@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "supervisor.h"  // readStatus, statusMask
+#include "syscall_table.h"
 
 namespace mos::remote {
 
@@ -22,6 +23,7 @@ namespace {
 // include/linux/errno.h: the kernel's restart codes (never seen by a process).
 constexpr int64_t ERESTARTNOINTR = 513;
 constexpr int64_t ERESTARTNOHAND = 514;
+constexpr int64_t ERESTARTSYS = 512;
 
 constexpr int KERNEL_SIGSET_BYTES = 8;
 constexpr uint64_t RED_ZONE = 128;  // x86-64 System V ABI: below rsp, owned by the function
@@ -34,6 +36,14 @@ struct Scratch {
   uint64_t zero[2];  // struct timespec {0, 0}
   siginfo_t info;    // one siginfo at a time
 };
+
+// True when syscall `nr` goes to the supervisor (a seccomp user notification) rather than to the
+// guest's kernel: every row but the plain LOCAL ones (a LOCAL row with a handler is notified
+// under its handler's condition), and every number without a row.
+bool isNotified(int64_t nr) {
+  const SyscallEntry* e = nr >= 0 ? findSyscall(static_cast<int>(nr)) : nullptr;
+  return e == nullptr || e->route != Route::LOCAL || e->handler != HandlerId::NONE;
+}
 
 bool isGroupStopSignal(int sig) {
   return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
@@ -265,6 +275,15 @@ InjectOutcome Session::run() {
         rax = (pending & ~blocked) ? answer->value : -ERESTARTNOINTR;
       }
     }
+  } else if (inSyscall && rax == -ERESTARTSYS &&
+             isNotified(static_cast<int64_t>(saved_.orig_rax))) {
+    // The guest was waiting for a notification that nobody had received yet: our interrupt
+    // took it out of that wait (the kernel dequeues an unreceived notification and answers
+    // ERESTARTSYS), so the call has run nowhere. Natively the signal came just before the
+    // call: the handler runs, then the call does. Left as ERESTARTSYS, a handler without
+    // SA_RESTART (dash's SIGCHLD) made a close that never ran return EINTR, leaving a
+    // pipeline's write end open at home, and a fork fail ("Cannot fork").
+    rax = -ERESTARTNOINTR;
   } else if (static_cast<int64_t>(saved_.orig_rax) == __NR_rt_sigtimedwait && rax == -EINTR) {
     // Our interrupt woke a local sigtimedwait, which returns EINTR rather than a restart code:
     // restart it (it finds the signal we queued, if it waits for it).

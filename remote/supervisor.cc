@@ -44,7 +44,11 @@ TraceCall& untracedCall() {
 }
 }  // namespace
 
-Answer Answer::interrupted(int nr) { return Answer::of(-restartCode(nr)); }
+Answer Answer::interrupted(int nr) {
+  // A call no signal cuts short reaches here only when the home kernel itself said EINTR (a
+  // close whose flush was interrupted): that result stands, the descriptor is gone.
+  return neverInterrupted(nr) ? Answer::of(-EINTR) : Answer::of(-restartCode(nr));
+}
 
 // Reads a hex signal set line ("SigBlk:\t0000000000010000") of /proc/PID/status.
 uint64_t statusMask(const std::string& status, const char* key) {
@@ -457,7 +461,8 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
       current_->id == id) {
     // Home signals still to queue, or a call cut short whose own signal mask decides what the
     // guest takes: the guest queues them and takes the answer in one session (guest_signal.h).
-    bool interrupted = answer.value == -restartCode(current_->data.nr);
+    bool interrupted =
+        !neverInterrupted(current_->data.nr) && answer.value == -restartCode(current_->data.nr);
     kj::Maybe<uint64_t> mask = interrupted ? currentCallMask() : nullptr;
     if (!deferred_.empty() || mask != nullptr) {
       std::vector<siginfo_t> signals = std::move(deferred_);
@@ -635,7 +640,11 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
         seq);
     KJ_IF_MAYBE (r, reply) {
       trace_->addHomeNs((*r)->getRoot<proto::ToRemote>().getReply().getHomeNs());
-      if (!(*r)->getRoot<proto::ToRemote>().getReply().getInterrupted()) {
+      // A call no signal cuts short (close, dup2...) is never reported interrupted by the
+      // deputy, which runs it with signals blocked; its result stands in any case.
+      bool standing =
+          current_ != nullptr && current_->id == seq && neverInterrupted(current_->data.nr);
+      if (standing || !(*r)->getRoot<proto::ToRemote>().getReply().getInterrupted()) {
         homeCalls_++;
         if (record_.get() != nullptr) {
           record_.get()->syscalls.fetch_add(1, std::memory_order_relaxed);
@@ -665,10 +674,13 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
 
 kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessageBuilder& request,
                                                               uint64_t seq) {
-  if (!deferred_.empty() && current_ != nullptr && current_->id == seq) {
+  if (!deferred_.empty() && current_ != nullptr && current_->id == seq &&
+      !neverInterrupted(current_->data.nr)) {
     // Home signals the guest has not taken yet arrived before this call: it is cut short
     // before it starts, as natively by a signal pending at its entry; respond() lets the guest
-    // take them and restart the call or return EINTR (guest_signal.h).
+    // take them and restart the call or return EINTR (guest_signal.h). Not a call that never
+    // blocks (close, dup2, pipe): natively it runs whatever is pending, and the signals go with
+    // its answer.
     return nullptr;
   }
   if (moveRequested_ && moveMayCut() && current_ != nullptr && current_->id == seq) {

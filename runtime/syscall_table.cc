@@ -170,6 +170,13 @@ constexpr SyscallEntry noRestartAfterHandler(SyscallEntry e) {
   return e;
 }
 
+// A forwarded call that never blocks natively, so a signal never cuts it short (the kernel
+// looks at pending signals only where a call waits): close, dup2... must run whatever is pending.
+constexpr SyscallEntry notInterruptible(SyscallEntry e) {
+  e.restart = NEVER_INTERRUPTED;
+  return e;
+}
+
 // A forwarded call that the deputy adjusts around its own descriptors or /proc/self/exe.
 constexpr SyscallEntry seenFromHome(HomeView view, SyscallEntry e) {
   e.view = view;
@@ -240,7 +247,7 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_read, "read", DESC, {FD, outBuf(2), VAL}),
     forward(__NR_write, "write", DESC, {FD, inBuf(2), VAL}),
     opensJobShm(forward(__NR_open, "open", DESC | FILE, {PATH, VAL, VAL}, OPEN)),
-    closesNodeFd(forward(__NR_close, "close", DESC, {FD})),
+    notInterruptible(closesNodeFd(forward(__NR_close, "close", DESC, {FD}))),
     jobShmOnNode(forward(__NR_stat, "stat", FILE, {PATH, outStruct(STAT_BYTES)})),
     forward(__NR_fstat, "fstat", DESC, {FD, outStruct(STAT_BYTES)}),
     jobShmOnNode(forward(__NR_lstat, "lstat", FILE, {PATH, outStruct(STAT_BYTES)})),
@@ -260,7 +267,7 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_readv, "readv", DESC, {FD, HANDLED, VAL}, IOV),
     forward(__NR_writev, "writev", DESC, {FD, HANDLED, VAL}, IOV),
     jobShmOnNode(forward(__NR_access, "access", FILE, {PATH, VAL})),
-    forward(__NR_pipe, "pipe", DESC | IPC, {outStruct(FD_PAIR_BYTES)}),
+    notInterruptible(forward(__NR_pipe, "pipe", DESC | IPC, {outStruct(FD_PAIR_BYTES)})),
     noRestartAfterHandler(seenFromHome(
         HomeView::SELECT,
         forward(__NR_select, "select", DESC,
@@ -273,8 +280,8 @@ constexpr SyscallEntry ROWS[] = {
     inJobIpcNamespace(__NR_shmget, "shmget", IPC | MEMORY),
     inJobIpcNamespace(__NR_shmat, "shmat", IPC | MEMORY),
     inJobIpcNamespace(__NR_shmctl, "shmctl", IPC | MEMORY),
-    dupsNodeFd(forward(__NR_dup, "dup", DESC, {FD})),
-    dupsNodeFd(forward(__NR_dup2, "dup2", DESC, {FD, NEW_FD})),
+    notInterruptible(dupsNodeFd(forward(__NR_dup, "dup", DESC, {FD}))),
+    notInterruptible(dupsNodeFd(forward(__NR_dup2, "dup2", DESC, {FD, NEW_FD}))),
     local(__NR_pause, "pause", SIGNAL),
     local(__NR_nanosleep, "nanosleep", TIME),
     local(__NR_getitimer, "getitimer", TIME),
@@ -504,8 +511,8 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_signalfd4, "signalfd4", DESC | SIGNAL, ENOSYS, SIGNALFD),
     forward(__NR_eventfd2, "eventfd2", DESC | IPC, {VAL, VAL}),
     forward(__NR_epoll_create1, "epoll_create1", DESC, {VAL}),
-    dupsNodeFd(forward(__NR_dup3, "dup3", DESC, {FD, NEW_FD, VAL})),
-    forward(__NR_pipe2, "pipe2", DESC | IPC, {outStruct(FD_PAIR_BYTES), VAL}),
+    notInterruptible(dupsNodeFd(forward(__NR_dup3, "dup3", DESC, {FD, NEW_FD, VAL}))),
+    notInterruptible(forward(__NR_pipe2, "pipe2", DESC | IPC, {outStruct(FD_PAIR_BYTES), VAL})),
     forward(__NR_inotify_init1, "inotify_init1", DESC, {VAL}),
     forward(__NR_preadv, "preadv", DESC, {FD, HANDLED, VAL, VAL, VAL}, IOV),
     forward(__NR_pwritev, "pwritev", DESC, {FD, HANDLED, VAL, VAL, VAL}, IOV),
@@ -555,8 +562,8 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_fspick, "fspick", FILE, EPERM, MOUNTS),
     forward(__NR_pidfd_open, "pidfd_open", PROC | DESC, {VAL, VAL}),
     deny(__NR_clone3, "clone3", PROC, ENOSYS, FORK_LATER),
-    closesNodeFd(seenFromHome(HomeView::CLOSE_RANGE,
-                              forward(__NR_close_range, "close_range", DESC, {VAL, VAL, VAL}))),
+    notInterruptible(closesNodeFd(seenFromHome(
+        HomeView::CLOSE_RANGE, forward(__NR_close_range, "close_range", DESC, {VAL, VAL, VAL})))),
     opensJobShm(forward(__NR_openat2, "openat2", DESC | FILE, {FD, PATH, inBuf(3), VAL}, OPEN)),
     deny(__NR_pidfd_getfd, "pidfd_getfd", PROC | DESC, EPERM,
          "it would take a descriptor from another process's home fd table"),
@@ -778,7 +785,8 @@ constexpr bool rowHasWhatItsRouteNeeds(const SyscallEntry& e) {
       !(e.route == Route::DENY && e.atHome == AtHome::HELPER)) {
     return false;
   }
-  if (e.restart != ERESTARTSYS && !(e.restart == ERESTARTNOHAND && e.route == Route::FORWARD)) {
+  if (e.restart != ERESTARTSYS && !(e.restart == ERESTARTNOHAND && e.route == Route::FORWARD) &&
+      !(e.restart == NEVER_INTERRUPTED && e.route == Route::FORWARD && e.atHome == AtHome::ARGS)) {
     return false;
   }
   if (e.handler == HandlerId::OPEN && !opensAPath(e)) {
@@ -971,5 +979,7 @@ int restartCode(int nr) {
   const SyscallEntry* e = findSyscall(nr);
   return e != nullptr ? e->restart : ERESTARTSYS;
 }
+
+bool neverInterrupted(int nr) { return restartCode(nr) == NEVER_INTERRUPTED; }
 
 }  // namespace mos

@@ -158,6 +158,12 @@ inline constexpr int ERESTARTSYS = 512;
 // "Restart only if no handler ran": poll, select and epoll_wait (signal(7) lists them among the
 // calls that fail with EINTR after a handler regardless of SA_RESTART, yet resume after a stop).
 inline constexpr int ERESTARTNOHAND = 514;
+// "Never cut short": a native call of this kind does not look at pending signals (it never
+// blocks), so a signal never makes it fail with EINTR and it always runs. close, close_range,
+// dup, dup2, dup3, pipe, pipe2: a close that a SIGCHLD turned into EINTR would leave the
+// descriptor open at home (Linux never restarts close; shells ignore its errors), and a
+// pipeline's last stage would inherit its own pipe's write end and wait for EOF forever.
+inline constexpr int NEVER_INTERRUPTED = 0;
 
 struct SyscallEntry {
   int nr;            // x86-64 __NR_*
@@ -172,7 +178,9 @@ struct SyscallEntry {
   AtHome atHome;      // what the deputy executes of it
   int restart;        // FORWARD: what a native call returns when a signal cuts it short,
                       // ERESTARTSYS or ERESTARTNOHAND (the guest sees it when a signal
-                      // interrupts the call at home)
+                      // interrupts the call at home); NEVER_INTERRUPTED for calls that never
+                      // block: the deputy runs them with signals blocked and they are never
+                      // cut short before they start
   HomeView view = HomeView::NONE;  // ARGS/MSGHDR: what the deputy does around the call
   OnNode onNode = OnNode::NONE;    // what it does with the job's node-local objects
   const char* test = nullptr;      // the conformance program that checks it, natively and on a
@@ -199,6 +207,10 @@ const char* onNodeName(OnNode onNode);
 
 // The restart code of syscall `nr` (its row's `restart`; ERESTARTSYS without a row).
 int restartCode(int nr);
+
+// True when syscall `nr` is one a signal never cuts short (its row's restart is
+// NEVER_INTERRUPTED): it runs at home whatever signals are pending, and its result stands.
+bool neverInterrupted(int nr);
 
 // The largest buffer a single forwarded call moves, bytes (8 MiB). Larger reads and writes are
 // cut to this (a short read or write, which callers must handle anyway).

@@ -146,6 +146,10 @@ std::string notes(const SyscallEntry& e) {
     out += std::string(out.empty() ? "" : "; ") +
            "interrupted by a signal: ERESTARTNOHAND (EINTR after a handler, even with SA_RESTART)";
   }
+  if (e.restart == NEVER_INTERRUPTED) {
+    out += std::string(out.empty() ? "" : "; ") +
+           "never cut short by a signal (it never blocks): runs at home whatever is pending";
+  }
   return out;
 }
 
