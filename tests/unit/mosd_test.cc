@@ -617,6 +617,7 @@ TEST_CASE("mps prints every process of the local mosd's jobs as a table and as J
   job.get()->state = uint32_t(mos::JobState::REMOTE);
   job.get()->syscalls = 10523;
   job.get()->remotePid = 31337;
+  mos::noteArrival(job.get(), 2);
   auto home = mos::OwnedJobRecord::create(mosd.runDir, "jobs", gone, gone, 1, "make -j4");
 
   std::string base = std::string(MPS_PATH) + " --map " + mosd.dir + "/map --key " + mosd.dir +
@@ -635,11 +636,11 @@ TEST_CASE("mps prints every process of the local mosd's jobs as a table and as J
     return 0;
   }();
   std::vector<std::string> lines;
-  lines.push_back("    PID     PPID  WHERE   STATE      THR   SYSCALLS  COMMAND");
+  lines.push_back("    PID     PPID  WHERE   STATE      THR  MOVES   SYSCALLS  COMMAND");
   lines.push_back(
-      fmt::format("{:>7}  {:>7}  home    home         -          0  make -j4", gone, "-"));
-  lines.push_back(fmt::format("{:>7}  {:>7}  2       remote     {:>3}      10523  sleep 100", self,
-                              getppid(), threads));
+      fmt::format("{:>7}  {:>7}  home    home         -      0          0  make -j4", gone, "-"));
+  lines.push_back(fmt::format("{:>7}  {:>7}  2       remote     {:>3}      1      10523  sleep 100",
+                              self, getppid(), threads));
   if (gone > self) {
     std::swap(lines[1], lines[2]);
   }
@@ -661,6 +662,8 @@ TEST_CASE("mps prints every process of the local mosd's jobs as a table and as J
                                 {"syscalls", 10523},
                                 {"remotePid", 31337},
                                 {"stay", ""},
+                                {"moves", 1},
+                                {"trail", {1, 2}},
                                 {"command", "sleep 100"}}));
   CHECK(parsed[gone > self ? 1 : 0]["node"] == 1);
 
