@@ -68,6 +68,24 @@ os.lseek(fd, 0, 0)
 print("got", line.strip(), os.read(fd, 100).decode(), flush=True)
 '''
 
+# A parent and its forked child, both remote, talking through a pipe (a home object).
+FAMILY = r'''
+import os, sys
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(w)
+    data = os.read(r, 100)
+    print("child got", data.decode().strip(), flush=True)
+    os._exit(5)
+os.close(r)
+print("ready", child, flush=True)
+line = sys.stdin.readline()
+os.write(w, line.encode())
+_, status = os.waitpid(child, 0)
+print("parent", line.strip(), "child status", os.waitstatus_to_exitcode(status), flush=True)
+'''
+
 # A second thread: the move is refused and the job goes on.
 THREADED = r'''
 import os, sys, threading, time
@@ -233,6 +251,28 @@ def test_job_holding_a_node_local_memfd_is_refused_and_runs_on(cluster, home):
     status, out, err = job.wait(timeout=60)
     assert status == 0, (out, err)
     assert out.endswith(b"got still remote node-local\n"), out
+
+
+def test_forked_child_and_its_parent_move_home_one_by_one(cluster, home):
+    job, pid = start(cluster, home, "family.py", FAMILY, stdin=subprocess.PIPE)
+    child = int(job.out.split(b"ready")[1].split()[0])
+    wait_until(lambda: blocked_in_read(child) and blocked_in_read(pid), timeout=60,
+               what="both deputies blocked in read")
+    assert exe(child).endswith("mos-deputy")
+    cp = migrate_home(cluster, child)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert exe(child) == os.path.realpath(PYTHON)
+    assert exe(pid).endswith("mos-deputy")  # the parent is still remote
+    cp = migrate_home(cluster, pid)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert exe(pid) == os.path.realpath(PYTHON)
+    assert listing(STATE / "node-2" / "run" / "guests") == []
+    job.popen.stdin.write(b"both home\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    lines = sorted(out.decode().splitlines()[1:])
+    assert lines == ["child got both home", "parent both home child status 5"], out
 
 
 def test_migrate_home_of_a_job_at_home_is_a_no_op(cluster, home):
