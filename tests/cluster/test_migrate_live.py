@@ -6,6 +6,7 @@ signals and blocked calls as if nothing had happened. Refused moves leave the jo
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,18 @@ line = sys.stdin.readline()
 os.write(w, line.encode())
 _, status = os.waitpid(child, 0)
 print("parent", line.strip(), "child status", os.waitstatus_to_exitcode(status), flush=True)
+'''
+
+# SIGRTMIN blocked: every instance sent to the job stays queued; counted at the end.
+RT_COUNTER = r'''
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN})
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+n = 0
+while signal.sigtimedwait([signal.SIGRTMIN], 0) is not None:
+    n += 1
+print("rt", n, flush=True)
 '''
 
 # A second thread: the move is refused and the job goes on.
@@ -225,6 +238,36 @@ def test_handlers_blocked_and_pending_signals_move_home(cluster, home):
     assert status == 0, (out, err)
     lines = out.decode().splitlines()
     assert lines[-2:] == ["usr1 2 pending [12] blocked [12]"] * 2, out
+
+
+def test_signals_sent_during_the_move_arrive_once_each(cluster, home):
+    import threading
+    job, pid = start(cluster, home, "rt.py", RT_COUNTER, stdin=subprocess.PIPE)
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read")
+    sent = 0
+    done = threading.Event()
+
+    def sender():  # before, during and after the move, spread out
+        nonlocal sent
+        while (not done.is_set() or sent < 200) and sent < 2500:
+            os.kill(pid, signal.SIGRTMIN)
+            sent += 1
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    try:
+        cp = migrate_home(cluster, pid)
+    finally:
+        done.set()
+        t.join()
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert exe(pid) == os.path.realpath(PYTHON)
+    job.popen.stdin.write(b"count\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    assert out.endswith(b"rt %d\n" % sent), (sent, out)
 
 
 def test_threaded_job_is_refused_and_runs_on(cluster, home):
