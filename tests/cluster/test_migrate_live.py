@@ -99,6 +99,16 @@ while signal.sigtimedwait([signal.SIGRTMIN], 0) is not None:
 print("rt", n, flush=True)
 '''
 
+# Maps a home file (a copy from the remote content cache while remote), then waits for a line.
+MAPPER = r'''
+import mmap, os, sys
+with open("data.txt", "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+print("ready", os.getpid(), flush=True)
+line = sys.stdin.readline()
+print("got", line.strip(), m[:11].decode(), flush=True)
+'''
+
 # A second thread: the move is refused and the job goes on.
 THREADED = r'''
 import os, sys, threading, time
@@ -268,6 +278,24 @@ def test_signals_sent_during_the_move_arrive_once_each(cluster, home):
     status, out, err = job.wait(timeout=60)
     assert status == 0, (out, err)
     assert out.endswith(b"rt %d\n" % sent), (sent, out)
+
+
+def test_home_refuses_an_image_whose_mapped_file_changed_and_the_job_runs_on(cluster, home):
+    (home / "data.txt").write_text("mapped data\n")
+    job, pid = start(cluster, home, "mapper.py", MAPPER, stdin=subprocess.PIPE)
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read")
+    st = (home / "data.txt").stat()
+    os.utime(home / "data.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cp = migrate_home(cluster, pid)
+    assert cp.returncode == 1, (cp.stdout, cp.stderr)
+    assert b"data.txt changed since the image was taken" in cp.stderr, cp.stderr
+    assert exe(pid).endswith("mos-deputy")  # still remote; its read was issued again there
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read again")
+    job.popen.stdin.write(b"still remote\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    assert out.endswith(b"got still remote mapped data\n"), out
 
 
 def test_threaded_job_is_refused_and_runs_on(cluster, home):
