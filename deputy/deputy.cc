@@ -800,6 +800,9 @@ void Deputy::nodeDied() {
 void Deputy::fail(const std::string& text, int status) {
   printMosrunMessage(text);
   record_.unlink();
+  if (moving() && !move_->path.empty()) {
+    unlink(move_->path.c_str());  // a move's image that will never be used
+  }
   if (control_.get() != nullptr) {
     control_->unlinkPath();
   }

@@ -86,6 +86,9 @@ void Deputy::serveControl() {
     }
     move_ = kj::heap<MoveState>();
     move_->connection = kj::mv(request.connection);
+    if (auto* r = record_.get()) {
+      r->state = static_cast<uint32_t>(JobState::MIGRATING);  // mps: on its way home
+    }
     spdlog::info("job {}: moving home from node {}", getpid(), options_.node);
     capnp::MallocMessageBuilder message(16);
     message.initRoot<proto::ToRemote>().initMove().setTarget(0);
@@ -111,6 +114,9 @@ void Deputy::endMove(const std::string& reply) {
     move_->agent.cancel();
   }
   move_ = nullptr;
+  if (auto* r = record_.get()) {
+    r->state = static_cast<uint32_t>(JobState::REMOTE);
+  }
   // What the deputy kept meanwhile goes to the guest now, which runs on.
   flushSignals();
 }

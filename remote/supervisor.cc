@@ -42,6 +42,8 @@ TraceCall& untracedCall() {
   static TraceCall call;
   return call;
 }
+// -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND (include/linux/errno.h): a call cut short.
+bool isRestartCode(int64_t value) { return value <= -512 && value >= -514; }
 }  // namespace
 
 Answer Answer::interrupted(int nr) {
@@ -449,8 +451,7 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
     return;
   }
   if (moveRequested_ && answer.kind == Answer::VALUE && current_ != nullptr && current_->id == id &&
-      deferred_.empty() && moveMayCut() &&
-      (answer.value == -512 || answer.value == -513 || answer.value == -514)) {
+      deferred_.empty() && moveMayCut() && isRestartCode(answer.value)) {
     // The call was cut short for a move home: the move answers it (the call restarts wherever
     // the guest resumes). A refused move has answered it too.
     if (runMove(id)) {

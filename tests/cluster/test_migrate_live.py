@@ -6,6 +6,7 @@ signals and blocked calls as if nothing had happened. Refused moves leave the jo
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,46 @@ print("ready", fd, flush=True)
 line = sys.stdin.readline()
 os.lseek(fd, 0, 0)
 print("got", line.strip(), os.read(fd, 100).decode(), flush=True)
+'''
+
+# A parent and its forked child, both remote, talking through a pipe (a home object).
+FAMILY = r'''
+import os, sys
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(w)
+    data = os.read(r, 100)
+    print("child got", data.decode().strip(), flush=True)
+    os._exit(5)
+os.close(r)
+print("ready", child, flush=True)
+line = sys.stdin.readline()
+os.write(w, line.encode())
+_, status = os.waitpid(child, 0)
+print("parent", line.strip(), "child status", os.waitstatus_to_exitcode(status), flush=True)
+'''
+
+# SIGRTMIN blocked: every instance sent to the job stays queued; counted at the end.
+RT_COUNTER = r'''
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN})
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+n = 0
+while signal.sigtimedwait([signal.SIGRTMIN], 0) is not None:
+    n += 1
+print("rt", n, flush=True)
+'''
+
+# Maps a home file (a copy from the remote content cache while remote), then waits for a line.
+MAPPER = r'''
+import mmap, os, sys
+with open("data.txt", "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+print("ready", os.getpid(), flush=True)
+line = sys.stdin.readline()
+print("got", line.strip(), m[:11].decode(), flush=True)
 '''
 
 # A second thread: the move is refused and the job goes on.
@@ -209,6 +250,54 @@ def test_handlers_blocked_and_pending_signals_move_home(cluster, home):
     assert lines[-2:] == ["usr1 2 pending [12] blocked [12]"] * 2, out
 
 
+def test_signals_sent_during_the_move_arrive_once_each(cluster, home):
+    import threading
+    job, pid = start(cluster, home, "rt.py", RT_COUNTER, stdin=subprocess.PIPE)
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read")
+    sent = 0
+    done = threading.Event()
+
+    def sender():  # before, during and after the move, spread out
+        nonlocal sent
+        while (not done.is_set() or sent < 200) and sent < 2500:
+            os.kill(pid, signal.SIGRTMIN)
+            sent += 1
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    try:
+        cp = migrate_home(cluster, pid)
+    finally:
+        done.set()
+        t.join()
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert exe(pid) == os.path.realpath(PYTHON)
+    job.popen.stdin.write(b"count\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    assert out.endswith(b"rt %d\n" % sent), (sent, out)
+
+
+def test_home_refuses_an_image_whose_mapped_file_changed_and_the_job_runs_on(cluster, home):
+    (home / "data.txt").write_text("mapped data\n")
+    job, pid = start(cluster, home, "mapper.py", MAPPER, stdin=subprocess.PIPE)
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read")
+    st = (home / "data.txt").stat()
+    os.utime(home / "data.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    cp = migrate_home(cluster, pid)
+    assert cp.returncode == 1, (cp.stdout, cp.stderr)
+    assert b"data.txt changed since the image was taken" in cp.stderr, cp.stderr
+    assert exe(pid).endswith("mos-deputy")  # still remote; its read was issued again there
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read again")
+    job.popen.stdin.write(b"still remote\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    assert out.endswith(b"got still remote mapped data\n"), out
+
+
 def test_threaded_job_is_refused_and_runs_on(cluster, home):
     job, pid = start(cluster, home, "threaded.py", THREADED, stdin=subprocess.PIPE)
     cp = migrate_home(cluster, pid)
@@ -233,6 +322,28 @@ def test_job_holding_a_node_local_memfd_is_refused_and_runs_on(cluster, home):
     status, out, err = job.wait(timeout=60)
     assert status == 0, (out, err)
     assert out.endswith(b"got still remote node-local\n"), out
+
+
+def test_forked_child_and_its_parent_move_home_one_by_one(cluster, home):
+    job, pid = start(cluster, home, "family.py", FAMILY, stdin=subprocess.PIPE)
+    child = int(job.out.split(b"ready")[1].split()[0])
+    wait_until(lambda: blocked_in_read(child) and blocked_in_read(pid), timeout=60,
+               what="both deputies blocked in read")
+    assert exe(child).endswith("mos-deputy")
+    cp = migrate_home(cluster, child)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert exe(child) == os.path.realpath(PYTHON)
+    assert exe(pid).endswith("mos-deputy")  # the parent is still remote
+    cp = migrate_home(cluster, pid)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert exe(pid) == os.path.realpath(PYTHON)
+    assert listing(STATE / "node-2" / "run" / "guests") == []
+    job.popen.stdin.write(b"both home\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    lines = sorted(out.decode().splitlines()[1:])
+    assert lines == ["child got both home", "parent both home child status 5"], out
 
 
 def test_migrate_home_of_a_job_at_home_is_a_no_op(cluster, home):

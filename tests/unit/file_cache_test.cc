@@ -1,4 +1,5 @@
 #include "file_cache.h"
+#include "guest_move.h"
 
 #include <fcntl.h>
 #include <stdlib.h>
@@ -68,5 +69,28 @@ TEST_CASE("content cache installs nothing when the fetched size is wrong or the 
   CHECK(cache.lookup(ref) == nullptr);
   // No temp file is left behind.
   CHECK(system(("test -z \"$(ls -A " + dir + ")\"").c_str()) == 0);
+  REQUIRE(system(("rm -rf " + dir).c_str()) == 0);
+}
+
+TEST_CASE("a cache file's name gives back the home identity it was keyed by (a move home)",
+          "[remote][cache][migrate]") {
+  std::string dir = tempDir();
+  mos::remote::FileCache cache(dir, 3);
+  capnp::MallocMessageBuilder message;
+  auto ref = message.initRoot<mos::proto::FileRef>();
+  ref.setDev(0xfd01);
+  ref.setIno(123456789);
+  ref.setSize(4096 * 7 + 5);
+  ref.setMtimeNs(1765000000123456789);
+  mos::remote::CacheKey key;
+  REQUIRE(mos::remote::parseCacheKey(cache.keyOf(ref), key));
+  CHECK(key.homeNode == 3);
+  CHECK(key.dev == 0xfd01);
+  CHECK(key.ino == 123456789);
+  CHECK(key.size == 4096 * 7 + 5);
+  CHECK(key.mtimeNs == 1765000000123456789);
+  CHECK_FALSE(mos::remote::parseCacheKey("n3-fd01-1-2", key));
+  CHECK_FALSE(mos::remote::parseCacheKey(cache.keyOf(ref) + ".tmp.12.13", key));
+  CHECK_FALSE(mos::remote::parseCacheKey("libc.so.6", key));
   REQUIRE(system(("rm -rf " + dir).c_str()) == 0);
 }
