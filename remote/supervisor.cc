@@ -936,6 +936,9 @@ void Supervisor::onChildEvent() {
       continue;
     }
     auto exit = root.initExit();
+    spdlog::info("job {}: guest {} {} {}", start_.getIds().getPid(), guest_,
+                 WIFSIGNALED(status) ? "killed by signal" : "exited with status",
+                 WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
     if (WIFSIGNALED(status)) {
       exit.setSignal(WTERMSIG(status));
       exit.setCoreDumped(WCOREDUMP(status));
