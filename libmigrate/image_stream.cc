@@ -140,6 +140,13 @@ class ImageReader::HashingInput final : public kj::InputStream {
   // True when nothing at all follows (end of file).
   bool atEnd() { return fill() == 0; }
 
+  // What was read ahead and not handed out; dropped from the buffer.
+  kj::Array<kj::byte> takeBuffered() {
+    auto out = kj::heapArray<kj::byte>(buffer_ + pos_, len_ - pos_);
+    pos_ = len_;
+    return out;
+  }
+
   const XXH3_state_t& state() const { return hash_; }
   uint64_t total() const { return total_; }
 
@@ -194,6 +201,8 @@ ImageReader::ImageReader(kj::InputStream& in) : input_(kj::heap<HashingInput>(in
 ImageReader::~ImageReader() noexcept(false) {}
 
 uint64_t ImageReader::bytesRead() const { return input_->total(); }
+
+kj::Array<kj::byte> ImageReader::takeReadAhead() { return input_->takeBuffered(); }
 
 kj::Maybe<ImageReader::Run> ImageReader::nextRun() {
   KJ_REQUIRE(remaining_ == 0, "ImageReader: the previous run was not consumed");

@@ -75,6 +75,11 @@ class ImageReader {
   // keeping anything. Then checks that nothing follows the end frame.
   void verifyToEnd();
 
+  // The bytes this reader took from `in` beyond what it has consumed (it reads ahead up to
+  // 64 KiB): after the end frame, whatever followed the stream on a channel. They are no longer
+  // the reader's afterwards.
+  kj::Array<kj::byte> takeReadAhead();
+
   uint64_t bytesRead() const;
   uint64_t runs() const { return runs_; }
   uint64_t pages() const { return pages_; }

@@ -346,6 +346,9 @@ void Supervisor::startGuest() {
   ask.initRoot<proto::ToDeputy>().setSendImage();
   channel_.send(ask);
   auto guest = migrate::restoreGuest(reader, resolve, options);
+  // The deputy may have sent messages right after the end frame (a signal): the reader's
+  // read-ahead goes back to the channel.
+  channel_.unreceive(reader.takeReadAhead());
   guest_ = guest.pid;
   // GuestFamily takes the listener and SIGCHLD (run()).
   listener_ = kj::mv(guest.listener);

@@ -122,6 +122,14 @@ size_t Channel::receiveBytes(kj::byte* dst, size_t min, size_t max) {
   return got;
 }
 
+void Channel::unreceive(kj::ArrayPtr<const kj::byte> bytes) {
+  KJ_REQUIRE(begin_ == end_ && bytes.size() <= buffer_.size(), "unreceive: buffer in use",
+             end_ - begin_, bytes.size());
+  memcpy(buffer_.begin(), bytes.begin(), bytes.size());
+  begin_ = 0;
+  end_ = bytes.size();
+}
+
 ssize_t Channel::readSome(kj::byte* dst, size_t max) {
   ssize_t n = ::read(fd_.get(), dst, max);
   if (n < 0 && errno != EINTR) {

@@ -51,6 +51,11 @@ class Channel {
   // read, less than `min` only at end of stream. Throws DISCONNECTED on a reset.
   size_t receiveBytes(kj::byte* dst, size_t min, size_t max);
 
+  // Puts `bytes` back in front of what receive() and receiveBytes() read next (bytes a reader
+  // of the raw stream read ahead past its end). Preconditions: nothing is buffered now and
+  // `bytes` fits the 64 KiB buffer.
+  void unreceive(kj::ArrayPtr<const kj::byte> bytes);
+
   // True when bytes of a next message are already buffered, so receive() will not wait for the
   // socket to become readable first (poll(2) on fd() would miss them).
   bool hasBuffered();

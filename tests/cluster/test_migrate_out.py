@@ -8,14 +8,14 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, PYTHON, REMOTE, proc_alive, wait_until
+from conftest import BUILD, PYTHON, REMOTE, proc_alive, proc_times, wait_until
 
 COUNTER = r'''
 import sys
 print("pid", __import__("os").getpid(), flush=True)
 total = 0
-for i in range(40):
-    for k in range(300000):  # CPU work between lines
+for i in range(30):
+    for k in range(1000000):  # CPU work between lines
         total += k * i
     print("tick", i, total % 1000003, flush=True)
 sys.exit(7)
@@ -120,8 +120,14 @@ def test_counter_moved_mid_run(cluster, home):
     assert f"pid {job.pid} runs on node {REMOTE}".encode() in cp.stdout
     rec = wait_until(lambda: (r := record_of(cluster, job.pid)) and r.get("state") == "remote"
                      and r.get("node") == REMOTE and r, 30, what="job record on node 2")
-    # The guest computes on node 2: its CPU time grows there.
-    assert rec["remotePid"] > 0
+    # The guest computes on node 2: its CPU time grows there, while P at home (the deputy now)
+    # only serves the writes.
+    guest = rec["remotePid"]
+    home0, guest0 = proc_times(job.pid), proc_times(guest)
+    assert guest0 is not None
+    wait_until(lambda: (proc_times(guest) or 10**9) >= guest0 + 30, 60,
+               what="0.3 s of CPU on node 2")
+    assert proc_times(job.pid) - home0 < 10
     status, out, err = job.wait(timeout=120)
     first, _, rest = out.partition(b"\n")
     assert first == f"pid {job.pid}".encode(), out  # the same process all along
