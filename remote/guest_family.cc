@@ -613,7 +613,18 @@ InjectOutcome GuestFamily::queueAsGuest(pid_t pid, const std::vector<siginfo_t>&
       // exits) would not stop for the interrupt, and this thread would wait for it while the
       // child's notifications wait for this thread: later. No such wait can begin meanwhile
       // (a fork needs this thread).
-      if (answer == nullptr && processState(pid) == 'D') {
+      // Right after its vfork the parent is still on its way into that wait (state R), so the
+      // child's liveness decides too: a session begun then waited forever for a stop while
+      // the child's notifications waited for this thread (make -j2's posix_spawn hung so).
+      bool inVfork = false;
+      if (task->vforkChild > 0) {
+        char child = processState(task->vforkChild);
+        inVfork = child != 0 && child != 'Z' && child != 'X';
+        if (!inVfork) {
+          task->vforkChild = 0;
+        }
+      }
+      if (answer == nullptr && (inVfork || processState(pid) == 'D')) {
         outcome = InjectOutcome::BUSY;
         return;
       }
@@ -808,6 +819,9 @@ pid_t GuestFamily::runFork(Task& task, const seccomp_notif& notif, pid_t homePid
           "job {}: guest {} {} was given id {} in the job's namespace, not its home id {}",
           firstStart_.getIds().getPid(), thread ? "thread" : "child", child, inside, homePid);
     }
+  }
+  if (event == PTRACE_EVENT_VFORK) {
+    task.vforkChild = child;
   }
   auto created = std::make_unique<Task>();
   created->pid = child;

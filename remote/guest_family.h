@@ -169,6 +169,9 @@ class GuestFamily final : public ForkHost {
     bool reaped = false;
     // fork in progress: the registers at the first notification, before the rewrite
     bool forkPending = false;
+    pid_t vforkChild = 0;  // node pid of the child of its last vfork: while that child runs
+                           // (until it exits or its old image dies at an exec), the guest
+                           // is, or is about to be, in the vfork wait no interrupt ends
     user_regs_struct savedRegs = {};
   };
 

@@ -314,7 +314,16 @@ InjectOutcome Session::run() {
 
 InjectOutcome injectSignals(const InjectRequest& request, const InjectHost& host) {
   Session session(request, host);
-  return session.run();
+  InjectOutcome outcome = session.run();
+  if (spdlog::should_log(spdlog::level::debug)) {
+    std::string sigs;
+    for (const siginfo_t& info : request.signals) {
+      sigs += " " + std::to_string(info.si_signo);
+    }
+    spdlog::debug("guest {}: signal session [{} ] answer {} outcome {}", request.pid, sigs,
+                  request.answer == nullptr ? "none" : "yes", static_cast<int>(outcome));
+  }
+  return outcome;
 }
 
 kj::Maybe<uint64_t> callSignalMask(int nr, const uint64_t (&args)[6],

@@ -113,7 +113,13 @@ def log_sizes(home):
     return {p.name: p.stat().st_size for p in home.glob("*.run.log")}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6: job control of a remote family not finished (make now runs remotely; Ctrl-Z/fg of every guest still fails, not yet diagnosed)")
+# Diagnosis so far (fam branch): after Ctrl-Z every recipe shell and sleep stops, on node 2 and at
+# home, but make's guest does not: its pselect6 (forwarded, with a mask of its own) comes back
+# ERESTARTNOHAND, its SIGCHLD handler runs and it calls wait4 and pselect6 again, with no SIGTSTP
+# pending and not stopped; so make's deputy never stops itself and bash never reports the job
+# stopped. The SIGTSTP reached make's supervisor ("signal 20 to guest"); where the guest loses
+# it (the call-mask ppoll session with SIGCHLD and SIGTSTP together?) is not found yet.
+@pytest.mark.xfail(strict=True, reason="issue 6: Ctrl-Z stops every recipe process but not make's guest (SIGTSTP lost while make waits in a forwarded pselect6 with its own mask); see the comment")
 def test_job_control_of_a_remote_make_family(cluster, home):
     """`mosrun -r 2 make -j2` in a terminal: Ctrl-Z stops every process of the job on node 2,
     fg resumes them all, Ctrl-C ends them all; nothing of the job remains on any node."""
