@@ -57,9 +57,11 @@ def test_sigint_to_the_group_ends_the_family(cluster, home):
     # What Ctrl-C does: SIGINT to the foreground process group. `sh -c 'sleep 30 & wait'`
     # natively: sh dies of SIGINT; the background sleep ignores SIGINT (non-interactive sh) and
     # runs on, as it does here; killing it then must leave nothing behind on any node.
+    # The sleep's output goes elsewhere: holding the job's pipes, it would keep job.wait() (which
+    # reads them to EOF) waiting until it ends, natively as here.
     job = cluster.start(1, ["setsid", "mosrun", "-r", "2", "sh", "-c",
-                            f"echo $$ > {home}/sh.pid; sleep 30 & echo $! > {home}/sleep.pid; "
-                            "echo up; wait"], cwd=home)
+                            f"echo $$ > {home}/sh.pid; sleep 300 >/dev/null 2>&1 & "
+                            f"echo $! > {home}/sleep.pid; echo up; wait"], cwd=home)
     job.read_until(b"up\n", timeout=60)
     sh = int((home / "sh.pid").read_text())
     sleep = int((home / "sleep.pid").read_text())
