@@ -3,6 +3,7 @@
 // those descriptors, and not the pipe of its own that holds unread data, which the image carries
 // (run.py checks the messages). The original runs on unharmed and reads that data.
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 
 #include "zdtm.h"
@@ -21,6 +22,7 @@ int main(int argc, char** argv) {
   CHECK(pipe(q) == 0);
   pid_t child = fork();
   if (child == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlives a failed test
     close(q[0]);
     pause();
     _exit(0);
