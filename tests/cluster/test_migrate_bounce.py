@@ -1,0 +1,98 @@
+"""Real programs moved many times while they run (issue 8): `xz -6` fed from a pipe, and a python3
+numeric script, are each bounced across three nodes (home -> 2 -> 3 -> home -> ...) with
+`migrate`, 12 commands and 15 moves, each while they compute or wait for input, and write exactly
+what native runs write; `mps --json` counts the moves and lists where the job has been."""
+
+import random
+import subprocess
+
+from conftest import PYTHON, wait_until
+
+# Targets of `migrate PID TARGET`, in order. A move from one node to another goes through home
+# (two arrivals: home, then the node).
+TARGETS = ["2", "3", "home", "3", "2", "home", "2", "home", "3", "2", "home", "2"]
+
+
+def expected_trail(targets):
+    trail = [1]
+    for t in targets:
+        node = 1 if t == "home" else int(t)
+        if trail[-1] != 1 and node != 1 and node != trail[-1]:
+            trail.append(1)
+        if node != trail[-1]:
+            trail.append(node)
+    return trail
+
+
+def record_of(cluster, pid):
+    for rec in cluster.mps():
+        if rec.get("pid") == pid:
+            return rec
+    return None
+
+
+def test_xz_bounced_across_three_nodes_writes_what_a_native_run_writes(cluster, home):
+    rng = random.Random(12)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 10)))
+             for _ in range(20000)]
+    chunks = [" ".join(rng.choice(words) for _ in range(250000)).encode()
+              for _ in range(len(TARGETS) + 1)]
+    (home / "in.txt").write_bytes(b"".join(chunks))
+    native = cluster.run(1, ["sh", "-c", "xz -6 -c < in.txt > native.xz"], cwd=home, timeout=600)
+    assert native.returncode == 0, native.stderr
+
+    job = cluster.start(1, ["mosrun", "sh", "-c", "exec xz -6 -c > moved.xz"], cwd=home,
+                        stdin=subprocess.PIPE)
+    trail = expected_trail(TARGETS)
+    for i, target in enumerate(TARGETS):
+        job.popen.stdin.write(chunks[i])
+        job.popen.stdin.flush()
+        assert job.popen.poll() is None, job.wait(timeout=10)
+        cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=300)
+        assert cp.returncode == 0, (i, target, cp.stdout, cp.stderr)
+    rec = wait_until(lambda: record_of(cluster, job.pid), timeout=60, what="the job's record")
+    assert rec["trail"] == trail, rec
+    assert rec["moves"] == len(trail) - 1, rec
+    assert rec["node"] == 2 and rec["state"] == "remote", rec
+    job.popen.stdin.write(chunks[-1])
+    job.popen.stdin.close()
+    job.popen.stdin = None
+    status, out, err = job.wait(timeout=600)
+    assert status == 0, err
+    assert (home / "moved.xz").read_bytes() == (home / "native.xz").read_bytes()
+
+
+NUMERIC = r'''
+import math, sys
+state = 1.0
+for phase in range(13):
+    sys.stdin.readline()  # the go for this phase; the move happens while it computes
+    acc = 0.0
+    for k in range(1, 1000000):
+        state = (state * 1.000003 + math.sqrt(k) / (k + phase)) % 1e6
+        acc += math.sin(state) * math.log1p(k)
+    print(phase, repr(acc), repr(state), f"end{phase}", flush=True)
+'''
+
+
+def test_python_numeric_script_bounced_across_three_nodes_prints_what_a_native_run_prints(
+        cluster, home):
+    (home / "numeric.py").write_text(NUMERIC)
+    native = cluster.run(1, [PYTHON, "numeric.py"], cwd=home, input=b"go\n" * 13, timeout=600)
+    assert native.returncode == 0, native.stderr
+    job = cluster.start(1, ["mosrun", PYTHON, "numeric.py"], cwd=home, stdin=subprocess.PIPE)
+    for i, target in enumerate(TARGETS):
+        job.popen.stdin.write(b"go\n")
+        job.popen.stdin.flush()
+        if i > 0:
+            job.read_until(f"end{i - 1}\n".encode(), timeout=300)
+        cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=300)
+        assert cp.returncode == 0, (i, target, cp.stdout, cp.stderr)
+    rec = wait_until(lambda: record_of(cluster, job.pid), timeout=60, what="the job's record")
+    assert rec["moves"] == len(expected_trail(TARGETS)) - 1, rec
+    job.popen.stdin.write(b"go\n")
+    job.popen.stdin.close()
+    job.popen.stdin = None
+    status, out, err = job.wait(timeout=600)
+    assert status == 0, err
+    assert out == native.stdout
