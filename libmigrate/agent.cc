@@ -306,6 +306,16 @@ void report(const AgentConfig& config, const char* line) {
       ::kill(pid, sig);
     }
     report(config, kj::str("ok ", stats.pages, " ", stats.injectedSyscalls, "\n").cStr());
+    if (!config.afterResume.empty()) {
+      std::vector<char*> argv;
+      for (auto& a : config.afterResume) {
+        argv.push_back(const_cast<char*>(a.c_str()));
+      }
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      fprintf(stderr, "mosrun: the job resumed at home; cannot run %s: %s\n", argv[0],
+              strerror(errno));
+    }
     ::_exit(0);
   } catch (kj::Exception& e) {
     fprintf(stderr, "%s: resuming %s failed: %s\n",

@@ -108,6 +108,10 @@ struct AgentConfig {
   bool resumeIntoDeputy = false;
   std::string resumeExePath;
   std::vector<int> resumeCloseOnExec;
+  // Resume mode: a program the agent execs once the resume is done and the process runs (its
+  // argv; empty: none), with the agent's environment and standard error (the job's): `mosrun -R
+  // FILE -r NODE` runs `migrate PID NODE` there. Not run when the resume failed.
+  std::vector<std::string> afterResume;
   // >= 0: a descriptor of the caller that the agent keeps (all others are closed in it) and
   // writes one line to when the resume is done: "ok PAGES INJECTED\n" or "failed: WHY\n".
   int reportFd = -1;

@@ -153,7 +153,7 @@ void startTracer(const std::string& file, uint32_t node) {
 // -R FILE: the whole checkpoint is read and checked (digest, counts, files, descriptors, CPU)
 // before anything happens to this process; then an agent restores it into this very process
 // after it has exec'd the restore stub, so the shell's job is the resumed process.
-[[noreturn]] void resume(const std::string& file) {
+[[noreturn]] void resume(const std::string& file, std::optional<uint32_t> node) {
   std::string path = std::filesystem::absolute(file).string();
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -178,6 +178,16 @@ void startTracer(const std::string& file, uint32_t node) {
   }
   mos::migrate::AgentConfig config;
   config.resumeImagePath = path;
+  if (node.has_value()) {
+    // -r NODE: resumed here, then moved by `migrate PID NODE`, which the agent becomes once the
+    // job runs (it reports a refusal on the job's stderr; the job then runs on at home).
+    try {
+      config.afterResume = {mos::programPath("migrate"), std::to_string(getpid()),
+                            std::to_string(*node)};
+    } catch (kj::Exception& e) {
+      fail(EXIT_MOSRUN_FAILED, e.getDescription().cStr());
+    }
+  }
   mos::migrate::Agent agent;
   try {
     agent = mos::migrate::Agent::start(config);
@@ -210,7 +220,8 @@ int main(int argc, char** argv) {
   std::string resumeFile;
   app.add_option("-R,--resume", resumeFile,
                  "resume the job checkpointed in FILE (migrate PID checkpoint FILE) at home, in "
-                 "this process; its files are reopened by path and offset")
+                 "this process; its files are reopened by path and offset; with -r NODE, it is "
+                 "then moved to NODE")
       ->type_name("FILE");
   std::string checkpointFile;
   auto* checkpointOption =
@@ -247,15 +258,12 @@ int main(int argc, char** argv) {
     if (!command.empty()) {
       fail(EXIT_MOSRUN_FAILED, "-R FILE takes no PROGRAM: the checkpoint is the program");
     }
-    if (remote.has_value()) {
-      fail(EXIT_MOSRUN_FAILED, "-R with -r is not implemented yet: resume at home, then migrate");
-    }
     if (!checkpointFile.empty()) {
       fail(EXIT_MOSRUN_FAILED,
            "-R with -C/-A is not implemented yet: checkpoint the resumed job with `migrate PID "
            "checkpoint FILE`");
     }
-    resume(resumeFile);
+    resume(resumeFile, remote);
   }
   if (command.empty()) {
     fail(EXIT_MOSRUN_FAILED, "no PROGRAM given (see mosrun --help)");

@@ -218,3 +218,35 @@ def test_zdtm_home_to_remote(cluster, home, name):
     feed(job, b"go\n")
     status, out, err = job.wait(timeout=120)
     assert status == 0 and b"PASS" in out, (status, out, err)
+
+
+WAITER = r'''
+import sys
+print("ready", flush=True)
+line = sys.stdin.readline()  # blocked here in the checkpoint, and again once resumed and moved
+print("got", line.strip(), sum(k * k for k in range(200000)), flush=True)
+sys.exit(7)
+'''
+
+
+def test_checkpoint_resumed_with_r_goes_on_on_the_node(cluster, home):
+    # `mosrun -R FILE -r 2`: a checkpoint of a job that ran at home, blocked in read(0), is
+    # resumed at home, then moved to node 2; there it reads what it is fed and ends as natively.
+    (home / "waiter.py").write_text(WAITER)
+    native = cluster.run(1, [PYTHON, "waiter.py"], cwd=home, input=b"x\n", timeout=120)
+    assert native.returncode == 7, native.stderr
+    first = cluster.start(1, [PYTHON, "waiter.py"], cwd=home, stdin=subprocess.PIPE)
+    first.read_until(b"ready\n", timeout=60)
+    image = home / "waiter.img"
+    cp = cluster.run(1, ["migrate", str(first.pid), "checkpoint", str(image)], timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    first.kill()
+    resumed = cluster.start(1, ["mosrun", "-R", str(image), "-r", str(REMOTE)], cwd=home,
+                            stdin=subprocess.PIPE)
+    rec = wait_until(lambda: (lambda r: r if r and r.get("node") == REMOTE else None)(
+        record_of(cluster, resumed.pid)), timeout=120, what="the resumed job on node 2")
+    assert rec["state"] == "remote", rec
+    feed(resumed, b"x\n")
+    status, out, err = resumed.wait(timeout=120)
+    assert status == 7, err
+    assert out == native.stdout.replace(b"ready\n", b""), (out, err)
