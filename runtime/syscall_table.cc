@@ -644,6 +644,7 @@ constexpr Conformance CONFORMANCE[] = {
     checks("time", {__NR_clock_getres, __NR_clock_gettime, __NR_clock_nanosleep, __NR_getitimer,
                     __NR_getrusage, __NR_gettimeofday, __NR_setitimer, __NR_time, __NR_times}),
     checks("tty_ioctl", {__NR_ioctl}),
+    checks("nonblocking_eintr", {__NR_getdents}),
     // Process families (issue 6), tests/syscalls/tree.h: most of the calls they check are named
     // above, by the program about each.
     checks("clone_settid", {__NR_exit}),
