@@ -1,9 +1,9 @@
 // Calls that never block natively never fail with EINTR, whatever signals arrive: lseek, fstat,
-// getcwd, getdents and getdents64 on a directory, run 20000 times each while a 200 µs ITIMER_REAL delivers
-// SIGALRM to a handler installed without SA_RESTART (signal(7): only a call that waits can be
-// interrupted). Under mosrun this fails today: a forwarded call interrupted by a guest-local
-// signal before the supervisor has received its seccomp notification comes back ERESTARTSYS,
-// which the handler turns into EINTR (docs/design.md, "Known limits").
+// getcwd, getdents and getdents64 on a directory, run 20000 times each while a 200 µs
+// ITIMER_REAL delivers SIGALRM to a handler installed without SA_RESTART (signal(7): only a call
+// that waits can be interrupted). Under mosrun this fails today: a forwarded call interrupted by
+// a guest-local signal before the supervisor has received its seccomp notification comes back
+// ERESTARTSYS, which the handler turns into EINTR (docs/design.md, "Known limits").
 
 #include <dirent.h>
 #include <fcntl.h>
