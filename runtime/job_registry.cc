@@ -117,15 +117,13 @@ OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kin
   makeDirectories(dir);
   OwnedJobRecord result;
   result.path_ = dir + "/" + std::to_string(name);
-  int fd;
-  KJ_SYSCALL(fd = open(result.path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644), result.path_);
-  kj::AutoCloseFd owned(fd);
   // The trail of an earlier record of this very process (same owner pid and home pid).
   uint32_t moves = 0, trailLength = 0;
   uint32_t trail[JobRecord::TRAIL_SLOTS] = {};
   {
+    int oldFd = open(result.path_.c_str(), O_RDONLY | O_CLOEXEC);
     JobRecord old;
-    if (pread(fd, &old, sizeof(old), 0) == static_cast<ssize_t>(sizeof(old)) &&
+    if (oldFd >= 0 && pread(oldFd, &old, sizeof(old), 0) == static_cast<ssize_t>(sizeof(old)) &&
         old.magic == JobRecord::MAGIC && old.ownerPid == getpid() && old.homePid == homePid &&
         old.ownerStart == ownStartTime()) {
       moves = old.moves.load();
@@ -134,8 +132,17 @@ OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kin
         trail[i] = old.trail[i].load();
       }
     }
+    if (oldFd >= 0) {
+      close(oldFd);
+    }
   }
-  KJ_SYSCALL(ftruncate(fd, 0), result.path_);
+  // Made whole under a hidden name, then renamed over the record: a reader (mosd, migrate)
+  // never maps a file shorter than a record (SIGBUS) nor one half written. Hidden names are
+  // skipped by readJobRecords.
+  std::string fresh = dir + "/." + std::to_string(name) + ".new";
+  int fd;
+  KJ_SYSCALL(fd = open(fresh.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644), fresh);
+  kj::AutoCloseFd owned(fd);
   KJ_SYSCALL(ftruncate(fd, RECORD_BYTES));
   void* p = mmap(nullptr, RECORD_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
@@ -166,6 +173,7 @@ OwnedJobRecord OwnedJobRecord::create(const std::string& runDir, const char* kin
   std::atomic_thread_fence(std::memory_order_release);
   record->magic = JobRecord::MAGIC;
   result.record_ = record;
+  KJ_SYSCALL(rename(fresh.c_str(), result.path_.c_str()), fresh, result.path_);
   return result;
 }
 
@@ -312,7 +320,13 @@ bool readJobRecord(const std::string& runDir, const char* kind, int32_t name, Jo
   if (fd < 0) {
     return false;
   }
-  // Mapped, not read: the in-flight slots must be read in the order their protocol says.
+  // Mapped, not read: the in-flight slots must be read in the order their protocol says. Only a
+  // whole record is mapped (a shorter file would fault past its end: SIGBUS).
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size < static_cast<off_t>(RECORD_BYTES)) {
+    close(fd);
+    return false;
+  }
   void* p = mmap(nullptr, RECORD_BYTES, PROT_READ, MAP_SHARED, fd, 0);
   close(fd);
   if (p == MAP_FAILED) {
