@@ -30,17 +30,6 @@ namespace mos::deputy {
 
 namespace {
 
-int countThreads() {
-  int n = 0;
-  if (DIR* dir = opendir("/proc/self/task")) {
-    while (dirent* e = readdir(dir)) {
-      n += e->d_name[0] != '.';
-    }
-    closedir(dir);
-  }
-  return n;
-}
-
 // Deputy-internal SIGURGs (a cancel's urgent byte: SI_KERNEL; a control connection: POLL_IN; an
 // exec handoff) must not reach the job; a job's own SIGURG must.
 bool isDeputySigurg(const siginfo_t& info) {
@@ -79,7 +68,7 @@ void Deputy::serveControl() {
       refuse("not the job's main deputy");
       continue;
     }
-    if (int threads = countThreads(); threads > 1) {
+    if (int threads = migrate::countThreads(getpid()); threads > 1) {
       refuse("it has " + std::to_string(threads) +
              " threads: only single-threaded processes move yet");
       continue;

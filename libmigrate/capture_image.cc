@@ -74,7 +74,9 @@ std::vector<pid_t> listThreads(pid_t pid) {
   return out;
 }
 
-[[maybe_unused]] int countThreads(pid_t pid) {
+}  // namespace
+
+int countThreads(pid_t pid) {
   std::string path = procPath(pid, "task");
   DIR* dir = ::opendir(path.c_str());
   KJ_REQUIRE(dir != nullptr, "cannot list threads", path, strerror(errno));
@@ -87,6 +89,8 @@ std::vector<pid_t> listThreads(pid_t pid) {
   ::closedir(dir);
   return n;
 }
+
+namespace {
 
 // Fields of /proc/PID/stat, 1-based as in proc(5).
 std::vector<uint64_t> statFields(pid_t pid) {
@@ -368,15 +372,6 @@ void setPending(capnp::List<proto::PendingSignal>::Builder list,
   }
 }
 
-struct Injected {
-  std::vector<std::pair<int, KernelSigaction>> actions;
-  stack_t altStack{};
-  itimerval timers[3]{};
-  uint64_t tidAddress = 0;
-  bool tidAddressKnown = false;
-  std::map<int, PipeState> pipes;  // by read end
-};
-
 // The bytes queued in a pipe whose both ends are the process's own: read out of it with an
 // injected read(2) into a temporary mapping and written straight back with write(2) (the pipe
 // is then empty, so its capacity takes them in one call), so the process finds its pipe as it
@@ -405,18 +400,26 @@ std::string drainAndRefill(PtraceTask& task, int readFd, int writeFd, size_t que
   return data;
 }
 
-// sigaltstack(2) and the clear-child-tid address of a task other than the one injectQueries
-// runs in: both are per thread, and only the thread itself can ask for them. Leaves registers
-// and mask as `resume` and `mask` say.
+// What only a thread itself can tell: its sigaltstack(2) and clear-child-tid address.
 struct ThreadQueries {
   stack_t altStack{};
   uint64_t tidAddress = 0;
   bool tidAddressKnown = false;
 };
 
-ThreadQueries injectThreadQueries(PtraceTask& task, RemotePtr<uint8_t> insn,
-                                  const user_regs_struct& resume, uint64_t mask) {
-  ThreadQueries out;
+struct Injected {
+  std::vector<std::pair<int, KernelSigaction>> actions;
+  itimerval timers[3]{};
+  std::map<int, PipeState> pipes;  // by read end
+  ThreadQueries thread;            // of the task the queries ran in
+};
+
+// Runs `body(scratch)` with calls injected into `task` at `insn`: every signal blocked and a
+// scratch page (IMAGE_PAGE bytes at `scratch`) mapped meanwhile; the page is unmapped and the
+// registers and mask are left as `resume` and `mask` say, also when `body` throws.
+template <typename Body>
+void withScratch(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
+                 uint64_t mask, Body&& body) {
   task.setSyscallInstruction(insn);
   task.setSigmask(~0ull);
   uint64_t scratch = 0;
@@ -430,6 +433,12 @@ ThreadQueries injectThreadQueries(PtraceTask& task, RemotePtr<uint8_t> insn,
   scratch = task.syscallOrThrow(
       "mmap(scratch)", __NR_mmap,
       {0, IMAGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, ~0ull, 0});
+  body(scratch);
+}
+
+// The per-thread queries, in a withScratch session of that thread.
+ThreadQueries queryThread(PtraceTask& task, uint64_t scratch) {
+  ThreadQueries out;
   RemotePtr<uint8_t> at(scratch);
   task.syscallOrThrow("sigaltstack", __NR_sigaltstack, {0, scratch});
   task.readMem(at,
@@ -442,69 +451,61 @@ ThreadQueries injectThreadQueries(PtraceTask& task, RemotePtr<uint8_t> insn,
   return out;
 }
 
+// queryThread for a task other than the leader.
+ThreadQueries injectThreadQueries(PtraceTask& task, RemotePtr<uint8_t> insn,
+                                  const user_regs_struct& resume, uint64_t mask) {
+  ThreadQueries out;
+  withScratch(task, insn, resume, mask,
+              [&](uint64_t scratch) { out = queryThread(task, scratch); });
+  return out;
+}
+
 // The state only the process itself can ask the kernel for. Leaves registers and mask as
 // `resume` and `mask` say, also when it throws.
 Injected injectQueries(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
                        uint64_t mask, const std::vector<PipeEnd>& pipes) {
   Injected out;
-  task.setSyscallInstruction(insn);
-  task.setSigmask(~0ull);
-  uint64_t scratch = 0;
-  KJ_DEFER({
-    if (scratch != 0) {
-      task.syscall(__NR_munmap, {scratch, IMAGE_PAGE});
+  withScratch(task, insn, resume, mask, [&](uint64_t scratch) {
+    RemotePtr<uint8_t> at(scratch);
+    auto read = [&](void* into, size_t size) {
+      task.readMem(at, std::span<uint8_t>(static_cast<uint8_t*>(into), size));
+    };
+    for (int sig = 1; sig <= 64; ++sig) {
+      if (sig == SIGKILL || sig == SIGSTOP) {
+        continue;
+      }
+      task.syscallOrThrow("rt_sigaction", __NR_rt_sigaction, {uint64_t(sig), 0, scratch, 8});
+      KernelSigaction act{};
+      read(&act, sizeof(act));
+      if (act.handler != 0 /* SIG_DFL */) {
+        out.actions.emplace_back(sig, act);
+      }
     }
-    task.setRegs(resume);
-    task.setSigmask(mask);
+    for (int which = 0; which < 3; ++which) {
+      task.syscallOrThrow("getitimer", __NR_getitimer, {uint64_t(which), scratch});
+      read(&out.timers[which], sizeof(itimerval));
+    }
+    for (const PipeEnd& end : pipes) {
+      if (end.writer) {
+        continue;
+      }
+      PipeState& state = out.pipes[end.fd];
+      int queued = 0;
+      if (task.syscall(__NR_ioctl, {uint64_t(end.fd), FIONREAD, scratch}) == 0) {
+        read(&queued, sizeof(queued));
+      }
+      state.unread = static_cast<uint32_t>(queued);
+      long size = task.syscall(__NR_fcntl, {uint64_t(end.fd), F_GETPIPE_SZ});
+      state.size = size > 0 ? static_cast<uint32_t>(size) : 0;
+      auto writer = std::find_if(pipes.begin(), pipes.end(),
+                                 [&](const PipeEnd& w) { return w.writer && w.ino == end.ino; });
+      if (queued > 0 && writer != pipes.end()) {
+        state.data = drainAndRefill(task, end.fd, writer->fd, static_cast<size_t>(queued));
+        state.drained = true;
+      }
+    }
+    out.thread = queryThread(task, scratch);
   });
-  scratch = task.syscallOrThrow(
-      "mmap(scratch)", __NR_mmap,
-      {0, IMAGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, ~0ull, 0});
-  RemotePtr<uint8_t> at(scratch);
-  auto read = [&](void* into, size_t size) {
-    task.readMem(at, std::span<uint8_t>(static_cast<uint8_t*>(into), size));
-  };
-  for (int sig = 1; sig <= 64; ++sig) {
-    if (sig == SIGKILL || sig == SIGSTOP) {
-      continue;
-    }
-    task.syscallOrThrow("rt_sigaction", __NR_rt_sigaction, {uint64_t(sig), 0, scratch, 8});
-    KernelSigaction act{};
-    read(&act, sizeof(act));
-    if (act.handler != 0 /* SIG_DFL */) {
-      out.actions.emplace_back(sig, act);
-    }
-  }
-  task.syscallOrThrow("sigaltstack", __NR_sigaltstack, {0, scratch});
-  read(&out.altStack, sizeof(out.altStack));
-  for (int which = 0; which < 3; ++which) {
-    task.syscallOrThrow("getitimer", __NR_getitimer, {uint64_t(which), scratch});
-    read(&out.timers[which], sizeof(itimerval));
-  }
-  for (const PipeEnd& end : pipes) {
-    if (end.writer) {
-      continue;
-    }
-    PipeState& state = out.pipes[end.fd];
-    int queued = 0;
-    if (task.syscall(__NR_ioctl, {uint64_t(end.fd), FIONREAD, scratch}) == 0) {
-      read(&queued, sizeof(queued));
-    }
-    state.unread = static_cast<uint32_t>(queued);
-    long size = task.syscall(__NR_fcntl, {uint64_t(end.fd), F_GETPIPE_SZ});
-    state.size = size > 0 ? static_cast<uint32_t>(size) : 0;
-    auto writer = std::find_if(pipes.begin(), pipes.end(),
-                               [&](const PipeEnd& w) { return w.writer && w.ino == end.ino; });
-    if (queued > 0 && writer != pipes.end()) {
-      state.data = drainAndRefill(task, end.fd, writer->fd, static_cast<size_t>(queued));
-      state.drained = true;
-    }
-  }
-  long r = task.syscall(__NR_prctl, {PR_GET_TID_ADDRESS, scratch, 0, 0, 0});
-  if (r == 0) {
-    read(&out.tidAddress, sizeof(out.tidAddress));
-    out.tidAddressKnown = true;
-  }
   return out;
 }
 
@@ -631,9 +632,7 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOption
   KJ_REQUIRE(!insn.isNull(), "the process has no vDSO with a syscall instruction", pid);
   Injected injected = injectQueries(task, insn, regs, sigmask, pipeEnds(pid));
   stats.injectedSyscalls = task.injected();
-  states[0].injected.altStack = injected.altStack;
-  states[0].injected.tidAddress = injected.tidAddress;
-  states[0].injected.tidAddressKnown = injected.tidAddressKnown;
+  states[0].injected = injected.thread;
   for (size_t i = 1; i < states.size(); ++i) {
     PtraceTask t(states[i].tid);
     states[i].injected = injectThreadQueries(t, insn, states[i].regs, states[i].sigmask);

@@ -30,6 +30,10 @@ namespace mos::migrate {
 // the caller dies (no PTRACE_O_EXITKILL): ptrace detaches on the tracer's exit.
 // Throws kj::Exception (FAILED) when it cannot be traced (EPERM: another tracer, permissions;
 // ESRCH) or ends meanwhile; the tasks seized so far are let go.
+// The tasks (threads) of process `pid`: the entries of /proc/PID/task. Throws kj::Exception
+// (FAILED) if it cannot be listed (the process is gone).
+int countThreads(pid_t pid);
+
 class SeizedProcess {
  public:
   explicit SeizedProcess(pid_t pid);

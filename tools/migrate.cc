@@ -337,11 +337,7 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
     mos::migrate::SeizedProcess process(pid);
     // Counted once every task is stopped (none can start another now). libmigrate captures
     // threads, but a guest's threads each need a deputy thread and channel on the node: not yet.
-    size_t threads = 0;
-    for (auto& entry : std::filesystem::directory_iterator(fmt::format("/proc/{}/task", pid))) {
-      (void)entry;
-      threads++;
-    }
+    int threads = mos::migrate::countThreads(pid);
     if (threads > 1) {
       fail(fmt::format(
           "pid {} has {} threads: moving a multi-threaded process to a node is not implemented "

@@ -298,30 +298,28 @@ def test_home_refuses_an_image_whose_mapped_file_changed_and_the_job_runs_on(clu
     assert out.endswith(b"got still remote mapped data\n"), out
 
 
-def test_threaded_job_is_refused_and_runs_on(cluster, home):
-    job, pid = start(cluster, home, "threaded.py", THREADED, stdin=subprocess.PIPE)
+def refused_and_runs_on(cluster, home, name, text, reason, last_line):
+    """Starts `text` remotely, asks for a move home: refused with `reason` (exit 1), the job is
+    still remote, reads the line it is then fed and ends with `last_line`."""
+    job, pid = start(cluster, home, name, text, stdin=subprocess.PIPE)
     cp = migrate_home(cluster, pid)
     assert cp.returncode == 1, (cp.stdout, cp.stderr)
-    assert b"threads" in cp.stderr, cp.stderr
+    assert reason in cp.stderr, cp.stderr
     assert exe(pid).endswith("mos-deputy")  # still remote
     job.popen.stdin.write(b"still remote\n")
     job.popen.stdin.flush()
     status, out, err = job.wait(timeout=60)
     assert status == 0, (out, err)
-    assert out.endswith(b"got still remote\n"), out
+    assert out.endswith(last_line), out
+
+
+def test_threaded_job_is_refused_and_runs_on(cluster, home):
+    refused_and_runs_on(cluster, home, "threaded.py", THREADED, b"threads", b"got still remote\n")
 
 
 def test_job_holding_a_node_local_memfd_is_refused_and_runs_on(cluster, home):
-    job, pid = start(cluster, home, "memfd.py", MEMFD, stdin=subprocess.PIPE)
-    cp = migrate_home(cluster, pid)
-    assert cp.returncode == 1, (cp.stdout, cp.stderr)
-    assert b"live on node 2" in cp.stderr, cp.stderr
-    assert exe(pid).endswith("mos-deputy")
-    job.popen.stdin.write(b"still remote\n")
-    job.popen.stdin.flush()
-    status, out, err = job.wait(timeout=60)
-    assert status == 0, (out, err)
-    assert out.endswith(b"got still remote node-local\n"), out
+    refused_and_runs_on(cluster, home, "memfd.py", MEMFD, b"live on node 2",
+                        b"got still remote node-local\n")
 
 
 def test_forked_child_and_its_parent_move_home_one_by_one(cluster, home):
