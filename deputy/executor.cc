@@ -373,7 +373,7 @@ int64_t Executor::run(int nr, uint64_t (&args)[6], const SyscallEntry* row,
     }
     if (kind == ArgKind::NEW_FD) {
       newFdArg = i;
-    } else if (kind == ArgKind::IGNORED_PTR) {
+    } else if (isSignalMaskKind(kind)) {
       args[i] = 0;
     } else if (isPointerKind(kind) && !buffers[i].present && args[i] != 0) {
       // A guest address that was not marshalled: never let the kernel use it in our memory.

@@ -328,31 +328,25 @@ InjectOutcome injectSignals(const InjectRequest& request, const InjectHost& host
 
 kj::Maybe<uint64_t> callSignalMask(int nr, const uint64_t (&args)[6],
                                    const std::function<bool(uint64_t, void*, size_t)>& readGuest) {
+  const SyscallEntry* row = findSyscall(nr);
+  if (row == nullptr) {
+    return nullptr;
+  }
   uint64_t at = 0;
   uint64_t size = 0;
-  switch (nr) {
-    case __NR_pselect6: {
-      if (args[5] == 0) {
-        return nullptr;
-      }
+  for (int i = 0; i < 6; i++) {
+    const ArgSpec& spec = row->args[i];
+    if (spec.kind == ArgKind::SIGMASK) {
+      at = args[i];
+      size = args[spec.lenArg];
+    } else if (spec.kind == ArgKind::SIGMASK_PAIR && args[i] != 0) {
       uint64_t pair[2];
-      if (!readGuest(args[5], pair, sizeof(pair))) {
+      if (!readGuest(args[i], pair, sizeof(pair))) {
         return nullptr;
       }
       at = pair[0];
       size = pair[1];
-      break;
     }
-    case __NR_ppoll:
-      at = args[3];
-      size = args[4];
-      break;
-    case __NR_epoll_pwait:
-    case __NR_epoll_pwait2:
-      at = args[4];
-      size = args[5];
-      break;
-    default: return nullptr;
   }
   uint64_t mask;
   if (at == 0 || size != KERNEL_SIGSET_BYTES || !readGuest(at, &mask, sizeof(mask))) {

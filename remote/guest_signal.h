@@ -89,9 +89,9 @@ struct InjectHost {
 // guest meanwhile.
 InjectOutcome injectSignals(const InjectRequest& request, const InjectHost& host);
 
-// The temporary signal mask of call `nr` with arguments `args` (pselect6's sigmask pair, ppoll's,
-// epoll_pwait's, epoll_pwait2's), read through `readGuest` (address, bytes out, length: false
-// when unreadable); nullptr when the call has none (or NULL).
+// The temporary signal mask of call `nr` with arguments `args`, at the argument its row's kinds
+// name SIGMASK or SIGMASK_PAIR (runtime/syscall_table.h), read through `readGuest` (address,
+// bytes out, length: false when unreadable); nullptr when the call has none (or NULL).
 kj::Maybe<uint64_t> callSignalMask(int nr, const uint64_t (&args)[6],
                                    const std::function<bool(uint64_t, void*, size_t)>& readGuest);
 

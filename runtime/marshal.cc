@@ -121,7 +121,7 @@ int planArg(const ArgSpec (&specs)[6], const uint64_t (&args)[6], int i, GuestMe
   if (!isPointerKind(s.kind)) {
     return 0;
   }
-  if (s.kind == ArgKind::IGNORED_PTR || args[i] == 0) {
+  if (isSignalMaskKind(s.kind) || args[i] == 0) {
     // NULL travels as NULL: the home kernel gives the native answer (EFAULT for a NULL path).
     wireArgs[i] = 0;
     return 0;
@@ -468,7 +468,7 @@ bool dynamicArgSpecs(const SyscallEntry& entry, const uint64_t (&args)[6], ArgSp
       out[0] = VAL;
       out[1] = out[2] = out[3] = {ArgKind::INOUT_BITS, 0, 0};
       out[4] = {ArgKind::INOUT_STRUCT, 0, sizeof(struct timespec)};
-      out[5] = {ArgKind::IGNORED_PTR};
+      out[5] = {ArgKind::SIGMASK_PAIR};
       return true;
     default: return false;
   }

@@ -6,7 +6,7 @@
 // Wire contract (job.capnp): every pointer argument that has guest memory behind it becomes a
 // Buffer (in) and/or an OutBuf (out) named by its argument index; the deputy replaces that
 // argument with a pointer to its home copy. Pointer arguments without a buffer travel as 0 (NULL
-// pointers, IGNORED_PTR). Details the deputy relies on:
+// pointers, SIGMASK, SIGMASK_PAIR). Details the deputy relies on:
 //   - PATH buffers include their terminating NUL, so the deputy can pass the data as is.
 //   - A length argument of a capped buffer is rewritten to the capped length, so the deputy may
 //     size its buffer from the OutBuf alone.

@@ -68,7 +68,9 @@ constexpr ArgSpec FD{ArgKind::FD};
 constexpr ArgSpec NEW_FD{ArgKind::NEW_FD};
 constexpr ArgSpec PATH{ArgKind::PATH};
 constexpr ArgSpec PATH_OR_NULL{ArgKind::PATH_OR_NULL};
-constexpr ArgSpec IGNORED{ArgKind::IGNORED_PTR};
+// A call's temporary signal mask whose size is argument `lenArg`; pselect6's {mask, size} pair.
+constexpr ArgSpec sigMask(uint8_t lenArg) { return {ArgKind::SIGMASK, lenArg}; }
+constexpr ArgSpec SIGMASK_PAIR{ArgKind::SIGMASK_PAIR};
 // Strings that are not paths (xattr names, symlink targets) travel like paths: NUL-terminated,
 // at most PATH_MAX bytes (XATTR_NAME_MAX is 255); the deputy does not look them up.
 constexpr ArgSpec STRING{ArgKind::STRING};
@@ -480,12 +482,12 @@ constexpr SyscallEntry ROWS[] = {
     noRestartAfterHandler(
         seenFromHome(HomeView::SELECT, forward(__NR_pselect6, "pselect6", DESC,
                                                {VAL, inoutBits(0), inoutBits(0), inoutBits(0),
-                                                inoutStruct(TIMESPEC_BYTES), IGNORED},
+                                                inoutStruct(TIMESPEC_BYTES), SIGMASK_PAIR},
                                                PSELECT))),
     noRestartAfterHandler(seenFromHome(
         HomeView::POLL,
         forward(__NR_ppoll, "ppoll", DESC,
-                {inoutArray(1, POLLFD_BYTES), VAL, inoutStruct(TIMESPEC_BYTES), IGNORED, VAL}))),
+                {inoutArray(1, POLLFD_BYTES), VAL, inoutStruct(TIMESPEC_BYTES), sigMask(4), VAL}))),
     deny(__NR_unshare, "unshare", PROC, EPERM, NAMESPACES),
     local(__NR_set_robust_list, "set_robust_list", PROC | MEMORY),
     local(__NR_get_robust_list, "get_robust_list", PROC | MEMORY),
@@ -498,7 +500,7 @@ constexpr SyscallEntry ROWS[] = {
     forward(__NR_utimensat, "utimensat", DESC | FILE,
             {FD, PATH_OR_NULL, inStruct(TIMESPEC_PAIR_BYTES), VAL}),
     noRestartAfterHandler(forward(__NR_epoll_pwait, "epoll_pwait", DESC,
-                                  {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL, IGNORED, VAL})),
+                                  {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, VAL, sigMask(5), VAL})),
     deny(__NR_signalfd, "signalfd", DESC | SIGNAL, ENOSYS, SIGNALFD),
     forward(__NR_timerfd_create, "timerfd_create", DESC | TIME, {VAL, VAL}),
     forward(__NR_eventfd, "eventfd", DESC | IPC, {VAL}),
@@ -570,7 +572,7 @@ constexpr SyscallEntry ROWS[] = {
     jobShmOnNode(forward(__NR_faccessat2, "faccessat2", DESC | FILE, {FD, PATH, VAL, VAL})),
     noRestartAfterHandler(
         forward(__NR_epoll_pwait2, "epoll_pwait2", DESC,
-                {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), IGNORED, VAL})),
+                {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), sigMask(5), VAL})),
     deny(__NR_mount_setattr, "mount_setattr", FILE, EPERM, MOUNTS),
     deny(__NR_memfd_secret, "memfd_secret", DESC | MEMORY, ENOSYS,
          "its descriptor would live at home but its mappings on the remote node"),
@@ -713,7 +715,8 @@ constexpr bool isSortedAndUnique(std::span<const SyscallEntry> rows) {
 
 constexpr bool isBufferKind(ArgKind k) {
   return k == ArgKind::IN_BUF || k == ArgKind::OUT_BUF || k == ArgKind::INOUT_ARRAY ||
-         k == ArgKind::OUT_ARRAY || k == ArgKind::INOUT_BITS || k == ArgKind::OUT_BUF_LENPTR;
+         k == ArgKind::OUT_ARRAY || k == ArgKind::INOUT_BITS || k == ArgKind::OUT_BUF_LENPTR ||
+         k == ArgKind::SIGMASK;
 }
 
 constexpr bool isStructKind(ArgKind k) {
@@ -912,7 +915,8 @@ const char* argKindName(ArgKind kind) {
     case ArgKind::INOUT_ARRAY: return "INOUT_ARRAY";
     case ArgKind::INOUT_BITS: return "INOUT_BITS";
     case ArgKind::OUT_BUF_LENPTR: return "OUT_BUF_LENPTR";
-    case ArgKind::IGNORED_PTR: return "IGNORED_PTR";
+    case ArgKind::SIGMASK: return "SIGMASK";
+    case ArgKind::SIGMASK_PAIR: return "SIGMASK_PAIR";
     case ArgKind::OUT_ARRAY: return "OUT_ARRAY";
   }
   return "?";

@@ -41,10 +41,19 @@ enum class ArgKind : uint8_t {
   INOUT_BITS,      // an fd_set: ((argument `lenArg` + 63) / 64) * 8 bytes, in and out; NULL ok
   OUT_BUF_LENPTR,  // bytes out whose capacity is the socklen_t that argument `lenArg` points to
                    // (accept, getsockname, recvfrom); trimmed to the capacity
-  IGNORED_PTR,     // a pointer the deputy does not need (ppoll's sigmask): passed as NULL
+  SIGMASK,         // the call's temporary signal mask: a kernel sigset_t pointer whose size in
+                   // bytes is argument `lenArg` (ppoll, epoll_pwait). The supervisor applies it
+                   // in the guest (remote/guest_signal.h); the deputy never needs it: NULL
+  SIGMASK_PAIR,    // a pointer to {const sigset_t* mask; size_t bytes} (pselect6's sixth
+                   // argument): a SIGMASK one step removed; NULL at home too
   OUT_ARRAY,       // argument `lenArg` elements of `size` bytes out (epoll_wait's events,
                    // getgroups); the reply is trimmed to ret elements
 };
+
+// True for the kinds that carry a call's temporary signal mask, which the guest applies.
+constexpr bool isSignalMaskKind(ArgKind kind) {
+  return kind == ArgKind::SIGMASK || kind == ArgKind::SIGMASK_PAIR;
+}
 
 // True for the kinds whose argument is a guest address.
 constexpr bool isPointerKind(ArgKind kind) {

@@ -629,7 +629,8 @@ std::string argText(const SyscallEntry& row, int i, const TraceRecord& r, size_t
       if (v == 0) return "NULL";
       return failed ? pointer(v) : "[...]";
     case ArgKind::INOUT_BITS: return v == 0 ? "NULL" : "[...]";
-    case ArgKind::IGNORED_PTR: return pointer(v);
+    case ArgKind::SIGMASK:
+    case ArgKind::SIGMASK_PAIR: return pointer(v);
   }
   return fmt::format("{:#x}", v);
 }

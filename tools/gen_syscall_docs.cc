@@ -196,7 +196,7 @@ std::string render() {
        "to the result); `*_STRUCT(n)` n bytes, NULL stays NULL; `*_ARRAY[aN×n]` argument N "
        "elements of n bytes; `INOUT_BITS[aN]` an fd_set of argument N descriptors; "
        "`OUT_BUF_LENPTR[*aN]` bytes whose capacity is the socklen_t argument N points to; "
-       "`IGNORED_PTR` passed as NULL; `(handler)` decoded by the handler. A single call moves "
+       "`SIGMASK` and `SIGMASK_PAIR` (a call's temporary signal mask, applied in the guest) passed as NULL; `(handler)` decoded by the handler. A single call moves "
        "at most "
     << (MAX_FORWARD_BYTES >> 20) << " MiB each way; larger reads and writes are short.\n\n"
     << "Memory shared between the processes of a job lives on the node where they run "

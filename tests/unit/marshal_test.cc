@@ -332,7 +332,7 @@ TEST_CASE("ioctl, fcntl and pselect6 argument kinds depend on the request", "[ru
     REQUIRE(dynamicArgSpecs(*findSyscall(__NR_pselect6), args, out));
     CHECK(out[1].kind == ArgKind::INOUT_BITS);
     CHECK(out[4].kind == ArgKind::INOUT_STRUCT);
-    CHECK(out[5].kind == ArgKind::IGNORED_PTR);
+    CHECK(out[5].kind == ArgKind::SIGMASK_PAIR);
     FakeMemory mem;
     mem.map(0x1000, std::vector<uint8_t>(8, 0x1f));
     mem.map(0x2000, std::vector<uint8_t>(16, 0));
