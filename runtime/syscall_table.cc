@@ -570,9 +570,9 @@ constexpr SyscallEntry ROWS[] = {
     deny(__NR_pidfd_getfd, "pidfd_getfd", PROC | DESC, EPERM,
          "it would take a descriptor from another process's home fd table"),
     jobShmOnNode(forward(__NR_faccessat2, "faccessat2", DESC | FILE, {FD, PATH, VAL, VAL})),
-    noRestartAfterHandler(
-        forward(__NR_epoll_pwait2, "epoll_pwait2", DESC,
-                {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), sigMask(5), VAL})),
+    noRestartAfterHandler(forward(
+        __NR_epoll_pwait2, "epoll_pwait2", DESC,
+        {FD, outArray(2, EPOLL_EVENT_BYTES), VAL, inStruct(TIMESPEC_BYTES), sigMask(5), VAL})),
     deny(__NR_mount_setattr, "mount_setattr", FILE, EPERM, MOUNTS),
     deny(__NR_memfd_secret, "memfd_secret", DESC | MEMORY, ENOSYS,
          "its descriptor would live at home but its mappings on the remote node"),
