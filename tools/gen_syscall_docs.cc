@@ -47,6 +47,7 @@ std::string argText(const ArgSpec& a) {
       return fmt::format("{}[a{}×{}]", argKindName(a.kind), a.lenArg, a.size);
     case ArgKind::INOUT_BITS: return fmt::format("INOUT_BITS[a{}]", a.lenArg);
     case ArgKind::OUT_BUF_LENPTR: return fmt::format("OUT_BUF_LENPTR[*a{}]", a.lenArg);
+    case ArgKind::SIGMASK: return fmt::format("SIGMASK[a{}]", a.lenArg);
     case ArgKind::NONE: return "(handler)";
     default: return argKindName(a.kind);
   }
@@ -196,7 +197,8 @@ std::string render() {
        "to the result); `*_STRUCT(n)` n bytes, NULL stays NULL; `*_ARRAY[aN×n]` argument N "
        "elements of n bytes; `INOUT_BITS[aN]` an fd_set of argument N descriptors; "
        "`OUT_BUF_LENPTR[*aN]` bytes whose capacity is the socklen_t argument N points to; "
-       "`SIGMASK` and `SIGMASK_PAIR` (a call's temporary signal mask, applied in the guest) passed as NULL; `(handler)` decoded by the handler. A single call moves "
+       "`SIGMASK[aN]` and `SIGMASK_PAIR` a call's temporary signal mask, applied in the "
+       "guest and passed home as NULL; `(handler)` decoded by the handler. A single call moves "
        "at most "
     << (MAX_FORWARD_BYTES >> 20) << " MiB each way; larger reads and writes are short.\n\n"
     << "Memory shared between the processes of a job lives on the node where they run "
