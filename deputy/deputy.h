@@ -36,6 +36,7 @@ struct DeputyOptions {
   std::string address;  // its address, for messages
   uint16_t port = 0;
   uint32_t homeNode = 0;
+  std::string keyPath;                // the cluster key (absolute), to reach another node
   std::string runDir;                 // job records (jobs/<pid>) and images (images/<pid>.img)
   std::string jobExe;                 // the job's executable path (the image's exe.path)
   std::string command;                // for the job record
@@ -126,6 +127,14 @@ class Deputy {
   void abortMove(const std::string& why);
   // The guest is gone: exec the restore stub; the agent rebuilds the job in this process.
   [[noreturn]] void completeMoveHome();
+  // A move to another remote node (remote -> remote): the stream that arrived whole goes to
+  // the target node's mosd as a new job start (JobStart.imageStreamed, as at exec), the new
+  // supervisor is served until its guest runs (fetches, sendImage, started), then the old
+  // supervisor is told to commit, and once it answers `moved` the deputy's channel is the new
+  // one: the job's home process, fd table and pid never change, and the old node keeps
+  // nothing. Throws kj::Exception before the commit (the caller aborts: the guest runs on where
+  // it was); after the commit a lost old node only costs its `moved`.
+  void relayMove();
   // True while a move is in progress: signals stay pending in the kernel (they go with the job).
   bool moving() const { return move_.get() != nullptr; }
 
@@ -149,8 +158,12 @@ class Deputy {
     bool committed = false;
     std::vector<int> closeOnExec;  // the job's descriptors with FD_CLOEXEC
     migrate::Agent agent;
+    // A move to another remote node (0: home): where the deputy reconnects (relayMove).
+    uint32_t target = 0;
+    std::string address;
+    uint16_t port = 0;
   };
-  kj::Own<MoveState> move_;  // a move home in progress (move.cc)
+  kj::Own<MoveState> move_;  // a move in progress (move.cc)
 };
 
 // Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.

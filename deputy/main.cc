@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <filesystem>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -144,6 +145,8 @@ int deputyMain(int argc, char** argv) {
     return status == 0 ? 0 : EXIT_CANNOT_RUN;
   }
   options.selfExe = readLink("/proc/self/exe");
+  // Kept for a later move to another node; the job may change its directory meanwhile.
+  options.keyPath = std::filesystem::absolute(keyPath).string();
   options.selfArgv = argvWithoutImage(static_cast<int>(parsed.size()), parsed.data());
 
   kj::Own<ImageFile> image;

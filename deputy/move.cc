@@ -7,13 +7,16 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -22,9 +25,11 @@
 #include <spdlog/spdlog.h>
 
 #include "checkpoint.h"
+#include "cluster_auth.h"
 #include "deputy.h"
 #include "migrate.h"
 #include "signals.h"
+#include "startup.h"
 
 namespace mos::deputy {
 
@@ -56,8 +61,28 @@ void Deputy::serveControl() {
       replyControl(fd, "refused: " + why);
       fds_.remove(fd);
     };
-    if (request.command != "home") {
-      refuse("unknown request '" + request.command + "' (this deputy serves `home`)");
+    uint32_t target = 0;
+    std::string address;
+    unsigned port = 0;
+    if (request.command.rfind("node ", 0) == 0) {
+      std::istringstream words(request.command.substr(5));
+      std::string rest;
+      if (!(words >> target >> address >> port) || (words >> rest) || target == 0 ||
+          port == 0 || port > 65535) {
+        refuse("malformed request '" + request.command + "' (expected `node ID ADDRESS PORT`)");
+        continue;
+      }
+      if (target == options_.homeNode) {
+        refuse("node " + std::to_string(target) + " is the home node: ask for `home`");
+        continue;
+      }
+      if (target == options_.node) {
+        refuse("it runs on node " + std::to_string(target) + " already");
+        continue;
+      }
+    } else if (request.command != "home") {
+      refuse("unknown request '" + request.command +
+             "' (this deputy serves `home` and `node ID ADDRESS PORT`)");
       continue;
     }
     if (moving()) {
@@ -75,12 +100,19 @@ void Deputy::serveControl() {
     }
     move_ = kj::heap<MoveState>();
     move_->connection = kj::mv(request.connection);
+    move_->target = target;
+    move_->address = address;
+    move_->port = static_cast<uint16_t>(port);
     if (auto* r = record_.get()) {
-      r->state = static_cast<uint32_t>(JobState::MIGRATING);  // mps: on its way home
+      r->state = static_cast<uint32_t>(JobState::MIGRATING);  // mps: on its way
     }
-    spdlog::info("job {}: moving home from node {}", getpid(), options_.node);
+    if (target == 0) {
+      spdlog::info("job {}: moving home from node {}", getpid(), options_.node);
+    } else {
+      spdlog::info("job {}: moving from node {} to node {}", getpid(), options_.node, target);
+    }
     capnp::MallocMessageBuilder message(16);
-    message.initRoot<proto::ToRemote>().initMove().setTarget(0);
+    message.initRoot<proto::ToRemote>().initMove().setTarget(target);
     channel_->send(message);
   }
 }
@@ -176,6 +208,10 @@ void Deputy::finishMoveImage(uint64_t bytes) {
   KJ_REQUIRE(bytes == move.bytes, "the migration image arrived incomplete", bytes, move.bytes);
   fds_.remove(move.file.get());
   move.file = nullptr;
+  if (move.target != 0) {
+    relayMove();
+    return;
+  }
   {
     int fd = open(move.path.c_str(), O_RDONLY | O_CLOEXEC);
     KJ_REQUIRE(fd >= 0, "cannot read the image file", move.path, strerror(errno));
@@ -240,6 +276,141 @@ void Deputy::finishMoveImage(uint64_t bytes) {
   message.initRoot<proto::ToRemote>().setMoveCommit();
   channel_->send(message);
   move.committed = true;
+}
+
+namespace {
+
+// Waits until `channel` has a message to read, at most until `deadline`. Signals stay blocked
+// (the deputy holds them during a move). Throws kj::Exception (FAILED) naming `what` at the
+// deadline.
+void awaitReadable(Channel& channel, std::chrono::steady_clock::time_point deadline,
+                   const std::string& what) {
+  while (!channel.hasBuffered()) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    deadline - std::chrono::steady_clock::now())
+                    .count();
+    KJ_REQUIRE(left > 0, kj::str(what.c_str()));
+    struct pollfd pfd = {channel.fd(), POLLIN, 0};
+    int n = poll(&pfd, 1, static_cast<int>(std::min<long>(left, 1000)));
+    if (n < 0 && errno != EINTR) {
+      KJ_FAIL_SYSCALL("poll", errno);
+    }
+    if (n > 0) {
+      return;
+    }
+  }
+}
+
+constexpr auto NEW_NODE_START_TIMEOUT = std::chrono::seconds(60);
+constexpr auto OLD_NODE_MOVED_TIMEOUT = std::chrono::seconds(30);
+
+}  // namespace
+
+void Deputy::relayMove() {
+  MoveState& move = *move_;
+  std::string where = "node " + std::to_string(move.target) + " (" + move.address + ":" +
+                      std::to_string(move.port) + ")";
+  {
+    // The whole stream, checked before anything is sent: a damaged one aborts the move here.
+    int fd = open(move.path.c_str(), O_RDONLY | O_CLOEXEC);
+    KJ_REQUIRE(fd >= 0, "cannot read the image file", move.path, strerror(errno));
+    kj::AutoCloseFd owner(fd);
+    kj::FdInputStream in(fd);
+    migrate::ImageReader reader(in);
+    reader.verifyToEnd();
+  }
+  ImageFile image(move.path);
+  ClusterCredentials credentials{options_.homeNode, ClusterKey::load(options_.keyPath)};
+  int fd = connectJobSocket(move.address, move.port, 5000, fds_);
+  KJ_REQUIRE(fd >= 0, kj::str("cannot reach ", where.c_str(), ": ", strerror(-fd)));
+  auto next = kj::heap<Channel>(kj::AutoCloseFd(fd));
+  bool adopted = false;
+  KJ_DEFER(if (!adopted) fds_.remove(fd));  // before `next` closes it
+  int err = sendHello(fd, credentials, 5000);
+  KJ_REQUIRE(err == 0,
+             kj::str(where.c_str(),
+                     err == -EACCES ? kj::str(" refused this node (is the cluster key the same?)")
+                                    : kj::str(": ", strerror(-err))));
+  {
+    capnp::MallocMessageBuilder start;
+    fillJobStart(options_.homeNode, options_.command, start);
+    next->send(start);
+    sendFileBytes(*next, image.fd(), 0, image.headerEnd());
+  }
+  // Serve the new supervisor until its guest runs: it fetches the mapped files it lacks (from
+  // the deputy, as at exec), then asks for the frames. The old guest stays stopped meanwhile.
+  pid_t remotePid = 0;
+  {
+    kj::Own<Channel> old = kj::mv(channel_);
+    channel_ = kj::mv(next);  // handleFetchFile answers on channel_
+    KJ_DEFER({
+      next = kj::mv(channel_);
+      channel_ = kj::mv(old);
+    });
+    auto deadline = std::chrono::steady_clock::now() + NEW_NODE_START_TIMEOUT;
+    while (remotePid == 0) {
+      awaitReadable(*channel_, deadline, where + " did not start the job within 60 s");
+      KJ_IF_MAYBE (m, channel_->receive()) {
+        auto root = (*m)->getRoot<proto::ToDeputy>();
+        switch (root.which()) {
+          case proto::ToDeputy::FETCH_FILE: handleFetchFile(root.getFetchFile()); break;
+          case proto::ToDeputy::SEND_IMAGE:
+            sendFileBytes(*channel_, image.fd(), image.headerEnd(), UINT64_MAX);
+            break;
+          case proto::ToDeputy::STARTED: remotePid = root.getStarted(); break;
+          case proto::ToDeputy::FAILED: KJ_FAIL_REQUIRE(kj::str(root.getFailed()));
+          default:
+            KJ_FAIL_REQUIRE(kj::str("unexpected message from ", where.c_str(),
+                                    " before its guest ran (union tag ",
+                                    static_cast<int>(root.which()), ")"));
+        }
+      } else {
+        KJ_FAIL_REQUIRE(kj::str(where.c_str(), " closed the connection before the job ran"));
+      }
+    }
+  }
+  // The new guest runs (its first calls wait on the new channel). Commit: the old one ends.
+  {
+    capnp::MallocMessageBuilder message;
+    message.initRoot<proto::ToRemote>().setMoveCommit();
+    channel_->send(message);
+  }
+  move.committed = true;
+  uint32_t from = options_.node;
+  try {
+    auto deadline = std::chrono::steady_clock::now() + OLD_NODE_MOVED_TIMEOUT;
+    for (bool moved = false; !moved;) {
+      awaitReadable(*channel_, deadline, "no `moved` from the old node within 30 s");
+      KJ_IF_MAYBE (m, channel_->receive()) {
+        moved = (*m)->getRoot<proto::ToDeputy>().isMoved();
+      } else {
+        break;  // the old node closed the channel: its guest is gone with it
+      }
+    }
+  } catch (kj::Exception& e) {
+    // Dropping the old channel below ends its guest all the same (its supervisor ends the job
+    // when the deputy goes away).
+    spdlog::warn("job {}: {}", getpid(), e.getDescription().cStr());
+  }
+  fds_.remove(channel_->fd());
+  channel_ = kj::mv(next);
+  adopted = true;
+  fds_.add(channel_->fd(), [this](int, int newFd) { channel_->replaceFd(kj::AutoCloseFd(newFd)); });
+  options_.node = move.target;
+  options_.address = move.address;
+  options_.port = move.port;
+  if (auto* r = record_.get()) {
+    startInspection();  // the new channel's byte counters
+    r->remotePid = remotePid;
+    r->node = move.target;
+    r->state = static_cast<uint32_t>(JobState::REMOTE);
+    r->stats.sinceNs.store(realtimeNs(), std::memory_order_relaxed);
+    noteArrival(r, move.target);
+  }
+  spdlog::info("job {}: moved from node {} to node {} (pid {} there)", getpid(), from,
+               move.target, remotePid);
+  endMove("ok node " + std::to_string(move.target) + " " + std::to_string(remotePid) + " " +
+          std::to_string(move.bytes));
 }
 
 void Deputy::completeMoveHome() {

@@ -691,6 +691,14 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessa
     // A move home is due: the call does not start here; it restarts after the move.
     return nullptr;
   }
+  if (forkHost_ != nullptr && current_ != nullptr && current_->id == seq &&
+      currentCallMask() != nullptr && guestHasSignalToTake()) {
+    // A signal that was pending, blocked, when the guest entered a call whose own mask opens
+    // it: natively the call sees it at once and fails EINTR after the handler (pselect(2));
+    // the kernel never saw that mask here (the notification comes first), so the call is cut
+    // short before it starts and respond() lets the guest take it under the call's mask.
+    return nullptr;
+  }
   bool interrupted;
   KJ_IF_MAYBE (reply, roundTrip(request, seq, &interrupted)) {
     if (interrupted) {
@@ -909,6 +917,18 @@ kj::Maybe<uint64_t> Supervisor::currentCallMask() {
 bool Supervisor::guestHasSignalToTake() {
   std::string status = guestProcess_->procFile("status");
   uint64_t pending = statusMask(status, "SigPnd:") | statusMask(status, "ShdPnd:");
+  if (pending == 0) {
+    return false;
+  }
+  // Inside a call with a signal mask of its own (pselect6, ppoll, epoll_pwait), that mask is
+  // the one the native call would wait under: a SIGCHLD that make blocks while it computes
+  // interrupts its pselect6, whose mask opens it. Only where the guest can take a signal under
+  // that mask (respond's session needs the family host).
+  if (forkHost_ != nullptr) {
+    KJ_IF_MAYBE (mask, currentCallMask()) {
+      return (pending & ~*mask) != 0;
+    }
+  }
   return (pending & ~statusMask(status, "SigBlk:")) != 0;
 }
 

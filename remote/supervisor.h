@@ -403,7 +403,8 @@ class Supervisor {
   int64_t forkResult_ = 0;  // the home child's pid of the fork being traced (askDeputyToFork)
   std::set<int> nodeFds_;   // node-local descriptors of the guest (sys_shm.cc)
   bool shmDirMade_ = false;
-  bool moveRequested_ = false;  // the deputy asked for a move home (onMoveRequest)
+  bool moveRequested_ = false;  // the deputy asked for a move (onMoveRequest)
+  uint32_t moveTarget_ = 0;     // where the move goes: a node id, 0 for home
 };
 
 }  // namespace mos::remote

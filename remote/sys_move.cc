@@ -78,10 +78,6 @@ void Supervisor::onMoveRequest(proto::MoveRequest::Reader request) {
   if (moveRequested_) {
     return;
   }
-  if (request.getTarget() != 0) {
-    sendMoveRefused("moves between remote nodes are not implemented yet; only `home` is");
-    return;
-  }
   if (forkHost_ == nullptr || guest_ <= 0 || threadTask_) {
     sendMoveRefused("this guest cannot be moved by its supervisor");
     return;
@@ -101,6 +97,7 @@ void Supervisor::onMoveRequest(proto::MoveRequest::Reader request) {
     return;
   }
   moveRequested_ = true;
+  moveTarget_ = request.getTarget();
 }
 
 void Supervisor::editMoveHeader(proto::ImageHeader::Builder header) {
@@ -165,7 +162,7 @@ bool Supervisor::runMove(kj::Maybe<uint64_t> answerId) {
   KJ_IF_MAYBE (v, verdict) {
     auto root = (*v)->getRoot<proto::ToRemote>();
     if (root.isMoveAbort()) {
-      spdlog::info("job {}: the home node refused the moved image: {}; the guest runs on",
+      spdlog::info("job {}: the move did not happen: {}; the guest runs on",
                    start_.getIds().getPid(), root.getMoveAbort().cStr());
       forkHost_->moveFinish(guest_, false);
       moveRequested_ = false;
@@ -173,8 +170,9 @@ bool Supervisor::runMove(kj::Maybe<uint64_t> answerId) {
     }
     forkHost_->moveFinish(guest_, true);
     guest_ = -1;
-    spdlog::info("job {}: moved home ({} pages, {} bytes)", start_.getIds().getPid(), result.pages,
-                 sink.total());
+    spdlog::info("job {}: moved {} ({} pages, {} bytes)", start_.getIds().getPid(),
+                 moveTarget_ == 0 ? std::string("home") : "to node " + std::to_string(moveTarget_),
+                 result.pages, sink.total());
     capnp::MallocMessageBuilder message;
     message.initRoot<proto::ToDeputy>().setMoved();
     channel_.send(message);

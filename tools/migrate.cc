@@ -138,16 +138,11 @@ std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
   return "the guest did not report running within 60 s";
 }
 
-// migrate PID home: one request line to the deputy's control socket, then its answer, or the
-// migration agent's once the job runs at home (deputy/control.h).
-int moveHome(pid_t pid, int timeoutSeconds) {
-  if (kill(pid, 0) != 0 && errno == ESRCH) {
-    fail(fmt::format("no process {}", pid));
-  }
-  if (!isDeputy(pid)) {
-    fmt::print("migrate: pid {} already runs at home\n", pid);
-    return 0;
-  }
+// One request line to the control socket of the deputy of `pid` (deputy/control.h), then the
+// answer line (without its newline), from the deputy or from the migration agent; "" when the
+// connection closed without one. Exits (fail) when the deputy cannot be reached or does not
+// answer within `timeoutSeconds`. `seconds` receives the time from the request to the answer.
+std::string askDeputy(pid_t pid, const std::string& line, int timeoutSeconds, double& seconds) {
   std::string runDir;
   try {
     runDir = mos::configFromEnvironment().runDir;
@@ -173,8 +168,9 @@ int moveHome(pid_t pid, int timeoutSeconds) {
                     pid, path, strerror(errno)));
   }
   auto started = std::chrono::steady_clock::now();
-  const char request[] = "home\n";
-  if (send(fd, request, sizeof(request) - 1, MSG_NOSIGNAL) != sizeof(request) - 1) {
+  std::string request = line + "\n";
+  if (send(fd, request.data(), request.size(), MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(request.size())) {
     fail(fmt::format("cannot ask the deputy of pid {}: {}", pid, strerror(errno)));
   }
   // The answer: one line from the deputy (refused) or from the migration agent (ok, failed).
@@ -214,8 +210,21 @@ int moveHome(pid_t pid, int timeoutSeconds) {
   while (!answer.empty() && (answer.back() == '\n' || answer.back() == '\r')) {
     answer.pop_back();
   }
-  double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  return answer;
+}
+
+// migrate PID home: the deputy's answer, or the migration agent's once the job runs at home.
+int moveHome(pid_t pid, int timeoutSeconds) {
+  if (kill(pid, 0) != 0 && errno == ESRCH) {
+    fail(fmt::format("no process {}", pid));
+  }
+  if (!isDeputy(pid)) {
+    fmt::print("migrate: pid {} already runs at home\n", pid);
+    return 0;
+  }
+  double seconds = 0;
+  std::string answer = askDeputy(pid, "home", timeoutSeconds, seconds);
   if (answer.rfind("ok", 0) == 0) {
     unsigned long long pages = 0, injected = 0;
     sscanf(answer.c_str(), "ok %llu %llu", &pages, &injected);
@@ -270,21 +279,8 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
   } catch (kj::Exception& e) {
     fail(e.getDescription().cStr());
   }
-  if (isDeputy(pid)) {
-    // Away already: remote -> remote goes through home for now (the image travels node ->
-    // home -> NODE and the job runs at home for the moment in between).
-    mos::JobSnapshot job;
-    mos::StatsSnapshot stats;
-    if (mos::readJobRecord(config.runDir, "jobs", pid, job, stats) &&
-        job.state == mos::JobState::REMOTE && job.node == node) {
-      fmt::print("migrate: pid {} already runs on node {}\n", pid, node);
-      return 0;
-    }
-    moveHome(pid, timeoutSeconds);
-    // The agent that restored it lets it go right after its answer.
-    for (int i = 0; i < 1000 && tracerOf(pid) != 0; ++i) {
-      usleep(10000);
-    }
+  if (isDeputy(pid) && node == config.nodeId) {
+    return moveHome(pid, timeoutSeconds);
   }
   if (node == config.nodeId) {
     fmt::print("migrate: pid {} already runs at home (node {})\n", pid, node);
@@ -295,6 +291,37 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
     address = *a;
   } else {
     fail(fmt::format("node {} is not in the cluster map {}", node, config.mapPath));
+  }
+  if (isDeputy(pid)) {
+    // Away already: remote -> remote. The deputy takes the stream from the node the job runs
+    // on and starts it on NODE (its channel reconnects there); the job never runs at home and
+    // the old node keeps nothing (deputy/deputy.h, relayMove).
+    mos::JobSnapshot job;
+    mos::StatsSnapshot stats;
+    if (mos::readJobRecord(config.runDir, "jobs", pid, job, stats) &&
+        job.state == mos::JobState::REMOTE && job.node == node) {
+      fmt::print("migrate: pid {} already runs on node {}\n", pid, node);
+      return 0;
+    }
+    double seconds = 0;
+    std::string answer =
+        askDeputy(pid, fmt::format("node {} {} {}", node, address.toString(), config.port),
+                  timeoutSeconds, seconds);
+    unsigned long long remotePid = 0, bytes = 0;
+    unsigned target = 0;
+    if (sscanf(answer.c_str(), "ok node %u %llu %llu", &target, &remotePid, &bytes) == 3) {
+      fmt::print("migrate: pid {} runs on node {} (from node {}): {:.1f} MiB moved, {:.3f} s\n",
+                 pid, target, job.node, bytes / double(1 << 20), seconds);
+      return 0;
+    }
+    if (answer.rfind("refused: ", 0) == 0) {
+      fail(fmt::format("pid {} cannot move to node {}: {}; it runs on where it was", pid, node,
+                       answer.substr(9)));
+    }
+    if (answer.empty() && kill(pid, 0) != 0 && errno == ESRCH) {
+      fail(fmt::format("pid {} ended during the move", pid));
+    }
+    fail(fmt::format("unexpected answer from the deputy of pid {}: {}", pid, answer));
   }
   std::string keyPath = std::filesystem::absolute(config.keyPath).string();
   try {

@@ -1,0 +1,160 @@
+"""Live moves from one remote node to another (issue 8): `migrate PID NODE` of a job that runs on
+node 2 moves its user part straight to node 3. The deputy takes the migration stream from node 2,
+starts the job on node 3 and reconnects its channel there; the job never runs at home in
+between, keeps its pid, output and exit status, and node 2 keeps nothing of it. A move that
+cannot happen (the target node is down) leaves the job running where it was."""
+
+import os
+import signal
+import subprocess
+import pytest
+
+from conftest import BUILD, PYTHON, proc_times, wait_until
+from test_migrate_live import COUNTER, READER, SIGNALS, ZDTM, blocked_in_read, checksum, start
+
+
+def move(cluster, pid, node, timeout=120):
+    return cluster.run(1, ["migrate", str(pid), str(node)], timeout=timeout)
+
+
+def record_of(cluster, pid):
+    for rec in cluster.mps():
+        if rec.get("pid") == pid:
+            return rec
+    return None
+
+
+def job_processes(cluster, node):
+    """Processes on `node` other than its mosd: guests and supervisors (one job at a time runs
+    in these tests)."""
+    mosd = str(BUILD / "tools" / "mosd")
+    found = []
+    for p in cluster.node_pids(node):
+        try:
+            if os.readlink(f"/proc/{p}/exe") == mosd:
+                continue
+            found.append(p)
+        except OSError:
+            continue
+    return found
+
+
+def guest_cpu_ticks(pid):
+    return proc_times(pid) or 0
+
+
+def test_computing_job_moves_from_node_2_to_node_3_without_going_home(cluster, home):
+    n = 60_000_000
+    job, pid = start(cluster, home, "counter.py", COUNTER, [n])
+    job.read_until(b"step 1000000", timeout=120)
+    cp = move(cluster, pid, 3)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert b"runs on node 3 (from node 2)" in cp.stdout, cp.stdout
+    rec = wait_until(lambda: (lambda r: r if r and r.get("node") == 3 else None)(
+        record_of(cluster, pid)), timeout=30, what="mps shows the job on node 3")
+    assert rec["state"] == "remote" and rec["trail"] == [1, 2, 3] and rec["moves"] == 2, rec
+    # Node 2 keeps nothing of the job: its guest and supervisor are gone.
+    wait_until(lambda: not job_processes(cluster, 2), timeout=30,
+               what="nothing of the job left on node 2")
+    # It computes on node 3 (its guest's CPU time grows there), and home stays a deputy.
+    guest = rec["remotePid"]
+    assert guest in cluster.node_pids(3), (guest, rec)
+    before = guest_cpu_ticks(guest)
+    wait_until(lambda: job.popen.poll() is not None or guest_cpu_ticks(guest) > before + 20,
+               timeout=120, what="the guest on node 3 computing")
+    assert os.readlink(f"/proc/{pid}/exe").endswith("mos-deputy")
+    status, out, err = job.wait(timeout=900)
+    assert status == 7, (out[-300:], err)
+    assert out.endswith(b"total %d\n" % checksum(n)), out[-200:]
+    steps = [line for line in out.splitlines() if line.startswith(b"step ")]
+    assert steps == [b"step %d" % i for i in range(0, n, 1000000)]
+
+
+def test_job_blocked_in_a_forwarded_read_moves_to_node_3_and_reads_there(cluster, home):
+    job, pid = start(cluster, home, "reader.py", READER, stdin=subprocess.PIPE)
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read(0)")
+    cp = move(cluster, pid, 3)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    cluster.wait_remote(job, "reader.py", node=3)
+    job.popen.stdin.write(b"x" * 100000 + b"\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 3, (out, err)
+    assert out.splitlines()[-1] == b"got " + b"x" * 100000, out[-200:]
+
+
+def test_handlers_blocked_and_pending_signals_move_between_nodes(cluster, home):
+    job, pid = start(cluster, home, "signals.py", SIGNALS, stdin=subprocess.PIPE)
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read")
+    os.kill(pid, signal.SIGUSR1)  # its handler runs on node 2
+    os.kill(pid, signal.SIGUSR2)  # blocked: pending in the guest, it moves with it
+    job.popen.stdin.write(b"node2\n")
+    job.popen.stdin.flush()
+    job.read_until(b"usr1 1 pending [12] blocked [12]\n", timeout=60)
+    wait_until(lambda: blocked_in_read(pid), timeout=60, what="the deputy blocked in read")
+    cp = move(cluster, pid, 3)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    cluster.wait_remote(job, "signals.py", node=3)
+    os.kill(pid, signal.SIGUSR1)  # its handler runs on node 3
+    job.popen.stdin.write(b"node3\nend\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    lines = out.decode().splitlines()
+    assert lines[-2:] == ["usr1 2 pending [12] blocked [12]"] * 2, out
+
+
+def test_move_to_a_dead_node_is_refused_and_the_job_runs_on(cluster, home):
+    job, pid = start(cluster, home, "reader.py", READER, stdin=subprocess.PIPE)
+    cluster.kill_node(3)
+    try:
+        cp = move(cluster, pid, 3)
+        assert cp.returncode != 0, (cp.stdout, cp.stderr)
+        assert b"runs on where it was" in cp.stderr, cp.stderr
+        assert b"node 3" in cp.stderr, cp.stderr
+    finally:
+        cluster.revive(3)
+    rec = record_of(cluster, pid)
+    assert rec["node"] == 2 and rec["state"] == "remote" and rec["moves"] == 1, rec
+    job.popen.stdin.write(b"still here\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 3, (out, err)
+    assert out.splitlines()[-1] == b"got still here", out
+
+
+def test_move_to_the_node_it_runs_on_is_a_no_op(cluster, home):
+    job, pid = start(cluster, home, "reader.py", READER, stdin=subprocess.PIPE)
+    cp = move(cluster, pid, 2)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert b"already runs on node 2" in cp.stdout, cp.stdout
+    job.popen.stdin.write(b"ok\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 3 and out.splitlines()[-1] == b"got ok", (out, err)
+
+
+# The zdtm-style programs of tests/migrate (one kind of state each), here remote -> remote:
+# started on node 2, moved to node 3 while they wait for "go", then they verify their state.
+@pytest.mark.parametrize("name", ZDTM)
+def test_zdtm_program_moves_from_node_2_to_node_3(cluster, home, name):
+    program = BUILD / "tests" / "migrate" / f"migrate_{name}"
+    work = home / "work"
+    work.mkdir()
+    job = cluster.start(1, ["mosrun", "-r", "2", program, work], cwd=home, stdin=subprocess.PIPE)
+    wait_until(lambda: (work / "ready").exists() or job.popen.poll() is not None, timeout=60,
+               what=f"{name} ready")
+    if job.popen.poll() is not None:
+        status, out, err = job.wait(timeout=10)
+        if status == 77:
+            pytest.skip(out.decode(errors="replace").strip())
+        raise AssertionError(f"{name} ended before it was ready ({status}): {out!r} {err!r}")
+    pid = cluster.wait_remote(job, program.name)["pid"]
+    cp = move(cluster, pid, 3)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    cluster.wait_remote(job, program.name, node=3)
+    (work / "go").touch()
+    job.popen.stdin.write(b"go\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0 and b"PASS" in out, (status, out, err)
