@@ -67,8 +67,8 @@ void Deputy::serveControl() {
     if (request.command.rfind("node ", 0) == 0) {
       std::istringstream words(request.command.substr(5));
       std::string rest;
-      if (!(words >> target >> address >> port) || (words >> rest) || target == 0 ||
-          port == 0 || port > 65535) {
+      if (!(words >> target >> address >> port) || (words >> rest) || target == 0 || port == 0 ||
+          port > 65535) {
         refuse("malformed request '" + request.command + "' (expected `node ID ADDRESS PORT`)");
         continue;
       }
@@ -407,8 +407,8 @@ void Deputy::relayMove() {
     r->stats.sinceNs.store(realtimeNs(), std::memory_order_relaxed);
     noteArrival(r, move.target);
   }
-  spdlog::info("job {}: moved from node {} to node {} (pid {} there)", getpid(), from,
-               move.target, remotePid);
+  spdlog::info("job {}: moved from node {} to node {} (pid {} there)", getpid(), from, move.target,
+               remotePid);
   endMove("ok node " + std::to_string(move.target) + " " + std::to_string(remotePid) + " " +
           std::to_string(move.bytes));
 }
