@@ -10,10 +10,11 @@
 // a job signal would. The deputy then accepts, checks the peer (SO_PEERCRED: root or the job's
 // own user) and reads one request line:
 //
-//   client -> deputy   "home\n"
+//   client -> deputy   "home\n"  |  "node ID ADDRESS PORT\n"  (to another remote node)
 //   deputy -> client   "refused: WHY\n"    nothing changed, the job runs on where it was
 //                      "ok PAGES INJECTED\n" | "failed: WHY\n"   from the migration agent, once
 //                                          the job runs at home again (or could not)
+//                      "ok node ID REMOTEPID BYTES\n"   the job runs on node ID (Deputy::relayMove)
 //
 // The directory is made world-writable and sticky (like /tmp): deputies of every user of the
 // node keep their sockets there.
