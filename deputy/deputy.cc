@@ -101,6 +101,9 @@ Deputy::Deputy(DeputyOptions options, ReservedFds& fds, kj::Own<Channel> channel
                                        options_.homeNode, options_.command);
       record_.get()->node = options_.node;
       record_.get()->state = static_cast<uint32_t>(JobState::MIGRATING);
+      if (options_.locked) {
+        setStayReason(record_.get()->stats, LOCKED_REASON);
+      }
       startInspection();
     } catch (kj::Exception& e) {
       spdlog::warn("no job record for mps: {}", e.getDescription().cStr());
@@ -591,6 +594,9 @@ void Deputy::becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token) 
       if (record_.get()->moves == 0) {
         // Born on the node (a guest's fork): its trail starts there, not at home.
         record_.get()->trail[0] = options_.node;
+      }
+      if (options_.locked) {
+        setStayReason(record_.get()->stats, LOCKED_REASON);  // its fork is locked too
       }
       startInspection();
     } catch (kj::Exception& e) {

@@ -42,8 +42,12 @@ struct DeputyOptions {
   std::string command;                // for the job record
   std::string selfExe;                // our own executable, for the next migration agent
   std::vector<std::string> selfArgv;  // our argv without "--image PATH", for the next agent
-  bool leader = true;  // false: the deputy thread of one guest thread (Deputy::threadMain)
+  bool leader = true;   // false: the deputy thread of one guest thread (Deputy::threadMain)
+  bool locked = false;  // mosrun -L: the job stays where it runs; every move is refused
 };
+
+// The stay reason of a job started with `mosrun -L` (mps, and `migrate`'s refusal).
+inline constexpr const char* LOCKED_REASON = "locked by mosrun -L";
 
 // Thrown inside a deputy thread (not the leader) when its channel closed: its guest thread ended
 // (or the job is ending), so the thread returns.

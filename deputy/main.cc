@@ -120,6 +120,8 @@ int deputyMain(int argc, char** argv) {
   app.add_option("--run-dir", options.runDir, "mosd's run directory")->required();
   app.add_option("--image", imagePath, "the migration image (unlinked once read)")->required();
   app.add_option("--key", keyPath, "the cluster key file (default /etc/umosix/cluster.key)");
+  app.add_flag("--locked", options.locked,
+               "mosrun -L: the job stays on its node; `migrate` is refused (with its forks)");
   // A migration agent passes our arguments in UMOSIX_DEPUTY_ARGS (one per line) and leaves
   // argv to be the job's own, which is what ps shows for the job at home.
   std::vector<std::string> args;

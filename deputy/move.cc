@@ -89,6 +89,10 @@ void Deputy::serveControl() {
       refuse("a move of this job is already in progress");
       continue;
     }
+    if (options_.locked) {
+      refuse(std::string("it is ") + LOCKED_REASON + " on node " + std::to_string(options_.node));
+      continue;
+    }
     if (!leader_) {
       refuse("not the job's main deputy");
       continue;

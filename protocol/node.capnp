@@ -29,7 +29,8 @@ struct JobInfo {
   threads @8 :UInt32;      # threads of the process (listJobs: its home process; listGuests: the
                            # guest); 0 unknown
   stay @9 :Text;           # listGuests: why the guest stays on this node ("shares memory with
-                           # 4250 (MAP_SHARED|MAP_ANONYMOUS)", "maps System V shm"); "" none
+                           # 4250 (MAP_SHARED|MAP_ANONYMOUS)", "maps System V shm"); listJobs:
+                           # the deputy's own reason ("locked by mosrun -L"); "" none
   moves @10 :UInt32;       # listJobs: how often the running user part moved to another node
                            # (migrate; a move home counts; an exec's trip home and back to the
                            # same node does not)

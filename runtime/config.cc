@@ -7,6 +7,7 @@
 #include <netinet/in.h>
 
 #include <charconv>
+#include <fstream>
 #include <cstdlib>
 
 namespace mos {
@@ -116,6 +117,18 @@ Ipv4 resolveNodeId(NodeConfig& config, const MapFile& map) {
     return *address;
   }
   throwConfigError(fmt::format("node {} is not in {}", config.nodeId, config.mapPath));
+}
+
+bool startedLocked(int pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/environ", std::ios::binary);
+  std::string wanted = std::string(LOCKED_ENV) + "=1";
+  std::string entry;
+  while (std::getline(in, entry, '\0')) {
+    if (entry == wanted) {
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace mos

@@ -21,6 +21,14 @@ namespace mos {
 
 inline constexpr uint16_t DEFAULT_PORT = 7151;
 
+// `mosrun -L` puts UMOSIX_LOCKED=1 in the environment the job starts with (inherited by what it
+// forks and execs at home): `migrate` refuses to move such a process (openMosix's lock).
+inline constexpr const char* LOCKED_ENV = "UMOSIX_LOCKED";
+
+// True when process `pid` started with UMOSIX_LOCKED=1 in its environment (/proc/PID/environ,
+// proc(5): the environment at its last exec). False when it did not or cannot be read.
+bool startedLocked(int pid);
+
 // Configuration errors (a bad variable or flag value, a node not found) are kj::Exceptions of type
 // FAILED whose description is one line for the user, naming the variable or flag
 // (throwConfigError, map_file.h).

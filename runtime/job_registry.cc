@@ -203,6 +203,11 @@ std::vector<uint32_t> trailOf(const JobRecord& record) {
   return out;
 }
 
+// The stay reason of `stats` (NUL-terminated within its array, or cut there).
+std::string stayOf(const JobStats& stats) {
+  return std::string(stats.stayReason, strnlen(stats.stayReason, sizeof(stats.stayReason)));
+}
+
 }  // namespace
 
 OwnedJobRecord::OwnedJobRecord(OwnedJobRecord&& other) noexcept
@@ -258,7 +263,7 @@ std::vector<JobSnapshot> readJobRecords(const std::string& runDir, const char* k
     result.push_back(JobSnapshot{copy.ownerPid, copy.homePid, copy.homeNode, copy.node.load(),
                                  static_cast<JobState>(copy.state.load()), copy.remotePid.load(),
                                  copy.syscalls.load(), copy.command, copy.moves.load(),
-                                 trailOf(copy)});
+                                 trailOf(copy), stayOf(copy.stats)});
   }
   closedir(d);
   std::sort(result.begin(), result.end(),
@@ -349,7 +354,8 @@ bool readJobRecord(const std::string& runDir, const char* kind, int32_t name, Jo
                     record->syscalls.load(),
                     command,
                     record->moves.load(),
-                    trailOf(*record)};
+                    trailOf(*record),
+                    stayOf(record->stats)};
   stats = snapshotStats(record->stats);
   return true;
 }

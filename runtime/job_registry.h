@@ -144,6 +144,7 @@ struct JobSnapshot {
   std::string command;
   uint32_t moves = 0;
   std::vector<uint32_t> trail;  // node ids, oldest first (at most JobRecord::TRAIL_SLOTS)
+  std::string stay;             // the owner's stay reason (JobStats::stayReason), "" none
 };
 
 // A copy of one record's inspection counters and in-flight calls, as read by mosd.

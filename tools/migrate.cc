@@ -323,6 +323,10 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
     }
     fail(fmt::format("unexpected answer from the deputy of pid {}: {}", pid, answer));
   }
+  if (mos::startedLocked(pid)) {
+    fail(fmt::format("pid {} cannot move to node {}: it is locked by mosrun -L; it stays at home",
+                     pid, node));
+  }
   std::string keyPath = std::filesystem::absolute(config.keyPath).string();
   try {
     mos::ClusterCredentials credentials{config.nodeId, mos::ClusterKey::load(keyPath)};

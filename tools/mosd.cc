@@ -60,6 +60,7 @@ void fillJobs(capnp::List<proto::JobInfo>::Builder out, const std::vector<JobSna
     info.setRemotePid(job.remotePid);
     info.setHomeNode(job.homeNode);
     info.setMoves(job.moves);
+    info.setStay(job.stay);
     auto trail = info.initTrail(job.trail.size());
     for (size_t k = 0; k < job.trail.size(); k++) {
       trail.set(k, job.trail[k]);

@@ -213,6 +213,10 @@ int main(int argc, char** argv) {
                  "run the user part on node NODE (a node id of the cluster map); without it the "
                  "job runs at home")
       ->type_name("NODE");
+  bool locked = false;
+  app.add_flag("-L,--lock", locked,
+               "lock the job where it starts (at home, or on the -r NODE): `migrate` refuses to "
+               "move it or any process it forks, and mps shows why it stays");
   std::string traceFile;
   app.add_flag("--trace{-}", traceFile,
                "trace the job's trapped system calls from its start with mostrace(1), to stderr "
@@ -262,6 +266,11 @@ int main(int argc, char** argv) {
       fail(EXIT_MOSRUN_FAILED,
            "-R with -C/-A is not implemented yet: checkpoint the resumed job with `migrate PID "
            "checkpoint FILE`");
+    }
+    if (locked) {
+      fail(EXIT_MOSRUN_FAILED,
+           "-R with -L is not implemented: the resumed job keeps its own "
+           "environment, where the lock lives");
     }
     resume(resumeFile, remote);
   }
@@ -346,6 +355,9 @@ int main(int argc, char** argv) {
                                 config.runDir,
                                 "--key",
                                 keyPath};
+      if (locked) {
+        agentConfig.deputyArgv.push_back("--locked");
+      }
       agentConfig.imagePath = fmt::format("{}/images/{}.img", config.runDir, getpid());
       std::error_code ec;
       std::filesystem::create_directories(config.runDir + "/images", ec);
@@ -364,6 +376,11 @@ int main(int argc, char** argv) {
         startTracer(traceFile, *remote);
       }
     }
+  }
+  if (locked) {
+    // Inherited by the job and everything it forks or execs at home; `migrate` reads it from
+    // /proc/PID/environ (docs/mosrun.1.md, -L).
+    setenv(mos::LOCKED_ENV, "1", 1);
   }
   if (!traceFile.empty() && !away) {
     fmt::print(stderr,

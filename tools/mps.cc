@@ -79,7 +79,9 @@ std::vector<ProcessRow> listProcesses(const std::vector<JobInfo>& jobs,
         if (row.home.node == node && guest.homeNode == homeNode &&
             guest.homePid == row.home.homePid) {
           row.home.threads = guest.threads;
-          row.home.stay = guest.stay;
+          if (!guest.stay.empty()) {
+            row.home.stay = guest.stay;  // else the deputy's own (a lock)
+          }
           if (row.home.remotePid == 0) {
             row.home.remotePid = guest.remotePid;  // a forked child's deputy does not know it
           }
@@ -101,7 +103,10 @@ void printProcessTable(const std::vector<ProcessRow>& rows) {
                orDash(p.parentPid), where(p), p.state, orDash(p.threads), p.moves, p.syscalls,
                p.command);
     if (!p.stay.empty()) {
-      fmt::print("{:>7}  stays on node {}: {}\n", "", p.node, p.stay);
+      fmt::print(
+          "{:>7}  stays on {}: {}\n", "",
+          p.node == p.homeNode ? std::string("its home node") : "node " + std::to_string(p.node),
+          p.stay);
     }
   }
 }

@@ -158,3 +158,70 @@ def test_zdtm_program_moves_from_node_2_to_node_3(cluster, home, name):
     job.popen.stdin.flush()
     status, out, err = job.wait(timeout=60)
     assert status == 0 and b"PASS" in out, (status, out, err)
+
+
+# `mosrun -L`: the job is locked where it starts. Every move is refused with the reason, mps
+# shows why it stays, and the job runs on, correct, where it was.
+def test_job_locked_on_its_node_is_never_moved(cluster, home):
+    (home / "reader.py").write_text(READER)
+    job = cluster.start(1, ["mosrun", "-L", "-r", "2", PYTHON, "reader.py"], cwd=home,
+                        stdin=subprocess.PIPE)
+    job.read_until(b"ready", timeout=60)
+    pid = cluster.wait_remote(job, "reader.py")["pid"]
+    for target in ("home", "3"):
+        cp = move(cluster, pid, target)
+        assert cp.returncode == 1, (target, cp.stdout, cp.stderr)
+        assert b"locked by mosrun -L" in cp.stderr and b"runs on where it was" in cp.stderr, \
+            cp.stderr
+    rec = record_of(cluster, pid)
+    assert rec["node"] == 2 and rec["moves"] == 1, rec
+    assert rec["stay"] == "locked by mosrun -L", rec
+    out = cluster.run(1, ["mps"]).stdout.decode()
+    assert "stays on node 2: locked by mosrun -L" in out, out
+    job.popen.stdin.write(b"locked\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 3 and out.splitlines()[-1] == b"got locked", (out, err)
+
+
+FORKER = r'''
+import os, sys
+child = os.fork()
+if child == 0:
+    sys.stdin.readline()
+    print("child done", flush=True)
+    os._exit(4)
+print("ready", child, flush=True)
+_, status = os.waitpid(child, 0)
+print("child status", os.waitstatus_to_exitcode(status), flush=True)
+'''
+
+
+def test_fork_of_a_locked_job_is_locked_too(cluster, home):
+    (home / "forker.py").write_text(FORKER)
+    job = cluster.start(1, ["mosrun", "-L", "-r", "2", PYTHON, "forker.py"], cwd=home,
+                        stdin=subprocess.PIPE)
+    job.read_until(b"ready ", timeout=60)
+    child = int(job.read_until(b"\n", timeout=60).split()[-1])
+    wait_until(lambda: (lambda r: r if r and r.get("node") == 2 else None)(
+        record_of(cluster, child)), timeout=60, what="the child's record on node 2")
+    cp = move(cluster, child, "home")
+    assert cp.returncode == 1 and b"locked by mosrun -L" in cp.stderr, (cp.stdout, cp.stderr)
+    job.popen.stdin.write(b"go\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0 and out.splitlines()[-2:] == [b"child done", b"child status 4"], (out, err)
+
+
+def test_job_locked_at_home_is_never_moved(cluster, home):
+    (home / "reader.py").write_text(READER)
+    job = cluster.start(1, ["mosrun", "-L", PYTHON, "reader.py"], cwd=home, stdin=subprocess.PIPE)
+    job.read_until(b"ready", timeout=60)
+    cp = move(cluster, job.pid, 2)
+    assert cp.returncode == 1, (cp.stdout, cp.stderr)
+    assert b"locked by mosrun -L" in cp.stderr and b"stays at home" in cp.stderr, cp.stderr
+    assert os.readlink(f"/proc/{job.pid}/exe") == os.path.realpath(PYTHON)
+    job.popen.stdin.write(b"home\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 3 and out.splitlines()[-1] == b"got home", (out, err)
