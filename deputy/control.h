@@ -11,10 +11,12 @@
 // own user) and reads one request line:
 //
 //   client -> deputy   "home\n"  |  "node ID ADDRESS PORT\n"  (to another remote node)
+//                      |  "checkpoint /PATH\n"  (write the image to PATH, the guest runs on)
 //   deputy -> client   "refused: WHY\n"    nothing changed, the job runs on where it was
 //                      "ok PAGES INJECTED\n" | "failed: WHY\n"   from the migration agent, once
 //                                          the job runs at home again (or could not)
 //                      "ok node ID REMOTEPID BYTES\n"   the job runs on node ID (Deputy::relayMove)
+//                      "ok checkpoint PAGES BYTES\n"   PATH written (Deputy::writeRemoteCheckpoint)
 //
 // The directory is made world-writable and sticky (like /tmp): deputies of every user of the
 // node keep their sockets there.

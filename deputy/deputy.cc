@@ -33,12 +33,6 @@ namespace {
 
 constexpr size_t FILE_CHUNK_BYTES = 1u << 20;  // FileData.data is at most 1 MiB
 
-std::string readLink(const std::string& path) {
-  char buffer[PATH_MAX + 1];
-  ssize_t n = readlink(path.c_str(), buffer, PATH_MAX);
-  return n < 0 ? std::string() : std::string(buffer, n);
-}
-
 std::string bytesToString(capnp::Data::Reader data) {
   return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
 }

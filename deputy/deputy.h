@@ -139,6 +139,12 @@ class Deputy {
   // nothing. Throws kj::Exception before the commit (the caller aborts: the guest runs on where
   // it was); after the commit a lost old node only costs its `moved`.
   void relayMove();
+  // A checkpoint of the remote job: the stream that arrived whole is written to
+  // move_->checkpointPath in the checkpoint format (ImageWriter), with the job's descriptors
+  // and cwd, which are this process's (the guest's are the content cache's), and its home
+  // executable; then the supervisor is told to abort, so the guest runs on. The file appears
+  // whole or not at all (FILE.tmp.PID renamed). Throws kj::Exception (the caller aborts too).
+  void writeRemoteCheckpoint();
   // True while a move is in progress: signals stay pending in the kernel (they go with the job).
   bool moving() const { return move_.get() != nullptr; }
 
@@ -166,6 +172,9 @@ class Deputy {
     uint32_t target = 0;
     std::string address;
     uint16_t port = 0;
+    // A checkpoint of the remote job (`migrate PID checkpoint FILE`): the file to write
+    // (writeRemoteCheckpoint); empty for a move.
+    std::string checkpointPath;
   };
   kj::Own<MoveState> move_;  // a move in progress (move.cc)
 };

@@ -48,16 +48,6 @@ int toInt(std::string_view s) {
 // The fd argument as the kernel reads it (an unsigned int).
 int fdArg(uint64_t value) { return static_cast<int>(static_cast<uint32_t>(value)); }
 
-// readlink(2) into a std::string; empty on failure.
-std::string readLink(const std::string& path) {
-  char buffer[PATH_MAX + 1];
-  ssize_t n = readlink(path.c_str(), buffer, PATH_MAX);
-  if (n < 0) {
-    return std::string();
-  }
-  return std::string(buffer, n);
-}
-
 // Splits an absolute path into components, resolving "." and ".." lexically.
 std::vector<std::string_view> normalize(std::string_view path) {
   std::vector<std::string_view> parts;
@@ -786,6 +776,12 @@ Executor::ProcPath Executor::classifyPath(int dirfd, const char* path) {
     return ProcPath::RESERVED_FD;
   }
   return ProcPath::OTHER;
+}
+
+std::string readLink(const std::string& path) {
+  char buffer[PATH_MAX + 1];
+  ssize_t n = readlink(path.c_str(), buffer, PATH_MAX);
+  return n < 0 ? std::string() : std::string(buffer, n);
 }
 
 }  // namespace mos::deputy

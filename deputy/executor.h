@@ -53,6 +53,9 @@
 
 namespace mos::deputy {
 
+// readlink(2) of `path` into a std::string (at most PATH_MAX bytes); empty on failure.
+std::string readLink(const std::string& path);
+
 class Executor {
  public:
   // `fds`: the deputy's reserved descriptors (borrowed). `jobExe`: what /proc/self/exe shows the

@@ -79,12 +79,6 @@ void setUpLogging(ReservedFds& fds) {
   spdlog::set_default_logger(logger);
 }
 
-std::string readLink(const char* path) {
-  char buffer[PATH_MAX + 1];
-  ssize_t n = readlink(path, buffer, PATH_MAX);
-  return n < 0 ? std::string() : std::string(buffer, n);
-}
-
 // Our argv without "--image PATH" / "--image=PATH": the next agent appends its own.
 std::vector<std::string> argvWithoutImage(int argc, char** argv) {
   std::vector<std::string> result;

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -64,7 +65,10 @@ void Deputy::serveControl() {
     uint32_t target = 0;
     std::string address;
     unsigned port = 0;
-    if (request.command.rfind("node ", 0) == 0) {
+    std::string checkpointPath;
+    if (request.command.rfind("checkpoint /", 0) == 0) {
+      checkpointPath = request.command.substr(11);
+    } else if (request.command.rfind("node ", 0) == 0) {
       std::istringstream words(request.command.substr(5));
       std::string rest;
       if (!(words >> target >> address >> port) || (words >> rest) || target == 0 || port == 0 ||
@@ -82,14 +86,14 @@ void Deputy::serveControl() {
       }
     } else if (request.command != "home") {
       refuse("unknown request '" + request.command +
-             "' (this deputy serves `home` and `node ID ADDRESS PORT`)");
+             "' (this deputy serves `home`, `node ID ADDRESS PORT` and `checkpoint /PATH`)");
       continue;
     }
     if (moving()) {
       refuse("a move of this job is already in progress");
       continue;
     }
-    if (options_.locked) {
+    if (options_.locked && checkpointPath.empty()) {
       refuse(std::string("it is ") + LOCKED_REASON + " on node " + std::to_string(options_.node));
       continue;
     }
@@ -107,16 +111,22 @@ void Deputy::serveControl() {
     move_->target = target;
     move_->address = address;
     move_->port = static_cast<uint16_t>(port);
+    move_->checkpointPath = checkpointPath;
     if (auto* r = record_.get()) {
       r->state = static_cast<uint32_t>(JobState::MIGRATING);  // mps: on its way
     }
-    if (target == 0) {
+    if (!checkpointPath.empty()) {
+      spdlog::info("job {}: checkpoint from node {} to {}", getpid(), options_.node,
+                   checkpointPath);
+    } else if (target == 0) {
       spdlog::info("job {}: moving home from node {}", getpid(), options_.node);
     } else {
       spdlog::info("job {}: moving from node {} to node {}", getpid(), options_.node, target);
     }
     capnp::MallocMessageBuilder message(16);
-    message.initRoot<proto::ToRemote>().initMove().setTarget(target);
+    auto move = message.initRoot<proto::ToRemote>().initMove();
+    move.setTarget(target);
+    move.setCheckpoint(!checkpointPath.empty());
     channel_->send(message);
   }
 }
@@ -212,6 +222,10 @@ void Deputy::finishMoveImage(uint64_t bytes) {
   KJ_REQUIRE(bytes == move.bytes, "the migration image arrived incomplete", bytes, move.bytes);
   fds_.remove(move.file.get());
   move.file = nullptr;
+  if (!move.checkpointPath.empty()) {
+    writeRemoteCheckpoint();
+    return;
+  }
   if (move.target != 0) {
     relayMove();
     return;
@@ -283,6 +297,55 @@ void Deputy::finishMoveImage(uint64_t bytes) {
 }
 
 namespace {
+
+// The bytes queued in each pipe whose read and write ends are both descriptors of this process
+// (a job's self-pipe: the deputy's fd table is the job's), read and written back unchanged, into
+// the header's OpenFile entries of its read ends (pipeData, unread, pipeSize), as captureImage
+// does by injection for a process at home. Other pipes keep what they hold where they are.
+void keepSelfPipeBytes(proto::ImageHeader::Builder header) {
+  auto files = header.getFiles();
+  for (auto reader : files) {
+    if (reader.getKind() != proto::OpenFile::Kind::PIPE || (reader.getFlags() & O_ACCMODE) != 0) {
+      continue;
+    }
+    bool ownWriter = false;
+    int writeFd = -1;
+    for (auto writer : files) {
+      if (writer.getKind() == proto::OpenFile::Kind::PIPE && writer.getIno() == reader.getIno() &&
+          (writer.getFlags() & O_ACCMODE) == O_WRONLY) {
+        ownWriter = true;
+        writeFd = writer.getFd();
+      }
+    }
+    int fd = reader.getFd();
+    int size = fcntl(fd, F_GETPIPE_SZ);
+    int queued = 0;
+    if (!ownWriter || size < 0 || ioctl(fd, FIONREAD, &queued) != 0) {
+      continue;
+    }
+    reader.setPipeSize(static_cast<uint32_t>(size));
+    reader.setUnread(static_cast<uint32_t>(queued));
+    std::string data(static_cast<size_t>(queued), '\0');
+    size_t got = 0;
+    while (got < data.size()) {
+      ssize_t n = read(fd, data.data() + got, data.size() - got);  // queued: never blocks
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      KJ_REQUIRE(n > 0, "cannot read the bytes queued in a self-pipe", fd, strerror(errno));
+      got += n;
+    }
+    for (size_t put = 0; put < data.size();) {
+      ssize_t n = write(writeFd, data.data() + put, data.size() - put);  // they fitted: fit again
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      KJ_REQUIRE(n > 0, "cannot put back the bytes of a self-pipe", writeFd, strerror(errno));
+      put += n;
+    }
+    reader.setPipeData(kj::arrayPtr(reinterpret_cast<const kj::byte*>(data.data()), data.size()));
+  }
+}
 
 // Waits until `channel` has a message to read, at most until `deadline`. Signals stay blocked
 // (the deputy holds them during a move). Throws kj::Exception (FAILED) naming `what` at the
@@ -415,6 +478,70 @@ void Deputy::relayMove() {
                remotePid);
   endMove("ok node " + std::to_string(move.target) + " " + std::to_string(remotePid) + " " +
           std::to_string(move.bytes));
+}
+
+void Deputy::writeRemoteCheckpoint() {
+  MoveState& move = *move_;
+  int in = open(move.path.c_str(), O_RDONLY | O_CLOEXEC);
+  KJ_REQUIRE(in >= 0, "cannot read the image file", move.path, strerror(errno));
+  kj::AutoCloseFd inOwner(in);
+  kj::FdInputStream input(in);
+  migrate::ImageReader reader(input);
+  capnp::MallocMessageBuilder header;
+  header.setRoot(reader.header());
+  auto h = header.getRoot<proto::ImageHeader>();
+  // The job's descriptors and cwd are ours (the deputy executed every call that made them).
+  migrate::describeOpenFiles(getpid(), h, [&](int fd) { return fds_.contains(fd) || fd == in; });
+  std::string cwd = readLink("/proc/self/cwd");
+  h.setCwd(kj::arrayPtr(reinterpret_cast<const kj::byte*>(cwd.data()), cwd.size()));
+  mode_t mask = umask(0);  // umask is forwarded: the job's is ours
+  umask(mask);
+  h.setUmask(mask);
+  keepSelfPipeBytes(h);
+  // The guest's executable is its restore stub; the job's is the home file it runs.
+  struct stat st;
+  if (stat(options_.jobExe.c_str(), &st) == 0) {
+    auto exe = h.initExe();
+    exe.setPath(kj::arrayPtr(reinterpret_cast<const kj::byte*>(options_.jobExe.data()),
+                             options_.jobExe.size()));
+    exe.setDev(st.st_dev);
+    exe.setIno(st.st_ino);
+    exe.setSize(st.st_size);
+    exe.setMtimeNs(uint64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec);
+  }
+  std::string tmp = move.checkpointPath + ".tmp." + std::to_string(getpid());
+  int out = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  KJ_REQUIRE(out >= 0, kj::str("cannot create ", tmp.c_str(), ": ", strerror(errno)));
+  kj::AutoCloseFd outOwner(out);
+  bool renamed = false;
+  KJ_DEFER(if (!renamed) unlink(tmp.c_str()));
+  kj::FdOutputStream output(out);
+  kj::BufferedOutputStreamWrapper buffered(output);
+  migrate::ImageWriter writer(buffered);
+  writer.writeHeader(header);
+  auto buffer = kj::heapArray<uint8_t>(migrate::MAX_RUN_PAGES * migrate::IMAGE_PAGE);
+  for (;;) {
+    KJ_IF_MAYBE (run, reader.nextRun()) {
+      auto bytes = std::span<uint8_t>(buffer.begin(), run->count * migrate::IMAGE_PAGE);
+      reader.readPages(bytes);
+      writer.writePages(run->start, bytes);
+    } else {
+      break;
+    }
+  }
+  writer.finish();
+  buffered.flush();
+  KJ_REQUIRE(fsync(out) == 0, kj::str("cannot write ", tmp.c_str(), ": ", strerror(errno)));
+  KJ_REQUIRE(rename(tmp.c_str(), move.checkpointPath.c_str()) == 0,
+             kj::str("cannot rename ", tmp.c_str(), ": ", strerror(errno)));
+  renamed = true;
+  spdlog::info("job {}: checkpoint of its guest on node {} written to {} ({} pages)", getpid(),
+               options_.node, move.checkpointPath, writer.pages());
+  // The guest runs on where it is.
+  capnp::MallocMessageBuilder message;
+  message.initRoot<proto::ToRemote>().setMoveAbort("checkpoint written");
+  channel_->send(message);
+  endMove("ok checkpoint " + std::to_string(writer.pages()) + " " + std::to_string(writer.bytes()));
 }
 
 void Deputy::completeMoveHome() {

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstring>
+#include <functional>
 #include <map>
 
 #include <kj/debug.h>
@@ -243,14 +244,16 @@ struct PipeState {
 };
 
 void describeFiles(pid_t pid, proto::ImageHeader::Builder header,
-                   const std::map<int, PipeState>& pipes) {
+                   const std::map<int, PipeState>& pipes,
+                   const std::function<bool(int)>& skip = nullptr) {
   std::string dirPath = procPath(pid, "fd");
   DIR* dir = ::opendir(dirPath.c_str());
   KJ_REQUIRE(dir != nullptr, "cannot list descriptors", dirPath, strerror(errno));
   std::vector<int> fds;
   while (dirent* e = ::readdir(dir)) {
-    if (e->d_name[0] != '.') {
-      fds.push_back(atoi(e->d_name));
+    int fd = atoi(e->d_name);
+    if (e->d_name[0] != '.' && !(pid == ::getpid() && fd == ::dirfd(dir)) && !(skip && skip(fd))) {
+      fds.push_back(fd);
     }
   }
   ::closedir(dir);
@@ -567,6 +570,11 @@ void SeizedProcess::detach() {
     ::ptrace(PTRACE_DETACH, *it, 0, 0);
   }
   tasks_.clear();
+}
+
+void describeOpenFiles(pid_t pid, proto::ImageHeader::Builder header,
+                       const std::function<bool(int)>& skip) {
+  describeFiles(pid, header, {}, skip);
 }
 
 CaptureStats captureImage(pid_t pid, kj::OutputStream& sink) {

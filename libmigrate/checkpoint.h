@@ -87,6 +87,14 @@ struct CaptureOptions {
 // captureImage with options.
 CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOptions& options);
 
+// Replaces header.files with the open descriptors of `pid` as captureImage describes them
+// (path, offset, flags, close-on-exec, kind and identity; pipes without their queued bytes),
+// leaving out those `skip` names and, when `pid` is the caller, the descriptor of the listing
+// itself. The checkpoint of a remote job: its deputy's fd table is the job's (deputy/move.cc).
+// Throws kj::Exception (FAILED) when /proc/PID/fd cannot be listed.
+void describeOpenFiles(pid_t pid, proto::ImageHeader::Builder header,
+                       const std::function<bool(int)>& skip);
+
 // Why a stream cannot be resumed at home, one readable sentence per reason, empty if it can:
 // a mapped file that changed or is gone (identity: device, inode, size, mtime), an open
 // descriptor that cannot be reopened (a socket, a pipe to another process or one of its own that

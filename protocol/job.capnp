@@ -198,8 +198,10 @@ struct FileData {
 }
 
 struct MoveRequest {
-  # `migrate PID home|NODE` reached the deputy: move the guest. Only home (0) is served yet.
+  # `migrate PID home|NODE|checkpoint` reached the deputy: stream the guest's image home.
   target @0 :UInt32;       # the destination node id; 0: the home node
+  checkpoint @1 :Bool;     # only a checkpoint: the deputy writes the image to a file and
+                           # answers moveAbort, so the guest runs on where it is
 }
 
 struct ToRemote {

@@ -64,48 +64,6 @@ std::string exeOf(pid_t pid) {
   return n < 0 ? std::string() : std::string(buf, n);
 }
 
-int checkpoint(pid_t pid, const std::string& file) {
-  if (kill(pid, 0) != 0 && errno == ESRCH) {
-    fail(fmt::format("no process {}", pid));
-  }
-  std::string exe = exeOf(pid);
-  if (exe.size() >= 10 && exe.compare(exe.size() - 10, 10, "mos-deputy") == 0) {
-    fail(fmt::format(
-        "pid {} runs on a remote node (it is its deputy here): checkpoints of remote jobs are "
-        "not implemented yet",
-        pid));
-  }
-  mos::migrate::CaptureStats stats;
-  try {
-    stats = mos::migrate::writeCheckpoint(pid, file);
-  } catch (kj::Exception& e) {
-    fail(fmt::format("cannot checkpoint pid {}: {}", pid, e.getDescription().cStr()));
-  }
-  fmt::print(
-      "migrate: pid {} checkpointed to {}: {} pages ({:.1f} MiB) in {} runs, {} mappings, "
-      "{} injected syscalls, stopped {:.1f} ms\n",
-      pid, file, stats.pages, stats.pages * 4096.0 / (1 << 20), stats.runs, stats.mappings,
-      stats.injectedSyscalls, stats.frozen.count() / 1000.0);
-  return 0;
-}
-
-// TracerPid of /proc/PID/status; -1 if unreadable.
-pid_t tracerOf(pid_t pid) {
-  FILE* f = fopen(fmt::format("/proc/{}/status", pid).c_str(), "re");
-  if (f == nullptr) {
-    return -1;
-  }
-  char line[256];
-  pid_t tracer = -1;
-  while (fgets(line, sizeof(line), f) != nullptr) {
-    if (sscanf(line, "TracerPid: %d", &tracer) == 1) {
-      break;
-    }
-  }
-  fclose(f);
-  return tracer;
-}
-
 bool isDeputy(pid_t pid) {
   std::string exe = exeOf(pid);
   return exe.size() >= 10 && exe.compare(exe.size() - 10, 10, "mos-deputy") == 0;
@@ -252,6 +210,44 @@ int moveHome(pid_t pid, int timeoutSeconds) {
     fail(fmt::format("the deputy of pid {} closed the connection without an answer", pid));
   }
   fail(fmt::format("unexpected answer from the deputy of pid {}: {}", pid, answer));
+}
+
+int checkpoint(pid_t pid, const std::string& file) {
+  if (kill(pid, 0) != 0 && errno == ESRCH) {
+    fail(fmt::format("no process {}", pid));
+  }
+  if (isDeputy(pid)) {
+    // Its user part runs on a node: the deputy has the image streamed home and writes it, with
+    // the job's descriptors and cwd (its own); the guest runs on (deputy/control.h).
+    std::string path = std::filesystem::absolute(file).string();
+    double seconds = 0;
+    std::string answer = askDeputy(pid, "checkpoint " + path, 600, seconds);
+    unsigned long long pages = 0, bytes = 0;
+    if (sscanf(answer.c_str(), "ok checkpoint %llu %llu", &pages, &bytes) == 2) {
+      fmt::print(
+          "migrate: pid {} (running on a remote node) checkpointed to {}: {} pages ({:.1f} MiB), "
+          "{:.3f} s\n",
+          pid, file, pages, pages * 4096.0 / (1 << 20), seconds);
+      return 0;
+    }
+    if (answer.rfind("refused: ", 0) == 0) {
+      fail(fmt::format("cannot checkpoint pid {}: {}; it runs on where it was", pid,
+                       answer.substr(9)));
+    }
+    fail(fmt::format("unexpected answer from the deputy of pid {}: {}", pid, answer));
+  }
+  mos::migrate::CaptureStats stats;
+  try {
+    stats = mos::migrate::writeCheckpoint(pid, file);
+  } catch (kj::Exception& e) {
+    fail(fmt::format("cannot checkpoint pid {}: {}", pid, e.getDescription().cStr()));
+  }
+  fmt::print(
+      "migrate: pid {} checkpointed to {}: {} pages ({:.1f} MiB) in {} runs, {} mappings, "
+      "{} injected syscalls, stopped {:.1f} ms\n",
+      pid, file, stats.pages, stats.pages * 4096.0 / (1 << 20), stats.runs, stats.mappings,
+      stats.injectedSyscalls, stats.frozen.count() / 1000.0);
+  return 0;
 }
 
 int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {

@@ -225,3 +225,49 @@ def test_job_locked_at_home_is_never_moved(cluster, home):
     job.popen.stdin.flush()
     status, out, err = job.wait(timeout=60)
     assert status == 3 and out.splitlines()[-1] == b"got home", (out, err)
+
+
+# Checkpoints of a job whose user part runs on node 2 (`migrate PID checkpoint FILE` of its
+# deputy): the image is streamed home and written with the job's descriptors and cwd, and the
+# job runs on, on node 2. The zdtm programs pass in the original (kept running) and resumed at
+# home from the file (`mosrun -R FILE`) after the original is killed.
+def start_zdtm_on_node_2(cluster, home, name, sub):
+    program = BUILD / "tests" / "migrate" / f"migrate_{name}"
+    work = home / sub
+    work.mkdir()
+    job = cluster.start(1, ["mosrun", "-r", "2", program, work], cwd=home, stdin=subprocess.PIPE)
+    wait_until(lambda: (work / "ready").exists() or job.popen.poll() is not None, timeout=60,
+               what=f"{name} ready")
+    if job.popen.poll() is not None:
+        status, out, err = job.wait(timeout=10)
+        if status == 77:
+            pytest.skip(out.decode(errors="replace").strip())
+        raise AssertionError(f"{name} ended before it was ready ({status}): {out!r} {err!r}")
+    return job, work, cluster.wait_remote(job, program.name)["pid"]
+
+
+@pytest.mark.parametrize("name", ZDTM)
+def test_zdtm_program_checkpointed_on_node_2_runs_on_and_resumes_at_home(cluster, home, name):
+    image = home / f"{name}.ckpt"
+    job, work, pid = start_zdtm_on_node_2(cluster, home, name, "kept")
+    cp = cluster.run(1, ["migrate", str(pid), "checkpoint", image], timeout=120)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert image.exists() and not list(home.glob(f"{name}.ckpt.tmp.*"))
+    rec = record_of(cluster, pid)
+    assert rec["node"] == 2 and rec["state"] == "remote", rec
+    (work / "go").touch()
+    job.popen.stdin.write(b"go\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0 and b"PASS" in out, ("kept running", status, out, err)
+
+    job, work, pid = start_zdtm_on_node_2(cluster, home, name, "resumed")
+    cp = cluster.run(1, ["migrate", str(pid), "checkpoint", image], timeout=120)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    job.kill()
+    resumed = cluster.start(1, ["mosrun", "-R", image], cwd=home, stdin=subprocess.PIPE)
+    (work / "go").touch()
+    resumed.popen.stdin.write(b"go\n")
+    resumed.popen.stdin.flush()
+    status, out, err = resumed.wait(timeout=60)
+    assert status == 0 and b"PASS" in out, ("resumed", status, out, err)
