@@ -95,3 +95,49 @@ def test_python_numeric_script_bounced_across_three_nodes_prints_what_a_native_r
     status, out, err = job.wait(timeout=600)
     assert status == 0, err
     assert out == native.stdout
+
+
+# sqlite3 building a table and its indexes, one statement per phase, moved after each: the moves
+# land while it inserts, sorts an index, or waits for its next statement on stdin. The database
+# lives at home (every read and write is forwarded), and both runs must print the same results
+# and end with databases of the same content (.sha3sum) and a clean integrity check.
+SQL_PHASES = [
+    "CREATE TABLE t(a INTEGER, b TEXT, c REAL);",
+    "WITH RECURSIVE s(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM s WHERE x < 150000) "
+    "INSERT INTO t SELECT (x * 7919) % 100003, printf('k%08d', (x * 104729) % 1000003), "
+    "((x * 31) % 997) / 7.0 FROM s;",
+    "CREATE INDEX tb ON t(b);",
+    "CREATE INDEX tca ON t(c, a);",
+    "SELECT count(*), sum(a), min(b), max(b) FROM t;",
+    "UPDATE t SET c = c * 2 WHERE a % 3 = 0;",
+    "CREATE INDEX ta ON t(a DESC);",
+    "SELECT b, a FROM t WHERE b > 'k0050000' ORDER BY b LIMIT 5;",
+    "DELETE FROM t WHERE a % 11 = 0;",
+    "REINDEX;",
+    "SELECT count(*), total(c) FROM t;",
+    "PRAGMA integrity_check;",
+]
+
+
+def test_sqlite3_bounced_across_three_nodes_builds_what_a_native_run_builds(cluster, home):
+    script = "".join(p + "\n" for p in SQL_PHASES) + ".sha3sum\n"
+    native = cluster.run(1, ["sqlite3", "native.db"], cwd=home, input=script.encode(),
+                         timeout=600)
+    assert native.returncode == 0, native.stderr
+    assert native.stdout.splitlines()[-2] == b"ok", native.stdout  # integrity_check
+    job = cluster.start(1, ["mosrun", "sqlite3", "moved.db"], cwd=home, stdin=subprocess.PIPE)
+    trail = expected_trail(TARGETS)
+    for i, target in enumerate(TARGETS):
+        job.popen.stdin.write((SQL_PHASES[i] + "\n").encode())
+        job.popen.stdin.flush()
+        assert job.popen.poll() is None, job.wait(timeout=10)
+        cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=300)
+        assert cp.returncode == 0, (i, target, cp.stdout, cp.stderr)
+    rec = wait_until(lambda: record_of(cluster, job.pid), timeout=60, what="the job's record")
+    assert rec["trail"] == trail and rec["moves"] == len(trail) - 1, rec
+    job.popen.stdin.write(b".sha3sum\n")
+    job.popen.stdin.close()
+    job.popen.stdin = None
+    status, out, err = job.wait(timeout=600)
+    assert status == 0, err
+    assert out == native.stdout
