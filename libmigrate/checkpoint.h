@@ -190,9 +190,13 @@ CaptureStats writeCheckpoint(pid_t pid, const std::string& file);
 // of the caller in its own session (never a child the job could wait for, never sent the
 // terminal's signals); it waits until the caller has exec'd (a close-on-exec pipe), then every
 // `interval` writes writeCheckpoint(caller, file), replacing the previous checkpoint, until the
-// job ends (it sleeps in poll(2) on the job's pidfd). A checkpoint that fails is reported on
-// the job's standard error and retried at the next interval; the job is never disturbed.
-// Throws kj::Exception (FAILED) if the checkpointer cannot be started (fork, pidfd_open).
-void startCheckpointer(const std::string& file, std::chrono::milliseconds interval);
+// job ends (it sleeps in poll(2) on the job's pidfd). While the job's user part runs on a remote
+// node (the caller is its deputy), the checkpoint is asked of the deputy through its control
+// socket in `runDir` (deputy_control.h), which writes it the same way. A checkpoint that fails is
+// reported on the job's standard error and retried at the next interval; the job is never
+// disturbed. `file` must be absolute. Throws kj::Exception (FAILED) if the checkpointer cannot
+// be started (fork, pidfd_open).
+void startCheckpointer(const std::string& file, std::chrono::milliseconds interval,
+                       const std::string& runDir);
 
 }  // namespace mos::migrate

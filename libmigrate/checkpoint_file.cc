@@ -15,6 +15,7 @@
 #include <kj/debug.h>
 
 #include "checkpoint.h"
+#include "deputy_control.h"
 
 namespace mos::migrate {
 
@@ -47,7 +48,7 @@ namespace {
 // exec'd (the gate's write end is close-on-exec in the job), then sleep `interval` on the job's
 // pidfd, checkpoint, and again, until the job ends.
 [[noreturn]] void runCheckpointer(pid_t job, int jobPidfd, int gate, const std::string& file,
-                                  std::chrono::milliseconds interval) {
+                                  std::chrono::milliseconds interval, const std::string& runDir) {
   char byte;
   while (read(gate, &byte, 1) < 0 && errno == EINTR) {
   }
@@ -63,7 +64,16 @@ namespace {
       _exit(0);  // the job ended (or its pidfd failed): nothing more to checkpoint
     }
     try {
-      writeCheckpoint(job, file);
+      if (isDeputyProcess(job)) {
+        // Its user part runs on a node now (mosrun -r, or a migrate): the deputy has it streamed
+        // home and writes the checkpoint, and the guest runs on (deputy/control.h).
+        std::chrono::duration<double> elapsed{};
+        std::string answer =
+            askDeputy(runDir, job, "checkpoint " + file, std::chrono::seconds(600), elapsed);
+        KJ_REQUIRE(answer.rfind("ok", 0) == 0, kj::str("its deputy answered: ", answer.c_str()));
+      } else {
+        writeCheckpoint(job, file);
+      }
       written++;
     } catch (kj::Exception& e) {
       // The job goes on; so do the next attempts (a multi-threaded phase may pass).
@@ -75,7 +85,8 @@ namespace {
 
 }  // namespace
 
-void startCheckpointer(const std::string& file, std::chrono::milliseconds interval) {
+void startCheckpointer(const std::string& file, std::chrono::milliseconds interval,
+                       const std::string& runDir) {
   KJ_REQUIRE(interval.count() > 0 && interval.count() <= INT32_MAX, "bad checkpoint interval",
              interval.count());
   pid_t job = getpid();
@@ -109,7 +120,7 @@ void startCheckpointer(const std::string& file, std::chrono::milliseconds interv
     for (int sig : {SIGINT, SIGQUIT, SIGTSTP, SIGTTIN, SIGTTOU, SIGHUP, SIGPIPE}) {
       signal(sig, SIG_IGN);
     }
-    runCheckpointer(job, jobPidfd, gate[0], file, interval);
+    runCheckpointer(job, jobPidfd, gate[0], file, interval, runDir);
   }
   int status;
   while (waitpid(child, &status, 0) < 0 && errno == EINTR) {

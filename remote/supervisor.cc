@@ -565,7 +565,8 @@ Answer Supervisor::dispatch(const seccomp_notif& notif) {
     case HandlerId::OPEN:
       return forwardRegular(notif, entry->args);  // it serves the job's /proc files itself
     case HandlerId::MEMFD: return handleMemfd(notif);
-    case HandlerId::MMAP: break;
+    case HandlerId::MMAP:
+    case HandlerId::SIGACTION: break;  // dispatched above
   }
   return handleUnsupported(notif, ENOSYS, "no handler");
 }

@@ -39,6 +39,7 @@
 #include <kj/debug.h>
 
 #include "checkpoint.h"
+#include "deputy_control.h"
 #include "cluster_auth.h"
 #include "config.h"
 #include "job_registry.h"
@@ -58,16 +59,7 @@ constexpr auto START_TIMEOUT = std::chrono::seconds(60);
   exit(EXIT_REFUSED);
 }
 
-std::string exeOf(pid_t pid) {
-  char buf[4096];
-  ssize_t n = readlink(fmt::format("/proc/{}/exe", pid).c_str(), buf, sizeof(buf) - 1);
-  return n < 0 ? std::string() : std::string(buf, n);
-}
-
-bool isDeputy(pid_t pid) {
-  std::string exe = exeOf(pid);
-  return exe.size() >= 10 && exe.compare(exe.size() - 10, 10, "mos-deputy") == 0;
-}
+bool isDeputy(pid_t pid) { return mos::migrate::isDeputyProcess(pid); }
 
 // Waits until the deputy of job `pid` reports its guest running on `node` (its job record), or the
 // job ends. Returns an empty string, or why not.
@@ -97,8 +89,7 @@ std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
 }
 
 // One request line to the control socket of the deputy of `pid` (deputy/control.h), then the
-// answer line (without its newline), from the deputy or from the migration agent; "" when the
-// connection closed without one. Exits (fail) when the deputy cannot be reached or does not
+// answer line (libmigrate askDeputy); exits (fail) when the deputy cannot be reached or does not
 // answer within `timeoutSeconds`. `seconds` receives the time from the request to the answer.
 std::string askDeputy(pid_t pid, const std::string& line, int timeoutSeconds, double& seconds) {
   std::string runDir;
@@ -107,68 +98,15 @@ std::string askDeputy(pid_t pid, const std::string& line, int timeoutSeconds, do
   } catch (kj::Exception& e) {
     fail(e.getDescription().cStr());
   }
-  std::string path = fmt::format("{}/control/{}", runDir, pid);
-  struct sockaddr_un address = {};
-  address.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(address.sun_path)) {
-    fail(fmt::format("the control socket path {} is too long", path));
-  }
-  memcpy(address.sun_path, path.c_str(), path.size() + 1);
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) {
-    fail(fmt::format("socket: {}", strerror(errno)));
-  }
-  kj::AutoCloseFd owner(fd);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) < 0) {
-    fail(
-        fmt::format("cannot reach the deputy of pid {} at {}: {} (is UMOSIX_RUN_DIR the one of "
-                    "its home node?)",
-                    pid, path, strerror(errno)));
-  }
-  auto started = std::chrono::steady_clock::now();
-  std::string request = line + "\n";
-  if (send(fd, request.data(), request.size(), MSG_NOSIGNAL) !=
-      static_cast<ssize_t>(request.size())) {
-    fail(fmt::format("cannot ask the deputy of pid {}: {}", pid, strerror(errno)));
-  }
-  // The answer: one line from the deputy (refused) or from the migration agent (ok, failed).
+  std::chrono::duration<double> elapsed{};
   std::string answer;
-  auto deadline = started + std::chrono::seconds(timeoutSeconds);
-  for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-                    deadline - std::chrono::steady_clock::now())
-                    .count();
-    if (left <= 0) {
-      fail(
-          fmt::format("no answer from the deputy of pid {} within {} s (is the job stopped?); "
-                      "the move may still happen",
-                      pid, timeoutSeconds));
-    }
-    struct pollfd pfd = {fd, POLLIN, 0};
-    int n = poll(&pfd, 1, static_cast<int>(std::min<long>(left, 1000)));
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n <= 0) {
-      continue;
-    }
-    char buffer[512];
-    ssize_t got = read(fd, buffer, sizeof(buffer));
-    if (got < 0 && errno == EINTR) {
-      continue;
-    }
-    if (got <= 0) {
-      break;
-    }
-    answer.append(buffer, got);
-    if (answer.find('\n') != std::string::npos) {
-      break;
-    }
+  try {
+    answer =
+        mos::migrate::askDeputy(runDir, pid, line, std::chrono::seconds(timeoutSeconds), elapsed);
+  } catch (kj::Exception& e) {
+    fail(e.getDescription().cStr());
   }
-  while (!answer.empty() && (answer.back() == '\n' || answer.back() == '\r')) {
-    answer.pop_back();
-  }
-  seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  seconds = elapsed.count();
   return answer;
 }
 

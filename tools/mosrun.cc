@@ -280,11 +280,6 @@ int main(int argc, char** argv) {
   if (!checkpointFile.empty() && checkpointMinutes <= 0) {
     fail(EXIT_MOSRUN_FAILED, "-C FILE needs -A MINUTES (the checkpoint interval)");
   }
-  if (!checkpointFile.empty() && remote.has_value()) {
-    fail(EXIT_MOSRUN_FAILED,
-         "-C/-A with -r is not implemented yet: periodic checkpoints are taken of a job that runs "
-         "at home");
-  }
   mos::initLogging("mosrun", spdlog::level::warn);
 
   std::vector<char*> execArgv;
@@ -396,7 +391,7 @@ int main(int argc, char** argv) {
     auto interval =
         std::chrono::milliseconds(std::max<int64_t>(1, std::llround(checkpointMinutes * 60'000.0)));
     try {
-      mos::migrate::startCheckpointer(path, interval);
+      mos::migrate::startCheckpointer(path, interval, mos::configFromEnvironment().runDir);
     } catch (kj::Exception& e) {
       fail(EXIT_MOSRUN_FAILED,
            fmt::format("cannot start the checkpointer: {}", e.getDescription().cStr()));

@@ -271,3 +271,48 @@ def test_zdtm_program_checkpointed_on_node_2_runs_on_and_resumes_at_home(cluster
     resumed.popen.stdin.flush()
     status, out, err = resumed.wait(timeout=60)
     assert status == 0 and b"PASS" in out, ("resumed", status, out, err)
+
+
+def test_periodic_checkpoints_of_a_job_running_on_node_2(cluster, home):
+    """mosrun -C FILE -A MINUTES -r 2: the checkpointer asks the deputy for each checkpoint while
+    the user part runs on node 2; the job keeps running there and passes, and the last
+    checkpoint, resumed at home after the job is killed, passes too."""
+    for phase in ("original", "resumed"):
+        image = home / f"{phase}.ckpt"
+        program = BUILD / "tests" / "migrate" / "migrate_memory"
+        work = home / phase
+        work.mkdir()
+        job = cluster.start(1, ["mosrun", "-C", image, "-A", "0.005", "-r", "2", program, work],
+                            cwd=home, stdin=subprocess.PIPE)
+        wait_until(lambda: (work / "ready").exists() or job.popen.poll() is not None,
+                   timeout=60, what="memory ready")
+        assert job.popen.poll() is None, job.wait(timeout=10)
+        pid = cluster.wait_remote(job, program.name)["pid"]
+        ready = (work / "ready").stat().st_mtime_ns
+        seen = set()
+
+        def rewritten_after_ready():
+            try:
+                st = image.stat()  # each checkpoint is a new file renamed over the last
+            except FileNotFoundError:
+                return False
+            if st.st_mtime_ns > ready:
+                seen.add(st.st_ino)
+            return len(seen) >= 3
+        wait_until(rewritten_after_ready, timeout=120, what="three checkpoints after ready")
+        rec = record_of(cluster, pid)
+        assert rec["node"] == 2 and rec["state"] == "remote", rec
+        if phase == "original":
+            (work / "go").touch()
+            job.popen.stdin.write(b"go\n")
+            job.popen.stdin.flush()
+            status, out, err = job.wait(timeout=60)
+            assert status == 0 and b"PASS" in out, (status, out, err)
+            continue
+        job.kill()
+        resumed = cluster.start(1, ["mosrun", "-R", image], cwd=home, stdin=subprocess.PIPE)
+        (work / "go").touch()
+        resumed.popen.stdin.write(b"go\n")
+        resumed.popen.stdin.flush()
+        status, out, err = resumed.wait(timeout=60)
+        assert status == 0 and b"PASS" in out, ("resumed", status, out, err)
