@@ -273,6 +273,7 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
     case proto::ToDeputy::MOVE_IMAGE:
     case proto::ToDeputy::MOVE_IMAGE_END:
     case proto::ToDeputy::MOVED: handleMoveMessage(message); return;
+    case proto::ToDeputy::COME_HOME: comeHome(message.getComeHome().cStr()); return;
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
                static_cast<int>(message.which()));

@@ -119,6 +119,12 @@ class Deputy {
   // Accepts the requests pending on the control socket (after its SIGURG): starts a move home
   // (ToRemote.move) or refuses. Sent before the reply of a call the request interrupted.
   void serveControl();
+  // Why the job cannot move now (a move under way, mosrun -L unless `checkpoint`, not the main
+  // deputy, threads), "" when it can.
+  std::string moveRefusal(bool checkpoint);
+  // ToDeputy.comeHome: the guest needs what only home gives (`reason`): starts a move home
+  // (ToRemote.move) or answers ToRemote.moveAbort with why it cannot.
+  void comeHome(const std::string& reason);
   // moveRefused, moveImage, moveImageEnd, moved.
   void handleMoveMessage(proto::ToDeputy::Reader message);
   // The next bytes of the stream, into the image file.

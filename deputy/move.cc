@@ -89,21 +89,8 @@ void Deputy::serveControl() {
              "' (this deputy serves `home`, `node ID ADDRESS PORT` and `checkpoint /PATH`)");
       continue;
     }
-    if (moving()) {
-      refuse("a move of this job is already in progress");
-      continue;
-    }
-    if (options_.locked && checkpointPath.empty()) {
-      refuse(std::string("it is ") + LOCKED_REASON + " on node " + std::to_string(options_.node));
-      continue;
-    }
-    if (!leader_) {
-      refuse("not the job's main deputy");
-      continue;
-    }
-    if (int threads = migrate::countThreads(getpid()); threads > 1) {
-      refuse("it has " + std::to_string(threads) +
-             " threads: only single-threaded processes move yet");
+    if (std::string why = moveRefusal(!checkpointPath.empty()); !why.empty()) {
+      refuse(why);
       continue;
     }
     move_ = kj::heap<MoveState>();
@@ -129,6 +116,42 @@ void Deputy::serveControl() {
     move.setCheckpoint(!checkpointPath.empty());
     channel_->send(message);
   }
+}
+
+std::string Deputy::moveRefusal(bool checkpoint) {
+  if (moving()) {
+    return "a move of this job is already in progress";
+  }
+  if (options_.locked && !checkpoint) {
+    return std::string("it is ") + LOCKED_REASON + " on node " + std::to_string(options_.node);
+  }
+  if (!leader_) {
+    return "not the job's main deputy";
+  }
+  if (int threads = migrate::countThreads(getpid()); threads > 1) {
+    return "it has " + std::to_string(threads) +
+           " threads: only single-threaded processes move yet";
+  }
+  return "";
+}
+
+void Deputy::comeHome(const std::string& reason) {
+  capnp::MallocMessageBuilder message(16);
+  auto root = message.initRoot<proto::ToRemote>();
+  if (std::string why = moveRefusal(false); !why.empty()) {
+    spdlog::info("job {}: {}, but it cannot come home: {}", getpid(), reason, why);
+    root.setMoveAbort(why);
+    channel_->send(message);
+    return;
+  }
+  // A move home as `migrate PID home` starts one, with nobody to answer at the end.
+  move_ = kj::heap<MoveState>();
+  if (auto* r = record_.get()) {
+    r->state = static_cast<uint32_t>(JobState::MIGRATING);
+  }
+  spdlog::info("job {}: {}: brought home from node {}", getpid(), reason, options_.node);
+  root.initMove().setTarget(0);
+  channel_->send(message);
 }
 
 void Deputy::endMove(const std::string& reply) {

@@ -169,6 +169,10 @@ struct ToDeputy {
     moveImage @12 :Data;         # the next bytes of the migration stream
     moveImageEnd @13 :UInt64;    # the stream is complete: its length in bytes
     moved @14 :Void;             # the guest is gone from this node: the job is the deputy's now
+    comeHome @15 :Text;
+    # The guest needs what only home can give (the reason: "it maps a file shared and writable"):
+    # the deputy starts a move home as for `migrate PID home` and answers ToRemote.move, or
+    # ToRemote.moveAbort(why not) when the job cannot move (locked, threads, a move under way).
   }
 }
 

@@ -617,6 +617,9 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
     }
     KJ_IF_MAYBE (message, channel_.receive()) {
       auto root = (*message)->getRoot<proto::ToRemote>();
+      if (isMine(root)) {
+        return kj::mv(*message);
+      }
       if (root.isSignal()) {
         deliverSignal(root);
         continue;
@@ -624,9 +627,6 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
       if (root.isMove()) {
         onMoveRequest(root.getMove());
         continue;
-      }
-      if (isMine(root)) {
-        return kj::mv(*message);
       }
       spdlog::debug("unexpected message from the deputy, ignored");
     } else {

@@ -314,6 +314,12 @@ class Supervisor {
   // setfsgid(2) that change nothing (make, sudo-aware tools restore their own ids).
   Answer handleSameIds(const seccomp_notif& notif);
   Answer handleMmap(const seccomp_notif& notif);
+  // The call in progress needs what only home can give (`reason`): asks the deputy to bring the
+  // job home (ToDeputy.comeHome) and waits for its answer. A move request: the call's answer
+  // is a restart, which respond() turns into the move home (the call is issued again at home,
+  // natively). nullptr when the deputy or this supervisor cannot move the job: the caller
+  // fails the call as before.
+  kj::Maybe<Answer> bringHome(const seccomp_notif& notif, const std::string& reason);
   Answer handleExec(const seccomp_notif& notif);
   Answer handleIov(const seccomp_notif& notif);
   Answer handleKill(const seccomp_notif& notif);

@@ -176,8 +176,8 @@ kj::Maybe<std::string> Supervisor::fetchIntoCache(int fd, kj::ArrayPtr<const kj:
 // table at the same number (SECCOMP_IOCTL_NOTIF_ADDFD with SETFD; the guest's local table holds
 // nothing else, every fd it uses is forwarded), and the kernel then runs the guest's own mmap
 // (SECCOMP_USER_NOTIF_FLAG_CONTINUE: mmap's arguments are values, not pointers, so no TOCTOU).
-// Shared writable file mappings cannot be coherent across nodes: ENODEV (a later issue brings
-// such a job home).
+// Shared writable file mappings cannot be coherent across nodes: the job is brought home, where
+// the call is issued again (bringHome); ENODEV when it cannot move (locked, threads).
 Answer Supervisor::handleMmap(const seccomp_notif& notif) {
   uint64_t flags = notif.data.args[3];
   uint64_t prot = notif.data.args[2];
@@ -197,6 +197,9 @@ Answer Supervisor::handleMmap(const seccomp_notif& notif) {
     }
     if ((openFlags & O_ACCMODE) != O_RDWR) {
       return Answer::of(-EACCES);
+    }
+    KJ_IF_MAYBE (restart, bringHome(notif, "it maps a file shared and writable")) {
+      return *restart;
     }
     if (record_.get() != nullptr) {
       setStayReason(record_.get()->stats, "a shared writable file mapping (refused here)");

@@ -100,6 +100,36 @@ void Supervisor::onMoveRequest(proto::MoveRequest::Reader request) {
   moveTarget_ = request.getTarget();
 }
 
+kj::Maybe<Answer> Supervisor::bringHome(const seccomp_notif& notif, const std::string& reason) {
+  if (forkHost_ == nullptr || guest_ <= 0 || threadTask_ || moveRequested_) {
+    return nullptr;
+  }
+  spdlog::info("job {}: {}: asking its deputy to bring it home", start_.getIds().getPid(),
+               reason);
+  {
+    capnp::MallocMessageBuilder message;
+    message.initRoot<proto::ToDeputy>().setComeHome(reason);
+    channel_.send(message);
+  }
+  auto verdict =
+      awaitMessage([](proto::ToRemote::Reader m) { return m.isMove() || m.isMoveAbort(); });
+  KJ_IF_MAYBE (v, verdict) {
+    auto root = (*v)->getRoot<proto::ToRemote>();
+    if (root.isMoveAbort()) {
+      spdlog::info("job {}: it stays here: {}", start_.getIds().getPid(),
+                   root.getMoveAbort().cStr());
+      return nullptr;
+    }
+    onMoveRequest(root.getMove());
+    if (!moveRequested_) {
+      return nullptr;  // refused here (node-local objects...): the deputy heard why
+    }
+    // respond() runs the move as the answer of this call, which restarts at home.
+    return Answer::of(-ERESTARTNOINTR);
+  }
+  endJob(0);
+}
+
 void Supervisor::editMoveHeader(proto::ImageHeader::Builder header) {
   std::string cacheDir = options_.cacheDir;
   while (!cacheDir.empty() && cacheDir.back() == '/') {

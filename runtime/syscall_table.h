@@ -164,6 +164,9 @@ enum class AtHome : uint8_t {
 // rules (signal(7)).
 // "Restart unless a handler without SA_RESTART runs": every blocking call but the ones below.
 inline constexpr int ERESTARTSYS = 512;
+// "Always restart": what a call cut short for the supervisor's own reasons answers (a signal
+// session found nothing to take, a move home).
+inline constexpr int ERESTARTNOINTR = 513;
 // "Restart only if no handler ran": poll, select and epoll_wait (signal(7) lists them among the
 // calls that fail with EINTR after a handler regardless of SA_RESTART, yet resume after a stop).
 inline constexpr int ERESTARTNOHAND = 514;

@@ -379,3 +379,52 @@ def test_zdtm_program_moves_home(cluster, home, name):
     job.popen.stdin.flush()
     status, out, err = job.wait(timeout=60)
     assert status == 0 and b"PASS" in out, (status, out, err)
+
+
+# Maps a home file shared and writable: something only home can give. The job is brought home by
+# its supervisor and deputy, and the mmap is issued again there, natively.
+SHARED_WRITER = r'''
+import mmap, os, sys
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+with open("shared.bin", "r+b") as f:
+    m = mmap.mmap(f.fileno(), 4096)
+    m[0:5] = b"HELLO"
+    m.flush()
+    print("mapped", bytes(m[0:8]).decode(), flush=True)
+line = sys.stdin.readline()
+print("got", line.strip(), flush=True)
+'''
+
+
+def test_job_that_maps_a_file_shared_and_writable_is_brought_home(cluster, home):
+    (home / "shared.bin").write_bytes(b"abcdefgh" + bytes(4088))
+    job, pid = start(cluster, home, "writer.py", SHARED_WRITER, stdin=subprocess.PIPE)
+    assert exe(pid).endswith("mos-deputy")
+    job.popen.stdin.write(b"map\n")
+    job.popen.stdin.flush()
+    job.read_until(b"mapped HELLOfgh\n", timeout=60)
+    # It runs at home now, natively: the same pid, the program itself.
+    wait_until(lambda: exe(pid) == os.path.realpath(PYTHON), timeout=30, what="the job at home")
+    assert (home / "shared.bin").read_bytes()[:8] == b"HELLOfgh"
+    rec = wait_until(lambda: state_at_home(cluster, pid) and
+                     [r for r in cluster.mps() if r.get("pid") == pid][0], timeout=30,
+                     what="mps shows it at home")
+    assert rec["trail"] == [1, 2, 1], rec
+    job.popen.stdin.write(b"after\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0 and out.splitlines()[-1] == b"got after", (out, err)
+    assert not list((STATE / "node-2" / "run" / "guests").glob("*")), "node 2 kept a record"
+
+
+def test_locked_job_that_maps_a_file_shared_and_writable_gets_enodev(cluster, home):
+    (home / "shared.bin").write_bytes(bytes(4096))
+    (home / "writer.py").write_text(SHARED_WRITER)
+    job = cluster.start(1, ["mosrun", "-L", "-r", "2", PYTHON, "writer.py"], cwd=home,
+                        stdin=subprocess.PIPE)
+    job.read_until(b"ready", timeout=60)
+    job.popen.stdin.write(b"map\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status != 0 and b"No such device" in err, (status, out, err)
