@@ -104,8 +104,7 @@ kj::Maybe<Answer> Supervisor::bringHome(const seccomp_notif& notif, const std::s
   if (forkHost_ == nullptr || guest_ <= 0 || threadTask_ || moveRequested_) {
     return nullptr;
   }
-  spdlog::info("job {}: {}: asking its deputy to bring it home", start_.getIds().getPid(),
-               reason);
+  spdlog::info("job {}: {}: asking its deputy to bring it home", start_.getIds().getPid(), reason);
   {
     capnp::MallocMessageBuilder message;
     message.initRoot<proto::ToDeputy>().setComeHome(reason);
