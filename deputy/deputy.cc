@@ -239,6 +239,10 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
     case proto::ToDeputy::FETCH_FILE: handleFetchFile(message.getFetchFile()); return;
     case proto::ToDeputy::EXIT: handleExit(message.getExit());
     case proto::ToDeputy::STARTED:
+      if (!startImagePath_.empty()) {
+        unlink(startImagePath_.c_str());  // the job runs there: no way back to this image
+        startImagePath_.clear();
+      }
       if (auto* r = record_.get()) {
         r->remotePid = message.getStarted();
         r->node = options_.node;
@@ -249,7 +253,11 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
       spdlog::debug("job {} runs on node {} as pid {}", getpid(), options_.node,
                     message.getStarted());
       return;
-    case proto::ToDeputy::FAILED: fail(message.getFailed().cStr(), EXIT_CANNOT_RUN);
+    case proto::ToDeputy::FAILED:
+      if (!startImagePath_.empty() && leader_) {
+        startFailed(message.getFailed().cStr());
+      }
+      fail(message.getFailed().cStr(), EXIT_CANNOT_RUN);
     case proto::ToDeputy::STOPPED:
       // Job control: the guest is in a group stop, so the job's home process stops too and the
       // shell sees the job stopped. SIGCONT (from fg/bg) continues us and is forwarded.
@@ -794,8 +802,27 @@ void Deputy::nodeDied() {
     // leader hears why on its own channel.
     throw DeputyThreadEnded{};
   }
+  if (!startImagePath_.empty()) {
+    startFailed("node " + std::to_string(options_.node) +
+                " closed the connection before the job "
+                "ran there");
+  }
   fail("node " + std::to_string(options_.node) + " died; job " + std::to_string(getpid()) + " lost",
        EXIT_NODE_DIED);
+}
+
+void Deputy::startFailed(const std::string& why) {
+  std::string path = kj::mv(startImagePath_);
+  startImagePath_.clear();
+  if (auto* r = record_.get()) {
+    r->state = static_cast<uint32_t>(JobState::HOME);
+    r->node = options_.homeNode;
+    r->remotePid = 0;
+  }
+  if (control_.get() != nullptr) {
+    control_->unlinkPath();
+  }
+  runOnAtHome(fds_, path, options_.jobExe, why);
 }
 
 void Deputy::fail(const std::string& text, int status) {

@@ -75,6 +75,9 @@ class Deputy {
   // sendImage (JobStart.imageStreamed). `fd` is one of the reserved descriptors (fds.h); it is
   // closed and released once sent.
   void setImageToSend(kj::AutoCloseFd fd, uint64_t offset);
+  // The image file's path, kept until the guest runs: if the node fails the start, the job runs
+  // on at home from it (runOnAtHome). Unlinked at `started`.
+  void setStartImagePath(std::string path) { startImagePath_ = kj::mv(path); }
 
   // Sends one ToRemote.signal per recorded signal (signals.h).
   void flushSignals();
@@ -111,6 +114,9 @@ class Deputy {
   void publishReserved();
   [[noreturn]] void handleExit(proto::GuestExit::Reader exit);
   [[noreturn]] void nodeDied();
+  // Before its guest ran, the node failed the start (`why`): the job runs on at home from the
+  // start image (runOnAtHome). Precondition: startImagePath_ is set.
+  [[noreturn]] void startFailed(const std::string& why);
   [[noreturn]] void fail(const std::string& text, int status);
   // Blocks until the channel is readable, forwarding signals that arrive meanwhile.
   void waitForMessage();
@@ -165,6 +171,7 @@ class Deputy {
   uint64_t publishedFds_ = ~uint64_t{0};  // ReservedFds::generation() last published
   kj::AutoCloseFd imageFd_;               // setImageToSend
   uint64_t imageOffset_ = 0;
+  std::string startImagePath_;      // setStartImagePath: until `started`
   kj::Own<ControlSocket> control_;  // the leader's; nullptr: none (logged)
   struct MoveState {
     kj::AutoCloseFd connection;  // to `migrate` (reserved); the agent reports on it
@@ -187,5 +194,15 @@ class Deputy {
 
 // Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.
 void printMosrunMessage(const std::string& text);
+
+// The job could not start on its node (unreachable, refused, failed before its guest ran), and
+// this process, its deputy, still has the migration image at `imagePath`: the image is restored
+// into this process (a migration agent in resume mode, ResumeOptions.intoDeputy, as after a move
+// home), which runs the job on at home, natively, with its fd table. `why` is said on the job's
+// stderr. Does not return: execs the restore stub; exits 125 when the image cannot be resumed
+// here either (a mapped file changed at home meanwhile, say). `fds` are the deputy's reserved
+// descriptors (left out of the job's close-on-exec list; they close at the exec).
+[[noreturn]] void runOnAtHome(ReservedFds& fds, const std::string& imagePath,
+                              const std::string& jobExe, const std::string& why);
 
 }  // namespace mos::deputy

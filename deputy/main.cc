@@ -154,7 +154,7 @@ int deputyMain(int argc, char** argv) {
                        e.getDescription().cStr());
     return EXIT_CANNOT_RUN;
   }
-  unlink(imagePath.c_str());
+  // Kept until the guest runs: if the node fails the start, the job runs on at home from it.
   auto header = image->header();
   options.jobExe = std::string(reinterpret_cast<const char*>(header.getExe().getPath().begin()),
                                header.getExe().getPath().size());
@@ -213,13 +213,13 @@ int deputyMain(int argc, char** argv) {
   }
   credentials.reset();
   if (refused) {
-    printMosrunMessage(where + " refused node " + std::to_string(options.homeNode) + " (is " +
-                       keyPath + " the cluster's key?)");
-    return EXIT_CANNOT_RUN;
+    runOnAtHome(fds, imagePath, options.jobExe,
+                where + " refused node " + std::to_string(options.homeNode) + " (is " + keyPath +
+                    " the cluster's key?)");
   }
   if (fd < 0) {
-    printMosrunMessage("cannot reach " + where + ": " + strerror(-fd));
-    return EXIT_CANNOT_RUN;
+    runOnAtHome(fds, imagePath, options.jobExe,
+                "cannot reach " + where + ": " + std::string(strerror(-fd)));
   }
   auto channel = kj::heap<Channel>(kj::AutoCloseFd(fd));
   try {
@@ -228,8 +228,9 @@ int deputyMain(int argc, char** argv) {
     channel->send(start);
     sendFileBytes(*channel, imageFd, 0, headerEnd);
   } catch (kj::Exception& e) {
-    printMosrunMessage("cannot reach " + where + ": " + e.getDescription().cStr());
-    return EXIT_CANNOT_RUN;
+    channel = nullptr;
+    runOnAtHome(fds, imagePath, options.jobExe,
+                "cannot reach " + where + ": " + e.getDescription().cStr());
   }
   image = nullptr;
   spdlog::info("job {} ({}) sent to {}", getpid(), options.command, where);
@@ -241,6 +242,7 @@ int deputyMain(int argc, char** argv) {
   Deputy deputy(std::move(options), fds, kj::mv(channel));
   // The frames follow when the supervisor asks (sendImage); the loop sends them.
   deputy.setImageToSend(kj::mv(imageOwner), headerEnd);
+  deputy.setStartImagePath(imagePath);
   deputy.run();
 }
 

@@ -44,7 +44,88 @@ bool isDeputySigurg(const siginfo_t& info) {
           info.si_pid == getpid());
 }
 
+// Removes the move images (<pid>.home.img) of deputies that are gone: a deputy killed during a
+// move (SIGKILL) cannot remove its own.
+void removeStaleImages(const std::string& dir) {
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) {
+    return;
+  }
+  while (dirent* e = readdir(d)) {
+    std::string name = e->d_name;
+    const std::string suffix = ".home.img";
+    if (name.size() <= suffix.size() ||
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+      continue;
+    }
+    pid_t owner = static_cast<pid_t>(atol(name.c_str()));
+    if (owner > 0 && kill(owner, 0) != 0 && errno == ESRCH) {
+      unlinkat(dirfd(d), name.c_str(), 0);
+    }
+  }
+  closedir(d);
+}
+
 }  // namespace
+
+void runOnAtHome(ReservedFds& fds, const std::string& imagePath, const std::string& jobExe,
+                 const std::string& why) {
+  printMosrunMessage(why + "; the job runs on at home");
+  std::vector<int> closeOnExec;
+  try {
+    {
+      int fd = open(imagePath.c_str(), O_RDONLY | O_CLOEXEC);
+      KJ_REQUIRE(fd >= 0, "cannot read the migration image", imagePath, strerror(errno));
+      kj::AutoCloseFd owner(fd);
+      kj::FdInputStream in(fd);
+      migrate::ImageReader reader(in);
+      migrate::ResumeOptions options;
+      options.intoDeputy = true;
+      std::vector<std::string> problems = migrate::checkResumable(reader.header(), options);
+      std::string all;
+      for (auto& p : problems) {
+        all += (all.empty() ? "" : "; ") + p;
+      }
+      KJ_REQUIRE(problems.empty(), kj::str("it cannot be resumed at home: ", all.c_str()));
+      reader.verifyToEnd();
+    }
+    // The job's close-on-exec descriptors survive the stub's exec and get the flag back.
+    if (DIR* dir = opendir("/proc/self/fd")) {
+      while (dirent* e = readdir(dir)) {
+        int fd = atoi(e->d_name);
+        if (e->d_name[0] == '.' || fd == dirfd(dir) || fds.contains(fd)) {
+          continue;
+        }
+        int flags = fcntl(fd, F_GETFD);
+        if (flags >= 0 && (flags & FD_CLOEXEC)) {
+          closeOnExec.push_back(fd);
+        }
+      }
+      closedir(dir);
+    }
+    migrate::AgentConfig config;
+    config.resumeImagePath = imagePath;
+    config.resumeIntoDeputy = true;
+    config.resumeExePath = jobExe;
+    config.resumeCloseOnExec = closeOnExec;
+    migrate::Agent agent = migrate::Agent::start(config);
+    (void)agent;  // it waits for our exec of the stub
+  } catch (kj::Exception& e) {
+    unlink(imagePath.c_str());
+    printMosrunMessage(std::string("the job is lost: ") + e.getDescription().cStr());
+    _exit(EXIT_CANNOT_RUN);
+  }
+  for (int fd : closeOnExec) {
+    fcntl(fd, F_SETFD, 0);
+  }
+  spdlog::info("job {}: resuming at home from {}", getpid(), imagePath);
+  migrate::execRestoreStub();
+  int err = errno;
+  unlink(imagePath.c_str());
+  printMosrunMessage(std::string("the job is lost: cannot exec the restore stub: ") +
+                     strerror(err));
+  _exit(EXIT_CANNOT_RUN);
+}
 
 void Deputy::serveControl() {
   if (!takeControlRequest() || control_.get() == nullptr) {
@@ -222,6 +303,7 @@ void Deputy::writeMoveImage(capnp::Data::Reader data) {
   if (move.file.get() < 0 && move.path.empty()) {
     std::string dir = options_.runDir + "/images";
     makeDirectories(dir);
+    removeStaleImages(dir);
     move.path = dir + "/" + std::to_string(getpid()) + ".home.img";
     int fd = open(move.path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     KJ_REQUIRE(fd >= 0, "cannot create the image file", move.path, strerror(errno));

@@ -68,11 +68,15 @@ std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
   kj::AutoCloseFd owner(pidfd);
   auto deadline = std::chrono::steady_clock::now() + START_TIMEOUT;
   while (std::chrono::steady_clock::now() < deadline) {
-    mos::JobSnapshot job;
+    mos::JobSnapshot job{};
     mos::StatsSnapshot stats;
-    if (mos::readJobRecord(runDir, "jobs", pid, job, stats) && job.state == mos::JobState::REMOTE &&
-        job.node == node) {
+    bool known = mos::readJobRecord(runDir, "jobs", pid, job, stats);
+    if (known && job.state == mos::JobState::REMOTE && job.node == node) {
       return "";
+    }
+    if (known && job.state == mos::JobState::HOME && !isDeputy(pid)) {
+      // The deputy fell back on the image (deputy.h, runOnAtHome).
+      return "the node could not start it, so it runs on at home (its stderr says why)";
     }
     if (pidfd >= 0) {
       pollfd p{pidfd, POLLIN, 0};

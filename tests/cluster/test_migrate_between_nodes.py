@@ -7,6 +7,7 @@ cannot happen (the target node is down) leaves the job running where it was."""
 import os
 import signal
 import subprocess
+from pathlib import Path
 import pytest
 
 from conftest import BUILD, PYTHON, proc_times, wait_until
@@ -316,3 +317,53 @@ def test_periodic_checkpoints_of_a_job_running_on_node_2(cluster, home):
         resumed.popen.stdin.flush()
         status, out, err = resumed.wait(timeout=60)
         assert status == 0 and b"PASS" in out, ("resumed", status, out, err)
+
+
+class BrokenCache:
+    """Node K's content cache made unusable (its directory replaced by a file): the supervisor
+    cannot install the files a job maps, so it fails the job's start before the guest runs."""
+
+    def __init__(self, node):
+        self.cache = STATE / f"node-{node}" / "cache"
+        self.saved = STATE / f"node-{node}" / "cache.saved"
+
+    def __enter__(self):
+        self.cache.rename(self.saved)
+        self.cache.write_text("not a directory\n")
+        return self
+
+    def __exit__(self, *exc):
+        self.cache.unlink()
+        self.saved.rename(self.cache)
+
+
+STATE = Path("/run/umosix-cluster")
+
+
+def test_job_whose_node_fails_its_start_runs_on_at_home(cluster, home):
+    """migrate PID 2 of a job at home whose start node 2 fails after PID became its deputy: the
+    deputy restores the image into itself and the job runs on at home, correct."""
+    (home / "reader.py").write_text(READER)
+    job = cluster.start(1, ["mosrun", PYTHON, "reader.py"], cwd=home, stdin=subprocess.PIPE)
+    job.read_until(b"ready", timeout=60)
+    job.read_until(b"\n", timeout=60)
+    with BrokenCache(2):
+        cp = move(cluster, job.pid, 2)
+    assert cp.returncode == 1, (cp.stdout, cp.stderr)
+    assert b"runs on at home" in cp.stderr, cp.stderr
+    wait_until(lambda: os.readlink(f"/proc/{job.pid}/exe") == os.path.realpath(PYTHON),
+               timeout=30, what="the job itself again at home")
+    job.popen.stdin.write(b"still here\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 3 and out.splitlines()[-1] == b"got still here", (out, err)
+    assert b"the job runs on at home" in err, err
+
+
+def test_mosrun_r_whose_node_fails_the_start_runs_the_job_at_home(cluster, home):
+    with BrokenCache(2):
+        cp = cluster.mosrun([PYTHON, "-c", "import os; print('pid', os.getpid() > 0)"], cwd=home,
+                            timeout=120)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert cp.stdout == b"pid True\n", cp.stdout
+    assert b"the job runs on at home" in cp.stderr, cp.stderr
