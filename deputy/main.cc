@@ -185,6 +185,7 @@ int deputyMain(int argc, char** argv) {
   } catch (kj::Exception& e) {
     printMosrunMessage(std::string("cannot keep the migration image open: ") +
                        e.getDescription().cStr());
+    unlink(imagePath.c_str());
     return EXIT_CANNOT_RUN;
   }
   kj::AutoCloseFd imageOwner(imageFd);
@@ -194,8 +195,7 @@ int deputyMain(int argc, char** argv) {
   try {
     credentials.emplace(ClusterCredentials{options.homeNode, ClusterKey::load(keyPath)});
   } catch (kj::Exception& e) {
-    printMosrunMessage(e.getDescription().cStr());
-    return EXIT_CANNOT_RUN;
+    runOnAtHome(fds, imagePath, options.jobExe, e.getDescription().cStr());
   }
 
   std::string where = "node " + std::to_string(options.node) + " (" + options.address + ":" +
