@@ -44,6 +44,48 @@ bool isDeputySigurg(const siginfo_t& info) {
           info.si_pid == getpid());
 }
 
+// Checks that the migration stream in `path` can be resumed in this process (checkResumable
+// with intoDeputy) and is whole (its digest). Throws kj::Exception (FAILED) saying why not.
+void checkResumableHere(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  KJ_REQUIRE(fd >= 0, "cannot read the migration image", path, strerror(errno));
+  kj::AutoCloseFd owner(fd);
+  kj::FdInputStream in(fd);
+  migrate::ImageReader reader(in);
+  migrate::ResumeOptions options;
+  options.intoDeputy = true;
+  std::vector<std::string> problems = migrate::checkResumable(reader.header(), options);
+  if (!problems.empty()) {
+    std::string all;
+    for (auto& p : problems) {
+      all += (all.empty() ? "" : "; ") + p;
+    }
+    KJ_FAIL_REQUIRE(kj::str("the image cannot be resumed at home: ", all.c_str()));
+  }
+  reader.verifyToEnd();
+}
+
+// The job's descriptors that are close-on-exec (every open one but the deputy's reserved `fds`):
+// cleared just before the restore stub's exec, set again by the agent, so that the exec closes
+// only the deputy's.
+std::vector<int> jobCloseOnExec(const ReservedFds& fds) {
+  std::vector<int> list;
+  if (DIR* dir = opendir("/proc/self/fd")) {
+    while (dirent* e = readdir(dir)) {
+      int fd = atoi(e->d_name);
+      if (e->d_name[0] == '.' || fd == dirfd(dir) || fds.contains(fd)) {
+        continue;
+      }
+      int flags = fcntl(fd, F_GETFD);
+      if (flags >= 0 && (flags & FD_CLOEXEC)) {
+        list.push_back(fd);
+      }
+    }
+    closedir(dir);
+  }
+  return list;
+}
+
 // Removes the move images (<pid>.home.img) of deputies that are gone: a deputy killed during a
 // move (SIGKILL) cannot remove its own.
 void removeStaleImages(const std::string& dir) {
@@ -73,38 +115,8 @@ void runOnAtHome(ReservedFds& fds, const std::string& imagePath, const std::stri
   printMosrunMessage(why + "; the job runs on at home");
   std::vector<int> closeOnExec;
   try {
-    {
-      int fd = open(imagePath.c_str(), O_RDONLY | O_CLOEXEC);
-      KJ_REQUIRE(fd >= 0, "cannot read the migration image", imagePath, strerror(errno));
-      kj::AutoCloseFd owner(fd);
-      kj::FdInputStream in(fd);
-      migrate::ImageReader reader(in);
-      migrate::ResumeOptions options;
-      options.intoDeputy = true;
-      std::vector<std::string> problems = migrate::checkResumable(reader.header(), options);
-      std::string all;
-      for (auto& p : problems) {
-        all += (all.empty() ? "" : "; ") + p;
-      }
-      if (!problems.empty()) {
-        KJ_FAIL_REQUIRE(kj::str("it cannot be resumed at home: ", all.c_str()));
-      }
-      reader.verifyToEnd();
-    }
-    // The job's close-on-exec descriptors survive the stub's exec and get the flag back.
-    if (DIR* dir = opendir("/proc/self/fd")) {
-      while (dirent* e = readdir(dir)) {
-        int fd = atoi(e->d_name);
-        if (e->d_name[0] == '.' || fd == dirfd(dir) || fds.contains(fd)) {
-          continue;
-        }
-        int flags = fcntl(fd, F_GETFD);
-        if (flags >= 0 && (flags & FD_CLOEXEC)) {
-          closeOnExec.push_back(fd);
-        }
-      }
-      closedir(dir);
-    }
+    checkResumableHere(imagePath);
+    closeOnExec = jobCloseOnExec(fds);
     migrate::AgentConfig config;
     config.resumeImagePath = imagePath;
     config.resumeIntoDeputy = true;
@@ -337,43 +349,8 @@ void Deputy::finishMoveImage(uint64_t bytes) {
     relayMove();
     return;
   }
-  {
-    int fd = open(move.path.c_str(), O_RDONLY | O_CLOEXEC);
-    KJ_REQUIRE(fd >= 0, "cannot read the image file", move.path, strerror(errno));
-    kj::AutoCloseFd owner(fd);
-    kj::FdInputStream in(fd);
-    migrate::ImageReader reader(in);
-    migrate::ResumeOptions options;
-    options.intoDeputy = true;
-    std::vector<std::string> problems = migrate::checkResumable(reader.header(), options);
-    if (!problems.empty()) {
-      std::string all;
-      for (auto& p : problems) {
-        all += (all.empty() ? "" : "; ") + p;
-      }
-      KJ_FAIL_REQUIRE(kj::str("the image cannot be resumed at home: ", all.c_str()));
-    }
-    reader.verifyToEnd();
-  }
-  // The job's descriptors that are close-on-exec: cleared just before the stub's exec, set
-  // again by the agent (so the exec closes only ours).
-  move.closeOnExec.clear();
-  if (DIR* dir = opendir("/proc/self/fd")) {
-    while (dirent* e = readdir(dir)) {
-      if (e->d_name[0] == '.') {
-        continue;
-      }
-      int fd = atoi(e->d_name);
-      if (fd == dirfd(dir) || fds_.contains(fd)) {
-        continue;
-      }
-      int flags = fcntl(fd, F_GETFD);
-      if (flags >= 0 && (flags & FD_CLOEXEC)) {
-        move.closeOnExec.push_back(fd);
-      }
-    }
-    closedir(dir);
-  }
+  checkResumableHere(move.path);
+  move.closeOnExec = jobCloseOnExec(fds_);
   migrate::AgentConfig config;
   config.resumeImagePath = move.path;
   config.resumeIntoDeputy = true;

@@ -83,6 +83,10 @@ def test_node_death_ends_every_deputy(cluster, home):
     (home / "fam.sh").write_text("sh -c 'echo child; sleep 3000' &\necho parent\nwait\n")
     job = cluster.start(1, ["mosrun", "-r", "2", "sh", "fam.sh"], cwd=home)
     job.read_until(b"child\n", timeout=60)
+    # The sleep runs on node 2 (its exec at home is over): a process whose node dies before its
+    # guest runs there runs on at home instead (mos-deputy(8)), which is not this test's case.
+    wait_until(lambda: any("sleep" in r.get("command", "") and r.get("state") == "remote"
+                           for r in cluster.mps()), timeout=60, what="the sleep running on node 2")
     cluster.kill_node(2)
     try:
         status, out, err = job.wait(timeout=60)

@@ -135,12 +135,9 @@ def test_move_to_the_node_it_runs_on_is_a_no_op(cluster, home):
     assert status == 3 and out.splitlines()[-1] == b"got ok", (out, err)
 
 
-# The zdtm-style programs of tests/migrate (one kind of state each), here remote -> remote:
-# started on node 2, moved to node 3 while they wait for "go", then they verify their state.
-@pytest.mark.parametrize("name", ZDTM)
-def test_zdtm_program_moves_from_node_2_to_node_3(cluster, home, name):
+def start_zdtm_on_node_2(cluster, home, name, sub):
     program = BUILD / "tests" / "migrate" / f"migrate_{name}"
-    work = home / "work"
+    work = home / sub
     work.mkdir()
     job = cluster.start(1, ["mosrun", "-r", "2", program, work], cwd=home, stdin=subprocess.PIPE)
     wait_until(lambda: (work / "ready").exists() or job.popen.poll() is not None, timeout=60,
@@ -150,10 +147,17 @@ def test_zdtm_program_moves_from_node_2_to_node_3(cluster, home, name):
         if status == 77:
             pytest.skip(out.decode(errors="replace").strip())
         raise AssertionError(f"{name} ended before it was ready ({status}): {out!r} {err!r}")
-    pid = cluster.wait_remote(job, program.name)["pid"]
+    return job, work, cluster.wait_remote(job, program.name)["pid"]
+
+
+# The zdtm-style programs of tests/migrate (one kind of state each), here remote -> remote:
+# started on node 2, moved to node 3 while they wait for "go", then they verify their state.
+@pytest.mark.parametrize("name", ZDTM)
+def test_zdtm_program_moves_from_node_2_to_node_3(cluster, home, name):
+    job, work, pid = start_zdtm_on_node_2(cluster, home, name, "work")
     cp = move(cluster, pid, 3)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
-    cluster.wait_remote(job, program.name, node=3)
+    cluster.wait_remote(job, f"migrate_{name}", node=3)
     (work / "go").touch()
     job.popen.stdin.write(b"go\n")
     job.popen.stdin.flush()
@@ -232,21 +236,6 @@ def test_job_locked_at_home_is_never_moved(cluster, home):
 # deputy): the image is streamed home and written with the job's descriptors and cwd, and the
 # job runs on, on node 2. The zdtm programs pass in the original (kept running) and resumed at
 # home from the file (`mosrun -R FILE`) after the original is killed.
-def start_zdtm_on_node_2(cluster, home, name, sub):
-    program = BUILD / "tests" / "migrate" / f"migrate_{name}"
-    work = home / sub
-    work.mkdir()
-    job = cluster.start(1, ["mosrun", "-r", "2", program, work], cwd=home, stdin=subprocess.PIPE)
-    wait_until(lambda: (work / "ready").exists() or job.popen.poll() is not None, timeout=60,
-               what=f"{name} ready")
-    if job.popen.poll() is not None:
-        status, out, err = job.wait(timeout=10)
-        if status == 77:
-            pytest.skip(out.decode(errors="replace").strip())
-        raise AssertionError(f"{name} ended before it was ready ({status}): {out!r} {err!r}")
-    return job, work, cluster.wait_remote(job, program.name)["pid"]
-
-
 @pytest.mark.parametrize("name", ZDTM)
 def test_zdtm_program_checkpointed_on_node_2_runs_on_and_resumes_at_home(cluster, home, name):
     image = home / f"{name}.ckpt"

@@ -612,7 +612,7 @@ TEST_CASE("mos-deputy cannot reach its node: message and status 125", "[deputy][
   CHECK(said.rfind("mosrun: cannot reach node 2 (127.0.0.1:" + std::to_string(port) +
                        "): Connection refused; the job runs on at home\n",
                    0) == 0);
-  CHECK(said.find("\nmosrun: the job is lost: it cannot be resumed at home: ") !=
+  CHECK(said.find("\nmosrun: the job is lost: the image cannot be resumed at home: ") !=
         std::string::npos);
   CHECK(access(image.c_str(), F_OK) != 0);  // the image is unlinked once of no use
   close(err[0]);
