@@ -80,10 +80,12 @@ const char* jobStateName(JobState state) {
 
 namespace {
 
-// This process's start time, clock ticks after boot (proc(5): /proc/self/stat field 22).
-uint64_t ownStartTime() {
+// The start time of process `pid` (0: this one), clock ticks after boot (proc(5): stat field
+// 22); 0 when it cannot be read.
+uint64_t startTimeOf(pid_t pid) {
   char buf[1024];
-  int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+  std::string path = pid == 0 ? "/proc/self/stat" : "/proc/" + std::to_string(pid) + "/stat";
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     return 0;
   }
@@ -106,6 +108,18 @@ uint64_t ownStartTime() {
     }
   }
   return value;
+}
+
+uint64_t ownStartTime() { return startTimeOf(0); }
+
+// True when the process that wrote `record` is still alive: its pid exists and, when the record
+// knows it, started when the writer did (pids are reused: a record left by a process that is
+// gone would otherwise look alive when another process gets its pid).
+bool ownerAlive(const JobRecord& record) {
+  if (kill(record.ownerPid, 0) != 0 && errno != EPERM) {
+    return false;
+  }
+  return record.ownerStart == 0 || record.ownerStart == startTimeOf(record.ownerPid);
 }
 
 }  // namespace
@@ -254,7 +268,7 @@ std::vector<JobSnapshot> readJobRecords(const std::string& runDir, const char* k
     ssize_t n = pread(fd, &copy, sizeof(copy), 0);
     close(fd);
     bool live = n == static_cast<ssize_t>(sizeof(copy)) && copy.magic == JobRecord::MAGIC &&
-                (kill(copy.ownerPid, 0) == 0 || errno == EPERM);
+                ownerAlive(copy);
     if (!live) {
       ::unlink(path.c_str());
       continue;
@@ -339,7 +353,7 @@ bool readJobRecord(const std::string& runDir, const char* kind, int32_t name, Jo
   }
   KJ_DEFER(munmap(p, RECORD_BYTES));
   const auto* record = static_cast<const JobRecord*>(p);
-  if (record->magic != JobRecord::MAGIC || (kill(record->ownerPid, 0) != 0 && errno != EPERM)) {
+  if (record->magic != JobRecord::MAGIC || !ownerAlive(*record)) {
     return false;
   }
   char command[sizeof(record->command)];

@@ -132,7 +132,10 @@ def test_sqlite3_bounced_across_three_nodes_builds_what_a_native_run_builds(clus
         job.popen.stdin.flush()
         assert job.popen.poll() is None, job.wait(timeout=10)
         cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=300)
-        assert cp.returncode == 0, (i, target, cp.stdout, cp.stderr)
+        if cp.returncode != 0:
+            job.popen.stdin.close()
+            job.popen.stdin = None
+            raise AssertionError((i, target, cp.stdout, cp.stderr, job.wait(timeout=600)))
     rec = wait_until(lambda: record_of(cluster, job.pid), timeout=60, what="the job's record")
     assert rec["trail"] == trail and rec["moves"] == len(trail) - 1, rec
     job.popen.stdin.write(b".sha3sum\n")
