@@ -86,6 +86,30 @@ std::vector<int> jobCloseOnExec(const ReservedFds& fds) {
   return list;
 }
 
+// Starts the migration agent that will restore an image into this process once it execs the
+// restore stub (Agent::start). The agent's intermediate process was our child: its SIGCHLD,
+// pending and blocked here, is taken out (it is not the job's); any other SIGCHLD is queued
+// again with its siginfo. Throws as Agent::start.
+migrate::Agent startResumeAgent(const migrate::AgentConfig& config) {
+  migrate::Agent agent = migrate::Agent::start(config);
+  sigset_t chld;
+  sigemptyset(&chld);
+  sigaddset(&chld, SIGCHLD);
+  struct timespec zero = {0, 0};
+  siginfo_t info;
+  std::vector<siginfo_t> others;
+  while (sigtimedwait(&chld, &info, &zero) == SIGCHLD) {
+    if (info.si_pid != agent.helperPid()) {
+      others.push_back(info);
+    }
+  }
+  for (siginfo_t& s : others) {
+    ::syscall(SYS_rt_tgsigqueueinfo, getpid(), static_cast<pid_t>(::syscall(SYS_gettid)), SIGCHLD,
+              &s);
+  }
+  return agent;
+}
+
 // Removes the move images (<pid>.home.img) of deputies that are gone: a deputy killed during a
 // move (SIGKILL) cannot remove its own.
 void removeStaleImages(const std::string& dir) {
@@ -122,7 +146,7 @@ void runOnAtHome(ReservedFds& fds, const std::string& imagePath, const std::stri
     config.resumeIntoDeputy = true;
     config.resumeExePath = jobExe;
     config.resumeCloseOnExec = closeOnExec;
-    migrate::Agent agent = migrate::Agent::start(config);
+    migrate::Agent agent = startResumeAgent(config);
     (void)agent;  // it waits for our exec of the stub
   } catch (kj::Exception& e) {
     unlink(imagePath.c_str());
@@ -357,23 +381,7 @@ void Deputy::finishMoveImage(uint64_t bytes) {
   config.resumeExePath = options_.jobExe;
   config.resumeCloseOnExec = move.closeOnExec;
   config.reportFd = move.connection.get();
-  move.agent = migrate::Agent::start(config);
-  // The agent's intermediate process was our child: its SIGCHLD is not the job's.
-  sigset_t chld;
-  sigemptyset(&chld);
-  sigaddset(&chld, SIGCHLD);
-  struct timespec zero = {0, 0};
-  siginfo_t info;
-  std::vector<siginfo_t> others;
-  while (sigtimedwait(&chld, &info, &zero) == SIGCHLD) {
-    if (info.si_pid != move.agent.helperPid()) {
-      others.push_back(info);
-    }
-  }
-  for (siginfo_t& s : others) {
-    ::syscall(SYS_rt_tgsigqueueinfo, getpid(), static_cast<pid_t>(::syscall(SYS_gettid)), SIGCHLD,
-              &s);
-  }
+  move.agent = startResumeAgent(config);
   capnp::MallocMessageBuilder message;
   message.initRoot<proto::ToRemote>().setMoveCommit();
   channel_->send(message);

@@ -693,7 +693,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessa
     return nullptr;
   }
   if (forkHost_ != nullptr && current_ != nullptr && current_->id == seq &&
-      currentCallMask() != nullptr && guestHasSignalToTake()) {
+      takesSignalMask(current_->data.nr) && guestHasSignalToTake(true)) {
     // A signal that was pending, blocked, when the guest entered a call whose own mask opens
     // it: natively the call sees it at once and fails EINTR after the handler (pselect(2));
     // the kernel never saw that mask here (the notification comes first), so the call is cut
@@ -915,7 +915,7 @@ kj::Maybe<uint64_t> Supervisor::currentCallMask() {
   });
 }
 
-bool Supervisor::guestHasSignalToTake() {
+bool Supervisor::guestHasSignalToTake(bool underCallMaskOnly) {
   std::string status = guestProcess_->procFile("status");
   uint64_t pending = statusMask(status, "SigPnd:") | statusMask(status, "ShdPnd:");
   if (pending == 0) {
@@ -930,7 +930,7 @@ bool Supervisor::guestHasSignalToTake() {
       return (pending & ~*mask) != 0;
     }
   }
-  return (pending & ~statusMask(status, "SigBlk:")) != 0;
+  return !underCallMaskOnly && (pending & ~statusMask(status, "SigBlk:")) != 0;
 }
 
 void Supervisor::onChildEvent() {

@@ -266,8 +266,10 @@ class Supervisor {
   // The temporary signal mask of the call in progress (pselect6, ppoll, epoll_pwait*), if any.
   kj::Maybe<uint64_t> currentCallMask();
   // True when the guest has a pending signal it does not block (it will act on it as soon as
-  // its current syscall returns).
-  bool guestHasSignalToTake();
+  // its current syscall returns), under the temporary mask of the call in progress when it has
+  // one. `underCallMaskOnly`: false when the call has no such mask (one /proc read, and one
+  // guest memory read only when something is pending).
+  bool guestHasSignalToTake(bool underCallMaskOnly = false);
   // True when the guest (this task's thread) is gone or a zombie: a sibling thread's exit_group
   // or exec killed it while its call blocks at home.
   bool guestGone();

@@ -888,6 +888,12 @@ const SyscallEntry* findSyscall(int nr) {
   return &*it;
 }
 
+bool takesSignalMask(int nr) {
+  const SyscallEntry* e = findSyscall(nr);
+  return e != nullptr && std::any_of(std::begin(e->args), std::end(e->args),
+                                     [](const ArgSpec& a) { return isSignalMaskKind(a.kind); });
+}
+
 const char* routeName(Route route) {
   switch (route) {
     case Route::LOCAL: return "LOCAL";

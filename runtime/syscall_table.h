@@ -55,6 +55,10 @@ constexpr bool isSignalMaskKind(ArgKind kind) {
   return kind == ArgKind::SIGMASK || kind == ArgKind::SIGMASK_PAIR;
 }
 
+// True when syscall `nr` has a row with an argument of a signal-mask kind (pselect6, ppoll,
+// epoll_pwait, epoll_pwait2): a table lookup, no guest memory read.
+bool takesSignalMask(int nr);
+
 // True for the kinds whose argument is a guest address.
 constexpr bool isPointerKind(ArgKind kind) {
   return kind != ArgKind::NONE && kind != ArgKind::VAL && kind != ArgKind::FD &&

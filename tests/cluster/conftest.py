@@ -219,6 +219,13 @@ class Cluster:
             data = data.get("jobs", [data])
         return data
 
+    def record(self, pid):
+        """The `mps --json` record of job process `pid` on node 1, or None."""
+        for rec in self.mps():
+            if rec.get("pid") == pid:
+                return rec
+        return None
+
     def wait_remote(self, job, token, node=REMOTE, timeout=60):
         """Waits until mps at home lists the job (pid == job.pid, or command containing token)
         as running remotely on node; returns its mps record."""

@@ -18,13 +18,6 @@ def move(cluster, pid, node, timeout=120):
     return cluster.run(1, ["migrate", str(pid), str(node)], timeout=timeout)
 
 
-def record_of(cluster, pid):
-    for rec in cluster.mps():
-        if rec.get("pid") == pid:
-            return rec
-    return None
-
-
 def job_processes(cluster, node):
     """Processes on `node` other than its mosd: guests and supervisors (one job at a time runs
     in these tests)."""
@@ -52,7 +45,7 @@ def test_computing_job_moves_from_node_2_to_node_3_without_going_home(cluster, h
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert b"runs on node 3 (from node 2)" in cp.stdout, cp.stdout
     rec = wait_until(lambda: (lambda r: r if r and r.get("node") == 3 else None)(
-        record_of(cluster, pid)), timeout=30, what="mps shows the job on node 3")
+        cluster.record(pid)), timeout=30, what="mps shows the job on node 3")
     assert rec["state"] == "remote" and rec["trail"] == [1, 2, 3] and rec["moves"] == 2, rec
     # Node 2 keeps nothing of the job: its guest and supervisor are gone.
     wait_until(lambda: not job_processes(cluster, 2), timeout=30,
@@ -115,7 +108,7 @@ def test_move_to_a_dead_node_is_refused_and_the_job_runs_on(cluster, home):
         assert b"node 3" in cp.stderr, cp.stderr
     finally:
         cluster.revive(3)
-    rec = record_of(cluster, pid)
+    rec = cluster.record(pid)
     assert rec["node"] == 2 and rec["state"] == "remote" and rec["moves"] == 1, rec
     job.popen.stdin.write(b"still here\n")
     job.popen.stdin.flush()
@@ -133,6 +126,16 @@ def test_move_to_the_node_it_runs_on_is_a_no_op(cluster, home):
     job.popen.stdin.flush()
     status, out, err = job.wait(timeout=60)
     assert status == 3 and out.splitlines()[-1] == b"got ok", (out, err)
+
+
+def passes(job, work, what):
+    """Lets a zdtm program (or the process resumed from its checkpoint) verify its state: `go`
+    in its directory and on its stdin; it must exit 0 and print PASS."""
+    (work / "go").touch()
+    job.popen.stdin.write(b"go\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0 and b"PASS" in out, (what, status, out, err)
 
 
 def start_zdtm_on_node_2(cluster, home, name, sub):
@@ -158,11 +161,7 @@ def test_zdtm_program_moves_from_node_2_to_node_3(cluster, home, name):
     cp = move(cluster, pid, 3)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     cluster.wait_remote(job, f"migrate_{name}", node=3)
-    (work / "go").touch()
-    job.popen.stdin.write(b"go\n")
-    job.popen.stdin.flush()
-    status, out, err = job.wait(timeout=60)
-    assert status == 0 and b"PASS" in out, (status, out, err)
+    passes(job, work, "moved to node 3")
 
 
 # `mosrun -L`: the job is locked where it starts. Every move is refused with the reason, mps
@@ -178,7 +177,7 @@ def test_job_locked_on_its_node_is_never_moved(cluster, home):
         assert cp.returncode == 1, (target, cp.stdout, cp.stderr)
         assert b"locked by mosrun -L" in cp.stderr and b"runs on where it was" in cp.stderr, \
             cp.stderr
-    rec = record_of(cluster, pid)
+    rec = cluster.record(pid)
     assert rec["node"] == 2 and rec["moves"] == 1, rec
     assert rec["stay"] == "locked by mosrun -L", rec
     out = cluster.run(1, ["mps"]).stdout.decode()
@@ -209,7 +208,7 @@ def test_fork_of_a_locked_job_is_locked_too(cluster, home):
     job.read_until(b"ready ", timeout=60)
     child = int(job.read_until(b"\n", timeout=60).split()[-1])
     wait_until(lambda: (lambda r: r if r and r.get("node") == 2 else None)(
-        record_of(cluster, child)), timeout=60, what="the child's record on node 2")
+        cluster.record(child)), timeout=60, what="the child's record on node 2")
     cp = move(cluster, child, "home")
     assert cp.returncode == 1 and b"locked by mosrun -L" in cp.stderr, (cp.stdout, cp.stderr)
     job.popen.stdin.write(b"go\n")
@@ -243,24 +242,16 @@ def test_zdtm_program_checkpointed_on_node_2_runs_on_and_resumes_at_home(cluster
     cp = cluster.run(1, ["migrate", str(pid), "checkpoint", image], timeout=120)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert image.exists() and not list(home.glob(f"{name}.ckpt.tmp.*"))
-    rec = record_of(cluster, pid)
+    rec = cluster.record(pid)
     assert rec["node"] == 2 and rec["state"] == "remote", rec
-    (work / "go").touch()
-    job.popen.stdin.write(b"go\n")
-    job.popen.stdin.flush()
-    status, out, err = job.wait(timeout=60)
-    assert status == 0 and b"PASS" in out, ("kept running", status, out, err)
+    passes(job, work, "kept running")
 
     job, work, pid = start_zdtm_on_node_2(cluster, home, name, "resumed")
     cp = cluster.run(1, ["migrate", str(pid), "checkpoint", image], timeout=120)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     job.kill()
-    resumed = cluster.start(1, ["mosrun", "-R", image], cwd=home, stdin=subprocess.PIPE)
-    (work / "go").touch()
-    resumed.popen.stdin.write(b"go\n")
-    resumed.popen.stdin.flush()
-    status, out, err = resumed.wait(timeout=60)
-    assert status == 0 and b"PASS" in out, ("resumed", status, out, err)
+    passes(cluster.start(1, ["mosrun", "-R", image], cwd=home, stdin=subprocess.PIPE), work,
+           "resumed")
 
 
 def test_periodic_checkpoints_of_a_job_running_on_node_2(cluster, home):
@@ -290,22 +281,14 @@ def test_periodic_checkpoints_of_a_job_running_on_node_2(cluster, home):
                 seen.add(st.st_ino)
             return len(seen) >= 3
         wait_until(rewritten_after_ready, timeout=120, what="three checkpoints after ready")
-        rec = record_of(cluster, pid)
+        rec = cluster.record(pid)
         assert rec["node"] == 2 and rec["state"] == "remote", rec
         if phase == "original":
-            (work / "go").touch()
-            job.popen.stdin.write(b"go\n")
-            job.popen.stdin.flush()
-            status, out, err = job.wait(timeout=60)
-            assert status == 0 and b"PASS" in out, (status, out, err)
+            passes(job, work, "kept running")
             continue
         job.kill()
-        resumed = cluster.start(1, ["mosrun", "-R", image], cwd=home, stdin=subprocess.PIPE)
-        (work / "go").touch()
-        resumed.popen.stdin.write(b"go\n")
-        resumed.popen.stdin.flush()
-        status, out, err = resumed.wait(timeout=60)
-        assert status == 0 and b"PASS" in out, ("resumed", status, out, err)
+        passes(cluster.start(1, ["mosrun", "-R", image], cwd=home, stdin=subprocess.PIPE), work,
+               "resumed")
 
 
 class BrokenCache:

@@ -23,11 +23,29 @@ def expected_trail(targets):
     return trail
 
 
-def record_of(cluster, pid):
-    for rec in cluster.mps():
-        if rec.get("pid") == pid:
-            return rec
-    return None
+def finish(job, last):
+    """Writes `last` to the job's stdin, closes it, and waits for the job: (status, out, err)."""
+    job.popen.stdin.write(last)
+    job.popen.stdin.close()
+    job.popen.stdin = None
+    return job.wait(timeout=600)
+
+
+def bounce(cluster, job, inputs):
+    """For each of TARGETS in turn: writes the next of `inputs` to the job's stdin and moves the
+    job there with `migrate` while it works on it. A failed move ends the job and reports its
+    stderr. Returns the job's mps record, whose trail and move count must be the bounce's."""
+    for i, target in enumerate(TARGETS):
+        job.popen.stdin.write(inputs[i])
+        job.popen.stdin.flush()
+        assert job.popen.poll() is None, job.wait(timeout=10)
+        cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=300)
+        if cp.returncode != 0:
+            raise AssertionError((i, target, cp.stdout, cp.stderr, finish(job, b"")))
+    trail = expected_trail(TARGETS)
+    rec = wait_until(lambda: cluster.record(job.pid), timeout=60, what="the job's record")
+    assert rec["trail"] == trail and rec["moves"] == len(trail) - 1, rec
+    return rec
 
 
 def test_xz_bounced_across_three_nodes_writes_what_a_native_run_writes(cluster, home):
@@ -42,21 +60,9 @@ def test_xz_bounced_across_three_nodes_writes_what_a_native_run_writes(cluster, 
 
     job = cluster.start(1, ["mosrun", "sh", "-c", "exec xz -6 -c > moved.xz"], cwd=home,
                         stdin=subprocess.PIPE)
-    trail = expected_trail(TARGETS)
-    for i, target in enumerate(TARGETS):
-        job.popen.stdin.write(chunks[i])
-        job.popen.stdin.flush()
-        assert job.popen.poll() is None, job.wait(timeout=10)
-        cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=300)
-        assert cp.returncode == 0, (i, target, cp.stdout, cp.stderr)
-    rec = wait_until(lambda: record_of(cluster, job.pid), timeout=60, what="the job's record")
-    assert rec["trail"] == trail, rec
-    assert rec["moves"] == len(trail) - 1, rec
+    rec = bounce(cluster, job, chunks)
     assert rec["node"] == 2 and rec["state"] == "remote", rec
-    job.popen.stdin.write(chunks[-1])
-    job.popen.stdin.close()
-    job.popen.stdin = None
-    status, out, err = job.wait(timeout=600)
+    status, out, err = finish(job, chunks[-1])
     assert status == 0, err
     assert (home / "moved.xz").read_bytes() == (home / "native.xz").read_bytes()
 
@@ -87,7 +93,7 @@ def test_python_numeric_script_bounced_across_three_nodes_prints_what_a_native_r
             job.read_until(f"end{i - 1}\n".encode(), timeout=300)
         cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=300)
         assert cp.returncode == 0, (i, target, cp.stdout, cp.stderr)
-    rec = wait_until(lambda: record_of(cluster, job.pid), timeout=60, what="the job's record")
+    rec = wait_until(lambda: cluster.record(job.pid), timeout=60, what="the job's record")
     assert rec["moves"] == len(expected_trail(TARGETS)) - 1, rec
     job.popen.stdin.write(b"go\n")
     job.popen.stdin.close()
@@ -126,21 +132,7 @@ def test_sqlite3_bounced_across_three_nodes_builds_what_a_native_run_builds(clus
     assert native.returncode == 0, native.stderr
     assert native.stdout.splitlines()[-2] == b"ok", native.stdout  # integrity_check
     job = cluster.start(1, ["mosrun", "sqlite3", "moved.db"], cwd=home, stdin=subprocess.PIPE)
-    trail = expected_trail(TARGETS)
-    for i, target in enumerate(TARGETS):
-        job.popen.stdin.write((SQL_PHASES[i] + "\n").encode())
-        job.popen.stdin.flush()
-        assert job.popen.poll() is None, job.wait(timeout=10)
-        cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=300)
-        if cp.returncode != 0:
-            job.popen.stdin.close()
-            job.popen.stdin = None
-            raise AssertionError((i, target, cp.stdout, cp.stderr, job.wait(timeout=600)))
-    rec = wait_until(lambda: record_of(cluster, job.pid), timeout=60, what="the job's record")
-    assert rec["trail"] == trail and rec["moves"] == len(trail) - 1, rec
-    job.popen.stdin.write(b".sha3sum\n")
-    job.popen.stdin.close()
-    job.popen.stdin = None
-    status, out, err = job.wait(timeout=600)
+    bounce(cluster, job, [(phase + "\n").encode() for phase in SQL_PHASES])
+    status, out, err = finish(job, b".sha3sum\n")
     assert status == 0, err
     assert out == native.stdout

@@ -102,13 +102,6 @@ def migrate(cluster, pid, node=REMOTE, timeout=120, job=None):
     return cp
 
 
-def record_of(cluster, pid):
-    for rec in cluster.mps():
-        if rec.get("pid") == pid:
-            return rec
-    return None
-
-
 def test_counter_moved_mid_run(cluster, home):
     (home / "counter.py").write_text(COUNTER)
     native = cluster.native([PYTHON, "counter.py"], cwd=home)
@@ -118,7 +111,7 @@ def test_counter_moved_mid_run(cluster, home):
     cp = migrate(cluster, job.pid, job=job)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert f"pid {job.pid} runs on node {REMOTE}".encode() in cp.stdout
-    rec = wait_until(lambda: (r := record_of(cluster, job.pid)) and r.get("state") == "remote"
+    rec = wait_until(lambda: (r := cluster.record(job.pid)) and r.get("state") == "remote"
                      and r.get("node") == REMOTE and r, 30, what="job record on node 2")
     # The guest computes on node 2: its CPU time grows there, while P at home (the deputy now)
     # only serves the writes.
@@ -143,7 +136,7 @@ def test_blocked_read_moved_then_fed(cluster, home):
                30, what="job blocked in read(0, ...)")
     cp = migrate(cluster, job.pid, job=job)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
-    assert record_of(cluster, job.pid)["node"] == REMOTE
+    assert cluster.record(job.pid)["node"] == REMOTE
     feed(job, b"hello there\n" + b"x" * 100000)
     status, out, err = job.wait(timeout=120)
     assert out == b"ready\nread 'hello there\\n'\nrest 100000\n", err
@@ -172,7 +165,7 @@ def test_threaded_job_is_refused_and_runs_on(cluster, home):
     status, out, err = job.wait(timeout=60)
     assert out == b"ready\ndone 10\n", err
     assert status == 0, err
-    assert record_of(cluster, job.pid) is None
+    assert cluster.record(job.pid) is None
 
 
 def test_unknown_or_down_node_is_refused(cluster, home):
@@ -244,7 +237,7 @@ def test_checkpoint_resumed_with_r_goes_on_on_the_node(cluster, home):
     resumed = cluster.start(1, ["mosrun", "-R", str(image), "-r", str(REMOTE)], cwd=home,
                             stdin=subprocess.PIPE)
     rec = wait_until(lambda: (lambda r: r if r and r.get("node") == REMOTE else None)(
-        record_of(cluster, resumed.pid)), timeout=120, what="the resumed job on node 2")
+        cluster.record(resumed.pid)), timeout=120, what="the resumed job on node 2")
     assert rec["state"] == "remote", rec
     feed(resumed, b"x\n")
     status, out, err = resumed.wait(timeout=120)
