@@ -818,6 +818,7 @@ void Deputy::startFailed(const std::string& why) {
     r->state = static_cast<uint32_t>(JobState::HOME);
     r->node = options_.homeNode;
     r->remotePid = 0;
+    setStayReason(r->stats, START_FAILED_REASON);
   }
   if (control_.get() != nullptr) {
     control_->unlinkPath();

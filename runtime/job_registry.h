@@ -68,6 +68,11 @@ uint64_t realtimeNs();
 void beginCall(CallSlot& slot, int32_t tid, int nr, const uint64_t (&args)[6]);
 void endCall(CallSlot& slot);
 
+// The stay reason a deputy leaves in its record when the node failed its start and the job runs
+// on at home from its image (deputy.h, runOnAtHome): what `migrate` waits for tells it apart
+// from an exec at home, during which the process is briefly not a deputy either.
+inline constexpr const char* START_FAILED_REASON = "its node could not start it";
+
 // Sets a record's stay reason ("" clears it); cut to 127 bytes.
 void setStayReason(JobStats& stats, const std::string& reason);
 

@@ -74,8 +74,9 @@ std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
     if (known && job.state == mos::JobState::REMOTE && job.node == node) {
       return "";
     }
-    if (known && job.state == mos::JobState::HOME && !isDeputy(pid)) {
-      // The deputy fell back on the image (deputy.h, runOnAtHome).
+    if (known && job.state == mos::JobState::HOME && job.stay == mos::START_FAILED_REASON) {
+      // The deputy fell back on the image (deputy.h, runOnAtHome); not an exec at home, which
+      // leaves no such reason.
       return "the node could not start it, so it runs on at home (its stderr says why)";
     }
     if (pidfd >= 0) {
