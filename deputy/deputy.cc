@@ -210,6 +210,9 @@ void Deputy::flushSignals() {
   }
   for (const siginfo_t& info : takePendingSignalInfos()) {
     int sig = info.si_signo;
+    if (sig == SIGCONT) {
+      continuesSent_++;
+    }
     capnp::MallocMessageBuilder message(32);
     auto root = message.initRoot<proto::ToRemote>();
     root.setSignal(sig);
@@ -258,11 +261,7 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
         startFailed(message.getFailed().cStr());
       }
       fail(message.getFailed().cStr(), EXIT_CANNOT_RUN);
-    case proto::ToDeputy::STOPPED:
-      // Job control: the guest is in a group stop, so the job's home process stops too and the
-      // shell sees the job stopped. SIGCONT (from fg/bg) continues us and is forwarded.
-      kill(getpid(), SIGSTOP);
-      return;
+    case proto::ToDeputy::STOPPED: stopWithGuest(message.getStoppedAfterContinues()); return;
     case proto::ToDeputy::CONTINUED: return;
     case proto::ToDeputy::FORK: handleFork(message.getFork()); return;
     case proto::ToDeputy::CHILD_DISPOSITION:
@@ -285,6 +284,30 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
                static_cast<int>(message.which()));
+}
+
+void Deputy::stopWithGuest(uint32_t afterContinues) {
+  // Job control: the guest is in a group stop, so the job's home process stops too and the
+  // shell sees the job stopped; SIGCONT (fg, bg) continues us and is forwarded. Two races with
+  // that SIGCONT. It may have come after the guest stopped and already be forwarded (the
+  // supervisor had received fewer when it saw the stop): the guest is continued or about to be,
+  // and stopping here would leave the job's home process stopped for good. Or it may have come
+  // and not been taken yet: generating SIGSTOP discards a pending SIGCONT (signal(7)), so
+  // kill(2) with signals blocked would stop us with nothing left to continue us. The stop is
+  // therefore made with signals open through deputy_syscall, which does not enter the kernel
+  // once a signal is recorded (signals.h); what arrived is forwarded first.
+  while (afterContinues == continuesSent_) {
+    uint64_t args[6] = {static_cast<uint64_t>(getpid()), SIGSTOP};
+    if (interruptibleSyscall(SYS_kill, args) != -EINTR) {
+      return;  // stopped and continued; the SIGCONT that did it is recorded, forwarded next
+    }
+    flushSignals();
+    if (signalsPending()) {
+      // Kept during a move (flushSignals): stop as before; the move's end forwards them.
+      kill(getpid(), SIGSTOP);
+      return;
+    }
+  }
 }
 
 void Deputy::handleSyscall(proto::SyscallRequest::Reader request) {

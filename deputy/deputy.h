@@ -81,6 +81,9 @@ class Deputy {
 
   // Sends one ToRemote.signal per recorded signal (signals.h).
   void flushSignals();
+  // ToDeputy.stopped: stops the job's home process unless a SIGCONT sent after the supervisor
+  // saw the guest stop (afterContinues: its count then) continues the guest.
+  void stopWithGuest(uint32_t afterContinues);
 
   Channel& channel() { return *channel_; }
   Executor& executor() { return executor_; }
@@ -164,6 +167,7 @@ class Deputy {
   // The deputy of the guest process (its thread group leader's task: GuestExit, stops, node
   // death end the process); false for the deputy thread of one guest thread.
   bool leader_;
+  uint32_t continuesSent_ = 0;  // SIGCONTs flushSignals() sent on channel_ (stopWithGuest)
   ReservedFds& fds_;
   kj::Own<Channel> channel_;
   Executor executor_;

@@ -174,6 +174,10 @@ struct ToDeputy {
     # the deputy starts a move home as for `migrate PID home` and answers ToRemote.move, or
     # ToRemote.moveAbort(why not) when the job cannot move (locked, threads, a move under way).
   }
+  stoppedAfterContinues @16 :UInt32;
+  # With `stopped`: how many SIGCONT (ToRemote.signal, not signalThread) this channel's
+  # supervisor had received when it saw the stop. The deputy has sent more when a fg/bg at home
+  # came after the stop: a SIGCONT on its way continues the guest, so the deputy must not stop.
 }
 
 struct SyscallReply {

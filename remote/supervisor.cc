@@ -44,6 +44,11 @@ TraceCall& untracedCall() {
 }
 // -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND (include/linux/errno.h): a call cut short.
 bool isRestartCode(int64_t value) { return value <= -512 && value >= -514; }
+
+// The stop signals of signal(7), which a SIGCONT discards while they are pending.
+bool isStopSignal(int sig) {
+  return sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU;
+}
 }  // namespace
 
 Answer Answer::interrupted(int nr) {
@@ -803,6 +808,13 @@ void Supervisor::deliverSignal(proto::ToRemote::Reader message) {
 
 void Supervisor::deliverSignal(int sig, int32_t fromPid, int32_t status, const siginfo_t* info,
                                bool toThread) {
+  if (sig == SIGCONT && !toThread) {
+    continuesReceived_++;
+    // The kernel discards a pending stop signal when SIGCONT is generated (signal(7);
+    // prepare_signal): a deferred SIGTSTP queued after this SIGCONT would stop the guest after
+    // fg, for good.
+    std::erase_if(deferred_, [](const siginfo_t& info) { return isStopSignal(info.si_signo); });
+  }
   if (sig <= 0 || sig >= 65 || guest_ <= 0) {
     return;
   }
@@ -951,6 +963,7 @@ void Supervisor::onChildEvent() {
     auto root = message.initRoot<proto::ToDeputy>();
     if (WIFSTOPPED(status)) {
       root.setStopped(WSTOPSIG(status));
+      root.setStoppedAfterContinues(continuesReceived_);
       channel_.send(message);
       continue;
     }

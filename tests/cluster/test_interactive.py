@@ -143,6 +143,27 @@ def stopped_as_natively(pid, state):
         return False
 
 
+def describe_job(cluster, node=2):
+    """ps-style lines of the job processes on node and of their deputies at home, for a failure
+    message: pid, home pid, state, wchan, command line."""
+    lines = []
+    for pid, state in sorted(guest_states(cluster, node).items()):
+        deputy = home_pid(pid)
+        try:
+            wchan = open(f"/proc/{pid}/wchan").read().strip()
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            with open(f"/proc/{deputy}/stat") as f:
+                dstate = f.read().rsplit(")", 1)[1].split()[0]
+            dwchan = open(f"/proc/{deputy}/wchan").read().strip()
+            with open(f"/proc/{deputy}/status") as f:
+                sig = [x.strip() for x in f if x.startswith(("SigPnd", "ShdPnd", "SigBlk"))]
+        except (OSError, TypeError):
+            lines.append(f"{pid} (home {deputy}) {state} gone")
+            continue
+        lines.append(f"{pid} {state} {wchan} {cmd!r} | home {deputy} {dstate} {dwchan} {sig}")
+    return "\n".join(lines)
+
+
 def test_job_control_of_a_remote_make_family(cluster, home):
     """`mosrun -r 2 make -j2` in a terminal: Ctrl-Z stops every process of the job on node 2,
     fg resumes them all, Ctrl-C ends them all; nothing of the job remains on any node."""
@@ -173,8 +194,12 @@ def test_job_control_of_a_remote_make_family(cluster, home):
         tmux("send-keys", "-t", "repl", "fg", "Enter")
         tmux.wait_screen(lambda l: any(x == "$ fg" for x in l), "the shell to resume the job")
         # Both running recipes write again.
-        wait_until(lambda: all(log_sizes(home).get(k, 0) > v for k, v in before.items()), 60,
-                   interval=0.1, what="both recipes writing again after fg")
+        try:
+            wait_until(lambda: all(log_sizes(home).get(k, 0) > v for k, v in before.items()),
+                       60, interval=0.1, what="both recipes writing again after fg")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nlogs before {before}, now {log_sizes(home)}\n"
+                                 f"{describe_job(cluster)}") from None
 
         tmux("send-keys", "-t", "repl", "C-c")
         tmux.wait_screen(lambda l: l and l[-1] == "$", "the prompt after Ctrl-C")

@@ -446,6 +446,40 @@ TEST_CASE("deputy stopped stops the home process; SIGCONT is forwarded", "[deput
   CHECK(m->getRoot<proto::ToRemote>().getSignal() == SIGCONT);
 }
 
+TEST_CASE("deputy a stop the guest left by a SIGCONT already forwarded does not stop it",
+          "[deputy][signal]") {
+  // fg at home came right after the guest stopped: the deputy forwarded SIGCONT before it read
+  // the stop, which the supervisor saw with no SIGCONT received yet (stoppedAfterContinues 0).
+  ForkedDeputy d;
+  REQUIRE(waitBlockedIn(d.pid, __NR_ppoll));
+  REQUIRE(kill(d.pid, SIGCONT) == 0);
+  auto m = d.receive();
+  REQUIRE(m.get() != nullptr);
+  REQUIRE(m->getRoot<proto::ToRemote>().isSignal());
+  CHECK(m->getRoot<proto::ToRemote>().getSignal() == SIGCONT);
+  capnp::MallocMessageBuilder message;
+  auto root = message.initRoot<proto::ToDeputy>();
+  root.setStopped(SIGTSTP);
+  root.setStoppedAfterContinues(0);
+  d.send(message);
+  // The request after the stale stop is answered: the deputy did not stop.
+  uint64_t seq = d.sendSyscall(__NR_getppid, {});
+  auto reply = d.receive();
+  REQUIRE(reply.get() != nullptr);
+  CHECK(reply->getRoot<proto::ToRemote>().getReply().getSeq() == seq);
+  int status = 0;
+  CHECK(waitpid(d.pid, &status, WUNTRACED | WNOHANG) == 0);
+  // A stop seen after that SIGCONT (count 1) stops it again.
+  capnp::MallocMessageBuilder again;
+  auto second = again.initRoot<proto::ToDeputy>();
+  second.setStopped(SIGTSTP);
+  second.setStoppedAfterContinues(1);
+  d.send(again);
+  REQUIRE(waitpid(d.pid, &status, WUNTRACED) == d.pid);
+  CHECK(WIFSTOPPED(status));
+  REQUIRE(kill(d.pid, SIGCONT) == 0);
+}
+
 TEST_CASE("deputy exec at home: failure answers -errno, success replaces the deputy",
           "[deputy][exec]") {
   ForkedDeputy d;
