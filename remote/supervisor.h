@@ -398,9 +398,9 @@ class Supervisor {
   std::set<int> reported_;  // syscalls already logged as unsupported for this job
   uint64_t nextFetchId_ = 1;
   ForkHost* forkHost_ = nullptr;
-  bool threadTask_ = false;                 // setThreadTask
-  std::vector<siginfo_t> deferred_;         // home signals the guest has not queued yet
-  uint32_t continuesReceived_ = 0;  // process SIGCONTs from the deputy (ToDeputy.stopped...)
+  bool threadTask_ = false;          // setThreadTask
+  std::vector<siginfo_t> deferred_;  // home signals the guest has not queued yet
+  uint32_t continuesReceived_ = 0;   // process SIGCONTs from the deputy (ToDeputy.stopped...)
   const seccomp_notif* current_ = nullptr;  // the notification being served
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
   // Tracing (trace_channel.h): the job's publisher (a disabled one when untraced) and the call
