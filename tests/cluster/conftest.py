@@ -226,6 +226,14 @@ class Cluster:
                 return rec
         return None
 
+    def wait_record_on(self, pid, node, timeout=60, what=None):
+        """Waits until job process `pid`'s record says it runs on `node` (state `remote`: a record
+        may name the node while the move there is still `migrating`); returns the record."""
+        def find():
+            r = self.record(pid)
+            return r if r and r.get("node") == node and r.get("state") == "remote" else None
+        return wait_until(find, timeout, interval=0.05, what=what or f"job {pid} on node {node}")
+
     def wait_remote(self, job, token, node=REMOTE, timeout=60):
         """Waits until mps at home lists the job (pid == job.pid, or command containing token)
         as running remotely on node; returns its mps record."""

@@ -44,8 +44,7 @@ def test_computing_job_moves_from_node_2_to_node_3_without_going_home(cluster, h
     cp = move(cluster, pid, 3)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert b"runs on node 3 (from node 2)" in cp.stdout, cp.stdout
-    rec = wait_until(lambda: (lambda r: r if r and r.get("node") == 3 else None)(
-        cluster.record(pid)), timeout=30, what="mps shows the job on node 3")
+    rec = cluster.wait_record_on(pid, 3, timeout=30, what="mps shows the job on node 3")
     assert rec["state"] == "remote" and rec["trail"] == [1, 2, 3] and rec["moves"] == 2, rec
     # Node 2 keeps nothing of the job: its guest and supervisor are gone.
     wait_until(lambda: not job_processes(cluster, 2), timeout=30,
@@ -207,8 +206,7 @@ def test_fork_of_a_locked_job_is_locked_too(cluster, home):
                         stdin=subprocess.PIPE)
     job.read_until(b"ready ", timeout=60)
     child = int(job.read_until(b"\n", timeout=60).split()[-1])
-    wait_until(lambda: (lambda r: r if r and r.get("node") == 2 else None)(
-        cluster.record(child)), timeout=60, what="the child's record on node 2")
+    cluster.wait_record_on(child, 2, timeout=60, what="the child's record on node 2")
     cp = move(cluster, child, "home")
     assert cp.returncode == 1 and b"locked by mosrun -L" in cp.stderr, (cp.stdout, cp.stderr)
     job.popen.stdin.write(b"go\n")

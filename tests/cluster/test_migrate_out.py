@@ -111,8 +111,7 @@ def test_counter_moved_mid_run(cluster, home):
     cp = migrate(cluster, job.pid, job=job)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert f"pid {job.pid} runs on node {REMOTE}".encode() in cp.stdout
-    rec = wait_until(lambda: (r := cluster.record(job.pid)) and r.get("state") == "remote"
-                     and r.get("node") == REMOTE and r, 30, what="job record on node 2")
+    rec = cluster.wait_record_on(job.pid, REMOTE, timeout=30, what="job record on node 2")
     # The guest computes on node 2: its CPU time grows there, while P at home (the deputy now)
     # only serves the writes.
     guest = rec["remotePid"]
@@ -236,8 +235,8 @@ def test_checkpoint_resumed_with_r_goes_on_on_the_node(cluster, home):
     first.kill()
     resumed = cluster.start(1, ["mosrun", "-R", str(image), "-r", str(REMOTE)], cwd=home,
                             stdin=subprocess.PIPE)
-    rec = wait_until(lambda: (lambda r: r if r and r.get("node") == REMOTE else None)(
-        cluster.record(resumed.pid)), timeout=120, what="the resumed job on node 2")
+    rec = cluster.wait_record_on(resumed.pid, REMOTE, timeout=120,
+                                 what="the resumed job on node 2")
     assert rec["state"] == "remote", rec
     feed(resumed, b"x\n")
     status, out, err = resumed.wait(timeout=120)
