@@ -31,6 +31,7 @@
 #include "image_internal.h"
 #include "proc_maps.h"
 #include "ptrace_task.h"
+#include "syscall_table.h"
 
 namespace mos::migrate {
 
@@ -311,10 +312,16 @@ void describeFiles(pid_t pid, proto::ImageHeader::Builder header,
 
 // Register state as the process must resume: an interrupted system call re-issued (CRIU's
 // fixup, compel/arch/x86/src/lib/infect.c; the kernel's own in arch_do_signal_or_restart,
-// which no longer runs once we have injected calls), a restartable sequence aborted.
+// which no longer runs once we have injected calls), a restartable sequence aborted. A call
+// that fails with EINTR whatever woke it (the table's eintrWhenWoken: rt_sigtimedwait) is
+// re-issued too when `signalToTake` is false: then it was our interrupt that woke it.
 user_regs_struct resumableRegs(PtraceTask& task, user_regs_struct regs,
-                               const ptrace_rseq_configuration& rseq) {
+                               const ptrace_rseq_configuration& rseq, bool signalToTake) {
   if (static_cast<int64_t>(regs.orig_rax) >= 0) {
+    if (static_cast<int64_t>(regs.rax) == -EINTR && !signalToTake &&
+        eintrWhenWoken(static_cast<int>(static_cast<int64_t>(regs.orig_rax)))) {
+      regs.rax = static_cast<uint64_t>(-ERESTARTNOINTR);  // re-issued just below
+    }
     switch (static_cast<int64_t>(regs.rax)) {
       case -512:  // ERESTARTSYS
       case -513:  // ERESTARTNOINTR
@@ -604,6 +611,7 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOption
     ThreadQueries injected;
   };
   std::vector<TaskState> states;
+  std::vector<siginfo_t> sharedQueue = peekQueue(pid, true);
   for (pid_t tid : tids) {
     PtraceTask t(tid);
     TaskState st;
@@ -612,10 +620,16 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOption
                  sizeof(st.rseq), &st.rseq) < 0) {
       st.rseq = {};
     }
-    st.regs = resumableRegs(t, t.getRegs(), st.rseq);
     st.xstate = t.getXstate();
     st.sigmask = t.getSigmask();
     st.queue = peekQueue(tid, false);
+    uint64_t pending = 0;
+    for (const std::vector<siginfo_t>* q : {&st.queue, &sharedQueue}) {
+      for (const siginfo_t& info : *q) {
+        pending |= uint64_t{1} << (info.si_signo - 1);
+      }
+    }
+    st.regs = resumableRegs(t, t.getRegs(), st.rseq, (pending & ~st.sigmask) != 0);
     uint64_t head = 0;
     if (::syscall(SYS_get_robust_list, tid, &head, &st.robustLen) == 0) {
       st.robustHead = head;
@@ -628,7 +642,6 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOption
   const user_regs_struct& regs = states[0].regs;
   const std::vector<uint8_t>& xstate = states[0].xstate;
   uint64_t sigmask = states[0].sigmask;
-  std::vector<siginfo_t> sharedQueue = peekQueue(pid, true);
 
   std::vector<MapsEntry> maps = readMaps(pid);
   RemotePtr<uint8_t> insn;

@@ -301,9 +301,11 @@ InjectOutcome Session::run() {
     // SA_RESTART (dash's SIGCHLD) made a close that never ran return EINTR, leaving a
     // pipeline's write end open at home, and a fork fail ("Cannot fork").
     rax = -ERESTARTNOINTR;
-  } else if (static_cast<int64_t>(saved_.orig_rax) == __NR_rt_sigtimedwait && rax == -EINTR) {
-    // Our interrupt woke a local sigtimedwait, which returns EINTR rather than a restart code:
-    // restart it (it finds the signal we queued, if it waits for it).
+  } else if (inSyscall && rax == -EINTR &&
+             eintrWhenWoken(static_cast<int>(static_cast<int64_t>(saved_.orig_rax)))) {
+    // Our interrupt woke a local call that returns EINTR rather than a restart code
+    // (rt_sigtimedwait): restart it unless a handler runs (it finds the signal we queued, if it
+    // waits for it).
     rax = -ERESTARTNOHAND;
   }
   if (!ok) {

@@ -179,6 +179,13 @@ constexpr SyscallEntry notInterruptible(SyscallEntry e) {
   return e;
 }
 
+// A local call that fails with EINTR whatever woke it, our ptrace interrupts included (it has no
+// restart code): they issue it again (SyscallEntry::eintrWhenWoken).
+constexpr SyscallEntry restartedAfterOurWakeup(SyscallEntry e) {
+  e.eintrWhenWoken = true;
+  return e;
+}
+
 // A forwarded call that the deputy adjusts around its own descriptors or /proc/self/exe.
 constexpr SyscallEntry seenFromHome(HomeView view, SyscallEntry e) {
   e.view = view;
@@ -385,7 +392,7 @@ constexpr SyscallEntry ROWS[] = {
     emulate(__NR_setfsgid, "setfsgid", PROC, SAME_IDS),
     forward(__NR_getsid, "getsid", PROC, {VAL}),
     local(__NR_rt_sigpending, "rt_sigpending", SIGNAL),
-    local(__NR_rt_sigtimedwait, "rt_sigtimedwait", SIGNAL),
+    restartedAfterOurWakeup(local(__NR_rt_sigtimedwait, "rt_sigtimedwait", SIGNAL)),
     forward(__NR_rt_sigqueueinfo, "rt_sigqueueinfo", SIGNAL | PROC,
             {VAL, VAL, inStruct(SIGINFO_BYTES)}, KILL),
     local(__NR_rt_sigsuspend, "rt_sigsuspend", SIGNAL),
@@ -992,5 +999,10 @@ int restartCode(int nr) {
 }
 
 bool neverInterrupted(int nr) { return restartCode(nr) == NEVER_INTERRUPTED; }
+
+bool eintrWhenWoken(int nr) {
+  const SyscallEntry* e = findSyscall(nr);
+  return e != nullptr && e->eintrWhenWoken;
+}
 
 }  // namespace mos

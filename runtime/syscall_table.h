@@ -199,6 +199,10 @@ struct SyscallEntry {
                       // cut short before they start
   HomeView view = HomeView::NONE;  // ARGS/MSGHDR: what the deputy does around the call
   OnNode onNode = OnNode::NONE;    // what it does with the job's node-local objects
+  bool eintrWhenWoken = false;     // LOCAL: the kernel returns EINTR, not a restart code, when
+                                   // anything wakes the call, a ptrace interrupt included
+                                   // (rt_sigtimedwait: kernel/signal.c do_sigtimedwait); the
+                                   // signal session and a migration's capture issue it again
   const char* test = nullptr;      // the conformance program that checks it, natively and on a
                                    // remote node (tests/syscalls/<test>.cc); nullptr: none yet
 };
@@ -223,6 +227,11 @@ const char* onNodeName(OnNode onNode);
 
 // The restart code of syscall `nr` (its row's `restart`; ERESTARTSYS without a row).
 int restartCode(int nr);
+
+// True when syscall `nr` runs in the guest's kernel and fails with EINTR, instead of a restart
+// code, when a ptrace interrupt (ours: a signal session, a capture) wakes it; its row's
+// eintrWhenWoken. Whoever interrupted it must issue it again when no signal is there to take.
+bool eintrWhenWoken(int nr);
 
 // True when syscall `nr` is one a signal never cuts short (its row's restart is
 // NEVER_INTERRUPTED): it runs at home whatever signals are pending, and its result stands.

@@ -147,6 +147,11 @@ std::string notes(const SyscallEntry& e) {
     out += std::string(out.empty() ? "" : "; ") +
            "interrupted by a signal: ERESTARTNOHAND (EINTR after a handler, even with SA_RESTART)";
   }
+  if (e.eintrWhenWoken) {
+    out += std::string(out.empty() ? "" : "; ") +
+           "fails with EINTR whatever wakes it: issued again after a signal session or a "
+           "migration's capture woke it with no signal to take";
+  }
   if (e.restart == NEVER_INTERRUPTED) {
     out += std::string(out.empty() ? "" : "; ") +
            "never cut short by a signal (it never blocks): runs at home whatever is pending";

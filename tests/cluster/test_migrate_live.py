@@ -354,7 +354,7 @@ def test_migrate_home_of_a_job_at_home_is_a_no_op(cluster, home):
 # checkpoint file), here in the remote->home direction: started remote by mosrun, moved home
 # while they wait for "go", then they verify their state natively at home.
 ZDTM = ["regs_fpu", "regs_avx512", "memory", "files", "signals", "handlers", "timers",
-        "robust_rseq", "blocked_read", "self_pipe"]
+        "robust_rseq", "blocked_read", "self_pipe", "sigwait"]
 
 
 @pytest.mark.parametrize("name", ZDTM)

@@ -190,7 +190,7 @@ def test_unknown_or_down_node_is_refused(cluster, home):
 # for DIR/go and "go" on stdin, then verifies and prints PASS), moved home→remote instead of
 # through a checkpoint file.
 ZDTM = ["regs_fpu", "regs_avx512", "memory", "files", "signals", "handlers", "timers",
-        "robust_rseq", "blocked_read", "self_pipe"]
+        "robust_rseq", "blocked_read", "self_pipe", "sigwait"]
 
 
 @pytest.mark.parametrize("name", ZDTM)
