@@ -855,6 +855,10 @@ void Deputy::fail(const std::string& text, int status) {
   if (moving() && !move_->path.empty()) {
     unlink(move_->path.c_str());  // a move's image that will never be used
   }
+  if (moving() && move_->connection.get() >= 0) {
+    // `migrate` waits for the move's verdict: the job ends, it does not run anywhere.
+    replyControl(move_->connection.get(), "failed: " + text);
+  }
   if (control_.get() != nullptr) {
     control_->unlinkPath();
   }

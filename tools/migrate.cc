@@ -31,6 +31,8 @@
 #include <cstring>
 #include <filesystem>
 #include <optional>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -61,6 +63,19 @@ constexpr auto START_TIMEOUT = std::chrono::seconds(60);
 
 bool isDeputy(pid_t pid) { return mos::migrate::isDeputyProcess(pid); }
 
+// True when process `pid` is gone or a zombie (it ended and its parent has not reaped it yet: not
+// a deputy any more, yet kill(2) still finds it), from /proc/PID/stat's state letter (proc(5)).
+bool processEnded(pid_t pid) {
+  std::ifstream stat(fmt::format("/proc/{}/stat", pid));
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  size_t paren = text.rfind(')');
+  if (paren == std::string::npos || paren + 2 >= text.size()) {
+    return !(kill(pid, 0) == 0 || errno == EPERM);
+  }
+  char state = text[paren + 2];
+  return state == 'Z' || state == 'X';
+}
+
 // Waits until the deputy of job `pid` reports its guest running on `node` (its job record), or the
 // job ends. Returns an empty string, or why not.
 std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
@@ -84,7 +99,7 @@ std::string waitForGuest(pid_t pid, const std::string& runDir, uint32_t node) {
       if (poll(&p, 1, 10) == 1) {
         return "the job ended before its guest ran on the node (see its stderr)";
       }
-    } else if (kill(pid, 0) != 0 && errno == ESRCH) {
+    } else if (processEnded(pid)) {
       return "the job ended before its guest ran on the node (see its stderr)";
     } else {
       usleep(10000);
@@ -117,7 +132,7 @@ std::string askDeputy(pid_t pid, const std::string& line, int timeoutSeconds, do
 
 // migrate PID home: the deputy's answer, or the migration agent's once the job runs at home.
 int moveHome(pid_t pid, int timeoutSeconds) {
-  if (kill(pid, 0) != 0 && errno == ESRCH) {
+  if (processEnded(pid)) {
     fail(fmt::format("no process {}", pid));
   }
   if (!isDeputy(pid)) {
@@ -143,7 +158,7 @@ int moveHome(pid_t pid, int timeoutSeconds) {
     fail(fmt::format("moving pid {} home failed: {}", pid, answer.substr(8)));
   }
   if (answer.empty()) {
-    if (kill(pid, 0) != 0 && errno == ESRCH) {
+    if (processEnded(pid)) {
       fail(fmt::format("pid {} ended during the move", pid));
     }
     if (!isDeputy(pid)) {
@@ -156,7 +171,7 @@ int moveHome(pid_t pid, int timeoutSeconds) {
 }
 
 int checkpoint(pid_t pid, const std::string& file) {
-  if (kill(pid, 0) != 0 && errno == ESRCH) {
+  if (processEnded(pid)) {
     fail(fmt::format("no process {}", pid));
   }
   if (isDeputy(pid)) {
@@ -206,7 +221,7 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
     fmt::print(stderr, "migrate: TARGET is a node id, `home` or `checkpoint`, not `{}`\n", target);
     exit(EXIT_USAGE);
   }
-  if (kill(pid, 0) != 0 && errno == ESRCH) {
+  if (processEnded(pid)) {
     fail(fmt::format("no process {}", pid));
   }
   mos::NodeConfig config;
@@ -257,7 +272,10 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
       fail(fmt::format("pid {} cannot move to node {}: {}; it runs on where it was", pid, node,
                        answer.substr(9)));
     }
-    if (answer.empty() && kill(pid, 0) != 0 && errno == ESRCH) {
+    if (answer.rfind("failed: ", 0) == 0) {
+      fail(fmt::format("moving pid {} to node {} failed: {}", pid, node, answer.substr(8)));
+    }
+    if (answer.empty() && processEnded(pid)) {
       fail(fmt::format("pid {} ended during the move", pid));
     }
     fail(fmt::format("unexpected answer from the deputy of pid {}: {}", pid, answer));
