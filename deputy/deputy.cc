@@ -205,8 +205,10 @@ void Deputy::flushSignals() {
     char oob;
     recv(channel_->fd(), &oob, 1, MSG_OOB | MSG_DONTWAIT);
   }
-  if (moving()) {
-    return;  // kept: they go home with the job, or to the guest if the move does not happen
+  if (moving() || processMoving()) {
+    // Kept (another deputy thread may have caught them): they go home with the job, or to the
+    // guest if the move does not happen.
+    return;
   }
   for (const siginfo_t& info : takePendingSignalInfos()) {
     int sig = info.si_signo;

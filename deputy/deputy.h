@@ -129,8 +129,9 @@ class Deputy {
   // (ToRemote.move) or refuses. Sent before the reply of a call the request interrupted.
   void serveControl();
   // Why the job cannot move now (a move under way, mosrun -L unless `checkpoint`, not the main
-  // deputy, threads), "" when it can.
-  std::string moveRefusal(bool checkpoint);
+  // deputy; several threads and a move home (`target` 0) without the capability to give each
+  // thread its tid back: threadRestoreRefusal), "" when it can.
+  std::string moveRefusal(bool checkpoint, uint32_t target);
   // ToDeputy.comeHome: the guest needs what only home gives (`reason`): starts a move home
   // (ToRemote.move) or answers ToRemote.moveAbort with why it cannot.
   void comeHome(const std::string& reason);
@@ -195,6 +196,17 @@ class Deputy {
   };
   kj::Own<MoveState> move_;  // a move in progress (move.cc)
 };
+
+// Why a multi-threaded job cannot be rebuilt in this process at home, "" when it can: the restore
+// gives each thread its home tid back with clone3(set_tid), which needs CAP_SYS_ADMIN or
+// CAP_CHECKPOINT_RESTORE over the home pid namespace (the job's owner, as whom the deputy and
+// the restore run, usually has neither unless root). Reads /proc/self/status (CapEff).
+std::string threadRestoreRefusal(int threads);
+
+// True while this process's leader deputy runs a move: every deputy thread keeps the job's
+// signals recorded instead of forwarding them (they go with the job, or to the guest if the move
+// does not happen). Set and cleared by the leader.
+bool processMoving();
 
 // Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.
 void printMosrunMessage(const std::string& text);

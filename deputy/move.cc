@@ -14,9 +14,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -35,6 +37,8 @@
 namespace mos::deputy {
 
 namespace {
+
+std::atomic<bool> moveOfProcess{false};  // processMoving()
 
 // Deputy-internal SIGURGs (a cancel's urgent byte: SI_KERNEL; a control connection: POLL_IN; an
 // exec handoff) must not reach the job; a job's own SIGURG must.
@@ -208,11 +212,12 @@ void Deputy::serveControl() {
              "' (this deputy serves `home`, `node ID ADDRESS PORT` and `checkpoint /PATH`)");
       continue;
     }
-    if (std::string why = moveRefusal(!checkpointPath.empty()); !why.empty()) {
+    if (std::string why = moveRefusal(!checkpointPath.empty(), target); !why.empty()) {
       refuse(why);
       continue;
     }
     move_ = kj::heap<MoveState>();
+    moveOfProcess = true;
     move_->connection = kj::mv(request.connection);
     move_->target = target;
     move_->address = address;
@@ -237,7 +242,30 @@ void Deputy::serveControl() {
   }
 }
 
-std::string Deputy::moveRefusal(bool checkpoint) {
+std::string threadRestoreRefusal(int threads) {
+  std::string status;
+  {
+    std::ifstream in("/proc/self/status");
+    std::stringstream all;
+    all << in.rdbuf();
+    status = all.str();
+  }
+  uint64_t effective = 0;
+  if (size_t at = status.find("CapEff:"); at != std::string::npos) {
+    effective = strtoull(status.c_str() + at + 7, nullptr, 16);
+  }
+  constexpr int CAP_SYS_ADMIN_BIT = 21, CAP_CHECKPOINT_RESTORE_BIT = 40;  // linux/capability.h
+  if ((effective >> CAP_SYS_ADMIN_BIT & 1) || (effective >> CAP_CHECKPOINT_RESTORE_BIT & 1)) {
+    return "";
+  }
+  return "it has " + std::to_string(threads) +
+         " threads, and giving each its thread id back at home (clone3 with set_tid) needs "
+         "CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, which the job's user does not have";
+}
+
+bool processMoving() { return moveOfProcess.load(); }
+
+std::string Deputy::moveRefusal(bool checkpoint, uint32_t target) {
   if (moving()) {
     return "a move of this job is already in progress";
   }
@@ -247,9 +275,14 @@ std::string Deputy::moveRefusal(bool checkpoint) {
   if (!leader_) {
     return "not the job's main deputy";
   }
-  if (int threads = migrate::countThreads(getpid()); threads > 1) {
-    return "it has " + std::to_string(threads) +
-           " threads: only single-threaded processes move yet";
+  if (int threads = migrate::countThreads(getpid()); threads > 1 && !checkpoint) {
+    if (target != 0) {
+      return "it has " + std::to_string(threads) +
+             " threads: a multi-threaded job moves between nodes only through home yet "
+             "(migrate it home, then to node " +
+             std::to_string(target) + ")";
+    }
+    return threadRestoreRefusal(threads);
   }
   return "";
 }
@@ -257,7 +290,7 @@ std::string Deputy::moveRefusal(bool checkpoint) {
 void Deputy::comeHome(const std::string& reason) {
   capnp::MallocMessageBuilder message(16);
   auto root = message.initRoot<proto::ToRemote>();
-  if (std::string why = moveRefusal(false); !why.empty()) {
+  if (std::string why = moveRefusal(false, 0); !why.empty()) {
     spdlog::info("job {}: {}, but it cannot come home: {}", getpid(), reason, why);
     root.setMoveAbort(why);
     channel_->send(message);
@@ -265,6 +298,7 @@ void Deputy::comeHome(const std::string& reason) {
   }
   // A move home as `migrate PID home` starts one, with nobody to answer at the end.
   move_ = kj::heap<MoveState>();
+  moveOfProcess = true;
   if (auto* r = record_.get()) {
     r->state = static_cast<uint32_t>(JobState::MIGRATING);
   }
@@ -291,6 +325,7 @@ void Deputy::endMove(const std::string& reply) {
     move_->agent.cancel();
   }
   move_ = nullptr;
+  moveOfProcess = false;
   if (auto* r = record_.get()) {
     r->state = static_cast<uint32_t>(JobState::REMOTE);
   }

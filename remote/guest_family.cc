@@ -37,6 +37,9 @@ constexpr int CHILD_HELLO_MS = 5000;
 // How long a child guest waits for its deputy's channel before it is killed (its home deputy
 // could not connect: it exits 112 at home).
 constexpr int CHILD_CHANNEL_MS = 15000;
+// How long a move waits for the other threads of the process to leave their calls at home and
+// park (each task cancels its call at once, and again every 50 ms).
+constexpr int PARK_MS = 10000;
 
 // A message reader that owns its flat array.
 struct WordsHolder {
@@ -381,6 +384,9 @@ void GuestFamily::workerBody(Task* task) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     task->ended = true;
+    if (!task->isThread) {
+      releaseParks(task->tgid);  // a move of its process, if one was under way, is over
+    }
   }
   wake_.push(0);
 }
@@ -462,6 +468,9 @@ void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
   task.supervisor = task.ownedSupervisor.get();
   task.supervisor->setForkHost(this);
   task.supervisor->setThreadTask(task.isThread);
+  if (task.parkRequested) {
+    task.supervisor->requestPark();  // its process is being moved: it parks at once
+  }
   task.supervisor->recordChildGuest();
   if (auto it = inheritedNodeFds_.find(task.homePid); it != inheritedNodeFds_.end()) {
     task.supervisor->inheritNodeFds(kj::mv(it->second));
@@ -654,42 +663,176 @@ InjectHost GuestFamily::mainHost() {
   return host;
 }
 
+bool GuestFamily::parkSiblings(Task& leader) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  pid_t tgid = leader.tgid;
+  Task* late = nullptr;
+  auto allParked = [&] {
+    bool all = true;
+    for (auto& [p, t] : tasks_) {
+      if (t->tgid != tgid || !t->isThread || t->ended) {
+        continue;
+      }
+      if (!t->parkRequested) {
+        t->parkRequested = true;
+        if (t->supervisor != nullptr && t->started) {
+          t->supervisor->requestPark();
+        }
+      }
+      if (!t->parked) {
+        all = false;
+        late = t.get();
+      }
+    }
+    return all;
+  };
+  if (parkChanged_.wait_for(lock, std::chrono::milliseconds(PARK_MS), allParked)) {
+    return true;
+  }
+  spdlog::warn("job {}: thread {} did not stop for the move within {} ms",
+               firstStart_.getIds().getPid(), late != nullptr ? late->homeTid : 0, PARK_MS);
+  releaseParks(tgid);
+  return false;
+}
+
+void GuestFamily::releaseParks(pid_t tgid) {
+  for (auto& [p, t] : tasks_) {
+    if (t->tgid == tgid && t->isThread) {
+      t->parkRequested = false;
+    }
+  }
+  parkChanged_.notify_all();
+}
+
+bool GuestFamily::parkForMove(pid_t tid, kj::Maybe<uint64_t> heldId) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  Task* t = findTask(tid);
+  if (t == nullptr || !t->parkRequested) {
+    return false;  // released before it got here
+  }
+  t->heldId = heldId;
+  t->parked = true;
+  parkChanged_.notify_all();
+  parkChanged_.wait(lock, [&] { return !t->parkRequested; });
+  t->parked = false;
+  bool answered = heldId != nullptr && t->heldId == nullptr;
+  t->heldId = nullptr;
+  return answered;
+}
+
 MoveResult GuestFamily::moveCapture(pid_t pid, kj::Maybe<uint64_t> answerId, kj::OutputStream& sink,
                                     std::function<void(proto::ImageHeader::Builder)> editHeader) {
   MoveResult result;
+  Task* leader;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    leader = findTask(pid);
+    if (leader == nullptr || leader->ended) {
+      result.outcome = MoveOutcome::GONE;
+      return result;
+    }
+  }
+  // Every other thread's task cuts its call and parks first (they may wait at home).
+  if (!parkSiblings(*leader)) {
+    result.reason = "a thread of the job did not leave its call at home within " +
+                    std::to_string(PARK_MS / 1000) + " s";
+    KJ_IF_MAYBE (id, answerId) {
+      seccomp_notif_resp resp = {};
+      resp.id = *id;
+      resp.error = -ERESTARTNOINTR;
+      (void)listener_->send(resp);
+    }
+    return result;
+  }
   onMain([&] {
+    MoveRequest request;
+    std::map<pid_t, pid_t> homeTids;  // node tid -> home tid
+    pid_t homePid;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       Task* task = findTask(pid);
       if (task == nullptr || task->ended) {
         result.outcome = MoveOutcome::GONE;
+        releaseParks(pid);
         return;
       }
       // As for a signal session (queueAsGuest): a notification already routed to the task
       // would keep the guest from stopping, and so would a wait only SIGKILL ends.
       if (answerId == nullptr && (task->unotify->hasQueued() || processState(pid) == 'D')) {
-        result.outcome = MoveOutcome::BUSY;
+        result.outcome = MoveOutcome::BUSY;  // the other threads stay parked until the retry
         return;
       }
+      homePid = task->homePid;
+      homeTids[pid] = task->homeTid;
+      for (auto& [p, t] : tasks_) {
+        if (t->tgid != task->tgid || !t->isThread || t->ended) {
+          continue;
+        }
+        request.threads.push_back(t->pid);
+        homeTids[t->pid] = t->homeTid;
+        // The call it waits in, cut at home, and one routed to it since it parked: the capture
+        // answers them once the thread is interrupted.
+        KJ_IF_MAYBE (id, t->heldId) {
+          request.threadAnswers.push_back(*id);
+          t->heldId = nullptr;
+        }
+        while (true) {
+          seccomp_notif queued;
+          if (t->unotify->receive(queued) != 0) {
+            break;
+          }
+          request.threadAnswers.push_back(queued.id);
+        }
+      }
     }
-    MoveRequest request;
     request.pid = pid;
     request.answerId = answerId;
     request.sink = &sink;
-    request.editHeader = kj::mv(editHeader);
+    // The capture names the threads by their node tids: the image is the job's, with home ones.
+    request.editHeader = [edit = kj::mv(editHeader), homeTids, homePid,
+                          pid](proto::ImageHeader::Builder header) {
+      edit(header);
+      KJ_REQUIRE(header.getSourcePid() == pid, "the capture is not the guest's",
+                 header.getSourcePid(), pid);
+      header.setSourcePid(homePid);
+      for (auto thread : header.getThreads()) {
+        auto home = homeTids.find(static_cast<pid_t>(thread.getTid()));
+        if (home == homeTids.end()) {
+          throw kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                              kj::str("its thread ", thread.getTid(),
+                                      " has no task on this node (it was just created)"));
+        }
+        thread.setTid(home->second);
+      }
+    };
     result = captureForMove(request, mainHost());
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (result.outcome == MoveOutcome::DONE) {
+      capturedThreads_[pid] = request.threads;
+    } else {
+      releaseParks(pid);
+    }
   });
   return result;
 }
 
 void GuestFamily::moveFinish(pid_t pid, bool commit) {
-  onMain([&] { finishMove(pid, commit, mainHost()); });
+  onMain([&] {
+    std::vector<pid_t> threads;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      threads = kj::mv(capturedThreads_[pid]);
+      capturedThreads_.erase(pid);
+    }
+    finishMove(pid, threads, commit, mainHost());
+    std::lock_guard<std::mutex> lock(mutex_);
+    releaseParks(pid);
+  });
 }
 
 std::string GuestFamily::moveRefusal(pid_t pid) {
   std::vector<GuestMaps> guests;
   size_t self = 0;
-  int threads = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     Task* task = findTask(pid);
@@ -697,14 +840,8 @@ std::string GuestFamily::moveRefusal(pid_t pid) {
       return "the guest has ended";
     }
     for (auto& [p, t] : tasks_) {
-      if (t->ended) {
-        continue;
-      }
-      if (t->tgid == task->tgid) {
-        threads++;
-      }
-      if (t->isThread) {
-        continue;
+      if (t->ended || t->isThread) {
+        continue;  // threads share their process's memory: they move with it
       }
       if (t.get() == task) {
         self = guests.size();
@@ -714,10 +851,6 @@ std::string GuestFamily::moveRefusal(pid_t pid) {
       maps.shared = sharedMappings(readNodeProcFile(t->pid, "maps"));
       guests.push_back(kj::mv(maps));
     }
-  }
-  if (threads > 1) {
-    return "it has " + std::to_string(threads) +
-           " threads: only single-threaded processes move yet";
   }
   std::vector<std::string> reasons = stayReasons(guests);
   if (self < reasons.size() && reasons[self].rfind("shares memory", 0) == 0) {

@@ -138,6 +138,7 @@ class GuestFamily final : public ForkHost {
                          std::function<void(proto::ImageHeader::Builder)> editHeader) override;
   void moveFinish(pid_t pid, bool commit) override;
   std::string moveRefusal(pid_t pid) override;
+  bool parkForMove(pid_t tid, kj::Maybe<uint64_t> heldId) override;
 
  private:
   struct Task;
@@ -173,6 +174,11 @@ class GuestFamily final : public ForkHost {
                            // (until it exits or its old image dies at an exec), the guest
                            // is, or is about to be, in the vfork wait no interrupt ends
     user_regs_struct savedRegs = {};
+    // A move of its process (a thread task): asked to park (requestPark), parked in
+    // parkForMove, and the notification its thread waits in meanwhile (taken by the capture).
+    bool parkRequested = false;
+    bool parked = false;
+    kj::Maybe<uint64_t> heldId;
   };
 
   // Node-local descriptors of a forked child (by home pid), from its fork until its task starts.
@@ -208,6 +214,12 @@ class GuestFamily final : public ForkHost {
   Answer cloneThread(Supervisor& supervisor, Task& task, const seccomp_notif& notif);
   // The deputy forks or starts a thread, then the guest's kernel runs the clone (worker side).
   Answer mirrorClone(Supervisor& supervisor, Task& task, const seccomp_notif& notif, bool thread);
+  // A move of the process whose leader is `task` (its worker calls): every other thread's task
+  // parks (docs/design.md, "Migration of a running process", "Threads"). False when one did not
+  // within PARK_MS (the parks are released then). Takes mutex_.
+  bool parkSiblings(Task& task);
+  // Lets the parked thread tasks of process `tgid` (node pid) go on. Caller holds mutex_.
+  void releaseParks(pid_t tgid);
   // waitpid(pid) on the main thread, routing an exit or a group stop met meanwhile to its task.
   int waitTraced(pid_t pid);
   void route(pid_t pid, int status);
@@ -223,10 +235,14 @@ class GuestFamily final : public ForkHost {
   std::vector<Expected> expected_;
   int firstChannelFd_ = -1;
   proto::JobStart::Reader firstStart_;
-  PollQueue<Call*> work_;   // closures from workers, run by the main thread
-  PollQueue<int> wake_;     // a worker ended
-  std::mutex forkMutex_;    // one fork at a time
-  std::mutex reaperMutex_;  // one request to the reaper at a time
+  PollQueue<Call*> work_;                // closures from workers, run by the main thread
+  PollQueue<int> wake_;                  // a worker ended
+  std::mutex forkMutex_;                 // one fork at a time
+  std::mutex reaperMutex_;               // one request to the reaper at a time
+  std::condition_variable parkChanged_;  // a thread task parked or a park was released (mutex_)
+  // The non-leader threads (node tids) of a process captured for a move (by its leader's node
+  // pid), until moveFinish.
+  std::map<pid_t, std::vector<pid_t>> capturedThreads_;
 };
 
 }  // namespace mos::remote

@@ -233,14 +233,19 @@ bool Supervisor::turn(int timeoutMs) {
   if (moveRequested_ && deferred_.empty() && current_ == nullptr && runMove(nullptr)) {
     return true;  // refused or aborted (the guest runs on); a commit ends the task
   }
+  if (parkRequested_ && deferred_.empty() && current_ == nullptr) {
+    parkForMove(nullptr);  // the thread computes or waits in its kernel: nothing to cut
+    return true;
+  }
   if (channel_.hasBuffered()) {
     onIdleMessage();
     return true;
   }
-  struct pollfd fds[3] = {{unotify_->fd(), POLLIN, 0},
+  struct pollfd fds[4] = {{unotify_->fd(), POLLIN, 0},
                           {channel_.fd(), POLLIN, 0},
-                          {guestProcess_->eventFd(), POLLIN, 0}};
-  int n = poll(fds, 3, timeoutMs);
+                          {guestProcess_->eventFd(), POLLIN, 0},
+                          {parkWake_.get(), POLLIN, 0}};
+  int n = poll(fds, parkWake_.get() >= 0 ? 4 : 3, timeoutMs);
   if (n < 0) {
     if (errno == EINTR) {
       return false;
@@ -458,6 +463,12 @@ void Supervisor::respond(uint64_t id, const Answer& answer) {
   if (answer.kind == Answer::DROP) {
     return;
   }
+  if (parkRequested_ && answer.kind == Answer::VALUE && current_ != nullptr && current_->id == id &&
+      deferred_.empty() && moveMayCut() && isRestartCode(answer.value)) {
+    // The call was cut short for a move of this thread's process: the capture answers it.
+    parkForMove(id);
+    return;
+  }
   if (moveRequested_ && answer.kind == Answer::VALUE && current_ != nullptr && current_->id == id &&
       deferred_.empty() && moveMayCut() && isRestartCode(answer.value)) {
     // The call was cut short for a move home: the move answers it (the call restarts wherever
@@ -605,7 +616,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
       if (n > 0) {
         break;
       }
-      if (!deferred_.empty() || (moveRequested_ && moveMayCut())) {
+      if (!deferred_.empty() || moveDue()) {
         // A home signal (or a move request) crossed this request (the deputy sent it while idle,
         // then began the call): cancel the call so the guest can take it. Again every 50 ms: a
         // cancel that reaches the deputy before its call starts is consumed as stale.
@@ -665,7 +676,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
       // of its own: respond() lets the guest decide, with the signals queued (guest_signal.h).
       bool decideInGuest = forkHost_ != nullptr && current_ != nullptr && current_->id == seq &&
                            (!deferred_.empty() || currentCallMask() != nullptr);
-      bool forMove = moveRequested_ && moveMayCut() && current_ != nullptr && current_->id == seq;
+      bool forMove = moveDue() && current_ != nullptr && current_->id == seq;
       if (decideInGuest || forMove || guestHasSignalToTake() || guestGone()) {
         // Answer the row's restart code (-ERESTARTSYS, -ERESTARTNOHAND) with the signal pending:
         // on its way out of the syscall the guest's kernel runs the handler and then restarts
@@ -693,8 +704,8 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessa
     // its answer.
     return nullptr;
   }
-  if (moveRequested_ && moveMayCut() && current_ != nullptr && current_->id == seq) {
-    // A move home is due: the call does not start here; it restarts after the move.
+  if (moveDue() && current_ != nullptr && current_->id == seq) {
+    // A move is due: the call does not start here; it restarts after the move.
     return nullptr;
   }
   if (forkHost_ != nullptr && current_ != nullptr && current_->id == seq &&
