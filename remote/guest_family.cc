@@ -169,7 +169,7 @@ GuestFamily::Task* GuestFamily::findTask(pid_t pid) {
   return it == tasks_.end() ? nullptr : it->second.get();
 }
 
-void GuestFamily::run(Supervisor& first, pid_t pid) {
+void GuestFamily::run(Supervisor& first, pid_t pid, std::vector<std::pair<pid_t, pid_t>> threads) {
   firstChannelFd_ = first.channelFd();
   firstStart_ = first.jobStart();
   auto task = std::make_unique<Task>();
@@ -188,6 +188,9 @@ void GuestFamily::run(Supervisor& first, pid_t pid) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     tasks_[pid] = std::move(task);
+  }
+  if (!threads.empty()) {
+    adoptRestoredThreads(first, *t, threads);
   }
   startWorker(*t);
   for (;;) {
@@ -460,6 +463,11 @@ void GuestFamily::acceptChild() {
 
 void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
   task.awaitingChannel = false;
+  if (task.heldStopped) {
+    // A restored thread: served from now on, it runs (its tracer is this, the main thread).
+    task.heldStopped = false;
+    ptrace(PTRACE_DETACH, task.pid, 0, 0);
+  }
   SupervisorOptions options = options_;
   options.fd = fd.release();
   task.ownedSupervisor = kj::heap<Supervisor>(
@@ -481,6 +489,55 @@ void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
     inheritedHomePaths_.erase(it);
   }
   startWorker(task);
+}
+
+void GuestFamily::adoptRestoredThreads(Supervisor& first, Task& leader,
+                                       const std::vector<std::pair<pid_t, pid_t>>& threads) {
+  uint16_t port = childPort();
+  for (auto [tid, homeTid] : threads) {
+    std::string token(TOKEN_BYTES, '\0');
+    KJ_SYSCALL(getrandom(token.data(), token.size(), 0));
+    auto created = std::make_unique<Task>();
+    created->pid = tid;
+    created->homePid = leader.homePid;
+    created->homeTid = homeTid;
+    created->tgid = leader.pid;
+    created->isThread = true;
+    created->heldStopped = true;
+    created->pendingUnotify = kj::heap<RoutedUnotify>(*listener_);
+    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, tid, PIDFD_THREAD_FLAG));
+    if (pidfd < 0) {
+      spdlog::warn("pidfd_open(PIDFD_THREAD) of guest thread {}: {}; its end goes unnoticed", tid,
+                   strerror(errno));
+    }
+    created->pendingGuest = kj::heap<RoutedGuest>(tid, leader.pid, kj::AutoCloseFd(pidfd));
+    created->unotify = created->pendingUnotify.get();
+    created->guest = created->pendingGuest.get();
+    created->awaitingChannel = true;
+    created->bornAt = std::chrono::steady_clock::now();
+    Task* c = created.get();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      tasks_[tid] = std::move(created);
+      expected_.push_back(Expected{token, homeTid, kj::AutoCloseFd(), c});
+    }
+    int64_t got = -EAGAIN;
+    try {
+      got = first.askDeputyToFork(
+          0, port, kj::arrayPtr(reinterpret_cast<const kj::byte*>(token.data()), token.size()),
+          true, homeTid);
+    } catch (TaskEnded&) {
+      got = -EPIPE;  // the deputy is gone: so is the job
+    }
+    if (got != homeTid) {
+      spdlog::error(
+          "job {}: no deputy thread at home tid {} for guest thread {} ({}); the job ends",
+          leader.homePid, homeTid, tid, got < 0 ? strerror(static_cast<int>(-got)) : "");
+      ::kill(leader.pid, SIGKILL);  // its threads die with it; every task then ends
+      return;
+    }
+    spdlog::debug("job {}: restored guest thread {} at home tid {}", leader.homePid, tid, homeTid);
+  }
 }
 
 Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif) {

@@ -125,8 +125,11 @@ class GuestFamily final : public ForkHost {
   ~GuestFamily() noexcept(false);
 
   // Serves the job: `first` (restored, its `started` sent) becomes the first task, whose guest is
-  // `pid`. Returns when every task ended (the caller exits; the namespace dies with us).
-  void run(Supervisor& first, pid_t pid);
+  // `pid`. `threads`: the guest's other threads as restored ((node tid, home tid), stopped and
+  // traced by the calling thread): each gets a deputy thread at its home tid (ForkRequest.tid on
+  // `first`'s channel) and a task, and runs once its channel arrived. Returns when every task
+  // ended (the caller exits; the namespace dies with us).
+  void run(Supervisor& first, pid_t pid, std::vector<std::pair<pid_t, pid_t>> threads = {});
 
   // ForkHost (called by a task's worker thread).
   Answer forkGuest(Supervisor& task, const seccomp_notif& notif) override;
@@ -176,6 +179,8 @@ class GuestFamily final : public ForkHost {
     user_regs_struct savedRegs = {};
     // A move of its process (a thread task): asked to park (requestPark), parked in
     // parkForMove, and the notification its thread waits in meanwhile (taken by the capture).
+    // A restored thread held in its ptrace stop until its channel arrives (attachChannel).
+    bool heldStopped = false;
     bool parkRequested = false;
     bool parked = false;
     kj::Maybe<uint64_t> heldId;
@@ -200,6 +205,11 @@ class GuestFamily final : public ForkHost {
   void startWorker(Task& task);
   // A child task's channel arrived: its Supervisor is made and its worker starts.
   void attachChannel(Task& task, kj::AutoCloseFd fd);
+  // run(): a task and a deputy thread at its home tid for each restored thread of `first`'s
+  // guest (see run()). A thread whose deputy thread cannot be made ends the job (its guest is
+  // killed: a thread nobody serves would hang it).
+  void adoptRestoredThreads(Supervisor& first, Task& leader,
+                            const std::vector<std::pair<pid_t, pid_t>>& threads);
   void workerBody(Task* task);
   // The port of the per-job listening socket for child channels, created on first use.
   uint16_t childPort();

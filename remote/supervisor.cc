@@ -154,7 +154,7 @@ int Supervisor::run() {
   {
     GuestFamily family(options_, kj::heap<KernelUnotify>(kj::mv(listener_)), kj::mv(signalFd_),
                        kj::mv(pidNamespace_));
-    family.run(*this, guest_);
+    family.run(*this, guest_, kj::mv(restoredThreads_));
   }
   record_.unlink();
   if (!options_.shmDir.empty()) {
@@ -181,13 +181,14 @@ void Supervisor::serveTask() {
 }
 
 int64_t Supervisor::askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token,
-                                    bool thread) {
+                                    bool thread, pid_t tid) {
   capnp::MallocMessageBuilder message;
   auto fork = message.initRoot<proto::ToDeputy>().initFork();
   fork.setSeq(seq);
   fork.setPort(port);
   fork.setToken(token);
   fork.setThread(thread);
+  fork.setTid(tid);
   KJ_IF_MAYBE (reply, callHome(message, seq)) {
     forkResult_ = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
     return forkResult_;
@@ -362,6 +363,10 @@ void Supervisor::startGuest() {
   guest_ = guest.pid;
   // GuestFamily takes the listener and SIGCHLD (run()).
   listener_ = kj::mv(guest.listener);
+  auto imageThreads = reader.header().getThreads();
+  for (size_t i = 0; i < guest.threads.size() && i + 1 < imageThreads.size(); ++i) {
+    restoredThreads_.emplace_back(guest.threads[i], imageThreads[i + 1].getTid());
+  }
   record_ = OwnedJobRecord::create(options_.runDir, "guests", getpid(), start_.getIds().getPid(),
                                    options_.peerNode, start_.getCommand());
   record_.get()->node = options_.node;

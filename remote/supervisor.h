@@ -206,8 +206,9 @@ class Supervisor {
   void serveTask();
   // Asks the deputy to fork, or with `thread` to start a deputy thread (ForkRequest); returns
   // the child's home pid (the thread's home tid) or -errno. Ends the task when the deputy is gone.
+  // `tid` > 0 (a thread): the home tid the deputy thread must have (ForkRequest.tid).
   int64_t askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token,
-                          bool thread = false);
+                          bool thread = false, pid_t tid = 0);
   // This task serves one thread of a guest process, not its leader (docs/design.md, "Threads"):
   // its end is not the job's, and a closed channel does not kill the process.
   // A thread task gets the eventfd that requestPark() writes.
@@ -424,6 +425,9 @@ class Supervisor {
   uint32_t continuesReceived_ = 0;   // process SIGCONTs from the deputy (ToDeputy.stopped...)
   const seccomp_notif* current_ = nullptr;  // the notification being served
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
+  // run(): the restored guest's other threads, (node tid, home tid), stopped and traced by this
+  // thread until their GuestFamily tasks have channels (RestoredGuest.threads).
+  std::vector<std::pair<pid_t, pid_t>> restoredThreads_;
   // Tracing (trace_channel.h): the job's publisher (a disabled one when untraced) and the call
   // being traced, which handlers feed (payloads, time at home, route); an inert TraceCall
   // outside serveTraced.

@@ -39,9 +39,27 @@ def start(cluster, home, remote):
     return job, work, tids
 
 
-def migrate(cluster, pid, target):
-    cp = cluster.run(1, ["migrate", str(pid), target], timeout=180)
-    assert cp.returncode == 0, (target, cp.stdout, cp.stderr)
+STATE = Path("/run/umosix-cluster")
+
+
+def logs():
+    """The tails of the nodes' mosd logs, for a failure's message."""
+    out = ""
+    for k in (1, 2, 3):
+        try:
+            out += f"\n--- node {k}\n" + "\n".join(
+                (STATE / f"node-{k}" / "mosd.log").read_text().splitlines()[-25:])
+        except OSError:
+            pass
+    return out
+
+
+def migrate(cluster, job, target):
+    cp = cluster.run(1, ["migrate", str(job.pid), target], timeout=180)
+    if cp.returncode != 0:
+        where = logs()
+        job.kill()
+        raise AssertionError((target, cp.stdout, cp.stderr, job.out, job.err, where))
     return cp
 
 
@@ -72,8 +90,84 @@ def test_threaded_job_moves_home(cluster, home):
     # Each guest thread has a deputy thread at home, at its tid.
     assert tasks(pid) == sorted([pid] + tids)
     assert exe(pid).endswith("mos-deputy")
-    migrate(cluster, pid, "home")
+    migrate(cluster, job, "home")
     assert exe(pid) == str(PROGRAM.resolve())
     assert tasks(pid) == sorted([pid] + tids)
     assert wait_until(lambda: where(cluster, pid) == ("home", 1), timeout=30, what="job at home")
     finish(job, work, tids)
+
+
+def deputy_threads_at(pid, tids):
+    """True once the deputy at home has a deputy thread at each of the job's tids."""
+    try:
+        return exe(pid).endswith("mos-deputy") and tasks(pid) == sorted([pid] + tids)
+    except OSError:
+        return False
+
+
+def test_threaded_job_moves_to_a_node(cluster, home):
+    job, work, tids = start(cluster, home, remote=False)
+    pid = job.pid
+    assert tasks(pid) == sorted([pid] + tids)
+    migrate(cluster, job, "2")
+    assert wait_until(lambda: where(cluster, pid) == ("remote", 2), timeout=30, what="job remote")
+    # Every guest thread got a deputy thread at its home tid.
+    assert wait_until(lambda: deputy_threads_at(pid, tids), timeout=30,
+                      what=f"deputy threads at {tids}: {tasks(pid)}")
+    finish(job, work, tids)
+
+
+def test_threaded_job_bounces_across_three_nodes(cluster, home):
+    # home -> 2 -> 3 -> home -> 3 -> 2 -> home: every direction, node to node directly too.
+    job, work, tids = start(cluster, home, remote=False)
+    pid = job.pid
+    for target in ["2", "3", "home", "3", "2", "home", "2"]:
+        migrate(cluster, job, target)
+        if target == "home":
+            assert exe(pid) == str(PROGRAM.resolve())
+            assert tasks(pid) == sorted([pid] + tids)
+        else:
+            node = int(target)
+            assert wait_until(lambda: where(cluster, pid) == ("remote", node), timeout=30,
+                              what=f"job remote on {node}")
+            assert wait_until(lambda: deputy_threads_at(pid, tids), timeout=30,
+                              what=f"deputy threads at {tids}: {tasks(pid)}")
+    rec = cluster.record(pid)
+    assert rec["trail"] == [1, 2, 3, 1, 3, 2, 1, 2] and rec["moves"] == 7, rec
+    finish(job, work, tids)
+
+
+# `xz -T2` (a main thread reading a pipe, two worker threads compressing 1 MiB blocks) bounced
+# like test_migrate_bounce.py bounces a single-threaded xz: 12 moves, 4 of them node to node.
+TARGETS = ["2", "3", "home", "3", "2", "home", "2", "home", "3", "2", "home", "2"]
+
+
+def test_xz_threads_bounced_across_three_nodes_writes_what_a_native_run_writes(cluster, home):
+    import random
+    rng = random.Random(7)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 10)))
+             for _ in range(5000)]
+    chunks = [" ".join(rng.choice(words) for _ in range(60000)).encode()
+              for _ in range(len(TARGETS) + 1)]
+    (home / "in.txt").write_bytes(b"".join(chunks))
+    xz = "xz -T2 --block-size=1MiB -6 -c"
+    native = cluster.run(1, ["sh", "-c", f"{xz} < in.txt > native.xz"], cwd=home, timeout=600)
+    assert native.returncode == 0, native.stderr
+    job = cluster.start(1, ["mosrun", "sh", "-c", f"exec {xz} > moved.xz"], cwd=home,
+                        stdin=subprocess.PIPE)
+    threads_seen = 1
+    for i, target in enumerate(TARGETS):
+        job.popen.stdin.write(chunks[i])
+        job.popen.stdin.flush()
+        assert job.popen.poll() is None, job.wait(timeout=10)
+        threads_seen = max(threads_seen, len(tasks(job.pid)))
+        migrate(cluster, job, target)
+    rec = wait_until(lambda: cluster.record(job.pid), timeout=60, what="the job's record")
+    assert rec["moves"] == 12, rec
+    assert threads_seen >= 3, threads_seen  # it moved with its worker threads
+    job.popen.stdin.write(chunks[-1])
+    job.popen.stdin.close()
+    job.popen.stdin = None
+    status, out, err = job.wait(timeout=600)
+    assert status == 0, err
+    assert (home / "moved.xz").read_bytes() == (home / "native.xz").read_bytes()
