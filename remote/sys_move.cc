@@ -79,10 +79,11 @@ void Supervisor::requestPark() {
 }
 
 void Supervisor::parkForMove(kj::Maybe<uint64_t> heldId) {
-  bool answered = forkHost_ != nullptr && forkHost_->parkForMove(guest_, heldId);
+  // Cleared first: a request of the next move, made once this one is released, parks again.
   parkRequested_ = false;
   uint64_t count;
   (void)!read(parkWake_.get(), &count, sizeof(count));
+  bool answered = forkHost_ != nullptr && forkHost_->parkForMove(guest_, heldId);
   KJ_IF_MAYBE (id, heldId) {
     if (!answered) {
       // The move did not capture this thread: its call is issued again, here.
