@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -205,8 +206,10 @@ void Deputy::flushSignals() {
     char oob;
     recv(channel_->fd(), &oob, 1, MSG_OOB | MSG_DONTWAIT);
   }
-  if (moving()) {
-    return;  // kept: they go home with the job, or to the guest if the move does not happen
+  if (moving() || processMoving()) {
+    // Kept (another deputy thread may have caught them): they go home with the job, or to the
+    // guest if the move does not happen.
+    return;
   }
   for (const siginfo_t& info : takePendingSignalInfos()) {
     int sig = info.si_signo;
@@ -534,7 +537,7 @@ void Deputy::handleFork(proto::ForkRequest::Reader request) {
   clock_gettime(CLOCK_MONOTONIC, &before);
   int64_t ret;
   if (request.getThread()) {
-    ret = startThread(port, kj::arrayPtr(token.data(), token.size()));
+    ret = startThread(port, kj::arrayPtr(token.data(), token.size()), request.getTid());
   } else {
     pid_t child;
     {
@@ -631,34 +634,94 @@ void Deputy::becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token) 
   }
 }
 
-pid_t Deputy::startThread(uint16_t port, kj::ArrayPtr<const kj::byte> token) {
-  std::mutex mutex;
-  std::condition_variable reported;
-  bool done = false;
-  pid_t result = -EAGAIN;
-  std::function<void(pid_t)> report = [&](pid_t tid) {
-    std::lock_guard<std::mutex> lock(mutex);
-    result = tid;
-    done = true;
-    reported.notify_all();
-  };
-  try {
-    // Every signal stays blocked in the new thread (it inherits our mask) outside its windows.
-    std::thread([options = options_, fds = &fds_, port,
-                 bytes = std::vector<kj::byte>(token.begin(), token.end()), &report]() mutable {
-      threadMain(std::move(options), fds, port, std::move(bytes), report);
-    }).detach();
-  } catch (std::system_error& e) {
-    return -EAGAIN;
+namespace {
+
+bool tidInUse(pid_t tid) { return ::kill(tid, 0) == 0 || errno != ESRCH; }
+
+// Makes the next id the home pid namespace allocates `tid` (ns_last_pid, under the flock that
+// CRIU and others take on it). Returns the locked file (the caller creates the thread, then
+// closes it) or -errno.
+int reserveNextTid(pid_t tid) {
+  int fd = open("/proc/sys/kernel/ns_last_pid", O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    return -errno;
   }
-  std::unique_lock<std::mutex> lock(mutex);
-  reported.wait(lock, [&] { return done; });
-  return result;
+  flock(fd, LOCK_EX);
+  std::string value = std::to_string(tid - 1);
+  if (write(fd, value.data(), value.size()) != static_cast<ssize_t>(value.size())) {
+    int err = errno;
+    close(fd);
+    return -err;
+  }
+  return fd;
+}
+
+}  // namespace
+
+pid_t Deputy::startThread(uint16_t port, kj::ArrayPtr<const kj::byte> token, pid_t wantedTid) {
+  if (wantedTid > 0) {
+    // A deputy thread of the node the job left may still hold it (its channel closes once the
+    // old guest is gone).
+    for (int i = 0; i < 1000 && tidInUse(wantedTid); ++i) {
+      usleep(10000);
+    }
+    if (tidInUse(wantedTid)) {
+      spdlog::error("job {}: home tid {} stays in use; no deputy thread for it", getpid(),
+                    wantedTid);
+      return -EBUSY;
+    }
+  }
+  for (int attempt = 0;; ++attempt) {
+    int lock = -1;
+    if (wantedTid > 0) {
+      lock = reserveNextTid(wantedTid);
+      if (lock < 0) {
+        spdlog::error("job {}: cannot choose home tid {} (ns_last_pid): {}", getpid(), wantedTid,
+                      strerror(-lock));
+        return lock;
+      }
+    }
+    std::mutex mutex;
+    std::condition_variable reported;
+    bool done = false;
+    pid_t result = -EAGAIN;
+    std::function<void(pid_t)> report = [&](pid_t tid) {
+      std::lock_guard<std::mutex> guard(mutex);
+      result = tid;
+      done = true;
+      reported.notify_all();
+    };
+    try {
+      // Every signal stays blocked in the new thread (it inherits our mask) outside its windows.
+      std::thread([options = options_, fds = &fds_, port,
+                   bytes = std::vector<kj::byte>(token.begin(), token.end()), wantedTid,
+                   &report]() mutable {
+        threadMain(std::move(options), fds, port, std::move(bytes), wantedTid, report);
+      }).detach();
+    } catch (std::system_error& e) {
+      result = -EAGAIN;
+      done = true;
+    }
+    if (lock >= 0) {
+      close(lock);
+    }
+    std::unique_lock<std::mutex> guard(mutex);
+    reported.wait(guard, [&] { return done; });
+    if (result != -EBUSY || attempt >= 20) {
+      return result;
+    }
+    // Another process took the tid between our write and the thread's birth: again.
+  }
 }
 
 void Deputy::threadMain(DeputyOptions options, ReservedFds* fds, uint16_t port,
-                        std::vector<kj::byte> token, const std::function<void(pid_t)>& reportTid) {
+                        std::vector<kj::byte> token, pid_t wantedTid,
+                        const std::function<void(pid_t)>& reportTid) {
   pid_t tid = static_cast<pid_t>(::syscall(SYS_gettid));
+  if (wantedTid > 0 && tid != wantedTid) {
+    reportTid(-EBUSY);
+    return;
+  }
   // Connected from this thread: the socket's owner (SIGURG for a cancel) is this thread.
   int fd = connectJobSocket(options.address, port, 5000, *fds);
   if (fd < 0) {

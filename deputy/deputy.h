@@ -106,10 +106,17 @@ class Deputy {
   void becomeForkChild(uint16_t port, kj::ArrayPtr<const kj::byte> token);
   // clone(CLONE_THREAD) of the guest (docs/design.md, "Threads"): starts a deputy thread that
   // connects to `port` with `token` and serves the guest thread; returns its home tid or -errno.
-  pid_t startThread(uint16_t port, kj::ArrayPtr<const kj::byte> token);
-  // The body of a deputy thread (startThread). `reportTid` receives its tid or -errno once.
+  // `wantedTid` > 0: the thread must get that tid (a guest thread that moved to the node with
+  // its process): startThread waits up to 10 s for it to be free here, then makes the thread
+  // with the home pid namespace's ns_last_pid set to wantedTid - 1 (root, or CAP_SYS_ADMIN /
+  // CAP_CHECKPOINT_RESTORE there), retrying when another process took the tid first; -EBUSY
+  // when it could not.
+  pid_t startThread(uint16_t port, kj::ArrayPtr<const kj::byte> token, pid_t wantedTid = 0);
+  // The body of a deputy thread (startThread). `reportTid` receives its tid or -errno once
+  // (-EBUSY, without connecting: not `wantedTid`).
   static void threadMain(DeputyOptions options, ReservedFds* fds, uint16_t port,
-                         std::vector<kj::byte> token, const std::function<void(pid_t)>& reportTid);
+                         std::vector<kj::byte> token, pid_t wantedTid,
+                         const std::function<void(pid_t)>& reportTid);
   void handleFetchFile(proto::FetchFile::Reader request);
   // mps -d: hooks the new record's counters to the channel and publishes our descriptors.
   void startInspection();
@@ -129,8 +136,9 @@ class Deputy {
   // (ToRemote.move) or refuses. Sent before the reply of a call the request interrupted.
   void serveControl();
   // Why the job cannot move now (a move under way, mosrun -L unless `checkpoint`, not the main
-  // deputy, threads), "" when it can.
-  std::string moveRefusal(bool checkpoint);
+  // deputy; several threads without the capability to give each its tid back at home, for a
+  // move home or to another node `target`: migrate::threadIdsRefusal), "" when it can.
+  std::string moveRefusal(bool checkpoint, uint32_t target);
   // ToDeputy.comeHome: the guest needs what only home gives (`reason`): starts a move home
   // (ToRemote.move) or answers ToRemote.moveAbort with why it cannot.
   void comeHome(const std::string& reason);
@@ -195,6 +203,11 @@ class Deputy {
   };
   kj::Own<MoveState> move_;  // a move in progress (move.cc)
 };
+
+// True while this process's leader deputy runs a move: every deputy thread keeps the job's
+// signals recorded instead of forwarding them (they go with the job, or to the guest if the move
+// does not happen). Set and cleared by the leader.
+bool processMoving();
 
 // Writes "mosrun: <text>\n" to the job's stderr (fd 2), ignoring errors.
 void printMosrunMessage(const std::string& text);

@@ -14,6 +14,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -35,6 +36,8 @@
 namespace mos::deputy {
 
 namespace {
+
+std::atomic<bool> moveOfProcess{false};  // processMoving()
 
 // Deputy-internal SIGURGs (a cancel's urgent byte: SI_KERNEL; a control connection: POLL_IN; an
 // exec handoff) must not reach the job; a job's own SIGURG must.
@@ -208,11 +211,12 @@ void Deputy::serveControl() {
              "' (this deputy serves `home`, `node ID ADDRESS PORT` and `checkpoint /PATH`)");
       continue;
     }
-    if (std::string why = moveRefusal(!checkpointPath.empty()); !why.empty()) {
+    if (std::string why = moveRefusal(!checkpointPath.empty(), target); !why.empty()) {
       refuse(why);
       continue;
     }
     move_ = kj::heap<MoveState>();
+    moveOfProcess = true;
     move_->connection = kj::mv(request.connection);
     move_->target = target;
     move_->address = address;
@@ -237,7 +241,9 @@ void Deputy::serveControl() {
   }
 }
 
-std::string Deputy::moveRefusal(bool checkpoint) {
+bool processMoving() { return moveOfProcess.load(); }
+
+std::string Deputy::moveRefusal(bool checkpoint, uint32_t target) {
   if (moving()) {
     return "a move of this job is already in progress";
   }
@@ -247,9 +253,11 @@ std::string Deputy::moveRefusal(bool checkpoint) {
   if (!leader_) {
     return "not the job's main deputy";
   }
-  if (int threads = migrate::countThreads(getpid()); threads > 1) {
-    return "it has " + std::to_string(threads) +
-           " threads: only single-threaded processes move yet";
+  if (int threads = migrate::countThreads(getpid()); threads > 1 && !checkpoint) {
+    // Home (clone3 set_tid at the restore) or another node (each deputy thread made again at
+    // its tid for its new channel: ns_last_pid) alike.
+    (void)target;
+    return migrate::threadIdsRefusal(getpid(), threads);
   }
   return "";
 }
@@ -257,7 +265,7 @@ std::string Deputy::moveRefusal(bool checkpoint) {
 void Deputy::comeHome(const std::string& reason) {
   capnp::MallocMessageBuilder message(16);
   auto root = message.initRoot<proto::ToRemote>();
-  if (std::string why = moveRefusal(false); !why.empty()) {
+  if (std::string why = moveRefusal(false, 0); !why.empty()) {
     spdlog::info("job {}: {}, but it cannot come home: {}", getpid(), reason, why);
     root.setMoveAbort(why);
     channel_->send(message);
@@ -265,6 +273,7 @@ void Deputy::comeHome(const std::string& reason) {
   }
   // A move home as `migrate PID home` starts one, with nobody to answer at the end.
   move_ = kj::heap<MoveState>();
+  moveOfProcess = true;
   if (auto* r = record_.get()) {
     r->state = static_cast<uint32_t>(JobState::MIGRATING);
   }
@@ -291,6 +300,7 @@ void Deputy::endMove(const std::string& reply) {
     move_->agent.cancel();
   }
   move_ = nullptr;
+  moveOfProcess = false;
   if (auto* r = record_.get()) {
     r->state = static_cast<uint32_t>(JobState::REMOTE);
   }

@@ -171,6 +171,23 @@ struct DeputyExec {
 // process can be detached and runs on at home.
 std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header, const DeputyExec& exec);
 
+// Ends every thread of the seized, captured process `pid` but its leader, before execDeputy():
+// each is made to call exit(2) by injection, with every signal blocked and its robust list and
+// clear-child-tid address cleared first (its exit then writes nothing into the job's memory),
+// and is reaped by the caller (its tracer). Its tid is free afterwards: the deputy thread that
+// will serve the guest thread is made at it (docs/design.md, "Migration of a running process",
+// threads). The process cannot run on with its threads gone: if execDeputy() then fails, kill
+// it. Preconditions: as execDeputy's. Throws kj::Exception (FAILED) when an injection fails.
+void endOtherThreads(pid_t pid);
+
+// Why the threads of process `pid` (`threads` of them) cannot be given their ids back at home,
+// "" when they can: recreating a thread at a chosen tid in the home pid namespace (clone3 with
+// set_tid when a job is restored at home; ns_last_pid when its deputy makes a deputy thread for
+// a guest thread) needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE there, and the job's process
+// (which runs both: the restore and the deputy are the job's own process) must have one of them
+// in its effective set (/proc/PID/status CapEff). One readable sentence.
+std::string threadIdsRefusal(pid_t pid, int threads);
+
 // execveat(2) of the restore stub (embedded in libmigrate: a few static pages at
 // 0x3f0000000000 that exit with status 127 unless a tracer takes over). Returns only on failure,
 // with errno set.

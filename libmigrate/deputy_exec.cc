@@ -2,13 +2,18 @@
 // (design decision 1, checkpoint.h). Everything is done by syscall injection at the vDSO's
 // `syscall` instruction, with every signal blocked, arguments in one scratch mapping that the
 // successful execve discards.
+#include <dirent.h>
 #include <fcntl.h>
+#include <sys/ptrace.h>
+#include <sys/wait.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -162,6 +167,71 @@ std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header, const 
   task.setSigmask(savedMask);
   KJ_FAIL_REQUIRE(kj::str("execve(", exec.path.c_str(),
                           ") of the deputy failed: ", strerror(static_cast<int>(-r))));
+}
+
+std::string threadIdsRefusal(pid_t pid, int threads) {
+  std::string status;
+  if (FILE* f = fopen(("/proc/" + std::to_string(pid) + "/status").c_str(), "re")) {
+    char line[512];
+    while (fgets(line, sizeof(line), f) != nullptr) {
+      if (strncmp(line, "CapEff:", 7) == 0) {
+        status = line + 7;
+      }
+    }
+    fclose(f);
+  }
+  uint64_t effective = strtoull(status.c_str(), nullptr, 16);
+  constexpr int CAP_SYS_ADMIN_BIT = 21, CAP_CHECKPOINT_RESTORE_BIT = 40;  // linux/capability.h
+  if ((effective >> CAP_SYS_ADMIN_BIT & 1) || (effective >> CAP_CHECKPOINT_RESTORE_BIT & 1)) {
+    return "";
+  }
+  return "it has " + std::to_string(threads) +
+         " threads, and giving each its thread id back at home needs CAP_SYS_ADMIN or "
+         "CAP_CHECKPOINT_RESTORE, which the job's process does not have";
+}
+
+void endOtherThreads(pid_t pid) {
+  PtraceTask leader(pid);
+  VdsoLayout vdso = vdsoLayout(readMaps(pid));
+  KJ_REQUIRE(vdso.present(), "the process has no vDSO");
+  RemotePtr<uint8_t> insn =
+      leader.findSyscallInstruction(vdso.vdsoStart, vdso.vdsoStart + vdso.vdsoSize);
+  KJ_REQUIRE(!insn.isNull(), "no syscall instruction in the vDSO");
+  std::vector<pid_t> tids;
+  std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      pid_t tid = static_cast<pid_t>(atoi(e->d_name));
+      if (e->d_name[0] != '.' && tid != pid) {
+        tids.push_back(tid);
+      }
+    }
+    ::closedir(d);
+  }
+  for (pid_t tid : tids) {
+    PtraceTask t(tid);
+    t.setSyscallInstruction(insn);
+    t.setSigmask(~0ull);
+    // Its exit must not touch the job's memory, which the image holds (and a shared mapping
+    // another process sees): no robust-list walk, no clear-child-tid write and wake.
+    constexpr uint64_t ROBUST_LIST_HEAD_SIZE = 24;  // sizeof(struct robust_list_head)
+    t.syscall(__NR_set_robust_list, {0, ROBUST_LIST_HEAD_SIZE});
+    t.syscall(__NR_set_tid_address, {0});
+    user_regs_struct regs = t.getRegs();
+    regs.rax = __NR_exit;
+    regs.orig_rax = static_cast<uint64_t>(-1);
+    regs.rip = insn.addr();
+    regs.rdi = 0;
+    t.setRegs(regs);
+    KJ_SYSCALL(::ptrace(PTRACE_CONT, tid, 0, 0), tid);
+    for (;;) {
+      int status = waitTask(tid);
+      if (WIFEXITED(status) || WIFSIGNALED(status)) {
+        break;
+      }
+      KJ_SYSCALL(::ptrace(PTRACE_CONT, tid, 0, 0), tid);
+    }
+  }
 }
 
 }  // namespace mos::migrate

@@ -53,6 +53,11 @@ struct RestoreOptions {
 struct RestoredGuest {
   pid_t pid = -1;            // a child of the caller, running the image, not traced
   kj::AutoCloseFd listener;  // the seccomp user-notification fd; absent without a filter
+  // The process's other threads (the image's threads[1..], tids as the caller sees them), made
+  // at their image tids in options.pid's namespace, with the guest's credentials and filter;
+  // still traced by the calling thread and stopped in a ptrace stop with their image registers:
+  // the caller lets each go (PTRACE_DETACH) once it is ready to serve it.
+  std::vector<pid_t> threads;
 };
 
 // Restores the guest of a job on a node from a migration stream (checkpoint.h,
@@ -68,7 +73,10 @@ struct RestoredGuest {
 // xsave, registers and mask, detaches and lets it run. Not taken from the image: cwd, umask,
 // descriptors, /proc/PID/exe (a guest's files are its deputy's). The stream's digest is checked
 // when its end frame is read, before the guest runs.
-// Throws kj::Exception (FAILED) when the image cannot run here (CPU, vDSO, threads) or the
+// Every thread of the image is restored (clone3 with set_tid at its image tid, before the
+// credentials drop; the filter reaches them all through SECCOMP_FILTER_FLAG_TSYNC); they are
+// returned stopped (RestoredGuest.threads).
+// Throws kj::Exception (FAILED) when the image cannot run here (CPU, vDSO) or the
 // stream is damaged or truncated; the stub is then killed and reaped. Exceptions thrown by
 // `files` propagate unchanged.
 //

@@ -169,6 +169,10 @@ int PtraceTask::waitSyscallStop(bool entry) {
     int event = ptraceEvent(status);
     if (event == PTRACE_EVENT_CLONE || event == PTRACE_EVENT_FORK || event == PTRACE_EVENT_VFORK) {
       // An injected clone3 with PTRACE_O_TRACECLONE set: on to its exit stop.
+      unsigned long child = 0;
+      if (::ptrace(PTRACE_GETEVENTMSG, pid_, 0, &child) == 0) {
+        lastChild_ = static_cast<pid_t>(child);
+      }
       KJ_SYSCALL(::ptrace(PTRACE_SYSCALL, pid_, 0, 0), pid_);
       continue;
     }

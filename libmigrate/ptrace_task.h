@@ -94,6 +94,10 @@ class PtraceTask {
   uint64_t syscallOrThrow(const char* what, long nr, std::initializer_list<uint64_t> args);
   // How many syscalls this object has injected.
   uint64_t injected() const { return injected_; }
+  // The id of the task the last injected clone/clone3/fork made, as the tracer sees it (the
+  // PTRACE_EVENT_CLONE message: in another pid namespace than the task's, its result differs);
+  // 0 before any.
+  pid_t lastChild() const { return lastChild_; }
 
  private:
   int waitSyscallStop(bool entry);
@@ -104,6 +108,7 @@ class PtraceTask {
   RemotePtr<uint8_t> syscallInsn_;
   std::function<void()> whileInSyscall_;
   uint64_t injected_ = 0;
+  pid_t lastChild_ = 0;
 };
 
 }  // namespace mos::migrate

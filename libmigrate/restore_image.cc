@@ -153,6 +153,21 @@ std::map<uint64_t, std::vector<proto::OpenFile::Reader>> internalPipes(
   return out;
 }
 
+// The entries of /proc/PID/task (empty when it cannot be read).
+std::vector<pid_t> taskIds(pid_t pid) {
+  std::vector<pid_t> out;
+  std::string path = "/proc/" + std::to_string(pid) + "/task";
+  if (DIR* dir = ::opendir(path.c_str())) {
+    while (dirent* e = ::readdir(dir)) {
+      if (e->d_name[0] != '.') {
+        out.push_back(static_cast<pid_t>(atoi(e->d_name)));
+      }
+    }
+    ::closedir(dir);
+  }
+  return out;
+}
+
 struct KernelSigaction {
   uint64_t handler, flags, restorer, mask;
 };
@@ -299,7 +314,13 @@ struct Target {
   bool atHome = true;
   // Called after every injected call of the image's state and before the stub's pages go: a
   // guest drops its privileges and enters its sandbox there.
-  std::function<void(PtraceTask&, RemotePtr<uint8_t> scratch)> beforeStubUnmap;
+  // `others` are the process's other threads, stopped (they get the same credentials).
+  std::function<void(PtraceTask&, std::vector<PtraceTask>& others, RemotePtr<uint8_t> scratch)>
+      beforeStubUnmap;
+  // Not null: the other threads stay traced and stopped at the end, their tids (as the caller
+  // sees them) here, the image's order (a guest thread must not run before the supervisor has a
+  // task and a channel for it).
+  std::vector<pid_t>* keptThreads = nullptr;
   // A live move of a remote guest back into its deputy (ResumeOptions::intoDeputy): the fd
   // table, cwd, umask, personality and credentials are already the job's; only the close-on-exec
   // flags the deputy cleared come back, and /proc/PID/exe names `exePath`.
@@ -654,10 +675,17 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     KJ_REQUIRE(tid == wantedTid,
                kj::str("cannot give thread ", wantedTid, " its id back (clone3 with set_tid: ",
                        tid < 0 ? strerror(int(-tid)) : "another id", ")"));
+    // Its id here: the clone event's (a guest's namespace is not ours).
+    if (task.lastChild() > 0) {
+      tid = task.lastChild();
+    }
     for (;;) {
       int status = waitTask(tid);
       KJ_REQUIRE(WIFSTOPPED(status), "a restored thread ended", tid, describeStatus(status));
-      if (ptraceEvent(status) == PTRACE_EVENT_STOP) {
+      // Seized tracees' new threads start in PTRACE_EVENT_STOP; a PTRACE_TRACEME tracee's (a
+      // guest's stub) with a SIGSTOP, which the first injection suppresses.
+      if (ptraceEvent(status) == PTRACE_EVENT_STOP ||
+          (ptraceEvent(status) == 0 && WSTOPSIG(status) == SIGSTOP)) {
         break;
       }
       KJ_SYSCALL(::ptrace(PTRACE_CONT, tid, 0, 0), tid);
@@ -698,7 +726,7 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   }
 
   if (target.beforeStubUnmap) {
-    target.beforeStubUnmap(task, scratchPtr);
+    target.beforeStubUnmap(task, others, scratchPtr);
   }
 
   // 7. The stub's pages, the last of the stub; /proc/PID/exe names the image's program when
@@ -766,7 +794,11 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   }
   ::ptrace(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_TRACESYSGOOD);
   for (auto& other : others) {
-    KJ_SYSCALL(::ptrace(PTRACE_DETACH, other.pid(), 0, 0), other.pid());
+    if (target.keptThreads != nullptr) {
+      target.keptThreads->push_back(other.pid());
+    } else {
+      KJ_SYSCALL(::ptrace(PTRACE_DETACH, other.pid(), 0, 0), other.pid());
+    }
   }
   others.clear();
   return stats;
@@ -896,8 +928,18 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
   memfdOwner = nullptr;
   bool detached = false;
   KJ_DEFER(if (!detached) {
+    // Its threads made so far are traced by us: reaped by us, before the leader can be.
+    std::vector<pid_t> tids;
+    try {
+      tids = taskIds(pid);
+    } catch (...) {
+    }
     ::kill(pid, SIGKILL);
     int ignored;
+    for (pid_t tid : tids) {
+      while (tid != pid && ::waitpid(tid, &ignored, __WALL) < 0 && errno == EINTR) {
+      }
+    }
     while (::waitpid(pid, &ignored, __WALL) < 0 && errno == EINTR) {
     }
   });
@@ -913,8 +955,24 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
   target.mappedPath = [&](proto::FileRef::Reader ref) {
     return localPaths.at(pathOf(ref.getPath()));
   };
-  target.beforeStubUnmap = [&](PtraceTask& task, RemotePtr<uint8_t> scratchPtr) {
+  std::vector<pid_t> threads;
+  target.keptThreads = &threads;
+  target.beforeStubUnmap = [&](PtraceTask& task, std::vector<PtraceTask>& others,
+                               RemotePtr<uint8_t> scratchPtr) {
     uint64_t scratch = scratchPtr.addr();
+    // Credentials and no_new_privs are per thread: each of the others drops them itself
+    // (its clone3 at its home tid needed the privileges first).
+    for (PtraceTask& other : others) {
+      if (options.dropPrivileges) {
+        other.syscallOrThrow("setgroups", __NR_setgroups, {0, 0});
+        other.syscallOrThrow("setresgid", __NR_setresgid, {options.gid, options.gid, options.gid});
+        other.syscallOrThrow("setresuid", __NR_setresuid, {options.uid, options.uid, options.uid});
+      }
+      if (!options.seccompFilter.empty()) {
+        other.syscallOrThrow("prctl(PR_SET_NO_NEW_PRIVS)", __NR_prctl,
+                             {PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0});
+      }
+    }
     if (options.dropPrivileges) {
       task.syscallOrThrow("setgroups", __NR_setgroups, {0, 0});
       task.syscallOrThrow("setresgid", __NR_setresgid, {options.gid, options.gid, options.gid});
@@ -937,10 +995,14 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
       uint64_t filter;
     } fprog{static_cast<uint16_t>(options.seccompFilter.size()), {}, progAt.addr()};
     task.writeValue(scratchPtr.cast<decltype(fprog)>(), fprog);
+    // The other threads get the same filter (TSYNC; with a listener the kernel wants
+    // TSYNC_ESRCH), so every thread's calls reach the one listener.
+    uint64_t sync =
+        others.empty() ? 0 : SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_TSYNC_ESRCH;
     uint64_t remoteListener = task.syscallOrThrow(
         "seccomp(SECCOMP_SET_MODE_FILTER)", __NR_seccomp,
         {SECCOMP_SET_MODE_FILTER,
-         SECCOMP_FILTER_FLAG_NEW_LISTENER | static_cast<uint64_t>(options.seccompExtraFlags),
+         SECCOMP_FILTER_FLAG_NEW_LISTENER | sync | static_cast<uint64_t>(options.seccompExtraFlags),
          scratch});
     int pidfd;
     KJ_SYSCALL(pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)), pid);
@@ -973,6 +1035,7 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
   RestoredGuest guest;
   guest.pid = pid;
   guest.listener = kj::mv(listener);
+  guest.threads = kj::mv(threads);
   return guest;
 }
 

@@ -130,6 +130,12 @@ struct ForkRequest {
   # clone with CLONE_THREAD (docs/design.md, "Threads"): the deputy starts a thread instead of
   # forking. The reply's ret is the new thread's home tid; the thread opens the channel as a
   # child does and sends its tid in the pid's place; it serves the guest thread made at that tid.
+  tid @4 :Int32;
+  # With `thread`, > 0: the home tid the deputy thread must have (a thread of a process that moved
+  # here with its threads, restored at its home tid: docs/design.md, "Migration of a running
+  # process", threads). The deputy waits until that tid is free at home (a deputy thread of the
+  # previous node may still hold it), then creates the thread there (ns_last_pid); ret is -EBUSY
+  # when it could not.
 }
 
 struct GuestExit {

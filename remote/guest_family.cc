@@ -37,6 +37,9 @@ constexpr int CHILD_HELLO_MS = 5000;
 // How long a child guest waits for its deputy's channel before it is killed (its home deputy
 // could not connect: it exits 112 at home).
 constexpr int CHILD_CHANNEL_MS = 15000;
+// How long a move waits for the other threads of the process to leave their calls at home and
+// park (each task cancels its call at once, and again every 50 ms).
+constexpr int PARK_MS = 10000;
 
 // A message reader that owns its flat array.
 struct WordsHolder {
@@ -166,7 +169,7 @@ GuestFamily::Task* GuestFamily::findTask(pid_t pid) {
   return it == tasks_.end() ? nullptr : it->second.get();
 }
 
-void GuestFamily::run(Supervisor& first, pid_t pid) {
+void GuestFamily::run(Supervisor& first, pid_t pid, std::vector<std::pair<pid_t, pid_t>> threads) {
   firstChannelFd_ = first.channelFd();
   firstStart_ = first.jobStart();
   auto task = std::make_unique<Task>();
@@ -185,6 +188,9 @@ void GuestFamily::run(Supervisor& first, pid_t pid) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     tasks_[pid] = std::move(task);
+  }
+  if (!threads.empty()) {
+    adoptRestoredThreads(first, *t, threads);
   }
   startWorker(*t);
   for (;;) {
@@ -381,6 +387,9 @@ void GuestFamily::workerBody(Task* task) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     task->ended = true;
+    if (!task->isThread) {
+      releaseParks(task->tgid);  // a move of its process, if one was under way, is over
+    }
   }
   wake_.push(0);
 }
@@ -454,6 +463,11 @@ void GuestFamily::acceptChild() {
 
 void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
   task.awaitingChannel = false;
+  if (task.heldStopped) {
+    // A restored thread: served from now on, it runs (its tracer is this, the main thread).
+    task.heldStopped = false;
+    ptrace(PTRACE_DETACH, task.pid, 0, 0);
+  }
   SupervisorOptions options = options_;
   options.fd = fd.release();
   task.ownedSupervisor = kj::heap<Supervisor>(
@@ -462,6 +476,9 @@ void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
   task.supervisor = task.ownedSupervisor.get();
   task.supervisor->setForkHost(this);
   task.supervisor->setThreadTask(task.isThread);
+  if (task.parkRequested) {
+    task.supervisor->requestPark();  // its process is being moved: it parks at once
+  }
   task.supervisor->recordChildGuest();
   if (auto it = inheritedNodeFds_.find(task.homePid); it != inheritedNodeFds_.end()) {
     task.supervisor->inheritNodeFds(kj::mv(it->second));
@@ -472,6 +489,55 @@ void GuestFamily::attachChannel(Task& task, kj::AutoCloseFd fd) {
     inheritedHomePaths_.erase(it);
   }
   startWorker(task);
+}
+
+void GuestFamily::adoptRestoredThreads(Supervisor& first, Task& leader,
+                                       const std::vector<std::pair<pid_t, pid_t>>& threads) {
+  uint16_t port = childPort();
+  for (auto [tid, homeTid] : threads) {
+    std::string token(TOKEN_BYTES, '\0');
+    KJ_SYSCALL(getrandom(token.data(), token.size(), 0));
+    auto created = std::make_unique<Task>();
+    created->pid = tid;
+    created->homePid = leader.homePid;
+    created->homeTid = homeTid;
+    created->tgid = leader.pid;
+    created->isThread = true;
+    created->heldStopped = true;
+    created->pendingUnotify = kj::heap<RoutedUnotify>(*listener_);
+    int pidfd = static_cast<int>(syscall(SYS_pidfd_open, tid, PIDFD_THREAD_FLAG));
+    if (pidfd < 0) {
+      spdlog::warn("pidfd_open(PIDFD_THREAD) of guest thread {}: {}; its end goes unnoticed", tid,
+                   strerror(errno));
+    }
+    created->pendingGuest = kj::heap<RoutedGuest>(tid, leader.pid, kj::AutoCloseFd(pidfd));
+    created->unotify = created->pendingUnotify.get();
+    created->guest = created->pendingGuest.get();
+    created->awaitingChannel = true;
+    created->bornAt = std::chrono::steady_clock::now();
+    Task* c = created.get();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      tasks_[tid] = std::move(created);
+      expected_.push_back(Expected{token, homeTid, kj::AutoCloseFd(), c});
+    }
+    int64_t got = -EAGAIN;
+    try {
+      got = first.askDeputyToFork(
+          0, port, kj::arrayPtr(reinterpret_cast<const kj::byte*>(token.data()), token.size()),
+          true, homeTid);
+    } catch (TaskEnded&) {
+      got = -EPIPE;  // the deputy is gone: so is the job
+    }
+    if (got != homeTid) {
+      spdlog::error(
+          "job {}: no deputy thread at home tid {} for guest thread {} ({}); the job ends",
+          leader.homePid, homeTid, tid, got < 0 ? strerror(static_cast<int>(-got)) : "");
+      ::kill(leader.pid, SIGKILL);  // its threads die with it; every task then ends
+      return;
+    }
+    spdlog::debug("job {}: restored guest thread {} at home tid {}", leader.homePid, tid, homeTid);
+  }
 }
 
 Answer GuestFamily::forkGuest(Supervisor& supervisor, const seccomp_notif& notif) {
@@ -654,42 +720,176 @@ InjectHost GuestFamily::mainHost() {
   return host;
 }
 
+bool GuestFamily::parkSiblings(Task& leader) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  pid_t tgid = leader.tgid;
+  Task* late = nullptr;
+  auto allParked = [&] {
+    bool all = true;
+    for (auto& [p, t] : tasks_) {
+      if (t->tgid != tgid || !t->isThread || t->ended) {
+        continue;
+      }
+      if (!t->parkRequested) {
+        t->parkRequested = true;
+        if (t->supervisor != nullptr && t->started) {
+          t->supervisor->requestPark();
+        }
+      }
+      if (!t->parked) {
+        all = false;
+        late = t.get();
+      }
+    }
+    return all;
+  };
+  if (parkChanged_.wait_for(lock, std::chrono::milliseconds(PARK_MS), allParked)) {
+    return true;
+  }
+  spdlog::warn("job {}: thread {} did not stop for the move within {} ms",
+               firstStart_.getIds().getPid(), late != nullptr ? late->homeTid : 0, PARK_MS);
+  releaseParks(tgid);
+  return false;
+}
+
+void GuestFamily::releaseParks(pid_t tgid) {
+  for (auto& [p, t] : tasks_) {
+    if (t->tgid == tgid && t->isThread) {
+      t->parkRequested = false;
+    }
+  }
+  parkChanged_.notify_all();
+}
+
+bool GuestFamily::parkForMove(pid_t tid, kj::Maybe<uint64_t> heldId) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  Task* t = findTask(tid);
+  if (t == nullptr || !t->parkRequested) {
+    return false;  // released before it got here
+  }
+  t->heldId = heldId;
+  t->parked = true;
+  parkChanged_.notify_all();
+  parkChanged_.wait(lock, [&] { return !t->parkRequested; });
+  t->parked = false;
+  bool answered = heldId != nullptr && t->heldId == nullptr;
+  t->heldId = nullptr;
+  return answered;
+}
+
 MoveResult GuestFamily::moveCapture(pid_t pid, kj::Maybe<uint64_t> answerId, kj::OutputStream& sink,
                                     std::function<void(proto::ImageHeader::Builder)> editHeader) {
   MoveResult result;
+  Task* leader;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    leader = findTask(pid);
+    if (leader == nullptr || leader->ended) {
+      result.outcome = MoveOutcome::GONE;
+      return result;
+    }
+  }
+  // Every other thread's task cuts its call and parks first (they may wait at home).
+  if (!parkSiblings(*leader)) {
+    result.reason = "a thread of the job did not leave its call at home within " +
+                    std::to_string(PARK_MS / 1000) + " s";
+    KJ_IF_MAYBE (id, answerId) {
+      seccomp_notif_resp resp = {};
+      resp.id = *id;
+      resp.error = -ERESTARTNOINTR;
+      (void)listener_->send(resp);
+    }
+    return result;
+  }
   onMain([&] {
+    MoveRequest request;
+    std::map<pid_t, pid_t> homeTids;  // node tid -> home tid
+    pid_t homePid;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       Task* task = findTask(pid);
       if (task == nullptr || task->ended) {
         result.outcome = MoveOutcome::GONE;
+        releaseParks(pid);
         return;
       }
       // As for a signal session (queueAsGuest): a notification already routed to the task
       // would keep the guest from stopping, and so would a wait only SIGKILL ends.
       if (answerId == nullptr && (task->unotify->hasQueued() || processState(pid) == 'D')) {
-        result.outcome = MoveOutcome::BUSY;
+        result.outcome = MoveOutcome::BUSY;  // the other threads stay parked until the retry
         return;
       }
+      homePid = task->homePid;
+      homeTids[pid] = task->homeTid;
+      for (auto& [p, t] : tasks_) {
+        if (t->tgid != task->tgid || !t->isThread || t->ended) {
+          continue;
+        }
+        request.threads.push_back(t->pid);
+        homeTids[t->pid] = t->homeTid;
+        // The call it waits in, cut at home, and one routed to it since it parked: the capture
+        // answers them once the thread is interrupted.
+        KJ_IF_MAYBE (id, t->heldId) {
+          request.threadAnswers.push_back(*id);
+          t->heldId = nullptr;
+        }
+        while (true) {
+          seccomp_notif queued;
+          if (t->unotify->receive(queued) != 0) {
+            break;
+          }
+          request.threadAnswers.push_back(queued.id);
+        }
+      }
     }
-    MoveRequest request;
     request.pid = pid;
     request.answerId = answerId;
     request.sink = &sink;
-    request.editHeader = kj::mv(editHeader);
+    // The capture names the threads by their node tids: the image is the job's, with home ones.
+    request.editHeader = [edit = kj::mv(editHeader), homeTids, homePid,
+                          pid](proto::ImageHeader::Builder header) {
+      edit(header);
+      KJ_REQUIRE(header.getSourcePid() == pid, "the capture is not the guest's",
+                 header.getSourcePid(), pid);
+      header.setSourcePid(homePid);
+      for (auto thread : header.getThreads()) {
+        auto home = homeTids.find(static_cast<pid_t>(thread.getTid()));
+        if (home == homeTids.end()) {
+          throw kj::Exception(kj::Exception::Type::FAILED, __FILE__, __LINE__,
+                              kj::str("its thread ", thread.getTid(),
+                                      " has no task on this node (it was just created)"));
+        }
+        thread.setTid(home->second);
+      }
+    };
     result = captureForMove(request, mainHost());
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (result.outcome == MoveOutcome::DONE) {
+      capturedThreads_[pid] = request.threads;
+    } else {
+      releaseParks(pid);
+    }
   });
   return result;
 }
 
 void GuestFamily::moveFinish(pid_t pid, bool commit) {
-  onMain([&] { finishMove(pid, commit, mainHost()); });
+  onMain([&] {
+    std::vector<pid_t> threads;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      threads = kj::mv(capturedThreads_[pid]);
+      capturedThreads_.erase(pid);
+    }
+    finishMove(pid, threads, commit, mainHost());
+    std::lock_guard<std::mutex> lock(mutex_);
+    releaseParks(pid);
+  });
 }
 
 std::string GuestFamily::moveRefusal(pid_t pid) {
   std::vector<GuestMaps> guests;
   size_t self = 0;
-  int threads = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     Task* task = findTask(pid);
@@ -697,14 +897,8 @@ std::string GuestFamily::moveRefusal(pid_t pid) {
       return "the guest has ended";
     }
     for (auto& [p, t] : tasks_) {
-      if (t->ended) {
-        continue;
-      }
-      if (t->tgid == task->tgid) {
-        threads++;
-      }
-      if (t->isThread) {
-        continue;
+      if (t->ended || t->isThread) {
+        continue;  // threads share their process's memory: they move with it
       }
       if (t.get() == task) {
         self = guests.size();
@@ -714,10 +908,6 @@ std::string GuestFamily::moveRefusal(pid_t pid) {
       maps.shared = sharedMappings(readNodeProcFile(t->pid, "maps"));
       guests.push_back(kj::mv(maps));
     }
-  }
-  if (threads > 1) {
-    return "it has " + std::to_string(threads) +
-           " threads: only single-threaded processes move yet";
   }
   std::vector<std::string> reasons = stayReasons(guests);
   if (self < reasons.size() && reasons[self].rfind("shares memory", 0) == 0) {

@@ -125,8 +125,11 @@ class GuestFamily final : public ForkHost {
   ~GuestFamily() noexcept(false);
 
   // Serves the job: `first` (restored, its `started` sent) becomes the first task, whose guest is
-  // `pid`. Returns when every task ended (the caller exits; the namespace dies with us).
-  void run(Supervisor& first, pid_t pid);
+  // `pid`. `threads`: the guest's other threads as restored ((node tid, home tid), stopped and
+  // traced by the calling thread): each gets a deputy thread at its home tid (ForkRequest.tid on
+  // `first`'s channel) and a task, and runs once its channel arrived. Returns when every task
+  // ended (the caller exits; the namespace dies with us).
+  void run(Supervisor& first, pid_t pid, std::vector<std::pair<pid_t, pid_t>> threads = {});
 
   // ForkHost (called by a task's worker thread).
   Answer forkGuest(Supervisor& task, const seccomp_notif& notif) override;
@@ -138,6 +141,7 @@ class GuestFamily final : public ForkHost {
                          std::function<void(proto::ImageHeader::Builder)> editHeader) override;
   void moveFinish(pid_t pid, bool commit) override;
   std::string moveRefusal(pid_t pid) override;
+  bool parkForMove(pid_t tid, kj::Maybe<uint64_t> heldId) override;
 
  private:
   struct Task;
@@ -173,6 +177,13 @@ class GuestFamily final : public ForkHost {
                            // (until it exits or its old image dies at an exec), the guest
                            // is, or is about to be, in the vfork wait no interrupt ends
     user_regs_struct savedRegs = {};
+    // A move of its process (a thread task): asked to park (requestPark), parked in
+    // parkForMove, and the notification its thread waits in meanwhile (taken by the capture).
+    // A restored thread held in its ptrace stop until its channel arrives (attachChannel).
+    bool heldStopped = false;
+    bool parkRequested = false;
+    bool parked = false;
+    kj::Maybe<uint64_t> heldId;
   };
 
   // Node-local descriptors of a forked child (by home pid), from its fork until its task starts.
@@ -194,6 +205,11 @@ class GuestFamily final : public ForkHost {
   void startWorker(Task& task);
   // A child task's channel arrived: its Supervisor is made and its worker starts.
   void attachChannel(Task& task, kj::AutoCloseFd fd);
+  // run(): a task and a deputy thread at its home tid for each restored thread of `first`'s
+  // guest (see run()). A thread whose deputy thread cannot be made ends the job (its guest is
+  // killed: a thread nobody serves would hang it).
+  void adoptRestoredThreads(Supervisor& first, Task& leader,
+                            const std::vector<std::pair<pid_t, pid_t>>& threads);
   void workerBody(Task* task);
   // The port of the per-job listening socket for child channels, created on first use.
   uint16_t childPort();
@@ -208,6 +224,12 @@ class GuestFamily final : public ForkHost {
   Answer cloneThread(Supervisor& supervisor, Task& task, const seccomp_notif& notif);
   // The deputy forks or starts a thread, then the guest's kernel runs the clone (worker side).
   Answer mirrorClone(Supervisor& supervisor, Task& task, const seccomp_notif& notif, bool thread);
+  // A move of the process whose leader is `task` (its worker calls): every other thread's task
+  // parks (docs/design.md, "Migration of a running process", "Threads"). False when one did not
+  // within PARK_MS (the parks are released then). Takes mutex_.
+  bool parkSiblings(Task& task);
+  // Lets the parked thread tasks of process `tgid` (node pid) go on. Caller holds mutex_.
+  void releaseParks(pid_t tgid);
   // waitpid(pid) on the main thread, routing an exit or a group stop met meanwhile to its task.
   int waitTraced(pid_t pid);
   void route(pid_t pid, int status);
@@ -223,10 +245,14 @@ class GuestFamily final : public ForkHost {
   std::vector<Expected> expected_;
   int firstChannelFd_ = -1;
   proto::JobStart::Reader firstStart_;
-  PollQueue<Call*> work_;   // closures from workers, run by the main thread
-  PollQueue<int> wake_;     // a worker ended
-  std::mutex forkMutex_;    // one fork at a time
-  std::mutex reaperMutex_;  // one request to the reaper at a time
+  PollQueue<Call*> work_;                // closures from workers, run by the main thread
+  PollQueue<int> wake_;                  // a worker ended
+  std::mutex forkMutex_;                 // one fork at a time
+  std::mutex reaperMutex_;               // one request to the reaper at a time
+  std::condition_variable parkChanged_;  // a thread task parked or a park was released (mutex_)
+  // The non-leader threads (node tids) of a process captured for a move (by its leader's node
+  // pid), until moveFinish.
+  std::map<pid_t, std::vector<pid_t>> capturedThreads_;
 };
 
 }  // namespace mos::remote

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include <kj/common.h>
 #include <kj/io.h>
@@ -49,18 +50,27 @@ struct MoveResult {
 struct MoveRequest {
   pid_t pid = -1;                // the guest, a pid of this node
   kj::Maybe<uint64_t> answerId;  // the notification the guest waits in, answered on the way
+  // The guest's other threads (node tids), each seized and interrupted like the leader, and the
+  // notifications they wait in (their tasks parked: GuestFamily), each answered -ERESTARTNOINTR
+  // once every thread has been interrupted, so each call is issued again where the process
+  // resumes.
+  std::vector<pid_t> threads;
+  std::vector<uint64_t> threadAnswers;
   kj::OutputStream* sink = nullptr;
   std::function<void(proto::ImageHeader::Builder)> editHeader;
 };
 
-// Runs steps 1 and 2 on `request.pid`. The caller is the guest's tracer from now on (ptrace is
-// per thread) and nothing else may wait for the guest meanwhile. `host.send` answers the
-// notification, `host.wait` waits for the guest.
+// Runs steps 1 and 2 on `request.pid` and its `request.threads` (every thread of the process
+// must be listed: captureImage refuses a thread that is not stopped). The caller is the guest's
+// tracer from now on (ptrace is per thread) and nothing else may wait for the guest meanwhile.
+// `host.send` answers the notifications, `host.wait` waits for a thread. Not DONE: every
+// thread runs on, and every notification given was answered.
 MoveResult captureForMove(const MoveRequest& request, const InjectHost& host);
 
-// Step 3: `commit` kills the captured guest and reaps it with `host.wait`; otherwise lets it run
-// on (the filter applies again, PTRACE_DETACH).
-void finishMove(pid_t pid, bool commit, const InjectHost& host);
+// Step 3: `commit` kills the captured guest and reaps each of its `threads` (node tids, not the
+// leader: traced threads are reaped by their tracer) and then the leader with `host.wait`;
+// otherwise lets them run on (the filter applies again, PTRACE_DETACH, the leader last).
+void finishMove(pid_t pid, const std::vector<pid_t>& threads, bool commit, const InjectHost& host);
 
 // The home identity of a file of the content cache, from its name (FileCache::keyOf:
 // "n<home>-<dev hex>-<ino>-<size>-<mtimeNs>"); false when `name` is not such a name.

@@ -154,7 +154,7 @@ int Supervisor::run() {
   {
     GuestFamily family(options_, kj::heap<KernelUnotify>(kj::mv(listener_)), kj::mv(signalFd_),
                        kj::mv(pidNamespace_));
-    family.run(*this, guest_);
+    family.run(*this, guest_, kj::mv(restoredThreads_));
   }
   record_.unlink();
   if (!options_.shmDir.empty()) {
@@ -181,13 +181,14 @@ void Supervisor::serveTask() {
 }
 
 int64_t Supervisor::askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token,
-                                    bool thread) {
+                                    bool thread, pid_t tid) {
   capnp::MallocMessageBuilder message;
   auto fork = message.initRoot<proto::ToDeputy>().initFork();
   fork.setSeq(seq);
   fork.setPort(port);
   fork.setToken(token);
   fork.setThread(thread);
+  fork.setTid(tid);
   KJ_IF_MAYBE (reply, callHome(message, seq)) {
     forkResult_ = (*reply)->getRoot<proto::ToRemote>().getReply().getRet();
     return forkResult_;
@@ -233,14 +234,19 @@ bool Supervisor::turn(int timeoutMs) {
   if (moveRequested_ && deferred_.empty() && current_ == nullptr && runMove(nullptr)) {
     return true;  // refused or aborted (the guest runs on); a commit ends the task
   }
+  if (parkRequested_ && deferred_.empty() && current_ == nullptr) {
+    parkForMove(nullptr);  // the thread computes or waits in its kernel: nothing to cut
+    return true;
+  }
   if (channel_.hasBuffered()) {
     onIdleMessage();
     return true;
   }
-  struct pollfd fds[3] = {{unotify_->fd(), POLLIN, 0},
+  struct pollfd fds[4] = {{unotify_->fd(), POLLIN, 0},
                           {channel_.fd(), POLLIN, 0},
-                          {guestProcess_->eventFd(), POLLIN, 0}};
-  int n = poll(fds, 3, timeoutMs);
+                          {guestProcess_->eventFd(), POLLIN, 0},
+                          {parkWake_.get(), POLLIN, 0}};
+  int n = poll(fds, parkWake_.get() >= 0 ? 4 : 3, timeoutMs);
   if (n < 0) {
     if (errno == EINTR) {
       return false;
@@ -357,6 +363,10 @@ void Supervisor::startGuest() {
   guest_ = guest.pid;
   // GuestFamily takes the listener and SIGCHLD (run()).
   listener_ = kj::mv(guest.listener);
+  auto imageThreads = reader.header().getThreads();
+  for (size_t i = 0; i < guest.threads.size() && i + 1 < imageThreads.size(); ++i) {
+    restoredThreads_.emplace_back(guest.threads[i], imageThreads[i + 1].getTid());
+  }
   record_ = OwnedJobRecord::create(options_.runDir, "guests", getpid(), start_.getIds().getPid(),
                                    options_.peerNode, start_.getCommand());
   record_.get()->node = options_.node;
@@ -456,6 +466,12 @@ void Supervisor::serveTraced(const seccomp_notif& notif) {
 
 void Supervisor::respond(uint64_t id, const Answer& answer) {
   if (answer.kind == Answer::DROP) {
+    return;
+  }
+  if (parkRequested_ && answer.kind == Answer::VALUE && current_ != nullptr && current_->id == id &&
+      deferred_.empty() && moveMayCut() && isRestartCode(answer.value)) {
+    // The call was cut short for a move of this thread's process: the capture answers it.
+    parkForMove(id);
     return;
   }
   if (moveRequested_ && answer.kind == Answer::VALUE && current_ != nullptr && current_->id == id &&
@@ -605,7 +621,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::awaitMessage(
       if (n > 0) {
         break;
       }
-      if (!deferred_.empty() || (moveRequested_ && moveMayCut())) {
+      if (!deferred_.empty() || moveDue()) {
         // A home signal (or a move request) crossed this request (the deputy sent it while idle,
         // then began the call): cancel the call so the guest can take it. Again every 50 ms: a
         // cancel that reaches the deputy before its call starts is consumed as stale.
@@ -665,7 +681,7 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::roundTrip(capnp::MallocMess
       // of its own: respond() lets the guest decide, with the signals queued (guest_signal.h).
       bool decideInGuest = forkHost_ != nullptr && current_ != nullptr && current_->id == seq &&
                            (!deferred_.empty() || currentCallMask() != nullptr);
-      bool forMove = moveRequested_ && moveMayCut() && current_ != nullptr && current_->id == seq;
+      bool forMove = moveDue() && current_ != nullptr && current_->id == seq;
       if (decideInGuest || forMove || guestHasSignalToTake() || guestGone()) {
         // Answer the row's restart code (-ERESTARTSYS, -ERESTARTNOHAND) with the signal pending:
         // on its way out of the syscall the guest's kernel runs the handler and then restarts
@@ -693,8 +709,8 @@ kj::Maybe<kj::Own<capnp::MessageReader>> Supervisor::callHome(capnp::MallocMessa
     // its answer.
     return nullptr;
   }
-  if (moveRequested_ && moveMayCut() && current_ != nullptr && current_->id == seq) {
-    // A move home is due: the call does not start here; it restarts after the move.
+  if (moveDue() && current_ != nullptr && current_->id == seq) {
+    // A move is due: the call does not start here; it restarts after the move.
     return nullptr;
   }
   if (forkHost_ != nullptr && current_ != nullptr && current_->id == seq &&

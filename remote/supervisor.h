@@ -26,6 +26,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <set>
@@ -155,8 +156,14 @@ class ForkHost {
   // DONE leaves the guest stopped until moveFinish().
   virtual MoveResult moveCapture(pid_t pid, kj::Maybe<uint64_t> answerId, kj::OutputStream& sink,
                                  std::function<void(proto::ImageHeader::Builder)> editHeader) = 0;
-  // Ends a DONE capture: `commit` kills and reaps the guest, else it runs on here.
+  // Ends a DONE capture: `commit` kills and reaps the guest (every thread), else it runs on here.
+  // Either way the parked thread tasks of its process go on (parkForMove returns).
   virtual void moveFinish(pid_t pid, bool commit) = 0;
+  // A thread task (its guest thread `tid`, a node tid) whose process is being moved stops here
+  // until the move is decided: captured and committed (its thread is then dead), refused or
+  // aborted. `heldId`: the notification the thread waits in, unanswered. Returns true when the
+  // capture answered it (-ERESTARTNOINTR); false: the caller answers it.
+  virtual bool parkForMove(pid_t tid, kj::Maybe<uint64_t> heldId) = 0;
   // Why guest `pid` cannot move off this node now (other threads of its process, memory it
   // shares with other guests of the job), one sentence; "" when it can.
   virtual std::string moveRefusal(pid_t pid) = 0;
@@ -199,11 +206,19 @@ class Supervisor {
   void serveTask();
   // Asks the deputy to fork, or with `thread` to start a deputy thread (ForkRequest); returns
   // the child's home pid (the thread's home tid) or -errno. Ends the task when the deputy is gone.
+  // `tid` > 0 (a thread): the home tid the deputy thread must have (ForkRequest.tid).
   int64_t askDeputyToFork(uint64_t seq, uint16_t port, kj::ArrayPtr<const kj::byte> token,
-                          bool thread = false);
+                          bool thread = false, pid_t tid = 0);
   // This task serves one thread of a guest process, not its leader (docs/design.md, "Threads"):
   // its end is not the job's, and a closed channel does not kill the process.
-  void setThreadTask(bool thread) { threadTask_ = thread; }
+  // A thread task gets the eventfd that requestPark() writes.
+  void setThreadTask(bool thread);
+  // A move of this task's guest process (a thread task: not its leader) is about to capture
+  // every thread (docs/design.md, "Migration of a running process", "Threads"): the loop cuts
+  // the forwarded call it serves, if any (cancelled at home, its answer held), stops taking new
+  // ones and parks in ForkHost::parkForMove until the move is decided. Called by another thread
+  // (the leader's worker); wakes this task's poll.
+  void requestPark();
   // handleUnsupported for a ForkHost: logs once, answers -err.
   Answer unsupported(const seccomp_notif& notif, int err, const char* why) {
     return handleUnsupported(notif, err, why);
@@ -290,6 +305,13 @@ class Supervisor {
   // True when the call being served may be cut short for a move: not a fork (its registers are
   // rewritten between its two notifications).
   bool moveMayCut();
+  // A move (ours: moveRequested_; our process's, for a thread task: parkRequested_) is due and
+  // the call being served may be cut for it.
+  bool moveDue() { return (moveRequested_ || parkRequested_.load()) && moveMayCut(); }
+  // A thread task parks for its process's move (requestPark): `heldId` is the notification its
+  // thread waits in (answered -ERESTARTNOINTR by the capture, or here when the move did not
+  // capture it).
+  void parkForMove(kj::Maybe<uint64_t> heldId);
 
   // Waits for the next ToRemote message that `isMine` accepts, delivering signal messages that
   // arrive meanwhile. Returns nullptr when the deputy closed the channel. While it waits for the
@@ -403,6 +425,9 @@ class Supervisor {
   uint32_t continuesReceived_ = 0;   // process SIGCONTs from the deputy (ToDeputy.stopped...)
   const seccomp_notif* current_ = nullptr;  // the notification being served
   kj::AutoCloseFd listener_;  // run(): the restored guest's listener, for its GuestFamily
+  // run(): the restored guest's other threads, (node tid, home tid), stopped and traced by this
+  // thread until their GuestFamily tasks have channels (RestoredGuest.threads).
+  std::vector<std::pair<pid_t, pid_t>> restoredThreads_;
   // Tracing (trace_channel.h): the job's publisher (a disabled one when untraced) and the call
   // being traced, which handlers feed (payloads, time at home, route); an inert TraceCall
   // outside serveTraced.
@@ -412,8 +437,10 @@ class Supervisor {
   int64_t forkResult_ = 0;  // the home child's pid of the fork being traced (askDeputyToFork)
   std::set<int> nodeFds_;   // node-local descriptors of the guest (sys_shm.cc)
   bool shmDirMade_ = false;
-  bool moveRequested_ = false;  // the deputy asked for a move (onMoveRequest)
-  uint32_t moveTarget_ = 0;     // where the move goes: a node id, 0 for home
+  bool moveRequested_ = false;              // the deputy asked for a move (onMoveRequest)
+  uint32_t moveTarget_ = 0;                 // where the move goes: a node id, 0 for home
+  std::atomic<bool> parkRequested_{false};  // requestPark (another thread writes it)
+  kj::AutoCloseFd parkWake_;                // eventfd: polled by turn() once requestPark ran
 };
 
 }  // namespace mos::remote

@@ -5,6 +5,10 @@
 // (GuestFamily::moveCapture) into the job channel, and the deputy's verdict ends the task or
 // lets the guest run on.
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <string>
 
 #include <capnp/message.h>
@@ -58,6 +62,38 @@ class ChannelImageSink final : public kj::OutputStream {
 };
 
 }  // namespace
+
+void Supervisor::setThreadTask(bool thread) {
+  threadTask_ = thread;
+  if (thread && parkWake_.get() < 0) {
+    int fd;
+    KJ_SYSCALL(fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    parkWake_ = kj::AutoCloseFd(fd);
+  }
+}
+
+void Supervisor::requestPark() {
+  parkRequested_ = true;
+  uint64_t one = 1;
+  (void)!write(parkWake_.get(), &one, sizeof(one));
+}
+
+void Supervisor::parkForMove(kj::Maybe<uint64_t> heldId) {
+  // Cleared first: a request of the next move, made once this one is released, parks again.
+  parkRequested_ = false;
+  uint64_t count;
+  (void)!read(parkWake_.get(), &count, sizeof(count));
+  bool answered = forkHost_ != nullptr && forkHost_->parkForMove(guest_, heldId);
+  KJ_IF_MAYBE (id, heldId) {
+    if (!answered) {
+      // The move did not capture this thread: its call is issued again, here.
+      seccomp_notif_resp resp = {};
+      resp.id = *id;
+      resp.error = -ERESTARTNOINTR;
+      (void)unotify_->send(resp);
+    }
+  }
+}
 
 void Supervisor::sendMoveRefused(const std::string& why) {
   spdlog::info("job {}: move refused: {}", start_.getIds().getPid(), why);

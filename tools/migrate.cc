@@ -323,14 +323,18 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
   std::vector<int> resend;
   try {
     mos::migrate::SeizedProcess process(pid);
-    // Counted once every task is stopped (none can start another now). libmigrate captures
-    // threads, but a guest's threads each need a deputy thread and channel on the node: not yet.
+    // Counted once every task is stopped (none can start another now). Each thread but the
+    // leader is ended before the deputy's exec (endOtherThreads): its tid is then free for the
+    // deputy thread that will serve it, which the deputy makes at that tid (ns_last_pid: root).
     int threads = mos::migrate::countThreads(pid);
     if (threads > 1) {
-      fail(fmt::format(
-          "pid {} has {} threads: moving a multi-threaded process to a node is not implemented "
-          "yet (`migrate {} checkpoint FILE` captures it with its threads); it stays at home",
-          pid, threads, pid));
+      if (std::string why = mos::migrate::threadIdsRefusal(pid, threads); !why.empty()) {
+        fail(fmt::format("cannot move pid {}, it stays at home: {}", pid, why));
+      }
+    }
+    if (threads > 1 && access(exec.path.c_str(), X_OK) != 0) {
+      fail(fmt::format("cannot move pid {}, it stays at home: {}: {}", pid, exec.path,
+                       strerror(errno)));
     }
     {
       int fd = open(imagePath.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -361,10 +365,24 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
     if (exec.argv.empty()) {
       exec.argv.push_back(exec.path);
     }
+    if (threads > 1) {
+      try {
+        mos::migrate::endOtherThreads(pid);
+      } catch (kj::Exception& e) {
+        kill(pid, SIGKILL);  // some of its threads are gone: it cannot run on
+        unlink(imagePath.c_str());
+        fail(fmt::format("pid {} is lost: ending its threads for the move failed: {}", pid,
+                         e.getDescription().cStr()));
+      }
+    }
     try {
       resend = mos::migrate::execDeputy(pid, header, exec);
     } catch (kj::Exception& e) {
       unlink(imagePath.c_str());
+      if (threads > 1) {
+        kill(pid, SIGKILL);  // its other threads are gone: it cannot run on at home
+        fail(fmt::format("pid {} is lost: {}", pid, e.getDescription().cStr()));
+      }
       fail(fmt::format("cannot move pid {}, it stays at home: {}", pid, e.getDescription().cStr()));
     }
   } catch (kj::Exception& e) {

@@ -109,7 +109,7 @@ line = sys.stdin.readline()
 print("got", line.strip(), m[:11].decode(), flush=True)
 '''
 
-# A second thread: the move is refused and the job goes on.
+# A second thread, waiting on an event while the main thread reads.
 THREADED = r'''
 import os, sys, threading, time
 stop = threading.Event()
@@ -313,8 +313,19 @@ def refused_and_runs_on(cluster, home, name, text, reason, last_line):
     assert out.endswith(last_line), out
 
 
-def test_threaded_job_is_refused_and_runs_on(cluster, home):
-    refused_and_runs_on(cluster, home, "threaded.py", THREADED, b"threads", b"got still remote\n")
+def test_threaded_job_moves_home_and_runs_on(cluster, home):
+    # Its second thread waits on a lock (a futex, local on the node), its main thread in a
+    # forwarded read (test_migrate_threads.py checks the threads' ids and state in detail).
+    job, pid = start(cluster, home, "threaded.py", THREADED, stdin=subprocess.PIPE)
+    cp = migrate_home(cluster, pid)
+    assert cp.returncode == 0, (cp.stdout, cp.stderr)
+    assert exe(pid) == os.path.realpath(PYTHON)
+    assert len(os.listdir(f"/proc/{pid}/task")) == 2
+    job.popen.stdin.write(b"at home\n")
+    job.popen.stdin.flush()
+    status, out, err = job.wait(timeout=60)
+    assert status == 0, (out, err)
+    assert out.endswith(b"got at home\n"), out
 
 
 def test_job_holding_a_node_local_memfd_is_refused_and_runs_on(cluster, home):
@@ -354,7 +365,7 @@ def test_migrate_home_of_a_job_at_home_is_a_no_op(cluster, home):
 # checkpoint file), here in the remote->home direction: started remote by mosrun, moved home
 # while they wait for "go", then they verify their state natively at home.
 ZDTM = ["regs_fpu", "regs_avx512", "memory", "files", "signals", "handlers", "timers",
-        "robust_rseq", "blocked_read", "self_pipe", "sigwait"]
+        "robust_rseq", "blocked_read", "self_pipe", "sigwait", "threads"]
 
 
 @pytest.mark.parametrize("name", ZDTM)

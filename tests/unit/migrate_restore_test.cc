@@ -338,3 +338,36 @@ TEST_CASE("a process captured mid-run continues with its heap and TLS", "[migrat
   REQUIRE(WIFEXITED(o.status));
   CHECK(WEXITSTATUS(o.status) == 0);
 }
+
+// A job process whose threads cannot be given their ids back at home (no CAP_SYS_ADMIN, no
+// CAP_CHECKPOINT_RESTORE: an ordinary user) is refused a move with a reason; root is not.
+TEST_CASE("threadIdsRefusal names the missing capability") {
+  if (geteuid() != 0) {
+    WARN("skipped: needs root");
+    return;
+  }
+  CHECK(mos::migrate::threadIdsRefusal(getpid(), 3).empty());
+  int ready[2];
+  REQUIRE(pipe(ready) == 0);
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    close(ready[0]);
+    if (setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0) {
+      _exit(1);
+    }
+    (void)!write(ready[1], "r", 1);
+    pause();
+    _exit(0);
+  }
+  close(ready[1]);
+  char c;
+  REQUIRE(read(ready[0], &c, 1) == 1);
+  close(ready[0]);
+  std::string why = mos::migrate::threadIdsRefusal(child, 3);
+  kill(child, SIGKILL);
+  int status;
+  waitpid(child, &status, 0);
+  CHECK(why.find("3 threads") != std::string::npos);
+  CHECK(why.find("CAP_CHECKPOINT_RESTORE") != std::string::npos);
+}
