@@ -9,6 +9,7 @@
 #include <linux/filter.h>
 #include <sys/types.h>
 
+#include <chrono>
 #include <functional>
 #include <span>
 #include <string>
@@ -53,6 +54,13 @@ struct RestoreOptions {
 struct RestoredGuest {
   pid_t pid = -1;            // a child of the caller, running the image, not traced
   kj::AutoCloseFd listener;  // the seccomp user-notification fd; absent without a filter
+  // Pages written and where the time went (checkpoint.h RestoreStats); stubTime: the fork and
+  // exec of the restore stub, before the rebuild.
+  uint64_t pages = 0;
+  std::chrono::microseconds stubTime{0};
+  std::chrono::microseconds mappingsTime{0};
+  std::chrono::microseconds pagesTime{0};
+  std::chrono::microseconds totalTime{0};
 };
 
 // Restores the guest of a job on a node from a migration stream (checkpoint.h,

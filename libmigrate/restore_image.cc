@@ -314,6 +314,11 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   auto header = source.header();
   auto thread = header.getThreads()[0];
   KJ_REQUIRE(thread.getRegs().size() == sizeof(user_regs_struct), "bad register blob in the image");
+  auto started = std::chrono::steady_clock::now();
+  auto since = [&] {
+    return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                                 started);
+  };
   PtraceTask task(pid);
   std::vector<uint8_t> localXstate = task.getXstate();
   auto imageXstate = thread.getXstate();
@@ -405,6 +410,7 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   std::vector<uint8_t> buffer(MAX_RUN_PAGES * IMAGE_PAGE);
   size_t mi = 0;
   RestoreStats stats;
+  stats.mappingsTime = since();
   for (;;) {
     ImageReader::Run run;
     KJ_IF_MAYBE (r, source.nextRun()) {
@@ -422,9 +428,17 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
                        " lies outside the image's mappings"));
     std::span<uint8_t> bytes(buffer.data(), end - run.start);
     source.readPages(bytes);
-    task.writeMem(RemotePtr<uint8_t>(run.start), bytes);
+    // Writable mappings take process_vm_writev (batched page faults, no FOLL_FORCE walk per
+    // page); read-only and PROT_NONE pages need /proc/PID/mem's forced write.
+    size_t fast = (restored[mi].getProt() & PROT_WRITE)
+                      ? task.writeMemFast(RemotePtr<uint8_t>(run.start), bytes)
+                      : 0;
+    if (fast < bytes.size()) {
+      task.writeMem(RemotePtr<uint8_t>(run.start + fast), bytes.subspan(fast));
+    }
     stats.pages += run.count;
   }
+  stats.pagesTime = since();
   for (auto& [prot, m] : reprotect) {
     task.syscallOrThrow("mprotect", __NR_mprotect, {m.getStart(), m.getEnd() - m.getStart(), prot});
   }
@@ -769,6 +783,7 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     KJ_SYSCALL(::ptrace(PTRACE_DETACH, other.pid(), 0, 0), other.pid());
   }
   others.clear();
+  stats.totalTime = since();
   return stats;
 }
 
@@ -864,6 +879,7 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
   }
 
   // 2. The stub, from a memfd, at the wanted pid.
+  auto stubStarted = std::chrono::steady_clock::now();
   int memfd;
   KJ_SYSCALL(memfd = ::memfd_create("mos-stub", MFD_CLOEXEC));
   kj::AutoCloseFd memfdOwner(memfd);
@@ -967,12 +983,19 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
     });
     task.syscallOrThrow("close(listener)", __NR_close, {remoteListener});
   };
-  rebuild(source, pid, target);
+  auto stubTime = std::chrono::duration_cast<std::chrono::microseconds>(
+      std::chrono::steady_clock::now() - stubStarted);
+  RestoreStats stats = rebuild(source, pid, target);
   KJ_SYSCALL(::ptrace(PTRACE_DETACH, pid, 0, 0), pid);
   detached = true;
   RestoredGuest guest;
   guest.pid = pid;
   guest.listener = kj::mv(listener);
+  guest.pages = stats.pages;
+  guest.stubTime = stubTime;
+  guest.mappingsTime = stats.mappingsTime;
+  guest.pagesTime = stats.pagesTime;
+  guest.totalTime = stats.totalTime;
   return guest;
 }
 
