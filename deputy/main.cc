@@ -79,19 +79,26 @@ void setUpLogging(ReservedFds& fds) {
   spdlog::set_default_logger(logger);
 }
 
-// Our argv without "--image PATH" / "--image=PATH": the next agent appends its own.
+// Our argv without the options of this start only: "--image PATH", and "--channel-fd FD" and
+// "--started PID" of a start that `migrate` streamed (also in their "--opt=VALUE" forms). The
+// next agent (an exec at home) appends its own --image; a later deputy must connect itself.
 std::vector<std::string> argvWithoutImage(int argc, char** argv) {
+  static const char* const once[] = {"--image", "--channel-fd", "--started"};
   std::vector<std::string> result;
   for (int i = 0; i < argc; i++) {
     std::string arg = argv[i];
-    if (arg == "--image") {
-      i++;
-      continue;
+    bool drop = false;
+    for (const char* name : once) {
+      if (arg == name) {
+        i++;
+        drop = true;
+      } else if (arg.rfind(std::string(name) + "=", 0) == 0) {
+        drop = true;
+      }
     }
-    if (arg.rfind("--image=", 0) == 0) {
-      continue;
+    if (!drop) {
+      result.push_back(arg);
     }
-    result.push_back(arg);
   }
   return result;
 }

@@ -546,7 +546,8 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
     } catch (kj::Exception& e) {
       move.abandon(pid);
       unlink(headerPath.c_str());
-      fail(fmt::format("cannot move pid {}, it stays at home: {}", pid, e.getDescription().cStr()));
+      fail(fmt::format("cannot move pid {} to node {}: {}; it runs on at home, untouched", pid,
+                       node, e.getDescription().cStr()));
     }
   } catch (kj::Exception& e) {
     fail(fmt::format("cannot move pid {}: {}", pid, e.getDescription().cStr()));
