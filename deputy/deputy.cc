@@ -32,8 +32,6 @@ namespace mos::deputy {
 
 namespace {
 
-constexpr size_t FILE_CHUNK_BYTES = 1u << 20;  // FileData.data is at most 1 MiB
-
 std::string bytesToString(capnp::Data::Reader data) {
   return std::string(reinterpret_cast<const char*>(data.begin()), data.size());
 }
@@ -244,21 +242,7 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
     case proto::ToDeputy::EXEC: handleExec(message.getExec()); return;
     case proto::ToDeputy::FETCH_FILE: handleFetchFile(message.getFetchFile()); return;
     case proto::ToDeputy::EXIT: handleExit(message.getExit());
-    case proto::ToDeputy::STARTED:
-      if (!startImagePath_.empty()) {
-        unlink(startImagePath_.c_str());  // the job runs there: no way back to this image
-        startImagePath_.clear();
-      }
-      if (auto* r = record_.get()) {
-        r->remotePid = message.getStarted();
-        r->node = options_.node;
-        r->state = static_cast<uint32_t>(JobState::REMOTE);
-        r->stats.sinceNs.store(realtimeNs(), std::memory_order_relaxed);
-        noteArrival(r, options_.node);
-      }
-      spdlog::debug("job {} runs on node {} as pid {}", getpid(), options_.node,
-                    message.getStarted());
-      return;
+    case proto::ToDeputy::STARTED: guestStarted(message.getStarted()); return;
     case proto::ToDeputy::FAILED:
       if (!startImagePath_.empty() && leader_) {
         startFailed(message.getFailed().cStr());
@@ -287,6 +271,21 @@ void Deputy::handle(proto::ToDeputy::Reader message) {
   }
   spdlog::warn("unknown message from the supervisor (union tag {}), ignored",
                static_cast<int>(message.which()));
+}
+
+void Deputy::guestStarted(pid_t remotePid) {
+  if (!startImagePath_.empty()) {
+    unlink(startImagePath_.c_str());  // the job runs there: no way back to this image
+    startImagePath_.clear();
+  }
+  if (auto* r = record_.get()) {
+    r->remotePid = remotePid;
+    r->node = options_.node;
+    r->state = static_cast<uint32_t>(JobState::REMOTE);
+    r->stats.sinceNs.store(realtimeNs(), std::memory_order_relaxed);
+    noteArrival(r, options_.node);
+  }
+  spdlog::debug("job {} runs on node {} as pid {}", getpid(), options_.node, remotePid);
 }
 
 void Deputy::stopWithGuest(uint32_t afterContinues) {
@@ -754,9 +753,6 @@ void Deputy::threadMain(DeputyOptions options, ReservedFds* fds, uint16_t port,
 
 // Identity (and bytes) of a home file for the remote content cache (design decision 6).
 void Deputy::handleFetchFile(proto::FetchFile::Reader request) {
-  capnp::MallocMessageBuilder infoMessage;
-  auto info = infoMessage.initRoot<proto::ToRemote>().initFileInfo();
-  info.setId(request.getId());
   int fd = request.getFd();
   kj::AutoCloseFd owned;
   std::string path;
@@ -788,64 +784,7 @@ void Deputy::handleFetchFile(proto::FetchFile::Reader request) {
       }
     }
   }
-  struct stat st = {};
-  if (err == 0 && fstat(fd, &st) < 0) {
-    err = errno;
-  }
-  bool wantData = request.getWantData();
-  if (err == 0 && wantData && !S_ISREG(st.st_mode)) {
-    err = S_ISDIR(st.st_mode) ? EISDIR : ENODEV;
-  }
-  info.setErr(static_cast<uint16_t>(err));
-  if (err == 0) {
-    auto ref = info.initRef();
-    ref.setPath(kj::arrayPtr(reinterpret_cast<const kj::byte*>(path.data()), path.size()));
-    ref.setDev(st.st_dev);
-    ref.setIno(st.st_ino);
-    ref.setSize(st.st_size);
-    ref.setMtimeNs(static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec);
-    ref.setMode(st.st_mode);
-  }
-  channel_->send(infoMessage);
-  if (err != 0 || !wantData) {
-    return;
-  }
-  uint64_t size = st.st_size;
-  uint64_t offset = 0;
-  for (;;) {
-    size_t want = static_cast<size_t>(kj::min(uint64_t{FILE_CHUNK_BYTES}, size - offset));
-    capnp::MallocMessageBuilder message(want / sizeof(capnp::word) + 64);
-    auto chunk = message.initRoot<proto::ToRemote>().initFileData();
-    chunk.setId(request.getId());
-    chunk.setOffset(offset);
-    auto data = chunk.initData(want);
-    size_t got = 0;
-    while (got < want) {
-      ssize_t n = pread(fd, data.begin() + got, want - got, offset + got);
-      if (n < 0 && errno == EINTR) {
-        continue;
-      }
-      if (n <= 0) {
-        if (n < 0) {
-          spdlog::warn("fetch of {} stopped at {}: {}", path, offset + got, strerror(errno));
-        }
-        break;
-      }
-      got += n;
-    }
-    bool last = got < want || offset + got >= size;
-    if (got < want) {
-      auto orphan = chunk.disownData();
-      orphan.truncate(got);
-      chunk.adoptData(kj::mv(orphan));
-    }
-    chunk.setLast(last);
-    channel_->send(message);
-    offset += got;
-    if (last) {
-      return;
-    }
-  }
+  sendFetchedFile(*channel_, request.getId(), fd, path, err, request.getWantData());
 }
 
 // The guest ended: end the same way, so the shell sees the same status or the same death.

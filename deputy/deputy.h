@@ -71,6 +71,10 @@ class Deputy {
   // for `exit`, `failed` and successful execs.
   void handle(proto::ToDeputy::Reader message);
 
+  // The guest runs on the node as `remotePid` (ToDeputy.started, or `migrate PID NODE`, which
+  // saw it before the exec of this deputy): the job record says remote there, one more arrival
+  // in its trail, and the start image (if any) is removed.
+  void guestStarted(pid_t remotePid);
   // The migration stream file whose bytes from `offset` on go to the supervisor when it sends
   // sendImage (JobStart.imageStreamed). `fd` is one of the reserved descriptors (fds.h); it is
   // closed and released once sent.

@@ -79,19 +79,26 @@ void setUpLogging(ReservedFds& fds) {
   spdlog::set_default_logger(logger);
 }
 
-// Our argv without "--image PATH" / "--image=PATH": the next agent appends its own.
+// Our argv without the options of this start only: "--image PATH", and "--channel-fd FD" and
+// "--started PID" of a start that `migrate` streamed (also in their "--opt=VALUE" forms). The
+// next agent (an exec at home) appends its own --image; a later deputy must connect itself.
 std::vector<std::string> argvWithoutImage(int argc, char** argv) {
+  static const char* const once[] = {"--image", "--channel-fd", "--started"};
   std::vector<std::string> result;
   for (int i = 0; i < argc; i++) {
     std::string arg = argv[i];
-    if (arg == "--image") {
-      i++;
-      continue;
+    bool drop = false;
+    for (const char* name : once) {
+      if (arg == name) {
+        i++;
+        drop = true;
+      } else if (arg.rfind(std::string(name) + "=", 0) == 0) {
+        drop = true;
+      }
     }
-    if (arg.rfind("--image=", 0) == 0) {
-      continue;
+    if (!drop) {
+      result.push_back(arg);
     }
-    result.push_back(arg);
   }
   return result;
 }
@@ -114,6 +121,13 @@ int deputyMain(int argc, char** argv) {
   app.add_option("--run-dir", options.runDir, "mosd's run directory")->required();
   app.add_option("--image", imagePath, "the migration image (unlinked once read)")->required();
   app.add_option("--key", keyPath, "the cluster key file (default /etc/umosix/cluster.key)");
+  int channelFd = -1;
+  pid_t startedAs = 0;
+  app.add_option("--channel-fd", channelFd,
+                 "`migrate PID NODE`: the job's connection to the node, already open in this "
+                 "process (it streamed the image through it; --image is then the header alone)");
+  app.add_option("--started", startedAs,
+                 "with --channel-fd: the guest runs on the node already, as this pid there");
   app.add_flag("--locked", options.locked,
                "mosrun -L: the job stays on its node; `migrate` is refused (with its forks)");
   // A migration agent passes our arguments in UMOSIX_DEPUTY_ARGS (one per line) and leaves
@@ -191,58 +205,84 @@ int deputyMain(int argc, char** argv) {
   kj::AutoCloseFd imageOwner(imageFd);
   uint64_t headerEnd = image->headerEnd();
 
-  std::optional<ClusterCredentials> credentials;
-  try {
-    credentials.emplace(ClusterCredentials{options.homeNode, ClusterKey::load(keyPath)});
-  } catch (kj::Exception& e) {
-    runOnAtHome(fds, imagePath, options.jobExe, e.getDescription().cStr());
-  }
-
-  std::string where = "node " + std::to_string(options.node) + " (" + options.address + ":" +
-                      std::to_string(options.port) + ")";
-  int fd = connectJobSocket(options.address, options.port, 5000, fds);
-  bool refused = false;
-  if (fd >= 0) {
-    int err = sendHello(fd, *credentials, 5000);
-    if (err < 0) {
-      fds.remove(fd);
-      close(fd);
-      fd = err;
-      refused = err == -EACCES;
+  kj::Own<Channel> channel;
+  if (channelFd >= 0) {
+    // `migrate PID NODE` streamed the image through this connection while the job was still
+    // itself, and the guest runs: nothing to send, no way back to an image (it was the stream).
+    image = nullptr;
+    fds.remove(imageFd);
+    imageOwner = nullptr;
+    unlink(imagePath.c_str());
+    int fd;
+    try {
+      fd = fds.moveHigh(channelFd);
+    } catch (kj::Exception& e) {
+      printMosrunMessage(std::string("cannot keep the job's connection: ") +
+                         e.getDescription().cStr());
+      return EXIT_CANNOT_RUN;
     }
-  }
-  credentials.reset();
-  if (refused) {
-    runOnAtHome(fds, imagePath, options.jobExe,
-                where + " refused node " + std::to_string(options.homeNode) + " (is " + keyPath +
-                    " the cluster's key?)");
-  }
-  if (fd < 0) {
-    runOnAtHome(fds, imagePath, options.jobExe,
-                "cannot reach " + where + ": " + std::string(strerror(-fd)));
-  }
-  auto channel = kj::heap<Channel>(kj::AutoCloseFd(fd));
-  try {
-    capnp::MallocMessageBuilder start;
-    fillJobStart(options.homeNode, options.command, start);
-    channel->send(start);
-    sendFileBytes(*channel, imageFd, 0, headerEnd);
-  } catch (kj::Exception& e) {
-    channel = nullptr;
-    runOnAtHome(fds, imagePath, options.jobExe,
-                "cannot reach " + where + ": " + e.getDescription().cStr());
-  }
-  image = nullptr;
-  spdlog::info("job {} ({}) sent to {}", getpid(), options.command, where);
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    // Urgent data from the supervisor (a cancel) raises SIGURG in this thread.
+    struct f_owner_ex owner = {F_OWNER_TID, static_cast<pid_t>(gettid())};
+    fcntl(fd, F_SETOWN_EX, &owner);
+    channel = kj::heap<Channel>(kj::AutoCloseFd(fd));
+  } else {
+    std::optional<ClusterCredentials> credentials;
+    try {
+      credentials.emplace(ClusterCredentials{options.homeNode, ClusterKey::load(keyPath)});
+    } catch (kj::Exception& e) {
+      runOnAtHome(fds, imagePath, options.jobExe, e.getDescription().cStr());
+    }
 
+    std::string where = "node " + std::to_string(options.node) + " (" + options.address + ":" +
+                        std::to_string(options.port) + ")";
+    int fd = connectJobSocket(options.address, options.port, 5000, fds);
+    bool refused = false;
+    if (fd >= 0) {
+      int err = sendHello(fd, *credentials, 5000);
+      if (err < 0) {
+        fds.remove(fd);
+        close(fd);
+        fd = err;
+        refused = err == -EACCES;
+      }
+    }
+    credentials.reset();
+    if (refused) {
+      runOnAtHome(fds, imagePath, options.jobExe,
+                  where + " refused node " + std::to_string(options.homeNode) + " (is " + keyPath +
+                      " the cluster's key?)");
+    }
+    if (fd < 0) {
+      runOnAtHome(fds, imagePath, options.jobExe,
+                  "cannot reach " + where + ": " + std::string(strerror(-fd)));
+    }
+    channel = kj::heap<Channel>(kj::AutoCloseFd(fd));
+    try {
+      capnp::MallocMessageBuilder start;
+      fillJobStart(options.homeNode, options.command, start);
+      channel->send(start);
+      sendFileBytes(*channel, imageFd, 0, headerEnd);
+    } catch (kj::Exception& e) {
+      channel = nullptr;
+      runOnAtHome(fds, imagePath, options.jobExe,
+                  "cannot reach " + where + ": " + e.getDescription().cStr());
+    }
+    image = nullptr;
+    spdlog::info("job {} ({}) sent to {}", getpid(), options.command, where);
+  }
   installSignalHandlers();
   if (noChildWait) {
     mirrorChildDisposition(2);
   }
   Deputy deputy(std::move(options), fds, kj::mv(channel));
-  // The frames follow when the supervisor asks (sendImage); the loop sends them.
-  deputy.setImageToSend(kj::mv(imageOwner), headerEnd);
-  deputy.setStartImagePath(imagePath);
+  if (channelFd >= 0) {
+    deputy.guestStarted(startedAs);
+  } else {
+    // The frames follow when the supervisor asks (sendImage); the loop sends them.
+    deputy.setImageToSend(kj::mv(imageOwner), headerEnd);
+    deputy.setStartImagePath(imagePath);
+  }
   deputy.run();
 }
 

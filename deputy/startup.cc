@@ -16,6 +16,7 @@
 
 #include <capnp/serialize.h>
 #include <kj/debug.h>
+#include <spdlog/spdlog.h>
 
 #include "channel.h"
 #include "job.capnp.h"
@@ -69,6 +70,71 @@ void sendFileBytes(Channel& channel, int fd, uint64_t from, uint64_t to) {
     }
     channel.sendBytes(buffer.begin(), n);
     from += n;
+  }
+}
+
+void sendFetchedFile(Channel& channel, uint64_t id, int fd, const std::string& path, int err,
+                     bool wantData) {
+  constexpr size_t FILE_CHUNK_BYTES = 1u << 20;  // FileData.data is at most 1 MiB
+  capnp::MallocMessageBuilder infoMessage;
+  auto info = infoMessage.initRoot<proto::ToRemote>().initFileInfo();
+  info.setId(id);
+  struct stat st = {};
+  if (err == 0 && fstat(fd, &st) < 0) {
+    err = errno;
+  }
+  if (err == 0 && wantData && !S_ISREG(st.st_mode)) {
+    err = S_ISDIR(st.st_mode) ? EISDIR : ENODEV;
+  }
+  info.setErr(static_cast<uint16_t>(err));
+  if (err == 0) {
+    auto ref = info.initRef();
+    ref.setPath(kj::arrayPtr(reinterpret_cast<const kj::byte*>(path.data()), path.size()));
+    ref.setDev(st.st_dev);
+    ref.setIno(st.st_ino);
+    ref.setSize(st.st_size);
+    ref.setMtimeNs(static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec);
+    ref.setMode(st.st_mode);
+  }
+  channel.send(infoMessage);
+  if (err != 0 || !wantData) {
+    return;
+  }
+  uint64_t size = st.st_size;
+  uint64_t offset = 0;
+  for (;;) {
+    size_t want = static_cast<size_t>(kj::min(uint64_t{FILE_CHUNK_BYTES}, size - offset));
+    capnp::MallocMessageBuilder message(want / sizeof(capnp::word) + 64);
+    auto chunk = message.initRoot<proto::ToRemote>().initFileData();
+    chunk.setId(id);
+    chunk.setOffset(offset);
+    auto data = chunk.initData(want);
+    size_t got = 0;
+    while (got < want) {
+      ssize_t n = pread(fd, data.begin() + got, want - got, offset + got);
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n <= 0) {
+        if (n < 0) {
+          spdlog::warn("fetch of {} stopped at {}: {}", path, offset + got, strerror(errno));
+        }
+        break;
+      }
+      got += n;
+    }
+    bool last = got < want || offset + got >= size;
+    if (got < want) {
+      auto orphan = chunk.disownData();
+      orphan.truncate(got);
+      chunk.adoptData(kj::mv(orphan));
+    }
+    chunk.setLast(last);
+    channel.send(message);
+    offset += got;
+    if (last) {
+      return;
+    }
   }
 }
 

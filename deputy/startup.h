@@ -45,6 +45,14 @@ class ImageFile {
 // or FAILED on a read error.
 void sendFileBytes(Channel& channel, int fd, uint64_t from, uint64_t to);
 
+// Answers a FetchFile request `id` (protocol/job.capnp, the content cache's fetch) over
+// `channel`: a FileInfo with `err` (an errno, 0: none) or with the identity of open file `fd`
+// (path `path`, dev, inode, size, mtime, mode), then, when `wantData` and `fd` is a regular
+// file, its bytes in FileData messages of at most 1 MiB (the last one `last`). `fd` is the
+// caller's and stays open. Throws as Channel::send.
+void sendFetchedFile(Channel& channel, uint64_t id, int fd, const std::string& path, int err,
+                     bool wantData);
+
 // Connects a TCP socket to address:port (numeric IPv4 or IPv6, else resolved with
 // getaddrinfo(3)) within `timeoutMs`, moves it to a reserved high number (fds.h), makes it
 // blocking again and tunes it (tuneJobSocket). Returns the descriptor, or -errno (ETIMEDOUT

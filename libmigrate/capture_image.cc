@@ -836,6 +836,9 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOption
 
   ImageWriter writer(sink);
   writer.writeHeader(message);
+  if (options.beforePages) {
+    options.beforePages();
+  }
   std::vector<uint8_t> buffer(MAX_RUN_PAGES * IMAGE_PAGE);
   for (const Run& run : runs) {
     std::span<uint8_t> out(buffer.data(), uint64_t(run.pages) * IMAGE_PAGE);

@@ -82,6 +82,10 @@ struct CaptureOptions {
   // remote node rewrites the content cache's file paths into the home node's (remote/guest_move).
   // It may throw kj::Exception to refuse the capture; nothing has been written then.
   std::function<void(proto::ImageHeader::Builder)> editHeader;
+  // Called once the header has been written to the sink, before the first frame: a live move
+  // that streams into the node's connection waits there until the node asks for the pages
+  // (ToDeputy.sendImage, after its file fetches). It may throw kj::Exception to end the capture.
+  std::function<void()> beforePages;
 };
 
 // captureImage with options.
@@ -130,6 +134,12 @@ std::vector<std::string> checkResumable(proto::ImageHeader::Reader header,
 struct RestoreStats {
   uint64_t pages = 0;
   uint64_t injectedSyscalls = 0;
+  // Where a restore's time went (the profile of a move, docs/design.md "Speed"): from its start
+  // to the mappings made, to the last page written (this includes waiting for the stream's
+  // frames), and to the end (the process state after the pages, the stub gone).
+  std::chrono::microseconds mappingsTime{0};
+  std::chrono::microseconds pagesTime{0};
+  std::chrono::microseconds totalTime{0};
 };
 
 // Rebuilds the process of `source` in `pid` and lets it run (PTRACE_DETACH): every mapping of
@@ -187,6 +197,22 @@ void endOtherThreads(pid_t pid);
 // (which runs both: the restore and the deputy are the job's own process) must have one of them
 // in its effective set (/proc/PID/status CapEff). One readable sentence.
 std::string threadIdsRefusal(pid_t pid, int threads);
+// A socket made inside the seized, stopped process `pid` by an injected socket(domain, type, 0)
+// (without SOCK_CLOEXEC, so it survives the exec of the deputy), and the caller's own descriptor
+// of the same socket (pidfd_getfd(2)): `migrate PID NODE` connects and streams through
+// `local`, and the deputy takes over `remoteFd` after its exec. Registers and signal mask are
+// put back. Throws kj::Exception (FAILED) when the call fails in the process (its errno) or the
+// descriptor cannot be taken (pidfd_getfd needs kernel 5.6 and ptrace access).
+struct InjectedSocket {
+  int remoteFd = -1;      // the descriptor's number in `pid`
+  kj::AutoCloseFd local;  // the caller's
+};
+InjectedSocket injectSocket(pid_t pid, int domain, int type);
+
+// Closes descriptor `fd` of the seized, stopped process `pid` by an injected close(2) (a socket
+// of injectSocket() when the move does not happen). Registers and mask are put back; errors are
+// ignored (the process may be gone).
+void closeInjectedFd(pid_t pid, int fd);
 
 // execveat(2) of the restore stub (embedded in libmigrate: a few static pages at
 // 0x3f0000000000 that exit with status 127 unless a tracer takes over). Returns only on failure,

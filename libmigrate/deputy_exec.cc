@@ -31,7 +31,49 @@ constexpr uint64_t PAGE = 4096;
 
 uint64_t roundUp(uint64_t v) { return (v + PAGE - 1) & ~(PAGE - 1); }
 
+// Runs one injected call in `pid` at its vDSO's `syscall` instruction with every signal blocked,
+// and puts registers and mask back. Returns the call's result (-errno on failure).
+long injectOne(pid_t pid, long nr, std::initializer_list<uint64_t> args) {
+  PtraceTask task(pid);
+  const user_regs_struct savedRegs = task.getRegs();
+  const uint64_t savedMask = task.getSigmask();
+  VdsoLayout vdso = vdsoLayout(readMaps(pid));
+  KJ_REQUIRE(vdso.present(), "the process has no vDSO");
+  RemotePtr<uint8_t> insn =
+      task.findSyscallInstruction(vdso.vdsoStart, vdso.vdsoStart + vdso.vdsoSize);
+  KJ_REQUIRE(!insn.isNull(), "no syscall instruction in the vDSO");
+  task.setSyscallInstruction(insn);
+  task.setSigmask(~0ull);
+  KJ_DEFER({
+    task.setRegs(savedRegs);
+    task.setSigmask(savedMask);
+  });
+  return task.syscall(nr, args);
+}
+
 }  // namespace
+
+InjectedSocket injectSocket(pid_t pid, int domain, int type) {
+  long fd = injectOne(pid, __NR_socket, {uint64_t(domain), uint64_t(type), 0});
+  KJ_REQUIRE(fd >= 0, kj::str("socket(2) in the process failed: ", strerror(int(-fd))));
+  KJ_ON_SCOPE_FAILURE(closeInjectedFd(pid, int(fd)));
+  int pidfd;
+  KJ_SYSCALL(pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)), pid);
+  kj::AutoCloseFd pidfdOwner(pidfd);
+  int local;
+  KJ_SYSCALL(local = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, fd, 0)), pid, fd);
+  InjectedSocket out;
+  out.remoteFd = int(fd);
+  out.local = kj::AutoCloseFd(local);
+  return out;
+}
+
+void closeInjectedFd(pid_t pid, int fd) {
+  try {
+    injectOne(pid, __NR_close, {uint64_t(fd)});
+  } catch (kj::Exception&) {
+  }
+}
 
 std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header, const DeputyExec& exec) {
   PtraceTask task(pid);

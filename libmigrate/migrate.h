@@ -9,6 +9,7 @@
 #include <linux/filter.h>
 #include <sys/types.h>
 
+#include <chrono>
 #include <functional>
 #include <span>
 #include <string>
@@ -58,6 +59,13 @@ struct RestoredGuest {
   // still traced by the calling thread and stopped in a ptrace stop with their image registers:
   // the caller lets each go (PTRACE_DETACH) once it is ready to serve it.
   std::vector<pid_t> threads;
+  // Pages written and where the time went (checkpoint.h RestoreStats); stubTime: the fork and
+  // exec of the restore stub, before the rebuild.
+  uint64_t pages = 0;
+  std::chrono::microseconds stubTime{0};
+  std::chrono::microseconds mappingsTime{0};
+  std::chrono::microseconds pagesTime{0};
+  std::chrono::microseconds totalTime{0};
 };
 
 // Restores the guest of a job on a node from a migration stream (checkpoint.h,

@@ -131,6 +131,13 @@ size_t PtraceTask::readMemFast(RemotePtr<uint8_t> addr, std::span<uint8_t> out) 
   return n < 0 ? 0 : static_cast<size_t>(n);
 }
 
+size_t PtraceTask::writeMemFast(RemotePtr<uint8_t> addr, std::span<const uint8_t> in) {
+  iovec local{const_cast<uint8_t*>(in.data()), in.size()};
+  iovec remote{reinterpret_cast<void*>(addr.addr()), in.size()};
+  ssize_t n = ::process_vm_writev(pid_, &local, 1, &remote, 1, 0);
+  return n < 0 ? 0 : static_cast<size_t>(n);
+}
+
 RemotePtr<char> PtraceTask::writeString(RemotePtr<char> addr, const std::string& s) {
   writeMem(addr.cast<uint8_t>(),
            std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(s.c_str()), s.size() + 1));

@@ -64,6 +64,9 @@ class PtraceTask {
   void writeMem(RemotePtr<uint8_t> addr, std::span<const uint8_t> in);
   // process_vm_readv(2): fast bulk copy of readable memory. Returns the bytes copied.
   size_t readMemFast(RemotePtr<uint8_t> addr, std::span<uint8_t> out);
+  // process_vm_writev(2): fast bulk copy into writable memory (no FOLL_FORCE: read-only and
+  // PROT_NONE pages stop it). Returns the bytes copied, 0 on any error.
+  size_t writeMemFast(RemotePtr<uint8_t> addr, std::span<const uint8_t> in);
   template <typename T>
   void writeValue(RemotePtr<T> addr, const T& value) {
     writeMem(addr.template cast<uint8_t>(),

@@ -335,6 +335,11 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   auto header = source.header();
   auto thread = header.getThreads()[0];
   KJ_REQUIRE(thread.getRegs().size() == sizeof(user_regs_struct), "bad register blob in the image");
+  auto started = std::chrono::steady_clock::now();
+  auto since = [&] {
+    return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                                 started);
+  };
   PtraceTask task(pid);
   std::vector<uint8_t> localXstate = task.getXstate();
   auto imageXstate = thread.getXstate();
@@ -426,6 +431,7 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
   std::vector<uint8_t> buffer(MAX_RUN_PAGES * IMAGE_PAGE);
   size_t mi = 0;
   RestoreStats stats;
+  stats.mappingsTime = since();
   for (;;) {
     ImageReader::Run run;
     KJ_IF_MAYBE (r, source.nextRun()) {
@@ -443,9 +449,17 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
                        " lies outside the image's mappings"));
     std::span<uint8_t> bytes(buffer.data(), end - run.start);
     source.readPages(bytes);
-    task.writeMem(RemotePtr<uint8_t>(run.start), bytes);
+    // Writable mappings take process_vm_writev (batched page faults, no FOLL_FORCE walk per
+    // page); read-only and PROT_NONE pages need /proc/PID/mem's forced write.
+    size_t fast = (restored[mi].getProt() & PROT_WRITE)
+                      ? task.writeMemFast(RemotePtr<uint8_t>(run.start), bytes)
+                      : 0;
+    if (fast < bytes.size()) {
+      task.writeMem(RemotePtr<uint8_t>(run.start + fast), bytes.subspan(fast));
+    }
     stats.pages += run.count;
   }
+  stats.pagesTime = since();
   for (auto& [prot, m] : reprotect) {
     task.syscallOrThrow("mprotect", __NR_mprotect, {m.getStart(), m.getEnd() - m.getStart(), prot});
   }
@@ -801,6 +815,7 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     }
   }
   others.clear();
+  stats.totalTime = since();
   return stats;
 }
 
@@ -896,6 +911,7 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
   }
 
   // 2. The stub, from a memfd, at the wanted pid.
+  auto stubStarted = std::chrono::steady_clock::now();
   int memfd;
   KJ_SYSCALL(memfd = ::memfd_create("mos-stub", MFD_CLOEXEC));
   kj::AutoCloseFd memfdOwner(memfd);
@@ -1029,13 +1045,20 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
     });
     task.syscallOrThrow("close(listener)", __NR_close, {remoteListener});
   };
-  rebuild(source, pid, target);
+  auto stubTime = std::chrono::duration_cast<std::chrono::microseconds>(
+      std::chrono::steady_clock::now() - stubStarted);
+  RestoreStats stats = rebuild(source, pid, target);
   KJ_SYSCALL(::ptrace(PTRACE_DETACH, pid, 0, 0), pid);
   detached = true;
   RestoredGuest guest;
   guest.pid = pid;
   guest.listener = kj::mv(listener);
   guest.threads = kj::mv(threads);
+  guest.pages = stats.pages;
+  guest.stubTime = stubTime;
+  guest.mappingsTime = stats.mappingsTime;
+  guest.pagesTime = stats.pagesTime;
+  guest.totalTime = stats.totalTime;
   return guest;
 }
 

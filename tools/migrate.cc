@@ -40,7 +40,16 @@
 #include <fmt/format.h>
 #include <kj/debug.h>
 
+#include <arpa/inet.h>
+#include <capnp/serialize.h>
+#include <netinet/in.h>
+#include <set>
+
+#include "channel.h"
 #include "checkpoint.h"
+#include "job.capnp.h"
+#include "proc_maps.h"
+#include "startup.h"
 #include "deputy_control.h"
 #include "cluster_auth.h"
 #include "config.h"
@@ -208,6 +217,193 @@ int checkpoint(pid_t pid, const std::string& file) {
   return 0;
 }
 
+// Reads `key`'s first number of a "Key:\tA\tB..." line of /proc/PID/status (Uid:, Gid:) and,
+// with `second`, the one after it (the effective id).
+uint32_t statusId(const std::string& status, const char* key, bool second) {
+  size_t at = status.find(key);
+  KJ_REQUIRE(at != std::string::npos, "no such line in /proc/PID/status", key);
+  char* end = nullptr;
+  unsigned long v = strtoul(status.c_str() + at + strlen(key), &end, 10);
+  if (second) {
+    v = strtoul(end, nullptr, 10);
+  }
+  return static_cast<uint32_t>(v);
+}
+
+// The job's connection to the node during `migrate PID NODE` (docs/design.md, "Speed"): a socket
+// made inside P by injection (libmigrate injectSocket) and shared with us, through which we speak
+// the deputy's half of a job start while P is still itself: hello, JobStart, the migration
+// stream straight from the capture (no image file), the node's file fetches (of the files P
+// maps, nothing else), until the node reports the guest running (`started`). Then P execs its
+// deputy, which takes the connection over (--channel-fd) with nothing read past `started`.
+class StreamedMove final : public kj::OutputStream {
+ public:
+  // The stream's bytes, into the connection (open() must have made it).
+  void write(const void* buffer, size_t size) override {
+    kj::FdOutputStream(channel_->fd()).write(buffer, size);
+  }
+
+  // Makes the socket in `pid` (seized and stopped), connects it to the node within 5 s, proves
+  // the cluster key and sends JobStart with P's ids. `header` is the image's, complete: it is
+  // copied (the deputy's argv and its header file). Throws kj::Exception (FAILED) saying why.
+  void open(pid_t pid, mos::proto::ImageHeader::Reader header, mos::Ipv4 address, uint16_t port,
+            const mos::ClusterCredentials& credentials, uint32_t homeNode) {
+    header_.setRoot(header);
+    for (auto m : header.getMappings()) {
+      if (m.getKind() == mos::proto::Mapping::Kind::FILE) {
+        auto path = m.getFile().getPath();
+        files_.emplace(reinterpret_cast<const char*>(path.begin()), path.size());
+      }
+    }
+    auto made = mos::migrate::injectSocket(pid, AF_INET, SOCK_STREAM);
+    remoteFd_ = made.remoteFd;
+    int fd = made.local.get();
+    channel_ = kj::heap<mos::Channel>(kj::mv(made.local));
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(port);
+    sa.sin_addr.s_addr = htonl(address.value);
+    // O_NONBLOCK is the open file's, shared with P: set for the connect's timeout, then cleared.
+    int flags = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) < 0) {
+      KJ_REQUIRE(errno == EINPROGRESS, kj::str("cannot connect to the node: ", strerror(errno)));
+      pollfd p{fd, POLLOUT, 0};
+      int n;
+      do {
+        n = poll(&p, 1, 5000);
+      } while (n < 0 && errno == EINTR);
+      KJ_REQUIRE(n == 1, "cannot connect to the node within 5 s");
+      int err = 0;
+      socklen_t len = sizeof(err);
+      getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      KJ_REQUIRE(err == 0, kj::str("cannot connect to the node: ", strerror(err)));
+    }
+    fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    mos::tuneJobSocket(fd);
+    int err = mos::deputy::sendHello(fd, credentials, 5000);
+    KJ_REQUIRE(err == 0, kj::str("the node did not accept this node's hello: ", strerror(-err)));
+    // A node that stops answering must not hold the job frozen: every read waits 30 s at most.
+    struct timeval timeout = {30, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    capnp::MallocMessageBuilder start;
+    mos::deputy::fillJobStart(homeNode, mos::deputy::imageCommand(header), start);
+    std::string status = mos::migrate::readProcFile("/proc/" + std::to_string(pid) + "/status");
+    auto ids = start.getRoot<mos::proto::JobStart>().getIds();
+    ids.setPid(pid);
+    ids.setTid(pid);
+    ids.setUid(statusId(status, "Uid:", false));
+    ids.setEuid(statusId(status, "Uid:", true));
+    ids.setGid(statusId(status, "Gid:", false));
+    ids.setEgid(statusId(status, "Gid:", true));
+    channel_->send(start);
+  }
+
+  // Its number inside P.
+  int remoteFd() const { return remoteFd_; }
+  mos::proto::ImageHeader::Reader header() {
+    return header_.getRoot<mos::proto::ImageHeader>().asReader();
+  }
+  // The job's argv, for the deputy's (ps shows the job at home).
+  std::vector<std::string> argv() {
+    std::vector<std::string> out;
+    for (auto arg : header().getArgv()) {
+      out.emplace_back(reinterpret_cast<const char*>(arg.begin()), arg.size());
+    }
+    return out;
+  }
+
+  // After the header: serves the node's fetches until it asks for the pages (sendImage).
+  // Throws kj::Exception (FAILED) with the node's reason when it fails the start.
+  void awaitSendImage() {
+    for (;;) {
+      auto message = receive();
+      auto root = message->getRoot<mos::proto::ToDeputy>().asReader();
+      switch (root.which()) {
+        case mos::proto::ToDeputy::SEND_IMAGE: return;
+        case mos::proto::ToDeputy::FETCH_FILE: serveFetch(root.getFetchFile()); break;
+        case mos::proto::ToDeputy::FAILED: KJ_FAIL_REQUIRE(kj::str(root.getFailed()));
+        default:
+          KJ_FAIL_REQUIRE(kj::str("unexpected message from the node during the start (union tag ",
+                                  static_cast<int>(root.which()), ")"));
+      }
+    }
+  }
+
+  // After the end frame: the guest's pid on the node once it runs. Throws kj::Exception (FAILED)
+  // with the node's reason when it fails the start.
+  pid_t awaitStarted() {
+    auto message = receive();
+    auto root = message->getRoot<mos::proto::ToDeputy>().asReader();
+    if (root.isStarted()) {
+      return root.getStarted();
+    }
+    KJ_REQUIRE(!root.isFailed(), kj::str(root.getFailed()));
+    KJ_FAIL_REQUIRE(kj::str("unexpected message from the node instead of `started` (union tag ",
+                            static_cast<int>(root.which()), ")"));
+  }
+
+  // MAGIC and the header, for the deputy (mos-deputy --image: the header alone), mode 0600.
+  void writeHeaderFile(const std::string& path) {
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    KJ_REQUIRE(fd >= 0, kj::str("cannot create ", path.c_str(), ": ", strerror(errno)));
+    kj::FdOutputStream out{kj::AutoCloseFd(fd)};
+    out.write(mos::migrate::IMAGE_MAGIC, sizeof(mos::migrate::IMAGE_MAGIC));
+    capnp::writeMessage(out, header_);
+  }
+
+  // The connection becomes the deputy's: reads no longer time out.
+  void handOver() {
+    struct timeval none = {0, 0};
+    setsockopt(channel_->fd(), SOL_SOCKET, SO_RCVTIMEO, &none, sizeof(none));
+  }
+
+  // The move does not happen: P's socket is closed (injected close) and ours, so the node ends
+  // the start (a guest that already runs is killed when its channel closes).
+  void abandon(pid_t pid) {
+    if (remoteFd_ >= 0) {
+      mos::migrate::closeInjectedFd(pid, remoteFd_);
+      remoteFd_ = -1;
+    }
+    channel_ = nullptr;
+  }
+
+ private:
+  // One message, read exactly: nothing past it is taken from the socket (after `started`, the
+  // guest's first requests are the deputy's to read).
+  kj::Own<capnp::MallocMessageBuilder> receive() {
+    kj::FdInputStream in(channel_->fd());
+    capnp::InputStreamMessageReader reader(in);
+    auto copy = kj::heap<capnp::MallocMessageBuilder>();
+    copy->setRoot(reader.getRoot<mos::proto::ToDeputy>());
+    return copy;
+  }
+
+  void serveFetch(mos::proto::FetchFile::Reader request) {
+    std::string path(reinterpret_cast<const char*>(request.getPath().begin()),
+                     request.getPath().size());
+    int err = 0;
+    int fd = -1;
+    kj::AutoCloseFd owner;
+    if (request.getFd() >= 0 || files_.count(path) == 0) {
+      err = EACCES;  // only the files P maps: the node asks for nothing else at a start
+    } else {
+      fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+      if (fd < 0) {
+        err = errno;
+      } else {
+        owner = kj::AutoCloseFd(fd);
+      }
+    }
+    mos::deputy::sendFetchedFile(*channel_, request.getId(), fd, path, err, request.getWantData());
+  }
+
+  kj::Own<mos::Channel> channel_;
+  int remoteFd_ = -1;
+  capnp::MallocMessageBuilder header_;
+  std::set<std::string> files_;
+};
+
 int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
   uint32_t node = 0;
   try {
@@ -284,6 +480,12 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
     fail(fmt::format("pid {} cannot move to node {}: it is locked by mosrun -L; it stays at home",
                      pid, node));
   }
+  using Clock = std::chrono::steady_clock;
+  auto began = Clock::now();
+  auto msSince = [](Clock::time_point from) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - from).count();
+  };
+  double checkedMs = 0, seizedMs = 0, capturedMs = 0, startedMs = 0, execMs = 0;
   std::string keyPath = std::filesystem::absolute(config.keyPath).string();
   try {
     mos::ClusterCredentials credentials{config.nodeId, mos::ClusterKey::load(keyPath)};
@@ -292,37 +494,30 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
     fail(fmt::format("node {} ({}:{}) is down or unreachable, pid {} stays at home: {}", node,
                      address.toString(), config.port, pid, e.getDescription().cStr()));
   }
+  checkedMs = msSince(began);
   mos::migrate::DeputyExec exec;
   try {
     exec.path = mos::programPath("mos-deputy");
   } catch (kj::Exception& e) {
     fail(e.getDescription().cStr());
   }
-  std::string imagePath = fmt::format("{}/images/{}.img", config.runDir, pid);
+  mos::ClusterCredentials credentials{config.nodeId, mos::ClusterKey::load(keyPath)};
+  std::string headerPath = fmt::format("{}/images/{}.img", config.runDir, pid);
   std::error_code ec;
   std::filesystem::create_directories(config.runDir + "/images", ec);
   if (ec) {
     fail(fmt::format("cannot create {}/images: {}", config.runDir, ec.message()));
   }
-  // The deputy's options travel in its environment, one per line (mos-deputy(8)), so that its
-  // argv stays the job's own.
-  std::vector<std::string> options = {"--node",      std::to_string(node),
-                                      "--address",   address.toString(),
-                                      "--port",      std::to_string(config.port),
-                                      "--home-node", std::to_string(config.nodeId),
-                                      "--run-dir",   config.runDir,
-                                      "--key",       keyPath,
-                                      "--image",     imagePath};
-  std::string env = "UMOSIX_DEPUTY_ARGS=";
-  for (auto& o : options) {
-    env += o + "\n";
-  }
-  exec.env = {env};
+  // A node that closes the connection must not kill us with SIGPIPE: P would keep the socket.
+  signal(SIGPIPE, SIG_IGN);
 
   mos::migrate::CaptureStats stats;
   std::vector<int> resend;
+  StreamedMove move;
+  bool threadsEnded = false;
   try {
     mos::migrate::SeizedProcess process(pid);
+    seizedMs = msSince(began);
     // Counted once every task is stopped (none can start another now). Each thread but the
     // leader is ended before the deputy's exec (endOtherThreads): its tid is then free for the
     // deputy thread that will serve it, which the deputy makes at that tid (ns_last_pid: root).
@@ -336,59 +531,62 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
       fail(fmt::format("cannot move pid {}, it stays at home: {}: {}", pid, exec.path,
                        strerror(errno)));
     }
-    {
-      int fd = open(imagePath.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-      if (fd < 0) {
-        fail(fmt::format("cannot create {}: {}", imagePath, strerror(errno)));
-      }
-      kj::AutoCloseFd owner(fd);
-      kj::FdOutputStream out(fd);
-      kj::BufferedOutputStreamWrapper buffered(out);
-      try {
-        stats = mos::migrate::captureImage(pid, buffered);
-        buffered.flush();
-      } catch (kj::Exception& e) {
-        unlink(imagePath.c_str());
-        fail(fmt::format("cannot move pid {}, it stays at home: {}", pid,
-                         e.getDescription().cStr()));
-      }
-    }
-    int fd = open(imagePath.c_str(), O_RDONLY | O_CLOEXEC);
-    KJ_REQUIRE(fd >= 0, "cannot reopen the image", imagePath, strerror(errno));
-    kj::AutoCloseFd owner(fd);
-    kj::FdInputStream in(fd);
-    mos::migrate::ImageReader reader(in);
-    auto header = reader.header();
-    for (auto arg : header.getArgv()) {
-      exec.argv.emplace_back(reinterpret_cast<const char*>(arg.begin()), arg.size());
-    }
-    if (exec.argv.empty()) {
-      exec.argv.push_back(exec.path);
-    }
-    if (threads > 1) {
-      try {
-        mos::migrate::endOtherThreads(pid);
-      } catch (kj::Exception& e) {
-        kill(pid, SIGKILL);  // some of its threads are gone: it cannot run on
-        unlink(imagePath.c_str());
-        fail(fmt::format("pid {} is lost: ending its threads for the move failed: {}", pid,
-                         e.getDescription().cStr()));
-      }
-    }
+    // The stream goes straight into the job's connection, which P itself will own as its deputy
+    // (docs/design.md, "Speed"): no image file, the node restores while we capture.
+    mos::migrate::CaptureOptions options;
+    options.editHeader = [&](mos::proto::ImageHeader::Builder header) {
+      move.open(pid, header.asReader(), address, config.port, credentials, config.nodeId);
+    };
+    options.beforePages = [&]() { move.awaitSendImage(); };
     try {
-      resend = mos::migrate::execDeputy(pid, header, exec);
-    } catch (kj::Exception& e) {
-      unlink(imagePath.c_str());
+      stats = mos::migrate::captureImage(pid, move, options);
+      capturedMs = msSince(began);
+      pid_t remotePid = move.awaitStarted();
+      startedMs = msSince(began);
+      move.writeHeaderFile(headerPath);
+      exec.argv = move.argv();
+      if (exec.argv.empty()) {
+        exec.argv.push_back(exec.path);
+      }
+      // The deputy's options travel in its environment, one per line (mos-deputy(8)), so that
+      // its argv stays the job's own.
+      std::vector<std::string> deputyOptions = {"--node",       std::to_string(node),
+                                                "--address",    address.toString(),
+                                                "--port",       std::to_string(config.port),
+                                                "--home-node",  std::to_string(config.nodeId),
+                                                "--run-dir",    config.runDir,
+                                                "--key",        keyPath,
+                                                "--image",      headerPath,
+                                                "--channel-fd", std::to_string(move.remoteFd()),
+                                                "--started",    std::to_string(remotePid)};
+      std::string env = "UMOSIX_DEPUTY_ARGS=";
+      for (auto& o : deputyOptions) {
+        env += o + "\n";
+      }
+      exec.env = {env};
       if (threads > 1) {
+        // The guest runs on the node with all its threads: their tids at home must be free for
+        // the deputy threads that will serve them. From here on P cannot run on at home.
+        threadsEnded = true;
+        mos::migrate::endOtherThreads(pid);
+      }
+      move.handOver();
+      resend = mos::migrate::execDeputy(pid, move.header(), exec);
+    } catch (kj::Exception& e) {
+      if (threadsEnded) {
         kill(pid, SIGKILL);  // its other threads are gone: it cannot run on at home
+        unlink(headerPath.c_str());
         fail(fmt::format("pid {} is lost: {}", pid, e.getDescription().cStr()));
       }
-      fail(fmt::format("cannot move pid {}, it stays at home: {}", pid, e.getDescription().cStr()));
+      move.abandon(pid);
+      unlink(headerPath.c_str());
+      fail(fmt::format("cannot move pid {} to node {}: {}; it runs on at home, untouched", pid,
+                       node, e.getDescription().cStr()));
     }
   } catch (kj::Exception& e) {
-    unlink(imagePath.c_str());
     fail(fmt::format("cannot move pid {}: {}", pid, e.getDescription().cStr()));
   }
+  execMs = msSince(began);
   // Detached: the process is the deputy now. Signals that came after the capture go to it again.
   for (int sig : resend) {
     kill(pid, sig);
@@ -399,9 +597,11 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
   }
   fmt::print(
       "migrate: pid {} runs on node {}: {} pages ({:.1f} MiB) in {} runs, stopped {:.1f} ms for "
-      "the capture\n",
+      "the capture; at ms: node checked {:.1f}, seized {:.1f}, streamed {:.1f}, guest started "
+      "{:.1f}, deputy exec'd {:.1f}, deputy ready {:.1f}\n",
       pid, node, stats.pages, stats.pages * 4096.0 / (1 << 20), stats.runs,
-      stats.frozen.count() / 1000.0);
+      stats.frozen.count() / 1000.0, checkedMs, seizedMs, capturedMs, startedMs, execMs,
+      msSince(began));
   return 0;
 }
 
