@@ -31,18 +31,25 @@ constexpr uint64_t PAGE = 4096;
 
 uint64_t roundUp(uint64_t v) { return (v + PAGE - 1) & ~(PAGE - 1); }
 
+// The address of a `syscall` instruction in the vDSO of process `pid` (traced by `task`), where
+// injected calls run (rr's way: never the process's own code). Throws kj::Exception (FAILED)
+// when the process has no vDSO or its vDSO has no such instruction.
+RemotePtr<uint8_t> vdsoSyscallInstruction(PtraceTask& task, pid_t pid) {
+  VdsoLayout vdso = vdsoLayout(readMaps(pid));
+  KJ_REQUIRE(vdso.present(), "the process has no vDSO");
+  RemotePtr<uint8_t> insn =
+      task.findSyscallInstruction(vdso.vdsoStart, vdso.vdsoStart + vdso.vdsoSize);
+  KJ_REQUIRE(!insn.isNull(), "no syscall instruction in the vDSO");
+  return insn;
+}
+
 // Runs one injected call in `pid` at its vDSO's `syscall` instruction with every signal blocked,
 // and puts registers and mask back. Returns the call's result (-errno on failure).
 long injectOne(pid_t pid, long nr, std::initializer_list<uint64_t> args) {
   PtraceTask task(pid);
   const user_regs_struct savedRegs = task.getRegs();
   const uint64_t savedMask = task.getSigmask();
-  VdsoLayout vdso = vdsoLayout(readMaps(pid));
-  KJ_REQUIRE(vdso.present(), "the process has no vDSO");
-  RemotePtr<uint8_t> insn =
-      task.findSyscallInstruction(vdso.vdsoStart, vdso.vdsoStart + vdso.vdsoSize);
-  KJ_REQUIRE(!insn.isNull(), "no syscall instruction in the vDSO");
-  task.setSyscallInstruction(insn);
+  task.setSyscallInstruction(vdsoSyscallInstruction(task, pid));
   task.setSigmask(~0ull);
   KJ_DEFER({
     task.setRegs(savedRegs);
@@ -79,11 +86,7 @@ std::vector<int> execDeputy(pid_t pid, proto::ImageHeader::Reader header, const 
   PtraceTask task(pid);
   const user_regs_struct savedRegs = task.getRegs();
   const uint64_t savedMask = task.getSigmask();
-  VdsoLayout vdso = vdsoLayout(readMaps(pid));
-  KJ_REQUIRE(vdso.present(), "the process has no vDSO");
-  RemotePtr<uint8_t> insn =
-      task.findSyscallInstruction(vdso.vdsoStart, vdso.vdsoStart + vdso.vdsoSize);
-  KJ_REQUIRE(!insn.isNull(), "no syscall instruction in the vDSO");
+  RemotePtr<uint8_t> insn = vdsoSyscallInstruction(task, pid);
   task.setSyscallInstruction(insn);
   task.setSigmask(~0ull);
 
@@ -234,11 +237,7 @@ std::string threadIdsRefusal(pid_t pid, int threads) {
 
 void endOtherThreads(pid_t pid) {
   PtraceTask leader(pid);
-  VdsoLayout vdso = vdsoLayout(readMaps(pid));
-  KJ_REQUIRE(vdso.present(), "the process has no vDSO");
-  RemotePtr<uint8_t> insn =
-      leader.findSyscallInstruction(vdso.vdsoStart, vdso.vdsoStart + vdso.vdsoSize);
-  KJ_REQUIRE(!insn.isNull(), "no syscall instruction in the vDSO");
+  RemotePtr<uint8_t> insn = vdsoSyscallInstruction(leader, pid);
   std::vector<pid_t> tids;
   std::string dir = "/proc/" + std::to_string(pid) + "/task";
   if (DIR* d = ::opendir(dir.c_str())) {

@@ -79,23 +79,32 @@ def check_memory(job):
     assert status == 0 and out.strip().endswith(b"ok"), (status, out, err)
 
 
-def test_home_to_node_2_with_node_2_dying_mid_stream_runs_on_at_home(cluster, home):
-    job = start_holder(cluster, home)
-    move = start_move(cluster, job.pid, 2)
+def kill_target_mid_stream(cluster, job, target):
+    """Moves `job` to node `target` and kills that node once its guest is being rebuilt there
+    (frozen first, with the supervisor streaming to it). Returns migrate's stderr; migrate must
+    fail."""
+    old = guests()
+    move = start_move(cluster, job.pid, target)
     killed = False
     try:
-        new = wait_until(lambda: guests() or move.poll() is not None, timeout=300,
-                         interval=0.002, what="the guest being rebuilt on node 2")
+        new = wait_until(lambda: (guests() - old) or move.poll() is not None, timeout=300,
+                         interval=0.002, what=f"the guest being rebuilt on node {target}")
         for guest in new if isinstance(new, set) else ():
             freeze(parent(guest), guest)
         assert move.poll() is None, move.communicate(timeout=10)
-        cluster.kill_node(2)
+        cluster.kill_node(target)
         killed = True
         out, err = move.communicate(timeout=300)
         assert move.returncode != 0, (out, err)
+        return err
     finally:
         if killed:
-            cluster.revive(2)
+            cluster.revive(target)
+
+
+def test_home_to_node_2_with_node_2_dying_mid_stream_runs_on_at_home(cluster, home):
+    job = start_holder(cluster, home)
+    kill_target_mid_stream(cluster, job, 2)
     wait_until(lambda: os.readlink(f"/proc/{job.pid}/exe") == str(MEM_HOLD), timeout=60,
                what="the job itself again at home")
     rec = cluster.record(job.pid)
@@ -105,23 +114,8 @@ def test_home_to_node_2_with_node_2_dying_mid_stream_runs_on_at_home(cluster, ho
 
 def test_node_2_to_node_3_with_node_3_dying_mid_stream_runs_on_on_node_2(cluster, home):
     job = start_holder(cluster, home, node=2)
-    old = guests()
-    move = start_move(cluster, job.pid, 3)
-    killed = False
-    try:
-        new = wait_until(lambda: (guests() - old) or move.poll() is not None, timeout=300,
-                         interval=0.002, what="the guest being rebuilt on node 3")
-        for guest in new if isinstance(new, set) else ():
-            freeze(parent(guest), guest)
-        assert move.poll() is None, move.communicate(timeout=10)
-        cluster.kill_node(3)
-        killed = True
-        out, err = move.communicate(timeout=300)
-        assert move.returncode != 0, (out, err)
-        assert b"runs on where it was" in err, err
-    finally:
-        if killed:
-            cluster.revive(3)
+    err = kill_target_mid_stream(cluster, job, 3)
+    assert b"runs on where it was" in err, err
     rec = cluster.wait_record_on(job.pid, 2, timeout=60)
     assert rec["trail"] == [1, 2], rec
     check_memory(job)
