@@ -98,6 +98,23 @@ def wait_until(predicate, timeout, interval=0.05, what="condition"):
         time.sleep(interval)
 
 
+def let_zdtm_go(job, work):
+    """Lets a zdtm program of tests/migrate go on: DIR/go, then "go" on its stdin (blocked_read
+    waits there) and stdin closed. A program that does not read stdin may see the file, pass and
+    exit before the line is written: its stdin is then a broken pipe, which is no failure."""
+    (work / "go").touch()
+    try:
+        job.popen.stdin.write(b"go\n")
+        job.popen.stdin.flush()
+    except BrokenPipeError:
+        pass
+    try:
+        job.popen.stdin.close()  # closes the descriptor even when the flush fails
+    except BrokenPipeError:
+        pass
+    job.popen.stdin = None
+
+
 class Job:
     """A process started in a node with Popen (binary pipes). Always reaped by the fixture."""
 

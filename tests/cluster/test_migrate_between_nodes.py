@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 import pytest
 
-from conftest import BUILD, PYTHON, proc_times, wait_until
+from conftest import BUILD, PYTHON, let_zdtm_go, proc_times, wait_until
 from test_migrate_live import COUNTER, READER, SIGNALS, ZDTM, blocked_in_read, checksum, start
 
 
@@ -130,9 +130,7 @@ def test_move_to_the_node_it_runs_on_is_a_no_op(cluster, home):
 def passes(job, work, what):
     """Lets a zdtm program (or the process resumed from its checkpoint) verify its state: `go`
     in its directory and on its stdin; it must exit 0 and print PASS."""
-    (work / "go").touch()
-    job.popen.stdin.write(b"go\n")
-    job.popen.stdin.flush()
+    let_zdtm_go(job, work)
     status, out, err = job.wait(timeout=60)
     assert status == 0 and b"PASS" in out, (what, status, out, err)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUILD, PYTHON, wait_until
+from conftest import BUILD, PYTHON, let_zdtm_go, wait_until
 
 # Computes a checksum in a loop long enough to be caught mid-run, then prints it and exits 7.
 COUNTER = r'''
@@ -385,9 +385,7 @@ def test_zdtm_program_moves_home(cluster, home, name):
     cp = migrate_home(cluster, pid)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
     assert exe(pid) == str(program.resolve())
-    (work / "go").touch()
-    job.popen.stdin.write(b"go\n")
-    job.popen.stdin.flush()
+    let_zdtm_go(job, work)
     status, out, err = job.wait(timeout=60)
     assert status == 0 and b"PASS" in out, (status, out, err)
 

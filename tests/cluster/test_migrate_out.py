@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, PYTHON, REMOTE, proc_alive, proc_times, wait_until
+from conftest import BUILD, PYTHON, REMOTE, let_zdtm_go, proc_alive, proc_times, wait_until
 
 COUNTER = r'''
 import sys
@@ -206,8 +206,7 @@ def test_zdtm_home_to_remote(cluster, home, name):
     assert job.popen.poll() is None, job.popen.stdout.read()
     cp = migrate(cluster, job.pid, job=job)
     assert cp.returncode == 0, (cp.stdout, cp.stderr)
-    (work / "go").touch()
-    feed(job, b"go\n")
+    let_zdtm_go(job, work)
     status, out, err = job.wait(timeout=120)
     assert status == 0 and b"PASS" in out, (status, out, err)
 
