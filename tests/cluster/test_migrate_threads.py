@@ -9,10 +9,12 @@ the results pthread_join returned, and exits 5. While the job is remote, /proc/P
 lists its deputy threads, at the job's tids; at home, its own threads."""
 
 import os
+import random
 import subprocess
 from pathlib import Path
 
 from conftest import BUILD, wait_until
+from test_migrate_bounce import TARGETS, finish as finish_stdin
 
 PROGRAM = BUILD / "tests" / "migrate" / "migrate_live_threads"
 
@@ -138,12 +140,9 @@ def test_threaded_job_bounces_across_three_nodes(cluster, home):
 
 
 # `xz -T2` (a main thread reading a pipe, two worker threads compressing 1 MiB blocks) bounced
-# like test_migrate_bounce.py bounces a single-threaded xz: 12 moves, 4 of them node to node.
-TARGETS = ["2", "3", "home", "3", "2", "home", "2", "home", "3", "2", "home", "2"]
-
-
+# like test_migrate_bounce.py bounces a single-threaded xz, along its TARGETS: 12 moves, 4 of
+# them node to node.
 def test_xz_threads_bounced_across_three_nodes_writes_what_a_native_run_writes(cluster, home):
-    import random
     rng = random.Random(7)
     words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 10)))
              for _ in range(5000)]
@@ -165,9 +164,6 @@ def test_xz_threads_bounced_across_three_nodes_writes_what_a_native_run_writes(c
     rec = wait_until(lambda: cluster.record(job.pid), timeout=60, what="the job's record")
     assert rec["moves"] == 12, rec
     assert threads_seen >= 3, threads_seen  # it moved with its worker threads
-    job.popen.stdin.write(chunks[-1])
-    job.popen.stdin.close()
-    job.popen.stdin = None
-    status, out, err = job.wait(timeout=600)
+    status, out, err = finish_stdin(job, chunks[-1])
     assert status == 0, err
     assert (home / "moved.xz").read_bytes() == (home / "native.xz").read_bytes()
