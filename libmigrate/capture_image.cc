@@ -11,9 +11,11 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/ptrace.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -427,22 +429,23 @@ struct Injected {
 // Runs `body(scratch)` with calls injected into `task` at `insn`: every signal blocked and a
 // scratch page (IMAGE_PAGE bytes at `scratch`) mapped meanwhile; the page is unmapped and the
 // registers and mask are left as `resume` and `mask` say, also when `body` throws.
+// `size` bytes of scratch (a multiple of IMAGE_PAGE) instead of one page.
 template <typename Body>
 void withScratch(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
-                 uint64_t mask, Body&& body) {
+                 uint64_t mask, Body&& body, uint64_t size = IMAGE_PAGE) {
   task.setSyscallInstruction(insn);
   task.setSigmask(~0ull);
   uint64_t scratch = 0;
   KJ_DEFER({
     if (scratch != 0) {
-      task.syscall(__NR_munmap, {scratch, IMAGE_PAGE});
+      task.syscall(__NR_munmap, {scratch, size});
     }
     task.setRegs(resume);
     task.setSigmask(mask);
   });
-  scratch = task.syscallOrThrow(
-      "mmap(scratch)", __NR_mmap,
-      {0, IMAGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, ~0ull, 0});
+  scratch =
+      task.syscallOrThrow("mmap(scratch)", __NR_mmap,
+                          {0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, ~0ull, 0});
   body(scratch);
 }
 
@@ -468,6 +471,106 @@ ThreadQueries injectThreadQueries(PtraceTask& task, RemotePtr<uint8_t> insn,
   withScratch(task, insn, resume, mask,
               [&](uint64_t scratch) { out = queryThread(task, scratch); });
   return out;
+}
+
+// A run of pages the stream carries: at most MAX_RUN_PAGES, inside one mapping.
+struct PageRun {
+  uint64_t start;
+  uint32_t pages;
+  bool readable;  // the mapping has PROT_READ: the process itself can read (and send) it
+};
+
+// Runs per injected sendmsg (two iovecs each, below IOV_MAX = 1024), and the scratch they need:
+// the msghdr, the iovecs, then the frame messages (each well under FRAME_ROOM bytes).
+constexpr size_t SEND_BATCH = 256;
+constexpr size_t FRAME_ROOM = 64;
+constexpr uint64_t SEND_SCRATCH = 8 * IMAGE_PAGE;
+static_assert(64 + 2 * SEND_BATCH * sizeof(iovec) + SEND_BATCH * FRAME_ROOM <= SEND_SCRATCH);
+
+// True for the codes an injected call may come back with when something interrupted it before
+// it did anything: it is simply issued again (every signal is blocked meanwhile).
+bool interruptedEarly(long r) { return r == -EINTR || (r <= -512 && r >= -516); }
+
+// Puts `runs` on the stream from the process itself (CaptureOptions::sendPagesFromFd): for each
+// batch of runs, their frame messages (writer.runFrame) go into a scratch mapping of the process
+// and one sendmsg(2) of [frame, pages, frame, pages, ...] is injected into `task` on descriptor
+// `fd`, MSG_NOSIGNAL, every signal blocked; a partial send goes on where it stopped. A run the
+// process cannot read (PROT_NONE) is read here through /proc/PID/mem and written on `sink`
+// instead, between two batches. Leaves registers and mask as `resume` and `mask` say. Throws
+// kj::Exception (FAILED) with the errno when a send fails (the node closed the connection: EPIPE,
+// ECONNRESET; TCP_USER_TIMEOUT: ETIMEDOUT).
+void sendRunsFromProcess(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
+                         uint64_t mask, int fd, std::span<const PageRun> runs, ImageWriter& writer,
+                         kj::OutputStream& sink) {
+  withScratch(
+      task, insn, resume, mask,
+      [&](uint64_t scratch) {
+        const uint64_t msgAt = scratch;
+        const uint64_t iovAt = scratch + 64;
+        const uint64_t framesAt = iovAt + 2 * SEND_BATCH * sizeof(iovec);
+        std::vector<iovec> iov;
+        std::vector<uint8_t> frames;
+        // Sends iov (remote addresses) whole, re-issuing after a partial send.
+        auto flush = [&]() {
+          if (iov.empty()) {
+            return;
+          }
+          task.writeMem(RemotePtr<uint8_t>(framesAt), frames);
+          size_t first = 0;
+          while (first < iov.size()) {
+            size_t n = iov.size() - first;
+            task.writeMem(RemotePtr<uint8_t>(iovAt),
+                          std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(&iov[first]),
+                                                   n * sizeof(iovec)));
+            msghdr msg{};
+            msg.msg_iov = reinterpret_cast<iovec*>(iovAt);
+            msg.msg_iovlen = n;
+            task.writeValue(RemotePtr<msghdr>(msgAt), msg);
+            long r = task.syscall(__NR_sendmsg, {uint64_t(fd), msgAt, MSG_NOSIGNAL});
+            if (interruptedEarly(r)) {
+              continue;
+            }
+            if (r <= 0) {
+              refuse(kj::str("sending the pages failed: ", strerror(r == 0 ? EPIPE : int(-r))));
+            }
+            size_t sent = size_t(r);
+            while (first < iov.size() && sent >= iov[first].iov_len) {
+              sent -= iov[first].iov_len;
+              ++first;
+            }
+            if (sent > 0) {
+              iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + sent;
+              iov[first].iov_len -= sent;
+            }
+          }
+          iov.clear();
+          frames.clear();
+        };
+        std::vector<uint8_t> buffer;
+        for (const PageRun& run : runs) {
+          uint64_t bytes = uint64_t(run.pages) * IMAGE_PAGE;
+          kj::Array<capnp::word> frame = writer.runFrame(run.start, run.pages);
+          auto frameBytes = frame.asBytes();
+          if (!run.readable) {
+            flush();
+            buffer.resize(bytes);
+            task.readMem(RemotePtr<uint8_t>(run.start), buffer);
+            sink.write(frameBytes.begin(), frameBytes.size());
+            sink.write(buffer.data(), buffer.size());
+            continue;
+          }
+          KJ_ASSERT(frameBytes.size() <= FRAME_ROOM, frameBytes.size());
+          uint64_t at = framesAt + frames.size();
+          frames.insert(frames.end(), frameBytes.begin(), frameBytes.end());
+          iov.push_back({reinterpret_cast<void*>(at), frameBytes.size()});
+          iov.push_back({reinterpret_cast<void*>(run.start), bytes});
+          if (iov.size() == 2 * SEND_BATCH) {
+            flush();
+          }
+        }
+        flush();
+      },
+      SEND_SCRATCH);
 }
 
 // The state only the process itself can ask the kernel for. Leaves registers and mask as
@@ -754,11 +857,7 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOption
   int pagemapFd;
   KJ_SYSCALL(pagemapFd = ::open(pagemapPath.c_str(), O_RDONLY | O_CLOEXEC), pagemapPath);
   kj::AutoCloseFd pagemapOwner(pagemapFd);
-  struct Run {
-    uint64_t start;
-    uint32_t pages;
-  };
-  std::vector<Run> runs;
+  std::vector<PageRun> runs;
   uint64_t pageCount = 0;
   auto mappingList = header.initMappings(maps.size());
   for (size_t i = 0; i < maps.size(); ++i) {
@@ -773,7 +872,7 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOption
           runs.back().pages < MAX_RUN_PAGES) {
         runs.back().pages += 1;
       } else {
-        runs.push_back({addr, 1});
+        runs.push_back({addr, 1, (e.prot & PROT_READ) != 0});
       }
       joinable = true;
       pageCount += 1;
@@ -834,20 +933,28 @@ CaptureStats captureImage(pid_t pid, kj::OutputStream& sink, const CaptureOption
     options.editHeader(header);
   }
 
-  ImageWriter writer(sink);
+  int pagesFd = options.sendPagesFromFd ? options.sendPagesFromFd() : -1;
+  bool fromProcess = pagesFd >= 0;
+  ImageWriter writer(sink, fromProcess ? PageDigest::FRAMING : PageDigest::ALL);
   writer.writeHeader(message);
   if (options.beforePages) {
     options.beforePages();
   }
-  std::vector<uint8_t> buffer(MAX_RUN_PAGES * IMAGE_PAGE);
-  for (const Run& run : runs) {
-    std::span<uint8_t> out(buffer.data(), uint64_t(run.pages) * IMAGE_PAGE);
-    size_t fast = task.readMemFast(RemotePtr<uint8_t>(run.start), out);
-    if (fast < out.size()) {
-      // PROT_NONE pages or a partial copy: /proc/PID/mem forces its way (FOLL_FORCE).
-      task.readMem(RemotePtr<uint8_t>(run.start + fast), out.subspan(fast));
+  if (fromProcess) {
+    uint64_t before = task.injected();
+    sendRunsFromProcess(task, insn, regs, sigmask, pagesFd, runs, writer, sink);
+    stats.injectedSyscalls += task.injected() - before;
+  } else {
+    std::vector<uint8_t> buffer(MAX_RUN_PAGES * IMAGE_PAGE);
+    for (const PageRun& run : runs) {
+      std::span<uint8_t> out(buffer.data(), uint64_t(run.pages) * IMAGE_PAGE);
+      size_t fast = task.readMemFast(RemotePtr<uint8_t>(run.start), out);
+      if (fast < out.size()) {
+        // PROT_NONE pages or a partial copy: /proc/PID/mem forces its way (FOLL_FORCE).
+        task.readMem(RemotePtr<uint8_t>(run.start + fast), out.subspan(fast));
+      }
+      writer.writePages(run.start, out);
     }
-    writer.writePages(run.start, out);
   }
   writer.finish();
 

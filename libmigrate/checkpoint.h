@@ -86,6 +86,13 @@ struct CaptureOptions {
   // that streams into the node's connection waits there until the node asks for the pages
   // (ToDeputy.sendImage, after its file fetches). It may throw kj::Exception to end the capture.
   std::function<void()> beforePages;
+  // Called after editHeader: a descriptor of the process itself (its leader's fd table) that is
+  // the same connection as `sink`, or -1 (also when unset). With one, the pages go from the
+  // process's memory straight onto that connection by sendmsg(2) injected into the process, one
+  // copy and no read-back here, and the stream is PageDigest::FRAMING (protocol/migration.md): a
+  // live move home -> node, whose socket `migrate` made in the process (tools/migrate.cc). The
+  // frames are still counted and hashed; only the pages' bytes are left out of the digest.
+  std::function<int()> sendPagesFromFd;
 };
 
 // captureImage with options.

@@ -52,7 +52,9 @@ XXH128_canonical_t digestOf(const XXH3_state_t* state) {
 
 // ImageWriter.
 
-ImageWriter::ImageWriter(kj::OutputStream& out) : out_(out) { initHash(&hash_); }
+ImageWriter::ImageWriter(kj::OutputStream& out, PageDigest digest) : out_(out), digest_(digest) {
+  initHash(&hash_);
+}
 
 void ImageWriter::write(const void* data, size_t size) {
   hash(&hash_, data, size);
@@ -61,6 +63,9 @@ void ImageWriter::write(const void* data, size_t size) {
 }
 
 void ImageWriter::writeHeader(capnp::MessageBuilder& header) {
+  if (digest_ == PageDigest::FRAMING) {
+    header.getRoot<proto::ImageHeader>().setPagesUnhashed(true);
+  }
   write(IMAGE_MAGIC, sizeof(IMAGE_MAGIC));
   kj::Array<capnp::word> words = capnp::messageToFlatArray(header);
   write(words.begin(), words.size() * sizeof(capnp::word));
@@ -75,9 +80,29 @@ void ImageWriter::writePages(uint64_t start, std::span<const uint8_t> bytes) {
   pages.setCount(bytes.size() / IMAGE_PAGE);
   kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
   write(words.begin(), words.size() * sizeof(capnp::word));
-  write(bytes.data(), bytes.size());
+  if (digest_ == PageDigest::ALL) {
+    write(bytes.data(), bytes.size());
+  } else {
+    out_.write(bytes.data(), bytes.size());
+    bytes_ += bytes.size();
+  }
   runs_ += 1;
   pages_ += bytes.size() / IMAGE_PAGE;
+}
+
+kj::Array<capnp::word> ImageWriter::runFrame(uint64_t start, uint32_t count) {
+  KJ_REQUIRE(digest_ == PageDigest::FRAMING && start % IMAGE_PAGE == 0 && count > 0 &&
+             count <= MAX_RUN_PAGES);
+  capnp::MallocMessageBuilder message(64);
+  auto pages = message.initRoot<proto::Frame>().initPages();
+  pages.setStart(start);
+  pages.setCount(count);
+  kj::Array<capnp::word> words = capnp::messageToFlatArray(message);
+  hash(&hash_, words.begin(), words.size() * sizeof(capnp::word));
+  bytes_ += words.size() * sizeof(capnp::word) + uint64_t(count) * IMAGE_PAGE;
+  runs_ += 1;
+  pages_ += count;
+  return words;
 }
 
 void ImageWriter::finish() {
@@ -132,7 +157,9 @@ class ImageReader::HashingInput final : public kj::InputStream {
       pos_ += k;
       n += k;
     }
-    hash(&hash_, out, n);
+    if (hashing) {
+      hash(&hash_, out, n);
+    }
     total_ += n;
     return n;
   }
@@ -152,6 +179,7 @@ class ImageReader::HashingInput final : public kj::InputStream {
 
   const char* what = "the magic";
   bool truncated = false;
+  bool hashing = true;  // false while the pages of a pagesUnhashed stream are read
 
  private:
   size_t fill() {
@@ -260,6 +288,8 @@ kj::Maybe<ImageReader::Run> ImageReader::nextRun() {
 
 void ImageReader::readPages(std::span<uint8_t> out) {
   KJ_REQUIRE(out.size() <= remaining_, "ImageReader: read past the run");
+  input_->hashing = !header().getPagesUnhashed();
+  KJ_DEFER(input_->hashing = true);
   input_->read(out.data(), out.size());
   remaining_ -= out.size();
 }

@@ -23,15 +23,27 @@ constexpr size_t IMAGE_PAGE = 4096;
 // The most pages one frame carries (1 MiB): the writer's and the reader's buffer size.
 constexpr uint32_t MAX_RUN_PAGES = 256;
 
-// Writes one stream to `out`. Usage: writeHeader, writePages for each run in address order,
-// finish. Throws whatever `out` throws.
+// What the end frame's digest covers (protocol/migration.md).
+enum class PageDigest {
+  ALL,     // every byte of the stream: checkpoint files, streams that are stored
+  FRAMING  // everything but the pages' bytes (header.pagesUnhashed): a live move over TCP whose
+           // pages the source process sends itself (sendPagesFromFd in checkpoint.h)
+};
+
+// Writes one stream to `out`. Usage: writeHeader, writePages (or runFrame) for each run in
+// address order, finish. Throws whatever `out` throws.
 class ImageWriter {
  public:
-  explicit ImageWriter(kj::OutputStream& out);
-  // MAGIC and the header message.
+  explicit ImageWriter(kj::OutputStream& out, PageDigest digest = PageDigest::ALL);
+  // MAGIC and the header message (a proto::ImageHeader root; with PageDigest::FRAMING its
+  // pagesUnhashed is set here).
   void writeHeader(capnp::MessageBuilder& header);
   // One frame: `bytes.size()` is a multiple of 4096 and at most MAX_RUN_PAGES pages.
   void writePages(uint64_t start, std::span<const uint8_t> bytes);
+  // The frame message of a run of `count` (1..MAX_RUN_PAGES) pages at `start` whose bytes the
+  // caller puts on the stream itself, right after the returned words (which it also sends):
+  // counted and hashed as writePages would, without the pages. Only with PageDigest::FRAMING.
+  kj::Array<capnp::word> runFrame(uint64_t start, uint32_t count);
   // The end frame. Nothing may be written after it.
   void finish();
 
@@ -42,6 +54,7 @@ class ImageWriter {
  private:
   void write(const void* data, size_t size);
   kj::OutputStream& out_;
+  PageDigest digest_;
   XXH3_state_t hash_;
   uint64_t runs_ = 0;
   uint64_t pages_ = 0;

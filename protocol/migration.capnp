@@ -128,6 +128,10 @@ struct ImageHeader {
   files @21 :List(OpenFile);
 
   pageCount @22 :UInt64;     # pages the frames below carry in all (sum of Frame.pages.count)
+  pagesUnhashed @23 :Bool;   # the end frame's digest leaves out the pages' own bytes (it covers
+                             # MAGIC, this header and every frame message): a live move between
+                             # nodes, whose pages TCP carries and the source sends straight from
+                             # the process's memory. Never set in a checkpoint file.
 }
 
 struct Frame {
@@ -140,7 +144,8 @@ struct Frame {
     }
     end :group {
       # The last message of a stream. `digest` is XXH3-128 (xxHash, canonical big-endian
-      # bytes) of every byte of the stream before this message, MAGIC included.
+      # bytes) of every byte of the stream before this message, MAGIC included (without the
+      # pages' bytes when the header says pagesUnhashed).
       runs @2 :UInt64;
       pages @3 :UInt64;
       digest @4 :Data;

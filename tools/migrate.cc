@@ -538,6 +538,8 @@ int moveToNode(pid_t pid, const std::string& target, int timeoutSeconds) {
       move.open(pid, header.asReader(), address, config.port, credentials, config.nodeId);
     };
     options.beforePages = [&]() { move.awaitSendImage(); };
+    // P sends its own pages on its copy of the connection: one copy, none through us.
+    options.sendPagesFromFd = [&]() { return move.remoteFd(); };
     try {
       stats = mos::migrate::captureImage(pid, move, options);
       capturedMs = msSince(began);
