@@ -114,6 +114,60 @@ TEST_CASE("damaged streams are refused by name", "[unit][migrate]") {
   CHECK_THAT(errorOf(trailing), Catch::StartsWith("migration image corrupt: bytes follow"));
 }
 
+TEST_CASE("a live stream whose pages the source sends itself: digest over the framing only",
+          "[unit][migrate]") {
+  // What captureImage with sendPagesFromFd writes: the frames from the writer (runFrame), the
+  // pages' bytes put on the stream beside it, as the process's injected sendmsg does.
+  kj::VectorOutputStream out;
+  ImageWriter writer(out, mos::migrate::PageDigest::FRAMING);
+  capnp::MallocMessageBuilder message;
+  fillHeader(message.initRoot<mos::proto::ImageHeader>(), 4);
+  writer.writeHeader(message);
+  auto a = page(1), b = page(2, 3);
+  for (auto& [start, bytes] : {std::pair{0x10000ul, &a}, std::pair{0x20000ul, &b}}) {
+    auto frame = writer.runFrame(start, bytes->size() / 4096);
+    out.write(frame.asBytes().begin(), frame.asBytes().size());
+    out.write(bytes->data(), bytes->size());
+  }
+  writer.finish();
+  CHECK(writer.runs() == 2);
+  CHECK(writer.pages() == 4);
+  CHECK(writer.bytes() == out.getArray().size());  // pages included
+  auto bytes = kj::heapArray(out.getArray());
+  {
+    kj::ArrayInputStream in(bytes);
+    ImageReader reader(in);
+    CHECK(reader.header().getPagesUnhashed());
+    std::vector<uint8_t> got;
+    KJ_IF_MAYBE (run, reader.nextRun()) {
+      got.resize(run->count * 4096);
+      reader.readPages(got);
+      CHECK(got == a);
+    }
+    KJ_IF_MAYBE (run, reader.nextRun()) {
+      got.resize(run->count * 4096);
+      reader.readPages(got);
+      CHECK(got == b);
+    }
+    CHECK(reader.nextRun() == nullptr);  // the digest and the counts match
+  }
+  // A page's bytes are not covered (TCP carries them); the framing still is, and a cut is seen.
+  auto pageFlipped = kj::heapArray<kj::byte>(bytes);
+  pageFlipped[bytes.size() / 2] ^= 0x10;  // inside the second run's pages
+  CHECK(errorOf(pageFlipped) == "");
+  CHECK_THAT(errorOf(bytes.slice(0, bytes.size() / 2)),
+             Catch::StartsWith("migration image truncated"));
+  // A checkpoint file keeps the whole digest: the same flip in a PageDigest::ALL stream fails.
+  auto all = sampleStream();
+  auto allFlipped = kj::heapArray<kj::byte>(all);
+  allFlipped[all.size() / 2] ^= 0x10;
+  CHECK_THAT(errorOf(allFlipped), Catch::StartsWith("migration image corrupt: its digest"));
+  CHECK_FALSE([&] {
+    kj::ArrayInputStream in(all);
+    return ImageReader(in).header().getPagesUnhashed();
+  }());
+}
+
 TEST_CASE("a stream of a newer version is refused", "[unit][migrate]") {
   auto bytes = sampleStream(mos::proto::MIGRATION_VERSION + 1);
   CHECK_THAT(errorOf(bytes), Catch::StartsWith("migration image version 2 is newer"));
