@@ -148,8 +148,11 @@ class Deputy {
   void comeHome(const std::string& reason);
   // moveRefused, moveImage, moveImageEnd, moved.
   void handleMoveMessage(proto::ToDeputy::Reader message);
-  // The next bytes of the stream, into the image file.
+  // The next bytes of the stream, into the image file; for a move to another node, once the
+  // header is whole, relayMove().
   void writeMoveImage(capnp::Data::Reader data);
+  // The next bytes of the stream, into the image file (move_->bytes counts them).
+  void appendMoveImage(capnp::Data::Reader data);
   // The stream is complete: checks it, starts the migration agent, commits (or aborts).
   void finishMoveImage(uint64_t bytes);
   // Ends a move that did not happen: answers `reply` to `migrate`, forwards the signals kept
@@ -158,9 +161,11 @@ class Deputy {
   void abortMove(const std::string& why);
   // The guest is gone: exec the restore stub; the agent rebuilds the job in this process.
   [[noreturn]] void completeMoveHome();
-  // A move to another remote node (remote -> remote): the stream that arrived whole goes to
-  // the target node's mosd as a new job start (JobStart.imageStreamed, as at exec), the new
-  // supervisor is served until its guest runs (fetches, sendImage, started), then the old
+  // A move to another remote node (remote -> remote), called once the stream's header is here:
+  // the stream goes to the target node's mosd as a new job start (JobStart.imageStreamed, as at
+  // exec) while the rest of it still arrives from the old node (both served here: the old
+  // node's moveImage messages, the new supervisor's fetches, sendImage and started; each byte
+  // is relayed as soon as it is in the image file, so the two transfers overlap), then the old
   // supervisor is told to commit, and once it answers `moved` the deputy's channel is the new
   // one: the job's home process, fd table and pid never change, and the old node keeps
   // nothing. Throws kj::Exception before the commit (the caller aborts: the guest runs on where

@@ -347,6 +347,25 @@ void Deputy::handleMoveMessage(proto::ToDeputy::Reader message) {
 }
 
 void Deputy::writeMoveImage(capnp::Data::Reader data) {
+  appendMoveImage(data);
+  MoveState& move = *move_;
+  if (move.target != 0) {
+    // Remote -> remote: the relay starts as soon as the header is here; the frames follow the
+    // old node's stream to the new node while they arrive (relayMove). Until then, a header
+    // that does not parse yet is only incomplete.
+    try {
+      ImageFile probe(move.path);
+    } catch (kj::Exception& e) {
+      if (kj::StringPtr(e.getDescription()).startsWith("migration image truncated")) {
+        return;
+      }
+      throw;
+    }
+    relayMove();
+  }
+}
+
+void Deputy::appendMoveImage(capnp::Data::Reader data) {
   MoveState& move = *move_;
   if (move.file.get() < 0 && move.path.empty()) {
     std::string dir = options_.runDir + "/images";
@@ -379,10 +398,7 @@ void Deputy::finishMoveImage(uint64_t bytes) {
     writeRemoteCheckpoint();
     return;
   }
-  if (move.target != 0) {
-    relayMove();
-    return;
-  }
+  KJ_REQUIRE(move.target == 0, "the stream ended before its header did");
   checkResumableHere(move.path);
   move.closeOnExec = jobCloseOnExec(fds_);
   migrate::AgentConfig config;
@@ -479,15 +495,12 @@ void Deputy::relayMove() {
   MoveState& move = *move_;
   std::string where = "node " + std::to_string(move.target) + " (" + move.address + ":" +
                       std::to_string(move.port) + ")";
-  {
-    // The whole stream, checked before anything is sent: a damaged one aborts the move here.
-    int fd = open(move.path.c_str(), O_RDONLY | O_CLOEXEC);
-    KJ_REQUIRE(fd >= 0, "cannot read the image file", move.path, strerror(errno));
-    kj::AutoCloseFd owner(fd);
-    kj::FdInputStream in(fd);
-    migrate::ImageReader reader(in);
-    reader.verifyToEnd();
-  }
+  // The header is here; the frames are still coming from the old node (old channel: moveImage
+  // messages, appended to the image file). The new node gets the header now, fetches the files
+  // it lacks, asks for the frames, and from then on gets each byte as soon as it is in the file:
+  // the two transfers overlap. Nothing is checked here: the new node's reader checks the
+  // digest and the counts at the end frame and answers `failed` for a damaged stream; the old
+  // guest is still there, stopped, until the commit below, so any failure only aborts the move.
   ImageFile image(move.path);
   ClusterCredentials credentials{options_.homeNode, ClusterKey::load(options_.keyPath)};
   int fd = connectJobSocket(move.address, move.port, 5000, fds_);
@@ -506,8 +519,7 @@ void Deputy::relayMove() {
     next->send(start);
     sendFileBytes(*next, image.fd(), 0, image.headerEnd());
   }
-  // Serve the new supervisor until its guest runs: it fetches the mapped files it lacks (from
-  // the deputy, as at exec), then asks for the frames. The old guest stays stopped meanwhile.
+  // Serve the new supervisor until its guest runs, and the old one until its stream has come.
   pid_t remotePid = 0;
   {
     kj::Own<Channel> old = kj::mv(channel_);
@@ -516,16 +528,75 @@ void Deputy::relayMove() {
       next = kj::mv(channel_);
       channel_ = kj::mv(old);
     });
+    bool streamDone = move.file.get() < 0;  // moveImageEnd came already
+    bool framesAsked = false;
+    uint64_t sent = image.headerEnd();
     auto deadline = std::chrono::steady_clock::now() + NEW_NODE_START_TIMEOUT;
     while (remotePid == 0) {
-      awaitReadable(*channel_, deadline, where + " did not start the job within 60 s");
+      if (framesAsked && sent < move.bytes) {
+        sendFileBytes(*channel_, image.fd(), sent, move.bytes);
+        sent = move.bytes;
+      }
+      // Whichever channel has something: the old node's stream first.
+      bool fromOld = false;
+      while (!streamDone && !old->hasBuffered() && !channel_->hasBuffered()) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                        deadline - std::chrono::steady_clock::now())
+                        .count();
+        KJ_REQUIRE(left > 0, kj::str(where.c_str(), " did not start the job within 60 s"));
+        struct pollfd pfd[2] = {{old->fd(), POLLIN, 0}, {channel_->fd(), POLLIN, 0}};
+        int n = poll(pfd, 2, static_cast<int>(std::min<long>(left, 1000)));
+        if (n < 0 && errno != EINTR) {
+          KJ_FAIL_SYSCALL("poll", errno);
+        }
+        if (n > 0) {
+          fromOld = pfd[0].revents != 0;
+          break;
+        }
+      }
+      if (!streamDone && (fromOld || old->hasBuffered())) {
+        KJ_IF_MAYBE (m, old->receive()) {
+          auto root = (*m)->getRoot<proto::ToDeputy>();
+          switch (root.which()) {
+            case proto::ToDeputy::MOVE_IMAGE:
+              if (framesAsked && sent == move.bytes) {
+                // Caught up: straight on, the file is only for what came before sendImage.
+                auto data = root.getMoveImage();
+                channel_->sendBytes(data.begin(), data.size());
+                move.bytes += data.size();
+                sent = move.bytes;
+              } else {
+                appendMoveImage(root.getMoveImage());
+              }
+              break;
+            case proto::ToDeputy::MOVE_IMAGE_END:
+              KJ_REQUIRE(root.getMoveImageEnd() == move.bytes,
+                         "the migration image arrived incomplete", root.getMoveImageEnd(),
+                         move.bytes);
+              fds_.remove(move.file.get());
+              move.file = nullptr;
+              streamDone = true;
+              break;
+            case proto::ToDeputy::MOVE_REFUSED: KJ_FAIL_REQUIRE(kj::str(root.getMoveRefused()));
+            default:
+              KJ_FAIL_REQUIRE(kj::str("unexpected message from node ", options_.node,
+                                      " in the middle of its stream (union tag ",
+                                      static_cast<int>(root.which()), ")"));
+          }
+        } else {
+          KJ_FAIL_REQUIRE(kj::str("node ", options_.node,
+                                  " closed the connection in the middle of its stream"));
+        }
+        continue;
+      }
+      if (streamDone) {
+        awaitReadable(*channel_, deadline, where + " did not start the job within 60 s");
+      }
       KJ_IF_MAYBE (m, channel_->receive()) {
         auto root = (*m)->getRoot<proto::ToDeputy>();
         switch (root.which()) {
           case proto::ToDeputy::FETCH_FILE: handleFetchFile(root.getFetchFile()); break;
-          case proto::ToDeputy::SEND_IMAGE:
-            sendFileBytes(*channel_, image.fd(), image.headerEnd(), UINT64_MAX);
-            break;
+          case proto::ToDeputy::SEND_IMAGE: framesAsked = true; break;
           case proto::ToDeputy::STARTED: remotePid = root.getStarted(); break;
           case proto::ToDeputy::FAILED: KJ_FAIL_REQUIRE(kj::str(root.getFailed()));
           default:
@@ -537,6 +608,8 @@ void Deputy::relayMove() {
         KJ_FAIL_REQUIRE(kj::str(where.c_str(), " closed the connection before the job ran"));
       }
     }
+    KJ_REQUIRE(streamDone && sent == move.bytes, "the new node ran the job before its stream ended",
+               sent, move.bytes);
   }
   // The new guest runs (its first calls wait on the new channel). Commit: the old one ends.
   {
