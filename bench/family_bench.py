@@ -22,17 +22,18 @@ def node(k, argv):
 
 
 @contextmanager
-def local_cluster(tool):
-    """A cluster of at least 2 nodes: the running one, or one started (and stopped) here."""
+def local_cluster(tool, nodes=2):
+    """A cluster of at least `nodes` nodes (2 or more): the running one, or one started (and
+    stopped) here."""
     if os.geteuid() != 0:
         sys.exit(f"{tool}: needs root (network namespaces)")
     started = False
     if not (STATE / "nodes").exists():
-        subprocess.run([str(LOCAL_CLUSTER), "start", "2"], check=True, timeout=120,
+        subprocess.run([str(LOCAL_CLUSTER), "start", str(nodes)], check=True, timeout=120,
                        stdin=subprocess.DEVNULL)
         started = True
-    elif int((STATE / "nodes").read_text()) < 2:
-        sys.exit(f"{tool}: the running cluster has fewer than 2 nodes")
+    elif int((STATE / "nodes").read_text()) < nodes:
+        sys.exit(f"{tool}: the running cluster has fewer than {nodes} nodes")
     try:
         yield
     finally:
