@@ -318,7 +318,13 @@ void Deputy::abortMove(const std::string& why) {
 
 void Deputy::handleMoveMessage(proto::ToDeputy::Reader message) {
   if (!moving()) {
-    spdlog::warn("a move message without a move in progress, ignored");
+    // The rest of the stream of a move that was aborted while it came (a relay that failed,
+    // the image file that could not be written) is expected: dropped without a word.
+    if (message.isMoveImage() || message.isMoveImageEnd()) {
+      spdlog::debug("the rest of an aborted move's stream, dropped");
+    } else {
+      spdlog::warn("a move message without a move in progress, ignored");
+    }
     return;
   }
   switch (message.which()) {

@@ -72,11 +72,13 @@ def start_move(cluster, pid, target):
 
 
 def check_memory(job):
-    """Lets mem_hold check every byte of its memory: it prints ok and exits 0."""
+    """Lets mem_hold check every byte of its memory: it prints ok and exits 0. Returns the job's
+    stderr."""
     job.popen.stdin.write(b"check\n")
     job.popen.stdin.flush()
     status, out, err = job.wait(timeout=300)
     assert status == 0 and out.strip().endswith(b"ok"), (status, out, err)
+    return err
 
 
 def kill_target_mid_stream(cluster, job, target):
@@ -118,7 +120,10 @@ def test_node_2_to_node_3_with_node_3_dying_mid_stream_runs_on_on_node_2(cluster
     assert b"runs on where it was" in err, err
     rec = cluster.wait_record_on(job.pid, 2, timeout=60)
     assert rec["trail"] == [1, 2], rec
-    check_memory(job)
+    err = check_memory(job)
+    # The deputy aborted while node 2 still streamed: the rest of that stream is dropped
+    # quietly, not one warning per message on the job's stderr.
+    assert b"ignored" not in err, err[-2000:]
 
 
 def test_node_2_to_home_with_node_2_dying_mid_stream_ends_the_job_as_lost(cluster, home):

@@ -130,8 +130,13 @@ def test_threaded_job_bounces_across_three_nodes(cluster, home):
             assert tasks(pid) == sorted([pid] + tids)
         else:
             node = int(target)
-            assert wait_until(lambda: where(cluster, pid) == ("remote", node), timeout=30,
-                              what=f"job remote on {node}")
+            try:
+                wait_until(lambda: where(cluster, pid) == ("remote", node), timeout=30,
+                           what=f"job remote on {node}")
+            except AssertionError as e:
+                # What the job, its record and the daemons say (a flaky failure in one CI run).
+                raise AssertionError((str(e), target, cluster.record(pid), job.popen.poll(),
+                                      logs())) from None
             assert wait_until(lambda: deputy_threads_at(pid, tids), timeout=30,
                               what=f"deputy threads at {tids}: {tasks(pid)}")
     rec = cluster.record(pid)
