@@ -538,19 +538,23 @@ void Deputy::relayMove() {
     bool framesAsked = false;
     uint64_t sent = image.headerEnd();
     auto deadline = std::chrono::steady_clock::now() + NEW_NODE_START_TIMEOUT;
-    while (remotePid == 0) {
+    // Until the new guest runs and the old node's stream has ended: the new node may report
+    // `started` (it had the end frame) before the old one's moveImageEnd is read here.
+    while (remotePid == 0 || !streamDone) {
       if (framesAsked && sent < move.bytes) {
         sendFileBytes(*channel_, image.fd(), sent, move.bytes);
         sent = move.bytes;
       }
-      // Whichever channel has something: the old node's stream first.
-      bool fromOld = false;
-      while (!streamDone && !old->hasBuffered() && !channel_->hasBuffered()) {
+      // Whichever channel has something (the old node's stream first), of those still served.
+      bool wantOld = !streamDone, wantNew = remotePid == 0;
+      bool fromOld = wantOld && old->hasBuffered();
+      while (!fromOld && !(wantNew && channel_->hasBuffered())) {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                         deadline - std::chrono::steady_clock::now())
                         .count();
         KJ_REQUIRE(left > 0, kj::str(where.c_str(), " did not start the job within 60 s"));
-        struct pollfd pfd[2] = {{old->fd(), POLLIN, 0}, {channel_->fd(), POLLIN, 0}};
+        struct pollfd pfd[2] = {{wantOld ? old->fd() : -1, POLLIN, 0},
+                                {wantNew ? channel_->fd() : -1, POLLIN, 0}};
         int n = poll(pfd, 2, static_cast<int>(std::min<long>(left, 1000)));
         if (n < 0 && errno != EINTR) {
           KJ_FAIL_SYSCALL("poll", errno);
@@ -560,7 +564,7 @@ void Deputy::relayMove() {
           break;
         }
       }
-      if (!streamDone && (fromOld || old->hasBuffered())) {
+      if (fromOld) {
         KJ_IF_MAYBE (m, old->receive()) {
           auto root = (*m)->getRoot<proto::ToDeputy>();
           switch (root.which()) {
@@ -595,9 +599,6 @@ void Deputy::relayMove() {
         }
         continue;
       }
-      if (streamDone) {
-        awaitReadable(*channel_, deadline, where + " did not start the job within 60 s");
-      }
       KJ_IF_MAYBE (m, channel_->receive()) {
         auto root = (*m)->getRoot<proto::ToDeputy>();
         switch (root.which()) {
@@ -614,8 +615,8 @@ void Deputy::relayMove() {
         KJ_FAIL_REQUIRE(kj::str(where.c_str(), " closed the connection before the job ran"));
       }
     }
-    KJ_REQUIRE(streamDone && sent == move.bytes, "the new node ran the job before its stream ended",
-               sent, move.bytes);
+    KJ_REQUIRE(sent == move.bytes, "the new node ran the job before its stream ended", sent,
+               move.bytes);
   }
   // The new guest runs (its first calls wait on the new channel). Commit: the old one ends.
   {
