@@ -578,13 +578,15 @@ void sendRunsFromProcess(PtraceTask& task, RemotePtr<uint8_t> insn, const user_r
 Injected injectQueries(PtraceTask& task, RemotePtr<uint8_t> insn, const user_regs_struct& resume,
                        uint64_t mask, const std::vector<PipeEnd>& pipes) {
   Injected out;
+  // Only the dispositions that are not SIG_DFL are asked for; the image records no other.
+  uint64_t handled = nonDefaultSignals(task.pid());
   withScratch(task, insn, resume, mask, [&](uint64_t scratch) {
     RemotePtr<uint8_t> at(scratch);
     auto read = [&](void* into, size_t size) {
       task.readMem(at, std::span<uint8_t>(static_cast<uint8_t*>(into), size));
     };
     for (int sig = 1; sig <= 64; ++sig) {
-      if (sig == SIGKILL || sig == SIGSTOP) {
+      if (sig == SIGKILL || sig == SIGSTOP || !(handled & (uint64_t{1} << (sig - 1)))) {
         continue;
       }
       task.syscallOrThrow("rt_sigaction", __NR_rt_sigaction, {uint64_t(sig), 0, scratch, 8});

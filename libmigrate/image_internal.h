@@ -5,16 +5,36 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <span>
 #include <string>
 
+#include <kj/debug.h>
+
 #include "image.capnp.h"
+#include "proc_maps.h"
 
 namespace mos::migrate {
 
 inline std::string procPath(pid_t pid, const char* what) {
   return "/proc/" + std::to_string(pid) + "/" + what;
+}
+
+// The signals whose disposition in process `pid` is not SIG_DFL: bit (n-1) for signal n, the
+// SigIgn and SigCgt lines of /proc/PID/status (proc(5)) or'ed. Every other signal has SIG_DFL
+// (with whatever flags a sigaction(SIG_DFL) left, which captureImage does not record; after an
+// execve they are 0). Saves an injected rt_sigaction (about 0.1 ms here) per default signal.
+// Throws kj::Exception (FAILED) if the file cannot be read or lacks the lines.
+inline uint64_t nonDefaultSignals(pid_t pid) {
+  std::string status = readProcFile(procPath(pid, "status"));
+  uint64_t mask = 0;
+  for (const char* key : {"SigIgn:", "SigCgt:"}) {
+    size_t at = status.find(key);
+    KJ_REQUIRE(at != std::string::npos, "missing /proc field", key, pid);
+    mask |= strtoull(status.c_str() + at + strlen(key), nullptr, 16);
+  }
+  return mask;
 }
 
 // XSAVE "software reserved" bytes 464..471 of the UABI buffer hold the xfeatures mask (XCR0)

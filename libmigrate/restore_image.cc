@@ -690,6 +690,9 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
     for (auto a : header.getSigActions()) {
       actions[a.getSigno()] = {a.getHandler(), a.getFlags(), a.getRestorer(), a.getMask()};
     }
+    // The stub was just exec'd: its dispositions are SIG_DFL with no flags, except the ones
+    // its parent ignored (execve(2) keeps SIG_IGN). Only what differs is set.
+    uint64_t stubNonDefault = nonDefaultSignals(pid);
     for (int sig = 1; sig <= 64; ++sig) {
       if (sig == SIGKILL || sig == SIGSTOP) {
         continue;
@@ -698,6 +701,8 @@ RestoreStats rebuild(ImageReader& source, pid_t pid, const Target& target) {
       auto it = actions.find(sig);
       if (it != actions.end()) {
         act = it->second;
+      } else if (!(stubNonDefault & (uint64_t{1} << (sig - 1)))) {
+        continue;  // SIG_DFL already
       }
       task.syscallOrThrow("rt_sigaction", __NR_rt_sigaction,
                           {uint64_t(sig), writeScratch(&act, sizeof(act)), 0, 8});
