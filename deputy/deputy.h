@@ -28,6 +28,8 @@
 
 namespace mos::deputy {
 
+class ImageFile;  // startup.h
+
 inline constexpr int EXIT_CANNOT_RUN = 125;  // mosrun's "could not run the job" status
 inline constexpr int EXIT_NODE_DIED = 112;   // the remote node died, the job is lost
 
@@ -161,7 +163,8 @@ class Deputy {
   void abortMove(const std::string& why);
   // The guest is gone: exec the restore stub; the agent rebuilds the job in this process.
   [[noreturn]] void completeMoveHome();
-  // A move to another remote node (remote -> remote), called once the stream's header is here:
+  // A move to another remote node (remote -> remote), called once the stream's header is here
+  // (`image`, the image file as far as it came):
   // the stream goes to the target node's mosd as a new job start (JobStart.imageStreamed, as at
   // exec) while the rest of it still arrives from the old node (both served here: the old
   // node's moveImage messages, the new supervisor's fetches, sendImage and started; each byte
@@ -170,7 +173,7 @@ class Deputy {
   // one: the job's home process, fd table and pid never change, and the old node keeps
   // nothing. Throws kj::Exception before the commit (the caller aborts: the guest runs on where
   // it was); after the commit a lost old node only costs its `moved`.
-  void relayMove();
+  void relayMove(ImageFile& image);
   // A checkpoint of the remote job: the stream that arrived whole is written to
   // move_->checkpointPath in the checkpoint format (ImageWriter), with the job's descriptors
   // and cwd, which are this process's (the guest's are the content cache's), and its home

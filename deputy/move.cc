@@ -359,15 +359,16 @@ void Deputy::writeMoveImage(capnp::Data::Reader data) {
     // Remote -> remote: the relay starts as soon as the header is here; the frames follow the
     // old node's stream to the new node while they arrive (relayMove). Until then, a header
     // that does not parse yet is only incomplete.
+    kj::Own<ImageFile> image;
     try {
-      ImageFile probe(move.path);
+      image = kj::heap<ImageFile>(move.path);
     } catch (kj::Exception& e) {
       if (kj::StringPtr(e.getDescription()).startsWith("migration image truncated")) {
         return;
       }
       throw;
     }
-    relayMove();
+    relayMove(*image);
   }
 }
 
@@ -497,7 +498,7 @@ constexpr auto OLD_NODE_MOVED_TIMEOUT = std::chrono::seconds(30);
 
 }  // namespace
 
-void Deputy::relayMove() {
+void Deputy::relayMove(ImageFile& image) {
   MoveState& move = *move_;
   std::string where = "node " + std::to_string(move.target) + " (" + move.address + ":" +
                       std::to_string(move.port) + ")";
@@ -507,7 +508,6 @@ void Deputy::relayMove() {
   // the two transfers overlap. Nothing is checked here: the new node's reader checks the
   // digest and the counts at the end frame and answers `failed` for a damaged stream; the old
   // guest is still there, stopped, until the commit below, so any failure only aborts the move.
-  ImageFile image(move.path);
   ClusterCredentials credentials{options_.homeNode, ClusterKey::load(options_.keyPath)};
   int fd = connectJobSocket(move.address, move.port, 5000, fds_);
   KJ_REQUIRE(fd >= 0, kj::str("cannot reach ", where.c_str(), ": ", strerror(-fd)));

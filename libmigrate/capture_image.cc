@@ -113,13 +113,6 @@ std::vector<uint64_t> statFields(pid_t pid) {
   return fields;
 }
 
-// A "Key:\tvalue" line of a /proc status-like file, parsed with strtoull in `base`.
-uint64_t procField(const std::string& text, const char* key, int base) {
-  size_t at = text.find(key);
-  KJ_REQUIRE(at != std::string::npos, "missing /proc field", key);
-  return strtoull(text.c_str() + at + strlen(key), nullptr, base);
-}
-
 // Whether this process is the tracer of task `tid` (TracerPid of /proc/TID/status).
 bool tracedByUs(pid_t tid) {
   std::string status = readProcFile("/proc/" + std::to_string(tid) + "/status");
@@ -489,7 +482,10 @@ static_assert(64 + 2 * SEND_BATCH * sizeof(iovec) + SEND_BATCH * FRAME_ROOM <= S
 
 // True for the codes an injected call may come back with when something interrupted it before
 // it did anything: it is simply issued again (every signal is blocked meanwhile).
-bool interruptedEarly(long r) { return r == -EINTR || (r <= -512 && r >= -516); }
+bool interruptedEarly(long r) {
+  return r == -EINTR || r == -ERESTARTSYS || r == -ERESTARTNOINTR || r == -ERESTARTNOHAND ||
+         r == -516 /* ERESTART_RESTARTBLOCK */;
+}
 
 // Puts `runs` on the stream from the process itself (CaptureOptions::sendPagesFromFd): for each
 // batch of runs, their frame messages (writer.runFrame) go into a scratch mapping of the process

@@ -20,6 +20,7 @@
 #include <kj/debug.h>
 
 #include "checkpoint.h"
+#include "image_internal.h"
 #include "proc_maps.h"
 #include "ptrace_task.h"
 
@@ -64,14 +65,9 @@ InjectedSocket injectSocket(pid_t pid, int domain, int type) {
   long fd = injectOne(pid, __NR_socket, {uint64_t(domain), uint64_t(type), 0});
   KJ_REQUIRE(fd >= 0, kj::str("socket(2) in the process failed: ", strerror(int(-fd))));
   KJ_ON_SCOPE_FAILURE(closeInjectedFd(pid, int(fd)));
-  int pidfd;
-  KJ_SYSCALL(pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)), pid);
-  kj::AutoCloseFd pidfdOwner(pidfd);
-  int local;
-  KJ_SYSCALL(local = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, fd, 0)), pid, fd);
   InjectedSocket out;
+  out.local = takeFd(pid, int(fd));
   out.remoteFd = int(fd);
-  out.local = kj::AutoCloseFd(local);
   return out;
 }
 

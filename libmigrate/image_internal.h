@@ -2,6 +2,7 @@
 // Small helpers shared by captureImage() and restoreImage(). Internal to libmigrate.
 
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include <string>
 
 #include <kj/debug.h>
+#include <kj/io.h>
 
 #include "image.capnp.h"
 #include "proc_maps.h"
@@ -21,6 +23,26 @@ inline std::string procPath(pid_t pid, const char* what) {
   return "/proc/" + std::to_string(pid) + "/" + what;
 }
 
+// A "Key:\tvalue" line of a /proc status-like file, parsed with strtoull in `base`. Throws
+// kj::Exception (FAILED) when the key is missing.
+inline uint64_t procField(const std::string& text, const char* key, int base) {
+  size_t at = text.find(key);
+  KJ_REQUIRE(at != std::string::npos, "missing /proc field", key);
+  return strtoull(text.c_str() + at + strlen(key), nullptr, base);
+}
+
+// A descriptor of our own for descriptor `fd` of process `pid`: the same open file
+// (pidfd_open(2), pidfd_getfd(2); needs ptrace access to `pid`, kernel 5.6). Throws
+// kj::Exception (FAILED) with the errno.
+inline kj::AutoCloseFd takeFd(pid_t pid, int fd) {
+  int pidfd;
+  KJ_SYSCALL(pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)), pid);
+  kj::AutoCloseFd pidfdOwner(pidfd);
+  int local;
+  KJ_SYSCALL(local = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, fd, 0)), pid, fd);
+  return kj::AutoCloseFd(local);
+}
+
 // The signals whose disposition in process `pid` is not SIG_DFL: bit (n-1) for signal n, the
 // SigIgn and SigCgt lines of /proc/PID/status (proc(5)) or'ed. Every other signal has SIG_DFL
 // (with whatever flags a sigaction(SIG_DFL) left, which captureImage does not record; after an
@@ -28,13 +50,7 @@ inline std::string procPath(pid_t pid, const char* what) {
 // Throws kj::Exception (FAILED) if the file cannot be read or lacks the lines.
 inline uint64_t nonDefaultSignals(pid_t pid) {
   std::string status = readProcFile(procPath(pid, "status"));
-  uint64_t mask = 0;
-  for (const char* key : {"SigIgn:", "SigCgt:"}) {
-    size_t at = status.find(key);
-    KJ_REQUIRE(at != std::string::npos, "missing /proc field", key, pid);
-    mask |= strtoull(status.c_str() + at + strlen(key), nullptr, 16);
-  }
-  return mask;
+  return procField(status, "SigIgn:", 16) | procField(status, "SigCgt:", 16);
 }
 
 // XSAVE "software reserved" bytes 464..471 of the UABI buffer hold the xfeatures mask (XCR0)

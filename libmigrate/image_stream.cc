@@ -216,6 +216,7 @@ ImageReader::ImageReader(kj::InputStream& in) : input_(kj::heap<HashingInput>(in
     streamError(
         kj::str("migration image corrupt: its header does not parse (", e.getDescription(), ")"));
   }
+  pagesUnhashed_ = header().getPagesUnhashed();
   uint32_t version = header().getVersion();
   if (version == 0) {
     streamError(kj::str("migration image corrupt: its header has no version"));
@@ -288,7 +289,7 @@ kj::Maybe<ImageReader::Run> ImageReader::nextRun() {
 
 void ImageReader::readPages(std::span<uint8_t> out) {
   KJ_REQUIRE(out.size() <= remaining_, "ImageReader: read past the run");
-  input_->hashing = !header().getPagesUnhashed();
+  input_->hashing = !pagesUnhashed_;
   KJ_DEFER(input_->hashing = true);
   input_->read(out.data(), out.size());
   remaining_ -= out.size();

@@ -106,6 +106,7 @@ class ImageReader {
   uint64_t pages_ = 0;
   uint64_t lastEnd_ = 0;
   bool ended_ = false;
+  bool pagesUnhashed_ = false;  // the header's: readPages() leaves the digest alone
 };
 
 }  // namespace mos::migrate

@@ -322,16 +322,14 @@ class UffdFiller {
     if (remote < 0) {
       return;
     }
-    int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-    int local = pidfd < 0 ? -1 : static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remote, 0));
-    if (pidfd >= 0) {
-      ::close(pidfd);
+    try {
+      fd_ = takeFd(pid, int(remote));
+    } catch (kj::Exception&) {
     }
     task.syscall(__NR_close, {uint64_t(remote)});
-    if (local < 0) {
+    if (fd_ == nullptr) {
       return;
     }
-    fd_ = kj::AutoCloseFd(local);
     uffdio_api api{};
     api.api = UFFD_API;
     if (::ioctl(fd_, UFFDIO_API, &api) != 0) {
@@ -1128,12 +1126,8 @@ RestoredGuest restoreGuest(ImageReader& source, const FileResolver& files,
         {SECCOMP_SET_MODE_FILTER,
          SECCOMP_FILTER_FLAG_NEW_LISTENER | sync | static_cast<uint64_t>(options.seccompExtraFlags),
          scratch});
-    int pidfd;
-    KJ_SYSCALL(pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)), pid);
-    kj::AutoCloseFd pidfdOwner(pidfd);
-    int fd;
-    KJ_SYSCALL(fd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, remoteListener, 0)), pid);
-    listener = kj::AutoCloseFd(fd);
+    listener = takeFd(pid, int(remoteListener));
+    int fd = listener.get();
     // From now on the filter applies to what we inject: answer its notifications with CONTINUE
     // (our own calls, no pointer argument is judged).
     task.setWhileInSyscall([fd, pid]() {

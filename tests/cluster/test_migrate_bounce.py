@@ -48,12 +48,18 @@ def bounce(cluster, job, inputs):
     return rec
 
 
-def test_xz_bounced_across_three_nodes_writes_what_a_native_run_writes(cluster, home):
-    rng = random.Random(12)
+def word_chunks(seed, vocabulary, words_per_chunk):
+    """len(TARGETS) + 1 chunks of compressible text, one per move and one after the last:
+    `words_per_chunk` words drawn from `vocabulary` words of 2-10 letters (random.Random(seed))."""
+    rng = random.Random(seed)
     words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 10)))
-             for _ in range(20000)]
-    chunks = [" ".join(rng.choice(words) for _ in range(250000)).encode()
-              for _ in range(len(TARGETS) + 1)]
+             for _ in range(vocabulary)]
+    return [" ".join(rng.choice(words) for _ in range(words_per_chunk)).encode()
+            for _ in range(len(TARGETS) + 1)]
+
+
+def test_xz_bounced_across_three_nodes_writes_what_a_native_run_writes(cluster, home):
+    chunks = word_chunks(12, 20000, 250000)
     (home / "in.txt").write_bytes(b"".join(chunks))
     native = cluster.run(1, ["sh", "-c", "xz -6 -c < in.txt > native.xz"], cwd=home, timeout=600)
     assert native.returncode == 0, native.stderr

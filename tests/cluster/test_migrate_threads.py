@@ -9,12 +9,11 @@ the results pthread_join returned, and exits 5. While the job is remote, /proc/P
 lists its deputy threads, at the job's tids; at home, its own threads."""
 
 import os
-import random
 import subprocess
 from pathlib import Path
 
 from conftest import BUILD, wait_until
-from test_migrate_bounce import TARGETS, finish as finish_stdin
+from test_migrate_bounce import TARGETS, finish as finish_stdin, word_chunks
 
 PROGRAM = BUILD / "tests" / "migrate" / "migrate_live_threads"
 
@@ -148,11 +147,7 @@ def test_threaded_job_bounces_across_three_nodes(cluster, home):
 # like test_migrate_bounce.py bounces a single-threaded xz, along its TARGETS: 12 moves, 4 of
 # them node to node.
 def test_xz_threads_bounced_across_three_nodes_writes_what_a_native_run_writes(cluster, home):
-    rng = random.Random(7)
-    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 10)))
-             for _ in range(5000)]
-    chunks = [" ".join(rng.choice(words) for _ in range(60000)).encode()
-              for _ in range(len(TARGETS) + 1)]
+    chunks = word_chunks(7, 5000, 60000)
     (home / "in.txt").write_bytes(b"".join(chunks))
     xz = "xz -T2 --block-size=1MiB -6 -c"
     native = cluster.run(1, ["sh", "-c", f"{xz} < in.txt > native.xz"], cwd=home, timeout=600)
